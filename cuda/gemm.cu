@@ -1,0 +1,174 @@
+// SGEMM: C = alpha * op(A) * op(B) + beta * C, row-major float32, op(X) = X or X^T.
+//
+// op(A) is M x K, op(B) is K x N, C is M x N. ta / tb say whether A / B are stored transposed
+// (A stored K x M with leading dimension lda, and so on); the flag is uniform over the grid, so
+// the branch on it costs nothing per element. beta == 0 means C is write-only (never read),
+// so an uninitialised C cannot leak NaN into the result.
+//
+// The variants form a ladder, each adding one idea to the previous one:
+//   sgemm_naive     one thread per C element, operands straight from global memory.
+//                   block (16, 16), grid (ceil(N/16), ceil(M/16)).
+//   sgemm_tiled     + 32x32 tiles of A and B staged in shared memory (each global element read
+//                   once per tile instead of once per product). block (32, 32).
+//   sgemm_regblock  + 128x128 block tile, 256 threads, each thread owns an 8x8 micro-tile held in
+//                   registers (64 FMAs per 16 shared-memory loads); float4 global loads and stores
+//                   where the operand is 16-byte aligned; A's tile stored k-major with a 4-float
+//                   pad so the transposing store is bank-conflict-free; each thread's 8 rows and 8
+//                   columns are two groups of 4 strided by 64, so every quarter-warp float4 read of
+//                   shared memory touches 32 distinct banks. block (256), grid (ceil(N/128), ceil(M/128)).
+// All variants take any M, N, K >= 1 (partial tiles are zero-filled in shared memory).
+
+#define GEMM_AT(X, ld, t, r, c) ((t) ? (X)[(long long)(c) * (ld) + (r)] : (X)[(long long)(r) * (ld) + (c)])
+
+extern "C" __global__ void sgemm_naive(int M, int N, int K, float alpha, const float* __restrict__ A, int lda,
+                                       int ta, const float* __restrict__ B, int ldb, int tb, float beta,
+                                       float* __restrict__ C, int ldc) {
+    int col = blockIdx.x * blockDim.x + threadIdx.x;
+    int row = blockIdx.y * blockDim.y + threadIdx.y;
+    if (row >= M || col >= N) return;
+    float acc = 0.f;
+    for (int k = 0; k < K; ++k) acc += GEMM_AT(A, lda, ta, row, k) * GEMM_AT(B, ldb, tb, k, col);
+    float* c = C + (long long)row * ldc + col;
+    *c = beta == 0.f ? alpha * acc : alpha * acc + beta * *c;
+}
+
+#define TILE 32
+
+extern "C" __global__ void __launch_bounds__(TILE * TILE)
+sgemm_tiled(int M, int N, int K, float alpha, const float* __restrict__ A, int lda, int ta,
+            const float* __restrict__ B, int ldb, int tb, float beta, float* __restrict__ C, int ldc) {
+    // +1 pad: a transposed operand is written down a column of its tile, which would otherwise
+    // put all 32 threads of a warp in one bank.
+    __shared__ float As[TILE][TILE + 1];
+    __shared__ float Bs[TILE][TILE + 1];
+    int tx = threadIdx.x, ty = threadIdx.y;
+    int row = blockIdx.y * TILE + ty;
+    int col = blockIdx.x * TILE + tx;
+    float acc = 0.f;
+    for (int k0 = 0; k0 < K; k0 += TILE) {
+        // A tile: thread (ty, tx) loads op(A)[row][k0 + tx]; when A is stored transposed the
+        // consecutive-address direction is the row, so swap roles to keep the loads coalesced.
+        if (!ta) {
+            As[ty][tx] = (row < M && k0 + tx < K) ? A[(long long)row * lda + k0 + tx] : 0.f;
+        } else {
+            int r = blockIdx.y * TILE + tx, k = k0 + ty;
+            As[tx][ty] = (r < M && k < K) ? A[(long long)k * lda + r] : 0.f;
+        }
+        if (!tb) {
+            Bs[ty][tx] = (k0 + ty < K && col < N) ? B[(long long)(k0 + ty) * ldb + col] : 0.f;
+        } else {
+            int c = blockIdx.x * TILE + ty, k = k0 + tx;
+            Bs[tx][ty] = (k < K && c < N) ? B[(long long)c * ldb + k] : 0.f;
+        }
+        __syncthreads();
+#pragma unroll 8
+        for (int k = 0; k < TILE; ++k) acc += As[ty][k] * Bs[k][tx];
+        __syncthreads();  // nobody may overwrite the tiles while a neighbour still reads them
+    }
+    if (row < M && col < N) {
+        float* c = C + (long long)row * ldc + col;
+        *c = beta == 0.f ? alpha * acc : alpha * acc + beta * *c;
+    }
+}
+
+#define RB_BM 128
+#define RB_BN 128
+#define RB_BK 8
+#define RB_PAD 4
+#define RB_THREADS 256
+
+// Stage a BK x 128 slice of op(X) into S[BK][128 + PAD] (k-major). `base` is the first row (of
+// op(X) when the slice runs along M, i.e. X = A) or column (X = B) of the block tile.
+// along_k: op(X) rows are the 128 direction and k the contiguous one (A not transposed, or B
+// transposed); then each thread reads 4 consecutive k and writes them down a column of S.
+// Otherwise the 128 direction is contiguous and each thread copies 4 floats straight across.
+__device__ __forceinline__ void rb_stage(float (*S)[RB_BM + RB_PAD], const float* __restrict__ X, int ld,
+                                         bool along_k, bool vec, int extent, int K, int base, int k0, int t) {
+    if (along_k) {
+        int r = t >> 1, kk = (t & 1) * 4;  // 128 rows x 2 quads of k
+        int gr = base + r, gk = k0 + kk;
+        const float* p = X + (long long)gr * ld + gk;
+        if (gr < extent && vec && gk + 3 < K) {
+            float4 v = *reinterpret_cast<const float4*>(p);
+            S[kk + 0][r] = v.x; S[kk + 1][r] = v.y; S[kk + 2][r] = v.z; S[kk + 3][r] = v.w;
+        } else {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) S[kk + j][r] = (gr < extent && gk + j < K) ? p[j] : 0.f;
+        }
+    } else {
+        int kk = t >> 5, c = (t & 31) * 4;  // 8 k-rows x 32 quads
+        int gk = k0 + kk, gc = base + c;
+        const float* p = X + (long long)gk * ld + gc;
+        if (gk < K && vec && gc + 3 < extent) {
+            *reinterpret_cast<float4*>(&S[kk][c]) = *reinterpret_cast<const float4*>(p);
+        } else {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) S[kk][c + j] = (gk < K && gc + j < extent) ? p[j] : 0.f;
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(RB_THREADS)
+sgemm_regblock(int M, int N, int K, float alpha, const float* __restrict__ A, int lda, int ta,
+               const float* __restrict__ B, int ldb, int tb, float beta, float* __restrict__ C, int ldc) {
+    __shared__ __align__(16) float As[RB_BK][RB_BM + RB_PAD];
+    __shared__ __align__(16) float Bs[RB_BK][RB_BN + RB_PAD];
+    const int t = threadIdx.x;
+    const int tr = t >> 4, tc = t & 15;  // 16 x 16 threads, each 8 x 8 outputs
+    const int m0 = blockIdx.y * RB_BM, n0 = blockIdx.x * RB_BN;
+    const bool vec_a = ((unsigned long long)A & 15) == 0 && (lda & 3) == 0;
+    const bool vec_b = ((unsigned long long)B & 15) == 0 && (ldb & 3) == 0;
+
+    float acc[8][8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
+
+    for (int k0 = 0; k0 < K; k0 += RB_BK) {
+        rb_stage(As, A, lda, !ta, vec_a, M, K, m0, k0, t);
+        rb_stage(Bs, B, ldb, tb, vec_b, N, K, n0, k0, t);
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < RB_BK; ++k) {
+            float a[8], b[8];
+            float4 a0 = *reinterpret_cast<const float4*>(&As[k][tr * 4]);
+            float4 a1 = *reinterpret_cast<const float4*>(&As[k][64 + tr * 4]);
+            float4 b0 = *reinterpret_cast<const float4*>(&Bs[k][tc * 4]);
+            float4 b1 = *reinterpret_cast<const float4*>(&Bs[k][64 + tc * 4]);
+            a[0] = a0.x; a[1] = a0.y; a[2] = a0.z; a[3] = a0.w; a[4] = a1.x; a[5] = a1.y; a[6] = a1.z; a[7] = a1.w;
+            b[0] = b0.x; b[1] = b0.y; b[2] = b0.z; b[3] = b0.w; b[4] = b1.x; b[5] = b1.y; b[6] = b1.z; b[7] = b1.w;
+#pragma unroll
+            for (int i = 0; i < 8; ++i)
+#pragma unroll
+                for (int j = 0; j < 8; ++j) acc[i][j] += a[i] * b[j];
+        }
+        __syncthreads();
+    }
+
+    const bool vec_c = ((unsigned long long)C & 15) == 0 && (ldc & 3) == 0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        int row = m0 + (i < 4 ? tr * 4 + i : 64 + tr * 4 + i - 4);
+        if (row >= M) continue;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            int col = n0 + h * 64 + tc * 4;
+            float* c = C + (long long)row * ldc + col;
+            float v[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) v[j] = alpha * acc[i][h * 4 + j];
+            if (vec_c && col + 3 < N) {
+                if (beta != 0.f) {
+                    float4 old = *reinterpret_cast<const float4*>(c);
+                    v[0] += beta * old.x; v[1] += beta * old.y; v[2] += beta * old.z; v[3] += beta * old.w;
+                }
+                *reinterpret_cast<float4*>(c) = make_float4(v[0], v[1], v[2], v[3]);
+            } else {
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+                    if (col + j < N) c[j] = beta == 0.f ? v[j] : v[j] + beta * c[j];
+            }
+        }
+    }
+}

@@ -1,0 +1,69 @@
+"""Backends: which array module holds the data and how a kernel from ``cuda/*.cu`` is launched.
+
+* ``numpy`` — NumPy arrays; ops run their NumPy reference (the CPU path and the test oracle).
+* ``cuda``  — CuPy arrays; kernels compiled by NVRTC through ``cupy.RawModule``.
+* ``emu``   — NumPy arrays; the same ``.cu`` source compiled by the host C++ compiler with an
+  emulation header and launched with the same (grid, block, args) the cuda backend gets.
+
+Ops ask the active backend for ``launch(source, kernel, grid, block, args)`` (``None`` on numpy)
+and never test for a particular device themselves.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+
+from .base import Backend, BackendUnavailable  # noqa: F401
+
+_NAMES = ("numpy", "cuda", "emu")
+_state = threading.local()
+_instances: dict[str, Backend] = {}
+_default: str | None = None
+
+
+def _make(name: str) -> Backend:
+    if name not in _NAMES:
+        raise ValueError(f"unknown backend {name!r}: choose one of {', '.join(_NAMES)}")
+    if name not in _instances:
+        if name == "numpy":
+            from .numpy_backend import NumpyBackend as cls
+        elif name == "cuda":
+            from .cuda import CudaBackend as cls
+        else:
+            from .emu import EmuBackend as cls
+        _instances[name] = cls()  # raises BackendUnavailable with the reason
+    return _instances[name]
+
+
+def default_backend_name() -> str:
+    """``cuda`` when CuPy sees a usable device, else ``numpy``."""
+    global _default
+    if _default is None:
+        from .cuda import cuda_unavailable_reason
+
+        _default = "numpy" if cuda_unavailable_reason() else "cuda"
+    return _default
+
+
+def get_backend() -> Backend:
+    """The backend active in this thread."""
+    name = getattr(_state, "name", None) or default_backend_name()
+    return _make(name)
+
+
+def set_backend(name: str) -> Backend:
+    """Make ``name`` ("numpy" | "cuda" | "emu") the active backend of this thread."""
+    backend = _make(name)
+    _state.name = name
+    return backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """``with dp.use_backend("emu"): ...`` — activate a backend for a block, then restore."""
+    previous = getattr(_state, "name", None)
+    backend = set_backend(name)
+    try:
+        yield backend
+    finally:
+        _state.name = previous

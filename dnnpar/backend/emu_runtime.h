@@ -1,0 +1,409 @@
+// dnnpar emu runtime: runs an unmodified cuda/*.cu kernel file on the CPU.
+//
+// Included (with -include) in front of a kernel source when the emu backend builds it with
+// the host C++ compiler. Every CUDA thread of a block is a fiber (ucontext) with its own
+// stack; the fibers of a block run one after another until each reaches a barrier
+// (__syncthreads, a warp shuffle, __syncwarp) or exits, then the barrier is released and the
+// next phase begins. The order in which the fibers run inside a phase is a launch option
+// (forward, reverse, or a seeded random permutation drawn anew for every phase), so a kernel
+// with a missing barrier computes different results under different orders: that is how a
+// race shows up deterministically. Blocks run one after another, so `__shared__` storage
+// can simply be function-static.
+//
+// Memory faults: the Python launcher copies every array argument into a buffer whose end
+// touches a PROT_NONE guard page (dnnpar_emu_alloc). A read or write past the end raises
+// SIGSEGV; the handler, running on its own stack, jumps back to the launch and reports the
+// faulting address, which Python turns into an exception naming the argument and offset.
+#pragma once
+#ifndef DNNPAR_EMU
+#define DNNPAR_EMU 1
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <csetjmp>
+#include <csignal>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+// ---------------------------------------------------------------- CUDA vocabulary
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __noinline__
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+#define __restrict__ __restrict
+// One block runs at a time, so block-shared storage can be a function-static variable.
+#define __shared__ static
+
+struct dim3 {
+    unsigned x, y, z;
+    constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct uint3 { unsigned x, y, z; };
+struct alignas(8) float2 { float x, y; };
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(16) int4 { int x, y, z, w; };
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+inline long long min(long long a, long long b) { return a < b ? a : b; }
+inline long long max(long long a, long long b) { return a > b ? a : b; }
+inline float min(float a, float b) { return std::fmin(a, b); }
+inline float max(float a, float b) { return std::fmax(a, b); }
+template <class T> inline T __ldg(const T* p) { return *p; }
+inline float __fdividef(float a, float b) { return a / b; }
+
+namespace dnnpar_emu {
+
+enum State { RUNNABLE, AT_BLOCK_BARRIER, AT_WARP_BARRIER, DONE };
+
+struct Fiber {
+    ucontext_t ctx;
+    uint3 tid;
+    int linear;     // linear thread index inside the block
+    int state;
+    unsigned mask;  // lanes a warp barrier waits for
+    unsigned long long shfl;  // value published for a warp shuffle
+};
+
+constexpr size_t kStackBytes = 128 * 1024;
+constexpr int kMaxThreads = 1024;
+
+// Everything below is per loaded .so (one kernel file) and used by one launch at a time.
+static Fiber* g_cur = nullptr;
+static uint3 g_block_idx{0, 0, 0};
+static dim3 g_block_dim, g_grid_dim;
+static ucontext_t g_sched_ctx;
+static std::vector<Fiber> g_fibers;
+static std::vector<char*> g_stacks;   // each: guard page + kStackBytes
+static void (*g_entry)(void**) = nullptr;
+static void** g_args = nullptr;
+static sigjmp_buf g_fault_jmp;
+static volatile sig_atomic_t g_in_launch = 0;
+static volatile uintptr_t g_fault_addr = 0;
+static volatile int g_fault_sig = 0;
+static char g_err[512];
+
+inline size_t page_size() { return (size_t)sysconf(_SC_PAGESIZE); }
+
+static void fiber_main() {
+    g_entry(g_args);
+    g_cur->state = DONE;
+    swapcontext(&g_cur->ctx, &g_sched_ctx);
+}
+
+inline void yield_to_scheduler() {
+    Fiber* self = g_cur;
+    asm volatile("" ::: "memory");
+    swapcontext(&self->ctx, &g_sched_ctx);
+    asm volatile("" ::: "memory");
+}
+
+inline void block_barrier() {
+    g_cur->state = AT_BLOCK_BARRIER;
+    yield_to_scheduler();
+}
+
+inline void warp_barrier(unsigned mask) {
+    g_cur->state = AT_WARP_BARRIER;
+    g_cur->mask = mask;
+    yield_to_scheduler();
+}
+
+inline int lane_id() { return g_cur->linear & 31; }
+
+template <class T> inline unsigned long long to_bits(T v) {
+    static_assert(sizeof(T) <= 8, "shuffle of a type wider than 8 bytes");
+    unsigned long long b = 0;
+    std::memcpy(&b, &v, sizeof(T));
+    return b;
+}
+template <class T> inline T from_bits(unsigned long long b) {
+    T v;
+    std::memcpy(&v, &b, sizeof(T));
+    return v;
+}
+
+// A shuffle: publish, wait for the named lanes, read the source lane, wait again so that
+// nobody overwrites its slot before every lane has read.
+template <class T> inline T shuffle(unsigned mask, T v, int src_lane) {
+    Fiber* self = g_cur;
+    self->shfl = to_bits(v);
+    warp_barrier(mask);
+    int warp_base = self->linear & ~31;
+    int src = warp_base + src_lane;
+    T out = v;
+    if (src_lane >= 0 && src_lane < 32 && src < (int)g_fibers.size()) out = from_bits<T>(g_fibers[src].shfl);
+    warp_barrier(mask);
+    return out;
+}
+
+// ---------------------------------------------------------------- the scheduler
+enum Order { FORWARD = 0, REVERSE = 1, RANDOM = 2 };
+
+// Returns 0 when every fiber of the block finished, else writes g_err and returns 1.
+static int run_block(int nthreads, int order, std::mt19937& rng) {
+    std::vector<int> perm(nthreads);
+    for (int i = 0; i < nthreads; ++i) perm[i] = i;
+    for (;;) {
+        if (order == REVERSE) std::reverse(perm.begin(), perm.end());
+        if (order == RANDOM) std::shuffle(perm.begin(), perm.end(), rng);
+        for (int k = 0; k < nthreads; ++k) {
+            Fiber& f = g_fibers[perm[k]];
+            if (f.state != RUNNABLE) continue;
+            g_cur = &f;
+            swapcontext(&g_sched_ctx, &f.ctx);
+        }
+        if (order == REVERSE) std::reverse(perm.begin(), perm.end());
+        // Every fiber now waits at a barrier or is done. Release whatever can be released.
+        bool released = false, all_done = true;
+        for (int w = 0; w < nthreads; w += 32) {
+            int end = std::min(w + 32, nthreads);
+            for (int i = w; i < end; ++i) {
+                Fiber& f = g_fibers[i];
+                if (f.state != AT_WARP_BARRIER) continue;
+                bool ready = true;
+                for (int l = 0; l < end - w && ready; ++l) {
+                    if (!(f.mask >> l & 1u)) continue;
+                    const Fiber& o = g_fibers[w + l];
+                    if (o.state == DONE) {
+                        std::snprintf(g_err, sizeof g_err,
+                                      "warp shuffle/sync in thread %d names lane %d, which has exited", i, l);
+                        return 1;
+                    }
+                    ready = o.state == AT_WARP_BARRIER;
+                }
+                if (ready) {
+                    for (int l = 0; l < end - w; ++l)
+                        if ((f.mask >> l & 1u) && g_fibers[w + l].state == AT_WARP_BARRIER) g_fibers[w + l].state = RUNNABLE;
+                    released = true;
+                }
+            }
+        }
+        if (released) continue;
+        int at_block = 0, at_warp = 0;
+        for (int i = 0; i < nthreads; ++i) {
+            int s = g_fibers[i].state;
+            if (s != DONE) all_done = false;
+            at_block += s == AT_BLOCK_BARRIER;
+            at_warp += s == AT_WARP_BARRIER;
+        }
+        if (all_done) return 0;
+        if (at_warp == 0) {  // all live threads wait at __syncthreads (exited ones count as arrived)
+            for (int i = 0; i < nthreads; ++i)
+                if (g_fibers[i].state == AT_BLOCK_BARRIER) g_fibers[i].state = RUNNABLE;
+            continue;
+        }
+        std::snprintf(g_err, sizeof g_err,
+                      "deadlock: %d threads wait at __syncthreads while %d wait at a warp barrier "
+                      "(barrier in divergent code)", at_block, at_warp);
+        return 1;
+    }
+}
+
+static void on_fault(int sig, siginfo_t* info, void*) {
+    if (!g_in_launch) {  // not ours: fall back to the default action
+        signal(sig, SIG_DFL);
+        raise(sig);
+        return;
+    }
+    g_fault_sig = sig;
+    g_fault_addr = (uintptr_t)info->si_addr;
+    siglongjmp(g_fault_jmp, 1);
+}
+
+static bool ensure_stacks(int n) {
+    size_t pg = page_size();
+    while ((int)g_stacks.size() < n) {
+        void* p = mmap(nullptr, kStackBytes + pg, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) return false;
+        mprotect(p, pg, PROT_NONE);  // stack overflow faults instead of corrupting a neighbour
+        g_stacks.push_back((char*)p);
+    }
+    return true;
+}
+
+}  // namespace dnnpar_emu
+
+#define threadIdx (::dnnpar_emu::g_cur->tid)
+#define blockIdx (::dnnpar_emu::g_block_idx)
+#define blockDim (::dnnpar_emu::g_block_dim)
+#define gridDim (::dnnpar_emu::g_grid_dim)
+#define warpSize 32
+
+inline void __syncthreads() { ::dnnpar_emu::block_barrier(); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) { ::dnnpar_emu::warp_barrier(mask); }
+template <class T> inline T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
+    int lane = ::dnnpar_emu::lane_id();
+    return ::dnnpar_emu::shuffle(mask, v, (lane & ~(width - 1)) + (src & (width - 1)));
+}
+template <class T> inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+    int lane = ::dnnpar_emu::lane_id();
+    int src = lane + (int)delta;
+    if ((lane & (width - 1)) + (int)delta >= width) src = lane;
+    return ::dnnpar_emu::shuffle(mask, v, src);
+}
+template <class T> inline T __shfl_xor_sync(unsigned mask, T v, int lanemask, int width = 32) {
+    int lane = ::dnnpar_emu::lane_id();
+    int src = lane ^ lanemask;
+    if ((src & ~(width - 1)) != (lane & ~(width - 1))) src = lane;
+    return ::dnnpar_emu::shuffle(mask, v, src);
+}
+// Fibers never run at the same time, so a read-modify-write is atomic here.
+template <class T> inline T atomicAdd(T* p, T v) { T old = *p; *p = old + v; return old; }
+template <class T> inline T atomicMax(T* p, T v) { T old = *p; *p = old > v ? old : v; return old; }
+
+// ---------------------------------------------------------------- the C ABI used by Python
+namespace dnnpar_emu {
+
+template <class T> constexpr char scalar_code() {
+    using U = std::remove_cv_t<T>;
+    if constexpr (std::is_same_v<U, float>) return 'f';
+    else if constexpr (std::is_same_v<U, double>) return 'd';
+    else if constexpr (std::is_same_v<U, int>) return 'i';
+    else if constexpr (std::is_same_v<U, unsigned>) return 'I';
+    else if constexpr (std::is_same_v<U, long long> || std::is_same_v<U, long>) return 'q';
+    else if constexpr (std::is_same_v<U, unsigned char>) return 'B';
+    else if constexpr (std::is_same_v<U, signed char> || std::is_same_v<U, char>) return 'b';
+    else if constexpr (std::is_same_v<U, float4>) return 'f';
+    else return '?';
+}
+
+// One token per parameter: a scalar code, or '*' and the pointee's code for a pointer.
+template <class T> void append_code(std::string& s) {
+    if constexpr (std::is_pointer_v<T>) {
+        s += '*';
+        s += scalar_code<std::remove_pointer_t<T>>();
+    } else {
+        s += scalar_code<T>();
+    }
+    s += ' ';
+}
+
+template <class... A> const char* signature(void (*)(A...)) {
+    static std::string s = [] { std::string r; (append_code<A>(r), ...); return r; }();
+    return s.c_str();
+}
+
+template <class... A, size_t... I> void invoke_impl(void (*f)(A...), void** a, std::index_sequence<I...>) {
+    f(*static_cast<std::remove_cv_t<A>*>(a[I])...);
+}
+template <class... A> void invoke(void (*f)(A...), void** a) { invoke_impl(f, a, std::index_sequence_for<A...>{}); }
+
+}  // namespace dnnpar_emu
+
+extern "C" {
+
+// Buffer of `nbytes` whose last byte touches a PROT_NONE page; a guard page sits before it too.
+// Returns the data pointer; *base and *total describe the whole mapping for dnnpar_emu_free.
+void* dnnpar_emu_alloc(size_t nbytes, void** base, size_t* total) {
+    size_t pg = dnnpar_emu::page_size();
+    size_t body = (nbytes + pg - 1) / pg * pg;
+    if (body == 0) body = pg;
+    size_t len = body + 2 * pg;
+    void* p = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return nullptr;
+    mprotect(p, pg, PROT_NONE);
+    mprotect((char*)p + pg + body, pg, PROT_NONE);
+    *base = p;
+    *total = len;
+    return (char*)p + pg + body - nbytes;
+}
+
+void dnnpar_emu_free(void* base, size_t total) { munmap(base, total); }
+
+const char* dnnpar_emu_error() { return dnnpar_emu::g_err; }
+unsigned long long dnnpar_emu_fault_addr() { return dnnpar_emu::g_fault_addr; }
+
+// Runs the whole grid. Returns 0 on success, 1 on a scheduling error (message in
+// dnnpar_emu_error), 2 on a memory fault (address in dnnpar_emu_fault_addr), 3 on a bad launch.
+int dnnpar_emu_launch(void (*entry)(void**), void** args, const unsigned* grid, const unsigned* block,
+                      int order, unsigned seed) {
+    using namespace dnnpar_emu;
+    g_err[0] = 0;
+    g_fault_addr = 0;
+    int nthreads = (int)(block[0] * block[1] * block[2]);
+    if (nthreads < 1 || nthreads > kMaxThreads || block[2] > 64) {
+        std::snprintf(g_err, sizeof g_err, "block of %d threads: CUDA allows 1..1024 (z <= 64)", nthreads);
+        return 3;
+    }
+    if (grid[0] < 1 || grid[1] < 1 || grid[2] < 1 || grid[1] > 65535 || grid[2] > 65535) {
+        std::snprintf(g_err, sizeof g_err, "grid (%u, %u, %u) outside CUDA's limits", grid[0], grid[1], grid[2]);
+        return 3;
+    }
+    if (!ensure_stacks(nthreads)) {
+        std::snprintf(g_err, sizeof g_err, "cannot map fiber stacks");
+        return 3;
+    }
+    g_fibers.assign(nthreads, Fiber{});
+    g_entry = entry;
+    g_args = args;
+    g_block_dim = dim3(block[0], block[1], block[2]);
+    g_grid_dim = dim3(grid[0], grid[1], grid[2]);
+    std::mt19937 rng(seed);
+
+    static char altstack[64 * 1024];
+    stack_t ss{}, old_ss{};
+    ss.ss_sp = altstack;
+    ss.ss_size = sizeof altstack;
+    sigaltstack(&ss, &old_ss);
+    struct sigaction sa{}, old_segv{}, old_bus{};
+    sa.sa_sigaction = on_fault;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &old_segv);
+    sigaction(SIGBUS, &sa, &old_bus);
+
+    int rc = 0;
+    if (sigsetjmp(g_fault_jmp, 1) == 0) {
+        g_in_launch = 1;
+        for (unsigned bz = 0; bz < grid[2] && rc == 0; ++bz)
+            for (unsigned by = 0; by < grid[1] && rc == 0; ++by)
+                for (unsigned bx = 0; bx < grid[0] && rc == 0; ++bx) {
+                    g_block_idx = uint3{bx, by, bz};
+                    size_t pg = page_size();
+                    for (int i = 0; i < nthreads; ++i) {
+                        Fiber& f = g_fibers[i];
+                        f.linear = i;
+                        f.tid = uint3{(unsigned)(i % block[0]), (unsigned)(i / block[0] % block[1]),
+                                      (unsigned)(i / (block[0] * block[1]))};
+                        f.state = RUNNABLE;
+                        getcontext(&f.ctx);
+                        f.ctx.uc_stack.ss_sp = g_stacks[i] + pg;
+                        f.ctx.uc_stack.ss_size = kStackBytes;
+                        f.ctx.uc_link = nullptr;
+                        makecontext(&f.ctx, fiber_main, 0);
+                    }
+                    rc = run_block(nthreads, order, rng);
+                }
+    } else {
+        rc = 2;
+        std::snprintf(g_err, sizeof g_err, "%s at address 0x%llx", g_fault_sig == SIGBUS ? "SIGBUS" : "SIGSEGV",
+                      (unsigned long long)g_fault_addr);
+    }
+    g_in_launch = 0;
+    sigaction(SIGSEGV, &old_segv, nullptr);
+    sigaction(SIGBUS, &old_bus, nullptr);
+    sigaltstack(&old_ss, nullptr);
+    return rc;
+}
+
+}  // extern "C"

@@ -1,0 +1,6 @@
+"""Functional ops: validate, pick a launch shape, run a kernel (cuda / emu) or the NumPy reference."""
+from .conv import col2im, conv2d, depthwise_conv2d, im2col  # noqa: F401
+from .gemm import gemm  # noqa: F401
+from .sparse import spmm, spmv  # noqa: F401
+
+__all__ = ["conv2d", "depthwise_conv2d", "im2col", "col2im", "gemm", "spmv", "spmm"]

@@ -1,0 +1,202 @@
+"""Convolution ops: im2col / col2im (``cuda/im2col.cu``), conv2d as im2col + GEMM or as the
+direct loop (``cuda/conv_direct.cu``), and depthwise conv2d (``cuda/depthwise.cu``).
+
+Layouts: x is NCHW, w is OIHW (depthwise: (C, 1, KH, KW)); im2col's matrix is
+(C*KH*KW, N*OH*OW), rows (c, kh, kw), columns (n, oh, ow).
+The ``*_numpy`` references beside each launcher are the numpy backend's implementation and are
+dtype-generic (float64 inputs give a float64 result).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..backend import get_backend
+from ..nvtx import ranged
+from ._common import check_array, conv_out_size, grid_stride_blocks, i32, pair
+from .gemm import gemm
+
+ALGOS = ("im2col", "direct")
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    n: int
+    c: int
+    h: int
+    w: int
+    kh: int
+    kw: int
+    oh: int
+    ow: int
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+    @classmethod
+    def make(cls, op, x_shape, kh, kw, stride, padding, dilation):
+        n, c, h, w = (int(s) for s in x_shape)
+        stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
+        oh = conv_out_size(op, h, kh, stride[0], padding[0], dilation[0], "height")
+        ow = conv_out_size(op, w, kw, stride[1], padding[1], dilation[1], "width")
+        return cls(n, c, h, w, kh, kw, oh, ow, stride, padding, dilation)
+
+    def kernel_args(self):
+        """The geometry tail shared by the im2col / col2im kernels."""
+        return tuple(i32(v) for v in (self.n, self.c, self.h, self.w, self.kh, self.kw, self.oh, self.ow,
+                                      *self.stride, *self.padding, *self.dilation))
+
+    def tap_slices(self, i: int, j: int):
+        """Slices of the padded input that kernel tap (i, j) reads for all outputs."""
+        (sh, sw), (dh, dw) = self.stride, self.dilation
+        h0, w0 = i * dh, j * dw
+        return (slice(None), slice(None), slice(h0, h0 + sh * (self.oh - 1) + 1, sh),
+                slice(w0, w0 + sw * (self.ow - 1) + 1, sw))
+
+    def pad(self, x):
+        ph, pw = self.padding
+        return np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if ph or pw else x
+
+
+# ---------------------------------------------------------------- NumPy references
+def im2col_numpy(x, g: ConvGeometry):
+    xp_ = g.pad(x)
+    cols = np.empty((g.c, g.kh, g.kw, g.n, g.oh, g.ow), dtype=x.dtype)
+    for i in range(g.kh):
+        for j in range(g.kw):
+            cols[:, i, j] = xp_[g.tap_slices(i, j)].transpose(1, 0, 2, 3)
+    return cols.reshape(g.c * g.kh * g.kw, g.n * g.oh * g.ow)
+
+
+def col2im_numpy(cols, g: ConvGeometry):
+    ph, pw = g.padding
+    dx = np.zeros((g.n, g.c, g.h + 2 * ph, g.w + 2 * pw), dtype=cols.dtype)
+    c6 = cols.reshape(g.c, g.kh, g.kw, g.n, g.oh, g.ow)
+    for i in range(g.kh):
+        for j in range(g.kw):
+            dx[g.tap_slices(i, j)] += c6[:, i, j].transpose(1, 0, 2, 3)
+    return np.ascontiguousarray(dx[:, :, ph:ph + g.h, pw:pw + g.w])
+
+
+def conv2d_direct_numpy(x, w, bias, g: ConvGeometry):
+    """One GEMM per kernel tap over shifted views of the input: no im2col matrix is built."""
+    xp_ = g.pad(x)
+    acc = np.zeros((g.n, g.oh, g.ow, w.shape[0]), dtype=np.result_type(x, w))
+    for i in range(g.kh):
+        for j in range(g.kw):
+            acc += np.tensordot(xp_[g.tap_slices(i, j)], w[:, :, i, j], axes=([1], [1]))
+    if bias is not None:
+        acc += bias
+    return np.ascontiguousarray(acc.transpose(0, 3, 1, 2))
+
+
+def depthwise_conv2d_numpy(x, w, bias, g: ConvGeometry):
+    xp_ = g.pad(x)
+    out = np.zeros((g.n, g.c, g.oh, g.ow), dtype=np.result_type(x, w))
+    for i in range(g.kh):
+        for j in range(g.kw):
+            out += xp_[g.tap_slices(i, j)] * w[:, 0, i, j][None, :, None, None]
+    if bias is not None:
+        out += bias[None, :, None, None]
+    return out
+
+
+# ---------------------------------------------------------------- ops
+def _geometry_for_x(op, x, kh, kw, stride, padding, dilation, be):
+    check_array(op, "x", x, ndim=4, backend=be)
+    if not (isinstance(kh, (int, np.integer)) and isinstance(kw, (int, np.integer))):
+        raise TypeError(f"{op}: kh and kw must be ints, got {kh!r}, {kw!r}")
+    return ConvGeometry.make(op, x.shape, int(kh), int(kw), stride, padding, dilation)
+
+
+@ranged("dnnpar.im2col")
+def im2col(x, kh: int, kw: int, stride=1, padding=0, dilation=1):
+    """x (N, C, H, W) -> cols (C*kh*kw, N*OH*OW)."""
+    be = get_backend()
+    g = _geometry_for_x("im2col", x, kh, kw, stride, padding, dilation, be)
+    if not be.runs_kernels:
+        return im2col_numpy(x, g)
+    cols = be.xp.empty((g.c * g.kh * g.kw, g.n * g.oh * g.ow), dtype=np.float32)
+    be.launch("im2col.cu", "im2col", (grid_stride_blocks(cols.size),), (256,), (x, cols, *g.kernel_args()))
+    return cols
+
+
+@ranged("dnnpar.col2im")
+def col2im(cols, x_shape, kh: int, kw: int, stride=1, padding=0, dilation=1):
+    """cols (C*kh*kw, N*OH*OW) -> x (N, C, H, W), summing overlapping taps (the adjoint of im2col)."""
+    be = get_backend()
+    check_array("col2im", "cols", cols, ndim=2, backend=be)
+    if len(x_shape) != 4 or any(int(s) < 1 for s in x_shape):
+        raise ValueError(f"col2im: x_shape must be 4 positive sizes (N, C, H, W), got {x_shape!r}")
+    g = ConvGeometry.make("col2im", x_shape, int(kh), int(kw), stride, padding, dilation)
+    want = (g.c * g.kh * g.kw, g.n * g.oh * g.ow)
+    if tuple(cols.shape) != want:
+        raise ValueError(f"col2im: cols must have shape {want} for x_shape {tuple(x_shape)}, got {tuple(cols.shape)}")
+    if not be.runs_kernels:
+        return col2im_numpy(cols, g)
+    x = be.xp.empty(tuple(int(s) for s in x_shape), dtype=np.float32)
+    be.launch("im2col.cu", "col2im", (grid_stride_blocks(x.size),), (256,), (cols, x, *g.kernel_args()))
+    return x
+
+
+def _check_bias(op, bias, channels, be):
+    if bias is None:
+        return None
+    check_array(op, "bias", bias, ndim=1, backend=be)
+    if bias.shape[0] != channels:
+        raise ValueError(f"{op}: bias must have shape ({channels},), got {tuple(bias.shape)}")
+    return bias
+
+
+@ranged("dnnpar.conv2d")
+def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, algo: str = "im2col"):
+    """2-D convolution (cross-correlation, as in every DL framework).
+
+    x (N, C, H, W), w (O, C, KH, KW), bias (O,) or None -> (N, O, OH, OW).
+    algo: "im2col" (im2col + one GEMM for the whole batch) or "direct" (the plain loop).
+    """
+    be = get_backend()
+    if algo not in ALGOS:
+        raise ValueError(f"conv2d: unknown algo {algo!r}: one of {', '.join(ALGOS)}")
+    check_array("conv2d", "w", w, ndim=4, backend=be)
+    g = _geometry_for_x("conv2d", x, w.shape[2], w.shape[3], stride, padding, dilation, be)
+    if w.shape[1] != g.c:
+        raise ValueError(f"conv2d: x has {g.c} channels but w expects {w.shape[1]} (w shape {tuple(w.shape)})")
+    o = w.shape[0]
+    bias = _check_bias("conv2d", bias, o, be)
+    if algo == "direct":
+        if not be.runs_kernels:
+            return conv2d_direct_numpy(x, w, bias, g).astype(np.float32, copy=False)
+        out = be.xp.empty((g.n, o, g.oh, g.ow), dtype=np.float32)
+        b = bias if bias is not None else be.xp.zeros(1, np.float32)  # not read: has_bias = 0
+        be.launch("conv_direct.cu", "conv2d_direct", (grid_stride_blocks(out.size),), (256,),
+                  (x, w, b, i32(bias is not None), out,
+                   *(i32(v) for v in (g.n, g.c, g.h, g.w, o, g.kh, g.kw, g.oh, g.ow, *g.stride, *g.padding,
+                                      *g.dilation))))
+        return out
+    cols = im2col(x, g.kh, g.kw, g.stride, g.padding, g.dilation)
+    y = gemm(w.reshape(o, -1), cols)  # (O, N*OH*OW)
+    if bias is not None:
+        y += bias[:, None]
+    return be.xp.ascontiguousarray(y.reshape(o, g.n, g.oh, g.ow).transpose(1, 0, 2, 3))
+
+
+@ranged("dnnpar.depthwise_conv2d")
+def depthwise_conv2d(x, w, bias=None, stride=1, padding=0):
+    """Depthwise convolution: x (N, C, H, W), w (C, 1, KH, KW), bias (C,) or None -> (N, C, OH, OW)."""
+    be = get_backend()
+    check_array("depthwise_conv2d", "w", w, ndim=4, backend=be)
+    g = _geometry_for_x("depthwise_conv2d", x, w.shape[2], w.shape[3], stride, padding, 1, be)
+    if w.shape[0] != g.c or w.shape[1] != 1:
+        raise ValueError(f"depthwise_conv2d: w must have shape ({g.c}, 1, KH, KW) for {g.c} input channels, "
+                         f"got {tuple(w.shape)}")
+    bias = _check_bias("depthwise_conv2d", bias, g.c, be)
+    if not be.runs_kernels:
+        return depthwise_conv2d_numpy(x, w, bias, g).astype(np.float32, copy=False)
+    out = be.xp.empty((g.n, g.c, g.oh, g.ow), dtype=np.float32)
+    b = bias if bias is not None else be.xp.zeros(1, np.float32)  # not read: has_bias = 0
+    be.launch("depthwise.cu", "depthwise_conv2d", (grid_stride_blocks(out.size),), (256,),
+              (x, w, b, i32(bias is not None), out,
+               *(i32(v) for v in (g.n, g.c, g.h, g.w, g.kh, g.kw, g.oh, g.ow, *g.stride, *g.padding))))
+    return out

@@ -1,0 +1,72 @@
+"""gemm: C = alpha * op(A) @ op(B) + beta * C in float32 (kernels in ``cuda/gemm.cu``)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import get_backend
+from ..nvtx import ranged
+from ._common import check_array, i32
+
+#: kernel variants, slowest first (see the ladder in cuda/gemm.cu); value: block tile (rows, cols)
+ALGOS = {"naive": (16, 16), "tiled": (32, 32), "regblock": (128, 128)}
+DEFAULT_ALGO = "regblock"
+
+
+def gemm_numpy(a, b, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, c=None):
+    """Reference: BLAS through NumPy; dtype follows the inputs (float64 gives an oracle)."""
+    r = np.matmul(a.T if trans_a else a, b.T if trans_b else b)
+    if alpha != 1.0:
+        r *= r.dtype.type(alpha)
+    if beta != 0.0:
+        r += r.dtype.type(beta) * c
+    return r
+
+
+def _launch_shape(algo: str, m: int, n: int):
+    tm, tn = ALGOS[algo]
+    grid = ((n + tn - 1) // tn, (m + tm - 1) // tm)
+    if grid[1] > 65535:
+        raise ValueError(f"gemm: M={m} needs {grid[1]} block rows; CUDA allows 65535 (use a larger tile)")
+    block = (256,) if algo == "regblock" else (tn, tm)
+    return grid, block
+
+
+@ranged("dnnpar.gemm")
+def gemm(a, b, trans_a: bool = False, trans_b: bool = False, alpha: float = 1.0, beta: float = 0.0, c=None,
+         algo: str = DEFAULT_ALGO):
+    """Matrix product of float32 matrices.
+
+    a: (M, K), or (K, M) with ``trans_a``; b: (K, N), or (N, K) with ``trans_b``.
+    Returns C (M, N) = alpha * op(a) @ op(b) + beta * c. With ``beta != 0`` pass ``c`` (M, N): it is
+    updated in place and returned. ``algo`` picks the kernel ("naive" | "tiled" | "regblock");
+    the numpy backend always uses BLAS.
+    """
+    be = get_backend()
+    if algo not in ALGOS:
+        raise ValueError(f"gemm: unknown algo {algo!r}: one of {', '.join(ALGOS)}")
+    check_array("gemm", "a", a, ndim=2, backend=be)
+    check_array("gemm", "b", b, ndim=2, backend=be)
+    m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
+    kb, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
+    if k != kb:
+        raise ValueError(f"gemm: op(a) is {m}x{k} but op(b) is {kb}x{n}: inner dimensions {k} and {kb} differ")
+    if min(m, n, k) < 1:
+        raise ValueError(f"gemm: empty operand (M={m}, N={n}, K={k})")
+    if beta != 0.0:
+        if c is None:
+            raise ValueError("gemm: beta != 0 needs c, the (M, N) matrix to accumulate into")
+        check_array("gemm", "c", c, ndim=2, backend=be)
+        if c.shape != (m, n):
+            raise ValueError(f"gemm: c must have shape {(m, n)}, got {tuple(c.shape)}")
+    if not be.runs_kernels:
+        r = gemm_numpy(a, b, trans_a, trans_b, alpha, beta, c).astype(np.float32, copy=False)
+        if c is not None and beta != 0.0:
+            c[...] = r
+            return c
+        return r
+    out = c if (c is not None and beta != 0.0) else be.xp.empty((m, n), dtype=np.float32)
+    grid, block = _launch_shape(algo, m, n)
+    be.launch("gemm.cu", f"sgemm_{algo}", grid, block,
+              (i32(m), i32(n), i32(k), np.float32(alpha), a, i32(a.shape[1]), i32(trans_a), b, i32(b.shape[1]),
+               i32(trans_b), np.float32(beta), out, i32(n)))
+    return out

@@ -1,0 +1,91 @@
+"""Sparse x dense products with a :class:`dnnpar.sparse.CSR` matrix (``cuda/spmv.cu``)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import get_backend
+from ..nvtx import ranged
+from ..sparse import CSR
+from ._common import check_array, i32
+
+SPMV_ALGOS = ("vector", "scalar")
+
+
+def spmv_numpy(csr: CSR, x):
+    """Reference: per-nonzero products summed per row in float64."""
+    vals = np.asarray(csr.values())
+    prod = vals.astype(np.float64) * np.asarray(x, dtype=np.float64)[np.asarray(csr.indices)]
+    return np.bincount(csr.row_ids(), weights=prod, minlength=csr.shape[0])
+
+
+def spmm_numpy(csr: CSR, X):
+    ptr = np.asarray(csr.indptr)
+    prod = np.asarray(csr.values()).astype(np.float64)[:, None] * np.asarray(X, dtype=np.float64)[np.asarray(csr.indices)]
+    out = np.zeros((csr.shape[0], X.shape[1]), dtype=np.float64)
+    rows = np.flatnonzero(np.diff(ptr))
+    if rows.size:
+        out[rows] = np.add.reduceat(prod, ptr[rows], axis=0)
+    return out
+
+
+def _check_csr(op, csr, be):
+    if not isinstance(csr, CSR):
+        raise TypeError(f"{op}: expected a dnnpar.sparse.CSR, got {type(csr).__name__}")
+    if csr.backend != be.name:
+        raise TypeError(f"{op}: the CSR matrix lives on the '{csr.backend}' backend but '{be.name}' is active")
+
+
+def threads_per_row(csr: CSR) -> int:
+    """Lanes per row for csr_spmv_vector: the power of two nearest the mean row length, 2..32."""
+    mean = csr.nnz / max(csr.shape[0], 1)
+    tpr = 2
+    while tpr < 32 and tpr < mean:
+        tpr *= 2
+    return tpr
+
+
+@ranged("dnnpar.spmv")
+def spmv(csr: CSR, x, algo: str = "vector"):
+    """y = A x for A (M, K) in CSR and x (K,) float32 -> y (M,)."""
+    be = get_backend()
+    _check_csr("spmv", csr, be)
+    if algo not in SPMV_ALGOS:
+        raise ValueError(f"spmv: unknown algo {algo!r}: one of {', '.join(SPMV_ALGOS)}")
+    check_array("spmv", "x", x, ndim=1, backend=be)
+    m, k = csr.shape
+    if x.shape[0] != k:
+        raise ValueError(f"spmv: the matrix is {m}x{k} but x has {x.shape[0]} entries")
+    if not be.runs_kernels:
+        return spmv_numpy(csr, x).astype(np.float32)
+    y = be.xp.empty(m, dtype=np.float32)
+    cb = csr.codebook is not None
+    head = (i32(m), csr.indptr, csr.indices) + ((csr.data, csr.codebook, i32(csr.codebook.shape[0])) if cb else (csr.data,))
+    if algo == "scalar":
+        be.launch("spmv.cu", "csr_spmv_scalar" + "_cb" * cb, ((m + 255) // 256,), (256,), head + (x, y))
+    else:
+        tpr = threads_per_row(csr)
+        be.launch("spmv.cu", "csr_spmv_vector" + "_cb" * cb, ((m * tpr + 255) // 256,), (256,),
+                  head + (x, y, i32(tpr)))
+    return y
+
+
+@ranged("dnnpar.spmm")
+def spmm(csr: CSR, X):
+    """Y = A X for A (M, K) in CSR and X (K, B) float32 -> Y (M, B)."""
+    be = get_backend()
+    _check_csr("spmm", csr, be)
+    check_array("spmm", "X", X, ndim=2, backend=be)
+    m, k = csr.shape
+    if X.shape[0] != k:
+        raise ValueError(f"spmm: the matrix is {m}x{k} but X has shape {tuple(X.shape)} (need {k} rows)")
+    b = X.shape[1]
+    if not be.runs_kernels:
+        return spmm_numpy(csr, X).astype(np.float32)
+    if (b + 31) // 32 > 65535:
+        raise ValueError(f"spmm: X has {b} columns; at most {65535 * 32} are supported")
+    Y = be.xp.empty((m, b), dtype=np.float32)
+    cb = csr.codebook is not None
+    args = (i32(m), i32(b), csr.indptr, csr.indices) + ((csr.data, csr.codebook, i32(csr.codebook.shape[0]))
+                                                       if cb else (csr.data,)) + (X, Y)
+    be.launch("spmv.cu", "csr_spmm" + "_cb" * cb, ((m + 7) // 8, (b + 31) // 32), (32, 8), args)
+    return Y

@@ -1,0 +1,103 @@
+"""Compressed sparse row matrices on the active backend, checked once at construction."""
+from __future__ import annotations
+
+import numpy as np
+
+from .backend import get_backend
+
+
+class CSR:
+    """An M x K matrix in CSR form.
+
+    data: (nnz,) float32 values, or uint8 indices into ``codebook`` ((ncodes,) float32, ncodes <= 256)
+    indices: (nnz,) column indices; indptr: (M + 1,) row starts. Integer arrays are stored as int32.
+    The arrays are moved to the active backend; the whole structure is validated on the host
+    (monotone indptr, in-range columns and codes) so that no kernel ever reads out of bounds.
+    """
+
+    def __init__(self, data, indices, indptr, shape, codebook=None):
+        be = get_backend()
+        if not (isinstance(shape, (tuple, list)) and len(shape) == 2
+                and all(isinstance(s, (int, np.integer)) and s >= 1 for s in shape)):
+            raise ValueError(f"CSR: shape must be two positive ints (M, K), got {shape!r}")
+        m, k = int(shape[0]), int(shape[1])
+        h_data, h_ind, h_ptr = (be.to_numpy(a) if not isinstance(a, np.ndarray) else a for a in (data, indices, indptr))
+        h_data, h_ind, h_ptr = np.asarray(h_data), np.asarray(h_ind), np.asarray(h_ptr)
+        for name, a in (("data", h_data), ("indices", h_ind), ("indptr", h_ptr)):
+            if a.ndim != 1:
+                raise ValueError(f"CSR: {name} must be 1-D, got shape {a.shape}")
+        for name, a in (("indices", h_ind), ("indptr", h_ptr)):
+            if not np.issubdtype(a.dtype, np.integer):
+                raise TypeError(f"CSR: {name} must be an integer array, got {a.dtype}")
+        if h_ptr.shape[0] != m + 1:
+            raise ValueError(f"CSR: indptr must have M + 1 = {m + 1} entries, got {h_ptr.shape[0]}")
+        nnz = h_ind.shape[0]
+        if h_ptr[0] != 0 or h_ptr[-1] != nnz:
+            raise ValueError(f"CSR: indptr must start at 0 and end at nnz = {nnz}, got {h_ptr[0]} .. {h_ptr[-1]}")
+        if np.any(np.diff(h_ptr) < 0):
+            bad = int(np.argmax(np.diff(h_ptr) < 0))
+            raise ValueError(f"CSR: indptr is not monotone (indptr[{bad}] = {h_ptr[bad]} > indptr[{bad + 1}] = {h_ptr[bad + 1]})")
+        if h_data.shape[0] != nnz:
+            raise ValueError(f"CSR: data has {h_data.shape[0]} entries but indices has {nnz}")
+        if nnz and (h_ind.min() < 0 or h_ind.max() >= k):
+            bad = int(np.argmax((h_ind < 0) | (h_ind >= k)))
+            raise ValueError(f"CSR: column index indices[{bad}] = {h_ind[bad]} is outside [0, {k})")
+        if nnz >= 2**31:
+            raise ValueError(f"CSR: {nnz} nonzeros; dnnpar kernels index them with 32 bits")
+        if codebook is None:
+            if h_data.dtype != np.float32:
+                raise TypeError(f"CSR: data must be float32 (or uint8 with a codebook), got {h_data.dtype}")
+        else:
+            h_cb = np.asarray(be.to_numpy(codebook) if not isinstance(codebook, np.ndarray) else codebook)
+            if h_cb.dtype != np.float32 or h_cb.ndim != 1 or not 1 <= h_cb.shape[0] <= 256:
+                raise TypeError(f"CSR: codebook must be a 1-D float32 array of 1..256 entries, "
+                                f"got {h_cb.dtype} of shape {h_cb.shape}")
+            if h_data.dtype != np.uint8:
+                raise TypeError(f"CSR: with a codebook, data must hold uint8 codes, got {h_data.dtype}")
+            if nnz and h_data.max() >= h_cb.shape[0]:
+                raise ValueError(f"CSR: code {int(h_data.max())} is outside the codebook of {h_cb.shape[0]} entries")
+            self.codebook = be.asarray(np.ascontiguousarray(h_cb))
+        if codebook is None:
+            self.codebook = None
+        self.shape = (m, k)
+        self.nnz = nnz
+        self.backend = be.name
+        self.data = be.asarray(np.ascontiguousarray(h_data))
+        self.indices = be.asarray(np.ascontiguousarray(h_ind, dtype=np.int32))
+        self.indptr = be.asarray(np.ascontiguousarray(h_ptr, dtype=np.int32))
+        self._row_ids = None
+
+    @classmethod
+    def from_dense(cls, a, codebook=None):
+        """CSR of the nonzeros of a 2-D array (with ``codebook``: ``a`` holds codes, 0 means absent)."""
+        h = np.asarray(get_backend().to_numpy(a) if not isinstance(a, np.ndarray) else a)
+        if h.ndim != 2:
+            raise ValueError(f"CSR.from_dense: need a 2-D array, got shape {h.shape}")
+        rows, cols = np.nonzero(h)
+        indptr = np.zeros(h.shape[0] + 1, dtype=np.int32)
+        np.cumsum(np.bincount(rows, minlength=h.shape[0]), out=indptr[1:])
+        return cls(h[rows, cols], cols.astype(np.int32), indptr, h.shape, codebook=codebook)
+
+    def values(self):
+        """The float32 values (codebook entries looked up), on the matrix's backend."""
+        return self.codebook[self.data] if self.codebook is not None else self.data
+
+    def row_ids(self):
+        """Row of every nonzero, cached (used by the NumPy reference)."""
+        if self._row_ids is None:
+            ptr = np.asarray(self.indptr)
+            self._row_ids = np.repeat(np.arange(self.shape[0], dtype=np.int64), np.diff(ptr))
+        return self._row_ids
+
+    def to_dense(self):
+        be = get_backend()
+        out = np.zeros(self.shape, dtype=np.float32)
+        vals = be.to_numpy(self.values())
+        ptr = be.to_numpy(self.indptr)
+        rows = np.repeat(np.arange(self.shape[0]), np.diff(ptr))
+        out[rows, be.to_numpy(self.indices)] = vals
+        return be.asarray(out)
+
+    def __repr__(self):
+        kind = f"uint8 codes, codebook of {self.codebook.shape[0]}" if self.codebook is not None else "float32"
+        return f"<CSR {self.shape[0]}x{self.shape[1]}, nnz={self.nnz} ({kind}) on {self.backend}>"
