@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import threading
 
-from .base import Backend, BackendUnavailable  # noqa: F401
+from .base import POISON, Backend, BackendUnavailable  # noqa: F401
 
 _NAMES = ("numpy", "cuda", "emu")
 _state = threading.local()
@@ -67,3 +67,14 @@ def use_backend(name: str):
         yield backend
     finally:
         _state.name = previous
+
+
+@contextlib.contextmanager
+def poison_outputs(enabled: bool = True):
+    """Fill every op output with NaN before the kernel runs (debugging and tests)."""
+    saved = POISON["on"]
+    POISON["on"] = enabled
+    try:
+        yield
+    finally:
+        POISON["on"] = saved

@@ -1,7 +1,15 @@
 """The small interface every backend provides."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
+
+
+#: When true, every output an op allocates is filled with NaN (floats) or the dtype's maximum
+#: (integers) before a kernel writes it, so an element a kernel forgets to write is caught.
+#: Set with :func:`dnnpar.backend.poison_outputs` or DNNPAR_POISON=1.
+POISON = {"on": os.environ.get("DNNPAR_POISON", "") not in ("", "0")}
 
 
 class BackendUnavailable(RuntimeError):
@@ -22,6 +30,13 @@ class Backend:
     @property
     def runs_kernels(self) -> bool:
         return True
+
+    def empty(self, shape, dtype=np.float32):
+        """An output buffer for a kernel (poisoned when :data:`POISON` is on)."""
+        a = self.xp.empty(shape, dtype=dtype)
+        if POISON["on"]:
+            a.fill(np.nan if np.dtype(dtype).kind == "f" else np.iinfo(dtype).max)
+        return a
 
     def asarray(self, a, dtype=None):
         """Bring ``a`` (NumPy or the backend's own array) onto this backend."""

@@ -14,6 +14,7 @@
 // touches a PROT_NONE guard page (dnnpar_emu_alloc). A read or write past the end raises
 // SIGSEGV; the handler, running on its own stack, jumps back to the launch and reports the
 // faulting address, which Python turns into an exception naming the argument and offset.
+// Shared memory is poisoned (0xFF) at the start of every block.
 #pragma once
 #ifndef DNNPAR_EMU
 #define DNNPAR_EMU 1
@@ -46,8 +47,13 @@
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 #define __restrict__ __restrict
-// One block runs at a time, so block-shared storage can be a function-static variable.
-#define __shared__ static
+// One block runs at a time, so block-shared storage can be a function-static variable. All of it
+// lives in one section, which the runtime fills with 0xFF (a float NaN) before every block:
+// shared memory starts undefined on a GPU, and a kernel that reads it before writing it must not
+// get last block's values by luck.
+#define __shared__ static __attribute__((section("dnnpar_shared"), aligned(16)))
+extern "C" char __start_dnnpar_shared[] __attribute__((weak, visibility("hidden")));
+extern "C" char __stop_dnnpar_shared[] __attribute__((weak, visibility("hidden")));
 
 struct dim3 {
     unsigned x, y, z;
@@ -379,6 +385,8 @@ int dnnpar_emu_launch(void (*entry)(void**), void** args, const unsigned* grid, 
             for (unsigned by = 0; by < grid[1] && rc == 0; ++by)
                 for (unsigned bx = 0; bx < grid[0] && rc == 0; ++bx) {
                     g_block_idx = uint3{bx, by, bz};
+                    if (__start_dnnpar_shared != __stop_dnnpar_shared)
+                        std::memset(__start_dnnpar_shared, 0xFF, __stop_dnnpar_shared - __start_dnnpar_shared);
                     size_t pg = page_size();
                     for (int i = 0; i < nthreads; ++i) {
                         Fiber& f = g_fibers[i];

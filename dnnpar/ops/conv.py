@@ -117,7 +117,7 @@ def im2col(x, kh: int, kw: int, stride=1, padding=0, dilation=1):
     g = _geometry_for_x("im2col", x, kh, kw, stride, padding, dilation, be)
     if not be.runs_kernels:
         return im2col_numpy(x, g)
-    cols = be.xp.empty((g.c * g.kh * g.kw, g.n * g.oh * g.ow), dtype=np.float32)
+    cols = be.empty((g.c * g.kh * g.kw, g.n * g.oh * g.ow))
     be.launch("im2col.cu", "im2col", (grid_stride_blocks(cols.size),), (256,), (x, cols, *g.kernel_args()))
     return cols
 
@@ -135,7 +135,7 @@ def col2im(cols, x_shape, kh: int, kw: int, stride=1, padding=0, dilation=1):
         raise ValueError(f"col2im: cols must have shape {want} for x_shape {tuple(x_shape)}, got {tuple(cols.shape)}")
     if not be.runs_kernels:
         return col2im_numpy(cols, g)
-    x = be.xp.empty(tuple(int(s) for s in x_shape), dtype=np.float32)
+    x = be.empty(tuple(int(s) for s in x_shape))
     be.launch("im2col.cu", "col2im", (grid_stride_blocks(x.size),), (256,), (cols, x, *g.kernel_args()))
     return x
 
@@ -168,7 +168,7 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, algo: str = "im2col
     if algo == "direct":
         if not be.runs_kernels:
             return conv2d_direct_numpy(x, w, bias, g).astype(np.float32, copy=False)
-        out = be.xp.empty((g.n, o, g.oh, g.ow), dtype=np.float32)
+        out = be.empty((g.n, o, g.oh, g.ow))
         b = bias if bias is not None else be.xp.zeros(1, np.float32)  # not read: has_bias = 0
         be.launch("conv_direct.cu", "conv2d_direct", (grid_stride_blocks(out.size),), (256,),
                   (x, w, b, i32(bias is not None), out,
@@ -194,7 +194,7 @@ def depthwise_conv2d(x, w, bias=None, stride=1, padding=0):
     bias = _check_bias("depthwise_conv2d", bias, g.c, be)
     if not be.runs_kernels:
         return depthwise_conv2d_numpy(x, w, bias, g).astype(np.float32, copy=False)
-    out = be.xp.empty((g.n, g.c, g.oh, g.ow), dtype=np.float32)
+    out = be.empty((g.n, g.c, g.oh, g.ow))
     b = bias if bias is not None else be.xp.zeros(1, np.float32)  # not read: has_bias = 0
     be.launch("depthwise.cu", "depthwise_conv2d", (grid_stride_blocks(out.size),), (256,),
               (x, w, b, i32(bias is not None), out,

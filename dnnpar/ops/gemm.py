@@ -64,7 +64,7 @@ def gemm(a, b, trans_a: bool = False, trans_b: bool = False, alpha: float = 1.0,
             c[...] = r
             return c
         return r
-    out = c if (c is not None and beta != 0.0) else be.xp.empty((m, n), dtype=np.float32)
+    out = c if (c is not None and beta != 0.0) else be.empty((m, n))
     grid, block = _launch_shape(algo, m, n)
     be.launch("gemm.cu", f"sgemm_{algo}", grid, block,
               (i32(m), i32(n), i32(k), np.float32(alpha), a, i32(a.shape[1]), i32(trans_a), b, i32(b.shape[1]),

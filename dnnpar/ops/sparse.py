@@ -57,7 +57,7 @@ def spmv(csr: CSR, x, algo: str = "vector"):
         raise ValueError(f"spmv: the matrix is {m}x{k} but x has {x.shape[0]} entries")
     if not be.runs_kernels:
         return spmv_numpy(csr, x).astype(np.float32)
-    y = be.xp.empty(m, dtype=np.float32)
+    y = be.empty(m)
     cb = csr.codebook is not None
     head = (i32(m), csr.indptr, csr.indices) + ((csr.data, csr.codebook, i32(csr.codebook.shape[0])) if cb else (csr.data,))
     if algo == "scalar":
@@ -83,7 +83,7 @@ def spmm(csr: CSR, X):
         return spmm_numpy(csr, X).astype(np.float32)
     if (b + 31) // 32 > 65535:
         raise ValueError(f"spmm: X has {b} columns; at most {65535 * 32} are supported")
-    Y = be.xp.empty((m, b), dtype=np.float32)
+    Y = be.empty((m, b))
     cb = csr.codebook is not None
     args = (i32(m), i32(b), csr.indptr, csr.indices) + ((csr.data, csr.codebook, i32(csr.codebook.shape[0]))
                                                        if cb else (csr.data,)) + (X, Y)

@@ -1,0 +1,157 @@
+"""What the emu backend proves beyond "the results match": races, out-of-bounds accesses,
+barrier deadlocks and launch-argument mistakes are caught as Python errors, deterministically."""
+import re
+
+import numpy as np
+import pytest
+
+import dnnpar as dp
+from dnnpar.backend.emu import EmuMemoryError, EmuModule, EmuSchedulingError
+from dnnpar.backend.sources import read_source
+
+SCHEDULES = [("forward", 0), ("reverse", 0), ("random", 1), ("random", 2), ("random", 3)]
+
+
+@pytest.fixture
+def emu():
+    with dp.use_backend("emu") as be:
+        yield be
+
+
+def remove_nth(code: str, needle: str, n: int, inside: str) -> str:
+    """Delete the n-th occurrence of `needle` inside the definition of kernel `inside`."""
+    start = code.index(f"{inside}(")
+    hits = [m.start() for m in re.finditer(re.escape(needle), code) if m.start() > start]
+    assert len(hits) > n, f"{needle!r} #{n} not found in {inside}"
+    i = hits[n]
+    return code[:i] + "/* removed */" + code[i + len(needle):]
+
+
+def run_schedules(be, fn):
+    out = []
+    for order, seed in SCHEDULES:
+        with be.schedule(order, seed):
+            out.append(np.array(fn()))
+    return out
+
+
+def gemm_case(rng):
+    a = rng.standard_normal((70, 90)).astype(np.float32)
+    b = rng.standard_normal((90, 50)).astype(np.float32)
+    return a, b, a.astype(np.float64) @ b
+
+
+@pytest.mark.parametrize("kernel,which", [("sgemm_tiled", 0), ("sgemm_tiled", 1), ("sgemm_regblock", 0),
+                                          ("sgemm_regblock", 1)])
+def test_missing_syncthreads_is_caught(emu, rng, kernel, which):
+    a, b, want = gemm_case(rng)
+    algo = kernel.split("_")[1]
+    scale = np.abs(want).max()
+
+    good = run_schedules(emu, lambda: dp.ops.gemm(a, b, algo=algo))
+    for r in good:  # a correct kernel gives the same bits whatever the order of its threads
+        np.testing.assert_array_equal(r, good[0])
+    assert np.abs(good[0] - want).max() / scale < 1e-5
+
+    broken = remove_nth(read_source("gemm.cu"), "__syncthreads();", which, kernel)
+    with emu.source_override("gemm.cu", broken):
+        bad = run_schedules(emu, lambda: dp.ops.gemm(a, b, algo=algo))
+        again = run_schedules(emu, lambda: dp.ops.gemm(a, b, algo=algo))
+    errors = [np.nan_to_num(np.abs(r - want), nan=np.inf).max() / scale for r in bad]
+    assert max(errors) > 1e-2, f"removing barrier {which} of {kernel} went unnoticed: errors {errors}"
+    for r1, r2 in zip(bad, again):  # the detection itself is deterministic
+        np.testing.assert_array_equal(r1, r2)
+
+
+def test_missing_barrier_after_codebook_staging_is_caught(emu, rng):
+    dense = (rng.random((300, 200)) < 0.1) * rng.integers(1, 16, (300, 200))
+    cb = rng.standard_normal(16).astype(np.float32)
+    csr = dp.sparse.CSR.from_dense(dense.astype(np.uint8), codebook=cb)
+    x = rng.standard_normal(200).astype(np.float32)
+    want = np.where(dense > 0, cb[dense], 0.0) @ x.astype(np.float64)
+    broken = remove_nth(read_source("spmv.cu"), "__syncthreads();", 0, "stage_codebook")
+    with emu.source_override("spmv.cu", broken):
+        bad = run_schedules(emu, lambda: dp.ops.spmv(csr, x, algo="scalar"))
+    errors = [np.nan_to_num(np.abs(r - want), nan=np.inf).max() / np.abs(want).max() for r in bad]
+    assert max(errors) > 1e-2
+
+
+def test_out_of_bounds_write_is_a_python_error(emu, rng):
+    x = rng.standard_normal((2, 3, 5, 5)).astype(np.float32)
+    code = read_source("im2col.cu")
+    loop = "threadIdx.x; i < total;"
+    assert loop in code
+    broken = code.replace(loop, "threadIdx.x; i <= total;", 1)  # one element too far
+    with emu.source_override("im2col.cu", broken):
+        with pytest.raises(EmuMemoryError, match=r"0 bytes past the end of argument 1 \(cols"):
+            dp.ops.im2col(x, 3, 3)
+    # the interpreter is intact and the real kernel still runs
+    assert dp.ops.im2col(x, 3, 3).shape == (27, 18)
+
+
+def test_out_of_bounds_read_names_the_argument(emu, rng):
+    # drop the row bound when staging A: the last block tile reads rows past the end of A
+    code = read_source("gemm.cu")
+    guard = "if (gr < extent && vec && gk + 3 < K)"
+    assert guard in code
+    broken = code.replace(guard, "if (vec && gk + 3 < K)", 1)
+    a = rng.standard_normal((130, 64)).astype(np.float32)
+    b = rng.standard_normal((64, 16)).astype(np.float32)
+    with emu.source_override("gemm.cu", broken):
+        with pytest.raises(EmuMemoryError, match=r"past the end of argument 4 \(A: float32 array of 8320"):
+            dp.ops.gemm(a, b, algo="regblock")
+
+
+TOY = r'''
+extern "C" __global__ void warp_sum(const float* x, float* out, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    float v = i < n ? x[i] : 0.f;
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+    float w = i < n ? x[i] : 0.f;
+    for (int m = 1; m < 32; m <<= 1) w = fmaxf(w, __shfl_xor_sync(0xffffffffu, w, m));
+    if ((threadIdx.x & 31) == 0) { out[2 * (i / 32)] = v; out[2 * (i / 32) + 1] = w; }
+}
+extern "C" __global__ void divergent_barrier(float* out) {
+    if (threadIdx.x < 16) __syncthreads();
+    else out[threadIdx.x] = __shfl_down_sync(0xffffffffu, 1.f, 1);
+}
+'''
+
+
+@pytest.fixture(scope="module")
+def toy():
+    with dp.use_backend("emu") as be:
+        return EmuModule(TOY, "toy.cu", be.cxx)
+
+
+def test_warp_shuffles_follow_cuda_semantics(toy, rng):
+    n = 200
+    x = rng.standard_normal(n).astype(np.float32)
+    out = np.full(2 * 8, np.nan, np.float32)  # 2 blocks x 4 warps
+    toy.launch("warp_sum", (2,), (128,), (x, out, np.int32(n)), order="random", seed=5)
+    padded = np.zeros(256, np.float32)
+    padded[:n] = x
+    warps = padded.reshape(8, 32)
+    np.testing.assert_allclose(out[0::2], warps.sum(1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out[1::2], warps.max(1))
+
+
+def test_barrier_in_divergent_code_is_reported_not_hung(toy):
+    with pytest.raises(EmuSchedulingError, match="deadlock"):
+        toy.launch("divergent_barrier", (1,), (32,), (np.zeros(32, np.float32),))
+
+
+def test_launch_arguments_are_checked_against_the_kernel_signature(toy):
+    x, out = np.zeros(4, np.float32), np.zeros(2, np.float32)
+    with pytest.raises(TypeError, match="argument n must be numpy.int32"):
+        toy.launch("warp_sum", (1,), (32,), (x, out, 4))  # a Python int: CuPy would pass 64 bits
+    with pytest.raises(TypeError, match="argument x must be float32, got float64"):
+        toy.launch("warp_sum", (1,), (32,), (x.astype(np.float64), out, np.int32(4)))
+    with pytest.raises(TypeError, match="takes 3 arguments"):
+        toy.launch("warp_sum", (1,), (32,), (x, out))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        toy.launch("warp_sum", (1,), (32,), (np.zeros(8, np.float32)[::2], out, np.int32(4)))
+    with pytest.raises(ValueError, match="1..1024"):
+        toy.launch("warp_sum", (1,), (2048,), (x, out, np.int32(4)))
+    with pytest.raises(ValueError, match="no kernel"):
+        toy.launch("nope", (1,), (32,), ())

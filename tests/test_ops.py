@@ -1,0 +1,159 @@
+"""Every op on numpy, emu (the .cu kernels on the CPU) and cuda against float64 oracles."""
+import numpy as np
+import pytest
+
+import dnnpar as dp
+from conftest import BACKENDS, KERNEL_BACKENDS, assert_close
+import oracles
+
+# (N, C, H, W, KH, KW, stride, padding, dilation): size 1, primes, non-multiples of every tile,
+# stride > 1, padding > kernel/2, dilation > 1, asymmetric everything
+GEOMETRIES = [
+    (1, 1, 1, 1, 1, 1, (1, 1), (0, 0), (1, 1)),
+    (2, 3, 7, 5, 3, 3, (1, 1), (1, 1), (1, 1)),
+    (3, 2, 11, 13, 3, 5, (2, 2), (2, 2), (1, 1)),
+    (1, 4, 9, 9, 3, 3, (3, 3), (4, 4), (1, 1)),
+    (2, 3, 13, 11, 3, 3, (1, 1), (2, 2), (2, 2)),
+    (1, 5, 17, 19, 2, 4, (2, 3), (1, 2), (3, 1)),
+    (2, 1, 31, 7, 7, 1, (1, 2), (3, 0), (1, 1)),
+]
+GEO_IDS = [f"n{g[0]}c{g[1]}h{g[2]}w{g[3]}k{g[4]}x{g[5]}s{g[6][0]}{g[6][1]}p{g[7][0]}{g[7][1]}d{g[8][0]}{g[8][1]}"
+           for g in GEOMETRIES]
+
+
+def randn(rng, shape):
+    """float32 inputs; the oracles then compute in float64 from exactly these values."""
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def put(be, *arrays):
+    return [be.asarray(a.astype(np.float32)) for a in arrays]
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("geo", GEOMETRIES, ids=GEO_IDS)
+def test_im2col_col2im(backend, geo, rng):
+    n, c, h, w, kh, kw, s, p, d = geo
+    x = randn(rng, (n, c, h, w))
+    (xd,) = put(backend, x)
+    cols = dp.ops.im2col(xd, kh, kw, stride=s, padding=p, dilation=d)
+    assert_close(backend.to_numpy(cols), oracles.im2col(x, kh, kw, s, p, d), 0, "im2col")  # a copy: exact
+    g = randn(rng, cols.shape)
+    (gd,) = put(backend, g)
+    dx = dp.ops.col2im(gd, x.shape, kh, kw, stride=s, padding=p, dilation=d)
+    assert_close(backend.to_numpy(dx), oracles.col2im(g, x.shape, kh, kw, s, p, d), 1e-6, "col2im")
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("algo", ["im2col", "direct"])
+@pytest.mark.parametrize("geo", GEOMETRIES, ids=GEO_IDS)
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_conv2d(backend, algo, geo, with_bias, rng):
+    n, c, h, w, kh, kw, s, p, d = geo
+    o = 5 if c % 2 else 3
+    x, wt, b = randn(rng, (n, c, h, w)), randn(rng, (o, c, kh, kw)), randn(rng, o)
+    xd, wd, bd = put(backend, x, wt, b)
+    out = dp.ops.conv2d(xd, wd, bd if with_bias else None, stride=s, padding=p, dilation=d, algo=algo)
+    assert_close(backend.to_numpy(out), oracles.conv2d(x, wt, b if with_bias else None, s, p, d), 1e-5, "conv2d")
+
+
+DEPTHWISE = [(1, 1, 1, 1, 1, (1, 1), (0, 0)), (2, 3, 7, 9, 3, (1, 1), (1, 1)), (1, 5, 13, 11, 3, (2, 2), (1, 1)),
+             (2, 4, 10, 10, 5, (2, 1), (3, 2)), (1, 7, 17, 5, 3, (3, 3), (2, 2))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("geo", DEPTHWISE, ids=lambda g: "x".join(str(v) for v in g[:5]) + f"s{g[5]}p{g[6]}")
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_depthwise_conv2d(backend, geo, with_bias, rng):
+    n, c, h, w, k, s, p = geo
+    x, wt, b = randn(rng, (n, c, h, w)), randn(rng, (c, 1, k, k)), randn(rng, c)
+    xd, wd, bd = put(backend, x, wt, b)
+    out = dp.ops.depthwise_conv2d(xd, wd, bd if with_bias else None, stride=s, padding=p)
+    assert_close(backend.to_numpy(out), oracles.depthwise(x, wt, b if with_bias else None, s, p), 1e-5, "depthwise")
+
+
+# (M, N, K): 1, primes, non-multiples of 16/32/128, multiples of 4 (float4 path) and a block-tile multiple
+GEMM_SIZES = [(1, 1, 1), (1, 7, 3), (13, 1, 5), (31, 37, 41), (128, 128, 64), (131, 257, 67), (256, 132, 36),
+              (3, 300, 129)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("algo", ["naive", "tiled", "regblock"])
+@pytest.mark.parametrize("mnk", GEMM_SIZES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("trans", ["NN", "NT", "TN", "TT"])
+def test_gemm(backend, algo, mnk, trans, rng):
+    m, n, k = mnk
+    ta, tb = trans[0] == "T", trans[1] == "T"
+    a = randn(rng, (k, m) if ta else (m, k))
+    b = randn(rng, (n, k) if tb else (k, n))
+    ad, bd = put(backend, a, b)
+    c = dp.ops.gemm(ad, bd, trans_a=ta, trans_b=tb, algo=algo)
+    want = (a.T if ta else a) @ (b.T if tb else b)
+    assert_close(backend.to_numpy(c), want, 1e-5, f"gemm {algo} {trans}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("algo", ["naive", "tiled", "regblock"])
+def test_gemm_alpha_beta_accumulates_in_place(backend, algo, rng):
+    m, n, k = 67, 45, 29
+    a, b, c0 = randn(rng, (m, k)), randn(rng, (k, n)), randn(rng, (m, n))
+    ad, bd, cd = put(backend, a, b, c0)
+    out = dp.ops.gemm(ad, bd, alpha=0.5, beta=-2.0, c=cd, algo=algo)
+    assert out is cd
+    assert_close(backend.to_numpy(cd), 0.5 * a @ b - 2.0 * c0, 1e-5, "gemm alpha/beta")
+
+
+SPARSE = [(1, 1, 1.0), (7, 13, 0.4), (131, 257, 0.05), (64, 300, 0.5), (33, 1000, 0.01)]
+
+
+def make_csr(backend, dense, codebook):
+    if codebook:
+        cb = np.linspace(-1.5, 2.0, 37).astype(np.float32)
+        codes = np.where(dense != 0, 1 + (np.abs(dense * 1000).astype(np.int64) % 36), 0).astype(np.uint8)
+        return dp.sparse.CSR.from_dense(codes, codebook=cb), np.where(codes > 0, cb[codes], 0.0).astype(np.float64)
+    return dp.sparse.CSR.from_dense(dense.astype(np.float32)), dense.astype(np.float32).astype(np.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("shape", SPARSE, ids=lambda s: f"{s[0]}x{s[1]}d{s[2]}")
+@pytest.mark.parametrize("algo", ["scalar", "vector"])
+@pytest.mark.parametrize("codebook", [False, True], ids=["f32", "codebook"])
+def test_spmv(backend, shape, algo, codebook, rng):
+    m, k, density = shape
+    csr, dense = make_csr(backend, oracles.random_csr(rng, m, k, density, long_row=m // 2), codebook)
+    x = randn(rng, k)
+    (xd,) = put(backend, x)
+    y = dp.ops.spmv(csr, xd, algo=algo)
+    assert_close(backend.to_numpy(y), dense @ x.astype(np.float32), 1e-5, "spmv")
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("shape", SPARSE, ids=lambda s: f"{s[0]}x{s[1]}d{s[2]}")
+@pytest.mark.parametrize("batch", [1, 33, 70])
+@pytest.mark.parametrize("codebook", [False, True], ids=["f32", "codebook"])
+def test_spmm(backend, shape, batch, codebook, rng):
+    m, k, density = shape
+    csr, dense = make_csr(backend, oracles.random_csr(rng, m, k, density), codebook)
+    X = randn(rng, (k, batch))
+    (Xd,) = put(backend, X)
+    Y = dp.ops.spmm(csr, Xd)
+    assert_close(backend.to_numpy(Y), dense @ X.astype(np.float32), 1e-5, "spmm")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS, indirect=True)
+def test_vector_spmv_picks_every_group_width(backend, rng):
+    """Mean row lengths from 1 to 64 exercise tpr = 2, 4, 8, 16 and 32."""
+    from dnnpar.ops.sparse import threads_per_row
+
+    seen = set()
+    for nnz_per_row in (1, 3, 7, 12, 30, 64):
+        m, k = 41, 97
+        dense = np.zeros((m, k))
+        for r in range(m):
+            dense[r, rng.choice(k, size=min(k, nnz_per_row), replace=False)] = randn(rng, min(k, nnz_per_row))
+        csr = dp.sparse.CSR.from_dense(dense.astype(np.float32))
+        seen.add(threads_per_row(csr))
+        x = randn(rng, k)
+        y = dp.ops.spmv(csr, backend.asarray(x.astype(np.float32)), algo="vector")
+        assert_close(backend.to_numpy(y), dense.astype(np.float32).astype(np.float64) @ x.astype(np.float32), 1e-5)
+    assert seen == {2, 4, 8, 16, 32}
