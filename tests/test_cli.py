@@ -1,0 +1,39 @@
+import subprocess
+import sys
+
+import pytest
+
+from dnnpar import kernels
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "dnnpar.cli", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "emu"])
+def test_demo_checks_and_times_both_algorithms(backend):
+    p = run("demo", "--backend", backend, "--repeat", "2", "--batch", "2")
+    assert p.returncode == 0, p.stderr
+    assert f"on the '{backend}' backend" in p.stdout
+    rows = [ln.split() for ln in p.stdout.splitlines() if ln.split()[:1] in (["direct"], ["im2col"])]
+    assert [r[0] for r in rows] == ["direct", "im2col"]
+    assert all(float(r[1]) > 0 and float(r[3]) < 1e-4 for r in rows)
+    assert "results agree with the float64 oracle" in p.stdout
+
+
+@pytest.mark.skipif(kernels.find_nvcc() is None, reason="nvcc not found")
+def test_kernels_command_prints_the_ptxas_table():
+    p = run("kernels", "--arch", "90", "--source", "gemm.cu")
+    assert p.returncode == 0, p.stderr
+    lines = [ln for ln in p.stdout.splitlines() if "sgemm_" in ln]
+    assert len(lines) == 3 and all("sm_90" in ln for ln in lines)
+
+
+def test_cuda_without_gpu_is_a_clean_error():
+    from dnnpar.backend.cuda import cuda_unavailable_reason
+
+    if cuda_unavailable_reason() is None:
+        pytest.skip("a GPU is usable here")
+    p = run("demo", "--backend", "cuda")
+    assert p.returncode == 2
+    assert "needs a usable NVIDIA GPU" in p.stderr and "Traceback" not in p.stderr
