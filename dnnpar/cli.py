@@ -11,12 +11,6 @@ def _demo(args) -> int:
     return convolution_tour(backend=args.backend, batch=args.batch, repeat=args.repeat)
 
 
-def _kernels(args) -> int:
-    from . import kernels
-
-    return kernels.main(args.rest)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="dnnpar", description="fast and parallel DNNs from hand-written CUDA kernels")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -26,10 +20,13 @@ def main(argv=None) -> int:
     d.add_argument("--batch", type=int, default=8)
     d.add_argument("--repeat", type=int, default=5, help="timed runs per algorithm (median reported)")
     d.set_defaults(fn=_demo)
-    k = sub.add_parser("kernels", help="compile every kernel for sm_75/80/90 and print the ptxas report",
-                       add_help=False)
-    k.add_argument("rest", nargs=argparse.REMAINDER)
-    k.set_defaults(fn=_kernels)
+    sub.add_parser("kernels", help="compile every kernel for sm_75/80/90 and print the ptxas report "
+                   "(dnnpar kernels --help)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["kernels"]:  # its own parser: python -m dnnpar.kernels
+        from . import kernels
+
+        return kernels.main(argv[1:])
     args = ap.parse_args(argv)
     from .backend import BackendUnavailable
 

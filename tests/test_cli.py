@@ -15,7 +15,7 @@ def test_demo_checks_and_times_both_algorithms(backend):
     p = run("demo", "--backend", backend, "--repeat", "2", "--batch", "2")
     assert p.returncode == 0, p.stderr
     assert f"on the '{backend}' backend" in p.stdout
-    rows = [ln.split() for ln in p.stdout.splitlines() if ln.split()[:1] in (["direct"], ["im2col"])]
+    rows = [ln.split() for ln in p.stdout.splitlines() if ln.split()[:1] in (["direct"], ["im2col"]) and len(ln.split()) == 4]
     assert [r[0] for r in rows] == ["direct", "im2col"]
     assert all(float(r[1]) > 0 and float(r[3]) < 1e-4 for r in rows)
     assert "results agree with the float64 oracle" in p.stdout
