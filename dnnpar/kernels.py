@@ -43,22 +43,27 @@ class KernelReport:
     barriers: int
 
 
-def find_nvcc() -> str | None:
-    """nvcc from $NVCC, PATH, $CUDA_HOME/bin, /usr/local/cuda/bin or the pip wheel nvidia-cuda-nvcc."""
-    candidates = [os.environ.get("NVCC"), shutil.which("nvcc")]
+def find_tool(name: str) -> str | None:
+    """A CUDA tool (nvcc, cuobjdump, nvdisasm) from $NAME, PATH, $CUDA_HOME/bin,
+    /usr/local/cuda/bin, or the NVIDIA pip wheels (nvidia-cuda-nvcc, nvidia-cuda-cuobjdump, ...)."""
+    candidates = [os.environ.get(name.upper()), shutil.which(name)]
     for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
         if root:
-            candidates.append(str(Path(root) / "bin" / "nvcc"))
+            candidates.append(str(Path(root) / "bin" / name))
     try:
         import nvidia  # namespace package of the NVIDIA pip wheels
         for base in nvidia.__path__:
-            candidates += [str(p) for p in Path(base).glob("cu*/bin/nvcc")] + [str(p) for p in Path(base).glob("cuda_nvcc/bin/nvcc")]
+            candidates += [str(p) for p in sorted(Path(base).glob(f"*/bin/{name}"))]
     except ImportError:
         pass
     for c in candidates:
         if c and Path(c).is_file() and os.access(c, os.X_OK):
             return c
     return None
+
+
+def find_nvcc() -> str | None:
+    return find_tool("nvcc")
 
 
 _ENTRY = re.compile(r"Compiling entry function '(\w+)' for 'sm_(\d+)'")
@@ -83,7 +88,8 @@ def parse_ptxas(text: str, source: str) -> list[KernelReport]:
 
 
 def compile_source(source: str, arch: str, nvcc: str, sass: bool = False) -> tuple[list[KernelReport], str]:
-    """Compile one file for one arch; returns the ptxas reports and (optionally) the SASS."""
+    """Compile one file for one arch; returns the ptxas reports and (with ``sass``) the SASS
+    from cuobjdump."""
     code = read_source(source)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
@@ -101,12 +107,44 @@ def compile_source(source: str, arch: str, nvcc: str, sass: bool = False) -> tup
         missing = set(kernel_names(code)) - names
         if missing:
             raise KernelBuildError(f"ptxas reported nothing for {sorted(missing)} in {source} (sm_{arch})")
-        text = ""
-        if sass:
-            dump = shutil.which("cuobjdump") or str(Path(nvcc).with_name("cuobjdump"))
-            if Path(dump).exists():
-                text = subprocess.run([dump, "-sass", str(cubin)], capture_output=True, text=True).stdout
+        text = disassemble(cubin) if sass else ""
         return reports, text
+
+
+def disassemble(cubin: Path) -> str:
+    """SASS of a cubin (cuobjdump, which needs nvdisasm beside it or on PATH)."""
+    dump, disasm = find_tool("cuobjdump"), find_tool("nvdisasm")
+    if dump is None or disasm is None:
+        raise KernelBuildError("SASS needs cuobjdump and nvdisasm: install the CUDA toolkit or "
+                               "`pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm` (in the dev extra)")
+    env = dict(os.environ, PATH=f"{Path(disasm).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.run([dump, "-sass", str(cubin)], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise KernelBuildError(f"cuobjdump failed on {cubin}:\n{proc.stderr[-2000:]}")
+    return proc.stdout
+
+
+_FUNC = re.compile(r"Function : (\w+)")
+_OP = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)")
+#: instruction classes worth reading when judging a kernel
+MIX = ("FFMA", "LDG.E.128", "LDG.E", "LDS.128", "LDS", "STS.128", "STS", "STG.E.128", "STG.E", "SHFL", "BAR")
+
+
+def instruction_mix(sass: str) -> dict[str, dict[str, int]]:
+    """Per kernel, how many instructions of each class in :data:`MIX` the SASS holds (a load
+    counts once, in its widest matching class: LDG.E.128.CONSTANT is LDG.E.128)."""
+    out: dict[str, dict[str, int]] = {}
+    cur = None
+    for line in sass.splitlines():
+        if m := _FUNC.search(line):
+            cur = out.setdefault(m.group(1), {k: 0 for k in MIX})
+        elif cur is not None and (m := _OP.search(line)):
+            op = m.group(1)
+            for cls in MIX:
+                if op == cls or op.startswith(cls + "."):
+                    cur[cls] += 1
+                    break
+    return out
 
 
 def report(archs=ARCHS, sources=SOURCES, nvcc: str | None = None, jobs: int | None = None) -> list[KernelReport]:
@@ -148,7 +186,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="dnnpar kernels", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", action="append", choices=ARCHS, help="target(s); default: all of 75, 80, 90")
     ap.add_argument("--source", action="append", choices=SOURCES, help="kernel file(s); default: all")
-    ap.add_argument("--sass", action="store_true", help="also print the SASS of each file (needs cuobjdump)")
+    ap.add_argument("--sass", action="store_true",
+                    help="also print each kernel's SASS instruction mix (needs cuobjdump + nvdisasm)")
+    ap.add_argument("--sass-full", action="store_true", help="with --sass: print the whole SASS too")
     args = ap.parse_args(argv)
     try:
         reps = report(tuple(args.arch or ARCHS), tuple(args.source or SOURCES))
@@ -158,10 +198,19 @@ def main(argv=None) -> int:
     print(format_table(reps))
     if args.sass:
         nvcc = find_nvcc()
+        print(f"\nSASS instruction mix (static counts; {', '.join(MIX)})")
+        print(f"{'kernel':<20} {'arch':>5} " + " ".join(f"{c:>9}" for c in MIX))
         for s in args.source or SOURCES:
             for a in args.arch or ARCHS:
-                _, text = compile_source(s, a, nvcc, sass=True)
-                print(f"\n===== SASS {s} sm_{a} =====\n{text or '(cuobjdump not found)'}")
+                try:
+                    _, text = compile_source(s, a, nvcc, sass=True)
+                except KernelBuildError as e:
+                    print(f"error: {e}", file=sys.stderr)
+                    return 1
+                for kernel, mix in instruction_mix(text).items():
+                    print(f"{kernel:<20} {'sm_' + a:>5} " + " ".join(f"{mix[c]:>9}" for c in MIX))
+                if args.sass_full:
+                    print(text)
     return 0
 
 

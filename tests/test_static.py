@@ -77,3 +77,22 @@ ptxas info    : Used 12 registers, used 0 barriers, 380 bytes cmem[0]"""
     assert (r1.kernel, r1.registers, r1.spill_stores, r1.spill_loads, r1.stack, r1.smem, r1.barriers) == \
         ("k1", 40, 8, 4, 16, 8448, 1)
     assert (r2.kernel, r2.registers, r2.smem, r2.barriers) == ("k2", 12, 0, 0)
+
+
+@needs_nvcc
+def test_sass_shows_the_optimisations_the_source_claims(tmp_path):
+    """The register-blocked SGEMM really issues 128-bit shared loads in its inner loop (8 k-steps
+    x 4 float4 = 32 LDS.128), 128-bit global loads and stores, and 8x8x8 = 512 FMAs per tile;
+    the vector SpMV really reduces with warp shuffles."""
+    if kernels.find_tool("cuobjdump") is None or kernels.find_tool("nvdisasm") is None:
+        pytest.fail("cuobjdump/nvdisasm missing: `pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm` (dev extra)")
+    _, gemm_sass = kernels.compile_source("gemm.cu", "90", NVCC, sass=True)
+    mix = kernels.instruction_mix(gemm_sass)
+    rb = mix["sgemm_regblock"]
+    assert rb["LDS.128"] >= 32 and rb["LDS"] == 0, rb
+    assert rb["LDG.E.128"] > 0 and rb["STG.E.128"] > 0 and rb["STS.128"] > 0, rb
+    assert rb["FFMA"] >= 512, rb
+    assert mix["sgemm_tiled"]["LDS.128"] == 0 and mix["sgemm_tiled"]["BAR"] >= 2
+    _, spmv_sass = kernels.compile_source("spmv.cu", "90", NVCC, sass=True)
+    smix = kernels.instruction_mix(spmv_sass)
+    assert smix["csr_spmv_vector"]["SHFL"] >= 1 and smix["csr_spmv_scalar"]["SHFL"] == 0
