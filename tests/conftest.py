@@ -38,6 +38,18 @@ def rng(request):
     return np.random.default_rng(seed)
 
 
+#: ptxas reports gathered by test_static.py, printed at the end of the run so CI logs show them
+STATIC_REPORT = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    if STATIC_REPORT:
+        from dnnpar.kernels import format_table
+
+        terminalreporter.section("ptxas report (nvcc, all targets)")
+        terminalreporter.write_line(format_table(STATIC_REPORT))
+
+
 def pytest_report_header(config):
     return f"DNNPAR_TEST_SEED={os.environ.get('DNNPAR_TEST_SEED', '0')} (set it to draw other random inputs)"
 
