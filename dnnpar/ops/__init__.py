@@ -1,6 +1,8 @@
 """Functional ops: validate, pick a launch shape, run a kernel (cuda / emu) or the NumPy reference."""
-from .conv import col2im, conv2d, depthwise_conv2d, im2col  # noqa: F401
+from .conv import col2im, conv2d, conv2d_backward, im2col  # noqa: F401
+from .depthwise import depthwise_conv2d, depthwise_conv2d_backward  # noqa: F401
 from .gemm import gemm  # noqa: F401
 from .sparse import spmm, spmv  # noqa: F401
 
-__all__ = ["conv2d", "depthwise_conv2d", "im2col", "col2im", "gemm", "spmv", "spmm"]
+__all__ = ["conv2d", "conv2d_backward", "depthwise_conv2d", "depthwise_conv2d_backward", "im2col", "col2im",
+           "gemm", "spmv", "spmm"]

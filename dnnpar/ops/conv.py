@@ -1,7 +1,7 @@
 """Convolution ops: im2col / col2im (``cuda/im2col.cu``), conv2d as im2col + GEMM or as the
-direct loop (``cuda/conv_direct.cu``), and depthwise conv2d (``cuda/depthwise.cu``).
+direct loop (``cuda/conv_direct.cu``), and its backward pass (GEMMs + col2im).
 
-Layouts: x is NCHW, w is OIHW (depthwise: (C, 1, KH, KW)); im2col's matrix is
+Layouts: x is NCHW, w is OIHW; im2col's matrix is
 (C*KH*KW, N*OH*OW), rows (c, kh, kw), columns (n, oh, ow).
 The ``*_numpy`` references beside each launcher are the numpy backend's implementation and are
 dtype-generic (float64 inputs give a float64 result).
@@ -91,19 +91,8 @@ def conv2d_direct_numpy(x, w, bias, g: ConvGeometry):
     return np.ascontiguousarray(acc.transpose(0, 3, 1, 2))
 
 
-def depthwise_conv2d_numpy(x, w, bias, g: ConvGeometry):
-    xp_ = g.pad(x)
-    out = np.zeros((g.n, g.c, g.oh, g.ow), dtype=np.result_type(x, w))
-    for i in range(g.kh):
-        for j in range(g.kw):
-            out += xp_[g.tap_slices(i, j)] * w[:, 0, i, j][None, :, None, None]
-    if bias is not None:
-        out += bias[None, :, None, None]
-    return out
-
-
 # ---------------------------------------------------------------- ops
-def _geometry_for_x(op, x, kh, kw, stride, padding, dilation, be):
+def geometry_for_x(op, x, kh, kw, stride, padding, dilation, be):
     check_array(op, "x", x, ndim=4, backend=be)
     if not (isinstance(kh, (int, np.integer)) and isinstance(kw, (int, np.integer))):
         raise TypeError(f"{op}: kh and kw must be ints, got {kh!r}, {kw!r}")
@@ -114,7 +103,7 @@ def _geometry_for_x(op, x, kh, kw, stride, padding, dilation, be):
 def im2col(x, kh: int, kw: int, stride=1, padding=0, dilation=1):
     """x (N, C, H, W) -> cols (C*kh*kw, N*OH*OW)."""
     be = get_backend()
-    g = _geometry_for_x("im2col", x, kh, kw, stride, padding, dilation, be)
+    g = geometry_for_x("im2col", x, kh, kw, stride, padding, dilation, be)
     if not be.runs_kernels:
         return im2col_numpy(x, g)
     cols = be.empty((g.c * g.kh * g.kw, g.n * g.oh * g.ow))
@@ -140,7 +129,7 @@ def col2im(cols, x_shape, kh: int, kw: int, stride=1, padding=0, dilation=1):
     return x
 
 
-def _check_bias(op, bias, channels, be):
+def check_bias(op, bias, channels, be):
     if bias is None:
         return None
     check_array(op, "bias", bias, ndim=1, backend=be)
@@ -160,11 +149,11 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, algo: str = "im2col
     if algo not in ALGOS:
         raise ValueError(f"conv2d: unknown algo {algo!r}: one of {', '.join(ALGOS)}")
     check_array("conv2d", "w", w, ndim=4, backend=be)
-    g = _geometry_for_x("conv2d", x, w.shape[2], w.shape[3], stride, padding, dilation, be)
+    g = geometry_for_x("conv2d", x, w.shape[2], w.shape[3], stride, padding, dilation, be)
     if w.shape[1] != g.c:
         raise ValueError(f"conv2d: x has {g.c} channels but w expects {w.shape[1]} (w shape {tuple(w.shape)})")
     o = w.shape[0]
-    bias = _check_bias("conv2d", bias, o, be)
+    bias = check_bias("conv2d", bias, o, be)
     if algo == "direct":
         if not be.runs_kernels:
             return conv2d_direct_numpy(x, w, bias, g).astype(np.float32, copy=False)
@@ -182,21 +171,31 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, algo: str = "im2col
     return be.xp.ascontiguousarray(y.reshape(o, g.n, g.oh, g.ow).transpose(1, 0, 2, 3))
 
 
-@ranged("dnnpar.depthwise_conv2d")
-def depthwise_conv2d(x, w, bias=None, stride=1, padding=0):
-    """Depthwise convolution: x (N, C, H, W), w (C, 1, KH, KW), bias (C,) or None -> (N, C, OH, OW)."""
+def _check_dy(op, dy, want, be):
+    check_array(op, "dy", dy, ndim=4, backend=be)
+    if tuple(dy.shape) != tuple(want):
+        raise ValueError(f"{op}: dy must have the output's shape {tuple(want)}, got {tuple(dy.shape)}")
+
+
+@ranged("dnnpar.conv2d_backward")
+def conv2d_backward(x, w, dy, stride=1, padding=0, dilation=1, need_dx: bool = True):
+    """Gradients of :func:`conv2d`: returns (dx or None, dw, db) for x (N, C, H, W), w (O, C, KH, KW)
+    and dy (N, O, OH, OW). dw = dY @ cols^T and dcols = W^T @ dY are two GEMMs (NT and TN); dx is
+    col2im(dcols). db is dy summed over n, oh, ow."""
     be = get_backend()
-    check_array("depthwise_conv2d", "w", w, ndim=4, backend=be)
-    g = _geometry_for_x("depthwise_conv2d", x, w.shape[2], w.shape[3], stride, padding, 1, be)
-    if w.shape[0] != g.c or w.shape[1] != 1:
-        raise ValueError(f"depthwise_conv2d: w must have shape ({g.c}, 1, KH, KW) for {g.c} input channels, "
-                         f"got {tuple(w.shape)}")
-    bias = _check_bias("depthwise_conv2d", bias, g.c, be)
-    if not be.runs_kernels:
-        return depthwise_conv2d_numpy(x, w, bias, g).astype(np.float32, copy=False)
-    out = be.empty((g.n, g.c, g.oh, g.ow))
-    b = bias if bias is not None else be.xp.zeros(1, np.float32)  # not read: has_bias = 0
-    be.launch("depthwise.cu", "depthwise_conv2d", (grid_stride_blocks(out.size),), (256,),
-              (x, w, b, i32(bias is not None), out,
-               *(i32(v) for v in (g.n, g.c, g.h, g.w, g.kh, g.kw, g.oh, g.ow, *g.stride, *g.padding))))
-    return out
+    check_array("conv2d_backward", "w", w, ndim=4, backend=be)
+    g = geometry_for_x("conv2d_backward", x, w.shape[2], w.shape[3], stride, padding, dilation, be)
+    if w.shape[1] != g.c:
+        raise ValueError(f"conv2d_backward: x has {g.c} channels but w expects {w.shape[1]}")
+    o = w.shape[0]
+    _check_dy("conv2d_backward", dy, (g.n, o, g.oh, g.ow), be)
+    xp = be.xp
+    cols = im2col(x, g.kh, g.kw, g.stride, g.padding, g.dilation)
+    dy2 = xp.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(o, -1)
+    dw = gemm(dy2, cols, trans_b=True).reshape(w.shape)
+    db = dy2.sum(axis=1)
+    dx = None
+    if need_dx:
+        dcols = gemm(w.reshape(o, -1), dy2, trans_a=True)
+        dx = col2im(dcols, x.shape, g.kh, g.kw, g.stride, g.padding, g.dilation)
+    return dx, dw, db

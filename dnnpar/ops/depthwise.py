@@ -1,0 +1,87 @@
+"""Depthwise convolution (MobileNet), forward and backward (``cuda/depthwise.cu``).
+
+x (N, C, H, W), w (C, 1, KH, KW): channel c is convolved with its own filter w[c, 0].
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import get_backend
+from ..nvtx import ranged
+from ._common import check_array, grid_stride_blocks, i32
+from .conv import ConvGeometry, check_bias, geometry_for_x
+
+
+def depthwise_conv2d_numpy(x, w, bias, g: ConvGeometry):
+    xp_ = g.pad(x)
+    out = np.zeros((g.n, g.c, g.oh, g.ow), dtype=np.result_type(x, w))
+    for i in range(g.kh):
+        for j in range(g.kw):
+            out += xp_[g.tap_slices(i, j)] * w[:, 0, i, j][None, :, None, None]
+    if bias is not None:
+        out += bias[None, :, None, None]
+    return out
+
+
+def depthwise_backward_numpy(x, w, dy, g: ConvGeometry):
+    ph, pw = g.padding
+    xp_ = g.pad(x)
+    dxp = np.zeros(xp_.shape, dtype=np.result_type(dy, w))
+    dw = np.zeros(w.shape, dtype=np.result_type(x, dy))
+    for i in range(g.kh):
+        for j in range(g.kw):
+            sl = g.tap_slices(i, j)
+            dxp[sl] += dy * w[:, 0, i, j][None, :, None, None]
+            dw[:, 0, i, j] = np.einsum("nchw,nchw->c", dy, xp_[sl])
+    return np.ascontiguousarray(dxp[:, :, ph:ph + g.h, pw:pw + g.w]), dw
+
+
+def _geometry(op, x, w, stride, padding, be):
+    check_array(op, "w", w, ndim=4, backend=be)
+    g = geometry_for_x(op, x, w.shape[2], w.shape[3], stride, padding, 1, be)
+    if w.shape[0] != g.c or w.shape[1] != 1:
+        raise ValueError(f"{op}: w must have shape ({g.c}, 1, KH, KW) for {g.c} input channels, "
+                         f"got {tuple(w.shape)}")
+    return g
+
+
+def _tail(g: ConvGeometry):
+    return tuple(i32(v) for v in (g.n, g.c, g.h, g.w, g.kh, g.kw, g.oh, g.ow, *g.stride, *g.padding))
+
+
+@ranged("dnnpar.depthwise_conv2d")
+def depthwise_conv2d(x, w, bias=None, stride=1, padding=0):
+    """Depthwise convolution: x (N, C, H, W), w (C, 1, KH, KW), bias (C,) or None -> (N, C, OH, OW)."""
+    be = get_backend()
+    g = _geometry("depthwise_conv2d", x, w, stride, padding, be)
+    bias = check_bias("depthwise_conv2d", bias, g.c, be)
+    if not be.runs_kernels:
+        return depthwise_conv2d_numpy(x, w, bias, g).astype(np.float32, copy=False)
+    out = be.empty((g.n, g.c, g.oh, g.ow))
+    b = bias if bias is not None else be.xp.zeros(1, np.float32)  # not read: has_bias = 0
+    be.launch("depthwise.cu", "depthwise_conv2d", (grid_stride_blocks(out.size),), (256,),
+              (x, w, b, i32(bias is not None), out, *_tail(g)))
+    return out
+
+
+@ranged("dnnpar.depthwise_conv2d_backward")
+def depthwise_conv2d_backward(x, w, dy, stride=1, padding=0, need_dx: bool = True):
+    """Gradients of :func:`depthwise_conv2d`: (dx or None, dw, db) for dy (N, C, OH, OW)."""
+    be = get_backend()
+    g = _geometry("depthwise_conv2d_backward", x, w, stride, padding, be)
+    check_array("depthwise_conv2d_backward", "dy", dy, ndim=4, backend=be)
+    if tuple(dy.shape) != (g.n, g.c, g.oh, g.ow):
+        raise ValueError(f"depthwise_conv2d_backward: dy must have the output's shape {(g.n, g.c, g.oh, g.ow)}, "
+                         f"got {tuple(dy.shape)}")
+    db = dy.sum(axis=(0, 2, 3))
+    if not be.runs_kernels:
+        dx, dw = depthwise_backward_numpy(x, w, dy, g)
+        return (dx.astype(np.float32, copy=False) if need_dx else None), dw.astype(np.float32, copy=False), db
+    dw = be.empty(w.shape)
+    be.launch("depthwise.cu", "depthwise_backward_weight", (g.c * g.kh * g.kw,), (256,), (x, dy, dw, *_tail(g)))
+    dx = None
+    if need_dx:
+        dx = be.empty(x.shape)
+        be.launch("depthwise.cu", "depthwise_backward_input", (grid_stride_blocks(dx.size),), (256,),
+                  (dy, w, dx, *_tail(g)))
+    return dx, dw, db

@@ -1,0 +1,57 @@
+"""Backward ops against float64 oracles: the adjoint of the forward (im2col-based, gathered by index)."""
+import numpy as np
+import pytest
+
+import dnnpar as dp
+import oracles
+from conftest import BACKENDS, assert_close
+from test_ops import GEO_IDS, GEOMETRIES, DEPTHWISE, put, randn
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("geo", GEOMETRIES, ids=GEO_IDS)
+def test_conv2d_backward(backend, geo, rng):
+    n, c, h, w, kh, kw, s, p, d = geo
+    o = 4
+    x, wt = randn(rng, (n, c, h, w)), randn(rng, (o, c, kh, kw))
+    oh, ow = oracles.out_size(h, kh, s[0], p[0], d[0]), oracles.out_size(w, kw, s[1], p[1], d[1])
+    dy = randn(rng, (n, o, oh, ow))
+    xd, wd, dyd = put(backend, x, wt, dy)
+    dx, dw, db = dp.ops.conv2d_backward(xd, wd, dyd, stride=s, padding=p, dilation=d)
+    cols = oracles.im2col(x, kh, kw, s, p, d)
+    dy2 = dy.astype(np.float64).transpose(1, 0, 2, 3).reshape(o, -1)
+    assert_close(backend.to_numpy(dw), (dy2 @ cols.T).reshape(wt.shape), 1e-5, "dw")
+    assert_close(backend.to_numpy(db), dy2.sum(1), 1e-5, "db")
+    want_dx = oracles.col2im(wt.astype(np.float64).reshape(o, -1).T @ dy2, x.shape, kh, kw, s, p, d)
+    assert_close(backend.to_numpy(dx), want_dx, 1e-5, "dx")
+    none_dx, dw2, _ = dp.ops.conv2d_backward(xd, wd, dyd, stride=s, padding=p, dilation=d, need_dx=False)
+    assert none_dx is None
+    assert_close(backend.to_numpy(dw2), (dy2 @ cols.T).reshape(wt.shape), 1e-5, "dw without dx")
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("geo", DEPTHWISE, ids=lambda g: "x".join(str(v) for v in g[:5]) + f"s{g[5]}p{g[6]}")
+def test_depthwise_conv2d_backward(backend, geo, rng):
+    n, c, h, w, k, s, p = geo
+    x, wt = randn(rng, (n, c, h, w)), randn(rng, (c, 1, k, k))
+    oh, ow = oracles.out_size(h, k, s[0], p[0], 1), oracles.out_size(w, k, s[1], p[1], 1)
+    dy = randn(rng, (n, c, oh, ow))
+    xd, wd, dyd = put(backend, x, wt, dy)
+    dx, dw, db = dp.ops.depthwise_conv2d_backward(xd, wd, dyd, stride=s, padding=p)
+    cols = oracles.im2col(x, k, k, s, p, (1, 1)).reshape(c, k * k, -1)
+    dy2 = dy.astype(np.float64).transpose(1, 0, 2, 3).reshape(c, -1)
+    assert_close(backend.to_numpy(dw), np.einsum("cp,ckp->ck", dy2, cols).reshape(wt.shape), 1e-5, "dw")
+    assert_close(backend.to_numpy(db), dy2.sum(1), 1e-5, "db")
+    dcols = wt.astype(np.float64).reshape(c, k * k, 1) * dy2[:, None, :]
+    want_dx = oracles.col2im(dcols.reshape(c * k * k, -1), x.shape, k, k, s, p, (1, 1))
+    assert_close(backend.to_numpy(dx), want_dx, 1e-5, "dx")
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_backward_rejects_a_dy_of_the_wrong_shape(backend):
+    x, w = backend.asarray(np.ones((2, 3, 8, 8), np.float32)), backend.asarray(np.ones((4, 3, 3, 3), np.float32))
+    with pytest.raises(ValueError, match=r"dy must have the output's shape \(2, 4, 6, 6\)"):
+        dp.ops.conv2d_backward(x, w, backend.asarray(np.ones((2, 4, 8, 8), np.float32)))
+    wd = backend.asarray(np.ones((3, 1, 3, 3), np.float32))
+    with pytest.raises(ValueError, match=r"dy must have the output's shape \(2, 3, 8, 8\)"):
+        dp.ops.depthwise_conv2d_backward(x, wd, backend.asarray(np.ones((2, 3, 6, 6), np.float32)), padding=1)
