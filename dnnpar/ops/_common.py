@@ -24,14 +24,23 @@ def pair(v, name: str) -> tuple[int, int]:
     return t
 
 
-def check_array(op: str, name: str, a, ndim: int | None = None, dtype=np.float32, backend=None):
+#: dtype spec for float ops: float32 everywhere, and float64 too on the numpy backend (whose
+#: references are dtype-generic: that is what float64 gradient checks run on)
+FLOAT = "float"
+
+
+def check_array(op: str, name: str, a, ndim: int | None = None, dtype=FLOAT, backend=None):
     """``a`` must be the active backend's array, of ``dtype``, ``ndim`` dimensions, C-contiguous."""
     be = backend or get_backend()
     if not isinstance(a, be.array_type):
         kind = f"{type(a).__module__}.{type(a).__name__}"
         raise TypeError(f"{op}: {name} must be a {be.array_type.__module__}.{be.array_type.__name__} on the "
                         f"'{be.name}' backend, got {kind} (convert it with dp.asarray)")
-    if dtype is not None and a.dtype != dtype:
+    if dtype == FLOAT:
+        if a.dtype != np.float32 and (be.runs_kernels or a.dtype != np.float64):
+            also = "" if be.runs_kernels else " (or float64 on the numpy backend)"
+            raise TypeError(f"{op}: {name} must be float32{also}, got {a.dtype}")
+    elif dtype is not None and a.dtype != dtype:
         raise TypeError(f"{op}: {name} must be {np.dtype(dtype).name}, got {a.dtype}")
     if ndim is not None and a.ndim != ndim:
         raise ValueError(f"{op}: {name} must have {ndim} dimensions, got shape {tuple(a.shape)}")
@@ -59,3 +68,11 @@ def grid_stride_blocks(total: int, threads: int = 256) -> int:
 
 def i32(v) -> np.int32:
     return np.int32(v)
+
+
+def check_same_dtype(op: str, **arrays) -> None:
+    """All given (non-None) arrays share one dtype."""
+    named = {k: v for k, v in arrays.items() if v is not None}
+    if len({v.dtype for v in named.values()}) > 1:
+        desc = ", ".join(f"{k} {v.dtype}" for k, v in named.items())
+        raise TypeError(f"{op}: inputs must share one dtype, got {desc}")

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..backend import get_backend
 from ..nvtx import ranged
-from ._common import check_array, conv_out_size, grid_stride_blocks, i32, pair
+from ._common import check_array, check_same_dtype, conv_out_size, grid_stride_blocks, i32, pair
 from .gemm import gemm
 
 ALGOS = ("im2col", "direct")
@@ -106,7 +106,7 @@ def im2col(x, kh: int, kw: int, stride=1, padding=0, dilation=1):
     g = geometry_for_x("im2col", x, kh, kw, stride, padding, dilation, be)
     if not be.runs_kernels:
         return im2col_numpy(x, g)
-    cols = be.empty((g.c * g.kh * g.kw, g.n * g.oh * g.ow))
+    cols = be.empty((g.c * g.kh * g.kw, g.n * g.oh * g.ow), x.dtype)
     be.launch("im2col.cu", "im2col", (grid_stride_blocks(cols.size),), (256,), (x, cols, *g.kernel_args()))
     return cols
 
@@ -124,7 +124,7 @@ def col2im(cols, x_shape, kh: int, kw: int, stride=1, padding=0, dilation=1):
         raise ValueError(f"col2im: cols must have shape {want} for x_shape {tuple(x_shape)}, got {tuple(cols.shape)}")
     if not be.runs_kernels:
         return col2im_numpy(cols, g)
-    x = be.empty(tuple(int(s) for s in x_shape))
+    x = be.empty(tuple(int(s) for s in x_shape), cols.dtype)
     be.launch("im2col.cu", "col2im", (grid_stride_blocks(x.size),), (256,), (cols, x, *g.kernel_args()))
     return x
 
@@ -154,9 +154,10 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, algo: str = "im2col
         raise ValueError(f"conv2d: x has {g.c} channels but w expects {w.shape[1]} (w shape {tuple(w.shape)})")
     o = w.shape[0]
     bias = check_bias("conv2d", bias, o, be)
+    check_same_dtype("conv2d", x=x, w=w, bias=bias)
     if algo == "direct":
         if not be.runs_kernels:
-            return conv2d_direct_numpy(x, w, bias, g).astype(np.float32, copy=False)
+            return conv2d_direct_numpy(x, w, bias, g)
         out = be.empty((g.n, o, g.oh, g.ow))
         b = bias if bias is not None else be.xp.zeros(1, np.float32)  # not read: has_bias = 0
         be.launch("conv_direct.cu", "conv2d_direct", (grid_stride_blocks(out.size),), (256,),
@@ -189,6 +190,7 @@ def conv2d_backward(x, w, dy, stride=1, padding=0, dilation=1, need_dx: bool = T
         raise ValueError(f"conv2d_backward: x has {g.c} channels but w expects {w.shape[1]}")
     o = w.shape[0]
     _check_dy("conv2d_backward", dy, (g.n, o, g.oh, g.ow), be)
+    check_same_dtype("conv2d_backward", x=x, w=w, dy=dy)
     xp = be.xp
     cols = im2col(x, g.kh, g.kw, g.stride, g.padding, g.dilation)
     dy2 = xp.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(o, -1)

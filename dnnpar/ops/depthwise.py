@@ -8,7 +8,7 @@ import numpy as np
 
 from ..backend import get_backend
 from ..nvtx import ranged
-from ._common import check_array, grid_stride_blocks, i32
+from ._common import check_array, check_same_dtype, grid_stride_blocks, i32
 from .conv import ConvGeometry, check_bias, geometry_for_x
 
 
@@ -55,8 +55,9 @@ def depthwise_conv2d(x, w, bias=None, stride=1, padding=0):
     be = get_backend()
     g = _geometry("depthwise_conv2d", x, w, stride, padding, be)
     bias = check_bias("depthwise_conv2d", bias, g.c, be)
+    check_same_dtype("depthwise_conv2d", x=x, w=w, bias=bias)
     if not be.runs_kernels:
-        return depthwise_conv2d_numpy(x, w, bias, g).astype(np.float32, copy=False)
+        return depthwise_conv2d_numpy(x, w, bias, g)
     out = be.empty((g.n, g.c, g.oh, g.ow))
     b = bias if bias is not None else be.xp.zeros(1, np.float32)  # not read: has_bias = 0
     be.launch("depthwise.cu", "depthwise_conv2d", (grid_stride_blocks(out.size),), (256,),
@@ -73,10 +74,11 @@ def depthwise_conv2d_backward(x, w, dy, stride=1, padding=0, need_dx: bool = Tru
     if tuple(dy.shape) != (g.n, g.c, g.oh, g.ow):
         raise ValueError(f"depthwise_conv2d_backward: dy must have the output's shape {(g.n, g.c, g.oh, g.ow)}, "
                          f"got {tuple(dy.shape)}")
+    check_same_dtype("depthwise_conv2d_backward", x=x, w=w, dy=dy)
     db = dy.sum(axis=(0, 2, 3))
     if not be.runs_kernels:
         dx, dw = depthwise_backward_numpy(x, w, dy, g)
-        return (dx.astype(np.float32, copy=False) if need_dx else None), dw.astype(np.float32, copy=False), db
+        return (dx if need_dx else None), dw, db
     dw = be.empty(w.shape)
     be.launch("depthwise.cu", "depthwise_backward_weight", (g.c * g.kh * g.kw,), (256,), (x, dy, dw, *_tail(g)))
     dx = None

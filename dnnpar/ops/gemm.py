@@ -5,7 +5,7 @@ import numpy as np
 
 from ..backend import get_backend
 from ..nvtx import ranged
-from ._common import check_array, i32
+from ._common import check_array, check_same_dtype, i32
 
 #: kernel variants, slowest first (see the ladder in cuda/gemm.cu); value: block tile (rows, cols)
 ALGOS = {"naive": (16, 16), "tiled": (32, 32), "regblock": (128, 128)}
@@ -58,8 +58,9 @@ def gemm(a, b, trans_a: bool = False, trans_b: bool = False, alpha: float = 1.0,
         check_array("gemm", "c", c, ndim=2, backend=be)
         if c.shape != (m, n):
             raise ValueError(f"gemm: c must have shape {(m, n)}, got {tuple(c.shape)}")
+    check_same_dtype("gemm", a=a, b=b, c=c if beta != 0.0 else None)
     if not be.runs_kernels:
-        r = gemm_numpy(a, b, trans_a, trans_b, alpha, beta, c).astype(np.float32, copy=False)
+        r = gemm_numpy(a, b, trans_a, trans_b, alpha, beta, c).astype(a.dtype, copy=False)
         if c is not None and beta != 0.0:
             c[...] = r
             return c
