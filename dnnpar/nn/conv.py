@@ -1,0 +1,163 @@
+"""Convolution layers: Conv2d (grouped too: AlexNet's two towers), DepthwiseConv2d, and the
+1x1 pointwise convolution as a GEMM."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import ops
+from ..backend import get_backend
+from ..ops._common import conv_out_size, pair
+from .base import Layer, he_normal
+
+
+class Conv2d(Layer):
+    """x (N, C, H, W) -> (N, O, OH, OW). ``groups`` splits channels into independent towers
+    (input and output channels must divide by it). ``algo``: "im2col" or "direct" (forward);
+    the backward pass is always GEMM + col2im."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, algo: str = "im2col", seed: int = 0):
+        super().__init__()
+        if groups < 1 or in_channels % groups or out_channels % groups:
+            raise ValueError(f"Conv2d: {in_channels} in / {out_channels} out channels do not split into {groups} groups")
+        if algo not in ops.conv.ALGOS:
+            raise ValueError(f"Conv2d: unknown algo {algo!r}: one of {', '.join(ops.conv.ALGOS)}")
+        self.in_channels, self.out_channels, self.groups, self.algo = in_channels, out_channels, groups, algo
+        self.kernel_size = pair(kernel_size, "kernel_size")
+        self.stride, self.padding, self.dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
+        kh, kw = self.kernel_size
+        fan_in = in_channels // groups * kh * kw
+        rng = np.random.default_rng(seed)
+        be = get_backend()
+        self.params["weight"] = be.asarray(he_normal(rng, (out_channels, in_channels // groups, kh, kw), fan_in))
+        if bias:
+            self.params["bias"] = be.xp.zeros(out_channels, dtype=np.float32)
+
+    def _group_slices(self):
+        ci, co = self.in_channels // self.groups, self.out_channels // self.groups
+        return [(slice(g * ci, (g + 1) * ci), slice(g * co, (g + 1) * co)) for g in range(self.groups)]
+
+    def forward(self, x):
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"Conv2d expects (N, {self.in_channels}, H, W) input, got {tuple(x.shape)}")
+        self.x = x
+        w, b = self.params["weight"], self.params.get("bias")
+        kw = dict(stride=self.stride, padding=self.padding, dilation=self.dilation, algo=self.algo)
+        if self.groups == 1:
+            return ops.conv2d(x, w, b, **kw)
+        xp = get_backend().xp
+        outs = [ops.conv2d(xp.ascontiguousarray(x[:, si]), w[so], None if b is None else b[so], **kw)
+                for si, so in self._group_slices()]
+        return xp.concatenate(outs, axis=1)
+
+    def backward(self, dy):
+        x, w = self.x, self.params["weight"]
+        kw = dict(stride=self.stride, padding=self.padding, dilation=self.dilation)
+        if self.groups == 1:
+            dx, dw, db = ops.conv2d_backward(x, w, dy, **kw)
+        else:
+            xp = get_backend().xp
+            parts = [ops.conv2d_backward(xp.ascontiguousarray(x[:, si]), w[so], xp.ascontiguousarray(dy[:, so]), **kw)
+                     for si, so in self._group_slices()]
+            dx = xp.concatenate([p[0] for p in parts], axis=1)
+            dw = xp.concatenate([p[1] for p in parts], axis=0)
+            db = xp.concatenate([p[2] for p in parts], axis=0)
+        self.grads["weight"] = dw
+        if "bias" in self.params:
+            self.grads["bias"] = db
+        self.x = None
+        return dx
+
+    def output_shape(self, in_shape):
+        c, h, w = in_shape
+        if c != self.in_channels:
+            raise ValueError(f"Conv2d expects {self.in_channels} input channels, the previous layer gives {c}")
+        kh, kw = self.kernel_size
+        oh = conv_out_size("Conv2d", h, kh, self.stride[0], self.padding[0], self.dilation[0], "height")
+        ow = conv_out_size("Conv2d", w, kw, self.stride[1], self.padding[1], self.dilation[1], "width")
+        return (self.out_channels, oh, ow)
+
+    def macs(self, in_shape):
+        _, oh, ow = self.output_shape(in_shape)
+        kh, kw = self.kernel_size
+        return self.out_channels * oh * ow * (self.in_channels // self.groups) * kh * kw
+
+    def extra_repr(self):
+        s = f"{self.in_channels}, {self.out_channels}, kernel={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+        return s + (f", groups={self.groups}" if self.groups > 1 else "") + ("" if "bias" in self.params else ", bias=False")
+
+
+class PointwiseConv2d(Conv2d):
+    """1x1 convolution: per image one GEMM W (O, C) @ x (C, H*W); no im2col copy is needed."""
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True, seed: int = 0):
+        super().__init__(in_channels, out_channels, 1, bias=bias, seed=seed)
+
+    def forward(self, x):
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"PointwiseConv2d expects (N, {self.in_channels}, H, W) input, got {tuple(x.shape)}")
+        xp = get_backend().xp
+        n, c, h, w = x.shape
+        self.x = x
+        xm = xp.ascontiguousarray(x.transpose(1, 0, 2, 3)).reshape(c, n * h * w)  # (C, N*H*W)
+        y = ops.gemm(self.params["weight"].reshape(self.out_channels, c), xm)
+        if "bias" in self.params:
+            y += self.params["bias"][:, None]
+        return xp.ascontiguousarray(y.reshape(self.out_channels, n, h, w).transpose(1, 0, 2, 3))
+
+    def backward(self, dy):
+        xp = get_backend().xp
+        x = self.x
+        n, c, h, w = x.shape
+        o = self.out_channels
+        xm = xp.ascontiguousarray(x.transpose(1, 0, 2, 3)).reshape(c, n * h * w)
+        dym = xp.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(o, n * h * w)
+        wm = self.params["weight"].reshape(o, c)
+        self.grads["weight"] = ops.gemm(dym, xm, trans_b=True).reshape(self.params["weight"].shape)
+        if "bias" in self.params:
+            self.grads["bias"] = dym.sum(axis=1)
+        dx = ops.gemm(wm, dym, trans_a=True)  # (C, N*H*W)
+        self.x = None
+        return xp.ascontiguousarray(dx.reshape(c, n, h, w).transpose(1, 0, 2, 3))
+
+
+class DepthwiseConv2d(Layer):
+    """Each channel convolved with its own KH x KW filter (MobileNet)."""
+
+    def __init__(self, channels: int, kernel_size, stride=1, padding=0, bias: bool = True, seed: int = 0):
+        super().__init__()
+        self.channels = channels
+        self.kernel_size = pair(kernel_size, "kernel_size")
+        self.stride, self.padding = pair(stride, "stride"), pair(padding, "padding")
+        kh, kw = self.kernel_size
+        be = get_backend()
+        self.params["weight"] = be.asarray(he_normal(np.random.default_rng(seed), (channels, 1, kh, kw), kh * kw))
+        if bias:
+            self.params["bias"] = be.xp.zeros(channels, dtype=np.float32)
+
+    def forward(self, x):
+        self.x = x
+        return ops.depthwise_conv2d(x, self.params["weight"], self.params.get("bias"), self.stride, self.padding)
+
+    def backward(self, dy):
+        dx, dw, db = ops.depthwise_conv2d_backward(self.x, self.params["weight"], dy, self.stride, self.padding)
+        self.grads["weight"] = dw
+        if "bias" in self.params:
+            self.grads["bias"] = db
+        self.x = None
+        return dx
+
+    def output_shape(self, in_shape):
+        c, h, w = in_shape
+        if c != self.channels:
+            raise ValueError(f"DepthwiseConv2d expects {self.channels} channels, the previous layer gives {c}")
+        kh, kw = self.kernel_size
+        return (c, conv_out_size("DepthwiseConv2d", h, kh, self.stride[0], self.padding[0], 1, "height"),
+                conv_out_size("DepthwiseConv2d", w, kw, self.stride[1], self.padding[1], 1, "width"))
+
+    def macs(self, in_shape):
+        c, oh, ow = self.output_shape(in_shape)
+        return c * oh * ow * self.kernel_size[0] * self.kernel_size[1]
+
+    def extra_repr(self):
+        return f"{self.channels}, kernel={self.kernel_size}, stride={self.stride}, padding={self.padding}"
