@@ -1,4 +1,4 @@
-"""The ``dnnpar`` command: ``dnnpar demo | kernels``."""
+"""The ``dnnpar`` command."""
 from __future__ import annotations
 
 import argparse
@@ -6,20 +6,89 @@ import sys
 
 
 def _demo(args) -> int:
+    from .demo import training_demo
+
+    return training_demo(backend=args.backend, epochs=args.epochs)
+
+
+def _tour(args) -> int:
     from .demo import convolution_tour
 
     return convolution_tour(backend=args.backend, batch=args.batch, repeat=args.repeat)
 
 
+def _summary(args) -> int:
+    from .nn.models import build
+    from .nn.summary import summary
+
+    kwargs = {}
+    if args.model == "mobilenet_v1":
+        kwargs = {"alpha": args.alpha, "resolution": args.resolution}
+    elif args.model == "alexnet":
+        kwargs = {"groups": args.groups}
+    print(summary(build(args.model, **kwargs), args.batch_size).table())
+    return 0
+
+
+def _train(args) -> int:
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                      momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay,
+                      schedule=args.schedule, seed=args.seed, subset=args.subset, data_dir=args.data_dir,
+                      backend=args.backend)
+    checkpoint = args.checkpoint or f"checkpoints/{args.model}.npz"
+    train(cfg, checkpoint=checkpoint, resume=args.resume, plot=args.plot, progress=not args.quiet)
+    print(f"checkpoint: {checkpoint}")
+    return 0
+
+
 def main(argv=None) -> int:
+    from .nn.models import MODELS
+
     ap = argparse.ArgumentParser(prog="dnnpar", description="fast and parallel DNNs from hand-written CUDA kernels")
     sub = ap.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="the convolution tour: direct loop vs im2col + GEMM on the active backend")
-    d.add_argument("--backend", choices=("numpy", "cuda", "emu"), default=None,
-                   help="default: cuda when a GPU is usable, else numpy")
-    d.add_argument("--batch", type=int, default=8)
-    d.add_argument("--repeat", type=int, default=5, help="timed runs per algorithm (median reported)")
+    backend = dict(choices=("numpy", "cuda", "emu"), default=None, help="default: cuda when a GPU is usable, else numpy")
+
+    d = sub.add_parser("demo", help="train LeNet-5 on the embedded Fashion-MNIST sample: summary and accuracy")
+    d.add_argument("--backend", **backend)
+    d.add_argument("--epochs", type=int, default=4)
     d.set_defaults(fn=_demo)
+
+    t = sub.add_parser("tour", help="the convolution tour: direct loop vs im2col + GEMM on the active backend")
+    t.add_argument("--backend", **backend)
+    t.add_argument("--batch", type=int, default=8)
+    t.add_argument("--repeat", type=int, default=5, help="timed runs per algorithm (median reported)")
+    t.set_defaults(fn=_tour)
+
+    s = sub.add_parser("summary", help="per-layer shapes, parameters, MACs and memory of a model")
+    s.add_argument("model", choices=sorted(MODELS))
+    s.add_argument("--batch-size", type=int, default=1)
+    s.add_argument("--alpha", type=float, default=1.0, help="mobilenet_v1 width multiplier")
+    s.add_argument("--resolution", type=int, default=224, help="mobilenet_v1 input resolution")
+    s.add_argument("--groups", type=int, default=1, help="alexnet: 2 for the original two-tower net")
+    s.set_defaults(fn=_summary)
+
+    tr = sub.add_parser("train", help="train a model on Fashion-MNIST")
+    tr.add_argument("--model", choices=sorted(MODELS), default="lenet5")
+    tr.add_argument("--epochs", type=int, default=10)
+    tr.add_argument("--batch-size", type=int, default=64)
+    tr.add_argument("--lr", type=float, default=0.01)
+    tr.add_argument("--momentum", type=float, default=0.9)
+    tr.add_argument("--nesterov", action="store_true")
+    tr.add_argument("--weight-decay", type=float, default=5e-4)
+    tr.add_argument("--schedule", choices=("cosine", "step", "constant"), default="cosine")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--subset", choices=("full", "embedded"), default="full",
+                    help="full: the 70,000 images (see --data-dir); embedded: the sample inside the package")
+    tr.add_argument("--data-dir", default=None, help="folder with the four Fashion-MNIST .gz files")
+    tr.add_argument("--backend", **backend)
+    tr.add_argument("--checkpoint", default=None, help="checkpoint file, written each epoch (default checkpoints/MODEL.npz)")
+    tr.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    tr.add_argument("--plot", default=None, help="write the loss/accuracy curves to this PNG")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.set_defaults(fn=_train)
+
     sub.add_parser("kernels", help="compile every kernel for sm_75/80/90 and print the ptxas report "
                    "(dnnpar kernels --help)")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -32,8 +101,8 @@ def main(argv=None) -> int:
 
     try:
         return args.fn(args)
-    except BackendUnavailable as e:
-        print(f"dnnpar: {e}", file=sys.stderr)
+    except (BackendUnavailable, FileNotFoundError, ValueError, FloatingPointError) as e:
+        print(f"dnnpar: error: {e}", file=sys.stderr)
         return 2
 
 

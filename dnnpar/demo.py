@@ -53,3 +53,22 @@ def convolution_tour(backend: str | None = None, batch: int = 8, repeat: int = 5
           f"{o} x {c * k * k} by {c * k * k} x {n * g.oh * g.ow}: the work runs in the tuned matrix multiply.")
     print("results agree with the float64 oracle" if ok else "MISMATCH against the float64 oracle")
     return 0 if ok else 1
+
+
+def training_demo(backend: str | None = None, epochs: int = 4, seed: int = 0) -> int:
+    """Train LeNet-5 on the Fashion-MNIST sample embedded in the package: the model summary,
+    the per-epoch table and the final accuracy."""
+    from .nn.models import lenet5
+    from .nn.summary import summary
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(model="lenet5", epochs=epochs, batch_size=64, lr=0.01, subset="embedded", seed=seed,
+                      backend=backend)
+    print(summary(lenet5(), cfg.batch_size).table())
+    print()
+    model, history = train(cfg)
+    last = history.records[-1]
+    print(f"\nLeNet-5 after {epochs} epochs on the embedded sample (6,000 training images): "
+          f"test accuracy {100 * last.test_acc:.2f}% on its 1,000 test images")
+    print("full data set: dnnpar train --model lenet5 --epochs 15 (see the README for the budgets and results)")
+    return 0 if last.test_acc > 0.5 else 1

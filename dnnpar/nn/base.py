@@ -25,6 +25,7 @@ class Layer:
         self.grads: dict[str, object] = {}
         self.buffers: dict[str, object] = {}  # state saved with the model but not trained (BN statistics)
         self.training = True
+        self.need_dx = True  # False: backward may skip the input gradient (and return None)
 
     def forward(self, x):
         raise NotImplementedError
@@ -72,6 +73,11 @@ class Sequential(Layer):
             self.layers.append((lname, layer))
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         self.name = name
+        # Nothing upstream of the first trainable layer needs a gradient: backward stops there
+        # and that layer skips its input gradient (for a first conv, a whole col2im).
+        self.first_trainable = next((i for i, (_, layer) in enumerate(self.layers) if layer.params), None)
+        if self.first_trainable is not None:
+            self.layers[self.first_trainable][1].need_dx = False
 
     def __getitem__(self, name: str) -> Layer:
         for n, layer in self.layers:
@@ -97,9 +103,12 @@ class Sequential(Layer):
         return x
 
     def backward(self, dy):
-        for _, layer in reversed(self.layers):
+        """Back-propagate dL/dy; fills every layer's grads. Returns None (no layer before the first
+        trainable one needs a gradient), so the model's input gets no gradient."""
+        stop = self.first_trainable or 0
+        for _, layer in reversed(self.layers[stop:]):
             dy = layer.backward(dy)
-        return dy
+        return None
 
     def train(self, mode: bool = True):
         for _, layer in self.layers:

@@ -54,12 +54,13 @@ class Conv2d(Layer):
         x, w = self.x, self.params["weight"]
         kw = dict(stride=self.stride, padding=self.padding, dilation=self.dilation)
         if self.groups == 1:
-            dx, dw, db = ops.conv2d_backward(x, w, dy, **kw)
+            dx, dw, db = ops.conv2d_backward(x, w, dy, need_dx=self.need_dx, **kw)
         else:
             xp = get_backend().xp
-            parts = [ops.conv2d_backward(xp.ascontiguousarray(x[:, si]), w[so], xp.ascontiguousarray(dy[:, so]), **kw)
+            parts = [ops.conv2d_backward(xp.ascontiguousarray(x[:, si]), w[so], xp.ascontiguousarray(dy[:, so]),
+                                         need_dx=self.need_dx, **kw)
                      for si, so in self._group_slices()]
-            dx = xp.concatenate([p[0] for p in parts], axis=1)
+            dx = xp.concatenate([p[0] for p in parts], axis=1) if self.need_dx else None
             dw = xp.concatenate([p[1] for p in parts], axis=0)
             db = xp.concatenate([p[2] for p in parts], axis=0)
         self.grads["weight"] = dw
@@ -116,8 +117,10 @@ class PointwiseConv2d(Conv2d):
         self.grads["weight"] = ops.gemm(dym, xm, trans_b=True).reshape(self.params["weight"].shape)
         if "bias" in self.params:
             self.grads["bias"] = dym.sum(axis=1)
-        dx = ops.gemm(wm, dym, trans_a=True)  # (C, N*H*W)
         self.x = None
+        if not self.need_dx:
+            return None
+        dx = ops.gemm(wm, dym, trans_a=True)  # (C, N*H*W)
         return xp.ascontiguousarray(dx.reshape(c, n, h, w).transpose(1, 0, 2, 3))
 
 
@@ -140,7 +143,8 @@ class DepthwiseConv2d(Layer):
         return ops.depthwise_conv2d(x, self.params["weight"], self.params.get("bias"), self.stride, self.padding)
 
     def backward(self, dy):
-        dx, dw, db = ops.depthwise_conv2d_backward(self.x, self.params["weight"], dy, self.stride, self.padding)
+        dx, dw, db = ops.depthwise_conv2d_backward(self.x, self.params["weight"], dy, self.stride, self.padding,
+                                                   need_dx=self.need_dx)
         self.grads["weight"] = dw
         if "bias" in self.params:
             self.grads["bias"] = db

@@ -34,9 +34,8 @@ class Linear(Layer):
         self.grads["weight"] = ops.gemm(dy, self.x, trans_a=True)
         if "bias" in self.params:
             self.grads["bias"] = dy.sum(axis=0)
-        dx = ops.gemm(dy, self.params["weight"])
         self.x = None
-        return dx
+        return ops.gemm(dy, self.params["weight"]) if self.need_dx else None
 
     def output_shape(self, in_shape):
         if tuple(in_shape) != (self.in_features,):

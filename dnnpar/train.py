@@ -1,0 +1,211 @@
+"""Training: mini-batch SGD with a progress bar, a per-epoch table, atomic checkpoints and resume.
+
+    dnnpar train --model lenet5 --epochs 10 --batch-size 64 --lr 0.05 --backend numpy
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import backend as _backend
+from .data import fashion_mnist
+from .nn import SoftmaxCrossEntropy, load_npz, save_npz_atomic
+from .nn.models import build
+from .nn.optim import SGD, make_schedule
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class TrainConfig:
+    model: str = "lenet5"
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    seed: int = 0
+    subset: str = "full"
+    data_dir: str | None = None
+    backend: str | None = None
+
+    def validate(self):
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch size must be >= 1, got {self.epochs}, {self.batch_size}")
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    lr: float
+    loss: float
+    train_acc: float
+    test_acc: float
+    images_per_s: float
+    seconds: float
+
+
+@dataclass
+class History:
+    records: list = field(default_factory=list)
+
+    def table_header(self) -> str:
+        return f"{'epoch':>5} {'lr':>9} {'loss':>8} {'train acc':>10} {'test acc':>9} {'images/s':>9} {'time s':>7}"
+
+    @staticmethod
+    def row(r: EpochRecord) -> str:
+        return (f"{r.epoch:>5} {r.lr:>9.5f} {r.loss:>8.4f} {100 * r.train_acc:>9.2f}% {100 * r.test_acc:>8.2f}% "
+                f"{r.images_per_s:>9.0f} {r.seconds:>7.1f}")
+
+
+class ProgressBar:
+    """A bar over the batches of an epoch on stderr: redrawn in place on a terminal, a few
+    milestone lines otherwise (CI logs)."""
+
+    def __init__(self, total: int, label: str, stream=None, enabled: bool = True):
+        self.total, self.label, self.stream, self.enabled = total, label, stream or sys.stderr, enabled
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.start, self.next_mark = time.perf_counter(), 0.25
+
+    def update(self, done: int, loss: float) -> None:
+        if not self.enabled:
+            return
+        frac = done / max(self.total, 1)
+        if self.tty:
+            bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
+            rate = done / max(time.perf_counter() - self.start, 1e-9)
+            self.stream.write(f"\r{self.label} [{bar}] {done}/{self.total} loss {loss:.4f} {rate:.1f} batch/s")
+            if done == self.total:
+                self.stream.write("\n")
+            self.stream.flush()
+        elif frac >= self.next_mark or done == self.total:
+            self.stream.write(f"{self.label} {100 * frac:3.0f}% ({done}/{self.total} batches) loss {loss:.4f}\n")
+            self.stream.flush()
+            while self.next_mark <= frac:
+                self.next_mark += 0.25
+
+
+def evaluate(model, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> float:
+    """Top-1 accuracy in eval mode."""
+    be = _backend.get_backend()
+    model.eval()
+    correct = 0
+    for start in range(0, len(y), batch_size):
+        logits = model.forward(be.asarray(x[start:start + batch_size]))
+        correct += int((be.to_numpy(logits).argmax(axis=1) == y[start:start + batch_size]).sum())
+    model.train()
+    return correct / max(len(y), 1)
+
+
+def save_checkpoint(path, model, opt, cfg: TrainConfig, epoch: int, history: History) -> None:
+    meta = json.dumps({"version": CHECKPOINT_VERSION, "config": asdict(cfg), "epoch": epoch,
+                       "history": [asdict(r) for r in history.records]})
+    be = _backend.get_backend()
+    arrays = {f"opt/{k}": be.to_numpy(v) for k, v in opt.state().items()}
+    arrays["meta"] = np.array(meta)
+    model.save(path, **arrays)
+
+
+def load_checkpoint(path, model, opt, cfg: TrainConfig):
+    """Restore model and optimizer; returns (next epoch, history). Refuses a checkpoint of another
+    model or a corrupt file with a ValueError naming it."""
+    arrays = load_npz(path)
+    if "meta" not in arrays:
+        raise ValueError(f"{path} is not a dnnpar training checkpoint (no metadata)")
+    try:
+        meta = json.loads(str(arrays["meta"]))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: corrupt checkpoint metadata ({e})") from e
+    if meta.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint version {meta.get('version')} is not {CHECKPOINT_VERSION}")
+    if meta["config"]["model"] != cfg.model:
+        raise ValueError(f"{path} holds a {meta['config']['model']} checkpoint, not {cfg.model}")
+    model.load_state_dict({k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")})
+    be = _backend.get_backend()
+    opt.velocity = {k[len("opt/velocity/"):]: be.asarray(v) for k, v in arrays.items() if k.startswith("opt/velocity/")}
+    history = History([EpochRecord(**r) for r in meta["history"]])
+    return meta["epoch"] + 1, history
+
+
+def plot_history(history: History, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    e = [r.epoch for r in history.records]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a1.plot(e, [r.loss for r in history.records], marker="o")
+    a1.set(xlabel="epoch", ylabel="training loss", title="loss")
+    a2.plot(e, [100 * r.train_acc for r in history.records], marker="o", label="train")
+    a2.plot(e, [100 * r.test_acc for r in history.records], marker="s", label="test")
+    a2.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    a2.legend()
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def train(cfg: TrainConfig, checkpoint=None, resume: bool = False, plot=None, progress: bool = True,
+          out=print, data: fashion_mnist.Dataset | None = None):
+    """Train ``cfg.model`` on Fashion-MNIST; returns (model, history)."""
+    cfg.validate()
+    be = _backend.set_backend(cfg.backend) if cfg.backend else _backend.get_backend()
+    data = data or fashion_mnist.load(cfg.data_dir, cfg.subset)
+    model = build(cfg.model, seed=cfg.seed) if cfg.model in ("lenet300", "lenet5") else \
+        build(cfg.model, seed=cfg.seed, num_classes=10)
+    model.check_input(be.asarray(data.x_train[:1]))
+    opt = SGD(model, cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay)
+    schedule = make_schedule(cfg.schedule, cfg.lr, cfg.epochs)
+    loss_fn = SoftmaxCrossEntropy()
+    start_epoch, history = 1, History()
+    if resume:
+        if checkpoint is None or not Path(checkpoint).exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}")
+        start_epoch, history = load_checkpoint(checkpoint, model, opt, cfg)
+        out(f"resumed from {checkpoint} after epoch {start_epoch - 1}")
+    out(f"training {model.name} ({model.num_parameters():,} parameters) on {data!r}, backend '{be.name}'")
+    out(history.table_header())
+    for r in history.records:
+        out(history.row(r))
+    n_batches = -(-len(data.y_train) // cfg.batch_size)
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        opt.lr = schedule(epoch - 1)
+        model.train()
+        bar = ProgressBar(n_batches, f"epoch {epoch}/{cfg.epochs}", enabled=progress)
+        t0, seen, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
+        for i, (xb, yb) in enumerate(fashion_mnist.batches(data.x_train, data.y_train, cfg.batch_size,
+                                                            seed=cfg.seed, epoch=epoch), 1):
+            logits = model.forward(be.asarray(xb))
+            labels = be.asarray(yb)
+            loss = float(loss_fn(logits, labels))
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"the loss became {loss} at epoch {epoch}, batch {i}: training diverged; "
+                                         f"lower the learning rate (now {opt.lr:g})")
+            model.backward(loss_fn.backward())
+            opt.step()
+            seen += len(yb)
+            loss_sum += loss * len(yb)
+            correct += int((be.to_numpy(logits).argmax(axis=1) == yb).sum())
+            bar.update(i, loss_sum / seen)
+        be.synchronize()
+        seconds = time.perf_counter() - t0
+        test_acc = evaluate(model, data.x_test, data.y_test)
+        rec = EpochRecord(epoch, opt.lr, loss_sum / seen, correct / seen, test_acc, seen / seconds, seconds)
+        history.records.append(rec)
+        out(history.row(rec))
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, model, opt, cfg, epoch, history)
+    if plot:
+        plot_history(history, plot)
+        out(f"curves written to {plot}")
+    return model, history
