@@ -65,7 +65,8 @@ class CSR:
         self.data = be.asarray(np.ascontiguousarray(h_data))
         self.indices = be.asarray(np.ascontiguousarray(h_ind, dtype=np.int32))
         self.indptr = be.asarray(np.ascontiguousarray(h_ptr, dtype=np.int32))
-        self._row_ids = None
+        self._values = None
+        self._scipy = None
 
     @classmethod
     def from_dense(cls, a, codebook=None):
@@ -79,18 +80,28 @@ class CSR:
         return cls(h[rows, cols], cols.astype(np.int32), indptr, h.shape, codebook=codebook)
 
     def values(self):
-        """The float32 values (codebook entries looked up), on the matrix's backend."""
-        return self.codebook[self.data] if self.codebook is not None else self.data
+        """The float32 values (codebook entries looked up once and cached), on the matrix's backend."""
+        if self.codebook is None:
+            return self.data
+        if self._values is None:
+            self._values = self.codebook[self.data]
+        return self._values
 
-    def row_ids(self):
-        """Row of every nonzero, cached (used by the NumPy reference)."""
-        if self._row_ids is None:
-            ptr = np.asarray(self.indptr)
-            self._row_ids = np.repeat(np.arange(self.shape[0], dtype=np.int64), np.diff(ptr))
-        return self._row_ids
+    def scipy(self):
+        """The matrix as a ``scipy.sparse.csr_array`` sharing this CSR's arrays (numpy backend only)."""
+        if self.backend == "cuda":
+            raise TypeError("CSR.scipy(): this matrix lives on the GPU; use cupyx.scipy.sparse")
+        if self._scipy is None:
+            import scipy.sparse
+
+            self._scipy = scipy.sparse.csr_array((self.values(), self.indices, self.indptr), shape=self.shape)
+        return self._scipy
 
     def to_dense(self):
-        be = get_backend()
+        """The dense matrix, on the backend the CSR lives on."""
+        from .backend import _make
+
+        be = _make(self.backend)
         out = np.zeros(self.shape, dtype=np.float32)
         vals = be.to_numpy(self.values())
         ptr = be.to_numpy(self.indptr)

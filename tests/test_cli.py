@@ -10,9 +10,17 @@ def run(*args):
     return subprocess.run([sys.executable, "-m", "dnnpar.cli", *args], capture_output=True, text=True)
 
 
+def test_demo_trains_lenet5_on_the_embedded_sample():
+    p = run("demo", "--epochs", "1")
+    assert p.returncode == 0, p.stderr
+    assert "431,080" in p.stdout and "conv1" in p.stdout  # the summary table
+    acc = float(p.stdout.split("test accuracy ")[1].split("%")[0])
+    assert 50 < acc <= 100
+
+
 @pytest.mark.parametrize("backend", ["numpy", "emu"])
-def test_demo_checks_and_times_both_algorithms(backend):
-    p = run("demo", "--backend", backend, "--repeat", "2", "--batch", "2")
+def test_tour_checks_and_times_both_algorithms(backend):
+    p = run("tour", "--backend", backend, "--repeat", "2", "--batch", "2")
     assert p.returncode == 0, p.stderr
     assert f"on the '{backend}' backend" in p.stdout
     rows = [ln.split() for ln in p.stdout.splitlines() if ln.split()[:1] in (["direct"], ["im2col"]) and len(ln.split()) == 4]
@@ -34,6 +42,6 @@ def test_cuda_without_gpu_is_a_clean_error():
 
     if cuda_unavailable_reason() is None:
         pytest.skip("a GPU is usable here")
-    p = run("demo", "--backend", "cuda")
+    p = run("tour", "--backend", "cuda")
     assert p.returncode == 2
     assert "needs a usable NVIDIA GPU" in p.stderr and "Traceback" not in p.stderr

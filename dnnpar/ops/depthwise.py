@@ -80,7 +80,9 @@ def depthwise_conv2d_backward(x, w, dy, stride=1, padding=0, need_dx: bool = Tru
         dx, dw = depthwise_backward_numpy(x, w, dy, g)
         return (dx if need_dx else None), dw, db
     dw = be.empty(w.shape)
-    be.launch("depthwise.cu", "depthwise_backward_weight", (g.c * g.kh * g.kw,), (256,), (x, dy, dw, *_tail(g)))
+    # one block per weight reduces N*OH*OW products: no more warps than there are products
+    threads = min(256, max(32, -(-(g.n * g.oh * g.ow) // 32) * 32))
+    be.launch("depthwise.cu", "depthwise_backward_weight", (g.c * g.kh * g.kw,), (threads,), (x, dy, dw, *_tail(g)))
     dx = None
     if need_dx:
         dx = be.empty(x.shape)
