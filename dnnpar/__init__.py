@@ -5,7 +5,7 @@
     with dp.use_backend("emu"): ...
     dp.ops.conv2d(x, w, stride=1, padding=1)
 """
-from . import ops, sparse  # noqa: F401
+from . import data, nn, ops, sparse  # noqa: F401
 from .backend import BackendUnavailable, get_backend, set_backend, use_backend  # noqa: F401
 
 __version__ = "0.1.0"
@@ -21,5 +21,5 @@ def to_numpy(a):
     return get_backend().to_numpy(a)
 
 
-__all__ = ["ops", "sparse", "set_backend", "use_backend", "get_backend", "asarray", "to_numpy",
+__all__ = ["data", "nn", "ops", "sparse", "set_backend", "use_backend", "get_backend", "asarray", "to_numpy",
            "BackendUnavailable"]

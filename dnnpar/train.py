@@ -1,13 +1,13 @@
 """Training: mini-batch SGD with a progress bar, a per-epoch table, atomic checkpoints and resume.
 
-    dnnpar train --model lenet5 --epochs 10 --batch-size 64 --lr 0.05 --backend numpy
+    dnnpar train --model lenet5 --epochs 15 --batch-size 64 --lr 0.01 --backend numpy
 """
 from __future__ import annotations
 
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -92,16 +92,21 @@ class ProgressBar:
                 self.next_mark += 0.25
 
 
+def predict(model, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    """Class predictions (NumPy int64) in eval mode; the model's mode is restored afterwards."""
+    be = _backend.get_backend()
+    was_training = model.training
+    model.eval()
+    try:
+        return np.concatenate([be.to_numpy(model.forward(be.asarray(x[s:s + batch_size]))).argmax(axis=1)
+                               for s in range(0, len(x), batch_size)]) if len(x) else np.zeros(0, np.int64)
+    finally:
+        model.train(was_training)
+
+
 def evaluate(model, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> float:
     """Top-1 accuracy in eval mode."""
-    be = _backend.get_backend()
-    model.eval()
-    correct = 0
-    for start in range(0, len(y), batch_size):
-        logits = model.forward(be.asarray(x[start:start + batch_size]))
-        correct += int((be.to_numpy(logits).argmax(axis=1) == y[start:start + batch_size]).sum())
-    model.train()
-    return correct / max(len(y), 1)
+    return float((predict(model, x, batch_size) == y).mean()) if len(y) else 0.0
 
 
 def save_checkpoint(path, model, opt, cfg: TrainConfig, epoch: int, history: History) -> None:
@@ -134,14 +139,14 @@ def load_checkpoint(path, model, opt, cfg: TrainConfig):
     return meta["epoch"] + 1, history
 
 
-def plot_history(history: History, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_history(history: History, path=None):
+    """Loss and accuracy curves; written to ``path`` as PNG when given. Returns the figure
+    (matplotlib's object API: no global backend is switched, so notebooks keep inline plots)."""
+    from matplotlib.figure import Figure
 
     e = [r.epoch for r in history.records]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.6))
+    a1, a2 = fig.subplots(1, 2)
     a1.plot(e, [r.loss for r in history.records], marker="o")
     a1.set(xlabel="epoch", ylabel="training loss", title="loss")
     a2.plot(e, [100 * r.train_acc for r in history.records], marker="o", label="train")
@@ -151,18 +156,27 @@ def plot_history(history: History, path) -> None:
     for a in (a1, a2):
         a.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
 
 
 def train(cfg: TrainConfig, checkpoint=None, resume: bool = False, plot=None, progress: bool = True,
-          out=print, data: fashion_mnist.Dataset | None = None):
-    """Train ``cfg.model`` on Fashion-MNIST; returns (model, history)."""
+          out=print, data: fashion_mnist.Dataset | None = None, model=None):
+    """Train on Fashion-MNIST; returns (model, history).
+
+    ``data``: a loaded :class:`Dataset` (default: ``cfg.subset`` found through ``cfg.data_dir``).
+    ``model``: a prebuilt model (default: ``cfg.model`` built with ``cfg.seed``).
+    ``cfg.backend`` is active for the run and the previous backend is restored afterwards."""
     cfg.validate()
-    be = _backend.set_backend(cfg.backend) if cfg.backend else _backend.get_backend()
+    if cfg.backend:
+        with _backend.use_backend(cfg.backend):
+            return train(replace(cfg, backend=None), checkpoint, resume, plot, progress, out, data, model)
+    be = _backend.get_backend()
     data = data or fashion_mnist.load(cfg.data_dir, cfg.subset)
-    model = build(cfg.model, seed=cfg.seed) if cfg.model in ("lenet300", "lenet5") else \
-        build(cfg.model, seed=cfg.seed, num_classes=10)
+    if model is None:
+        model = build(cfg.model, seed=cfg.seed) if cfg.model in ("lenet300", "lenet5") else \
+            build(cfg.model, seed=cfg.seed, num_classes=10)
     model.check_input(be.asarray(data.x_train[:1]))
     opt = SGD(model, cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay)
     schedule = make_schedule(cfg.schedule, cfg.lr, cfg.epochs)
