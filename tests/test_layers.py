@@ -4,6 +4,7 @@ import pytest
 
 import dnnpar as dp
 from dnnpar import nn
+from conftest import KERNEL_BACKENDS
 
 
 def make_layers():
@@ -80,19 +81,22 @@ def test_gradients_match_central_differences_float64(name, factory, shape, rng):
             check(layer.params[k], layer.grads[k], k)
 
 
+@pytest.mark.parametrize("other", KERNEL_BACKENDS)
 @pytest.mark.parametrize("name,factory,shape", LAYERS, ids=[n for n, _, _ in LAYERS])
-def test_emu_equals_numpy(name, factory, shape, rng):
+def test_kernel_backends_equal_numpy(other, name, factory, shape, rng):
+    """emu (and cuda, on a GPU) give the numpy backend's forward, input gradient, parameter
+    gradients and running statistics for every layer."""
     x = rng.standard_normal(shape).astype(np.float32)
     results = {}
-    for backend in ("numpy", "emu"):
-        with dp.use_backend(backend):
+    for backend in ("numpy", other):
+        with dp.use_backend(backend) as be:
             layer = factory()
-            y = layer.forward(x.copy())
-            g = np.linspace(-1, 1, y.size, dtype=np.float32).reshape(y.shape)
+            y = layer.forward(be.asarray(x))
+            g = be.asarray(np.linspace(-1, 1, y.size, dtype=np.float32).reshape(y.shape))
             dx = layer.backward(g)
-            results[backend] = (np.array(y), np.array(dx), {k: np.array(v) for k, v in layer.grads.items()},
-                                {k: np.array(v) for k, v in layer.buffers.items()})
-    (y0, dx0, g0, b0), (y1, dx1, g1, b1) = results["numpy"], results["emu"]
+            results[backend] = (be.to_numpy(y), be.to_numpy(dx), {k: be.to_numpy(v) for k, v in layer.grads.items()},
+                                {k: be.to_numpy(v) for k, v in layer.buffers.items()})
+    (y0, dx0, g0, b0), (y1, dx1, g1, b1) = results["numpy"], results[other]
     np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dx1, dx0, rtol=1e-5, atol=1e-5)
     assert g0.keys() == g1.keys()
