@@ -36,6 +36,12 @@ class Layer:
     def __call__(self, x):
         return self.forward(x)
 
+    def _set_grads(self, weight, bias=None):
+        """Store dL/dweight and, if the layer has a bias, dL/dbias."""
+        self.grads["weight"] = weight
+        if "bias" in self.params:
+            self.grads["bias"] = bias
+
     def output_shape(self, in_shape: tuple) -> tuple:
         """Shape of one sample's output for one sample's input shape (no batch axis)."""
         return in_shape

@@ -10,6 +10,17 @@ from ..ops._common import conv_out_size, pair
 from .base import Layer, he_normal
 
 
+def _conv_shape(layer, in_shape, in_channels: int, out_channels: int, dilation) -> tuple:
+    """(C, H, W) -> (O, OH, OW) for a convolution layer with kernel_size / stride / padding."""
+    name = type(layer).__name__
+    c, h, w = in_shape
+    if c != in_channels:
+        raise ValueError(f"{name} expects {in_channels} input channels, the previous layer gives {c}")
+    (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+    return (out_channels, conv_out_size(name, h, kh, sh, ph, dilation[0], "height"),
+            conv_out_size(name, w, kw, sw, pw, dilation[1], "width"))
+
+
 class Conv2d(Layer):
     """x (N, C, H, W) -> (N, O, OH, OW). ``groups`` splits channels into independent towers
     (input and output channels must divide by it). ``algo``: "im2col" or "direct" (forward);
@@ -63,20 +74,12 @@ class Conv2d(Layer):
             dx = xp.concatenate([p[0] for p in parts], axis=1) if self.need_dx else None
             dw = xp.concatenate([p[1] for p in parts], axis=0)
             db = xp.concatenate([p[2] for p in parts], axis=0)
-        self.grads["weight"] = dw
-        if "bias" in self.params:
-            self.grads["bias"] = db
+        self._set_grads(dw, db)
         self.x = None
         return dx
 
     def output_shape(self, in_shape):
-        c, h, w = in_shape
-        if c != self.in_channels:
-            raise ValueError(f"Conv2d expects {self.in_channels} input channels, the previous layer gives {c}")
-        kh, kw = self.kernel_size
-        oh = conv_out_size("Conv2d", h, kh, self.stride[0], self.padding[0], self.dilation[0], "height")
-        ow = conv_out_size("Conv2d", w, kw, self.stride[1], self.padding[1], self.dilation[1], "width")
-        return (self.out_channels, oh, ow)
+        return _conv_shape(self, in_shape, self.in_channels, self.out_channels, self.dilation)
 
     def macs(self, in_shape):
         _, oh, ow = self.output_shape(in_shape)
@@ -114,9 +117,7 @@ class PointwiseConv2d(Conv2d):
         xm = xp.ascontiguousarray(x.transpose(1, 0, 2, 3)).reshape(c, n * h * w)
         dym = xp.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(o, n * h * w)
         wm = self.params["weight"].reshape(o, c)
-        self.grads["weight"] = ops.gemm(dym, xm, trans_b=True).reshape(self.params["weight"].shape)
-        if "bias" in self.params:
-            self.grads["bias"] = dym.sum(axis=1)
+        self._set_grads(ops.gemm(dym, xm, trans_b=True).reshape(self.params["weight"].shape), dym.sum(axis=1))
         self.x = None
         if not self.need_dx:
             return None
@@ -145,19 +146,12 @@ class DepthwiseConv2d(Layer):
     def backward(self, dy):
         dx, dw, db = ops.depthwise_conv2d_backward(self.x, self.params["weight"], dy, self.stride, self.padding,
                                                    need_dx=self.need_dx)
-        self.grads["weight"] = dw
-        if "bias" in self.params:
-            self.grads["bias"] = db
+        self._set_grads(dw, db)
         self.x = None
         return dx
 
     def output_shape(self, in_shape):
-        c, h, w = in_shape
-        if c != self.channels:
-            raise ValueError(f"DepthwiseConv2d expects {self.channels} channels, the previous layer gives {c}")
-        kh, kw = self.kernel_size
-        return (c, conv_out_size("DepthwiseConv2d", h, kh, self.stride[0], self.padding[0], 1, "height"),
-                conv_out_size("DepthwiseConv2d", w, kw, self.stride[1], self.padding[1], 1, "width"))
+        return _conv_shape(self, in_shape, self.channels, self.channels, (1, 1))
 
     def macs(self, in_shape):
         c, oh, ow = self.output_shape(in_shape)

@@ -31,9 +31,7 @@ class Linear(Layer):
         return y
 
     def backward(self, dy):
-        self.grads["weight"] = ops.gemm(dy, self.x, trans_a=True)
-        if "bias" in self.params:
-            self.grads["bias"] = dy.sum(axis=0)
+        self._set_grads(ops.gemm(dy, self.x, trans_a=True), dy.sum(axis=0))
         self.x = None
         return ops.gemm(dy, self.params["weight"]) if self.need_dx else None
 
