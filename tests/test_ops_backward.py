@@ -55,3 +55,30 @@ def test_backward_rejects_a_dy_of_the_wrong_shape(backend):
     wd = backend.asarray(np.ones((3, 1, 3, 3), np.float32))
     with pytest.raises(ValueError, match=r"dy must have the output's shape \(2, 3, 8, 8\)"):
         dp.ops.depthwise_conv2d_backward(x, wd, backend.asarray(np.ones((2, 3, 6, 6), np.float32)), padding=1)
+
+
+@pytest.mark.parametrize("geo", GEOMETRIES, ids=GEO_IDS)
+@pytest.mark.parametrize("block_rows", [7, 4096])
+def test_numpy_blocked_conv_path(monkeypatch, geo, block_rows, rng):
+    """The numpy backend's blocked NHWC path (used for large stride-1 layers) forced on small
+    shapes, with a prime block size so that blocks end mid-row and mid-image."""
+    from dnnpar.ops import conv as C
+
+    monkeypatch.setattr(C, "FAST_FORWARD_BYTES", 0)
+    monkeypatch.setattr(C, "FAST_BACKWARD_BYTES", 0)
+    monkeypatch.setattr(C, "FAST_DX_MIN_CHANNELS", 1)
+    monkeypatch.setattr(C, "FAST_ROWS", block_rows)
+    n, c, h, w, kh, kw, s, p, d = geo
+    o = 3
+    x, wt, b = randn(rng, (n, c, h, w)), randn(rng, (o, c, kh, kw)), randn(rng, o)
+    oh, ow = oracles.out_size(h, kh, s[0], p[0], d[0]), oracles.out_size(w, kw, s[1], p[1], d[1])
+    dy = randn(rng, (n, o, oh, ow))
+    with dp.use_backend("numpy"):
+        y = dp.ops.conv2d(x, wt, b, stride=s, padding=p, dilation=d)
+        dx, dw, db = dp.ops.conv2d_backward(x, wt, dy, stride=s, padding=p, dilation=d)
+    assert_close(y, oracles.conv2d(x, wt, b, s, p, d), 1e-5, "y")
+    cols = oracles.im2col(x, kh, kw, s, p, d)
+    dy2 = dy.astype(np.float64).transpose(1, 0, 2, 3).reshape(o, -1)
+    assert_close(dw, (dy2 @ cols.T).reshape(wt.shape), 1e-5, "dw")
+    assert_close(dx, oracles.col2im(wt.astype(np.float64).reshape(o, -1).T @ dy2, x.shape, kh, kw, s, p, d), 1e-5, "dx")
+    assert C._fast_path_ok(C.ConvGeometry.make("t", x.shape, kh, kw, s, p, d)) == (s == (1, 1))
