@@ -20,11 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -34,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `python benchmarks/kernels.py` from a checkout, without PYTHONPATH
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also under `python -m benchmarks.kernels`
+from _common import (blas_name, check_text, common_meta, median, optional_torch, rand,  # noqa: E402
+                     rel_err, render_markdown, render_text, time_runs, write_report)
 
-import dnnpar as dp  # noqa: E402
+import dnnpar as dp  # noqa: E402  (_common put the checkout on sys.path)
 from dnnpar.backend import poison_outputs  # noqa: E402
 from dnnpar.backend.cuda import cuda_unavailable_reason  # noqa: E402
 
@@ -84,31 +80,7 @@ class Row:
     target_met: bool | None = None
 
 
-def median(xs):
-    return statistics.median(xs) if xs else None
-
-
-def rel_err(got, want) -> float:
-    """max |got - want| / max |want| (host NumPy or device CuPy arrays)."""
-    on_device = any(type(a).__module__.startswith("cupy") for a in (got, want))
-    xp = sys.modules["cupy"] if on_device else np
-    got = xp.asarray(got, dtype=xp.float64)
-    want = xp.asarray(want, dtype=xp.float64)
-    if got.shape != want.shape:
-        want = want.reshape(got.shape)
-    scale = float(xp.abs(want).max()) or 1.0
-    return float(xp.abs(got - want).max()) / scale
-
-
-def check_text(err: float, tol: float = 1e-3) -> str:
-    return f"{err:.0e}" if err <= tol else f"MISMATCH {err:.1e}"
-
-
 # ---------------------------------------------------------------------------- random inputs
-def rand(rng, shape):
-    return rng.standard_normal(shape, dtype=np.float32)
-
-
 def random_csr_host(rng, m: int, k: int, density: float):
     """Sorted, duplicate-free CSR arrays (indptr int32, indices int32, values float32).
 
@@ -142,61 +114,6 @@ def csr_size(m, k, nnz):
     per_row = nnz / m
     return f"{m}x{k} {100.0 * nnz / (m * k):.3g}% ({per_row:.0f}/row)" if per_row >= 100 else \
         f"{m}x{k} {100.0 * nnz / (m * k):.2g}% ({per_row:.3g}/row)"
-
-
-# ---------------------------------------------------------------------------- environment
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def blas_name() -> str:
-    try:
-        cfg = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
-        return f"{cfg.get('name', '?')} {cfg.get('version', '')}".strip()
-    except Exception:
-        return "?"
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip() or "?"
-    except Exception:
-        return "?"
-
-
-def optional_torch():
-    try:
-        import torch
-        return torch
-    except Exception:
-        return None
-
-
-def common_meta(backend: str, args) -> dict:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    meta = {
-        "backend": backend,
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "dnnpar": f"{dp.__version__} ({git_commit()})",
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "cpu": f"{cpu_name()}, {cores} cores",
-        "quick": bool(args.quick),
-    }
-    env = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS",
-                                      "OMP_NUM_THREADS", "CUPY_TF32", "CUPY_ACCELERATORS",
-                                      "NVIDIA_TF32_OVERRIDE") if k in os.environ}
-    if env:
-        meta["env"] = " ".join(f"{k}={v}" for k, v in env.items())
-    return meta
 
 
 # ---------------------------------------------------------------------------- the harness
@@ -290,27 +207,13 @@ class Bench:
         lines.append(f"roofline: FP32 peak {peak}; memory bandwidth {bw}")
         return lines
 
+    RIGHT = {2, 3, 5, 6, 7}  # numeric columns, right-aligned
+
     def text(self) -> str:
-        cells = [list(self.COLUMNS)] + self.table_cells()
-        width = [max(len(row[i]) for row in cells) for i in range(len(self.COLUMNS))]
-        right = {2, 3, 5, 6, 7}
-        lines = self.header_lines() + [""]
-        for n, row in enumerate(cells):
-            cells_ = (c.rjust(width[i]) if i in right else c.ljust(width[i]) for i, c in enumerate(row))
-            lines.append("  ".join(cells_).rstrip())
-            if n == 0:
-                lines.append("  ".join("-" * w for w in width))
-        lines += ["", *self.footnotes()]
-        return "\n".join(lines)
+        return render_text(self.header_lines(), self.COLUMNS, self.table_cells(), self.RIGHT, self.footnotes())
 
     def markdown(self) -> str:
-        lines = [f"# {self.header_lines()[0]}", ""] + [f"- {ln}" for ln in self.header_lines()[1:]] + [""]
-        lines.append("| " + " | ".join(self.COLUMNS) + " |")
-        lines.append("|" + "|".join("---:" if i in (2, 3, 5, 6, 7) else "---" for i in range(len(self.COLUMNS))) + "|")
-        for row in self.table_cells():
-            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
-        lines += [""] + [f"{ln}  " for ln in self.footnotes()]
-        return "\n".join(lines) + "\n"
+        return render_markdown(self.header_lines(), self.COLUMNS, self.table_cells(), self.RIGHT, self.footnotes())
 
     def footnotes(self) -> list[str]:
         return ["% of peer = peer ms / ms (above 100: faster than the peer). % of roofline = the time the "
@@ -321,15 +224,11 @@ class Bench:
                 f"{TARGET_IM2COL:.0f}% of the measured device bandwidth."]
 
     def write(self, out_dir: Path) -> tuple[Path, Path]:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        md = out_dir / f"kernels-{self.backend}.md"
-        js = out_dir / f"kernels-{self.backend}.json"
-        md.write_text(self.markdown())
-        js.write_text(json.dumps({"meta": self.meta,
-                                  "roofline": {"fp32_peak_flops": self.peak, "fp32_peak_source": self.peak_source,
-                                               "bandwidth_bytes_per_s": self.bandwidth},
-                                  "rows": [asdict(r) for r in self.rows]}, indent=1) + "\n")
-        return md, js
+        return write_report(out_dir, f"kernels-{self.backend}", self.markdown(),
+                            {"meta": self.meta,
+                             "roofline": {"fp32_peak_flops": self.peak, "fp32_peak_source": self.peak_source,
+                                          "bandwidth_bytes_per_s": self.bandwidth},
+                             "rows": [asdict(r) for r in self.rows]})
 
 
 # ---------------------------------------------------------------------------- CPU (numpy backend)
@@ -358,20 +257,9 @@ class CpuBench(Bench):
         self.last = None
 
     def time(self, fn) -> list[float]:
-        """ms of each run after one warm-up call: as many runs as fit in this measurement's time
-        budget, at least 3 (the slow reference paths) and at most --repeat (the fast kernels, whose
-        median then shrugs off a noisy neighbour on a shared machine)."""
-        t_warm = time.perf_counter() + 0.2  # warm-up: one call, or as many as fit in 0.2 s
-        self.last = fn()  # kept for the correctness check, so slow paths are not run once more
-        while time.perf_counter() < t_warm:
-            fn()
-        runs, t_end = [], time.perf_counter() + self.budget_s
-        while len(runs) < self.repeat:
-            t = time.perf_counter()
-            fn()
-            runs.append((time.perf_counter() - t) * 1e3)
-            if len(runs) >= 3 and time.perf_counter() > t_end:
-                break
+        """ms of each run (:func:`_common.time_runs`: within this measurement's time budget, at
+        least 3 and at most --repeat); the warm-up call's result is kept in ``self.last``."""
+        runs, self.last = time_runs(fn, self.repeat, self.budget_s)
         return runs
 
     def run(self) -> None:
