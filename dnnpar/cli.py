@@ -43,6 +43,56 @@ def _train(args) -> int:
     return 0
 
 
+def _compress(args) -> int:
+    import json
+
+    from .compress.pipeline import CompressConfig, compress, save
+    from .data import fashion_mnist
+    from .nn.models import build
+
+    be = None
+    if args.backend:
+        from .backend import set_backend
+        be = set_backend(args.backend)
+    quality = json.loads(args.quality) if args.quality.strip().startswith("{") else float(args.quality)
+    cfg = CompressConfig(quality=quality, cycles=args.cycles, retrain_epochs=args.retrain_epochs,
+                         finetune_epochs=args.finetune_epochs, conv_bits=args.conv_bits, fc_bits=args.fc_bits,
+                         conv_index_bits=args.conv_index_bits, fc_index_bits=args.fc_index_bits, init=args.init,
+                         lr=args.lr, finetune_lr=args.finetune_lr, seed=args.seed)
+    model = build(args.model)
+    model.load(args.checkpoint)
+    data = fashion_mnist.load(args.data_dir, args.subset)
+    print(f"compressing {model.name} from {args.checkpoint} on {data!r}" + (f", backend {be.name}" if be else ""))
+    codes, report, log = compress(model, data, cfg, progress=not args.quiet)
+    save(args.out, model, codes, meta={"accuracy": log, "config": cfg.__dict__})
+    print(report.table())
+    print(f"accuracy: {100 * log['baseline']:.2f}% dense -> {100 * log['final']:.2f}% compressed "
+          f"({100 * (log['final'] - log['baseline']):+.2f} points); wrote {args.out}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    import os
+
+    from .compress.pipeline import load, read_codes
+    from .compress.encode import Report
+    from .data import fashion_mnist
+    from .train import evaluate
+
+    header, codes, others = read_codes(args.path)
+    model = load(args.path, sparse=not args.dense)
+    data = fashion_mnist.load(args.data_dir, args.subset)
+    acc = evaluate(model, data.x_test, data.y_test)
+    report = Report(header["model"], codes, int(sum(v.size for v in others.values())))
+    print(report.table())
+    orig, _, _ = report.totals()
+    size = os.path.getsize(args.path)
+    print(f"{args.path}: {size:,} bytes on disk ({orig / 8 / size:.1f}x smaller than the float32 weights), "
+          f"test accuracy {100 * acc:.2f}% on {len(data.y_test):,} images "
+          f"({'dense decode' if args.dense else 'fc layers run as CSR x codebook'})")
+    return 0
+
+
 def main(argv=None) -> int:
     from .nn.models import MODELS
 
@@ -88,6 +138,36 @@ def main(argv=None) -> int:
     tr.add_argument("--plot", default=None, help="write the loss/accuracy curves to this PNG")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(fn=_train)
+
+    c = sub.add_parser("compress", help="Deep Compression: prune, share weights, Huffman-code, write a .dnnz")
+    c.add_argument("--model", choices=sorted(MODELS), default="lenet300")
+    c.add_argument("--checkpoint", required=True, help="a trained model (.npz from dnnpar train)")
+    c.add_argument("--out", required=True, help="the .dnnz file to write")
+    c.add_argument("--quality", default="1.0",
+                   help='threshold = quality x std per layer: a number, or JSON like \'{"fc1": 1.8, "fc3": 1.0}\'')
+    c.add_argument("--cycles", type=int, default=3)
+    c.add_argument("--retrain-epochs", type=int, default=2)
+    c.add_argument("--finetune-epochs", type=int, default=2)
+    c.add_argument("--conv-bits", type=int, default=8)
+    c.add_argument("--fc-bits", type=int, default=5)
+    c.add_argument("--conv-index-bits", type=int, default=8)
+    c.add_argument("--fc-index-bits", type=int, default=5)
+    c.add_argument("--init", choices=("linear", "random", "density"), default="linear")
+    c.add_argument("--lr", type=float, default=0.005)
+    c.add_argument("--finetune-lr", type=float, default=1e-4)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--subset", choices=("full", "embedded"), default="full")
+    c.add_argument("--data-dir", default=None)
+    c.add_argument("--backend", **backend)
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(fn=_compress)
+
+    ev = sub.add_parser("evaluate", help="accuracy and size of a .dnnz, run from its compressed form")
+    ev.add_argument("path")
+    ev.add_argument("--dense", action="store_true", help="decode every layer to dense weights instead")
+    ev.add_argument("--subset", choices=("full", "embedded"), default="full")
+    ev.add_argument("--data-dir", default=None)
+    ev.set_defaults(fn=_evaluate)
 
     sub.add_parser("kernels", help="compile every kernel for sm_75/80/90 and print the ptxas report "
                    "(dnnpar kernels --help)")

@@ -162,23 +162,25 @@ def plot_history(history: History, path=None):
 
 
 def train(cfg: TrainConfig, checkpoint=None, resume: bool = False, plot=None, progress: bool = True,
-          out=print, data: fashion_mnist.Dataset | None = None, model=None):
+          out=print, data: fashion_mnist.Dataset | None = None, model=None, optimizer=None):
     """Train on Fashion-MNIST; returns (model, history).
 
     ``data``: a loaded :class:`Dataset` (default: ``cfg.subset`` found through ``cfg.data_dir``).
     ``model``: a prebuilt model (default: ``cfg.model`` built with ``cfg.seed``).
+    ``optimizer``: a prebuilt optimizer with ``lr``, ``step()`` and ``state()`` (default: SGD from
+    ``cfg``); Deep Compression retrains with masked SGD and with centroid SGD.
     ``cfg.backend`` is active for the run and the previous backend is restored afterwards."""
     cfg.validate()
     if cfg.backend:
         with _backend.use_backend(cfg.backend):
-            return train(replace(cfg, backend=None), checkpoint, resume, plot, progress, out, data, model)
+            return train(replace(cfg, backend=None), checkpoint, resume, plot, progress, out, data, model, optimizer)
     be = _backend.get_backend()
     data = data or fashion_mnist.load(cfg.data_dir, cfg.subset)
     if model is None:
         model = build(cfg.model, seed=cfg.seed) if cfg.model in ("lenet300", "lenet5") else \
             build(cfg.model, seed=cfg.seed, num_classes=10)
     model.check_input(be.asarray(data.x_train[:1]))
-    opt = SGD(model, cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay)
+    opt = optimizer or SGD(model, cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay)
     schedule = make_schedule(cfg.schedule, cfg.lr, cfg.epochs)
     loss_fn = SoftmaxCrossEntropy()
     start_epoch, history = 1, History()
