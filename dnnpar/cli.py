@@ -63,7 +63,13 @@ def _compress(args) -> int:
     model.load(args.checkpoint)
     data = fashion_mnist.load(args.data_dir, args.subset)
     print(f"compressing {model.name} from {args.checkpoint} on {data!r}" + (f", backend {be.name}" if be else ""))
+    from .backend import get_backend
+    before = {n: get_backend().to_numpy(p).copy() for n, p, _ in model.named_parameters() if n.endswith(".weight")}
     codes, report, log = compress(model, data, cfg, progress=not args.quiet)
+    if args.plot:
+        from .compress.encode import plot_histograms
+        plot_histograms({k.rsplit(".", 1)[0]: v for k, v in before.items()}, codes, args.plot)
+        print(f"weight histograms written to {args.plot}")
     save(args.out, model, codes, meta={"accuracy": log, "config": cfg.__dict__})
     print(report.table())
     print(f"accuracy: {100 * log['baseline']:.2f}% dense -> {100 * log['final']:.2f}% compressed "
@@ -160,6 +166,7 @@ def main(argv=None) -> int:
     c.add_argument("--data-dir", default=None)
     c.add_argument("--backend", **backend)
     c.add_argument("--quiet", action="store_true")
+    c.add_argument("--plot", default=None, help="PNG of each layer's weight histogram before/after, centroids marked")
     c.set_defaults(fn=_compress)
 
     ev = sub.add_parser("evaluate", help="accuracy and size of a .dnnz, run from its compressed form")

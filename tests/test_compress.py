@@ -226,9 +226,10 @@ def test_cli_compress_and_evaluate(tmp_path):
     out = tmp_path / "m.dnnz"
     p = subprocess.run([sys.executable, "-m", "dnnpar.cli", "compress", "--model", "lenet300", "--checkpoint",
                         str(tmp_path / "m.npz"), "--out", str(out), "--subset", "embedded", "--cycles", "1",
-                        "--retrain-epochs", "0", "--finetune-epochs", "0", "--quiet"], capture_output=True, text=True)
+                        "--retrain-epochs", "0", "--finetune-epochs", "0", "--quiet", "--plot", str(tmp_path / "h.png")],
+                       capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
-    assert "P+Q+H" in p.stdout and out.exists()
+    assert "P+Q+H" in p.stdout and out.exists() and (tmp_path / "h.png").stat().st_size > 5000
     e = subprocess.run([sys.executable, "-m", "dnnpar.cli", "evaluate", str(out), "--subset", "embedded"],
                        capture_output=True, text=True)
     assert e.returncode == 0, e.stderr

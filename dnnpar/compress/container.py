@@ -209,9 +209,14 @@ def _parse(data: bytes) -> tuple[dict, dict]:
         itemsize = 1 if code == RAW else _CODE_DTYPES[code].itemsize
         if code == RAW and ndim != 1:
             raise DnnzError(f"section {name!r}: raw bytes must have ndim 1, got {ndim}")
-        expected = itemsize
-        for d in dims:  # Python ints: no overflow however large the dims
+        # Python ints: no overflow however large the dims. An empty array can still carry huge
+        # non-zero dims that NumPy cannot represent, so bound their product as well.
+        expected, nonzero = itemsize, itemsize
+        for d in dims:
             expected *= d
+            nonzero *= max(d, 1)
+        if nonzero > 2**62:
+            raise DnnzError(f"section {name!r}: shape {dims} is too large for an array")
         if expected != payload_len:
             raise DnnzError(f"section {name!r}: shape {dims} x {itemsize} bytes = {expected} "
                             f"!= payload length {payload_len}")

@@ -43,11 +43,15 @@ class LayerCode:
     def nnz(self) -> int:
         return self.csr.entries - self.csr.fillers
 
+    def row_counts(self) -> np.ndarray:
+        """Entries per row, as stored: 16 bits per row when every row fits, else 32."""
+        counts = np.diff(self.csr.indptr)
+        return counts.astype(np.uint16 if counts.max(initial=0) < 1 << 16 else np.uint32)
+
     def overhead_bits(self) -> int:
-        """What both variants store besides the entry streams: codebook, row starts, bias."""
-        rows = self.csr.shape[0]
+        """What both variants store besides the entry streams: codebook, row lengths, bias."""
         bias = 0 if self.bias is None else self.bias.size * F32
-        return self.codebook.size * F32 + (rows + 1) * F32 + bias
+        return self.codebook.size * F32 + self.row_counts().nbytes * 8 + bias
 
     def bits_pq(self) -> int:
         """Pruning + quantisation: fixed-width codes and relative indices."""
@@ -127,3 +131,29 @@ def size_model(shapes: dict, density: dict, weight_bits: dict, index_bits: dict,
         orig += rows * cols * F32
         pq += csr.entries * (weight_bits[name] + index_bits[name]) + (1 << weight_bits[name]) * F32 + (rows + 1) * F32
     return orig, pq
+
+
+def plot_histograms(before: dict, codes: list, path=None):
+    """Per compressed layer: the weight histogram before pruning, the surviving weights after
+    compression, and the shared values (codebook) as vertical lines. Returns the matplotlib
+    Figure (object API: no global backend switched); written as PNG when ``path`` is given."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.2 * len(codes), 3.4))
+    axes = fig.subplots(1, len(codes), squeeze=False)[0]
+    for ax, c in zip(axes, codes):
+        w0 = np.asarray(before[c.name]).ravel()
+        kept = c.codebook[c.dense_codes()].ravel()
+        kept = kept[kept != 0]
+        bins = np.linspace(w0.min(), w0.max(), 81)
+        ax.hist(w0, bins=bins, color="0.7", label="before pruning")
+        ax.hist(kept, bins=bins, color="tab:blue", alpha=0.8, label="after (shared)")
+        for v in c.codebook[1:]:
+            ax.axvline(v, color="tab:red", lw=0.6, alpha=0.7)
+        ax.set(title=f"{c.name}: {100 * c.nnz / c.n_weights:.1f}% kept, {c.weight_bits}-bit", xlabel="weight",
+               ylabel="count", yscale="log")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig

@@ -195,8 +195,8 @@ def _decode_table(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     order = used[np.lexsort((used, lengths[used]))]  # canonical order = increasing code ranges
     span = np.left_shift(1, max_len - lengths[order].astype(np.int64))
     filled = int(span.sum())  # <= 2**max_len by Kraft; the rest is "no code"
-    sym_tab = np.zeros(1 << max_len, np.int64)
-    len_tab = np.zeros(1 << max_len, np.int64)
+    sym_tab = np.zeros(1 << max_len, np.int32)  # int32: halves the memory traffic of the gathers
+    len_tab = np.zeros(1 << max_len, np.int32)
     sym_tab[:filled] = np.repeat(order, span)
     len_tab[:filled] = np.repeat(lengths[order].astype(np.int64), span)
     return sym_tab, len_tab, max_len
@@ -258,9 +258,9 @@ def decode(data: bytes, nbits: int, lengths, count: int) -> np.ndarray:
         n = end - pos
         lens = len_tab[window]
         # next start (chunk-relative); n is an absorbing sentinel for "invalid or leaves chunk"
-        nxt = np.arange(n, dtype=np.int64) + lens
+        nxt = np.arange(n, dtype=np.int32) + lens
         nxt[(lens == 0) | (nxt >= n)] = n
-        nxt = np.append(nxt, n)
+        nxt = np.append(nxt, np.int32(n))
         jump = nxt
         for _ in range(_DOUBLINGS):
             jump = jump[jump]

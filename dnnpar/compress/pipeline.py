@@ -75,7 +75,8 @@ def compress(model: Sequential, data, cfg: CompressConfig, out=print, progress: 
     where log holds the accuracy after each stage."""
     cfg.validate(model)
     be = get_backend()
-    tcfg = TrainConfig(model=model.name, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, schedule="constant")
+    # each retraining stage decays its learning rate to zero (cosine), so it ends settled
+    tcfg = TrainConfig(model=model.name, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, schedule="cosine")
     log = {"baseline": evaluate(model, data.x_test, data.y_test)}
     out(f"baseline test accuracy {100 * log['baseline']:.2f}%")
     names = prune.prunable_layers(model)
@@ -130,7 +131,7 @@ def save(path, model: Sequential, codes: list[LayerCode], model_kwargs: dict | N
     sections = {}
     for c in codes:
         sections[f"{c.name}/codebook"] = c.codebook
-        sections[f"{c.name}/indptr"] = c.csr.indptr.astype(np.int64)
+        sections[f"{c.name}/rows"] = c.row_counts()
         sections[f"{c.name}/codes.table"] = c.code_table.to_bytes()
         sections[f"{c.name}/codes"] = c.code_stream
         sections[f"{c.name}/rel.table"] = c.rel_table.to_bytes()
@@ -178,11 +179,12 @@ def read_codes(path) -> tuple[dict, list[LayerCode], dict]:
             cstream, rstream = section("codes"), section("rel")
             c = code_table.decode(cstream, int(meta["code_nbits"]), entries)
             r = rel_table.decode(rstream, int(meta["rel_nbits"]), entries)
-            indptr = np.asarray(section("indptr"), np.int64)
+            counts = np.asarray(section("rows"))
             rows = shape[0]
             cols = int(np.prod(shape[1:]))
-            if indptr.shape != (rows + 1,) or indptr[0] != 0 or indptr[-1] != entries or np.any(np.diff(indptr) < 0):
-                raise err(f"{path}: layer {name}: row pointers are inconsistent")
+            if counts.shape != (rows,) or counts.dtype.kind != "u" or int(counts.sum(dtype=np.int64)) != entries:
+                raise err(f"{path}: layer {name}: row lengths do not add up to its {entries} entries")
+            indptr = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
             csr = RelativeCSR((rows, cols), ib, indptr, r.astype(np.uint16), c.astype(np.uint16))
             csr.columns()  # raises on relative indices that run past the row
             codebook = np.asarray(section("codebook"), np.float32)
