@@ -58,7 +58,8 @@ def _compress(args) -> int:
     cfg = CompressConfig(quality=quality, cycles=args.cycles, retrain_epochs=args.retrain_epochs,
                          finetune_epochs=args.finetune_epochs, conv_bits=args.conv_bits, fc_bits=args.fc_bits,
                          conv_index_bits=args.conv_index_bits, fc_index_bits=args.fc_index_bits, init=args.init,
-                         lr=args.lr, finetune_lr=args.finetune_lr, seed=args.seed)
+                         lr=args.lr, finetune_lr=args.finetune_lr, weight_decay=args.weight_decay,
+                         seed=args.seed)
     model = build(args.model)
     model.load(args.checkpoint)
     data = fashion_mnist.load(args.data_dir, args.subset)
@@ -161,6 +162,7 @@ def main(argv=None) -> int:
     c.add_argument("--init", choices=("linear", "random", "density"), default="linear")
     c.add_argument("--lr", type=float, default=0.005)
     c.add_argument("--finetune-lr", type=float, default=1e-4)
+    c.add_argument("--weight-decay", type=float, default=5e-4, help="L2 while retraining the pruned model")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--subset", choices=("full", "embedded"), default="full")
     c.add_argument("--data-dir", default=None)

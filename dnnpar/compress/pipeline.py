@@ -39,6 +39,7 @@ class CompressConfig:
     init: str = "linear"
     lr: float = 0.005                    # retraining after each prune cycle
     finetune_lr: float = 1e-4            # centroid steps: a centroid's gradient sums all its members'
+    weight_decay: float = 5e-4           # L2 during retraining, as in Han et al. 2015
     batch_size: int = 64
     seed: int = 0
     bits: dict = field(default_factory=dict)        # per-layer override: {"fc1": 4}
@@ -89,7 +90,7 @@ def compress(model: Sequential, data, cfg: CompressConfig, out=print, progress: 
         prune.apply_masks(model, masks)
         kept = prune.kept_fraction(model)
         acc_pruned = evaluate(model, data.x_test, data.y_test)
-        opt = SGD(model, cfg.lr, momentum=0.9)
+        opt = SGD(model, cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
         opt.masks = {k: be.asarray(v) for k, v in masks.items()}
         if cfg.retrain_epochs:
             train(replace(tcfg, epochs=cfg.retrain_epochs, lr=cfg.lr), model=model, optimizer=opt, data=data,
