@@ -6,6 +6,10 @@ import numpy as np
 from .backend import get_backend
 
 
+#: set "use" to False to run the NumPy fallback even where SciPy is installed (tests)
+SCIPY = {"use": True}
+
+
 class CSR:
     """An M x K matrix in CSR form.
 
@@ -88,12 +92,17 @@ class CSR:
         return self._values
 
     def scipy(self):
-        """The matrix as a ``scipy.sparse.csr_array`` sharing this CSR's arrays (numpy backend only)."""
+        """The matrix as a ``scipy.sparse.csr_array`` sharing this CSR's arrays, or None when
+        SciPy is not installed (numpy backend only)."""
         if self.backend == "cuda":
             raise TypeError("CSR.scipy(): this matrix lives on the GPU; use cupyx.scipy.sparse")
         if self._scipy is None:
-            import scipy.sparse
-
+            if not SCIPY["use"]:
+                return None
+            try:
+                import scipy.sparse
+            except ImportError:
+                return None
             self._scipy = scipy.sparse.csr_array((self.values(), self.indices, self.indptr), shape=self.shape)
         return self._scipy
 

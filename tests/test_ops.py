@@ -157,3 +157,20 @@ def test_vector_spmv_picks_every_group_width(backend, rng):
         y = dp.ops.spmv(csr, backend.asarray(x.astype(np.float32)), algo="vector")
         assert_close(backend.to_numpy(y), dense.astype(np.float32).astype(np.float64) @ x.astype(np.float32), 1e-5)
     assert seen == {2, 4, 8, 16, 32}
+
+
+@pytest.mark.parametrize("scipy", [True, False], ids=["scipy", "numpy-only"])
+@pytest.mark.parametrize("codebook", [False, True], ids=["f32", "codebook"])
+def test_numpy_backend_sparse_with_and_without_scipy(monkeypatch, scipy, codebook, rng):
+    """dnnpar's core needs NumPy only: without SciPy the numpy backend's sparse products fall
+    back to NumPy (small SpMM chunks force the chunked path)."""
+    import dnnpar.ops.sparse as S
+
+    monkeypatch.setitem(dp.sparse.SCIPY, "use", scipy)
+    monkeypatch.setattr(S, "SPMM_CHUNK", 64)
+    with dp.use_backend("numpy") as be:
+        csr, dense = make_csr(be, oracles.random_csr(rng, 67, 131, 0.1, long_row=5), codebook)
+        assert (csr.scipy() is not None) == scipy
+        x, X = randn(rng, 131), randn(rng, (131, 9))
+        assert_close(dp.ops.spmv(csr, x), dense @ x, 1e-5, "spmv")
+        assert_close(dp.ops.spmm(csr, X), dense @ X, 1e-5, "spmm")

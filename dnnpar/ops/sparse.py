@@ -1,7 +1,8 @@
 """Sparse x dense products with a :class:`dnnpar.sparse.CSR` matrix (``cuda/spmv.cu``).
 
-On the numpy backend the products run in SciPy's compiled CSR routines: a gather-and-reduce in
-NumPy is 3x (SpMV) to 20x (SpMM) slower on VGG's fc6 shape."""
+On the numpy backend the products run in SciPy's compiled CSR routines when SciPy is installed
+(the `cpu` extra; dnnpar's core needs NumPy only): NumPy's gather-and-reduce fallback is 2x
+(SpMV) to 25x (SpMM) slower on VGG's fc6 shape."""
 from __future__ import annotations
 
 import numpy as np
@@ -14,13 +15,43 @@ from ._common import check_array, i32
 SPMV_ALGOS = ("vector", "scalar")
 
 
+def _row_sums(prod, indptr, m: int):
+    """Sum the per-nonzero rows of ``prod`` within each CSR row (empty rows stay 0)."""
+    out = np.zeros((m,) + prod.shape[1:], dtype=prod.dtype)
+    rows = np.flatnonzero(np.diff(indptr))
+    if rows.size:
+        out[rows] = np.add.reduceat(prod, indptr[rows], axis=0)
+    return out
+
+
+SPMM_CHUNK = 1 << 22  # products held at once by the NumPy fallback (16 MB of float32)
+
+
 def spmv_numpy(csr: CSR, x):
-    """The numpy backend: SciPy's CSR product (float32 in, float32 out)."""
-    return csr.scipy() @ x
+    """The numpy backend: SciPy's compiled CSR product when SciPy is installed, else a NumPy
+    gather-and-reduce (same result, about 2x slower)."""
+    sp = csr.scipy()
+    if sp is not None:
+        return sp @ x
+    return _row_sums(csr.values() * x[csr.indices], csr.indptr, csr.shape[0])
 
 
 def spmm_numpy(csr: CSR, X):
-    return csr.scipy() @ X
+    sp = csr.scipy()
+    if sp is not None:
+        return sp @ X
+    m, b = csr.shape[0], X.shape[1]
+    ptr, vals, ind = csr.indptr, csr.values(), csr.indices
+    out = np.zeros((m, b), dtype=np.result_type(vals, X))
+    start = 0
+    while start < m:  # rows in chunks, so the gathered (nonzeros x batch) product stays small
+        limit = ptr[start] + max(SPMM_CHUNK // max(b, 1), 1)
+        stop = min(max(start + 1, int(np.searchsorted(ptr, limit, side="right")) - 1), m)
+        lo, hi = ptr[start], ptr[stop]
+        if hi > lo:
+            out[start:stop] = _row_sums(vals[lo:hi, None] * X[ind[lo:hi]], ptr[start:stop + 1] - lo, stop - start)
+        start = stop
+    return out
 
 
 def _check_csr(op, csr, be):
