@@ -220,3 +220,19 @@ def write_report(out_dir: Path, stem: str, markdown: str, payload: dict) -> tupl
     md.write_text(markdown)
     js.write_text(json.dumps(payload, indent=1) + "\n")
     return md, js
+
+
+def run_and_report(bench, out_dir) -> int:
+    """Run a benchmark object (run / finish / text / write / meta), print its table and write
+    its markdown and JSON. Outputs are not poisoned while timing (DNNPAR_POISON adds a fill)."""
+    from dnnpar.backend import poison_outputs
+
+    t0 = time.perf_counter()
+    with poison_outputs(False):
+        bench.run()
+    bench.meta["wall time"] = f"{time.perf_counter() - t0:.0f} s"
+    bench.finish()
+    print(bench.text())
+    md, js = bench.write(Path(out_dir))
+    print(f"\nwrote {md} and {js}")
+    return 0

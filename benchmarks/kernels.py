@@ -32,10 +32,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also under `python -m benchmarks.kernels`
 from _common import (blas_name, check_text, common_meta, median, optional_torch, rand,  # noqa: E402
-                     rel_err, render_markdown, render_text, time_runs, write_report)
+                     rel_err, render_markdown, render_text, run_and_report, time_runs, write_report)
 
 import dnnpar as dp  # noqa: E402  (_common put the checkout on sys.path)
-from dnnpar.backend import poison_outputs  # noqa: E402
 from dnnpar.backend.cuda import cuda_unavailable_reason  # noqa: E402
 
 #: Non-tensor-core FP32 peak (TFLOP/s) from NVIDIA's datasheets, matched on the device name.
@@ -765,16 +764,7 @@ def main(argv=None) -> int:
         print(f"error: --backend cuda: {reason}", file=sys.stderr)
         return 2
 
-    bench = GpuBench(args) if backend == "cuda" else CpuBench(args)
-    t0 = time.perf_counter()
-    with poison_outputs(False):  # DNNPAR_POISON would add a fill to every op
-        bench.run()
-    bench.meta["wall time"] = f"{time.perf_counter() - t0:.0f} s"
-    bench.finish()
-    print(bench.text())
-    md, js = bench.write(Path(args.out))
-    print(f"\nwrote {md} and {js}")
-    return 0
+    return run_and_report(GpuBench(args) if backend == "cuda" else CpuBench(args), args.out)
 
 
 if __name__ == "__main__":

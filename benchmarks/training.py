@@ -31,10 +31,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also under `python -m benchmarks.training`
 from _common import (OtherLoad, blas_name, check_text, common_meta, median, optional_torch, rand,  # noqa: E402
-                     rel_err, render_markdown, render_text, time_runs, write_report)
+                     rel_err, render_markdown, render_text, run_and_report, time_runs, write_report)
 
 import dnnpar as dp  # noqa: E402  (_common put the checkout on sys.path)
-from dnnpar.backend import poison_outputs  # noqa: E402
 from dnnpar.data import fashion_mnist  # noqa: E402
 from dnnpar.nn import SoftmaxCrossEntropy  # noqa: E402
 from dnnpar.nn.models import build  # noqa: E402
@@ -418,16 +417,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    bench = TrainingBench(args)
-    t0 = time.perf_counter()
-    with poison_outputs(False):  # DNNPAR_POISON would add a fill to every op
-        bench.run()
-    bench.meta["wall time"] = f"{time.perf_counter() - t0:.0f} s"
-    bench.finish()
-    print(bench.text())
-    md, js = bench.write(Path(args.out))
-    print(f"\nwrote {md} and {js}")
-    return 0
+    return run_and_report(TrainingBench(args), args.out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import backend as _backend
 from .data import fashion_mnist
-from .nn import SoftmaxCrossEntropy, load_npz, save_npz_atomic
+from .nn import SoftmaxCrossEntropy, load_npz
 from .nn.models import build
 from .nn.optim import SGD, make_schedule
 
