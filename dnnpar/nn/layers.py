@@ -133,33 +133,35 @@ class _Pool(Layer):
 
 
 class MaxPool2d(_Pool):
-    """Max over each window; the gradient goes to the (first) maximum of its window."""
+    """Max over each window; the gradient goes to the first maximum of its window (taps in
+    row-major order). Forward keeps the padded input and recovers the argmax in backward, which
+    costs one comparison per tap instead of carrying an index array through forward."""
 
     def forward(self, x):
         g = self.geometry(x.shape)
         xp = get_backend().xp
         xpad = self._padded(x, g, -np.inf)
-        out, arg = None, None
+        out = None
         for i in range(g.kh):
             for j in range(g.kw):
                 v = xpad[g.tap_slices(i, j)]
-                if out is None:
-                    out, arg = v.copy(), xp.zeros(v.shape, dtype=np.int32)
-                else:
-                    better = v > out
-                    out = xp.where(better, v, out)
-                    arg = xp.where(better, np.int32(i * g.kw + j), arg)
-        self.g, self.arg, self.xshape = g, arg, x.shape
+                out = v.copy() if out is None else xp.maximum(out, v, out=out)
+        self.g, self.xpad, self.out = g, xpad, out
         return out
 
     def backward(self, dy):
         g, xp = self.g, get_backend().xp
         ph, pw = g.padding
         dx = xp.zeros((g.n, g.c, g.h + 2 * ph, g.w + 2 * pw), dtype=dy.dtype)
+        taken = xp.zeros(self.out.shape, dtype=bool)
         for i in range(g.kh):
             for j in range(g.kw):
-                dx[g.tap_slices(i, j)] += dy * (self.arg == i * g.kw + j)
-        self.arg = None
+                sl = g.tap_slices(i, j)
+                hit = self.xpad[sl] == self.out
+                hit &= ~taken
+                taken |= hit
+                dx[sl] += dy * hit
+        self.xpad = self.out = None
         return xp.ascontiguousarray(dx[:, :, ph:ph + g.h, pw:pw + g.w])
 
 
