@@ -145,7 +145,9 @@ def plot_histograms(before: dict, codes: list, path=None):
         w0 = np.asarray(before[c.name]).ravel()
         kept = c.codebook[c.dense_codes()].ravel()
         kept = kept[kept != 0]
-        bins = np.linspace(w0.min(), w0.max(), 81)
+        lo = min(w0.min(), kept.min(initial=0.0), c.codebook[1:].min(initial=0.0))
+        hi = max(w0.max(), kept.max(initial=0.0), c.codebook[1:].max(initial=0.0))
+        bins = np.linspace(lo, hi, 81)  # retraining can move survivors outside the original range
         ax.hist(w0, bins=bins, color="0.7", label="before pruning")
         ax.hist(kept, bins=bins, color="tab:blue", alpha=0.8, label="after (shared)")
         for v in c.codebook[1:]:
