@@ -150,7 +150,8 @@ def plot_histograms(before: dict, codes: list, path=None):
         bins = np.linspace(lo, hi, 81)  # retraining can move survivors outside the original range
         ax.hist(w0, bins=bins, color="0.7", label="before pruning")
         ax.hist(kept, bins=bins, color="tab:blue", alpha=0.8, label="after (shared)")
-        for v in c.codebook[1:]:
+        used = np.unique(c.csr.codes[c.csr.codes != 0])
+        for v in c.codebook[used]:  # the shared values some weight uses
             ax.axvline(v, color="tab:red", lw=0.6, alpha=0.7)
         ax.set(title=f"{c.name}: {100 * c.nnz / c.n_weights:.1f}% kept, {c.weight_bits}-bit", xlabel="weight",
                ylabel="count", yscale="log")

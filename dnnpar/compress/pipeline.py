@@ -76,7 +76,8 @@ def compress(model: Sequential, data, cfg: CompressConfig, out=print, progress: 
     where log holds the accuracy after each stage."""
     cfg.validate(model)
     be = get_backend()
-    # each retraining stage decays its learning rate to zero (cosine), so it ends settled
+    # each retraining stage restarts a per-epoch cosine schedule from cfg.lr (constant for a
+    # one-epoch stage), so later epochs of a stage take smaller steps
     tcfg = TrainConfig(model=model.name, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, schedule="cosine")
     log = {"baseline": evaluate(model, data.x_test, data.y_test)}
     out(f"baseline test accuracy {100 * log['baseline']:.2f}%")
@@ -95,10 +96,9 @@ def compress(model: Sequential, data, cfg: CompressConfig, out=print, progress: 
         if cfg.retrain_epochs:
             train(replace(tcfg, epochs=cfg.retrain_epochs, lr=cfg.lr), model=model, optimizer=opt, data=data,
                   out=lambda s: None, progress=progress)
-        acc = evaluate(model, data.x_test, data.y_test)
+        acc = log["pruned"] = evaluate(model, data.x_test, data.y_test)
         out(f"prune cycle {c}/{cfg.cycles}: kept " + ", ".join(f"{n} {100 * kept[n]:.1f}%" for n in names)
             + f"; accuracy {100 * acc_pruned:.2f}% pruned -> {100 * acc:.2f}% retrained")
-    log["pruned"] = evaluate(model, data.x_test, data.y_test)
     bits = cfg.layer_bits(model)
     shared = quantize.share_weights(model, {n: b for n, (b, _) in bits.items()}, cfg.init, cfg.seed)
     log["quantized"] = evaluate(model, data.x_test, data.y_test)
