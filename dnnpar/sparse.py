@@ -1,6 +1,8 @@
 """Compressed sparse row matrices on the active backend, checked once at construction."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .backend import get_backend
@@ -8,6 +10,94 @@ from .backend import get_backend
 
 #: set "use" to False to run the NumPy fallback even where SciPy is installed (tests)
 SCIPY = {"use": True}
+#: set "use" to False to keep codebook matrices on SciPy / NumPy on the numpy backend even where
+#: the native CPU kernel builds (tests, benchmarks; DNNPAR_NATIVE=0 does it for a whole process)
+NATIVE = {"use": True}
+
+#: a run of more zeros than this is bridged by filler entries in the compact form
+MAX_GAP = 255
+
+
+@dataclass(frozen=True, eq=False)
+class CompactCSR:
+    """A codebook CSR matrix in Deep Compression's storage format (the paper's Figure 3), as the
+    numpy backend's native kernel (``dnnpar/cpu/csr_codebook.cpp``) reads it: two bytes per entry.
+
+    rowptr: (M + 1,) int64, where each row's entries start (fillers included).
+    gaps: (E,) uint8, zeros skipped since the previous entry of the row: an entry's column is the
+    previous entry's column + gap + 1, counting from -1 at the row start.
+    codes: (E,) uint8, indices into ``codebook``.
+    codebook: (256,) float32, the matrix's codebook padded with zeros, so no code reads past it.
+    fillers: how many of the E entries are fillers: a gap of more than 255 zeros is bridged by
+    entries of gap 255 whose code is ``filler_code`` (a codebook entry equal to 0.0; index 0 in
+    Deep Compression's convention when the codebook starts with 0.0). A filler multiplies 0.0
+    by an entry of x, so a non-finite x there gives NaN, as a dense product would.
+    """
+    shape: tuple
+    rowptr: np.ndarray
+    gaps: np.ndarray
+    codes: np.ndarray
+    codebook: np.ndarray
+    fillers: int
+    filler_code: int
+
+    @property
+    def entries(self) -> int:
+        return int(self.gaps.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the streams: entries (gap + code), row offsets and the 256-entry codebook."""
+        return int(self.gaps.nbytes + self.codes.nbytes + self.rowptr.nbytes + self.codebook.nbytes)
+
+    def bytes_per_nonzero(self) -> float:
+        """All bytes of the compact form (fillers, row offsets and codebook included) per nonzero."""
+        nnz = self.entries - self.fillers
+        return self.nbytes / nnz if nnz else float("nan")
+
+
+def _compact(indptr, indices, codes, codebook, shape) -> CompactCSR | None:
+    """The compact form of a validated codebook CSR (host arrays), or None when it has none: a
+    column repeated within a row, or fillers needed but no codebook entry equal to 0.0."""
+    m, _ = shape
+    ptr = indptr.astype(np.int64)
+    cols = indices.astype(np.int64)
+    nnz = cols.shape[0]
+    lengths = np.diff(ptr)
+    starts = ptr[:-1][lengths > 0]
+
+    def gaps_of(cols):
+        prev = np.empty(nnz, np.int64)
+        prev[1:] = cols[:-1]
+        prev[starts] = -1
+        return cols - prev - 1
+
+    gap = gaps_of(cols)
+    if nnz and gap.min() < 0:  # columns out of order within a row: sort each row
+        rows = np.repeat(np.arange(m, dtype=np.int64), lengths)
+        order = np.lexsort((cols, rows))
+        cols, codes = cols[order], codes[order]
+        gap = gaps_of(cols)
+        if gap.min() < 0:
+            return None  # a repeated column: a gap cannot say "the same column again"
+    n_fill = gap // (MAX_GAP + 1)
+    cum = np.zeros(nnz + 1, np.int64)
+    np.cumsum(n_fill, out=cum[1:])
+    fillers = int(cum[-1])
+    cb = np.zeros(256, np.float32)
+    cb[:codebook.shape[0]] = codebook
+    filler_code = 0
+    if fillers:
+        zero = np.flatnonzero(cb == 0.0)
+        if zero.size == 0:
+            return None  # 256 codes, none of them 0.0: nothing a filler could point at
+        filler_code = int(zero[0])
+    pos = np.arange(nnz, dtype=np.int64) + cum[1:]
+    gaps = np.full(nnz + fillers, MAX_GAP, np.uint8)
+    out_codes = np.full(nnz + fillers, filler_code, np.uint8)
+    gaps[pos] = gap - n_fill * (MAX_GAP + 1)
+    out_codes[pos] = codes
+    return CompactCSR((int(shape[0]), int(shape[1])), ptr + cum[ptr], gaps, out_codes, cb, fillers, filler_code)
 
 
 class CSR:
@@ -71,6 +161,7 @@ class CSR:
         self.indptr = be.asarray(np.ascontiguousarray(h_ptr, dtype=np.int32))
         self._values = None
         self._scipy = None
+        self._compact = None
 
     @classmethod
     def from_dense(cls, a, codebook=None):
@@ -105,6 +196,19 @@ class CSR:
                 return None
             self._scipy = scipy.sparse.csr_array((self.values(), self.indices, self.indptr), shape=self.shape)
         return self._scipy
+
+    def compact(self) -> CompactCSR | None:
+        """The matrix in Deep Compression's storage format (:class:`CompactCSR`: uint8 gaps with
+        fillers, uint8 codes, int64 row offsets), built on first use and cached; None when the
+        matrix has none (a column repeated within a row, or fillers needed and no codebook entry
+        equal to 0.0). Codebook matrices on a host backend only."""
+        if self.codebook is None:
+            raise TypeError("CSR.compact(): only a matrix of uint8 codes with a codebook has the compact form")
+        if self.backend == "cuda":
+            raise TypeError("CSR.compact(): this matrix lives on the GPU; the compact form is for the CPU kernels")
+        if self._compact is None:
+            self._compact = _compact(self.indptr, self.indices, self.data, self.codebook, self.shape) or False
+        return self._compact or None
 
     def to_dense(self):
         """The dense matrix, on the backend the CSR lives on."""

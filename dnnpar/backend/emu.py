@@ -18,14 +18,13 @@ import contextlib
 import ctypes
 import os
 import shutil
-import subprocess
 import threading
 from pathlib import Path
 
 import numpy as np
 
 from .base import Backend, BackendUnavailable
-from .sources import cache_dir, digest, kernel_names, kernel_params, read_source
+from .sources import build_shared_library, cache_dir, digest, kernel_names, kernel_params, read_source
 
 RUNTIME_HEADER = Path(__file__).with_name("emu_runtime.h")
 CXXFLAGS = ("-O2", "-std=c++17", "-fPIC", "-shared", "-U_FORTIFY_SOURCE", "-Wall", "-Wno-unknown-pragmas",
@@ -84,18 +83,10 @@ class EmuModule:
             f'extern "C" const char* __emu_sig_{k}() {{ return ::dnnpar_emu::signature(&{k}); }}\n'
             for k in self.kernels)
         tu = f'#line 1 "{self.label}"\n{self.code}\n#line 1 "<emu wrappers>"\n{wrappers}'
-        src = so.with_suffix(f".{os.getpid()}.cpp")
-        tmp = so.with_suffix(f".{os.getpid()}.tmp")
-        src.write_text(tu)
-        cmd = [cxx, *CXXFLAGS, "-include", str(RUNTIME_HEADER), "-x", "c++", str(src), "-o", str(tmp)]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise EmuCompileError(f"{cxx} could not compile {self.label} for the emu backend:\n{proc.stderr[-6000:]}")
-            os.replace(tmp, so)  # atomic: a concurrent process sees the old state or the whole file
-        finally:
-            src.unlink(missing_ok=True)
-            tmp.unlink(missing_ok=True)
+        build_shared_library(
+            tu, so, lambda src, out: [cxx, *CXXFLAGS, "-include", str(RUNTIME_HEADER), "-x", "c++", str(src),
+                                      "-o", str(out)],
+            error=EmuCompileError, what=f"{cxx} could not compile {self.label} for the emu backend")
 
     def signature(self, kernel: str) -> list[str]:
         if kernel not in self._sigs:

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import re
+import subprocess
+import threading
 from pathlib import Path
+from typing import Callable, Sequence
 
 #: kernel families, one .cu file each
 SOURCES = ("im2col.cu", "gemm.cu", "spmv.cu", "depthwise.cu", "conv_direct.cu")
@@ -63,9 +67,35 @@ def digest(*parts: str | bytes) -> str:
 
 def cache_dir(kind: str) -> Path:
     """``$DNNPAR_CACHE`` (default ``~/.cache/dnnpar``) / kind, created on demand."""
-    import os
-
     root = Path(os.environ.get("DNNPAR_CACHE", Path.home() / ".cache" / "dnnpar"))
     path = root / kind
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def build_shared_library(code: str, so: Path, command: Callable[[Path, Path], Sequence[str]],
+                         error: type[Exception] = RuntimeError, what: str = "the compiler failed") -> Path:
+    """Compile ``code`` into the shared library ``so`` unless ``so`` is already there (the cache:
+    callers put a :func:`digest` of everything that shapes the binary into its name).
+
+    ``command(source, output)`` gives the compiler's argv. The source and the library are written
+    next to ``so`` under names unique to this process and thread, and the library is renamed
+    into place atomically: a concurrent process sees the old state or the whole file. A compiler
+    that exits non-zero raises ``error("<what>:\\n<the end of its stderr>")``; one that cannot be
+    started raises ``OSError``.
+    """
+    if so.exists():
+        return so
+    tag = f".{os.getpid()}-{threading.get_ident()}"
+    src = so.with_suffix(f"{tag}.cpp")
+    tmp = so.with_suffix(f"{tag}.tmp")
+    src.write_text(code)
+    try:
+        proc = subprocess.run([str(a) for a in command(src, tmp)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise error(f"{what}:\n{proc.stderr[-6000:]}")
+        os.replace(tmp, so)  # atomic: a concurrent process sees the old state or the whole file
+    finally:
+        src.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+    return so

@@ -1,13 +1,17 @@
 """Sparse x dense products with a :class:`dnnpar.sparse.CSR` matrix (``cuda/spmv.cu``).
 
-On the numpy backend the products run in SciPy's compiled CSR routines when SciPy is installed
-(the `cpu` extra; dnnpar's core needs NumPy only): NumPy's gather-and-reduce fallback is 2x
-(SpMV) to 25x (SpMM) slower on VGG's fc6 shape."""
+On the numpy backend, a codebook matrix (uint8 codes) with float32 operands runs in the native
+kernel ``dnnpar/cpu/csr_codebook.cpp`` (built at first use, see :mod:`dnnpar.backend.cpu_native`)
+from its 2-byte-per-entry compact form (:meth:`CSR.compact`). Everything else — and codebook
+matrices where no C++ compiler is available — runs in SciPy's compiled CSR routines when SciPy
+is installed (the `cpu` extra; dnnpar's core needs NumPy only): NumPy's gather-and-reduce
+fallback is 2x (SpMV) to 25x (SpMM) slower on VGG's fc6 shape."""
 from __future__ import annotations
 
 import numpy as np
 
-from ..backend import get_backend
+from .. import sparse as _sparse
+from ..backend import cpu_native, get_backend
 from ..nvtx import ranged
 from ..sparse import CSR
 from ._common import check_array, i32
@@ -27,9 +31,23 @@ def _row_sums(prod, indptr, m: int):
 SPMM_CHUNK = 1 << 22  # products held at once by the NumPy fallback (16 MB of float32)
 
 
+def native_form(csr: CSR, operand):
+    """The compact form of ``csr`` when the numpy backend's native kernel takes this product
+    (a codebook matrix, a float32 operand, the kernel built here, NATIVE["use"] on), else None."""
+    if csr.codebook is None or operand.dtype != np.float32 or not _sparse.NATIVE["use"]:
+        return None
+    if cpu_native.library() is None:
+        return None
+    return csr.compact()
+
+
 def spmv_numpy(csr: CSR, x):
-    """The numpy backend: SciPy's compiled CSR product when SciPy is installed, else a NumPy
+    """The numpy backend: the native codebook kernel for codebook matrices (see
+    :func:`native_form`), else SciPy's compiled CSR product when SciPy is installed, else a NumPy
     gather-and-reduce (same result, about 2x slower)."""
+    compact = native_form(csr, x)
+    if compact is not None:
+        return cpu_native.spmv(compact, x, get_backend().empty(csr.shape[0]))
     sp = csr.scipy()
     if sp is not None:
         return sp @ x
@@ -37,6 +55,9 @@ def spmv_numpy(csr: CSR, x):
 
 
 def spmm_numpy(csr: CSR, X):
+    compact = native_form(csr, X)
+    if compact is not None:
+        return cpu_native.spmm(compact, X, get_backend().empty((csr.shape[0], X.shape[1])))
     sp = csr.scipy()
     if sp is not None:
         return sp @ X

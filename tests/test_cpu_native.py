@@ -1,0 +1,295 @@
+"""The numpy backend's native CSR x codebook kernel (dnnpar/cpu/csr_codebook.cpp) against float64
+oracles, the compact format it reads (uint8 gaps with fillers, uint8 codes), and the fallback to
+SciPy / NumPy when no C++ compiler can build it."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import dnnpar as dp
+import dnnpar.ops.sparse as S
+from conftest import assert_close
+from dnnpar.backend import cpu_native
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (M, K, density): size 1, primes, empty rows, dense rows, and rows whose gaps exceed 255 (fillers)
+SHAPES = [(1, 1, 1.0), (7, 13, 0.4), (131, 257, 0.05), (64, 300, 0.5), (33, 1000, 0.01), (5, 2003, 0.002),
+          (1, 4099, 0.001), (211, 1409, 0.03), (300, 5000, 0.05)]  # the last two run on several threads
+SHAPE_IDS = [f"{m}x{k}d{d}" for m, k, d in SHAPES]
+
+# codebooks: Deep Compression's (entry 0 is 0.0, 32 entries), one without a 0.0 (fillers point at
+# the zero padding), and a full 256-entry one whose 0.0 sits in the middle
+CODEBOOKS = {
+    "dc32": np.concatenate([[0.0], np.linspace(-1.5, 2.0, 31)]).astype(np.float32),
+    "nozero37": np.linspace(-1.5, 2.0, 37).astype(np.float32),
+    "full256": np.where(np.arange(256) == 100, 0.0, np.linspace(-3.0, 3.0, 256) + 0.01).astype(np.float32),
+}
+
+
+@pytest.fixture
+def native():
+    """The kernel library; skipped (with the reason) where it cannot be built."""
+    lib = cpu_native.library()
+    if lib is None:
+        pytest.skip(f"native CPU kernel unavailable: {cpu_native.unavailable_reason()}")
+    with dp.use_backend("numpy") as be:
+        yield be
+
+
+def make(rng, m, k, density, codebook, long_row=True):
+    """A codebook CSR with an empty row (and one full row), and its float64 dense oracle. Codes
+    never point at a 0.0 entry, so every stored entry is a nonzero of the oracle."""
+    mask = rng.random((m, k)) < density
+    if m > 2:
+        mask[1] = False
+    if long_row and m > 4:
+        mask[m // 2] = True
+    live = np.flatnonzero(codebook != 0.0)
+    codes = np.where(mask, live[rng.integers(0, live.size, (m, k))], 0).astype(np.uint8)
+    rows, cols = np.nonzero(mask)
+    indptr = np.zeros(m + 1, np.int64)
+    np.cumsum(np.bincount(rows, minlength=m), out=indptr[1:])
+    csr = dp.sparse.CSR(codes[rows, cols], cols.astype(np.int32), indptr.astype(np.int32), (m, k), codebook=codebook)
+    return csr, np.where(mask, codebook[codes], 0.0).astype(np.float64)
+
+
+def tol(k):
+    """1e-5 as in test_ops.py (rows of up to 1000 entries); float32 sums of longer rows (the full
+    row of a 5000-column matrix) drift further, in proportion."""
+    return 1e-5 * max(1.0, k / 1000)
+
+
+def randn(rng, shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def max_gap(csr):
+    ind, ptr = csr.indices.astype(np.int64), csr.indptr.astype(np.int64)
+    gaps = [np.diff(np.concatenate([[-1], ind[a:b]])) - 1 for a, b in zip(ptr[:-1], ptr[1:]) if b > a]
+    return max((int(g.max()) for g in gaps), default=0)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("cb", list(CODEBOOKS), ids=list(CODEBOOKS))
+def test_spmv(native, shape, cb, rng):
+    m, k, density = shape
+    csr, dense = make(rng, m, k, density, CODEBOOKS[cb])
+    assert S.native_form(csr, np.zeros(k, np.float32)) is not None, "the native kernel was not used"
+    if max_gap(csr) > 255:
+        assert csr.compact().fillers > 0
+    x = randn(rng, k)
+    assert_close(dp.ops.spmv(csr, x), dense @ x, tol(k), "native spmv")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("batch", [1, 33, 70])
+@pytest.mark.parametrize("cb", list(CODEBOOKS), ids=list(CODEBOOKS))
+def test_spmm(native, shape, batch, cb, rng):
+    m, k, density = shape
+    csr, dense = make(rng, m, k, density, CODEBOOKS[cb])
+    X = randn(rng, (k, batch))
+    assert S.native_form(csr, X) is not None
+    assert_close(dp.ops.spmm(csr, X), dense @ X, tol(k), "native spmm")
+
+
+@pytest.mark.parametrize("batch", [2, 7, 8, 9, 16, 24, 31, 64, 65, 128, 130])
+def test_spmm_every_batch_chunk(native, batch, rng):
+    """Batch widths that hit each vector chunk (64 / 32 / 16 / 8 columns) and the scalar tail."""
+    csr, dense = make(rng, 37, 611, 0.1, CODEBOOKS["dc32"])
+    X = randn(rng, (611, batch))
+    assert_close(dp.ops.spmm(csr, X), dense @ X, 1e-5, f"native spmm batch {batch}")
+
+
+def test_result_does_not_depend_on_threads(native, rng):
+    """Each row is summed by one thread in a fixed order: 1, 2 or 3 threads give the same bits."""
+    csr, _ = make(rng, 400, 3001, 0.05, CODEBOOKS["dc32"])
+    c = csr.compact()
+    x, X = randn(rng, 3001), randn(rng, (3001, 19))
+    ys = [cpu_native.spmv(c, x, np.empty(400, np.float32), threads=t) for t in (1, 2, 3)]
+    Ys = [cpu_native.spmm(c, X, np.empty((400, 19), np.float32), threads=t) for t in (1, 2, 3)]
+    for y in ys[1:]:
+        np.testing.assert_array_equal(y, ys[0])
+    for Y in Ys[1:]:
+        np.testing.assert_array_equal(Y, Ys[0])
+    with pytest.raises(ValueError, match="threads"):
+        cpu_native.spmv(c, x, np.empty(400, np.float32), threads=0)
+
+
+def decode(c):
+    """The dense matrix of a CompactCSR, from its streams alone (fillers add 0.0)."""
+    m, k = c.shape
+    out = np.zeros((m, k), np.float64)
+    for r in range(m):
+        lo, hi = c.rowptr[r], c.rowptr[r + 1]
+        cols = np.cumsum(c.gaps[lo:hi].astype(np.int64) + 1) - 1
+        assert cols.size == 0 or cols[-1] < k
+        np.add.at(out[r], cols, c.codebook[c.codes[lo:hi]].astype(np.float64))
+    return out
+
+
+@pytest.mark.parametrize("cb", list(CODEBOOKS), ids=list(CODEBOOKS))
+def test_compact_format(cb, rng):
+    """Two bytes per entry, gaps of at most 255 bridged by fillers that point at a 0.0, and the
+    streams decode to the same matrix."""
+    codebook = CODEBOOKS[cb]
+    with dp.use_backend("numpy"):
+        csr, dense = make(rng, 23, 3000, 0.01, codebook)
+        c = csr.compact()
+    assert c is csr.compact(), "the compact form is built once and cached"
+    assert c.rowptr.dtype == np.int64 and c.gaps.dtype == np.uint8 and c.codes.dtype == np.uint8
+    assert c.codebook.shape == (256,) and c.codebook.dtype == np.float32
+    assert c.entries == csr.nnz + c.fillers and c.rowptr[-1] == c.entries
+    assert c.fillers > 0 and c.codebook[c.filler_code] == 0.0
+    if cb == "dc32":
+        assert c.filler_code == 0, "Deep Compression's convention: code 0 is the zero"
+    assert np.all(c.gaps[c.codes == c.filler_code] == 255)
+    assert c.bytes_per_nonzero() == (2 * c.entries + 8 * (c.shape[0] + 1) + 4 * 256) / csr.nnz
+    np.testing.assert_array_equal(decode(c), dense)
+
+
+def test_compact_sorts_columns_and_refuses_duplicates(native, rng):
+    """CSR does not require sorted columns: the compact form sorts each row. A column repeated
+    within a row has no gap encoding: no compact form, and SciPy sums the duplicates."""
+    cb = CODEBOOKS["dc32"]
+    indptr = np.array([0, 3, 3, 6], np.int32)
+    indices = np.array([700, 2, 300, 5, 1, 999], np.int32)
+    codes = np.array([3, 4, 5, 6, 7, 8], np.uint8)
+    dense = np.zeros((3, 1000))
+    dense[[0, 0, 0, 2, 2, 2], indices] = cb[codes]
+    csr = dp.sparse.CSR(codes, indices, indptr, (3, 1000), codebook=cb)
+    c = csr.compact()
+    # row 0 sorted: 2, 300, 700 (gaps 2, 297, 399: a filler each); row 2: 1, 5, 999 (gap 993: 3 fillers)
+    assert c is not None and c.fillers == 5
+    np.testing.assert_array_equal(c.gaps, [2, 255, 41, 255, 143, 1, 3, 255, 255, 255, 225])
+    x = randn(rng, 1000)
+    assert_close(dp.ops.spmv(csr, x), dense @ x, 1e-5, "unsorted rows")
+
+    dup = dp.sparse.CSR(codes[:3], np.array([4, 9, 4], np.int32), np.array([0, 3], np.int32), (1, 10), codebook=cb)
+    assert dup.compact() is None and S.native_form(dup, np.zeros(10, np.float32)) is None
+    x = randn(rng, 10)
+    want = (cb[3] + cb[5]) * x[4].astype(np.float64) + cb[4] * x[9]
+    if dup.scipy() is not None:
+        assert_close(dp.ops.spmv(dup, x), np.array([want]), 1e-5, "duplicates summed")
+
+
+def test_full_codebook_without_zero_falls_back(native, rng):
+    """256 codes and none is 0.0: fillers have nothing to point at, so a matrix that needs them
+    has no compact form and runs in SciPy / NumPy; one that needs none still runs natively."""
+    cb = np.linspace(0.5, 3.0, 256).astype(np.float32)
+    sparse_rows, dense_a = make(rng, 9, 2000, 0.002, cb)
+    assert max_gap(sparse_rows) > 255
+    assert sparse_rows.compact() is None and S.native_form(sparse_rows, np.zeros(2000, np.float32)) is None
+    x = randn(rng, 2000)
+    assert_close(dp.ops.spmv(sparse_rows, x), dense_a @ x, 1e-5, "fallback")
+    full_rows, dense_b = make(rng, 9, 200, 0.5, cb)
+    assert full_rows.compact() is not None and full_rows.compact().fillers == 0
+    x = randn(rng, 200)
+    assert_close(dp.ops.spmv(full_rows, x), dense_b @ x, 1e-5, "native, no fillers")
+
+
+def test_other_operands_and_switch_stay_off_the_native_kernel(native, monkeypatch, rng):
+    """float32 matrices, operands of another dtype and NATIVE["use"] = False take SciPy / NumPy;
+    with SciPy off too, codebook products still run in NumPy."""
+    csr, dense = make(rng, 31, 400, 0.1, CODEBOOKS["dc32"])
+    assert S.native_form(csr, np.zeros(400)) is None
+    f32 = dp.sparse.CSR.from_dense(dense.astype(np.float32))
+    assert S.native_form(f32, np.zeros(400, np.float32)) is None
+    with pytest.raises(TypeError, match="codebook"):
+        f32.compact()
+    monkeypatch.setitem(dp.sparse.NATIVE, "use", False)
+    monkeypatch.setitem(dp.sparse.SCIPY, "use", False)
+    assert S.native_form(csr, np.zeros(400, np.float32)) is None
+    x, X = randn(rng, 400), randn(rng, (400, 5))
+    assert_close(dp.ops.spmv(csr, x), dense @ x, 1e-5, "numpy spmv")
+    assert_close(dp.ops.spmm(csr, X), dense @ X, 1e-5, "numpy spmm")
+
+
+FALLBACK_SCRIPT = textwrap.dedent("""
+    import json, os, warnings
+    import numpy as np
+    warnings.simplefilter("always")
+    with warnings.catch_warnings(record=True) as caught:
+        import dnnpar as dp
+        from dnnpar.backend import cpu_native
+        import dnnpar.ops.sparse as S
+        dp.set_backend("numpy")
+        cb = np.concatenate([[0.0], np.linspace(-1, 1, 31)]).astype(np.float32)
+        rng = np.random.default_rng(0)
+        codes = np.where(rng.random((40, 700)) < 0.02, rng.integers(1, 32, (40, 700)), 0).astype(np.uint8)
+        csr = dp.sparse.CSR.from_dense(codes, codebook=cb)
+        x = rng.standard_normal(700).astype(np.float32)
+        X = rng.standard_normal((700, 3)).astype(np.float32)
+        want, Want = cb[codes].astype(np.float64) @ x, cb[codes].astype(np.float64) @ X
+        y, Y = dp.ops.spmv(csr, x), dp.ops.spmm(csr, X)
+    print(json.dumps({
+        "library": cpu_native.library() is not None,
+        "reason": cpu_native.unavailable_reason(),
+        "native_form": S.native_form(csr, x) is not None,
+        "err": max(float(np.abs(y - want).max() / np.abs(want).max()),
+                   float(np.abs(Y - Want).max() / np.abs(Want).max())),
+        "warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)],
+        "wait_policy": cpu_native.wait_policy(),
+        "omp_env": os.environ.get("OMP_WAIT_POLICY"),
+    }))
+""")
+
+
+def run_fallback(tmp_path, **env):
+    full = {k: v for k, v in os.environ.items() if k not in ("DNNPAR_NATIVE", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    full.update(DNNPAR_CACHE=str(tmp_path / "cache"), **env)
+    full["PYTHONPATH"] = os.pathsep.join([str(ROOT), full.get("PYTHONPATH", "")])
+    p = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], capture_output=True, text=True, env=full,
+                       cwd=tmp_path, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_fallback_without_compiler(tmp_path):
+    """CXX names a compiler that does not exist: a warning says why, and the products run in
+    SciPy / NumPy with the same results."""
+    out = run_fallback(tmp_path, CXX=str(tmp_path / "no-such-c++"))
+    assert not out["library"] and not out["native_form"]
+    assert "not on PATH" in out["reason"] and "no-such-c++" in out["reason"]
+    assert any("native CPU kernel" in w and "no-such-c++" in w for w in out["warnings"]), out["warnings"]
+    assert out["err"] < 1e-5
+
+
+def test_fallback_when_the_compiler_fails(tmp_path):
+    """A compiler that exists but fails (every flag set): same fallback, nothing cached."""
+    bad = tmp_path / "bad-c++"
+    bad.write_text("#!/bin/sh\necho 'bad-c++: internal error' >&2\nexit 1\n")
+    bad.chmod(0o755)
+    out = run_fallback(tmp_path, CXX=str(bad))
+    assert not out["library"] and "NativeBuildError" in out["reason"] and "internal error" in out["reason"]
+    assert out["warnings"] and out["err"] < 1e-5
+    assert not list((tmp_path / "cache" / "cpu").glob("*.so"))
+    assert not list((tmp_path / "cache" / "cpu").glob("*.cpp")), "temporary sources are cleaned up"
+
+
+@pytest.mark.skipif(cpu_native.library() is None, reason="no C++ compiler here")
+def test_a_chosen_wait_policy_is_left_alone(tmp_path):
+    out = run_fallback(tmp_path, OMP_WAIT_POLICY="active")
+    assert out["library"] and out["wait_policy"] == "as set in the environment" and out["omp_env"] == "active"
+
+
+def test_disabled_by_environment(tmp_path):
+    out = run_fallback(tmp_path, DNNPAR_NATIVE="0")
+    assert not out["library"] and out["reason"] == "DNNPAR_NATIVE=0 is set"
+    assert out["warnings"] == [] and out["err"] < 1e-5
+
+
+@pytest.mark.skipif(cpu_native.library() is None, reason="no C++ compiler here")
+def test_builds_into_a_fresh_cache(tmp_path):
+    """A fresh cache directory: the library is compiled there, atomically (no stray files), and
+    OpenMP is loaded with passive waiting without leaving OMP_WAIT_POLICY in the environment."""
+    out = run_fallback(tmp_path)
+    assert out["library"] and out["native_form"] and out["reason"] is None and out["err"] < 1e-5
+    assert out["wait_policy"].startswith("passive") and out["omp_env"] is None
+    files = sorted(p.name for p in (tmp_path / "cache" / "cpu").iterdir())
+    assert len(files) == 1 and files[0].startswith("csr_codebook-") and files[0].endswith(".so"), files
