@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .backend.cuda import NVRTC_OPTIONS
-from .backend.sources import SOURCES, cache_dir, digest, read_source, source_path
+from .backend.sources import SOURCES, cache_dir, digest, kernel_names, read_source, source_path
 
 ARCHS = ("75", "80", "90")
 
@@ -103,7 +103,6 @@ def compile_source(source: str, arch: str, nvcc: str, sass: bool = False) -> tup
                                    f"{' '.join(cmd)}\n{out[-4000:]}")
         reports = parse_ptxas(out, source)
         names = {r.kernel for r in reports}
-        from .backend.sources import kernel_names
         missing = set(kernel_names(code)) - names
         if missing:
             raise KernelBuildError(f"ptxas reported nothing for {sorted(missing)} in {source} (sm_{arch})")

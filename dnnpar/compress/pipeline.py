@@ -2,7 +2,7 @@
 encode, write a .dnnz; and load a .dnnz back as a model that runs from the compressed form."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -83,7 +83,7 @@ def compress(model: Sequential, data, cfg: CompressConfig, out=print, progress: 
     out(f"baseline test accuracy {100 * log['baseline']:.2f}%")
     names = prune.prunable_layers(model)
     stds = {n: float(be.to_numpy(model[n].params["weight"]).std()) for n in names}
-    final_q = prune._resolve(model, cfg.quality, "quality")
+    final_q = prune.per_layer(model, cfg.quality)
     masks = {}
     for c in range(1, cfg.cycles + 1):
         q = {n: final_q[n] * c / cfg.cycles for n in names}
@@ -251,7 +251,6 @@ def load(path, sparse: bool = True) -> Sequential:
         if tuple(layer.params["weight"].shape) != c.shape:
             raise container.DnnzError(f"{path}: layer {c.name} has shape {c.shape} in the file, the model has "
                                       f"{tuple(layer.params['weight'].shape)}")
-        dense = c.codebook[c.dense_codes()]
         if sparse and isinstance(layer, Linear) and c.weight_bits <= 8:
             keep = c.csr.codes != 0  # drop fillers: they hold zeros
             cols = c.csr.columns()[keep]
@@ -262,11 +261,10 @@ def load(path, sparse: bool = True) -> Sequential:
             idx = [n for n, _ in model.layers].index(c.name)
             model.layers[idx] = (c.name, CompressedLinear(csr, bias, c.shape[1], c.shape[0]))
         else:
-            layer.params["weight"][...] = be.asarray(dense)
+            layer.params["weight"][...] = be.asarray(c.codebook[c.dense_codes()])
             if c.bias is not None:
                 layer.params["bias"][...] = be.asarray(c.bias)
-    state = {n: v for n, v in others.items()}
-    for n, arr in state.items():
+    for n, arr in others.items():
         lname, key = n.rsplit(".", 1)
         layer = model[lname]
         d = layer.params if key in layer.params else layer.buffers
@@ -276,6 +274,3 @@ def load(path, sparse: bool = True) -> Sequential:
     model.eval()
     return model
 
-
-def config_dict(cfg: CompressConfig) -> dict:
-    return asdict(cfg)

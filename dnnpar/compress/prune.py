@@ -18,7 +18,7 @@ def prunable_layers(model: Sequential) -> list[str]:
     return [n for n, layer in model.layers if isinstance(layer, PRUNABLE)]
 
 
-def _resolve(model: Sequential, spec, what: str) -> dict:
+def per_layer(model: Sequential, spec) -> dict:
     """A number for every prunable layer, or a {layer: number} dict naming some of them."""
     names = prunable_layers(model)
     if isinstance(spec, dict):
@@ -34,7 +34,7 @@ def magnitude_masks(model: Sequential, quality, stds: dict | None = None) -> dic
     the std (Han et al. use the layer's std before pruning, so iterative cycles tighten)."""
     be = get_backend()
     masks = {}
-    for name, q in _resolve(model, quality, "quality").items():
+    for name, q in per_layer(model, quality).items():
         if not q > 0:
             raise ValueError(f"pruning quality must be > 0, got {q} for layer {name}")
         w = be.to_numpy(model[name].params["weight"])
@@ -47,7 +47,7 @@ def percentile_masks(model: Sequential, sparsity) -> dict[str, np.ndarray]:
     """0/1 masks removing the given fraction (per layer) of the smallest-magnitude weights."""
     be = get_backend()
     masks = {}
-    for name, s in _resolve(model, sparsity, "sparsity").items():
+    for name, s in per_layer(model, sparsity).items():
         if not 0.0 <= s < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {s} for layer {name}")
         w = np.abs(be.to_numpy(model[name].params["weight"]))

@@ -51,19 +51,21 @@ class Summary:
     def macs(self):
         return sum(r.macs for r in self.rows)
 
+    def _peak_pair_bytes(self) -> int:
+        """The largest input + output activation pair of one layer, for one sample."""
+        sizes = [int(np.prod(self.input_shape)) * F32] + [r.out_bytes for r in self.rows]
+        return max(a + b for a, b in zip(sizes, sizes[1:]))
+
     def inference_bytes(self):
         """Weights + the largest input/output activation pair alive at once, at ``batch``."""
-        shapes = [int(np.prod(self.input_shape)) * F32] + [r.out_bytes for r in self.rows]
-        peak = max(a + b for a, b in zip(shapes, shapes[1:]))
-        return self.params * F32 + peak * self.batch
+        return self.params * F32 + self._peak_pair_bytes() * self.batch
 
     def training_bytes(self, momentum: bool = True):
         """Weights + gradients + optimizer state (one momentum buffer) + what every layer keeps
         for backward + the largest gradient pair in flight, at ``batch``."""
         p = self.params * F32
         saved = sum(r.saved_bytes for r in self.rows) * self.batch
-        shapes = [int(np.prod(self.input_shape)) * F32] + [r.out_bytes for r in self.rows]
-        peak = max(a + b for a, b in zip(shapes, shapes[1:])) * self.batch
+        peak = self._peak_pair_bytes() * self.batch
         return p * (3 if momentum else 2) + saved + peak
 
     def table(self) -> str:
