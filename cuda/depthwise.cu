@@ -2,13 +2,16 @@
 //
 // x (N, C, H, W), w (C, 1, KH, KW), out (N, C, OH, OW); any stride and padding.
 //   depthwise_conv2d        forward. One thread per output element, consecutive threads on
-//                           consecutive ow. The filter of a channel is tiny (9 floats for 3x3) and
-//                           read by every thread of that channel, so it comes through the read-only
-//                           cache (__ldg); with KH*KW FMAs per output the kernel is memory bound and
-//                           the goal is coalesced traffic, not shared-memory reuse.
-//                           bias may be null (has_bias = 0). block 256, grid-stride.
+//                           consecutive ow; a block works inside one plane (n, c) at a time, so
+//                           the filter (9 floats for 3x3) is the same for the whole block and comes
+//                           through the read-only cache (__ldg); with KH*KW FMAs per output the
+//                           kernel is memory bound and the goal is coalesced traffic, not
+//                           shared-memory reuse. bias may be null (has_bias = 0).
+//                           block 256, grid (ceil(OH*OW / 256), min(N*C, 65535)), planes on y.
 //   depthwise_backward_input  dx = the adjoint: one thread per x element gathers every output
-//                           (and tap) that read it, like col2im: no atomics. block 256, grid-stride.
+//                           (and tap) that read it, like col2im: no atomics.
+//                           block 256, grid (ceil(H*W / 256), min(N*C, 65535)), planes on y.
+// Pixel indices inside a plane are 32-bit, plane offsets 64-bit; no 64-bit division per element.
 //   depthwise_backward_weight dw[c][kh][kw] = sum over n, oh, ow of dy * x. One block per weight
 //                           (grid C*KH*KW): threads stride over the N*OH*OW products, then a
 //                           warp-shuffle reduction and a shared-memory pass over the warps' sums.
@@ -19,52 +22,48 @@ extern "C" __global__ void depthwise_conv2d(const float* __restrict__ x, const f
                                             const float* __restrict__ bias, int has_bias, float* __restrict__ out,
                                             int N, int C, int H, int W, int KH, int KW, int OH, int OW, int sh,
                                             int sw, int ph, int pw) {
-    const long long total = (long long)N * C * OH * OW;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (long long)gridDim.x * blockDim.x) {
-        int ow = (int)(i % OW);
-        int oh = (int)(i / OW % OH);
-        int c = (int)(i / ((long long)OW * OH) % C);
-        int n = (int)(i / ((long long)OW * OH * C));
-        const float* xc = x + ((long long)n * C + c) * H * W;
-        const float* wc = w + (long long)c * KH * KW;
+    const int pix = blockIdx.x * blockDim.x + threadIdx.x;
+    if (pix >= OH * OW) return;
+    const int ow = pix % OW, oh = pix / OW;
+    const int h0 = oh * sh - ph, w0 = ow * sw - pw;
+    for (int plane = blockIdx.y; plane < N * C; plane += gridDim.y) {
+        const int c = plane % C;
+        const float* xc = x + (long long)plane * H * W;
+        const float* wc = w + c * KH * KW;
         float acc = has_bias ? __ldg(bias + c) : 0.f;
         for (int kh = 0; kh < KH; ++kh) {
-            int h = oh * sh - ph + kh;
+            const int h = h0 + kh;
             if (h < 0 || h >= H) continue;
             for (int kw = 0; kw < KW; ++kw) {
-                int ww = ow * sw - pw + kw;
+                const int ww = w0 + kw;
                 if (ww < 0 || ww >= W) continue;
-                acc += xc[(long long)h * W + ww] * __ldg(wc + kh * KW + kw);
+                acc += __ldg(xc + h * W + ww) * __ldg(wc + kh * KW + kw);
             }
         }
-        out[i] = acc;
+        out[(long long)plane * OH * OW + pix] = acc;
     }
 }
 
 extern "C" __global__ void depthwise_backward_input(const float* __restrict__ dy, const float* __restrict__ w,
                                                     float* __restrict__ dx, int N, int C, int H, int W, int KH,
                                                     int KW, int OH, int OW, int sh, int sw, int ph, int pw) {
-    const long long total = (long long)N * C * H * W;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (long long)gridDim.x * blockDim.x) {
-        int iw = (int)(i % W);
-        int ih = (int)(i / W % H);
-        int c = (int)(i / ((long long)W * H) % C);
-        int n = (int)(i / ((long long)W * H * C));
-        const float* dyc = dy + ((long long)n * C + c) * OH * OW;
-        const float* wc = w + (long long)c * KH * KW;
+    const int pix = blockIdx.x * blockDim.x + threadIdx.x;
+    if (pix >= H * W) return;
+    const int iw = pix % W, ih = pix / W;
+    for (int plane = blockIdx.y; plane < N * C; plane += gridDim.y) {
+        const float* dyc = dy + (long long)plane * OH * OW;
+        const float* wc = w + (plane % C) * KH * KW;
         float acc = 0.f;
         for (int kh = 0; kh < KH; ++kh) {
-            int th = ih + ph - kh;  // = oh * sh when output row oh reads x row ih through tap kh
+            const int th = ih + ph - kh;  // = oh * sh when output row oh reads x row ih through tap kh
             if (th < 0 || th % sh != 0 || th / sh >= OH) continue;
             for (int kw = 0; kw < KW; ++kw) {
-                int tw = iw + pw - kw;
+                const int tw = iw + pw - kw;
                 if (tw < 0 || tw % sw != 0 || tw / sw >= OW) continue;
-                acc += dyc[(long long)(th / sh) * OW + tw / sw] * __ldg(wc + kh * KW + kw);
+                acc += __ldg(dyc + (th / sh) * OW + tw / sw) * __ldg(wc + kh * KW + kw);
             }
         }
-        dx[i] = acc;
+        dx[(long long)plane * H * W + pix] = acc;
     }
 }
 

@@ -15,7 +15,9 @@
 //                   where the operand is 16-byte aligned; A's tile stored k-major with a 4-float
 //                   pad so the transposing store is bank-conflict-free; each thread's 8 rows and 8
 //                   columns are two groups of 4 strided by 64, so every quarter-warp float4 read of
-//                   shared memory touches 32 distinct banks. block (256), grid (ceil(N/128), ceil(M/128)).
+//                   shared memory touches 32 distinct banks; two shared-memory stages, the next
+//                   k-slice loaded into registers while the current one is multiplied.
+//                   block (256), grid (ceil(N/128), ceil(M/128)).
 // All variants take any M, N, K >= 1 (partial tiles are zero-filled in shared memory).
 
 #define GEMM_AT(X, ld, t, r, c) ((t) ? (X)[(long long)(c) * (ld) + (r)] : (X)[(long long)(r) * (ld) + (c)])
@@ -77,42 +79,54 @@ sgemm_tiled(int M, int N, int K, float alpha, const float* __restrict__ A, int l
 #define RB_PAD 4
 #define RB_THREADS 256
 
-// Stage a BK x 128 slice of op(X) into S[BK][128 + PAD] (k-major). `base` is the first row (of
-// op(X) when the slice runs along M, i.e. X = A) or column (X = B) of the block tile.
+// Stage a BK x 128 slice of op(X) into S[BK][128 + PAD] (k-major), in two halves so that the
+// global loads of the next slice are in flight while the current one is multiplied: rb_load reads
+// this thread's 4 floats into registers, rb_store writes them to shared memory. `base` is the
+// first row (of op(X) when the slice runs along M, i.e. X = A) or column (X = B) of the block tile.
 // along_k: op(X) rows are the 128 direction and k the contiguous one (A not transposed, or B
 // transposed); then each thread reads 4 consecutive k and writes them down a column of S.
 // Otherwise the 128 direction is contiguous and each thread copies 4 floats straight across.
-__device__ __forceinline__ void rb_stage(float (*S)[RB_BM + RB_PAD], const float* __restrict__ X, int ld,
-                                         bool along_k, bool vec, int extent, int K, int base, int k0, int t) {
+__device__ __forceinline__ float4 rb_load(const float* __restrict__ X, int ld, bool along_k, bool vec, int extent,
+                                          int K, int base, int k0, int t) {
+    float4 v;
     if (along_k) {
-        int r = t >> 1, kk = (t & 1) * 4;  // 128 rows x 2 quads of k
-        int gr = base + r, gk = k0 + kk;
+        int gr = base + (t >> 1), gk = k0 + (t & 1) * 4;  // 128 rows x 2 quads of k
         const float* p = X + (long long)gr * ld + gk;
-        if (gr < extent && vec && gk + 3 < K) {
-            float4 v = *reinterpret_cast<const float4*>(p);
-            S[kk + 0][r] = v.x; S[kk + 1][r] = v.y; S[kk + 2][r] = v.z; S[kk + 3][r] = v.w;
-        } else {
-#pragma unroll
-            for (int j = 0; j < 4; ++j) S[kk + j][r] = (gr < extent && gk + j < K) ? p[j] : 0.f;
-        }
+        if (gr < extent && vec && gk + 3 < K) return __ldg(reinterpret_cast<const float4*>(p));
+        bool in = gr < extent;
+        v.x = (in && gk + 0 < K) ? p[0] : 0.f;
+        v.y = (in && gk + 1 < K) ? p[1] : 0.f;
+        v.z = (in && gk + 2 < K) ? p[2] : 0.f;
+        v.w = (in && gk + 3 < K) ? p[3] : 0.f;
     } else {
-        int kk = t >> 5, c = (t & 31) * 4;  // 8 k-rows x 32 quads
-        int gk = k0 + kk, gc = base + c;
+        int gk = k0 + (t >> 5), gc = base + (t & 31) * 4;  // 8 k-rows x 32 quads
         const float* p = X + (long long)gk * ld + gc;
-        if (gk < K && vec && gc + 3 < extent) {
-            *reinterpret_cast<float4*>(&S[kk][c]) = *reinterpret_cast<const float4*>(p);
-        } else {
-#pragma unroll
-            for (int j = 0; j < 4; ++j) S[kk][c + j] = (gk < K && gc + j < extent) ? p[j] : 0.f;
-        }
+        if (gk < K && vec && gc + 3 < extent) return __ldg(reinterpret_cast<const float4*>(p));
+        bool in = gk < K;
+        v.x = (in && gc + 0 < extent) ? p[0] : 0.f;
+        v.y = (in && gc + 1 < extent) ? p[1] : 0.f;
+        v.z = (in && gc + 2 < extent) ? p[2] : 0.f;
+        v.w = (in && gc + 3 < extent) ? p[3] : 0.f;
+    }
+    return v;
+}
+
+__device__ __forceinline__ void rb_store(float (*S)[RB_BM + RB_PAD], float4 v, bool along_k, int t) {
+    if (along_k) {
+        int r = t >> 1, kk = (t & 1) * 4;
+        S[kk + 0][r] = v.x; S[kk + 1][r] = v.y; S[kk + 2][r] = v.z; S[kk + 3][r] = v.w;
+    } else {
+        *reinterpret_cast<float4*>(&S[t >> 5][(t & 31) * 4]) = v;
     }
 }
 
 extern "C" __global__ void __launch_bounds__(RB_THREADS)
 sgemm_regblock(int M, int N, int K, float alpha, const float* __restrict__ A, int lda, int ta,
                const float* __restrict__ B, int ldb, int tb, float beta, float* __restrict__ C, int ldc) {
-    __shared__ __align__(16) float As[RB_BK][RB_BM + RB_PAD];
-    __shared__ __align__(16) float Bs[RB_BK][RB_BN + RB_PAD];
+    // Two shared-memory stages: slice k0 is multiplied out of one while slice k0 + BK, already
+    // loaded into registers, is written to the other; one barrier per slice.
+    __shared__ __align__(16) float As[2][RB_BK][RB_BM + RB_PAD];
+    __shared__ __align__(16) float Bs[2][RB_BK][RB_BN + RB_PAD];
     const int t = threadIdx.x;
     const int tr = t >> 4, tc = t & 15;  // 16 x 16 threads, each 8 x 8 outputs
     const int m0 = blockIdx.y * RB_BM, n0 = blockIdx.x * RB_BN;
@@ -125,17 +139,24 @@ sgemm_regblock(int M, int N, int K, float alpha, const float* __restrict__ A, in
 #pragma unroll
         for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
 
+    rb_store(As[0], rb_load(A, lda, !ta, vec_a, M, K, m0, 0, t), !ta, t);
+    rb_store(Bs[0], rb_load(B, ldb, tb, vec_b, N, K, n0, 0, t), tb, t);
+    __syncthreads();
+    int cur = 0;
     for (int k0 = 0; k0 < K; k0 += RB_BK) {
-        rb_stage(As, A, lda, !ta, vec_a, M, K, m0, k0, t);
-        rb_stage(Bs, B, ldb, tb, vec_b, N, K, n0, k0, t);
-        __syncthreads();
+        const bool more = k0 + RB_BK < K;
+        float4 na = make_float4(0.f, 0.f, 0.f, 0.f), nb = na;
+        if (more) {
+            na = rb_load(A, lda, !ta, vec_a, M, K, m0, k0 + RB_BK, t);
+            nb = rb_load(B, ldb, tb, vec_b, N, K, n0, k0 + RB_BK, t);
+        }
 #pragma unroll
         for (int k = 0; k < RB_BK; ++k) {
             float a[8], b[8];
-            float4 a0 = *reinterpret_cast<const float4*>(&As[k][tr * 4]);
-            float4 a1 = *reinterpret_cast<const float4*>(&As[k][64 + tr * 4]);
-            float4 b0 = *reinterpret_cast<const float4*>(&Bs[k][tc * 4]);
-            float4 b1 = *reinterpret_cast<const float4*>(&Bs[k][64 + tc * 4]);
+            float4 a0 = *reinterpret_cast<const float4*>(&As[cur][k][tr * 4]);
+            float4 a1 = *reinterpret_cast<const float4*>(&As[cur][k][64 + tr * 4]);
+            float4 b0 = *reinterpret_cast<const float4*>(&Bs[cur][k][tc * 4]);
+            float4 b1 = *reinterpret_cast<const float4*>(&Bs[cur][k][64 + tc * 4]);
             a[0] = a0.x; a[1] = a0.y; a[2] = a0.z; a[3] = a0.w; a[4] = a1.x; a[5] = a1.y; a[6] = a1.z; a[7] = a1.w;
             b[0] = b0.x; b[1] = b0.y; b[2] = b0.z; b[3] = b0.w; b[4] = b1.x; b[5] = b1.y; b[6] = b1.z; b[7] = b1.w;
 #pragma unroll
@@ -143,7 +164,13 @@ sgemm_regblock(int M, int N, int K, float alpha, const float* __restrict__ A, in
 #pragma unroll
                 for (int j = 0; j < 8; ++j) acc[i][j] += a[i] * b[j];
         }
+        if (more) {
+            // The other stage was last read in the previous slice, which the barrier below it closed.
+            rb_store(As[cur ^ 1], na, !ta, t);
+            rb_store(Bs[cur ^ 1], nb, tb, t);
+        }
         __syncthreads();
+        cur ^= 1;
     }
 
     const bool vec_c = ((unsigned long long)C & 15) == 0 && (ldc & 3) == 0;

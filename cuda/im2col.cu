@@ -3,61 +3,66 @@
 // cols has shape (C*KH*KW, N*OH*OW): row (c, kh, kw), column (n, oh, ow), so that a whole
 // convolution is one GEMM  out(O, N*OH*OW) = W(O, C*KH*KW) @ cols.
 //
-//   im2col   one thread per element of cols, grid-stride loop over all of them; consecutive
-//            threads take consecutive (n, oh, ow), so the writes are coalesced and the reads
-//            of x walk a row with the conv stride. Out-of-image taps write 0.
-//   col2im   gather, no atomics: one thread per element of x sums every (kh, kw, oh, ow)
-//            that read it, so each output is written exactly once. Used for the input gradient.
-// Indices are 64-bit: a VGG-sized batch exceeds 2^31 elements of cols.
-// Launch: block 256, grid min(ceil(total / 256), 65535 * 8) (grid-stride covers the rest).
+//   im2col   one thread per column (n, oh, ow), which it decodes once, then writes its KH*KW taps
+//            for each channel c of a grid-stride loop over blockIdx.y. Consecutive threads take
+//            consecutive columns, so every store is a coalesced row segment of cols and the loads
+//            of x walk an image row with the conv stride; out-of-image taps write 0. Column
+//            indices are 32-bit (the host requires N*OH*OW < 2^31), offsets into cols 64-bit.
+//            Launch: block 256, grid (ceil(N*OH*OW / 256), min(C, 65535)).
+//   col2im   gather, no atomics: one thread per element of x sums every (kh, kw, oh, ow) that
+//            read it, so each output is written exactly once. Used for the input gradient.
+//            Planes (n, c) on blockIdx.y (grid-stride), the pixels of a plane on x, 32-bit.
+//            Launch: block 256, grid (ceil(H*W / 256), min(N*C, 65535)).
 
 extern "C" __global__ void im2col(const float* __restrict__ x, float* __restrict__ cols, int N, int C, int H,
                                   int W, int KH, int KW, int OH, int OW, int sh, int sw, int ph, int pw, int dh,
                                   int dw) {
-    const long long ncols = (long long)N * OH * OW;
-    const long long total = ncols * C * KH * KW;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (long long)gridDim.x * blockDim.x) {
-        long long col = i % ncols;
-        long long row = i / ncols;
-        int ow = (int)(col % OW);
-        int oh = (int)(col / OW % OH);
-        int n = (int)(col / ((long long)OW * OH));
-        int kw = (int)(row % KW);
-        int kh = (int)(row / KW % KH);
-        int c = (int)(row / ((long long)KW * KH));
-        int h = oh * sh - ph + kh * dh;
-        int w = ow * sw - pw + kw * dw;
-        cols[i] = (h >= 0 && h < H && w >= 0 && w < W) ? x[(((long long)n * C + c) * H + h) * W + w] : 0.f;
+    const int ncols = N * OH * OW;
+    const int col = blockIdx.x * blockDim.x + threadIdx.x;
+    if (col >= ncols) return;
+    const int ow = col % OW, q = col / OW;
+    const int oh = q % OH, n = q / OH;
+    const int h0 = oh * sh - ph, w0 = ow * sw - pw;
+    const long long plane = (long long)H * W, taps = (long long)KH * KW;
+    for (int c = blockIdx.y; c < C; c += gridDim.y) {
+        const float* xc = x + ((long long)n * C + c) * plane;
+        float* out = cols + (long long)c * taps * ncols + col;
+        for (int kh = 0; kh < KH; ++kh) {
+            const int h = h0 + kh * dh;
+            const bool hin = h >= 0 && h < H;
+            for (int kw = 0; kw < KW; ++kw) {
+                const int w = w0 + kw * dw;
+                *out = (hin && w >= 0 && w < W) ? __ldg(xc + (long long)h * W + w) : 0.f;
+                out += ncols;
+            }
+        }
     }
 }
 
 extern "C" __global__ void col2im(const float* __restrict__ cols, float* __restrict__ x, int N, int C, int H,
                                   int W, int KH, int KW, int OH, int OW, int sh, int sw, int ph, int pw, int dh,
                                   int dw) {
+    const int pix = blockIdx.x * blockDim.x + threadIdx.x;
+    if (pix >= H * W) return;
+    const int w = pix % W, h = pix / W;
     const long long ncols = (long long)N * OH * OW;
-    const long long total = (long long)N * C * H * W;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (long long)gridDim.x * blockDim.x) {
-        int w = (int)(i % W);
-        int h = (int)(i / W % H);
-        int c = (int)(i / ((long long)W * H) % C);
-        int n = (int)(i / ((long long)W * H * C));
+    for (int plane = blockIdx.y; plane < N * C; plane += gridDim.y) {
+        const int n = plane / C, c = plane % C;
+        const float* col0 = cols + (long long)c * KH * KW * ncols + (long long)n * OH * OW;
         float acc = 0.f;
         for (int kh = 0; kh < KH; ++kh) {
-            int th = h + ph - kh * dh;  // = oh * sh when this tap of row oh reads x[h]
+            const int th = h + ph - kh * dh;  // = oh * sh when this tap of row oh reads x[h]
             if (th < 0 || th % sh != 0) continue;
-            int oh = th / sh;
+            const int oh = th / sh;
             if (oh >= OH) continue;
             for (int kw = 0; kw < KW; ++kw) {
-                int tw = w + pw - kw * dw;
+                const int tw = w + pw - kw * dw;
                 if (tw < 0 || tw % sw != 0) continue;
-                int ow = tw / sw;
+                const int ow = tw / sw;
                 if (ow >= OW) continue;
-                long long row = ((long long)c * KH + kh) * KW + kw;
-                acc += cols[row * ncols + ((long long)n * OH + oh) * OW + ow];
+                acc += __ldg(col0 + (long long)(kh * KW + kw) * ncols + oh * OW + ow);
             }
         }
-        x[i] = acc;
+        x[(long long)plane * H * W + pix] = acc;
     }
 }

@@ -79,9 +79,9 @@ def test_missing_barrier_after_codebook_staging_is_caught(emu, rng):
 def test_out_of_bounds_write_is_a_python_error(emu, rng):
     x = rng.standard_normal((2, 3, 5, 5)).astype(np.float32)
     code = read_source("im2col.cu")
-    loop = "threadIdx.x; i < total;"
-    assert loop in code
-    broken = code.replace(loop, "threadIdx.x; i <= total;", 1)  # one element too far
+    store = "float* out = cols + (long long)c * taps * ncols + col;"
+    assert store in code
+    broken = code.replace(store, store[:-1] + " + 1;", 1)  # every store one element too far
     with emu.source_override("im2col.cu", broken):
         with pytest.raises(EmuMemoryError, match=r"0 bytes past the end of argument 1 \(cols"):
             dp.ops.im2col(x, 3, 3)

@@ -30,11 +30,12 @@ def make_layers():
 
 
 def _bn_eval():
+    be = dp.get_backend()  # the arrays live where the layer does (CuPy refuses a NumPy source)
     bn = nn.BatchNorm2d(3)
-    bn.buffers["running_mean"][...] = np.array([0.1, -0.2, 0.3], np.float32)
-    bn.buffers["running_var"][...] = np.array([1.5, 0.5, 2.0], np.float32)
-    bn.params["weight"][...] = np.array([1.2, 0.7, -0.4], np.float32)
-    bn.params["bias"][...] = np.array([0.1, 0.0, -0.3], np.float32)
+    bn.buffers["running_mean"][...] = be.asarray(np.array([0.1, -0.2, 0.3], np.float32))
+    bn.buffers["running_var"][...] = be.asarray(np.array([1.5, 0.5, 2.0], np.float32))
+    bn.params["weight"][...] = be.asarray(np.array([1.2, 0.7, -0.4], np.float32))
+    bn.params["bias"][...] = be.asarray(np.array([0.1, 0.0, -0.3], np.float32))
     bn.training = False
     return bn
 

@@ -174,3 +174,27 @@ def test_numpy_backend_sparse_with_and_without_scipy(monkeypatch, scipy, codeboo
         x, X = randn(rng, 131), randn(rng, (131, 9))
         assert_close(dp.ops.spmv(csr, x), dense @ x, 1e-5, "spmv")
         assert_close(dp.ops.spmm(csr, X), dense @ X, 1e-5, "spmm")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS, indirect=True)
+def test_plane_kernels_stride_over_more_planes_than_grid_rows(backend, monkeypatch, rng):
+    """im2col, col2im and depthwise put planes on gridDim.y (CUDA allows 65535) and stride over
+    the rest: with the cap forced to 2 rows, 7 planes still all get computed."""
+    import dnnpar.ops._common as common
+
+    monkeypatch.setattr(common, "MAX_GRID_Y", 2)
+    n, c, h, w = 1, 7, 6, 5
+    x, wd = randn(rng, (n, c, h, w)), randn(rng, (c, 1, 3, 3))
+    xd, wdd = put(backend, x, wd)
+    cols = dp.ops.im2col(xd, 3, 3, padding=1)
+    assert_close(backend.to_numpy(cols), oracles.im2col(x, 3, 3, (1, 1), (1, 1), (1, 1)), 0, "im2col")
+    dx = dp.ops.col2im(cols, x.shape, 3, 3, padding=1)
+    assert_close(backend.to_numpy(dx), oracles.col2im(backend.to_numpy(cols), x.shape, 3, 3, (1, 1), (1, 1), (1, 1)),
+                 1e-6, "col2im")
+    out = dp.ops.depthwise_conv2d(xd, wdd, padding=1)
+    assert_close(backend.to_numpy(out), oracles.depthwise(x, wd, None, (1, 1), (1, 1)), 1e-5, "depthwise")
+    dy = randn(rng, out.shape)
+    gx, _, _ = dp.ops.depthwise_conv2d_backward(xd, wdd, backend.asarray(dy), padding=1)
+    dcols = wd.astype(np.float64).reshape(c, 9, 1) * dy.astype(np.float64).transpose(1, 0, 2, 3).reshape(c, 1, -1)
+    want = oracles.col2im(dcols.reshape(c * 9, -1), x.shape, 3, 3, (1, 1), (1, 1), (1, 1))
+    assert_close(backend.to_numpy(gx), want, 1e-5, "depthwise dx")

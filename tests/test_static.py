@@ -48,10 +48,12 @@ def test_no_spills_on_sm90(reports, kernel):
 
 @needs_nvcc
 def test_regblock_keeps_its_tile_in_registers_and_shared_memory(reports):
-    """8x8 accumulators + 16 operands need well over 64 registers; 2 x 8 x 132 floats of smem."""
+    """8x8 accumulators + 16 operands need well over 64 registers; two stages of A and B tiles,
+    2 x 2 x 8 x 132 floats of smem; no spills."""
     (r,) = [r for r in reports if r.kernel == "sgemm_regblock" and r.arch == "90"]
     assert r.registers >= 96
-    assert r.smem == 2 * 8 * 132 * 4
+    assert r.smem == 2 * 2 * 8 * 132 * 4
+    assert r.spill_stores == 0 and r.spill_loads == 0 and r.stack == 0
     assert r.barriers >= 1
 
 

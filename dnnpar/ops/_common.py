@@ -10,7 +10,8 @@ import numpy as np
 from ..backend import get_backend
 
 INT32_MAX = 2**31 - 1
-GRID_STRIDE_BLOCKS = 65535 * 8  # grid-stride kernels never need more blocks than this
+GRID_STRIDE_BLOCKS = 65535 * 8  # 1-D grid-stride kernels never need more blocks than this
+MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y; the plane-wise kernels stride over the rest
 
 
 def pair(v, name: str) -> tuple[int, int]:
@@ -63,7 +64,17 @@ def conv_out_size(op: str, size: int, k: int, s: int, p: int, d: int, axis: str)
 
 
 def grid_stride_blocks(total: int, threads: int = 256) -> int:
+    """1-D grid for a grid-stride loop over `total` elements (cuda/conv_direct.cu)."""
     return max(1, min((total + threads - 1) // threads, GRID_STRIDE_BLOCKS))
+
+
+def plane_grid(op: str, pixels: int, planes: int, threads: int = 256) -> tuple:
+    """Grid for the plane-wise kernels (cuda/im2col.cu, depthwise.cu, conv_direct.cu): x covers one
+    plane's pixels with 32-bit indices, y strides over the planes (at most 65535 blocks)."""
+    if pixels >= 2**31 or planes >= 2**31:
+        raise ValueError(f"{op}: {planes} planes of {pixels} pixels; the kernels count both with 32 bits "
+                         "(split the batch)")
+    return (max(1, -(-pixels // threads)), max(1, min(planes, MAX_GRID_Y)))
 
 
 def i32(v) -> np.int32:

@@ -15,7 +15,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from ..backend import get_backend
 from ..nvtx import ranged
-from ._common import check_array, check_same_dtype, conv_out_size, grid_stride_blocks, i32, pair
+from ._common import check_array, check_same_dtype, conv_out_size, grid_stride_blocks, i32, pair, plane_grid
 from .gemm import gemm
 
 ALGOS = ("im2col", "direct")
@@ -220,8 +220,9 @@ def im2col(x, kh: int, kw: int, stride=1, padding=0, dilation=1):
     g = geometry_for_x("im2col", x, kh, kw, stride, padding, dilation, be)
     if not be.runs_kernels:
         return im2col_numpy(x, g)
-    cols = be.empty((g.c * g.kh * g.kw, g.n * g.oh * g.ow), x.dtype)
-    be.launch("im2col.cu", "im2col", (grid_stride_blocks(cols.size),), (256,), (x, cols, *g.kernel_args()))
+    ncols = g.n * g.oh * g.ow  # the kernel's "plane" is one input channel over the whole batch
+    cols = be.empty((g.c * g.kh * g.kw, ncols), x.dtype)
+    be.launch("im2col.cu", "im2col", plane_grid("im2col", ncols, g.c), (256,), (x, cols, *g.kernel_args()))
     return cols
 
 
@@ -239,7 +240,7 @@ def col2im(cols, x_shape, kh: int, kw: int, stride=1, padding=0, dilation=1):
     if not be.runs_kernels:
         return col2im_numpy(cols, g)
     x = be.empty(tuple(int(s) for s in x_shape), cols.dtype)
-    be.launch("im2col.cu", "col2im", (grid_stride_blocks(x.size),), (256,), (cols, x, *g.kernel_args()))
+    be.launch("im2col.cu", "col2im", plane_grid("col2im", g.h * g.w, g.n * g.c), (256,), (cols, x, *g.kernel_args()))
     return x
 
 
@@ -274,7 +275,7 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, algo: str = "im2col
             return conv2d_direct_numpy(x, w, bias, g)
         out = be.empty((g.n, o, g.oh, g.ow))
         b = bias if bias is not None else be.xp.zeros(1, np.float32)  # not read: has_bias = 0
-        be.launch("conv_direct.cu", "conv2d_direct", (grid_stride_blocks(out.size),), (256,),
+        be.launch("conv_direct.cu", "conv2d_direct", (grid_stride_blocks(g.n * o * g.oh * g.ow),), (256,),
                   (x, w, b, i32(bias is not None), out,
                    *(i32(v) for v in (g.n, g.c, g.h, g.w, o, g.kh, g.kw, g.oh, g.ow, *g.stride, *g.padding,
                                       *g.dilation))))

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..backend import get_backend
 from ..nvtx import ranged
-from ._common import check_array, check_same_dtype, grid_stride_blocks, i32
+from ._common import check_array, check_same_dtype, i32, plane_grid
 from .conv import ConvGeometry, check_bias, geometry_for_x
 
 
@@ -60,7 +60,7 @@ def depthwise_conv2d(x, w, bias=None, stride=1, padding=0):
         return depthwise_conv2d_numpy(x, w, bias, g)
     out = be.empty((g.n, g.c, g.oh, g.ow))
     b = bias if bias is not None else be.xp.zeros(1, np.float32)  # not read: has_bias = 0
-    be.launch("depthwise.cu", "depthwise_conv2d", (grid_stride_blocks(out.size),), (256,),
+    be.launch("depthwise.cu", "depthwise_conv2d", plane_grid("depthwise_conv2d", g.oh * g.ow, g.n * g.c), (256,),
               (x, w, b, i32(bias is not None), out, *_tail(g)))
     return out
 
@@ -86,6 +86,7 @@ def depthwise_conv2d_backward(x, w, dy, stride=1, padding=0, need_dx: bool = Tru
     dx = None
     if need_dx:
         dx = be.empty(x.shape)
-        be.launch("depthwise.cu", "depthwise_backward_input", (grid_stride_blocks(dx.size),), (256,),
+        be.launch("depthwise.cu", "depthwise_backward_input",
+                  plane_grid("depthwise_conv2d_backward", g.h * g.w, g.n * g.c), (256,),
                   (dy, w, dx, *_tail(g)))
     return dx, dw, db
