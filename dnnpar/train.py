@@ -162,18 +162,22 @@ def plot_history(history: History, path=None):
 
 
 def train(cfg: TrainConfig, checkpoint=None, resume: bool = False, plot=None, progress: bool = True,
-          out=print, data: fashion_mnist.Dataset | None = None, model=None, optimizer=None):
+          out=print, data: fashion_mnist.Dataset | None = None, model=None, optimizer=None, parallel=None):
     """Train on Fashion-MNIST; returns (model, history).
 
     ``data``: a loaded :class:`Dataset` (default: ``cfg.subset`` found through ``cfg.data_dir``).
     ``model``: a prebuilt model (default: ``cfg.model`` built with ``cfg.seed``).
     ``optimizer``: a prebuilt optimizer with ``lr``, ``step()`` and ``state()`` (default: SGD from
     ``cfg``); Deep Compression retrains with masked SGD and with centroid SGD.
+    ``parallel``: a :class:`dnnpar.parallel.data_parallel.DataParallel` (synchronous data parallel
+    over MPI / NCCL): ``cfg.batch_size`` is then the batch of each rank, every step's gradients
+    are summed over the ranks, and only rank 0 prints, evaluates and writes checkpoints.
     ``cfg.backend`` is active for the run and the previous backend is restored afterwards."""
     cfg.validate()
     if cfg.backend:
         with _backend.use_backend(cfg.backend):
-            return train(replace(cfg, backend=None), checkpoint, resume, plot, progress, out, data, model, optimizer)
+            return train(replace(cfg, backend=None), checkpoint, resume, plot, progress, out, data, model, optimizer,
+                         parallel)
     be = _backend.get_backend()
     data = data or fashion_mnist.load(cfg.data_dir, cfg.subset)
     if model is None:
@@ -189,33 +193,52 @@ def train(cfg: TrainConfig, checkpoint=None, resume: bool = False, plot=None, pr
             raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}")
         start_epoch, history = load_checkpoint(checkpoint, model, opt, cfg)
         out(f"resumed from {checkpoint} after epoch {start_epoch - 1}")
+    root = parallel is None or parallel.is_root
+    if parallel is not None:
+        parallel.check_data(len(data.y_train), cfg.batch_size)
+        parallel.setup(model)  # every rank starts from rank 0's parameters
+        if not root:
+            out, progress, checkpoint, plot = (lambda *a, **k: None), False, None, None
     out(f"training {model.name} ({model.num_parameters():,} parameters) on {data!r}, backend '{be.name}'")
+    if parallel is not None:
+        out(parallel.describe() + f"; batch {cfg.batch_size} per rank, {parallel.global_batch(cfg.batch_size)} "
+            "per step")
     out(history.table_header())
     for r in history.records:
         out(history.row(r))
-    n_batches = -(-len(data.y_train) // cfg.batch_size)
+    step_batch = cfg.batch_size if parallel is None else parallel.global_batch(cfg.batch_size)
+    n_batches = -(-len(data.y_train) // step_batch)
     for epoch in range(start_epoch, cfg.epochs + 1):
         opt.lr = schedule(epoch - 1)
         model.train()
         bar = ProgressBar(n_batches, f"epoch {epoch}/{cfg.epochs}", enabled=progress)
         t0, seen, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
-        for i, (xb, yb) in enumerate(fashion_mnist.batches(data.x_train, data.y_train, cfg.batch_size,
+        for i, (xb, yb) in enumerate(fashion_mnist.batches(data.x_train, data.y_train, step_batch,
                                                             seed=cfg.seed, epoch=epoch), 1):
-            logits = model.forward(be.asarray(xb))
-            labels = be.asarray(yb)
-            loss = float(loss_fn(logits, labels))
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"the loss became {loss} at epoch {epoch}, batch {i}: training diverged; "
-                                         f"lower the learning rate (now {opt.lr:g})")
-            model.backward(loss_fn.backward())
+            share = 1.0
+            if parallel is not None:
+                xb, yb, share = parallel.shard(xb, yb)
+            loss = 0.0
+            if len(yb):
+                logits = model.forward(be.asarray(xb))
+                labels = be.asarray(yb)
+                loss = float(loss_fn(logits, labels))
+                if not np.isfinite(loss):
+                    raise FloatingPointError(f"the loss became {loss} at epoch {epoch}, batch {i}: training diverged; "
+                                             f"lower the learning rate (now {opt.lr:g})")
+                model.backward(loss_fn.backward())
+                correct += int((be.to_numpy(logits).argmax(axis=1) == yb).sum())
+            if parallel is not None:
+                parallel.allreduce_grads(model, share)  # a rank with no samples adds share 0
             opt.step()
             seen += len(yb)
             loss_sum += loss * len(yb)
-            correct += int((be.to_numpy(logits).argmax(axis=1) == yb).sum())
-            bar.update(i, loss_sum / seen)
+            bar.update(i, loss_sum / max(seen, 1))
         be.synchronize()
         seconds = time.perf_counter() - t0
-        test_acc = evaluate(model, data.x_test, data.y_test)
+        if parallel is not None:
+            seen, loss_sum, correct = parallel.reduce_stats(seen, loss_sum, correct)
+        test_acc = evaluate(model, data.x_test, data.y_test) if root else float("nan")
         rec = EpochRecord(epoch, opt.lr, loss_sum / seen, correct / seen, test_acc, seen / seconds, seconds)
         history.records.append(rec)
         out(history.row(rec))

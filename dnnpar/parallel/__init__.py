@@ -1,0 +1,12 @@
+"""Parallel training, one module per strategy (ChainerMN's shape):
+
+- ``comm``           communicators: MPI (mpi4py) and NCCL (CuPy, bootstrapped over MPI), with a
+                     watchdog so a dead or silent rank ends the job with an error, never a hang
+- ``data_parallel``  synchronous data parallel SGD: fused-bucket gradient allreduce
+- ``hogwild``        lock-free asynchronous SGD over shared memory inside one machine
+- ``ps``             parameter server on Ray: sharded servers, BSP / SSP / ASP, fault tolerance
+- ``model_parallel`` AlexNet's two-column split over two ranks or devices, and the hybrid
+- ``plan``           communication models and scaling predictions (``dnnpar plan``)
+
+MPI, NCCL and Ray are imported only by the modules that use them (``pip install dnnpar[dist]``).
+"""

@@ -1,0 +1,190 @@
+"""Synchronous data parallelism over real MPI (mpiexec + mpi4py): N ranks at batch b follow one
+rank at batch N*b; a dead or silent rank ends the job with an error; bucketing; bad input."""
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import dnnpar as dp
+from dnnpar.nn.models import build
+from dnnpar.parallel.flat import ParamLayout
+
+pytest.importorskip("mpi4py", reason="the data-parallel tests need mpi4py: pip install 'dnnpar[dist]'")
+from dnnpar.parallel.comm import mpiexec  # noqa: E402
+from dnnpar.parallel.data_parallel import Buckets, DataParallel  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# One rank of a run: train `steps` global batches of a slice of the embedded set, then rank 0
+# writes the final parameters. Arguments: model batch steps extra n_out out_path [fail_json].
+WORKER = textwrap.dedent('''
+    import json, os, sys
+    import numpy as np
+    from dnnpar.data import fashion_mnist
+    from dnnpar.train import TrainConfig
+    from dnnpar.parallel.comm import MPICommunicator
+    from dnnpar.parallel.data_parallel import run_data_parallel
+    model, batch, steps, extra, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+    fail = json.loads(sys.argv[6]) if len(sys.argv) > 6 else None
+    comm = MPICommunicator(timeout=float(os.environ.get("TEST_TIMEOUT", "60")))
+    d = fashion_mnist.load(None, "embedded")
+    n = steps * batch * comm.size + extra  # `extra` samples make a short last batch
+    d = fashion_mnist.Dataset(d.x_train[:n], d.y_train[:n], d.x_test[:200], d.y_test[:200], d.source)
+    cfg = TrainConfig(model=model, epochs=1, batch_size=batch, lr=0.01, momentum=0.9, weight_decay=5e-4,
+                      schedule="constant", seed=3)
+    m, hist, par = run_data_parallel(cfg, comm, bucket_mb=0.05, fail=fail, data=d, progress=False,
+                                     out=lambda *a: None)
+    if comm.rank == 0:
+        np.savez(out, **{k: v for k, v in m.state_dict().items()}, loss=hist.records[-1].loss,
+                 buckets=len(par.buckets))
+''')
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return env
+
+
+def _run(tmp_path, n, args, timeout=240, extra_env=None):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = _env()
+    env.update(extra_env or {})
+    t0 = time.monotonic()
+    r = subprocess.run(mpiexec(n) + [sys.executable, str(script), *map(str, args)], env=env, capture_output=True,
+                       text=True, timeout=timeout)
+    return r, time.monotonic() - t0
+
+
+def _single(model, batch, steps, extra, nranks):
+    """The reference: one process, no MPI, batch nranks * batch, same data and seed."""
+    from dnnpar.data import fashion_mnist
+    from dnnpar.train import TrainConfig, train
+
+    d = fashion_mnist.load(None, "embedded")
+    n = steps * batch * nranks + extra
+    d = fashion_mnist.Dataset(d.x_train[:n], d.y_train[:n], d.x_test[:200], d.y_test[:200], d.source)
+    cfg = TrainConfig(model=model, epochs=1, batch_size=batch * nranks, lr=0.01, momentum=0.9, weight_decay=5e-4,
+                      schedule="constant", seed=3)
+    with dp.use_backend("numpy"):
+        m, hist = train(cfg, data=d, progress=False, out=lambda *a: None)
+    return m.state_dict(), hist.records[-1].loss
+
+
+@pytest.mark.parametrize("model,nranks,extra", [("lenet300", 2, 0), ("lenet300", 4, 7), ("lenet5", 2, 5)])
+def test_n_ranks_at_batch_b_equal_one_rank_at_batch_nb(tmp_path, model, nranks, extra):
+    batch, steps = 8, 6
+    out = tmp_path / "params.npz"
+    r, _ = _run(tmp_path, nranks, [model, batch, steps, extra, out])
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = np.load(out)
+    want, want_loss = _single(model, batch, steps, extra, nranks)
+    assert int(got["buckets"]) > 1  # 0.05 MiB buckets: the fused path with several buckets
+    moved = 0.0
+    for k, w in want.items():
+        np.testing.assert_allclose(got[k], w, rtol=1e-5, atol=1e-6, err_msg=k)
+        moved = max(moved, float(np.abs(w).max()))
+    assert moved > 0
+    np.testing.assert_allclose(float(got["loss"]), want_loss, rtol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["kill", "hang"])
+def test_a_dead_or_silent_rank_ends_the_job_with_an_error(tmp_path, how):
+    out = tmp_path / "params.npz"
+    r, seconds = _run(tmp_path, 2, ["lenet300", 8, 40, 0, out, f'{{"rank": 1, "step": 3, "how": "{how}"}}'],
+                      timeout=120, extra_env={"TEST_TIMEOUT": "4"})
+    assert r.returncode != 0
+    assert not out.exists()
+    if how == "kill":  # mpiexec notices the dead rank and ends the job
+        assert "BAD TERMINATION" in r.stdout + r.stderr and "signal 9" in r.stdout + r.stderr
+    if how == "hang":  # rank 0 times out, names the problem and aborts the job (rank 1 included)
+        assert "CommTimeoutError" in r.stderr and "did not complete within 4 s" in r.stderr, r.stderr[-2000:]
+        assert "aborting all 2 ranks" in r.stderr
+    assert seconds < 60
+
+
+def test_buckets_pack_and_unpack_round_trip(rng):
+    with dp.use_backend("numpy"):
+        m = build("lenet5", seed=1)
+        layout = ParamLayout(m)
+        for _, layer in m.layers:
+            for k, p in layer.params.items():
+                layer.grads[k] = rng.standard_normal(p.shape).astype(np.float32)
+        want = {n: g.copy() for n, _, g in m.named_parameters()}
+        b = Buckets(layout, 100_000, np)
+        assert len(b) > 1 and all(sum(s.size for s in g) * 4 <= 100_000 or len(g) == 1 for g in b.groups)
+        assert [s for g in b.groups for s in g] == list(layout.slots)
+        b.pack(want, 0.25)
+        for buf in b.buffers:
+            buf *= 4
+        for _, layer in m.layers:
+            layer.grads.clear()
+        b.unpack(m)
+        for n, _, g in m.named_parameters():
+            np.testing.assert_allclose(g, want[n], rtol=1e-6)
+
+
+class _Solo:
+    """A communicator of one rank (no MPI): what DataParallel needs for its argument checks."""
+    name, rank, size, timeout = "solo", 0, 1, 1.0
+
+
+def test_bad_input_is_a_clear_error():
+    from dnnpar.parallel.comm import make_communicator
+
+    with pytest.raises(ValueError, match="unknown communicator 'gloo'"):
+        make_communicator("gloo")
+    with pytest.raises(ValueError, match="bucket-mb must be > 0"):
+        DataParallel(_Solo(), bucket_mb=0)
+    par = DataParallel(_Solo())
+    par.size = 4
+    with pytest.raises(ValueError, match="4 ranks x batch 64 = 256 samples per step, but the training set has only 100"):
+        par.check_data(100, 64)
+    with pytest.raises(ValueError, match="at least one MPI rank"):
+        mpiexec(0)
+
+
+def test_cli_runs_data_parallel_under_mpiexec(tmp_path):
+    ck = tmp_path / "ck.npz"
+    r = subprocess.run(mpiexec(2) + [sys.executable, "-m", "dnnpar.cli", "train", "--parallel", "data", "--model",
+                                     "lenet300", "--subset", "embedded", "--epochs", "1", "--batch-size", "32",
+                                     "--lr", "0.05", "--checkpoint", str(ck), "--quiet"],
+                       env=_env(), capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "data parallel over 2 rank(s) (mpi)" in r.stdout
+    assert r.stdout.count("training lenet300") == 1  # rank 0 alone prints
+    acc = float(r.stdout.split("\n    1 ")[1].split("%")[1].split()[0])  # test accuracy of epoch 1
+    assert acc > 60.0
+    assert ck.exists()
+
+
+@pytest.mark.gpu
+def test_nccl_allreduce_on_the_gpu(tmp_path):
+    """NCCL through CuPy, bootstrapped over MPI; one rank per GPU on this machine."""
+    import cupy as cp
+
+    n = min(cp.cuda.runtime.getDeviceCount(), 2)
+    code = textwrap.dedent('''
+        import cupy as cp, numpy as np
+        from dnnpar.parallel.comm import NCCLCommunicator
+        c = NCCLCommunicator(timeout=30)
+        a = cp.arange(1000, dtype=cp.float32) * (c.rank + 1)
+        b = cp.full(5, c.rank, dtype=cp.float32)
+        c.allreduce_sum([a, b])
+        s = c.size * (c.size + 1) / 2
+        assert cp.allclose(a, cp.arange(1000, dtype=cp.float32) * s), a[:4]
+        assert cp.allclose(b, c.size * (c.size - 1) / 2)
+        print("ok", c.rank, c.size)
+    ''')
+    script = tmp_path / "nccl.py"
+    script.write_text(code)
+    r = subprocess.run(mpiexec(n) + [sys.executable, str(script)], env=_env(), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("ok") == n
