@@ -114,6 +114,13 @@ class MPICommunicator(Communicator):
     def barrier(self) -> None:
         self._wait([self.comm.Ibarrier()], "barrier")
 
+    def allgather(self, local: np.ndarray, out: np.ndarray) -> None:
+        """``out[r] = local`` of rank r, for every rank (host arrays; every rank the same shape)."""
+        if out.shape != (self.size,) + local.shape or out.dtype != local.dtype:
+            raise ValueError(f"allgather: out must have shape {(self.size,) + local.shape} and dtype {local.dtype}, "
+                             f"got {out.shape} {out.dtype}")
+        self._wait([self.comm.Iallgather(local, out)], f"allgather of {local.nbytes:,} bytes per rank")
+
     def allreduce_scalars(self, values) -> np.ndarray:
         """Sum a few float64 numbers (loss sums, counts) over the ranks."""
         buf = np.asarray(values, dtype=np.float64).copy()
