@@ -151,11 +151,15 @@ class NCCLCommunicator(MPICommunicator):
                                "per rank (use --comm mpi to share a GPU)")
         self.device = local.Get_rank() % ndev
         cp.cuda.Device(self.device).use()
-        uid = np.zeros(128, np.int8)  # NCCL_UNIQUE_ID_BYTES, sent as a plain buffer
+        # NCCL_UNIQUE_ID_BYTES = 128, sent as a plain buffer with one leading byte saying whether
+        # this CuPy spells the id as bytes (CuPy >= 14) or as a tuple of ints (older)
+        buf = np.zeros(129, np.uint8)
         if self.rank == 0:
-            uid[:] = np.array(nccl.get_unique_id(), dtype=np.int64).astype(np.int8)
-        self._wait([self.comm.Ibcast(uid, root=0)], "broadcast of the NCCL unique id")
-        uid = tuple(int(v) for v in uid)
+            uid = nccl.get_unique_id()
+            buf[0] = isinstance(uid, bytes)
+            buf[1:] = np.frombuffer(uid, np.uint8) if buf[0] else np.array(uid, np.int64).astype(np.int8).view(np.uint8)
+        self._wait([self.comm.Ibcast(buf, root=0)], "broadcast of the NCCL unique id")
+        uid = buf[1:].tobytes() if buf[0] else tuple(int(v) for v in buf[1:].view(np.int8))
         self.nccl_comm = nccl.NcclCommunicator(self.size, uid, self.rank)
         self.stream = cp.cuda.Stream(non_blocking=True)
 
