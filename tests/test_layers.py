@@ -20,6 +20,8 @@ def make_layers():
         ("relu", lambda: nn.ReLU(), (2, 3, 4, 5)),
         ("maxpool", lambda: nn.MaxPool2d(2), (2, 3, 6, 6)),
         ("maxpool_overlap", lambda: nn.MaxPool2d(3, stride=2, padding=1), (2, 2, 7, 7)),
+        ("maxpool_ragged", lambda: nn.MaxPool2d(2), (2, 3, 7, 5)),          # disjoint, an uncovered edge
+        ("maxpool_gaps", lambda: nn.MaxPool2d(2, stride=3), (1, 2, 8, 8)),   # disjoint, gaps between windows
         ("avgpool", lambda: nn.AvgPool2d(3, stride=2, padding=1), (2, 2, 7, 6)),
         ("gap", lambda: nn.GlobalAvgPool2d(), (2, 3, 4, 5)),
         ("batchnorm_train", lambda: nn.BatchNorm2d(3), (4, 3, 3, 2)),
@@ -124,3 +126,25 @@ def test_softmax_cross_entropy_gradient(rng):
                 assert abs(num - d[i, j]) < 1e-7
         with pytest.raises(ValueError, match="labels must lie in \\[0, 7\\)"):
             loss(logits, np.array([0, 1, 2, 3, 9]))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "emu"])
+@pytest.mark.parametrize("kernel,stride", [(2, 2), (3, 2), (2, 3)])
+def test_maxpool_gives_a_tied_window_gradient_to_its_first_maximum(backend, kernel, stride, rng):
+    """Windows whose maxima tie (ReLU zeros, quantised inputs) send the whole gradient to the first
+    maximum in row-major tap order, once: no doubling, on the disjoint and the overlapping paths."""
+    with dp.use_backend(backend) as be:
+        x = rng.integers(0, 3, (2, 2, 7, 7)).astype(np.float32)  # many ties
+        pool = nn.MaxPool2d(kernel, stride=stride)
+        y = pool.forward(be.asarray(x))
+        dy = rng.standard_normal(y.shape).astype(np.float32)
+        dx = be.to_numpy(pool.backward(be.asarray(dy)))
+    want = np.zeros_like(x)
+    for n in range(2):
+        for c in range(2):
+            for a in range(y.shape[2]):
+                for b in range(y.shape[3]):
+                    win = x[n, c, a * stride:a * stride + kernel, b * stride:b * stride + kernel]
+                    i, j = np.unravel_index(np.argmax(win), win.shape)  # argmax: the first maximum
+                    want[n, c, a * stride + i, b * stride + j] += dy[n, c, a, b]
+    np.testing.assert_allclose(dx, want, rtol=1e-6, atol=1e-6)

@@ -8,8 +8,13 @@ from conftest import BACKENDS, assert_close
 from test_ops import GEO_IDS, GEOMETRIES, DEPTHWISE, put, randn
 
 
+# The numpy backend's dx takes one GEMM per tap from 8 input channels on: the same geometries
+# with 8+ channels (prime counts among them) cover that path with strides, padding and dilation.
+WIDE = [(n, c + 8, h, w, kh, kw, s, p, d) for n, c, h, w, kh, kw, s, p, d in GEOMETRIES]
+
+
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
-@pytest.mark.parametrize("geo", GEOMETRIES, ids=GEO_IDS)
+@pytest.mark.parametrize("geo", GEOMETRIES + WIDE, ids=GEO_IDS + [f"wide-{i}" for i in GEO_IDS])
 def test_conv2d_backward(backend, geo, rng):
     n, c, h, w, kh, kw, s, p, d = geo
     o = 4
@@ -27,6 +32,15 @@ def test_conv2d_backward(backend, geo, rng):
     none_dx, dw2, _ = dp.ops.conv2d_backward(xd, wd, dyd, stride=s, padding=p, dilation=d, need_dx=False)
     assert none_dx is None
     assert_close(backend.to_numpy(dw2), (dy2 @ cols.T).reshape(wt.shape), 1e-5, "dw without dx")
+    # the forward's im2col matrix, handed back, gives the same gradients
+    y, kept = dp.ops.conv2d(xd, wd, stride=s, padding=p, dilation=d, return_cols=True)
+    assert_close(backend.to_numpy(y), oracles.conv2d(x, wt, None, s, p, d), 1e-5, "y with return_cols")
+    if kept is not None:
+        dx3, dw3, _ = dp.ops.conv2d_backward(xd, wd, dyd, stride=s, padding=p, dilation=d, cols=kept)
+        assert_close(backend.to_numpy(dw3), (dy2 @ cols.T).reshape(wt.shape), 1e-5, "dw from kept cols")
+        assert_close(backend.to_numpy(dx3), want_dx, 1e-5, "dx from kept cols")
+        with pytest.raises(ValueError, match="cols must have shape"):
+            dp.ops.conv2d_backward(xd, wd, dyd, stride=s, padding=p, dilation=d, cols=kept[:-1])
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)

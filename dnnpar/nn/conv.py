@@ -9,6 +9,10 @@ from ..backend import get_backend
 from ..ops._common import conv_out_size, pair
 from .base import Layer, he_normal
 
+# A layer keeps its forward im2col matrix for the backward pass up to this size (LeNet-5's are
+# 1-8 MB at batch 64); larger ones are rebuilt rather than held through the whole forward pass.
+KEEP_COLS_BYTES = 32 << 20
+
 
 def _conv_shape(layer, in_shape, in_channels: int, out_channels: int, dilation) -> tuple:
     """(C, H, W) -> (O, OH, OW) for a convolution layer with kernel_size / stride / padding."""
@@ -51,11 +55,14 @@ class Conv2d(Layer):
     def forward(self, x):
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"Conv2d expects (N, {self.in_channels}, H, W) input, got {tuple(x.shape)}")
-        self.x = x
+        self.x, self.cols = x, None
         w, b = self.params["weight"], self.params.get("bias")
         kw = dict(stride=self.stride, padding=self.padding, dilation=self.dilation, algo=self.algo)
         if self.groups == 1:
-            return ops.conv2d(x, w, b, **kw)
+            y, cols = ops.conv2d(x, w, b, return_cols=True, **kw)
+            if cols is not None and cols.nbytes <= KEEP_COLS_BYTES and self.training:
+                self.cols = cols  # the backward pass's dW GEMM reuses it instead of a second im2col
+            return y
         xp = get_backend().xp
         outs = [ops.conv2d(xp.ascontiguousarray(x[:, si]), w[so], None if b is None else b[so], **kw)
                 for si, so in self._group_slices()]
@@ -65,7 +72,7 @@ class Conv2d(Layer):
         x, w = self.x, self.params["weight"]
         kw = dict(stride=self.stride, padding=self.padding, dilation=self.dilation)
         if self.groups == 1:
-            dx, dw, db = ops.conv2d_backward(x, w, dy, need_dx=self.need_dx, **kw)
+            dx, dw, db = ops.conv2d_backward(x, w, dy, need_dx=self.need_dx, cols=self.cols, **kw)
         else:
             xp = get_backend().xp
             parts = [ops.conv2d_backward(xp.ascontiguousarray(x[:, si]), w[so], xp.ascontiguousarray(dy[:, so]),
@@ -75,7 +82,7 @@ class Conv2d(Layer):
             dw = xp.concatenate([p[1] for p in parts], axis=0)
             db = xp.concatenate([p[2] for p in parts], axis=0)
         self._set_grads(dw, db)
-        self.x = None
+        self.x = self.cols = None
         return dx
 
     def output_shape(self, in_shape):

@@ -151,16 +151,28 @@ class MaxPool2d(_Pool):
 
     def backward(self, dy):
         g, xp = self.g, get_backend().xp
-        ph, pw = g.padding
-        dx = xp.zeros((g.n, g.c, g.h + 2 * ph, g.w + 2 * pw), dtype=dy.dtype)
-        taken = xp.zeros(self.out.shape, dtype=bool)
+        (ph, pw), (sh, sw) = g.padding, g.stride
+        disjoint = sh >= g.kh and sw >= g.kw  # each input in at most one window: store, don't add
+        tiled = disjoint and (g.kh, g.kw) == (sh, sw) and (g.h + 2 * ph, g.w + 2 * pw) == (g.oh * sh, g.ow * sw)
+        dx = (xp.empty if tiled else xp.zeros)((g.n, g.c, g.h + 2 * ph, g.w + 2 * pw), dtype=dy.dtype)
+        hit, free = xp.empty(self.out.shape, dtype=bool), xp.empty(self.out.shape, dtype=bool)
+        taken = None
+        last = (g.kh - 1, g.kw - 1)
         for i in range(g.kh):
             for j in range(g.kw):
                 sl = g.tap_slices(i, j)
-                hit = self.xpad[sl] == self.out
-                hit &= ~taken
-                taken |= hit
-                dx[sl] += dy * hit
+                xp.equal(self.xpad[sl], self.out, out=hit)
+                if taken is None:
+                    taken = hit.copy()
+                else:  # only the first maximum of a window (taps in row-major order) gets the gradient
+                    xp.logical_not(taken, out=free)
+                    hit &= free
+                    if (i, j) != last:
+                        taken |= hit
+                if disjoint:
+                    xp.multiply(dy, hit, out=dx[sl])
+                else:
+                    dx[sl] += dy * hit
         self.xpad = self.out = None
         return xp.ascontiguousarray(dx[:, :, ph:ph + g.h, pw:pw + g.w])
 

@@ -80,6 +80,22 @@ def col2im_numpy(cols, g: ConvGeometry):
     return np.ascontiguousarray(dx[:, :, ph:ph + g.h, pw:pw + g.w])
 
 
+def conv2d_dx_numpy(w, dy, g: ConvGeometry):
+    """dx of a convolution without the dcols matrix and col2im: for each kernel tap one GEMM
+    (N*OH*OW, O) @ (O, C), added into the tap's strided window of a padded NHWC gradient.
+    About twice as fast as dcols + col2im on LeNet-sized layers (contiguous adds, no 6-D transpose)."""
+    (sh, sw), (dh, dw), (ph, pw) = g.stride, g.dilation, g.padding
+    o = w.shape[0]
+    dyt = np.ascontiguousarray(dy.transpose(0, 2, 3, 1)).reshape(-1, o)      # (N*OH*OW, O)
+    wt = np.ascontiguousarray(w.transpose(2, 3, 0, 1))                       # (KH, KW, O, C)
+    dxh = np.zeros((g.n, g.h + 2 * ph, g.w + 2 * pw, g.c), dtype=np.result_type(w, dy))
+    for i in range(g.kh):
+        for j in range(g.kw):
+            window = dxh[:, i * dh:i * dh + sh * (g.oh - 1) + 1:sh, j * dw:j * dw + sw * (g.ow - 1) + 1:sw]
+            window += (dyt @ wt[i, j]).reshape(g.n, g.oh, g.ow, g.c)
+    return np.ascontiguousarray(dxh[:, ph:ph + g.h, pw:pw + g.w].transpose(0, 3, 1, 2))
+
+
 def conv2d_direct_numpy(x, w, bias, g: ConvGeometry):
     """One GEMM per kernel tap over shifted views of the input: no im2col matrix is built."""
     xp_ = g.pad(x)
@@ -254,12 +270,20 @@ def check_bias(op, bias, channels, be):
 
 
 @ranged("dnnpar.conv2d")
-def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, algo: str = "im2col"):
+def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, algo: str = "im2col", return_cols: bool = False):
     """2-D convolution (cross-correlation, as in every DL framework).
 
     x (N, C, H, W), w (O, C, KH, KW), bias (O,) or None -> (N, O, OH, OW).
     algo: "im2col" (im2col + one GEMM for the whole batch) or "direct" (the plain loop).
+    return_cols: return (y, cols), cols being the im2col matrix of x when this call built one
+    (else None), for :func:`conv2d_backward` to reuse.
     """
+    if return_cols:
+        return _conv2d(x, w, bias, stride, padding, dilation, algo)
+    return _conv2d(x, w, bias, stride, padding, dilation, algo)[0]
+
+
+def _conv2d(x, w, bias, stride, padding, dilation, algo):
     be = get_backend()
     if algo not in ALGOS:
         raise ValueError(f"conv2d: unknown algo {algo!r}: one of {', '.join(ALGOS)}")
@@ -272,21 +296,21 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, algo: str = "im2col
     check_same_dtype("conv2d", x=x, w=w, bias=bias)
     if algo == "direct":
         if not be.runs_kernels:
-            return conv2d_direct_numpy(x, w, bias, g)
+            return conv2d_direct_numpy(x, w, bias, g), None
         out = be.empty((g.n, o, g.oh, g.ow))
         b = bias if bias is not None else be.xp.zeros(1, np.float32)  # not read: has_bias = 0
         be.launch("conv_direct.cu", "conv2d_direct", (grid_stride_blocks(g.n * o * g.oh * g.ow),), (256,),
                   (x, w, b, i32(bias is not None), out,
                    *(i32(v) for v in (g.n, g.c, g.h, g.w, o, g.kh, g.kw, g.oh, g.ow, *g.stride, *g.padding,
                                       *g.dilation))))
-        return out
+        return out, None
     if not be.runs_kernels and _fast_path_ok(g, x.itemsize):
-        return conv2d_fast_numpy(x, w, bias, g)
+        return conv2d_fast_numpy(x, w, bias, g), None
     cols = im2col(x, g.kh, g.kw, g.stride, g.padding, g.dilation)
     y = gemm(w.reshape(o, -1), cols)  # (O, N*OH*OW)
     if bias is not None:
         y += bias[:, None]
-    return be.xp.ascontiguousarray(y.reshape(o, g.n, g.oh, g.ow).transpose(1, 0, 2, 3))
+    return be.xp.ascontiguousarray(y.reshape(o, g.n, g.oh, g.ow).transpose(1, 0, 2, 3)), cols
 
 
 def _check_dy(op, dy, want, be):
@@ -296,10 +320,12 @@ def _check_dy(op, dy, want, be):
 
 
 @ranged("dnnpar.conv2d_backward")
-def conv2d_backward(x, w, dy, stride=1, padding=0, dilation=1, need_dx: bool = True):
+def conv2d_backward(x, w, dy, stride=1, padding=0, dilation=1, need_dx: bool = True, cols=None):
     """Gradients of :func:`conv2d`: returns (dx or None, dw, db) for x (N, C, H, W), w (O, C, KH, KW)
     and dy (N, O, OH, OW). dw = dY @ cols^T and dcols = W^T @ dY are two GEMMs (NT and TN); dx is
-    col2im(dcols). db is dy summed over n, oh, ow."""
+    col2im(dcols) (numpy backend, C >= 8: one GEMM per tap added into NHWC windows instead).
+    db is dy summed over n, oh, ow. ``cols``: x's im2col matrix kept from the forward pass
+    (``conv2d(..., return_cols=True)``), else it is rebuilt."""
     be = get_backend()
     check_array("conv2d_backward", "w", w, ndim=4, backend=be)
     g = geometry_for_x("conv2d_backward", x, w.shape[2], w.shape[3], stride, padding, dilation, be)
@@ -309,15 +335,21 @@ def conv2d_backward(x, w, dy, stride=1, padding=0, dilation=1, need_dx: bool = T
     _check_dy("conv2d_backward", dy, (g.n, o, g.oh, g.ow), be)
     check_same_dtype("conv2d_backward", x=x, w=w, dy=dy)
     xp = be.xp
-    if not be.runs_kernels and _backward_fast_ok(g, x.itemsize):
+    if cols is not None and tuple(cols.shape) != (g.c * g.kh * g.kw, g.n * g.oh * g.ow):
+        raise ValueError(f"conv2d_backward: cols must have shape {(g.c * g.kh * g.kw, g.n * g.oh * g.ow)}, "
+                         f"got {tuple(cols.shape)}")
+    if cols is None and not be.runs_kernels and _backward_fast_ok(g, x.itemsize):
         dx, dw = conv2d_backward_fast_numpy(x, w, dy, g, need_dx)
         return dx, dw, dy.sum(axis=(0, 2, 3))
-    cols = im2col(x, g.kh, g.kw, g.stride, g.padding, g.dilation)
+    if cols is None:
+        cols = im2col(x, g.kh, g.kw, g.stride, g.padding, g.dilation)
     dy2 = xp.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(o, -1)
     dw = gemm(dy2, cols, trans_b=True).reshape(w.shape)
     db = dy2.sum(axis=1)
     dx = None
-    if need_dx:
+    if need_dx and not be.runs_kernels and g.c >= FAST_DX_MIN_CHANNELS:
+        dx = conv2d_dx_numpy(w, dy, g)
+    elif need_dx:
         dcols = gemm(w.reshape(o, -1), dy2, trans_a=True)
         dx = col2im(dcols, x.shape, g.kh, g.kw, g.stride, g.padding, g.dilation)
     return dx, dw, db
