@@ -190,3 +190,11 @@ def test_nccl_allreduce_on_the_gpu(tmp_path):
                        timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("ok") == n
+
+
+def test_missing_mpi_says_what_to_install(monkeypatch):
+    from dnnpar.parallel.comm import MPICommunicator
+
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # what an environment without mpi4py looks like
+    with pytest.raises(ImportError, match=r"pip install 'dnnpar\[dist\]'"):
+        MPICommunicator()
