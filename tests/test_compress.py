@@ -239,3 +239,21 @@ def test_cli_compress_and_evaluate(tmp_path):
                           "--subset", "embedded"], capture_output=True, text=True)
     assert bad.returncode == 2 and "fc_bits must be an integer in 1..16" in bad.stderr
     assert not (tmp_path / "x.dnnz").exists()
+
+
+def test_cli_sensitivity_prints_the_table_and_plots(tmp_path):
+    with dp.use_backend("numpy"):
+        m = models.lenet300(seed=2)
+        m.save(tmp_path / "m.npz")
+    png = tmp_path / "s.png"
+    p = subprocess.run([sys.executable, "-m", "dnnpar.cli", "sensitivity", "--model", "lenet300", "--checkpoint",
+                        str(tmp_path / "m.npz"), "--subset", "embedded", "--limit", "300", "--sparsities", "0.5",
+                        "0.99", "--plot", str(png)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert any(ln.startswith("fc1") for ln in lines) and any(ln.startswith("fc3") for ln in lines)
+    assert "50% pruned" in p.stdout and "99% pruned" in p.stdout
+    assert png.stat().st_size > 5000
+    bad = subprocess.run([sys.executable, "-m", "dnnpar.cli", "sensitivity", "--checkpoint", str(tmp_path / "m.npz"),
+                          "--sparsities", "1.5", "--subset", "embedded"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--sparsities must be fractions in [0, 1)" in bad.stderr
