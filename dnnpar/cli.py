@@ -38,8 +38,36 @@ def _train(args) -> int:
                       schedule=args.schedule, seed=args.seed, subset=args.subset, data_dir=args.data_dir,
                       backend=args.backend)
     checkpoint = args.checkpoint or f"checkpoints/{args.model}.npz"
+    if args.parallel == "data":
+        return _train_data_parallel(args, cfg, checkpoint)
+    if args.parallel == "hogwild":
+        from .parallel.hogwild import run_hogwild
+        run_hogwild(cfg, workers=args.workers, progress=not args.quiet)
+        return 0
+    if args.parallel == "ps":
+        from .parallel.ps import run_parameter_server
+        run_parameter_server(cfg, workers=args.workers, servers=args.servers, consistency=args.consistency,
+                             address=args.address, progress=not args.quiet)
+        return 0
     train(cfg, checkpoint=checkpoint, resume=args.resume, plot=args.plot, progress=not args.quiet)
     print(f"checkpoint: {checkpoint}")
+    return 0
+
+
+def _train_data_parallel(args, cfg, checkpoint) -> int:
+    """One rank of `mpiexec -n N dnnpar train --parallel data`: any failure ends the whole job."""
+    from .parallel.comm import make_communicator
+    from .parallel.data_parallel import run_data_parallel
+
+    if cfg.backend:  # before the communicator: "auto" picks NCCL for the cuda backend
+        from .backend import set_backend
+        set_backend(cfg.backend)
+    comm = make_communicator(args.comm, timeout=args.timeout)
+    _, _, par = run_data_parallel(cfg, comm, bucket_mb=args.bucket_mb, checkpoint=checkpoint, resume=args.resume,
+                                  plot=args.plot, progress=not args.quiet)
+    if par.is_root:
+        print(f"checkpoint: {checkpoint}; allreduce: {par.bytes_reduced / 2**20:,.1f} MiB in {par.steps} steps, "
+              f"{par.comm_seconds:.2f} s on rank 0")
     return 0
 
 
@@ -75,6 +103,38 @@ def _compress(args) -> int:
     print(report.table())
     print(f"accuracy: {100 * log['baseline']:.2f}% dense -> {100 * log['final']:.2f}% compressed "
           f"({100 * (log['final'] - log['baseline']):+.2f} points); wrote {args.out}")
+    return 0
+
+
+def _sensitivity(args) -> int:
+    from .compress import prune
+    from .data import fashion_mnist
+    from .nn.models import build
+    from .train import evaluate
+
+    if args.backend:
+        from .backend import set_backend
+        set_backend(args.backend)
+    sparsities = tuple(args.sparsities)
+    if not sparsities or any(not 0.0 <= s < 1.0 for s in sparsities):
+        raise ValueError(f"--sparsities must be fractions in [0, 1), got {list(sparsities)}")
+    model = build(args.model)
+    model.load(args.checkpoint)
+    data = fashion_mnist.load(args.data_dir, args.subset)
+    if args.limit:
+        data = fashion_mnist.Dataset(data.x_train, data.y_train, data.x_test[:args.limit], data.y_test[:args.limit],
+                                     data.source)
+    score = lambda m: evaluate(m, data.x_test, data.y_test)  # noqa: E731
+    dense = score(model)
+    layers = args.layers or None
+    result = prune.sensitivity(model, score, sparsities=sparsities, layers=layers)
+    print(f"{model.name}: test accuracy with one layer pruned (no retraining); dense {100 * dense:.2f}% "
+          f"on {len(data.y_test):,} test images")
+    print(prune.sensitivity_table(result))
+    if args.plot:
+        sizes = {n: int(model[n].params["weight"].size) for n in result}
+        prune.plot_sensitivity(result, dense, sizes, title=f"{model.name}: one layer pruned at a time", path=args.plot)
+        print(f"plot written to {args.plot}")
     return 0
 
 
@@ -144,7 +204,32 @@ def main(argv=None) -> int:
     tr.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     tr.add_argument("--plot", default=None, help="write the loss/accuracy curves to this PNG")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    par = tr.add_argument_group("parallel training")
+    par.add_argument("--parallel", choices=("none", "data", "hogwild", "ps"), default="none",
+                     help="data: synchronous allreduce over MPI/NCCL (launch with mpiexec -n N); hogwild: lock-free "
+                          "workers over shared memory; ps: parameter server on Ray")
+    par.add_argument("--comm", choices=("auto", "mpi", "nccl"), default="auto",
+                     help="data: the allreduce engine (auto: NCCL on the cuda backend, else MPI)")
+    par.add_argument("--bucket-mb", type=float, default=4.0, help="data: gradient bucket size for fused allreduce")
+    par.add_argument("--timeout", type=float, default=120.0,
+                     help="data: seconds a collective may wait for a rank before the job is aborted")
+    par.add_argument("--workers", type=int, default=2, help="hogwild / ps: worker count")
+    par.add_argument("--servers", type=int, default=1, help="ps: parameter-server shards")
+    par.add_argument("--consistency", default="asp", help="ps: bsp | asp | ssp:S (staleness bound S)")
+    par.add_argument("--address", default=None, help="ps: a Ray cluster address (default: a local Ray)")
     tr.set_defaults(fn=_train)
+
+    se = sub.add_parser("sensitivity", help="pruning sensitivity: accuracy with one layer pruned at a time")
+    se.add_argument("--model", choices=sorted(MODELS), default="lenet300")
+    se.add_argument("--checkpoint", required=True, help="a trained model (.npz from dnnpar train)")
+    se.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95])
+    se.add_argument("--layers", nargs="+", help="only these layers (default: every conv and fc layer)")
+    se.add_argument("--limit", type=int, default=0, help="score on the first N test images only (faster)")
+    se.add_argument("--subset", choices=("full", "embedded"), default="full")
+    se.add_argument("--data-dir", default=None)
+    se.add_argument("--backend", **backend)
+    se.add_argument("--plot", default=None, help="write accuracy against sparsity to this PNG")
+    se.set_defaults(fn=_sensitivity)
 
     c = sub.add_parser("compress", help="Deep Compression: prune, share weights, Huffman-code, write a .dnnz")
     c.add_argument("--model", choices=sorted(MODELS), default="lenet300")
