@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _demo(args) -> int:
@@ -42,12 +43,16 @@ def _train(args) -> int:
         return _train_data_parallel(args, cfg, checkpoint)
     if args.parallel == "hogwild":
         from .parallel.hogwild import run_hogwild
-        run_hogwild(cfg, workers=args.workers, progress=not args.quiet)
-        return 0
-    if args.parallel == "ps":
+        model, _ = run_hogwild(cfg, workers=args.workers, progress=not args.quiet)
+    elif args.parallel == "ps":
         from .parallel.ps import run_parameter_server
-        run_parameter_server(cfg, workers=args.workers, servers=args.servers, consistency=args.consistency,
-                             address=args.address, progress=not args.quiet)
+        model, _ = run_parameter_server(cfg, workers=args.workers, servers=args.servers,
+                                        consistency=args.consistency, address=args.address,
+                                        checkpoint_every=args.ps_checkpoint_every, progress=not args.quiet)
+    if args.parallel in ("hogwild", "ps"):
+        Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
+        model.save(checkpoint)
+        print(f"final model: {checkpoint}")
         return 0
     train(cfg, checkpoint=checkpoint, resume=args.resume, plot=args.plot, progress=not args.quiet)
     print(f"checkpoint: {checkpoint}")
@@ -217,6 +222,8 @@ def main(argv=None) -> int:
     par.add_argument("--servers", type=int, default=1, help="ps: parameter-server shards")
     par.add_argument("--consistency", default="asp", help="ps: bsp | asp | ssp:S (staleness bound S)")
     par.add_argument("--address", default=None, help="ps: a Ray cluster address (default: a local Ray)")
+    par.add_argument("--ps-checkpoint-every", type=int, default=50,
+                     help="ps: each server shard checkpoints every K updates (restarted from it after a crash)")
     tr.set_defaults(fn=_train)
 
     se = sub.add_parser("sensitivity", help="pruning sensitivity: accuracy with one layer pruned at a time")

@@ -1,0 +1,202 @@
+"""The Ray parameter server: BSP / SSP / ASP training, staleness bounds, worker and server faults,
+bad input. One local Ray for the module; lenet300 on the embedded subset, a few seconds a run."""
+import os
+import sys
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from dnnpar.data import fashion_mnist  # noqa: E402
+from dnnpar.parallel import ps  # noqa: E402
+from dnnpar.train import TrainConfig  # noqa: E402
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    started = ps.connect(None, out=quiet)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data():
+    return fashion_mnist.load(subset="embedded")
+
+
+def config(epochs=2, seed=0, **kw):
+    return TrainConfig(model="lenet300", epochs=epochs, batch_size=64, lr=0.05, momentum=0.9,
+                       subset="embedded", schedule="cosine", seed=seed, **kw)
+
+
+def run(data, workers, servers, mode, epochs=2, **kw):
+    return ps.run_parameter_server(config(epochs), workers, servers, mode, data=data, out=quiet,
+                                   progress=False, **kw)
+
+
+def steps_per_worker(data, workers, epochs, batch=64):
+    return epochs * ((len(data.y_train) // workers) // batch)
+
+
+# ------------------------------------------------------------------ pure pieces
+
+
+def test_parse_consistency():
+    assert ps.parse_consistency("bsp") == ps.Consistency("bsp", 0)
+    assert ps.parse_consistency("ASP") == ps.Consistency("asp", None)
+    assert ps.parse_consistency("ssp:2") == ps.Consistency("ssp", 2)
+    assert str(ps.parse_consistency("ssp:0")) == "ssp:0"
+    for bad in ("ssp:-1", "ssp:", "ssp:x", "ssp:1.5"):
+        with pytest.raises(ValueError, match="integer >= 0"):
+            ps.parse_consistency(bad)
+    for bad in ("sync", "", "bsp:1"):
+        with pytest.raises(ValueError, match="unknown consistency"):
+            ps.parse_consistency(bad)
+
+
+def test_shard_bounds_are_contiguous_and_balanced():
+    b = ps.shard_bounds(10, 3)
+    assert b == [(0, 4), (4, 7), (7, 10)]
+    assert ps.shard_bounds(5, 5) == [(i, i + 1) for i in range(5)]
+    with pytest.raises(ValueError, match="at least one float"):
+        ps.shard_bounds(5, 6)
+    with pytest.raises(ValueError):
+        ps.shard_bounds(5, 0)
+
+
+def test_render_histogram():
+    text = ps.render_histogram({0: 3, 2: 1})
+    lines = text.splitlines()
+    assert len(lines) == 4 and lines[2].split()[:2] == ["1", "0"]
+    assert "75.0%" in lines[1]
+    assert "no updates" in ps.render_histogram({})
+
+
+def test_long_cache_path_falls_back_to_a_short_ray_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("DNNPAR_CACHE", str(tmp_path / ("x" * 60)))
+    said = []
+    path = ps.ray_temp_dir(out=said.append)
+    assert len(path) <= ps.MAX_RAY_TEMP_DIR and "dnnpar-ray-" in path
+    assert said and "too long" in said[0]
+
+
+def test_missing_ray_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(ImportError, match=r"pip install dnnpar\[dist\]"):
+        ps.run_parameter_server(config(), 2, 1, "asp", out=quiet)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("workers, servers, mode, match", [
+    (2, 1, "ssp:-1", "integer >= 0"),
+    (2, 1, "lockstep", "unknown consistency"),
+    (0, 1, "asp", "at least 1 worker"),
+    (1, 0, "asp", "at least 1 worker and 1 server"),
+    (1, 266_611, "asp", "at least one float"),
+    (94, 1, "asp", "only 93 full batches"),
+])
+def test_bad_arguments(data, workers, servers, mode, match):
+    with pytest.raises(ValueError, match=match):
+        ps.run_parameter_server(config(), workers, servers, mode, data=data, out=quiet, progress=False)
+
+
+def test_gpu_backend_is_refused(data):
+    with pytest.raises(ValueError, match="numpy backend"):
+        ps.run_parameter_server(config(backend="cuda"), 2, 1, "asp", data=data, out=quiet)
+
+
+def test_bad_fail_spec(local_ray, data):
+    with pytest.raises(ValueError, match="unknown keys"):
+        run(data, 2, 1, "asp", fail={"rank": 1})
+    with pytest.raises(ValueError, match="worker 5"):
+        run(data, 2, 1, "asp", fail={"worker": 5})
+
+
+def test_unreachable_address_fails_fast(data):
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(ConnectionError, match="ray start --head"):
+        ps.run_parameter_server(config(), 2, 1, "asp", address="ray://127.0.0.1:1", data=data, out=quiet)
+    assert time.perf_counter() - t0 < ps.CONNECT_TIMEOUT + 5
+    with pytest.raises(ValueError, match="host:port"):
+        ps.check_address("127.0.0.1")
+
+
+# ------------------------------------------------------------------ training
+
+
+@pytest.fixture(scope="module")
+def bsp_run(local_ray, data):
+    return run(data, 3, 2, "bsp", epochs=3)
+
+
+def test_bsp_trains_with_zero_staleness(bsp_run, data):
+    model, report = bsp_run
+    steps = steps_per_worker(data, 3, 3)
+    assert report.final_accuracy > 0.70
+    assert report.staleness == {0: 2 * 3 * steps}            # every gradient, on both shards, staleness 0
+    assert report.updates_per_shard == [3 * steps, 3 * steps]
+    assert report.lost_updates == [0, 0] and report.server_restarts == [0, 0] and not report.dead_workers
+    assert sum(report.shard_sizes) == model.num_parameters()
+    assert report.images_per_s > 0 and report.wall_s > 0
+    assert "staleness" in report.render() and len(report.history.records) == 3
+    assert not os.path.exists(report.run_dir)                 # checkpoints are removed when the run ends
+
+
+def test_ssp_never_exceeds_its_bound(local_ray, data):
+    _, report = run(data, 3, 2, "ssp:1", epochs=3)
+    assert report.max_staleness <= 1
+    assert sum(report.staleness.values()) == sum(report.updates_per_shard)
+    assert report.final_accuracy > 0.70
+
+
+def test_asp_trains_and_counts_every_gradient(local_ray, data):
+    _, report = run(data, 3, 1, "asp", epochs=3)
+    assert report.final_accuracy > 0.70
+    assert sum(report.staleness.values()) == report.updates_per_shard[0] == 3 * steps_per_worker(data, 3, 3)
+    assert report.staleness_text().splitlines()[0].split() == ["staleness", "count", "share"]
+
+
+# ------------------------------------------------------------------ faults
+
+
+def test_worker_sigkill_training_finishes_with_the_others(local_ray, data):
+    kw = dict(epochs=4)
+    _, clean = run(data, 3, 2, "bsp", **kw)
+    said = []
+    _, hurt = ps.run_parameter_server(config(4), 3, 2, "bsp", data=data, out=said.append, progress=False,
+                                      fail={"worker": 1, "after_steps": 20})
+    assert hurt.dead_workers == [1] and hurt.lost_updates == [None, None]
+    assert any("worker 1 died" in line for line in said)
+    assert len(hurt.history.records) == 4
+    assert hurt.max_staleness == 0                        # BSP stopped waiting for the dead worker
+    assert abs(hurt.final_accuracy - clean.final_accuracy) <= 0.01, (hurt.final_accuracy, clean.final_accuracy)
+
+
+def test_server_sigkill_restarts_from_its_checkpoint(local_ray, data):
+    every = 25
+    said = []
+    _, report = ps.run_parameter_server(config(2), 3, 2, "bsp", data=data, out=said.append, progress=False,
+                                        fail={"server": 1, "after_updates": 30}, checkpoint_every=every)
+    assert report.server_restarts == [0, 1]
+    assert 0 <= report.lost_updates[1] < every and report.lost_updates[0] == 0
+    total = 3 * steps_per_worker(data, 3, 2)
+    assert report.updates_per_shard == [total, total - report.lost_updates[1]]
+    assert report.max_staleness == 0
+    assert report.final_accuracy > 0.70
+    assert any("SIGKILL server 1" in line for line in said)
+
+
+def test_divergence_is_an_error_not_a_dead_worker(local_ray, data):
+    cfg = config(1)
+    cfg.lr = 1e4
+    with pytest.raises(FloatingPointError, match="diverged"):
+        ps.run_parameter_server(cfg, 2, 1, "asp", data=data, out=quiet, progress=False)
