@@ -111,6 +111,11 @@ def _compress(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from .parallel.plan import run_from_args
+    return run_from_args(args)
+
+
 def _sensitivity(args) -> int:
     from .compress import prune
     from .data import fashion_mnist
@@ -225,6 +230,12 @@ def main(argv=None) -> int:
     par.add_argument("--ps-checkpoint-every", type=int, default=50,
                      help="ps: each server shard checkpoints every K updates (restarted from it after a crash)")
     tr.set_defaults(fn=_train)
+
+    pl = sub.add_parser("plan", help="parallel training beyond one machine: compute against communication, "
+                                     "scaling efficiency for 8-512 GPUs")
+    from .parallel.plan import add_arguments as plan_arguments
+    plan_arguments(pl)
+    pl.set_defaults(fn=_plan)
 
     se = sub.add_parser("sensitivity", help="pruning sensitivity: accuracy with one layer pruned at a time")
     se.add_argument("--model", choices=sorted(MODELS), default="lenet300")
