@@ -92,6 +92,18 @@ class ProgressBar:
                 self.next_mark += 0.25
 
 
+def forward_backward(model, loss_fn, xb, yb, where: str = ""):
+    """One mini-batch of backend arrays: forward, loss, backward (the layers' grads are filled).
+    Returns (loss as a float, logits). A loss that is not finite is a FloatingPointError naming
+    ``where`` (e.g. "at epoch 2, batch 17"), before the backward pass spreads it."""
+    logits = model.forward(xb)
+    loss = float(loss_fn(logits, yb))
+    if not np.isfinite(loss):
+        raise FloatingPointError(f"the loss became {loss} {where}: training diverged; lower the learning rate")
+    model.backward(loss_fn.backward())
+    return loss, logits
+
+
 def predict(model, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
     """Class predictions (NumPy int64) in eval mode; the model's mode is restored afterwards."""
     be = _backend.get_backend()
@@ -220,13 +232,8 @@ def train(cfg: TrainConfig, checkpoint=None, resume: bool = False, plot=None, pr
                 xb, yb, share = parallel.shard(xb, yb)
             loss = 0.0
             if len(yb):
-                logits = model.forward(be.asarray(xb))
-                labels = be.asarray(yb)
-                loss = float(loss_fn(logits, labels))
-                if not np.isfinite(loss):
-                    raise FloatingPointError(f"the loss became {loss} at epoch {epoch}, batch {i}: training diverged; "
-                                             f"lower the learning rate (now {opt.lr:g})")
-                model.backward(loss_fn.backward())
+                loss, logits = forward_backward(model, loss_fn, be.asarray(xb), be.asarray(yb),
+                                                f"at epoch {epoch}, batch {i} (lr {opt.lr:g})")
                 correct += int((be.to_numpy(logits).argmax(axis=1) == yb).sum())
             if parallel is not None:
                 parallel.allreduce_grads(model, share)  # a rank with no samples adds share 0

@@ -153,6 +153,7 @@ def _worker(rank: int, args: dict, commands, results) -> None:
         from ..nn import SoftmaxCrossEntropy
         from ..nn.models import build
         from ..nn.optim import SGD
+        from ..train import forward_backward
         from .flat import ParamLayout
 
         _backend.set_backend("numpy")
@@ -179,12 +180,7 @@ def _worker(rank: int, args: dict, commands, results) -> None:
             for start in range(0, len(order) - batch + 1, batch):   # full batches only
                 idx = np.sort(order[start:start + batch])
                 xb, yb = xs.array[idx], ys.array[idx]
-                logits = model.forward(xb)
-                loss = float(loss_fn(logits, yb))
-                if not np.isfinite(loss):
-                    raise FloatingPointError(f"the loss became {loss} at epoch {epoch}: training diverged; "
-                                             f"lower the learning rate (now {lr:g})")
-                model.backward(loss_fn.backward())
+                loss, logits = forward_backward(model, loss_fn, xb, yb, f"in worker {rank} at epoch {epoch} (lr {lr:g})")
                 opt.step()   # in place on the shared vector, no lock
                 steps += 1
                 seen += len(yb)

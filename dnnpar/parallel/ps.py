@@ -342,6 +342,8 @@ class PSWorker:
         self.model.train()
         self.layout = ParamLayout(self.model)
         self.loss_fn = SoftmaxCrossEntropy()
+        from ..train import forward_backward
+        self.forward_backward = forward_backward
         self.x, self.y = x, y
         self.clock = 0
         self.acks = [0] * len(servers)
@@ -379,12 +381,8 @@ class PSWorker:
             xb, yb = self.x[idx], self.y[idx]
             pulled = self._fanout("pull", [(self.worker, self.clock)] * len(self.servers))
             self.layout.scatter_params(self.model, np.concatenate([p for _, _, p in pulled]))
-            logits = self.model.forward(self.be.asarray(xb))
-            loss = float(self.loss_fn(logits, self.be.asarray(yb)))
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"worker {self.worker}: the loss became {loss} at step {self.clock}: "
-                                         "training diverged; lower the learning rate")
-            self.model.backward(self.loss_fn.backward())
+            loss, logits = self.forward_backward(self.model, self.loss_fn, self.be.asarray(xb), self.be.asarray(yb),
+                                            f"in worker {self.worker} at step {self.clock}")
             grad = self.be.to_numpy(self.layout.gather_grads(self.model))
             self._fanout("push", [(self.worker, self.clock, v, m, grad[lo:hi], loss)
                                   for (v, m, _), (lo, hi) in zip(pulled, self.bounds)])
