@@ -75,20 +75,11 @@ def worker(sizes: list[int], repeats: int, warmup: int, budget_s: float) -> None
         print(RESULT + json.dumps({"ranks": n, "times": out}), flush=True)
 
 
-def mpiexec_prefix(n: int) -> list[str]:
-    """mpiexec beside this Python (the mpich wheel puts it there), else the one on PATH."""
-    import shutil
-
-    here = Path(sys.executable).parent / "mpiexec"
-    exe = str(here) if here.exists() else shutil.which("mpiexec")
-    if exe is None:
-        raise FileNotFoundError("mpiexec not found: pip install 'dnnpar[dist]' (the mpich wheel brings it)")
-    return [exe, "-n", str(n)]
-
-
 def measure(n: int, sizes, repeats: int, warmup: int, budget_s: float, timeout: float = 600) -> dict:
     """Launch ``n`` ranks of the worker and return {size: median seconds}."""
-    cmd = mpiexec_prefix(n) + [sys.executable, str(Path(__file__).resolve()), "--worker",
+    from dnnpar.parallel.comm import mpiexec
+
+    cmd = mpiexec(n) + [sys.executable, str(Path(__file__).resolve()), "--worker",
                                "--sizes", ",".join(map(str, sizes)), "--repeats", str(repeats),
                                "--warmup", str(warmup), "--budget", str(budget_s)]
     env = dict(os.environ, **ONE_THREAD)

@@ -1,0 +1,272 @@
+#!/usr/bin/env python3
+"""Parallel training on this machine (CPU): throughput and scaling of synchronous data parallel
+(MPI allreduce), Hogwild and the Ray parameter server for 1, 2 and 4 workers, and the cost of
+AlexNet's model-parallel and hybrid splits, measured side by side in one run.
+
+    python benchmarks/parallel.py                 # lenet300 on the embedded subset, 1 / 2 / 4 workers
+    python benchmarks/parallel.py --quick         # one epoch, fewer sizes (a couple of minutes)
+    python benchmarks/parallel.py --model lenet5 --subset full --epochs 2
+
+Every worker process runs with one BLAS thread (OPENBLAS_NUM_THREADS=1 and friends), so the
+scaling measures the parallel strategy and not BLAS threading; the 1-worker row is the same
+code with one process. On a machine with fewer cores than workers the extra workers time-share
+cores: the table says how many cores there are, and efficiency past that count is not expected.
+Accuracy is the test accuracy after the run (the same epochs and learning rate for every row).
+
+Model parallel / hybrid: one forward + backward step of AlexNet (two columns, dropout off) on
+2 MPI ranks against the single-process model, with the bytes each rank sends per step.
+
+A measurement, never a test: nothing is asserted about time. Writes markdown + JSON into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+              "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+RESULT = "RESULT "
+
+
+def _env() -> dict:
+    env = dict(os.environ, **ONE_THREAD)
+    env["PYTHONPATH"] = str(C.ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _run_worker(n: int, args: list[str], timeout: float = 1800) -> dict:
+    """Run this script as an MPI job of n ranks in worker mode; return rank 0's RESULT line."""
+    from dnnpar.parallel.comm import mpiexec
+
+    cmd = mpiexec(n) + [sys.executable, __file__, "--worker", *args]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-2000:]}")
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith(RESULT)]
+    if not lines:
+        raise RuntimeError(f"no result from {' '.join(cmd)}:\n{r.stdout[-2000:]}")
+    return json.loads(lines[-1][len(RESULT):])
+
+
+# ---------------------------------------------------------------------------- workers (under mpiexec)
+def worker(argv) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("kind", choices=("data", "split"))
+    ap.add_argument("--model", default="lenet300")
+    ap.add_argument("--subset", default="embedded")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--mode", default="model")
+    ap.add_argument("--in-size", type=int, default=227)
+    ap.add_argument("--steps", type=int, default=3)
+    a = ap.parse_args(argv)
+    import dnnpar as dp
+    from dnnpar.parallel.comm import MPICommunicator
+
+    dp.set_backend("numpy")
+    comm = MPICommunicator()
+    if a.kind == "data":
+        from dnnpar.parallel.data_parallel import run_data_parallel
+        from dnnpar.train import TrainConfig
+
+        cfg = TrainConfig(model=a.model, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, subset=a.subset,
+                          data_dir=a.data_dir, schedule="constant")
+        t0 = time.perf_counter()
+        _, hist, par = run_data_parallel(cfg, comm, progress=False, out=lambda *x: None)
+        wall = time.perf_counter() - t0
+        if comm.rank == 0:
+            rec = hist.records[-1]
+            images = sum(r.images_per_s * r.seconds for r in hist.records)
+            print(RESULT + json.dumps({"images_s": images / sum(r.seconds for r in hist.records),
+                                       "test_acc": rec.test_acc, "wall_s": wall, "comm_s": par.comm_seconds,
+                                       "bytes_per_step": par.bytes_reduced / max(par.steps, 1)}), flush=True)
+        return 0
+    # split: AlexNet (two columns, dropout off), one forward + backward per step
+    from dnnpar.nn import SoftmaxCrossEntropy
+    from dnnpar.nn.models import alexnet
+    from dnnpar.parallel.model_parallel import split_model
+
+    groups = 2 if a.mode in ("model", "single2") else 1
+    model = alexnet(num_classes=1000, groups=groups, in_shape=(3, a.in_size, a.in_size), dropout=0.0, seed=0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((a.batch_size, 3, a.in_size, a.in_size)).astype(np.float32)
+    y = rng.integers(0, 1000, a.batch_size)
+    net = model if a.mode.startswith("single") else split_model(model, comm, a.mode)
+    if a.mode == "hybrid":
+        n = a.batch_size // comm.size
+        x = x[comm.rank * n:(comm.rank + 1) * n]
+    loss_fn = SoftmaxCrossEntropy()
+
+    def step():
+        logits = net.forward(x)
+        loss_fn(logits, y)
+        net.backward(loss_fn.backward())
+        if hasattr(net, "sync_grads"):
+            net.sync_grads()
+
+    step()  # warm-up
+    if hasattr(net, "reset_stats"):
+        net.reset_stats()
+    times = []
+    for _ in range(a.steps):
+        comm.barrier()
+        t0 = time.perf_counter()
+        step()
+        comm.barrier()
+        times.append(time.perf_counter() - t0)
+    if comm.rank == 0:
+        sent = net.bytes_sent / a.steps if hasattr(net, "bytes_sent") else 0
+        print(RESULT + json.dumps({"ms": 1e3 * float(np.median(times)), "bytes_per_step": sent,
+                                   "params": int(sum(p.size for _, p, _ in net.named_parameters()))}), flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------- the benchmark
+class ParallelBench:
+    def __init__(self, args):
+        self.args = args
+        self.meta = C.common_meta("numpy", args)
+        self.meta["workload"] = (f"{args.model} on the {args.subset} Fashion-MNIST, {args.epochs} epoch(s), batch "
+                                 f"{args.batch_size} per worker, lr {args.lr}")
+        self.meta["threads"] = "one BLAS thread per worker process"
+        self.rows = []  # dicts
+
+    def add(self, **row):
+        self.rows.append(row)
+        print(f"  {row['strategy']:<28} {row['workers']:>3}  {row.get('images_s', float('nan')):10.0f} img/s", flush=True)
+
+    def run(self):
+        a = self.args
+        common = ["--model", a.model, "--subset", a.subset, "--epochs", str(a.epochs), "--batch-size",
+                  str(a.batch_size), "--lr", str(a.lr)] + (["--data-dir", a.data_dir] if a.data_dir else [])
+        for strategy in a.strategies:
+            for n in a.workers:
+                try:
+                    self.add(**self.measure(strategy, n, common))
+                except Exception as e:  # noqa: BLE001 - report and go on with the other rows
+                    first = (str(e).strip().splitlines() or [""])[0]
+                    self.rows.append({"strategy": strategy, "workers": n, "error": f"{type(e).__name__}: {first}"[:200]})
+                    print(f"  {strategy} x{n}: {self.rows[-1]['error']}", flush=True)
+        if a.split:
+            self.measure_split()
+
+    def measure(self, strategy: str, n: int, common: list[str]) -> dict:
+        a = self.args
+        if strategy == "sync (MPI allreduce)":
+            r = _run_worker(n, ["data", *common])
+            return {"strategy": strategy, "workers": n, "images_s": r["images_s"], "test_acc": r["test_acc"],
+                    "comm": f"{r['comm_s']:.1f} s allreduce, {r['bytes_per_step'] / 1e6:.2f} MB/step"}
+        from dnnpar.train import TrainConfig
+
+        cfg = TrainConfig(model=a.model, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, subset=a.subset,
+                          data_dir=a.data_dir, schedule="constant", backend="numpy")
+        if strategy == "hogwild":
+            from dnnpar.parallel.hogwild import run_hogwild
+            _, rep = run_hogwild(cfg, workers=n, progress=False, out=lambda *x: None)
+            return {"strategy": strategy, "workers": n, "images_s": rep.images_per_s, "test_acc": rep.test_acc,
+                    "comm": "shared memory, no locks"}
+        if strategy.startswith("parameter server"):
+            from dnnpar.parallel.ps import run_parameter_server
+            _, rep = run_parameter_server(cfg, workers=n, servers=1, consistency="asp", progress=False,
+                                          out=lambda *x: None)
+            return {"strategy": strategy, "workers": n, "images_s": rep.images_per_s, "test_acc": rep.final_accuracy,
+                    "comm": f"staleness max {rep.max_staleness}"}
+        raise ValueError(strategy)
+
+    def measure_split(self):
+        a = self.args
+        size, batch = (67, 8) if a.quick else (227, 16)
+        base = ["split", "--in-size", str(size), "--batch-size", str(batch), "--steps", "2" if a.quick else "3"]
+        single = _run_worker(1, base + ["--mode", "single2"])
+        self.split_rows = [("AlexNet 2 columns, 1 process", 1, single["ms"], 0.0)]
+        for mode, label in (("model", "model parallel (2 columns)"), ("hybrid", "hybrid (conv data, fc model)")):
+            r = _run_worker(2, base + ["--mode", mode])
+            self.split_rows.append((label, 2, r["ms"], r["bytes_per_step"]))
+        self.meta["split workload"] = f"AlexNet at {size}x{size}, batch {batch}, forward + backward, dropout off"
+
+    def finish(self):
+        base = {}
+        for r in self.rows:
+            if "images_s" in r and r["workers"] == min(self.args.workers):
+                base[r["strategy"]] = r["images_s"] * 1 / r["workers"]
+        for r in self.rows:
+            b = base.get(r["strategy"])
+            if "images_s" in r and b:
+                r["speedup"] = r["images_s"] / (b * min(self.args.workers))
+                r["efficiency"] = r["speedup"] / (r["workers"] / min(self.args.workers))
+
+    def cells(self):
+        out = []
+        for r in self.rows:
+            if "error" in r:
+                out.append([r["strategy"], str(r["workers"]), "-", "-", "-", "-", r["error"]])
+                continue
+            out.append([r["strategy"], str(r["workers"]), f"{r['images_s']:,.0f}", f"{r.get('speedup', 0):.2f}x",
+                         f"{100 * r.get('efficiency', 0):.0f}%", f"{100 * r['test_acc']:.2f}%", r["comm"]])
+        return out
+
+    COLUMNS = ("strategy", "workers", "images/s", "speedup", "efficiency", "test acc", "communication")
+
+    def header(self):
+        return ["dnnpar parallel training benchmark (CPU)"] + [f"{k}: {v}" for k, v in self.meta.items()]
+
+    def footnotes(self):
+        notes = [f"speedup: images/s over the same strategy's {min(self.args.workers)}-worker row; efficiency: "
+                 "speedup / worker ratio. This machine has "
+                 f"{C.cpu_cores()} cores: rows with more workers than cores time-share them."]
+        if getattr(self, "split_rows", None):
+            notes.append("")
+            notes += C.text_table(("split", "ranks", "ms / step", "MB sent per rank per step"),
+                                  [[s, str(n), f"{ms:,.0f}", f"{b / 1e6:,.2f}"] for s, n, ms, b in self.split_rows],
+                                  {1, 2, 3})
+        return notes
+
+    def text(self):
+        return C.render_text(self.header(), self.COLUMNS, self.cells(), {1, 2, 3, 4, 5}, self.footnotes())
+
+    def write(self, out_dir: Path):
+        md = C.render_markdown(self.header(), self.COLUMNS, self.cells(), {1, 2, 3, 4, 5}, self.footnotes())
+        return C.write_report(out_dir, "parallel", md, {"meta": self.meta, "rows": self.rows,
+                                                        "split": getattr(self, "split_rows", None)})
+
+
+STRATEGIES = ("sync (MPI allreduce)", "hogwild", "parameter server (Ray, ASP)")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--worker":
+        return worker(argv[1:])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="lenet300", choices=("lenet300", "lenet5"))
+    ap.add_argument("--subset", default="embedded", choices=("embedded", "full"))
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES, metavar="STRATEGY",
+                    help=f"any of: {'; '.join(STRATEGIES)}")
+    ap.add_argument("--no-split", dest="split", action="store_false", help="skip the AlexNet model / hybrid rows")
+    ap.add_argument("--quick", action="store_true", help="1 epoch, 1 and 2 workers, the small AlexNet")
+    ap.add_argument("--out", default="bench-out")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.epochs, args.workers = 1, [1, 2]
+    return C.run_and_report(ParallelBench(args), args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
