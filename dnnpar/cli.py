@@ -67,8 +67,12 @@ def _train_data_parallel(args, cfg, checkpoint) -> int:
     if cfg.backend:  # before the communicator: "auto" picks NCCL for the cuda backend
         from .backend import set_backend
         set_backend(cfg.backend)
-    comm = make_communicator(args.comm, timeout=args.timeout)
-    _, _, par = run_data_parallel(cfg, comm, bucket_mb=args.bucket_mb, checkpoint=checkpoint, resume=args.resume,
+    from .parallel.comm import DEFAULT_TIMEOUT
+    from .parallel.data_parallel import DEFAULT_BUCKET_MB
+
+    comm = make_communicator(args.comm, timeout=DEFAULT_TIMEOUT if args.timeout is None else args.timeout)
+    bucket_mb = DEFAULT_BUCKET_MB if args.bucket_mb is None else args.bucket_mb
+    _, _, par = run_data_parallel(cfg, comm, bucket_mb=bucket_mb, checkpoint=checkpoint, resume=args.resume,
                                   plot=args.plot, progress=not args.quiet)
     if par.is_root:
         print(f"checkpoint: {checkpoint}; allreduce: {par.bytes_reduced / 2**20:,.1f} MiB in {par.steps} steps, "
@@ -220,9 +224,11 @@ def main(argv=None) -> int:
                           "workers over shared memory; ps: parameter server on Ray")
     par.add_argument("--comm", choices=("auto", "mpi", "nccl"), default="auto",
                      help="data: the allreduce engine (auto: NCCL on the cuda backend, else MPI)")
-    par.add_argument("--bucket-mb", type=float, default=4.0, help="data: gradient bucket size for fused allreduce")
-    par.add_argument("--timeout", type=float, default=120.0,
-                     help="data: seconds a collective may wait for a rank before the job is aborted")
+    par.add_argument("--bucket-mb", type=float, default=None,
+                     help="data: gradient bucket size in MiB for the fused allreduce (default 4)")
+    par.add_argument("--timeout", type=float, default=None,
+                     help="data: seconds a collective may wait for a rank before the job is aborted "
+                          "(default: $DNNPAR_COMM_TIMEOUT, else 120)")
     par.add_argument("--workers", type=int, default=2, help="hogwild / ps: worker count")
     par.add_argument("--servers", type=int, default=1, help="ps: parameter-server shards")
     par.add_argument("--consistency", default="asp", help="ps: bsp | asp | ssp:S (staleness bound S)")

@@ -245,7 +245,8 @@ def train(cfg: TrainConfig, checkpoint=None, resume: bool = False, plot=None, pr
         seconds = time.perf_counter() - t0
         if parallel is not None:
             seen, loss_sum, correct = parallel.reduce_stats(seen, loss_sum, correct)
-        test_acc = evaluate(model, data.x_test, data.y_test) if root else float("nan")
+        test_acc = (evaluate(model, data.x_test, data.y_test) if parallel is None
+                    else parallel.evaluate(model, data.x_test, data.y_test))
         rec = EpochRecord(epoch, opt.lr, loss_sum / seen, correct / seen, test_acc, seen / seconds, seconds)
         history.records.append(rec)
         out(history.row(rec))

@@ -28,17 +28,22 @@ WORKER = textwrap.dedent('''
     from dnnpar.parallel.comm import MPICommunicator
     from dnnpar.parallel.model_parallel import split_model
     mode, groups, seed, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    batch = int(sys.argv[5]) if len(sys.argv) > 5 else 4
     dp.set_backend("numpy")
     comm = MPICommunicator(timeout=60)
     model = alexnet(num_classes=10, groups=groups, in_shape=(3, 67, 67), dropout=0.0, seed=1)
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((4, 3, 67, 67)).astype(np.float32)
-    y = rng.integers(0, 10, 4)
+    x = rng.standard_normal((batch, 3, 67, 67)).astype(np.float32)
+    y = rng.integers(0, 10, batch)
     pm = split_model(model, comm, mode)
-    n = len(y) // comm.size
-    xin = x if mode == "model" else x[comm.rank * n:(comm.rank + 1) * n]
+    lo, hi = batch * comm.rank // comm.size, batch * (comm.rank + 1) // comm.size
+    xin = x if mode == "model" else x[lo:hi]
+    try:
+        logits = pm.forward(xin)
+    except ValueError as e:
+        print("ValueError:", e, flush=True)
+        sys.exit(3)
     loss_fn = SoftmaxCrossEntropy()
-    logits = pm.forward(xin)
     loss = loss_fn(logits, y)
     pm.backward(loss_fn.backward())
     pm.sync_grads()
@@ -62,12 +67,13 @@ def _reference(groups, seed):
 
 
 @pytest.mark.parametrize("mode,groups", [("model", 2), ("hybrid", 1)])
-def test_split_equals_the_single_device_model(tmp_path, mode, groups):
-    seed = int(np.random.default_rng().integers(1 << 30))
+def test_split_equals_the_single_device_model(tmp_path, mode, groups, rng):
+    seed = int(rng.integers(1 << 30))  # fresh per run, replayable through DNNPAR_TEST_SEED
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1",
+               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     r = subprocess.run(mpiexec(2) + [sys.executable, str(script), mode, str(groups), str(seed),
                                      str(tmp_path / "rank.npz")], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -95,6 +101,18 @@ def _check_rank(got, logits, loss, grads):
         checked += 1
     assert checked == len(grads)  # every parameter of the model, sliced or whole
     assert int(got["bytes"]) > 0
+
+
+def test_hybrid_refuses_a_batch_that_does_not_split_evenly(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1",
+               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    r = subprocess.run(mpiexec(2) + [sys.executable, str(script), "hybrid", "1", "0", str(tmp_path / "r.npz"), "5"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "the ranks hold different shapes [(2, 256), (3, 256)]" in r.stdout, r.stdout + r.stderr[-2000:]
 
 
 class _Ranks:

@@ -3,13 +3,14 @@ bad input. One local Ray for the module; lenet300 on the embedded subset, a few 
 import os
 import sys
 
+import numpy as np
 import pytest
 
 ray = pytest.importorskip("ray")
 
 from dnnpar.data import fashion_mnist  # noqa: E402
 from dnnpar.parallel import ps  # noqa: E402
-from dnnpar.train import TrainConfig  # noqa: E402
+from dnnpar.train import TrainConfig, evaluate  # noqa: E402
 
 
 def quiet(*args, **kwargs):
@@ -112,6 +113,11 @@ def test_gpu_backend_is_refused(data):
         ps.run_parameter_server(config(backend="cuda"), 2, 1, "asp", data=data, out=quiet)
 
 
+def test_nesterov_is_refused_not_ignored(data):
+    with pytest.raises(ValueError, match="Nesterov is not implemented"):
+        ps.run_parameter_server(config(nesterov=True), 2, 1, "asp", data=data, out=quiet)
+
+
 def test_bad_fail_spec(local_ray, data):
     with pytest.raises(ValueError, match="unknown keys"):
         run(data, 2, 1, "asp", fail={"rank": 1})
@@ -170,15 +176,20 @@ def test_asp_trains_and_counts_every_gradient(local_ray, data):
 
 def test_worker_sigkill_training_finishes_with_the_others(local_ray, data):
     kw = dict(epochs=4)
-    _, clean = run(data, 3, 2, "bsp", **kw)
+    clean_model, clean = run(data, 3, 2, "bsp", **kw)
     said = []
-    _, hurt = ps.run_parameter_server(config(4), 3, 2, "bsp", data=data, out=said.append, progress=False,
-                                      fail={"worker": 1, "after_steps": 20})
+    hurt_model, hurt = ps.run_parameter_server(config(4), 3, 2, "bsp", data=data, out=said.append, progress=False,
+                                               fail={"worker": 1, "after_steps": 20})
     assert hurt.dead_workers == [1] and hurt.lost_updates == [None, None]
     assert any("worker 1 died" in line for line in said)
     assert len(hurt.history.records) == 4
     assert hurt.max_staleness == 0                        # BSP stopped waiting for the dead worker
-    assert abs(hurt.final_accuracy - clean.final_accuracy) <= 0.01, (hurt.final_accuracy, clean.final_accuracy)
+    # Within 1 point of the run without failures. Scored on all 7,000 embedded images: on the
+    # 1,000 test images alone two equally good runs differ by up to 1.5 points (sampling noise,
+    # measured over seeds), which would make the check a coin toss.
+    x, y = np.concatenate([data.x_train, data.x_test]), np.concatenate([data.y_train, data.y_test])
+    a_clean, a_hurt = evaluate(clean_model, x, y), evaluate(hurt_model, x, y)
+    assert abs(a_hurt - a_clean) <= 0.01, (a_hurt, a_clean)
 
 
 def test_server_sigkill_restarts_from_its_checkpoint(local_ray, data):

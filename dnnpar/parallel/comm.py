@@ -83,7 +83,8 @@ class MPICommunicator(Communicator):
             if time.monotonic() > deadline:
                 raise CommTimeoutError(
                     f"rank {self.rank}/{self.size}: {what} did not complete within {self.timeout:g} s: another rank "
-                    "died or stopped answering (raise DNNPAR_COMM_TIMEOUT if a step is legitimately that slow)")
+                    "died or stopped answering (if a step is legitimately that slow, raise --timeout or "
+                    "DNNPAR_COMM_TIMEOUT)")
             time.sleep(pause)
             pause = min(pause * 2, 1e-3)
 
@@ -120,6 +121,14 @@ class MPICommunicator(Communicator):
             raise ValueError(f"allgather: out must have shape {(self.size,) + local.shape} and dtype {local.dtype}, "
                              f"got {out.shape} {out.dtype}")
         self._wait([self.comm.Iallgather(local, out)], f"allgather of {local.nbytes:,} bytes per rank")
+
+    def reduce_scatter(self, send: np.ndarray, recv: np.ndarray) -> None:
+        """``recv = sum over ranks of send[rank]`` (host arrays; send is (size,) + recv.shape)."""
+        if send.shape != (self.size,) + recv.shape or send.dtype != recv.dtype or not send.flags.c_contiguous:
+            raise ValueError(f"reduce_scatter: send must be C-contiguous {(self.size,) + recv.shape} {recv.dtype}, "
+                             f"got {send.shape} {send.dtype}")
+        self._wait([self.comm.Ireduce_scatter_block(send, recv, op=self.MPI.SUM)],
+                   f"reduce-scatter of {send.nbytes:,} bytes")
 
     def allreduce_scalars(self, values) -> np.ndarray:
         """Sum a few float64 numbers (loss sums, counts) over the ranks."""

@@ -146,6 +146,17 @@ class DataParallel:
         self.buckets.unpack(model)
         self.steps += 1
 
+    def evaluate(self, model, x, y) -> float:
+        """Test accuracy with the test set split over the ranks (every rank holds the same
+        parameters): the ranks stay in step, so none waits on a collective while rank 0 scores."""
+        from ..train import evaluate
+
+        n = len(y)
+        lo, hi = n * self.rank // self.size, n * (self.rank + 1) // self.size
+        correct = evaluate(model, x[lo:hi], y[lo:hi]) * (hi - lo) if hi > lo else 0.0
+        (total,) = self.reduce_stats(correct)
+        return total / n
+
     def reduce_stats(self, *values) -> list[float]:
         return [float(v) for v in self.comm.allreduce_scalars(values)]
 

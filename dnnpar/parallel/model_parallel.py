@@ -58,22 +58,33 @@ class AllGather(Layer):
         be = get_backend()
         R = self.comm.size
         local = np.ascontiguousarray(be.to_numpy(x).astype(np.float32, copy=False))
+        shapes = np.empty((R, local.ndim), np.int64)
+        self.comm.allgather(np.array(local.shape, np.int64), shapes)
+        if (shapes != shapes[0]).any():  # MPI's allgather would silently mix unequal blocks
+            raise ValueError(f"AllGather along axis {self.axis}: the ranks hold different shapes "
+                             f"{[tuple(int(v) for v in s) for s in shapes]}; in the hybrid every rank needs the "
+                             "same batch (a batch divisible by the rank count)")
         parts = np.empty((R,) + local.shape, np.float32)
         self.comm.allgather(local, parts)
-        self.stats["gather"] += local.nbytes * (R - 1)
+        self.stats["gather"] += local.nbytes * (R - 1)  # ring allgather: R - 1 blocks out of each rank
         self.local = local.shape[self.axis]
         return be.asarray(np.concatenate(list(parts), axis=self.axis))
 
     def backward(self, dy):
         be = get_backend()
-        g = np.ascontiguousarray(be.to_numpy(dy).astype(np.float32, copy=False))
-        if self.reduce_grad:
-            self.comm.allreduce_sum([g])
-            self.stats["reduce"] += g.nbytes * 2 * (self.comm.size - 1) // self.comm.size  # ring reduce-scatter part
-        lo = self.comm.rank * self.local
-        index = [slice(None)] * g.ndim
-        index[self.axis] = slice(lo, lo + self.local)
-        return be.asarray(np.ascontiguousarray(g[tuple(index)]))
+        R, a = self.comm.size, self.axis
+        g = be.to_numpy(dy).astype(np.float32, copy=False)
+        if not self.reduce_grad:  # complete on every rank: keep this rank's block
+            index = [slice(None)] * g.ndim
+            index[a] = slice(self.comm.rank * self.local, (self.comm.rank + 1) * self.local)
+            return be.asarray(np.ascontiguousarray(g[tuple(index)]))
+        # reduce-scatter: block r of the summed gradient lands on rank r
+        blocks = g.reshape(g.shape[:a] + (R, self.local) + g.shape[a + 1:])
+        send = np.ascontiguousarray(np.moveaxis(blocks, a, 0))
+        recv = np.empty(send.shape[1:], np.float32)
+        self.comm.reduce_scatter(send, recv)
+        self.stats["reduce"] += send.nbytes * (R - 1) // R  # ring reduce-scatter
+        return be.asarray(recv)
 
     def output_shape(self, in_shape):
         if self.axis == 0:

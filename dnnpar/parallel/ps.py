@@ -587,6 +587,9 @@ def run_parameter_server(cfg, workers: int, servers: int, consistency: str = "as
         raise ValueError(f"need at least 1 worker and 1 server, got workers={workers}, servers={servers}")
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    if cfg.nesterov:
+        raise ValueError("the parameter server's shards apply plain momentum SGD; Nesterov is not implemented "
+                         "there (drop --nesterov)")
     with _backend.use_backend("numpy"):
         model = build(cfg.model, seed=cfg.seed)
     layout = ParamLayout(model)
