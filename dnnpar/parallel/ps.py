@@ -77,6 +77,8 @@ from pathlib import Path
 
 import numpy as np
 
+#: the driver gives up, with an error, when no shard applied an update for this long
+STALL_SECONDS = float(os.environ.get("DNNPAR_PS_STALL_SECONDS", "300"))
 #: how long a worker keeps retrying a call to a server that died (Ray restarts it meanwhile)
 RETRY_SECONDS = 60.0
 #: how long the driver waits for a TCP answer from a Ray address before giving up
@@ -646,6 +648,7 @@ def run_parameter_server(cfg, workers: int, servers: int, consistency: str = "as
                        for i, w in enumerate(alive)}
             bar = ProgressBar(steps * len(alive), f"epoch {epoch}/{cfg.epochs}", enabled=progress)
             t0, results, clock0 = time.perf_counter(), [], None
+            last_total, last_change = None, time.monotonic()
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.25)
                 for ref in ready:
@@ -672,6 +675,14 @@ def run_parameter_server(cfg, workers: int, servers: int, consistency: str = "as
                         continue
                     versions[k] = p["version"]
                     clocks, loss = clocks or p["clocks"], p["loss"] if k == 0 else loss
+                total = sum(versions.values())
+                if total != last_total:
+                    last_total, last_change = total, time.monotonic()
+                elif time.monotonic() - last_change > STALL_SECONDS:  # never a silent hang
+                    raise TimeoutError(
+                        f"parameter server: no update applied for {STALL_SECONDS:g} s in epoch {epoch} (workers "
+                        f"{sorted(pending.values())} still running, shard versions {versions}); a worker may wait "
+                        "on a restarted shard for a clock it will not send again (DNNPAR_PS_STALL_SECONDS)")
                 if clocks is not None:
                     clock0 = clock0 if clock0 is not None else min(clocks[w] for w in alive)
                     faults.check(clocks, versions, worker_pids, server_pids, out)
