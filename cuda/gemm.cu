@@ -15,9 +15,9 @@
 //                   where the operand is 16-byte aligned; A's tile stored k-major with a 4-float
 //                   pad so the transposing store is bank-conflict-free; each thread's 8 rows and 8
 //                   columns are two groups of 4 strided by 64, so every quarter-warp float4 read of
-//                   shared memory touches 32 distinct banks; two shared-memory stages, the next
-//                   k-slice loaded into registers while the current one is multiplied.
-//                   block (256), grid (ceil(N/128), ceil(M/128)).
+//                   shared memory touches 32 distinct banks. block (256), grid (ceil(N/128), ceil(M/128)).
+//   sgemm_regblock_db + two shared-memory stages: the next k-slice is loaded into registers while
+//                   the current one is multiplied, one barrier per slice (the default).
 // All variants take any M, N, K >= 1 (partial tiles are zero-filled in shared memory).
 
 #define GEMM_AT(X, ld, t, r, c) ((t) ? (X)[(long long)(c) * (ld) + (r)] : (X)[(long long)(r) * (ld) + (c)])
@@ -120,9 +120,87 @@ __device__ __forceinline__ void rb_store(float (*S)[RB_BM + RB_PAD], float4 v, b
     }
 }
 
+// One BK-deep slice of the block tile into this thread's 8x8 accumulators: 4 float4 shared
+// loads and 64 FMAs per k.
+__device__ __forceinline__ void rb_multiply(float (&acc)[8][8], const float (*As)[RB_BM + RB_PAD],
+                                            const float (*Bs)[RB_BN + RB_PAD], int tr, int tc) {
+#pragma unroll
+    for (int k = 0; k < RB_BK; ++k) {
+        float a[8], b[8];
+        float4 a0 = *reinterpret_cast<const float4*>(&As[k][tr * 4]);
+        float4 a1 = *reinterpret_cast<const float4*>(&As[k][64 + tr * 4]);
+        float4 b0 = *reinterpret_cast<const float4*>(&Bs[k][tc * 4]);
+        float4 b1 = *reinterpret_cast<const float4*>(&Bs[k][64 + tc * 4]);
+        a[0] = a0.x; a[1] = a0.y; a[2] = a0.z; a[3] = a0.w; a[4] = a1.x; a[5] = a1.y; a[6] = a1.z; a[7] = a1.w;
+        b[0] = b0.x; b[1] = b0.y; b[2] = b0.z; b[3] = b0.w; b[4] = b1.x; b[5] = b1.y; b[6] = b1.z; b[7] = b1.w;
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[i][j] += a[i] * b[j];
+    }
+}
+
+// C = alpha * acc + beta * C for this thread's 8x8 outputs (rows tr*4.. and 64+tr*4.., columns
+// likewise); float4 stores where C allows, a bounds-checked scalar tail otherwise.
+__device__ __forceinline__ void rb_epilogue(const float (&acc)[8][8], int M, int N, float alpha, float beta,
+                                            float* __restrict__ C, int ldc, int m0, int n0, int tr, int tc) {
+    const bool vec_c = ((unsigned long long)C & 15) == 0 && (ldc & 3) == 0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        int row = m0 + (i < 4 ? tr * 4 + i : 64 + tr * 4 + i - 4);
+        if (row >= M) continue;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            int col = n0 + h * 64 + tc * 4;
+            float* c = C + (long long)row * ldc + col;
+            float v[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) v[j] = alpha * acc[i][h * 4 + j];
+            if (vec_c && col + 3 < N) {
+                if (beta != 0.f) {
+                    float4 old = *reinterpret_cast<const float4*>(c);
+                    v[0] += beta * old.x; v[1] += beta * old.y; v[2] += beta * old.z; v[3] += beta * old.w;
+                }
+                *reinterpret_cast<float4*>(c) = make_float4(v[0], v[1], v[2], v[3]);
+            } else {
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+                    if (col + j < N) c[j] = beta == 0.f ? v[j] : v[j] + beta * c[j];
+            }
+        }
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(RB_THREADS)
 sgemm_regblock(int M, int N, int K, float alpha, const float* __restrict__ A, int lda, int ta,
                const float* __restrict__ B, int ldb, int tb, float beta, float* __restrict__ C, int ldc) {
+    __shared__ __align__(16) float As[RB_BK][RB_BM + RB_PAD];
+    __shared__ __align__(16) float Bs[RB_BK][RB_BN + RB_PAD];
+    const int t = threadIdx.x;
+    const int tr = t >> 4, tc = t & 15;  // 16 x 16 threads, each 8 x 8 outputs
+    const int m0 = blockIdx.y * RB_BM, n0 = blockIdx.x * RB_BN;
+    const bool vec_a = ((unsigned long long)A & 15) == 0 && (lda & 3) == 0;
+    const bool vec_b = ((unsigned long long)B & 15) == 0 && (ldb & 3) == 0;
+
+    float acc[8][8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
+
+    for (int k0 = 0; k0 < K; k0 += RB_BK) {
+        rb_store(As, rb_load(A, lda, !ta, vec_a, M, K, m0, k0, t), !ta, t);
+        rb_store(Bs, rb_load(B, ldb, tb, vec_b, N, K, n0, k0, t), tb, t);
+        __syncthreads();
+        rb_multiply(acc, As, Bs, tr, tc);
+        __syncthreads();  // nobody may overwrite the tiles while a neighbour still reads them
+    }
+    rb_epilogue(acc, M, N, alpha, beta, C, ldc, m0, n0, tr, tc);
+}
+
+extern "C" __global__ void __launch_bounds__(RB_THREADS)
+sgemm_regblock_db(int M, int N, int K, float alpha, const float* __restrict__ A, int lda, int ta,
+                  const float* __restrict__ B, int ldb, int tb, float beta, float* __restrict__ C, int ldc) {
     // Two shared-memory stages: slice k0 is multiplied out of one while slice k0 + BK, already
     // loaded into registers, is written to the other; one barrier per slice.
     __shared__ __align__(16) float As[2][RB_BK][RB_BM + RB_PAD];
@@ -150,20 +228,7 @@ sgemm_regblock(int M, int N, int K, float alpha, const float* __restrict__ A, in
             na = rb_load(A, lda, !ta, vec_a, M, K, m0, k0 + RB_BK, t);
             nb = rb_load(B, ldb, tb, vec_b, N, K, n0, k0 + RB_BK, t);
         }
-#pragma unroll
-        for (int k = 0; k < RB_BK; ++k) {
-            float a[8], b[8];
-            float4 a0 = *reinterpret_cast<const float4*>(&As[cur][k][tr * 4]);
-            float4 a1 = *reinterpret_cast<const float4*>(&As[cur][k][64 + tr * 4]);
-            float4 b0 = *reinterpret_cast<const float4*>(&Bs[cur][k][tc * 4]);
-            float4 b1 = *reinterpret_cast<const float4*>(&Bs[cur][k][64 + tc * 4]);
-            a[0] = a0.x; a[1] = a0.y; a[2] = a0.z; a[3] = a0.w; a[4] = a1.x; a[5] = a1.y; a[6] = a1.z; a[7] = a1.w;
-            b[0] = b0.x; b[1] = b0.y; b[2] = b0.z; b[3] = b0.w; b[4] = b1.x; b[5] = b1.y; b[6] = b1.z; b[7] = b1.w;
-#pragma unroll
-            for (int i = 0; i < 8; ++i)
-#pragma unroll
-                for (int j = 0; j < 8; ++j) acc[i][j] += a[i] * b[j];
-        }
+        rb_multiply(acc, As[cur], Bs[cur], tr, tc);
         if (more) {
             // The other stage was last read in the previous slice, which the barrier below it closed.
             rb_store(As[cur ^ 1], na, !ta, t);
@@ -173,29 +238,5 @@ sgemm_regblock(int M, int N, int K, float alpha, const float* __restrict__ A, in
         cur ^= 1;
     }
 
-    const bool vec_c = ((unsigned long long)C & 15) == 0 && (ldc & 3) == 0;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        int row = m0 + (i < 4 ? tr * 4 + i : 64 + tr * 4 + i - 4);
-        if (row >= M) continue;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            int col = n0 + h * 64 + tc * 4;
-            float* c = C + (long long)row * ldc + col;
-            float v[4];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) v[j] = alpha * acc[i][h * 4 + j];
-            if (vec_c && col + 3 < N) {
-                if (beta != 0.f) {
-                    float4 old = *reinterpret_cast<const float4*>(c);
-                    v[0] += beta * old.x; v[1] += beta * old.y; v[2] += beta * old.z; v[3] += beta * old.w;
-                }
-                *reinterpret_cast<float4*>(c) = make_float4(v[0], v[1], v[2], v[3]);
-            } else {
-#pragma unroll
-                for (int j = 0; j < 4; ++j)
-                    if (col + j < N) c[j] = beta == 0.f ? v[j] : v[j] + beta * c[j];
-            }
-        }
-    }
+    rb_epilogue(acc, M, N, alpha, beta, C, ldc, m0, n0, tr, tc);
 }

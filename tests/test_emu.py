@@ -42,10 +42,10 @@ def gemm_case(rng):
 
 
 @pytest.mark.parametrize("kernel,which", [("sgemm_tiled", 0), ("sgemm_tiled", 1), ("sgemm_regblock", 0),
-                                          ("sgemm_regblock", 1)])
+                                          ("sgemm_regblock", 1), ("sgemm_regblock_db", 0), ("sgemm_regblock_db", 1)])
 def test_missing_syncthreads_is_caught(emu, rng, kernel, which):
     a, b, want = gemm_case(rng)
-    algo = kernel.split("_")[1]
+    algo = kernel[len("sgemm_"):]
     scale = np.abs(want).max()
 
     good = run_schedules(emu, lambda: dp.ops.gemm(a, b, algo=algo))

@@ -78,7 +78,7 @@ GEMM_SIZES = [(1, 1, 1), (1, 7, 3), (13, 1, 5), (31, 37, 41), (128, 128, 64), (1
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
-@pytest.mark.parametrize("algo", ["naive", "tiled", "regblock"])
+@pytest.mark.parametrize("algo", ["naive", "tiled", "regblock", "regblock_db"])
 @pytest.mark.parametrize("mnk", GEMM_SIZES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("trans", ["NN", "NT", "TN", "TT"])
 def test_gemm(backend, algo, mnk, trans, rng):
@@ -93,7 +93,7 @@ def test_gemm(backend, algo, mnk, trans, rng):
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
-@pytest.mark.parametrize("algo", ["naive", "tiled", "regblock"])
+@pytest.mark.parametrize("algo", ["naive", "tiled", "regblock", "regblock_db"])
 def test_gemm_alpha_beta_accumulates_in_place(backend, algo, rng):
     m, n, k = 67, 45, 29
     a, b, c0 = randn(rng, (m, k)), randn(rng, (k, n)), randn(rng, (m, n))

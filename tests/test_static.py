@@ -38,7 +38,7 @@ def test_every_kernel_compiles_for_every_target(reports):
 
 
 @needs_nvcc
-@pytest.mark.parametrize("kernel", ["sgemm_regblock", "sgemm_tiled", "csr_spmv_scalar", "csr_spmv_vector",
+@pytest.mark.parametrize("kernel", ["sgemm_regblock", "sgemm_regblock_db", "sgemm_tiled", "csr_spmv_scalar", "csr_spmv_vector",
                                     "csr_spmv_scalar_cb", "csr_spmv_vector_cb", "csr_spmm", "csr_spmm_cb"])
 def test_no_spills_on_sm90(reports, kernel):
     (r,) = [r for r in reports if r.kernel == kernel and r.arch == "90"]
@@ -47,12 +47,13 @@ def test_no_spills_on_sm90(reports, kernel):
 
 
 @needs_nvcc
-def test_regblock_keeps_its_tile_in_registers_and_shared_memory(reports):
-    """8x8 accumulators + 16 operands need well over 64 registers; two stages of A and B tiles,
-    2 x 2 x 8 x 132 floats of smem; no spills."""
-    (r,) = [r for r in reports if r.kernel == "sgemm_regblock" and r.arch == "90"]
+@pytest.mark.parametrize("kernel,stages", [("sgemm_regblock", 1), ("sgemm_regblock_db", 2)])
+def test_regblock_keeps_its_tile_in_registers_and_shared_memory(reports, kernel, stages):
+    """8x8 accumulators + 16 operands need well over 64 registers; A and B tiles of 8 x 132 floats
+    per shared-memory stage (one, or two when double-buffered); no spills."""
+    (r,) = [r for r in reports if r.kernel == kernel and r.arch == "90"]
     assert r.registers >= 96
-    assert r.smem == 2 * 2 * 8 * 132 * 4
+    assert r.smem == stages * 2 * 8 * 132 * 4
     assert r.spill_stores == 0 and r.spill_loads == 0 and r.stack == 0
     assert r.barriers >= 1
 
@@ -101,10 +102,11 @@ def test_sass_shows_the_optimisations_the_source_claims(tmp_path):
         pytest.fail("cuobjdump/nvdisasm missing: `pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm` (dev extra)")
     _, gemm_sass = kernels.compile_source("gemm.cu", "90", NVCC, sass=True)
     mix = kernels.instruction_mix(gemm_sass)
-    rb = mix["sgemm_regblock"]
-    assert rb["LDS.128"] >= 32 and rb["LDS"] == 0, rb
-    assert rb["LDG.E.128"] > 0 and rb["STG.E.128"] > 0 and rb["STS.128"] > 0, rb
-    assert rb["FFMA"] >= 512, rb
+    for name in ("sgemm_regblock", "sgemm_regblock_db"):
+        rb = mix[name]
+        assert rb["LDS.128"] >= 32 and rb["LDS"] == 0, (name, rb)
+        assert rb["LDG.E.128"] > 0 and rb["STG.E.128"] > 0 and rb["STS.128"] > 0, (name, rb)
+        assert rb["FFMA"] >= 512, (name, rb)
     assert mix["sgemm_tiled"]["LDS.128"] == 0 and mix["sgemm_tiled"]["BAR"] >= 2
     _, spmv_sass = kernels.compile_source("spmv.cu", "90", NVCC, sass=True)
     smix = kernels.instruction_mix(spmv_sass)

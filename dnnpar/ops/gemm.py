@@ -8,8 +8,8 @@ from ..nvtx import ranged
 from ._common import check_array, check_same_dtype, i32
 
 #: kernel variants, slowest first (see the ladder in cuda/gemm.cu); value: block tile (rows, cols)
-ALGOS = {"naive": (16, 16), "tiled": (32, 32), "regblock": (128, 128)}
-DEFAULT_ALGO = "regblock"
+ALGOS = {"naive": (16, 16), "tiled": (32, 32), "regblock": (128, 128), "regblock_db": (128, 128)}
+DEFAULT_ALGO = "regblock_db"
 
 
 def gemm_numpy(a, b, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, c=None):
@@ -27,7 +27,7 @@ def _launch_shape(algo: str, m: int, n: int):
     grid = ((n + tn - 1) // tn, (m + tm - 1) // tm)
     if grid[1] > 65535:
         raise ValueError(f"gemm: M={m} needs {grid[1]} block rows; CUDA allows 65535 (use a larger tile)")
-    block = (256,) if algo == "regblock" else (tn, tm)
+    block = (256,) if algo.startswith("regblock") else (tn, tm)
     return grid, block
 
 
@@ -38,7 +38,7 @@ def gemm(a, b, trans_a: bool = False, trans_b: bool = False, alpha: float = 1.0,
 
     a: (M, K), or (K, M) with ``trans_a``; b: (K, N), or (N, K) with ``trans_b``.
     Returns C (M, N) = alpha * op(a) @ op(b) + beta * c. With ``beta != 0`` pass ``c`` (M, N): it is
-    updated in place and returned. ``algo`` picks the kernel ("naive" | "tiled" | "regblock");
+    updated in place and returned. ``algo`` picks the kernel ("naive" | "tiled" | "regblock" | "regblock_db", the default);
     the numpy backend always uses BLAS.
     """
     be = get_backend()
