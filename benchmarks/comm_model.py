@@ -40,7 +40,6 @@ RESULT = "RESULT "
 SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 QUICK_SIZES = [4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20]
 TARGET, TARGET_FROM = 0.30, 1 << 20
-ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 # ---------------------------------------------------------------------------- the MPI worker
@@ -77,12 +76,12 @@ def worker(sizes: list[int], repeats: int, warmup: int, budget_s: float) -> None
 
 def measure(n: int, sizes, repeats: int, warmup: int, budget_s: float, timeout: float = 600) -> dict:
     """Launch ``n`` ranks of the worker and return {size: median seconds}."""
-    from dnnpar.parallel.comm import mpiexec
+    from dnnpar.parallel.comm import mpi_env, mpiexec
 
     cmd = mpiexec(n) + [sys.executable, str(Path(__file__).resolve()), "--worker",
                                "--sizes", ",".join(map(str, sizes)), "--repeats", str(repeats),
                                "--warmup", str(warmup), "--budget", str(budget_s)]
-    env = dict(os.environ, **ONE_THREAD)
+    env = mpi_env()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith(RESULT)]
     if r.returncode != 0 or not lines:

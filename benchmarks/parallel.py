@@ -33,15 +33,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-              "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 RESULT = "RESULT "
 
 
 def _env() -> dict:
-    env = dict(os.environ, **ONE_THREAD)
-    env["PYTHONPATH"] = str(C.ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+    from dnnpar.parallel.comm import mpi_env
+
+    return mpi_env(dict(os.environ, PYTHONPATH=str(C.ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")))
 
 
 def _run_worker(n: int, args: list[str], timeout: float = 1800) -> dict:
@@ -175,7 +173,7 @@ class ParallelBench:
         if strategy == "hogwild":
             from dnnpar.parallel.hogwild import run_hogwild
             _, rep = run_hogwild(cfg, workers=n, progress=False, out=lambda *x: None)
-            return {"strategy": strategy, "workers": n, "images_s": rep.images_per_s, "test_acc": rep.test_acc,
+            return {"strategy": strategy, "workers": n, "images_s": rep.images_per_s, "test_acc": rep.final_accuracy,
                     "comm": "shared memory, no locks"}
         if strategy.startswith("parameter server"):
             from dnnpar.parallel.ps import run_parameter_server

@@ -92,6 +92,13 @@ class ProgressBar:
                 self.next_mark += 0.25
 
 
+def build_model(cfg: TrainConfig):
+    """``cfg.model`` built with ``cfg.seed`` for Fashion-MNIST (10 classes; the LeNets have 10 already)."""
+    if cfg.model in ("lenet300", "lenet5"):
+        return build(cfg.model, seed=cfg.seed)
+    return build(cfg.model, seed=cfg.seed, num_classes=10)
+
+
 def forward_backward(model, loss_fn, xb, yb, where: str = ""):
     """One mini-batch of backend arrays: forward, loss, backward (the layers' grads are filled).
     Returns (loss as a float, logits). A loss that is not finite is a FloatingPointError naming
@@ -193,8 +200,7 @@ def train(cfg: TrainConfig, checkpoint=None, resume: bool = False, plot=None, pr
     be = _backend.get_backend()
     data = data or fashion_mnist.load(cfg.data_dir, cfg.subset)
     if model is None:
-        model = build(cfg.model, seed=cfg.seed) if cfg.model in ("lenet300", "lenet5") else \
-            build(cfg.model, seed=cfg.seed, num_classes=10)
+        model = build_model(cfg)
     model.check_input(be.asarray(data.x_train[:1]))
     opt = optimizer or SGD(model, cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay)
     schedule = make_schedule(cfg.schedule, cfg.lr, cfg.epochs)

@@ -14,7 +14,7 @@ from dnnpar.nn import SoftmaxCrossEntropy
 from dnnpar.nn.models import alexnet
 
 pytest.importorskip("mpi4py", reason="model-parallel tests need mpi4py: pip install 'dnnpar[dist]'")
-from dnnpar.parallel.comm import mpiexec  # noqa: E402
+from dnnpar.parallel.comm import mpi_env, mpiexec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 IN_SHAPE, CLASSES, BATCH = (3, 67, 67), 10, 4  # a small AlexNet: the real layer structure, 67x67 input
@@ -71,9 +71,7 @@ def test_split_equals_the_single_device_model(tmp_path, mode, groups, rng):
     seed = int(rng.integers(1 << 30))  # fresh per run, replayable through DNNPAR_TEST_SEED
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1",
-               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    env = mpi_env(dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")))
     r = subprocess.run(mpiexec(2) + [sys.executable, str(script), mode, str(groups), str(seed),
                                      str(tmp_path / "rank.npz")], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -106,9 +104,7 @@ def _check_rank(got, logits, loss, grads):
 def test_hybrid_refuses_a_batch_that_does_not_split_evenly(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1",
-               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    env = mpi_env(dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")))
     r = subprocess.run(mpiexec(2) + [sys.executable, str(script), "hybrid", "1", "0", str(tmp_path / "r.npz"), "5"],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0

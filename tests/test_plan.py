@@ -132,11 +132,11 @@ def test_comm_model_worker_under_mpiexec():
     finally:
         sys.path.remove(str(BENCH.parent))
     sizes = [4096, 65536]
-    from dnnpar.parallel.comm import mpiexec
+    from dnnpar.parallel.comm import mpi_env, mpiexec
 
     cmd = mpiexec(2) + [sys.executable, str(BENCH), "--worker", "--sizes", ",".join(map(str, sizes)),
                         "--repeats", "3", "--warmup", "1", "--budget", "0.2"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=mpi_env())
     assert r.returncode == 0, r.stderr
     line = [ln for ln in r.stdout.splitlines() if ln.startswith(cm.RESULT)]
     assert len(line) == 1, r.stdout

@@ -69,7 +69,7 @@ def grid_stride_blocks(total: int, threads: int = 256) -> int:
 
 
 def plane_grid(op: str, pixels: int, planes: int, threads: int = 256) -> tuple:
-    """Grid for the plane-wise kernels (cuda/im2col.cu, depthwise.cu, conv_direct.cu): x covers one
+    """Grid for the plane-wise kernels (cuda/im2col.cu, depthwise.cu): x covers one
     plane's pixels with 32-bit indices, y strides over the planes (at most 65535 blocks)."""
     if pixels >= 2**31 or planes >= 2**31:
         raise ValueError(f"{op}: {planes} planes of {pixels} pixels; the kernels count both with 32 bits "

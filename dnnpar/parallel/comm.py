@@ -138,12 +138,14 @@ class MPICommunicator(Communicator):
 
     def abort(self, message: str, code: int = 1) -> None:
         print(f"dnnpar [rank {self.rank}/{self.size}]: {message}", file=sys.stderr, flush=True)
+        time.sleep(0.5)  # let mpiexec forward the message before MPI_Abort tears the job down
         self.comm.Abort(code)
 
 
 class NCCLCommunicator(MPICommunicator):
     """Device buffers (CuPy) summed by NCCL; the NCCL unique id travels over MPI, which also
-    carries the scalar reductions. Each rank uses GPU ``local_rank % device_count``."""
+    carries the scalar reductions. Each rank uses GPU ``local_rank``: one GPU per rank on a node
+    (more ranks than GPUs is an error; ``--comm mpi`` shares a GPU)."""
 
     name = "nccl"
 
@@ -158,7 +160,7 @@ class NCCLCommunicator(MPICommunicator):
         if local.Get_size() > ndev:
             raise RuntimeError(f"NCCL: {local.Get_size()} ranks on this node but {ndev} GPU(s); NCCL needs one GPU "
                                "per rank (use --comm mpi to share a GPU)")
-        self.device = local.Get_rank() % ndev
+        self.device = local.Get_rank()
         cp.cuda.Device(self.device).use()
         # NCCL_UNIQUE_ID_BYTES = 128, sent as a plain buffer with one leading byte saying whether
         # this CuPy spells the id as bytes (CuPy >= 14) or as a tuple of ints (older)
@@ -218,6 +220,17 @@ def mpiexec(n: int) -> list[str]:
     if exe is None:
         raise FileNotFoundError("mpiexec not found: pip install 'dnnpar[dist]' (the mpich wheel brings it)")
     return [exe, "-n", str(n)]
+
+
+def mpi_env(base: dict | None = None, threads: int = 1) -> dict:
+    """An environment for ``mpiexec`` jobs started from Python: ``threads`` BLAS/OpenMP threads per
+    rank (ranks, not BLAS, should share the cores) and Open MPI allowed to start as root (a
+    container's user; MPICH ignores the variables)."""
+    env = dict(os.environ if base is None else base)
+    for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[k] = str(threads)
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    return env
 
 
 COMMS = ("auto", "mpi", "nccl")

@@ -7,7 +7,9 @@ share of the global batch (``b / (N b)``, exact for a short last batch too), the
 summed over the ranks in fused buckets (:class:`Buckets`: contiguous runs of parameters up to
 ``bucket_mb`` MiB, packed into one buffer each, all in flight at once), and every rank applies
 the same SGD update. N ranks at batch b therefore follow 1 rank at batch N*b up to float
-rounding; ``tests/test_parallel.py`` checks it (rtol 1e-5).
+rounding; ``tests/test_parallel.py`` checks it (rtol 1e-5). Buffers (BatchNorm's running
+statistics) are per rank, computed from each rank's own slice, as in PyTorch's DDP without
+SyncBatchNorm: a model with BatchNorm is not bit-for-bit the single-process one.
 
 The training loop itself is :func:`dnnpar.train.train`, given a :class:`DataParallel` as
 ``parallel``: it shards each batch, reduces gradients and statistics through it, and only rank

@@ -87,18 +87,6 @@ class ParamLayout:
         for s, (_, p, _) in zip(self.slots, model.named_parameters()):
             p[...] = vec[s.offset:s.stop].reshape(s.shape)
 
-    def scatter_grads(self, model: Sequential, vec) -> None:
-        """Write ``vec`` into each layer's gradient (allocating it where the layer has none)."""
-        self._check_vec(vec)
-        for (lname, layer) in model.layers:
-            for pname in layer.params:
-                s = self._by_name[f"{lname}.{pname}"]
-                g = layer.grads.get(pname)
-                if g is None or tuple(g.shape) != s.shape:
-                    layer.grads[pname] = vec[s.offset:s.stop].reshape(s.shape).copy()
-                else:
-                    g[...] = vec[s.offset:s.stop].reshape(s.shape)
-
     def bind(self, model: Sequential, vec, copy_in: bool = True) -> None:
         """Make every parameter of ``model`` a view into ``vec``, so that an update of the vector is
         an update of the model and vice versa (Hogwild). ``copy_in``: first copy the model's

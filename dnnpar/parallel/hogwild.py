@@ -76,10 +76,9 @@ class HogwildReport:
     blas_threads_per_worker: int = 1
 
     @property
-    def test_acc(self) -> float:
+    def final_accuracy(self) -> float:
         return self.history.records[-1].test_acc if self.history.records else float("nan")
 
-    final_accuracy = test_acc
 
     def table(self) -> str:
         h = self.history
@@ -151,16 +150,15 @@ def _worker(rank: int, args: dict, commands, results) -> None:
     try:
         from .. import backend as _backend
         from ..nn import SoftmaxCrossEntropy
-        from ..nn.models import build
         from ..nn.optim import SGD
-        from ..train import forward_backward
+        from ..train import TrainConfig, build_model, forward_backward
         from .flat import ParamLayout
 
         _backend.set_backend("numpy")
         params = SharedArray.attach(args["params"])
         xs, ys = SharedArray.attach(args["x"]), SharedArray.attach(args["y"])
         progress = SharedArray.attach(args["progress"])
-        model = _build(build, args["model"], args["seed"])
+        model = build_model(TrainConfig(model=args["model"], seed=args["seed"]))
         ParamLayout(model).bind(model, params.array, copy_in=False)
         opt = SGD(model, args["lr"], args["momentum"], args["nesterov"], args["weight_decay"])
         loss_fn = SoftmaxCrossEntropy()
@@ -196,10 +194,6 @@ def _worker(rank: int, args: dict, commands, results) -> None:
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises
         results.put(("error", rank, traceback.format_exc()))
         raise SystemExit(1)
-
-
-def _build(build, name: str, seed: int):
-    return build(name, seed=seed) if name in ("lenet300", "lenet5") else build(name, seed=seed, num_classes=10)
 
 
 # ---------------------------------------------------------------------------- the parent
@@ -313,9 +307,8 @@ def run_hogwild(cfg, workers: int, out=print, data=None, progress: bool = True, 
     or too little data; RuntimeError when a worker dies or raises."""
     from .. import backend as _backend
     from ..data import fashion_mnist
-    from ..nn.models import build
     from ..nn.optim import make_schedule
-    from ..train import EpochRecord, History, ProgressBar, evaluate
+    from ..train import EpochRecord, History, ProgressBar, build_model, evaluate
     from .flat import ParamLayout
 
     cfg.validate()
@@ -326,7 +319,7 @@ def run_hogwild(cfg, workers: int, out=print, data=None, progress: bool = True, 
         raise ValueError(f"hogwild trains on the numpy backend (its workers share host memory); "
                          f"got backend {cfg.backend!r}")
     with _backend.use_backend("numpy"):
-        model = _build(build, cfg.model, cfg.seed)
+        model = build_model(cfg)
     buffers = [n for n, _ in model.named_buffers()]
     if buffers:
         raise ValueError(f"hogwild shares parameters only, and {cfg.model} has buffers ({', '.join(buffers[:3])}"
@@ -399,28 +392,10 @@ def run_hogwild(cfg, workers: int, out=print, data=None, progress: bool = True, 
             b.close()
             b.unlink()
     with _backend.use_backend("numpy"):
-        model = _build(build, cfg.model, cfg.seed)
+        model = build_model(cfg)
     layout.scatter_params(model, final)
     report = HogwildReport(workers, history, train_images / max(train_s, 1e-9), time.perf_counter() - t_start,
                            startup_s, steps, changes)
     return model, report
 
 
-def hogwild_throughput(cfg, worker_counts=(1, 2), data=None, out=print) -> list[dict]:
-    """Images/s of the same Hogwild run with each worker count (training time only, start-up and
-    evaluation excluded): ``[{"workers", "images_per_s", "speedup", "test_acc", "wall_s"}]``.
-    On a machine with fewer cores than workers the extra workers time-share cores."""
-    from ..data import fashion_mnist
-
-    data = data or fashion_mnist.load(cfg.data_dir, cfg.subset)
-    rows = []
-    for w in worker_counts:
-        _, rep = run_hogwild(cfg, w, out=lambda *a: None, data=data, progress=False)
-        rows.append({"workers": w, "images_per_s": rep.images_per_s, "test_acc": rep.test_acc,
-                     "wall_s": rep.wall_s})
-    base = rows[0]["images_per_s"] if rows else 1.0
-    for r in rows:
-        r["speedup"] = r["images_per_s"] / base
-        out(f"hogwild x{r['workers']}: {r['images_per_s']:,.0f} images/s ({r['speedup']:.2f}x), "
-            f"test acc {100 * r['test_acc']:.2f}%")
-    return rows

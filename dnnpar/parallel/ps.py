@@ -334,13 +334,13 @@ class PSWorker:
                  bounds: list, x: np.ndarray, y: np.ndarray):
         from .. import backend as _backend
         from ..nn import SoftmaxCrossEntropy
-        from ..nn.models import build
+        from ..train import TrainConfig, build_model
         from .flat import ParamLayout
 
         _backend.set_backend(backend)
         self.be = _backend.get_backend()
         self.worker, self.servers, self.bounds = worker, servers, bounds
-        self.model = build(model_name, seed=seed)
+        self.model = build_model(TrainConfig(model=model_name, seed=seed))
         self.model.train()
         self.layout = ParamLayout(self.model)
         self.loss_fn = SoftmaxCrossEntropy()
@@ -574,9 +574,8 @@ def run_parameter_server(cfg, workers: int, servers: int, consistency: str = "as
     servers' final parameters."""
     from .. import backend as _backend
     from ..data import fashion_mnist
-    from ..nn.models import build
     from ..nn.optim import make_schedule
-    from ..train import EpochRecord, History, ProgressBar, evaluate
+    from ..train import EpochRecord, History, ProgressBar, build_model, evaluate
     from .flat import ParamLayout
 
     cfg.validate()
@@ -593,7 +592,7 @@ def run_parameter_server(cfg, workers: int, servers: int, consistency: str = "as
         raise ValueError("the parameter server's shards apply plain momentum SGD; Nesterov is not implemented "
                          "there (drop --nesterov)")
     with _backend.use_backend("numpy"):
-        model = build(cfg.model, seed=cfg.seed)
+        model = build_model(cfg)
     layout = ParamLayout(model)
     bounds = shard_bounds(layout.size, servers)
     faults = _Faults(fail, workers, servers)
