@@ -54,7 +54,11 @@ Faults
       ``checkpoint_every`` updates and on every retire; npz, loaded with ``allow_pickle=False``)
       and resumes from it. Updates applied after that checkpoint are lost. Workers retry a
       failed call for :data:`RETRY_SECONDS`; pushes carry their clock, so a retried push that the
-      checkpoint already holds is acknowledged without being applied twice. Lost updates per shard
+      checkpoint already holds is acknowledged without being applied twice. A restarted shard
+      knows no clock until each worker calls again, except those of workers that already ended
+      their epoch (``finish_epoch``, checkpointed on arrival), so a BSP / SSP pull never waits for
+      a worker that has nothing more to send; should anything still stall, the driver raises after
+      :data:`STALL_SECONDS` without an update rather than hang. Lost updates per shard
       = pushes acknowledged to workers - updates the shard finally holds.
 
 Fault injection (tests, demos): ``fail={"worker": w, "after_steps": k}`` SIGKILLs worker w's
@@ -188,6 +192,7 @@ class ShardServer:
         self.clocks = np.zeros(workers, np.int64)         # steps each worker has finished; -1: not known yet
         self.applied = np.full(workers, -1, np.int64)     # last clock applied per worker (dedupes retries)
         self.retired = np.zeros(workers, bool)            # dead workers nobody waits for
+        self.finished = np.full(workers, -1, np.int64)    # clock at which each worker last ended an epoch
         self.staleness: Counter = Counter()
         self.lag: Counter = Counter()
         self.restarts, self.restored_version = 0, None
@@ -215,7 +220,8 @@ class ShardServer:
         _save_npz_atomic(self.checkpoint_path, params=self.params, velocity=self.velocity,
                          version=np.int64(self.version), lr=np.float64(self.lr),
                          scale=np.float64(self.scale),
-                         applied=self.applied, retired=self.retired, restarts=np.int64(self.restarts),
+                         applied=self.applied, retired=self.retired, finished=self.finished,
+                         restarts=np.int64(self.restarts),
                          stale_keys=keys, stale_counts=np.array([self.staleness[k] for k in keys], np.int64),
                          lag_keys=lkeys, lag_counts=np.array([self.lag[k] for k in lkeys], np.int64))
 
@@ -228,8 +234,11 @@ class ShardServer:
             self.version, self.lr, self.scale = int(z["version"]), float(z["lr"]), float(z["scale"])
             self.applied, self.retired = z["applied"].copy(), z["retired"].copy()
             # the clocks moved on since the checkpoint: unknown until each worker calls again (its
-            # pull or push carries its clock); BSP / SSP pulls wait for that, ASP uses what is known
-            self.clocks[:] = -1
+            # pull or push carries its clock); BSP / SSP pulls wait for that, ASP uses what is known.
+            # A worker that already ended its epoch will not call again before the next one: its
+            # end-of-epoch clock (checkpointed when it arrived) stands in, so nobody waits for it.
+            self.finished = z["finished"].copy()
+            self.clocks[:] = self.finished
             self.restarts = int(z["restarts"]) + 1
             self.staleness = Counter(dict(zip(z["stale_keys"].tolist(), z["stale_counts"].tolist())))
             self.lag = Counter(dict(zip(z["lag_keys"].tolist(), z["lag_counts"].tolist())))
@@ -294,6 +303,13 @@ class ShardServer:
                 self._checkpoint()
         await self._announce(worker, clock + 1)
         return self.version
+
+    async def finish_epoch(self, worker: int, clock: int) -> None:
+        """``worker`` ended its epoch at ``clock`` and sends nothing more until the next one;
+        checkpointed at once, so that a restarted shard knows this clock without waiting for it."""
+        self.finished[worker] = clock
+        self._checkpoint()
+        await self._announce(worker, clock)
 
     async def retire(self, worker: int) -> None:
         """``worker`` is dead: stop waiting for its clock (checkpointed at once, so a restart
@@ -392,6 +408,7 @@ class PSWorker:
             self.clock += 1
             loss_sum += loss * len(yb)
             correct += int((self.be.to_numpy(logits).argmax(axis=1) == yb).sum())
+        self._fanout("finish_epoch", [(self.worker, self.clock)] * len(self.servers))
         return {"worker": self.worker, "steps": steps, "images": steps * batch_size, "loss_sum": loss_sum,
                 "correct": correct, "seconds": time.perf_counter() - t0, "acks": list(self.acks)}
 
