@@ -86,6 +86,11 @@ sgemm_tiled(int M, int N, int K, float alpha, const float* __restrict__ A, int l
 // along_k: op(X) rows are the 128 direction and k the contiguous one (A not transposed, or B
 // transposed); then each thread reads 4 consecutive k and writes them down a column of S.
 // Otherwise the 128 direction is contiguous and each thread copies 4 floats straight across.
+// Every row of a row-major matrix starts 16-byte aligned: float4 accesses are legal.
+__device__ __forceinline__ bool rb_float4_rows(const float* p, int ld) {
+    return ((unsigned long long)p & 15) == 0 && (ld & 3) == 0;
+}
+
 __device__ __forceinline__ float4 rb_load(const float* __restrict__ X, int ld, bool along_k, bool vec, int extent,
                                           int K, int base, int k0, int t) {
     float4 v;
@@ -144,7 +149,7 @@ __device__ __forceinline__ void rb_multiply(float (&acc)[8][8], const float (*As
 // likewise); float4 stores where C allows, a bounds-checked scalar tail otherwise.
 __device__ __forceinline__ void rb_epilogue(const float (&acc)[8][8], int M, int N, float alpha, float beta,
                                             float* __restrict__ C, int ldc, int m0, int n0, int tr, int tc) {
-    const bool vec_c = ((unsigned long long)C & 15) == 0 && (ldc & 3) == 0;
+    const bool vec_c = rb_float4_rows(C, ldc);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
         int row = m0 + (i < 4 ? tr * 4 + i : 64 + tr * 4 + i - 4);
@@ -179,14 +184,9 @@ sgemm_regblock(int M, int N, int K, float alpha, const float* __restrict__ A, in
     const int t = threadIdx.x;
     const int tr = t >> 4, tc = t & 15;  // 16 x 16 threads, each 8 x 8 outputs
     const int m0 = blockIdx.y * RB_BM, n0 = blockIdx.x * RB_BN;
-    const bool vec_a = ((unsigned long long)A & 15) == 0 && (lda & 3) == 0;
-    const bool vec_b = ((unsigned long long)B & 15) == 0 && (ldb & 3) == 0;
+    const bool vec_a = rb_float4_rows(A, lda), vec_b = rb_float4_rows(B, ldb);
 
-    float acc[8][8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
+    float acc[8][8] = {};
 
     for (int k0 = 0; k0 < K; k0 += RB_BK) {
         rb_store(As, rb_load(A, lda, !ta, vec_a, M, K, m0, k0, t), !ta, t);
@@ -208,14 +208,9 @@ sgemm_regblock_db(int M, int N, int K, float alpha, const float* __restrict__ A,
     const int t = threadIdx.x;
     const int tr = t >> 4, tc = t & 15;  // 16 x 16 threads, each 8 x 8 outputs
     const int m0 = blockIdx.y * RB_BM, n0 = blockIdx.x * RB_BN;
-    const bool vec_a = ((unsigned long long)A & 15) == 0 && (lda & 3) == 0;
-    const bool vec_b = ((unsigned long long)B & 15) == 0 && (ldb & 3) == 0;
+    const bool vec_a = rb_float4_rows(A, lda), vec_b = rb_float4_rows(B, ldb);
 
-    float acc[8][8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
+    float acc[8][8] = {};
 
     rb_store(As[0], rb_load(A, lda, !ta, vec_a, M, K, m0, 0, t), !ta, t);
     rb_store(Bs[0], rb_load(B, ldb, tb, vec_b, N, K, n0, 0, t), tb, t);
