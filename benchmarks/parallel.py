@@ -152,10 +152,10 @@ class ParallelBench:
         for strategy in a.strategies:
             for n in a.workers:
                 try:
-                    self.add(**self.measure(strategy, n, common))
+                    self.add(**self.measure(STRATEGIES[strategy], n, common))
                 except Exception as e:  # noqa: BLE001 - report and go on with the other rows
                     first = (str(e).strip().splitlines() or [""])[0]
-                    self.rows.append({"strategy": strategy, "workers": n, "error": f"{type(e).__name__}: {first}"[:200]})
+                    self.rows.append({"strategy": STRATEGIES[strategy], "workers": n, "error": f"{type(e).__name__}: {first}"[:200]})
                     print(f"  {strategy} x{n}: {self.rows[-1]['error']}", flush=True)
         if a.split:
             self.measure_split()
@@ -240,7 +240,8 @@ class ParallelBench:
                                                         "split": getattr(self, "split_rows", None)})
 
 
-STRATEGIES = ("sync (MPI allreduce)", "hogwild", "parameter server (Ray, ASP)")
+#: --strategies name -> the row label
+STRATEGIES = {"sync": "sync (MPI allreduce)", "hogwild": "hogwild", "ps": "parameter server (Ray, ASP)"}
 
 
 def main(argv=None) -> int:
@@ -256,7 +257,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES, metavar="STRATEGY",
-                    help=f"any of: {'; '.join(STRATEGIES)}")
+                    help="any of: " + "; ".join(f"{k} = {v}" for k, v in STRATEGIES.items()))
     ap.add_argument("--no-split", dest="split", action="store_false", help="skip the AlexNet model / hybrid rows")
     ap.add_argument("--quick", action="store_true", help="1 epoch, 1 and 2 workers, the small AlexNet")
     ap.add_argument("--out", default="bench-out")
