@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dnnpar.parallel import plan as P
@@ -111,26 +112,46 @@ def test_main_prints_and_writes_json(tmp_path, capsys):
     assert "unknown model 'nope'" in capsys.readouterr().err
 
 
-def test_fit_recovers_alpha_and_bandwidth():
+def _comm_model():
     spec = importlib.util.spec_from_file_location("comm_model", BENCH)
     cm = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cm)
-    alpha, bw = 3e-6, 5e9
-    times = {s: P.ring_allreduce_time(s, 2, alpha, bw) for s in cm.SIZES}
-    a, b = cm.fit_alpha_beta(times, 2)
-    assert a == pytest.approx(alpha, rel=1e-6) and b == pytest.approx(bw, rel=1e-6)
-    rows = cm.compare({s: P.ring_allreduce_time(s, 4, alpha, bw) for s in cm.SIZES}, a, b, 4)
-    assert all(abs(r["error"]) < 1e-6 for r in rows) and rows[-1]["target"] == "met" and rows[0]["target"] == "-"
+    return cm
+
+
+def test_fit_recovers_link_and_predicts_the_ring():
+    cm = _comm_model()
+    rng = np.random.default_rng()
+    alpha, bw, gamma, n = rng.uniform(1e-6, 2e-5), rng.uniform(1e9, 2e10), rng.uniform(5e-11, 2e-10), 4
+    # synthetic records: exchange and reduce of S/n follow the model exactly, the allreduce is the ring
+    rec = {s: {"chunk_bytes": s // n, "exchange_s": alpha + (s // n) / bw, "reduce_s": 3e-7 + (s // n) * gamma,
+               "allreduce_s": P.ring_allreduce_time(s, n, alpha, bw, gamma)} for s in cm.SIZES}
+    link = cm.fit_link(rec)
+    assert link["alpha_s"] == pytest.approx(alpha, rel=1e-6) and link["bandwidth_Bps"] == pytest.approx(bw, rel=1e-6)
+    assert link["gamma_s_per_byte"] == pytest.approx(gamma, rel=1e-6)
+    assert link["reduce_call_s"] == pytest.approx(3e-7, rel=1e-6)
+    rows = cm.compare(rec, link, n)
+    assert all(abs(r["alpha_beta_error"]) < 1e-6 for r in rows)
+    assert rows[-1]["alpha_beta_target"] == "met" and rows[0]["alpha_beta_target"] == "-"
+    # the per-size prediction adds the reductions' call cost: 2(n-1) exchanges + (n-1) reductions
+    big = rows[-1]
+    assert big["per_size_s"] == pytest.approx(big["measured_s"] + (n - 1) * 3e-7, rel=1e-9)
+    # a measured allreduce twice the model's is a miss; an oversubscribed N is never judged
+    slow = {s: dict(r, allreduce_s=2 * r["allreduce_s"]) for s, r in rec.items()}
+    assert cm.compare(slow, link, n)[-1]["alpha_beta_target"] == "MISSED"
+    assert {r["alpha_beta_target"] for r in cm.compare(slow, link, n, judged=False)} == {"-"}
+    with pytest.raises(RuntimeError, match="do not grow"):
+        cm.fit_affine({1: 2.0, 2: 1.0})
+
+
+def test_ring_gamma_term():
+    assert P.ring_allreduce_time(8e6, 2, 1e-6, 4e9, 1e-10) == pytest.approx(2e-6 + 2e-3 + 4e-4)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None, reason="mpi4py is not installed (pip install "
                     "'dnnpar[dist]'): no MPI measurement")
 def test_comm_model_worker_under_mpiexec():
-    sys.path.insert(0, str(BENCH.parent))
-    try:
-        import comm_model as cm
-    finally:
-        sys.path.remove(str(BENCH.parent))
+    cm = _comm_model()
     sizes = [4096, 65536]
     from dnnpar.parallel.comm import mpi_env, mpiexec
 
@@ -142,5 +163,6 @@ def test_comm_model_worker_under_mpiexec():
     assert len(line) == 1, r.stdout
     got = json.loads(line[0][len(cm.RESULT):])
     assert got["ranks"] == 2 and sorted(int(k) for k in got["times"]) == sizes
-    for v in got["times"].values():
-        assert v["median_s"] > 0 and 1 <= v["repeats"] <= 3
+    for s, v in got["times"].items():
+        assert v["allreduce_s"] > 0 and v["exchange_s"] > 0 and v["reduce_s"] > 0 and 1 <= v["repeats"] <= 3
+        assert v["chunk_bytes"] == int(s) // 2 and v["faults_per_call"] >= 0

@@ -12,7 +12,8 @@ V100 at 65% of its FP32 peak; use what your GPU sustains on this model).
 **(a) Ring allreduce** (Patarasuk & Yuan 2009; the bandwidth-optimal bound of Thakur,
 Rabenseifner & Gropp 2005; what Horovod and NCCL run): a reduce-scatter and an all-gather of
 ``n - 1`` steps each, every step moving ``S / n`` bytes per link:
-``t = 2 (n - 1) alpha + 2 (n - 1) / n * S / B``. Reduction arithmetic is ignored.
+``t = 2 (n - 1) alpha + 2 (n - 1) / n * S / B``. Reduction arithmetic (``(n - 1) / n * S * gamma``)
+is ignored here: on GPUs it runs far faster than any link (see :func:`ring_allreduce_time`).
 
 **(b) Sharded parameter server** (Li et al. 2014, OSDI; the per-link accounting used e.g. by
 Sergeev & Del Balso 2018, section 2, and Luo et al. 2018, PHub): ``k`` server shards, each on
@@ -66,10 +67,17 @@ def _check_n(n):
         raise ValueError(f"workers must be an int >= 1, got {n!r}")
 
 
-def ring_allreduce_time(nbytes: float, n: int, alpha_s: float, bandwidth_Bps: float) -> float:
-    """Seconds for a ring allreduce of ``nbytes`` over ``n`` ranks: 2(n-1) alpha + 2(n-1)/n S/B."""
+def ring_allreduce_time(nbytes: float, n: int, alpha_s: float, bandwidth_Bps: float,
+                        gamma_s_per_byte: float = 0.0) -> float:
+    """Seconds for a ring allreduce of ``nbytes`` over ``n`` ranks:
+    2(n-1) alpha + 2(n-1)/n S/B + (n-1)/n S gamma.
+
+    ``gamma`` (seconds per byte reduced, the third term of Thakur, Rabenseifner & Gropp 2005) is 0
+    for planning: a GPU sums at hundreds of GB/s, far above any link. Over shared memory the sum
+    costs about as much as the copy, so ``benchmarks/comm_model.py`` measures it."""
     _check_n(n)
-    return 2 * (n - 1) * alpha_s + 2 * (n - 1) / n * nbytes / bandwidth_Bps
+    return (2 * (n - 1) * alpha_s + 2 * (n - 1) / n * nbytes / bandwidth_Bps
+            + (n - 1) / n * nbytes * gamma_s_per_byte)
 
 
 def ring_allgather_time(total_bytes: float, n: int, alpha_s: float, bandwidth_Bps: float) -> float:
