@@ -211,3 +211,93 @@ def test_divergence_is_an_error_not_a_dead_worker(local_ray, data):
     cfg.lr = 1e4
     with pytest.raises(FloatingPointError, match="diverged"):
         ps.run_parameter_server(cfg, 2, 1, "asp", data=data, out=quiet, progress=False)
+
+
+# ------------------------------------------------------------------ one shard, interleavings forced
+# The end-to-end runs above cannot choose who is slow or when a shard dies; these drive a real
+# ShardServer actor call by call, as two workers would, so that the exact interleaving happens.
+
+def shard_actor(tmp_path, bound, workers=2, size=8, checkpoint_every=1):
+    Server = ray.remote(ps.ShardServer).options(num_cpus=0, max_restarts=1, max_task_retries=0,
+                                                max_concurrency=100)
+    s = Server.remote(0, size, 0.1, 0.0, 0.0, bound, workers, str(tmp_path / "shard-0.npz"), checkpoint_every)
+    ray.get(s.initialize.remote(np.zeros(size, np.float32)), timeout=60)
+    return s
+
+
+def step(s, worker, clock, timeout=30):
+    """One worker step on the shard: pull at ``clock``, push a gradient of ones. Returns the pull."""
+    version, slowest, params = ray.get(s.pull.remote(worker, clock), timeout=timeout)
+    ray.get(s.push.remote(worker, clock, version, slowest, np.ones_like(params), 1.0), timeout=timeout)
+    return version, slowest
+
+
+def blocked(ref, seconds=1.5):
+    ready, _ = ray.wait([ref], timeout=seconds)
+    return not ready
+
+
+@pytest.mark.parametrize("bound", [0, 2])
+def test_pull_waits_exactly_at_the_bound_and_staleness_reaches_it(local_ray, tmp_path, bound):
+    s = shard_actor(tmp_path, bound)
+    # worker 1 is stalled at clock 0; worker 0 may finish clocks 0 .. bound and no more
+    for c in range(bound + 1):
+        assert step(s, 0, c)[1] == 0                      # pulled with slowest clock 0
+    ahead = s.pull.remote(0, bound + 1)
+    assert blocked(ahead)                                 # bound + 1 clocks ahead of the slowest: waits
+    step(s, 1, 0)                                         # the slow worker finishes its clock 0 ...
+    version, slowest, params = ray.get(ahead, timeout=30)  # ... which releases the pull
+    assert slowest == 1
+    ray.get(s.push.remote(0, bound + 1, version, slowest, np.ones_like(params), 1.0), timeout=30)
+    st = ray.get(s.stats.remote(), timeout=30)
+    # worker 0's clocks 0..bound+1 pulled at slowest 0,..,0,1: staleness 0..bound, then bound; worker 1: 0
+    want = {k: 1 for k in range(bound + 1)}
+    want[0] += 1
+    want[bound] += 1
+    assert {int(k): v for k, v in st["staleness"].items()} == want and max(want) == bound
+    np.testing.assert_allclose(ray.get(s.snapshot.remote()), -0.1 * (bound + 3) / 2)   # every push applied once
+    ray.kill(s, no_restart=True)
+
+
+def test_asp_never_waits_and_records_the_full_staleness(local_ray, tmp_path):
+    s = shard_actor(tmp_path, None)
+    for c in range(6):
+        step(s, 0, c, timeout=10)                         # worker 1 never moves: no pull waits
+    st = ray.get(s.stats.remote(), timeout=30)
+    assert {int(k): v for k, v in st["staleness"].items()} == {c: 1 for c in range(6)}
+    ray.kill(s, no_restart=True)
+
+
+@pytest.mark.parametrize("finished", [True, False], ids=["finish_epoch-sent", "control-without-it"])
+def test_restarted_shard_does_not_wait_for_a_worker_that_ended_its_epoch(local_ray, tmp_path, finished):
+    """BSP: worker 0 ends its epoch (clock 3) while worker 1 still has its last step (clock 2) to
+    run; the shard is SIGKILLed in between and restarted from its checkpoint. Worker 0 sends
+    nothing more this epoch, so the restarted shard must know its clock from the checkpoint, or
+    worker 1's last pull waits forever (the control, without finish_epoch, shows that wait)."""
+    import signal
+
+    s = shard_actor(tmp_path, 0)
+    for c in range(2):
+        step(s, 0, c)
+        step(s, 1, c)
+    step(s, 0, 2)
+    if finished:
+        ray.get(s.finish_epoch.remote(0, 3), timeout=30)
+    os.kill(ray.get(s.pid.remote(), timeout=30), signal.SIGKILL)
+    st = ps._call_server(ray, s, "stats")                  # retries until Ray has restarted the actor
+    assert st["restarts"] == 1 and st["restored_version"] == 5   # checkpointed after every update
+    last = s.pull.remote(1, 2)
+    if not finished:
+        assert blocked(last, 3.0)
+        ray.kill(s, no_restart=True)
+        return
+    version, slowest, params = ray.get(last, timeout=30)
+    assert slowest == 2
+    ray.get(s.push.remote(1, 2, version, slowest, np.ones_like(params), 1.0), timeout=30)
+    ray.get(s.finish_epoch.remote(1, 3), timeout=30)
+    st = ray.get(s.stats.remote(), timeout=30)
+    assert st["version"] == 6 and {int(k): v for k, v in st["staleness"].items()} == {0: 6}
+    # the next epoch starts for both without waiting on anything
+    step(s, 0, 3)
+    step(s, 1, 3)
+    ray.kill(s, no_restart=True)
