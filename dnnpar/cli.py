@@ -41,18 +41,25 @@ def _train(args) -> int:
     checkpoint = args.checkpoint or f"checkpoints/{args.model}.npz"
     if args.parallel == "data":
         return _train_data_parallel(args, cfg, checkpoint)
-    if args.parallel == "hogwild":
-        from .parallel.hogwild import run_hogwild
-        model, _ = run_hogwild(cfg, workers=args.workers, progress=not args.quiet)
-    elif args.parallel == "ps":
-        from .parallel.ps import run_parameter_server
-        model, _ = run_parameter_server(cfg, workers=args.workers, servers=args.servers,
-                                        consistency=args.consistency, address=args.address,
-                                        checkpoint_every=args.ps_checkpoint_every, progress=not args.quiet)
     if args.parallel in ("hogwild", "ps"):
+        if args.resume:  # their workers start from the model's initialisation: refuse rather than ignore
+            raise ValueError(f"--resume is not supported with --parallel {args.parallel} (it continues a "
+                             "single-process or --parallel data run)")
+        if args.parallel == "hogwild":
+            from .parallel.hogwild import run_hogwild
+            model, report = run_hogwild(cfg, workers=args.workers, progress=not args.quiet)
+        else:
+            from .parallel.ps import run_parameter_server
+            model, report = run_parameter_server(cfg, workers=args.workers, servers=args.servers,
+                                                 consistency=args.consistency, address=args.address,
+                                                 checkpoint_every=args.ps_checkpoint_every, progress=not args.quiet)
         Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
         model.save(checkpoint)
         print(f"final model: {checkpoint}")
+        if args.plot:
+            from .train import plot_history
+            plot_history(report.history, args.plot)
+            print(f"curves written to {args.plot}")
         return 0
     train(cfg, checkpoint=checkpoint, resume=args.resume, plot=args.plot, progress=not args.quiet)
     print(f"checkpoint: {checkpoint}")
@@ -299,7 +306,10 @@ def main(argv=None) -> int:
 
     try:
         return args.fn(args)
-    except (BackendUnavailable, FileNotFoundError, ValueError, FloatingPointError) as e:
+    # errors that say what to change or install (missing mpi4py / Ray, an address that does not
+    # answer, a stalled parameter server): the message, not a traceback
+    except (BackendUnavailable, FileNotFoundError, ValueError, FloatingPointError, ConnectionError, TimeoutError,
+            ImportError) as e:
         print(f"dnnpar: error: {e}", file=sys.stderr)
         return 2
 

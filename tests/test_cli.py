@@ -47,3 +47,21 @@ def test_cuda_without_gpu_is_a_clean_error():
     p = run("tour", "--backend", "cuda")
     assert p.returncode == 2
     assert "needs a usable NVIDIA GPU" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("strategy", ["hogwild", "ps"])
+def test_resume_is_refused_where_it_cannot_apply(strategy, capsys):
+    from dnnpar.cli import main
+
+    assert main(["train", "--subset", "embedded", "--epochs", "1", "--parallel", strategy, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"--resume is not supported with --parallel {strategy}" in err and "Traceback" not in err
+
+
+def test_unreachable_ray_address_is_a_clean_error(capsys):
+    from dnnpar.cli import main
+
+    pytest.importorskip("ray")
+    assert main(["train", "--subset", "embedded", "--epochs", "1", "--parallel", "ps",
+                 "--address", "127.0.0.1:9"]) == 2
+    assert "no Ray cluster answers at 127.0.0.1:9" in capsys.readouterr().err

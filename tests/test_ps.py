@@ -1,6 +1,7 @@
 """The Ray parameter server: BSP / SSP / ASP training, staleness bounds, worker and server faults,
 bad input. One local Ray for the module; lenet300 on the embedded subset, a few seconds a run."""
 import os
+import re
 import sys
 
 import numpy as np
@@ -11,6 +12,9 @@ ray = pytest.importorskip("ray")
 from dnnpar.data import fashion_mnist  # noqa: E402
 from dnnpar.parallel import ps  # noqa: E402
 from dnnpar.train import TrainConfig, evaluate  # noqa: E402
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def quiet(*args, **kwargs):
@@ -301,3 +305,67 @@ def test_restarted_shard_does_not_wait_for_a_worker_that_ended_its_epoch(local_r
     step(s, 0, 3)
     step(s, 1, 3)
     ray.kill(s, no_restart=True)
+
+
+# ------------------------------------------------------------------ a real Ray cluster address
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """`ray start --head --block` in a subprocess (a cluster of its own, not this process's local
+    Ray); SIGTERM at the end stops exactly what it started."""
+    import re
+    import shutil
+    import signal
+    import subprocess
+    import tempfile
+    import time
+
+    exe = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
+    temp = tempfile.mkdtemp(prefix="dnnpar-rh-")            # short: Ray's socket paths must stay < 108 chars
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([exe, "start", "--head", "--block", "--port=0", f"--temp-dir={temp}", "--num-cpus=2",
+                             "--include-dashboard=false", "--disable-usage-stats"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=env)  # its worker processes import dnnpar, as every node of a cluster must
+    seen, address, deadline = [], None, time.monotonic() + 120
+    while address is None and time.monotonic() < deadline and proc.poll() is None:
+        line = proc.stdout.readline()
+        seen.append(line)
+        m = re.search(r"--address='([^']+)'", line)
+        address = m.group(1) if m else None
+    if address is None:
+        proc.kill()
+        pytest.fail("ray start --head gave no address:\n" + "".join(seen[-30:]))
+    token = any("Token authentication is enabled" in ln for ln in seen)
+    yield address, token
+    os.killpg(proc.pid, signal.SIGTERM)      # the whole session: `ray start` and the daemons it started
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:      # it waits politely for its daemons; they got SIGTERM too
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ps_joins_a_ray_cluster_address(ray_head, tmp_path):
+    """`dnnpar train --parallel ps --address HOST:PORT` against a head started with `ray start`,
+    as a user would on a cluster (the driver is a separate process; with the token
+    authentication that `ray start` turns on, the joining process sets RAY_AUTH_MODE=token)."""
+    import subprocess
+
+    address, token = ray_head
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", DNNPAR_CACHE=str(tmp_path / "cache"),
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if token:
+        env["RAY_AUTH_MODE"] = "token"
+    cmd = [sys.executable, "-m", "dnnpar.cli", "train", "--model", "lenet300", "--subset", "embedded", "--epochs", "1",
+           "--parallel", "ps", "--workers", "2", "--servers", "2", "--consistency", "ssp:1", "--address", address,
+           "--checkpoint", str(tmp_path / "ckpt.npz"), "--plot", str(tmp_path / "curves.png"), "--quiet"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"joined the Ray cluster at {address}: 1 node(s), 2 CPUs" in r.stdout
+    acc = float(re.search(r"final test accuracy ([\d.]+)%", r.stdout).group(1))
+    assert acc > 60.0
+    assert "staleness" in r.stdout and (tmp_path / "ckpt.npz").stat().st_size > 0
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

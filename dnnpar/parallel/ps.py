@@ -527,6 +527,9 @@ def connect(address: str | None = None, out=print) -> bool:
                 f"could not join the Ray cluster at {address}: {e}\nCheck that it is a Ray head node of the same "
                 "Ray version, and, where the cluster uses token authentication, that this machine has its token "
                 "(RAY_AUTH_TOKEN or ~/.ray/auth_token) and RAY_AUTH_MODE=token") from e
+        nodes = [nd for nd in ray.nodes() if nd.get("Alive")]
+        out(f"joined the Ray cluster at {address}: {len(nodes)} node(s), "
+            f"{ray.cluster_resources().get('CPU', 0):g} CPUs")
     return True
 
 
