@@ -232,7 +232,8 @@ def main(argv=None) -> int:
     par.add_argument("--comm", choices=("auto", "mpi", "nccl"), default="auto",
                      help="data: the allreduce engine (auto: NCCL on the cuda backend, else MPI)")
     par.add_argument("--bucket-mb", type=float, default=None,
-                     help="data: gradient bucket size in MiB for the fused allreduce (default 4)")
+                     help="data: gradient bucket size in MiB for the fused allreduce (default 4; keep it under 32: "
+                          "above, glibc maps MPI's temporary buffer anew, page faults and all, on every call)")
     par.add_argument("--timeout", type=float, default=None,
                      help="data: seconds a collective may wait for a rank before the job is aborted "
                           "(default: $DNNPAR_COMM_TIMEOUT, else 120)")

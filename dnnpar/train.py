@@ -206,15 +206,16 @@ def train(cfg: TrainConfig, checkpoint=None, resume: bool = False, plot=None, pr
     schedule = make_schedule(cfg.schedule, cfg.lr, cfg.epochs)
     loss_fn = SoftmaxCrossEntropy()
     start_epoch, history = 1, History()
-    if resume:
+    root = parallel is None or parallel.is_root
+    if resume and root:  # data parallel: rank 0 reads the checkpoint, setup() hands it to the others
         if checkpoint is None or not Path(checkpoint).exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}")
         start_epoch, history = load_checkpoint(checkpoint, model, opt, cfg)
         out(f"resumed from {checkpoint} after epoch {start_epoch - 1}")
-    root = parallel is None or parallel.is_root
     if parallel is not None:
         parallel.check_data(len(data.y_train), cfg.batch_size)
-        parallel.setup(model)  # every rank starts from rank 0's parameters
+        # every rank starts from rank 0's parameters, momentum and epoch
+        start_epoch = parallel.setup(model, opt, start_epoch)
         if not root:
             out, progress, checkpoint, plot = (lambda *a, **k: None), False, None, None
     out(f"training {model.name} ({model.num_parameters():,} parameters) on {data!r}, backend '{be.name}'")

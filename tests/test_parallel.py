@@ -93,6 +93,49 @@ def test_n_ranks_at_batch_b_equal_one_rank_at_batch_nb(tmp_path, model, nranks, 
     np.testing.assert_allclose(float(got["loss"]), want_loss, rtol=1e-5)
 
 
+RESUME_WORKER = textwrap.dedent('''
+    import sys
+    import numpy as np
+    from dnnpar.data import fashion_mnist
+    from dnnpar.train import TrainConfig
+    from dnnpar.parallel.comm import MPICommunicator
+    from dnnpar.parallel.data_parallel import run_data_parallel
+    epochs, resume, ckpt, out = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3], sys.argv[4]
+    comm = MPICommunicator(timeout=60)
+    d = fashion_mnist.load(None, "embedded")
+    d = fashion_mnist.Dataset(d.x_train[:160], d.y_train[:160], d.x_test[:50], d.y_test[:50], d.source)
+    cfg = TrainConfig(model="lenet300", epochs=epochs, batch_size=8, lr=0.01, momentum=0.9, weight_decay=5e-4,
+                      schedule="constant", seed=3)  # a schedule over `epochs` would differ between 2 and 3
+    # only rank 0 is given the real checkpoint path: the others must get everything from it
+    path = ckpt if comm.rank == 0 else ckpt + f".rank{comm.rank}-has-no-file"
+    m, hist, par = run_data_parallel(cfg, comm, bucket_mb=0.05, data=d, progress=False, out=lambda *a: None,
+                                     checkpoint=path, resume=resume)
+    if comm.rank == 0:
+        np.savez(out, **m.state_dict(), epochs=len(hist.records))
+''')
+
+
+def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
+    """2 ranks, 3 epochs straight == 2 epochs, then --resume for the third (momentum and epoch
+    come from rank 0's checkpoint; the other ranks never read it)."""
+    script = tmp_path / "resume.py"
+    script.write_text(RESUME_WORKER)
+
+    def run(epochs, resume, ckpt, out):
+        r = subprocess.run(mpiexec(2) + [sys.executable, str(script), str(epochs), "1" if resume else "0",
+                                         str(ckpt), str(out)], env=_env(), capture_output=True, text=True,
+                           timeout=240)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return np.load(out)
+
+    straight = run(3, False, tmp_path / "a.npz", tmp_path / "straight.npz")
+    run(2, False, tmp_path / "b.npz", tmp_path / "first.npz")
+    resumed = run(3, True, tmp_path / "b.npz", tmp_path / "resumed.npz")
+    assert int(straight["epochs"]) == int(resumed["epochs"]) == 3
+    for k in straight.files:
+        np.testing.assert_allclose(resumed[k], straight[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
 @pytest.mark.parametrize("how", ["kill", "hang"])
 def test_a_dead_or_silent_rank_ends_the_job_with_an_error(tmp_path, how):
     out = tmp_path / "params.npz"

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 DEFAULT_TIMEOUT = float(os.environ.get("DNNPAR_COMM_TIMEOUT", "120"))
-#: seconds a collective is polled without sleeping before the polls back off (see MPICommunicator._wait)
+#: seconds a collective is polled without sleeping before the polls back off (Communicator._poll)
 SPIN_SECONDS = 0.5
 
 
@@ -38,7 +38,8 @@ def _mpi():
 
 
 class Communicator:
-    """rank / size, in-place sum-allreduce of a list of buffers, broadcast, barrier."""
+    """rank / size, in-place sum-allreduce of a list of buffers, broadcast, barrier, all-gather,
+    reduce-scatter; every wait bounded by ``timeout`` (:meth:`_poll`)."""
 
     name = "base"
 
@@ -48,6 +49,7 @@ class Communicator:
         self.rank, self.size, self.timeout = rank, size, float(timeout)
 
     def allreduce_sum(self, buffers) -> None:
+        """Sum every buffer over the ranks, in place."""
         raise NotImplementedError
 
     def bcast(self, buf, root: int = 0) -> None:
@@ -55,6 +57,46 @@ class Communicator:
 
     def barrier(self) -> None:
         raise NotImplementedError
+
+    def allgather(self, local: np.ndarray, out: np.ndarray) -> None:
+        """``out[r] = local`` of rank r (host arrays of one shape on every rank)."""
+        raise NotImplementedError
+
+    def reduce_scatter(self, send: np.ndarray, recv: np.ndarray) -> None:
+        """``recv = sum over ranks of send[rank]`` (host arrays)."""
+        raise NotImplementedError
+
+    def allreduce_scalars(self, values) -> np.ndarray:
+        """Sum a few float64 numbers (loss sums, counts) over the ranks."""
+        raise NotImplementedError
+
+    def _poll(self, done, what: str, on_timeout=None) -> None:
+        """Wait until ``done()``; past the deadline call ``on_timeout`` and raise CommTimeoutError.
+
+        MPI moves a non-blocking collective forward only inside MPI calls, and a small NCCL
+        collective ends in microseconds, so for the first ``SPIN_SECONDS`` this polls without
+        sleeping (yielding the core to any other runnable process, as MPICH's blocking calls do):
+        sleeps between polls stalled every step of the ring (a 4 MB MPI allreduce of 2 ranks took
+        3.8x as long with 10 us .. 1 ms sleeps). Past that a peer is late, not fast: the polls
+        back off to one per millisecond."""
+        start = time.monotonic()
+        deadline = start + self.timeout
+        spin_until = min(deadline, start + SPIN_SECONDS)
+        pause = 1e-5
+        while not done():
+            now = time.monotonic()
+            if now < spin_until:
+                os.sched_yield()
+                continue
+            if now > deadline:
+                if on_timeout is not None:
+                    on_timeout()
+                raise CommTimeoutError(
+                    f"rank {self.rank}/{self.size}: {what} did not complete within {self.timeout:g} s: another rank "
+                    "died or stopped answering (if a step is legitimately that slow, raise --timeout or "
+                    "DNNPAR_COMM_TIMEOUT)")
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
 
     def abort(self, message: str, code: int = 1) -> None:
         """End every rank of the job (after printing ``message`` on this one)."""
@@ -78,29 +120,7 @@ class MPICommunicator(Communicator):
         super().__init__(self.comm.Get_rank(), self.comm.Get_size(), timeout)
 
     def _wait(self, requests, what: str) -> None:
-        """Poll until every request completes; past the deadline raise CommTimeoutError.
-
-        MPI moves a non-blocking collective forward only inside MPI calls, so for the first
-        ``SPIN_SECONDS`` this polls without sleeping (yielding the core to any other runnable
-        process, as MPICH's blocking calls do); a sleep between polls there would stall every
-        step of the ring (a 4 MB allreduce of 2 ranks took 3.8x as long with 10 us .. 1 ms
-        sleeps). Past that, a peer is late, not fast: polls back off to one per millisecond."""
-        start = time.monotonic()
-        deadline = start + self.timeout
-        spin_until = min(deadline, start + SPIN_SECONDS)
-        pause = 1e-5
-        while not self.MPI.Request.Testall(requests):
-            now = time.monotonic()
-            if now < spin_until:
-                os.sched_yield()
-                continue
-            if now > deadline:
-                raise CommTimeoutError(
-                    f"rank {self.rank}/{self.size}: {what} did not complete within {self.timeout:g} s: another rank "
-                    "died or stopped answering (if a step is legitimately that slow, raise --timeout or "
-                    "DNNPAR_COMM_TIMEOUT)")
-            time.sleep(pause)
-            pause = min(pause * 2, 1e-3)
+        self._poll(lambda: self.MPI.Request.Testall(requests), what)
 
     @staticmethod
     def _host(buf):
@@ -145,7 +165,6 @@ class MPICommunicator(Communicator):
                    f"reduce-scatter of {send.nbytes:,} bytes")
 
     def allreduce_scalars(self, values) -> np.ndarray:
-        """Sum a few float64 numbers (loss sums, counts) over the ranks."""
         buf = np.asarray(values, dtype=np.float64).copy()
         self.allreduce_sum([buf])
         return buf
@@ -190,13 +209,7 @@ class NCCLCommunicator(MPICommunicator):
 
     def _sync(self, what: str) -> None:
         event = self.stream.record()
-        deadline = time.monotonic() + self.timeout
-        while not event.done:
-            if time.monotonic() > deadline:
-                self.nccl_comm.abort()
-                raise CommTimeoutError(f"rank {self.rank}/{self.size}: NCCL {what} did not complete within "
-                                       f"{self.timeout:g} s: another rank died or stopped answering")
-            time.sleep(1e-4)
+        self._poll(lambda: event.done, f"NCCL {what}", on_timeout=self.nccl_comm.abort)
 
     def allreduce_sum(self, buffers) -> None:
         cp, nccl = self.cp, self.nccl

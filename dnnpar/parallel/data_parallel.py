@@ -113,13 +113,27 @@ class DataParallel:
             raise ValueError(f"{self.size} ranks x batch {batch_size} = {self.size * batch_size} samples per step, "
                              f"but the training set has only {n_train}: use fewer ranks or a smaller batch")
 
-    def setup(self, model) -> None:
-        """Bucket the parameters and make every rank start from rank 0's parameters."""
+    def setup(self, model, optimizer=None, start_epoch: int = 1) -> int:
+        """Bucket the parameters and make every rank start where rank 0 does: its parameters, its
+        optimizer's momentum buffers (``optimizer.velocity``, filled by a resumed checkpoint that
+        only rank 0 needs to read) and its start epoch, which is returned."""
         self.layout = ParamLayout(model)
         self.buckets = Buckets(self.layout, self.bucket_bytes, get_backend().xp)
         vec = self.layout.gather_params(model)
         self.comm.bcast(vec, root=0)
         self.layout.scatter_params(model, vec)
+        velocity = getattr(optimizer, "velocity", None)
+        epoch, has_velocity = self.comm.allreduce_scalars(
+            [start_epoch if self.is_root else 0, float(bool(velocity)) if self.is_root else 0.0])
+        if has_velocity:
+            xp = get_backend().xp
+            for name, p, _ in model.named_parameters():
+                # a buffer rank 0 lacks is zeros here: v = mu * 0 + g equals its first v = g
+                v = velocity.get(name) if self.is_root else None
+                v = xp.zeros_like(p) if v is None else v
+                self.comm.bcast(v, root=0)
+                velocity[name] = v
+        return int(epoch)
 
     @property
     def is_root(self) -> bool:
