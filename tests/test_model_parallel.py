@@ -30,7 +30,26 @@ WORKER = textwrap.dedent('''
     mode, groups, seed, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     batch = int(sys.argv[5]) if len(sys.argv) > 5 else 4
     dp.set_backend("numpy")
-    comm = MPICommunicator(timeout=60)
+
+    class Counting(MPICommunicator):
+        """Counts the float bytes each collective call moves out of this rank (ring algorithms),
+        independently of the model's own bookkeeping; the int64 shape handshake is not data."""
+        sent = {"gather": 0, "reduce": 0, "allreduce": 0}
+
+        def allgather(self, local, out):
+            if local.dtype == np.float32:
+                self.sent["gather"] += local.nbytes * (self.size - 1)
+            super().allgather(local, out)
+
+        def reduce_scatter(self, send, recv):
+            self.sent["reduce"] += send.nbytes * (self.size - 1) // self.size
+            super().reduce_scatter(send, recv)
+
+        def allreduce_sum(self, buffers):
+            self.sent["allreduce"] += sum(b.nbytes for b in buffers) * 2 * (self.size - 1) // self.size
+            super().allreduce_sum(buffers)
+
+    comm = Counting(timeout=60)
     model = alexnet(num_classes=10, groups=groups, in_shape=(3, 67, 67), dropout=0.0, seed=1)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, 3, 67, 67)).astype(np.float32)
@@ -49,7 +68,9 @@ WORKER = textwrap.dedent('''
     pm.sync_grads()
     arrays = {f"grad/{k}": g for k, _, g in pm.named_parameters()}
     arrays.update({f"rows/{k}": np.array([s.start, s.stop]) for k, s in pm.owned.items()})
-    np.savez(out.replace(".npz", f"{comm.rank}.npz"), logits=logits, loss=loss, bytes=pm.bytes_sent, replicated=np.array(pm.replicated), **arrays)
+    np.savez(out.replace(".npz", f"{comm.rank}.npz"), logits=logits, loss=loss, bytes=pm.bytes_sent, replicated=np.array(pm.replicated),
+             stats=np.array([pm.stats.get(k, 0) for k in comm.sent]), counted=np.array(list(comm.sent.values())),
+             **arrays)
 ''')
 
 
@@ -98,7 +119,15 @@ def _check_rank(got, logits, loss, grads):
         np.testing.assert_allclose(got[key], want, rtol=1e-5, atol=1e-6 * float(np.abs(want).max()), err_msg=name)
         checked += 1
     assert checked == len(grads)  # every parameter of the model, sliced or whole
-    assert int(got["bytes"]) > 0
+    # the bytes the model reports per step are exactly what went through the communicator
+    np.testing.assert_array_equal(got["stats"], got["counted"])
+    assert int(got["bytes"]) == int(got["counted"].sum())
+    gather, reduce, allreduce = got["counted"].tolist()
+    assert gather > 0
+    if len(got["replicated"]):       # hybrid: the conv gradients are allreduced
+        assert allreduce > 0
+    else:                            # model parallel: nothing is replicated, split layers reduce-scatter
+        assert allreduce == 0 and reduce > 0
 
 
 def test_hybrid_refuses_a_batch_that_does_not_split_evenly(tmp_path):
