@@ -307,10 +307,10 @@ def main(argv=None) -> int:
 
     try:
         return args.fn(args)
-    # errors that say what to change or install (missing mpi4py / Ray, an address that does not
-    # answer, a stalled parameter server): the message, not a traceback
-    except (BackendUnavailable, FileNotFoundError, ValueError, FloatingPointError, ConnectionError, TimeoutError,
-            ImportError) as e:
+    # errors that say what to change (a Ray address that does not answer, a stalled parameter
+    # server): the message, not a traceback
+    except (BackendUnavailable, FileNotFoundError, ValueError, FloatingPointError, ConnectionError,
+            TimeoutError) as e:
         print(f"dnnpar: error: {e}", file=sys.stderr)
         return 2
 

@@ -192,6 +192,29 @@ def test_bad_input_is_a_clear_error():
         mpiexec(0)
 
 
+@pytest.mark.parametrize("timeout", [0.02, 0.2])   # below and above the spin period
+def test_poll_waits_for_done_and_times_out_with_the_timeout_error(timeout):
+    from dnnpar.parallel import comm as C
+
+    c = C.Communicator(0, 2, timeout)
+    polls = []
+    c._poll(lambda: polls.append(1) or len(polls) >= 3, "quick")   # done on the third poll
+    assert len(polls) == 3
+    cleaned = []
+
+    def failing_cleanup():
+        cleaned.append(1)
+        raise RuntimeError("abort failed too")
+
+    t0 = time.monotonic()
+    with pytest.raises(C.CommTimeoutError, match=f"rank 0/2: never did not complete within {timeout:g} s"):
+        c._poll(lambda: False, "never", on_timeout=failing_cleanup)
+    assert timeout <= time.monotonic() - t0 < timeout + 2.0 and cleaned == [1]
+    for bad in (0, -1, float("nan")):
+        with pytest.raises(ValueError, match="timeout must be > 0"):
+            C.Communicator(0, 1, bad)
+
+
 def test_cli_runs_data_parallel_under_mpiexec(tmp_path):
     ck = tmp_path / "ck.npz"
     r = subprocess.run(mpiexec(2) + [sys.executable, "-m", "dnnpar.cli", "train", "--parallel", "data", "--model",

@@ -119,9 +119,8 @@ def _comm_model():
     return cm
 
 
-def test_fit_recovers_link_and_predicts_the_ring():
+def test_fit_recovers_link_and_predicts_the_ring(rng):
     cm = _comm_model()
-    rng = np.random.default_rng()
     alpha, bw, gamma, n = rng.uniform(1e-6, 2e-5), rng.uniform(1e9, 2e10), rng.uniform(5e-11, 2e-10), 4
     # synthetic records: exchange and reduce of S/n follow the model exactly, the allreduce is the ring
     rec = {s: {"chunk_bytes": s // n, "exchange_s": alpha + (s // n) / bw, "reduce_s": 3e-7 + (s // n) * gamma,

@@ -314,7 +314,6 @@ def test_restarted_shard_does_not_wait_for_a_worker_that_ended_its_epoch(local_r
 def ray_head(tmp_path_factory):
     """`ray start --head --block` in a subprocess (a cluster of its own, not this process's local
     Ray); SIGTERM at the end stops exactly what it started."""
-    import re
     import shutil
     import signal
     import subprocess
@@ -323,29 +322,38 @@ def ray_head(tmp_path_factory):
 
     exe = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
     temp = tempfile.mkdtemp(prefix="dnnpar-rh-")            # short: Ray's socket paths must stay < 108 chars
+    log = os.path.join(temp, "ray-start.log")               # a file, not a pipe: nobody must keep reading it
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([exe, "start", "--head", "--block", "--port=0", f"--temp-dir={temp}", "--num-cpus=2",
-                             "--include-dashboard=false", "--disable-usage-stats"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env=env)  # its worker processes import dnnpar, as every node of a cluster must
-    seen, address, deadline = [], None, time.monotonic() + 120
-    while address is None and time.monotonic() < deadline and proc.poll() is None:
-        line = proc.stdout.readline()
-        seen.append(line)
-        m = re.search(r"--address='([^']+)'", line)
-        address = m.group(1) if m else None
-    if address is None:
-        proc.kill()
-        pytest.fail("ray start --head gave no address:\n" + "".join(seen[-30:]))
-    token = any("Token authentication is enabled" in ln for ln in seen)
-    yield address, token
-    os.killpg(proc.pid, signal.SIGTERM)      # the whole session: `ray start` and the daemons it started
+    with open(log, "w") as f:
+        proc = subprocess.Popen([exe, "start", "--head", "--block", "--port=0", f"--temp-dir={temp}", "--num-cpus=2",
+                                 "--include-dashboard=false", "--disable-usage-stats"],
+                                stdout=f, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                env=env)  # its worker processes import dnnpar, as every node of a cluster must
+
+    def stop():
+        os.killpg(proc.pid, signal.SIGTERM)      # the session: `ray start` and the daemons it started
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        # Ray's workers may sit in process groups of their own: anything still running from this
+        # head's temp dir goes too
+        subprocess.run(["pkill", "-9", "-f", temp], check=False)
+        shutil.rmtree(temp, ignore_errors=True)
+
     try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:      # it waits politely for its daemons; they got SIGTERM too
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    shutil.rmtree(temp, ignore_errors=True)
+        address, text, deadline = None, "", time.monotonic() + 120
+        while address is None and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            text = open(log).read()
+            m = re.search(r"--address='([^']+)'", text)
+            address = m.group(1) if m else None
+        if address is None:
+            pytest.fail("ray start --head gave no address within 120 s:\n" + text[-3000:])
+        yield address, "Token authentication is enabled" in text
+    finally:
+        stop()
 
 
 def test_ps_joins_a_ray_cluster_address(ray_head, tmp_path):

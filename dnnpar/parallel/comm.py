@@ -21,7 +21,7 @@ import numpy as np
 
 DEFAULT_TIMEOUT = float(os.environ.get("DNNPAR_COMM_TIMEOUT", "120"))
 #: seconds a collective is polled without sleeping before the polls back off (Communicator._poll)
-SPIN_SECONDS = 0.5
+SPIN_SECONDS = 0.05
 
 
 class CommTimeoutError(RuntimeError):
@@ -44,7 +44,7 @@ class Communicator:
     name = "base"
 
     def __init__(self, rank: int, size: int, timeout: float):
-        if timeout <= 0:
+        if not timeout > 0:  # NaN too: it would never expire
             raise ValueError(f"communicator timeout must be > 0 seconds, got {timeout}")
         self.rank, self.size, self.timeout = rank, size, float(timeout)
 
@@ -89,12 +89,14 @@ class Communicator:
                 os.sched_yield()
                 continue
             if now > deadline:
-                if on_timeout is not None:
-                    on_timeout()
-                raise CommTimeoutError(
-                    f"rank {self.rank}/{self.size}: {what} did not complete within {self.timeout:g} s: another rank "
-                    "died or stopped answering (if a step is legitimately that slow, raise --timeout or "
-                    "DNNPAR_COMM_TIMEOUT)")
+                try:
+                    if on_timeout is not None:
+                        on_timeout()
+                finally:  # the timeout is the error to report, whatever the clean-up raises
+                    raise CommTimeoutError(
+                        f"rank {self.rank}/{self.size}: {what} did not complete within {self.timeout:g} s: another "
+                        "rank died or stopped answering (if a step is legitimately that slow, raise --timeout or "
+                        "DNNPAR_COMM_TIMEOUT)")
             time.sleep(pause)
             pause = min(pause * 2, 1e-3)
 
@@ -228,6 +230,8 @@ class NCCLCommunicator(MPICommunicator):
     def bcast(self, buf, root: int = 0) -> None:
         if isinstance(buf, np.ndarray):
             return super().bcast(buf, root)
+        if buf.dtype != np.float32 or not buf.flags.c_contiguous:
+            raise ValueError("NCCL bcast: the buffer must be C-contiguous float32")
         cp = self.cp
         cp.cuda.get_current_stream().synchronize()
         self.nccl_comm.bcast(buf.data.ptr, buf.size, self.nccl.NCCL_FLOAT32, root, self.stream.ptr)

@@ -114,14 +114,18 @@ class DataParallel:
                              f"but the training set has only {n_train}: use fewer ranks or a smaller batch")
 
     def setup(self, model, optimizer=None, start_epoch: int = 1) -> int:
-        """Bucket the parameters and make every rank start where rank 0 does: its parameters, its
-        optimizer's momentum buffers (``optimizer.velocity``, filled by a resumed checkpoint that
+        """Bucket the parameters and make every rank start where rank 0 does: its parameters and
+        buffers (BatchNorm statistics), its optimizer's momentum buffers (``optimizer.velocity``, filled by a resumed checkpoint that
         only rank 0 needs to read) and its start epoch, which is returned."""
         self.layout = ParamLayout(model)
         self.buckets = Buckets(self.layout, self.bucket_bytes, get_backend().xp)
         vec = self.layout.gather_params(model)
         self.comm.bcast(vec, root=0)
         self.layout.scatter_params(model, vec)
+        for name, b in model.named_buffers():  # BatchNorm statistics: a resumed rank 0 has them
+            if not b.flags.c_contiguous or b.dtype != np.float32:
+                raise ValueError(f"data parallel: buffer {name} must be C-contiguous float32, got {b.dtype}")
+            self.comm.bcast(b, root=0)
         velocity = getattr(optimizer, "velocity", None)
         epoch, has_velocity = self.comm.allreduce_scalars(
             [start_epoch if self.is_root else 0, float(bool(velocity)) if self.is_root else 0.0])
@@ -130,7 +134,10 @@ class DataParallel:
             for name, p, _ in model.named_parameters():
                 # a buffer rank 0 lacks is zeros here: v = mu * 0 + g equals its first v = g
                 v = velocity.get(name) if self.is_root else None
-                v = xp.zeros_like(p) if v is None else v
+                v = xp.zeros_like(p) if v is None else xp.ascontiguousarray(v, dtype=p.dtype)
+                if v.shape != p.shape:  # before any collective moves it: a mismatch would hang or corrupt
+                    raise ValueError(f"data parallel: momentum buffer {name} has shape {v.shape}, the parameter "
+                                     f"{p.shape} (a checkpoint of another model?)")
                 self.comm.bcast(v, root=0)
                 velocity[name] = v
         return int(epoch)
@@ -194,7 +201,8 @@ def run_data_parallel(cfg, comm: Communicator | None = None, bucket_mb: float = 
                       fail: dict | None = None, **train_kwargs):
     """One rank of a data-parallel run: :func:`dnnpar.train.train` with a :class:`DataParallel`.
     Any exception on any rank (a :class:`CommTimeoutError` included) aborts the whole MPI job
-    with its message, so the other ranks never wait for it. Returns (model, history, parallel)."""
+    with its message, so the other ranks never wait for it. Returns (model, history, parallel); only
+    rank 0's history holds the epochs before a resume (it alone reads the checkpoint)."""
     from ..train import train
 
     par = DataParallel(comm, bucket_mb=bucket_mb, fail=fail)
