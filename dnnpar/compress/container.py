@@ -25,6 +25,8 @@ import zlib
 
 import numpy as np
 
+from ..errors import DnnzError
+
 MAGIC = b"DNNZ"
 VERSION = 1
 MAX_HEADER_BYTES = 16 * 1024 * 1024
@@ -43,10 +45,6 @@ DTYPE_CODES = {
 _CODE_DTYPES = {code: dt for dt, code in DTYPE_CODES.items()}
 _PREAMBLE = struct.Struct("<4sHHI")  # magic, version, flags, header_len
 _SHA_BYTES = 32
-
-
-class DnnzError(ValueError):
-    """A .dnnz file is malformed, truncated, corrupted or of an unsupported version."""
 
 
 def _section_payload(name, value) -> tuple[int, tuple[int, ...], np.ndarray]:

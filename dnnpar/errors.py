@@ -1,0 +1,56 @@
+"""The exceptions dnnpar raises for bad input: one class per kind of input, all documented.
+
+Arguments and arrays given to ops and layers keep the builtin types callers already catch:
+
+- ``TypeError``: a wrong kind of value (a list where an array is expected, float16 where the op
+  computes in float32, a float where an int is needed);
+- ``ValueError``: a right kind with a wrong value (a shape, a negative stride, a geometry whose
+  index arithmetic does not fit the kernels' integer types);
+
+Files are validated by what their headers *mean*, not only by their checksums, and every
+violation is one ``FileFormatError`` subclass (itself a ``ValueError``) naming the file and the
+field that is wrong:
+
+- ``DnnzError``: a ``.dnnz`` compressed model;
+- ``CheckpointError``: a ``.npz`` model / training checkpoint;
+- ``IDXError``: an IDX (Fashion-MNIST) file or a user data set.
+
+Nothing here imports the rest of the package, so every module can raise these.
+"""
+from __future__ import annotations
+
+
+class FileFormatError(ValueError):
+    """A file that is not what its format requires: truncated, corrupt, or with a header whose
+    values are out of range or inconsistent. ``path`` and ``field`` say where (either may be None)."""
+
+    kind = "file"
+
+    def __init__(self, message: str, path=None, field: str | None = None):
+        self.path = None if path is None else str(path)
+        self.field = field
+        where = f"{self.path}: " if self.path and not message.startswith(self.path) else ""
+        what = f"{field}: " if field and not message.startswith(field) else ""
+        super().__init__(f"{where}{what}{message}")
+
+
+class DnnzError(FileFormatError):
+    """A .dnnz file is malformed, truncated, corrupted, of an unsupported version, or describes a
+    model that does not match its sections."""
+
+    kind = ".dnnz"
+
+
+class CheckpointError(FileFormatError):
+    """A checkpoint (.npz) is not one dnnpar wrote or does not fit the model it is loaded into."""
+
+    kind = "checkpoint"
+
+
+class IDXError(FileFormatError):
+    """An IDX file (or a data set built from IDX files) is malformed or holds values out of range."""
+
+    kind = "IDX"
+
+
+__all__ = ["FileFormatError", "DnnzError", "CheckpointError", "IDXError"]
