@@ -6,7 +6,7 @@
     dp.ops.conv2d(x, w, stride=1, padding=1)
 """
 from . import data, nn, ops, sparse  # noqa: F401
-from .backend import BackendUnavailable, get_backend, set_backend, use_backend  # noqa: F401
+from .backend import BackendUnavailable, get_backend, precision, set_backend, use_backend  # noqa: F401
 
 __version__ = "0.1.0"
 
@@ -22,4 +22,4 @@ def to_numpy(a):
 
 
 __all__ = ["data", "nn", "ops", "sparse", "set_backend", "use_backend", "get_backend", "asarray", "to_numpy",
-           "BackendUnavailable"]
+           "precision", "BackendUnavailable"]

@@ -29,9 +29,11 @@ class CompactCSR:
     codes: (E,) uint8, indices into ``codebook``.
     codebook: (256,) float32, the matrix's codebook padded with zeros, so no code reads past it.
     fillers: how many of the E entries are fillers: a gap of more than 255 zeros is bridged by
-    entries of gap 255 whose code is ``filler_code`` (a codebook entry equal to 0.0; index 0 in
-    Deep Compression's convention when the codebook starts with 0.0). A filler multiplies 0.0
-    by an entry of x, so a non-finite x there gives NaN, as a dense product would.
+    entries of gap 255 whose code is ``filler_code``, a code no stored entry uses (Deep
+    Compression's 0 when the codebook starts with 0.0 and no entry points at it; -1 when there are
+    no fillers), whose codebook entry is 0.0. The kernel skips fillers: they contribute exactly
+    nothing, even where x is inf or NaN, as in SciPy's and the GPU kernels' products, which
+    never see them. All arrays are read-only.
     """
     shape: tuple
     rowptr: np.ndarray
@@ -58,7 +60,8 @@ class CompactCSR:
 
 def _compact(indptr, indices, codes, codebook, shape) -> CompactCSR | None:
     """The compact form of a validated codebook CSR (host arrays), or None when it has none: a
-    column repeated within a row, or fillers needed but no codebook entry equal to 0.0."""
+    column repeated within a row, or fillers needed while every one of the 256 codes is used by
+    a stored entry."""
     m, _ = shape
     ptr = indptr.astype(np.int64)
     cols = indices.astype(np.int64)
@@ -86,18 +89,43 @@ def _compact(indptr, indices, codes, codebook, shape) -> CompactCSR | None:
     fillers = int(cum[-1])
     cb = np.zeros(256, np.float32)
     cb[:codebook.shape[0]] = codebook
-    filler_code = 0
+    filler_code = -1
     if fillers:
-        zero = np.flatnonzero(cb == 0.0)
-        if zero.size == 0:
-            return None  # 256 codes, none of them 0.0: nothing a filler could point at
-        filler_code = int(zero[0])
+        # a code no stored entry uses, so the kernel can tell a filler from a stored zero
+        free = np.flatnonzero(np.bincount(codes, minlength=256) == 0)
+        if free.size == 0:
+            return None  # all 256 codes are stored entries: a filler would be mistaken for one
+        zero = free[cb[free] == 0.0]
+        filler_code = int(zero[0] if zero.size else free[0])
+        cb[filler_code] = 0.0  # this private copy's entry is read by fillers only
     pos = np.arange(nnz, dtype=np.int64) + cum[1:]
     gaps = np.full(nnz + fillers, MAX_GAP, np.uint8)
-    out_codes = np.full(nnz + fillers, filler_code, np.uint8)
+    out_codes = np.full(nnz + fillers, max(filler_code, 0), np.uint8)  # every slot not a filler is overwritten
     gaps[pos] = gap - n_fill * (MAX_GAP + 1)
     out_codes[pos] = codes
-    return CompactCSR((int(shape[0]), int(shape[1])), ptr + cum[ptr], gaps, out_codes, cb, fillers, filler_code)
+    return CompactCSR((int(shape[0]), int(shape[1])), _frozen(ptr + cum[ptr]), _frozen(gaps), _frozen(out_codes),
+                      _frozen(cb), fillers, filler_code)
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    """``a`` made read-only (a private array of the matrix: nothing may change what was checked)."""
+    a.flags.writeable = False
+    return a
+
+
+def _host_copy(be, a, name: str) -> np.ndarray:
+    """A private, C-contiguous host copy of a CSR argument (a NumPy array, a backend array or a
+    sequence): what is validated and kept, so later changes to the caller's array cannot reach
+    the kernels."""
+    if not isinstance(a, np.ndarray) and hasattr(a, "__cuda_array_interface__"):
+        a = be.to_numpy(a)
+    try:
+        h = np.array(a, copy=True, order="C")
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"CSR: {name} must be an array, got {type(a).__name__} ({e})") from None
+    if h.ndim != 1:
+        raise ValueError(f"CSR: {name} must be 1-D, got shape {h.shape}")
+    return h
 
 
 class CSR:
@@ -105,63 +133,72 @@ class CSR:
 
     data: (nnz,) float32 values, or uint8 indices into ``codebook`` ((ncodes,) float32, ncodes <= 256)
     indices: (nnz,) column indices; indptr: (M + 1,) row starts. Integer arrays are stored as int32.
-    The arrays are moved to the active backend; the whole structure is validated on the host
-    (monotone indptr, in-range columns and codes) so that no kernel ever reads out of bounds.
+    The arrays are copied, validated once on the host (monotone indptr, in-range columns and
+    codes, sizes within the kernels' 32-bit indices) and kept private and read-only (on the
+    numpy and emu backends; on cuda, device copies only this matrix holds), so changing the
+    arrays the caller passed cannot reach a kernel. ``data``, ``indices``, ``indptr`` and
+    ``codebook`` are read-only properties.
     """
 
     def __init__(self, data, indices, indptr, shape, codebook=None):
         be = get_backend()
         if not (isinstance(shape, (tuple, list)) and len(shape) == 2
-                and all(isinstance(s, (int, np.integer)) and s >= 1 for s in shape)):
+                and all(isinstance(s, (int, np.integer)) and not isinstance(s, (bool, np.bool_)) and s >= 1
+                        for s in shape)):
             raise ValueError(f"CSR: shape must be two positive ints (M, K), got {shape!r}")
         m, k = int(shape[0]), int(shape[1])
-        h_data, h_ind, h_ptr = (be.to_numpy(a) if not isinstance(a, np.ndarray) else a for a in (data, indices, indptr))
-        h_data, h_ind, h_ptr = np.asarray(h_data), np.asarray(h_ind), np.asarray(h_ptr)
-        for name, a in (("data", h_data), ("indices", h_ind), ("indptr", h_ptr)):
-            if a.ndim != 1:
-                raise ValueError(f"CSR: {name} must be 1-D, got shape {a.shape}")
+        if max(m, k) >= 2**31:
+            raise ValueError(f"CSR: shape ({m}, {k}) does not fit the kernels' 32-bit row and column indices")
+        h_data, h_ind, h_ptr = (_host_copy(be, a, n) for a, n in ((data, "data"), (indices, "indices"),
+                                                                  (indptr, "indptr")))
         for name, a in (("indices", h_ind), ("indptr", h_ptr)):
             if not np.issubdtype(a.dtype, np.integer):
                 raise TypeError(f"CSR: {name} must be an integer array, got {a.dtype}")
         if h_ptr.shape[0] != m + 1:
             raise ValueError(f"CSR: indptr must have M + 1 = {m + 1} entries, got {h_ptr.shape[0]}")
         nnz = h_ind.shape[0]
+        if nnz >= 2**31:
+            raise ValueError(f"CSR: {nnz} nonzeros; dnnpar kernels index them with 32 bits")
         if h_ptr[0] != 0 or h_ptr[-1] != nnz:
             raise ValueError(f"CSR: indptr must start at 0 and end at nnz = {nnz}, got {h_ptr[0]} .. {h_ptr[-1]}")
-        if np.any(np.diff(h_ptr) < 0):
-            bad = int(np.argmax(np.diff(h_ptr) < 0))
+        steps = np.diff(h_ptr.astype(np.int64))
+        if np.any(steps < 0):
+            bad = int(np.argmax(steps < 0))
             raise ValueError(f"CSR: indptr is not monotone (indptr[{bad}] = {h_ptr[bad]} > indptr[{bad + 1}] = {h_ptr[bad + 1]})")
         if h_data.shape[0] != nnz:
             raise ValueError(f"CSR: data has {h_data.shape[0]} entries but indices has {nnz}")
         if nnz and (h_ind.min() < 0 or h_ind.max() >= k):
             bad = int(np.argmax((h_ind < 0) | (h_ind >= k)))
             raise ValueError(f"CSR: column index indices[{bad}] = {h_ind[bad]} is outside [0, {k})")
-        if nnz >= 2**31:
-            raise ValueError(f"CSR: {nnz} nonzeros; dnnpar kernels index them with 32 bits")
+        h_cb = None
         if codebook is None:
             if h_data.dtype != np.float32:
                 raise TypeError(f"CSR: data must be float32 (or uint8 with a codebook), got {h_data.dtype}")
         else:
-            h_cb = np.asarray(be.to_numpy(codebook) if not isinstance(codebook, np.ndarray) else codebook)
-            if h_cb.dtype != np.float32 or h_cb.ndim != 1 or not 1 <= h_cb.shape[0] <= 256:
+            h_cb = _host_copy(be, codebook, "codebook")
+            if h_cb.dtype != np.float32 or not 1 <= h_cb.shape[0] <= 256:
                 raise TypeError(f"CSR: codebook must be a 1-D float32 array of 1..256 entries, "
                                 f"got {h_cb.dtype} of shape {h_cb.shape}")
             if h_data.dtype != np.uint8:
                 raise TypeError(f"CSR: with a codebook, data must hold uint8 codes, got {h_data.dtype}")
             if nnz and h_data.max() >= h_cb.shape[0]:
                 raise ValueError(f"CSR: code {int(h_data.max())} is outside the codebook of {h_cb.shape[0]} entries")
-            self.codebook = be.asarray(np.ascontiguousarray(h_cb))
-        if codebook is None:
-            self.codebook = None
         self.shape = (m, k)
         self.nnz = nnz
         self.backend = be.name
-        self.data = be.asarray(np.ascontiguousarray(h_data))
-        self.indices = be.asarray(np.ascontiguousarray(h_ind, dtype=np.int32))
-        self.indptr = be.asarray(np.ascontiguousarray(h_ptr, dtype=np.int32))
+        # the validated copies, in the kernels' dtypes (the range checks above make the casts exact)
+        self._data = be.asarray(_frozen(h_data))
+        self._indices = be.asarray(_frozen(h_ind.astype(np.int32, copy=False)))
+        self._indptr = be.asarray(_frozen(h_ptr.astype(np.int32, copy=False)))
+        self._codebook = None if h_cb is None else be.asarray(_frozen(h_cb))
         self._values = None
         self._scipy = None
         self._compact = None
+
+    data = property(lambda self: self._data, doc="(nnz,) float32 values or uint8 codes (read-only)")
+    indices = property(lambda self: self._indices, doc="(nnz,) int32 column indices (read-only)")
+    indptr = property(lambda self: self._indptr, doc="(M + 1,) int32 row starts (read-only)")
+    codebook = property(lambda self: self._codebook, doc="(ncodes,) float32 codebook or None (read-only)")
 
     @classmethod
     def from_dense(cls, a, codebook=None):
@@ -179,12 +216,14 @@ class CSR:
         if self.codebook is None:
             return self.data
         if self._values is None:
-            self._values = self.codebook[self.data]
+            v = self.codebook[self.data]
+            self._values = _frozen(v) if isinstance(v, np.ndarray) else v
         return self._values
 
     def scipy(self):
-        """The matrix as a ``scipy.sparse.csr_array`` sharing this CSR's arrays, or None when
-        SciPy is not installed (numpy backend only)."""
+        """The matrix as a ``scipy.sparse.csr_array`` sharing this CSR's (read-only) arrays, or None
+        when SciPy is not installed (numpy backend only). The products run on this object, so its
+        arrays are read-only too."""
         if self.backend == "cuda":
             raise TypeError("CSR.scipy(): this matrix lives on the GPU; use cupyx.scipy.sparse")
         if self._scipy is None:
@@ -194,14 +233,18 @@ class CSR:
                 import scipy.sparse
             except ImportError:
                 return None
-            self._scipy = scipy.sparse.csr_array((self.values(), self.indices, self.indptr), shape=self.shape)
+            sp = scipy.sparse.csr_array((self.values(), self.indices, self.indptr), shape=self.shape)
+            for a in (sp.data, sp.indices, sp.indptr):  # copies SciPy made are frozen like ours
+                if a.flags.writeable:
+                    _frozen(a)
+            self._scipy = sp
         return self._scipy
 
     def compact(self) -> CompactCSR | None:
         """The matrix in Deep Compression's storage format (:class:`CompactCSR`: uint8 gaps with
         fillers, uint8 codes, int64 row offsets), built on first use and cached; None when the
-        matrix has none (a column repeated within a row, or fillers needed and no codebook entry
-        equal to 0.0). Codebook matrices on a host backend only."""
+        matrix has none (a column repeated within a row, or fillers needed while all 256 codes
+        are used by stored entries). Codebook matrices on a host backend only."""
         if self.codebook is None:
             raise TypeError("CSR.compact(): only a matrix of uint8 codes with a codebook has the compact form")
         if self.backend == "cuda":

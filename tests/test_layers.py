@@ -1,4 +1,5 @@
-"""Every layer: central finite differences in float64 on numpy, and emu == numpy in float32."""
+"""Every layer: central finite differences in float64 (the numpy backend's dp.precision("float64")
+oracle mode), and emu == numpy in float32."""
 import numpy as np
 import pytest
 
@@ -54,7 +55,7 @@ def run(layer, x, g):
 
 @pytest.mark.parametrize("name,factory,shape", LAYERS, ids=[n for n, _, _ in LAYERS])
 def test_gradients_match_central_differences_float64(name, factory, shape, rng):
-    with dp.use_backend("numpy"):
+    with dp.use_backend("numpy"), dp.precision("float64"):
         layer = factory()
         for k in layer.params:
             layer.params[k] = layer.params[k].astype(np.float64) + 0.1 * rng.standard_normal(layer.params[k].shape)
@@ -110,7 +111,7 @@ def test_kernel_backends_equal_numpy(other, name, factory, shape, rng):
 
 
 def test_softmax_cross_entropy_gradient(rng):
-    with dp.use_backend("numpy"):
+    with dp.use_backend("numpy"), dp.precision("float64"):
         loss = nn.SoftmaxCrossEntropy()
         logits = rng.standard_normal((5, 7))
         labels = rng.integers(0, 7, 5)

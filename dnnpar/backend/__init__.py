@@ -7,11 +7,16 @@
 
 Ops ask the active backend for ``launch(source, kernel, grid, block, args)`` (``None`` on numpy)
 and never test for a particular device themselves.
+
+Every op computes in float32 on every backend. :func:`precision` ("float64") is an oracle mode
+for gradient checks and reference results: honoured by the numpy backend only.
 """
 from __future__ import annotations
 
 import contextlib
 import threading
+
+import numpy as np
 
 from .base import POISON, Backend, BackendUnavailable  # noqa: F401
 
@@ -78,3 +83,35 @@ def poison_outputs(enabled: bool = True):
         yield
     finally:
         POISON["on"] = saved
+
+
+PRECISIONS = ("float32", "float64")
+
+
+def compute_dtype(backend: Backend | None = None) -> np.dtype:
+    """The dtype ops compute in here: float32, or float64 inside ``precision("float64")``, which
+    only the numpy backend honours (a ValueError on a kernel backend)."""
+    name = getattr(_state, "precision", None) or "float32"
+    if name == "float64":
+        be = backend or get_backend()
+        if be.runs_kernels:
+            raise ValueError(f"dp.precision('float64') is an oracle mode of the numpy backend; the "
+                             f"'{be.name}' backend computes in float32 (leave the precision block first)")
+    return np.dtype(name)
+
+
+@contextlib.contextmanager
+def precision(name: str):
+    """``with dp.precision("float64"): ...`` — ops on the numpy backend take and return float64
+    arrays in the block (finite-difference gradient checks, float64 references); outside it,
+    and on every other backend, every op computes in float32. Entering float64 on the emu or
+    cuda backend, or calling an op there inside the block, is a ValueError."""
+    if name not in PRECISIONS:
+        raise ValueError(f"unknown precision {name!r}: one of {', '.join(PRECISIONS)}")
+    previous = getattr(_state, "precision", None)
+    _state.precision = name
+    try:
+        compute_dtype()  # refuse float64 on a kernel backend now, not at the first op
+        yield np.dtype(name)
+    finally:
+        _state.precision = previous

@@ -40,7 +40,7 @@ CXXFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17"
 FALLBACK_DROPS = (("-fopenmp",), ("-fopenmp", "-march=native"))
 #: what the library says for dnnpar_cpu_abi(); a library built from another revision is rebuilt
 #: anyway (the digest covers the source), this guards against a hand-placed file
-ABI = 2
+ABI = 3
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "lib": None, "reason": None, "warned": False}
@@ -127,9 +127,9 @@ def _compile(cxx: str) -> ctypes.CDLL:
     lib.dnnpar_cpu_threads.restype = ctypes.c_int
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.dnnpar_csr_cb_spmv.restype = None
-    lib.dnnpar_csr_cb_spmv.argtypes = [i64, p, p, p, p, p, p, i32]
+    lib.dnnpar_csr_cb_spmv.argtypes = [i64, p, p, p, p, i32, p, p, i32]
     lib.dnnpar_csr_cb_spmm.restype = None
-    lib.dnnpar_csr_cb_spmm.argtypes = [i64, i64, p, p, p, p, p, p, i32]
+    lib.dnnpar_csr_cb_spmm.argtypes = [i64, i64, p, p, p, p, i32, p, p, i32]
     return lib
 
 
@@ -199,10 +199,11 @@ def spmv(compact, x: np.ndarray, out: np.ndarray, threads: int | None = None) ->
     m, k = compact.shape
     if x.dtype != np.float32 or x.shape != (k,) or not x.flags.c_contiguous:
         raise ValueError(f"native spmv: x must be a C-contiguous float32 vector of {k}, got {x.dtype} {x.shape}")
-    if out.dtype != np.float32 or out.shape != (m,) or not out.flags.c_contiguous:
-        raise ValueError(f"native spmv: out must be a C-contiguous float32 vector of {m}")
+    if out.dtype != np.float32 or out.shape != (m,) or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"native spmv: out must be a writeable C-contiguous float32 vector of {m}")
     _loaded().dnnpar_csr_cb_spmv(m, _ptr(compact.rowptr), _ptr(compact.gaps), _ptr(compact.codes),
-                                     _ptr(compact.codebook), _ptr(x), _ptr(out), _threads_arg(threads))
+                                     _ptr(compact.codebook), int(compact.filler_code), _ptr(x), _ptr(out),
+                                     _threads_arg(threads))
     return out
 
 
@@ -212,9 +213,10 @@ def spmm(compact, X: np.ndarray, out: np.ndarray, threads: int | None = None) ->
     if X.dtype != np.float32 or X.ndim != 2 or X.shape[0] != k or not X.flags.c_contiguous:
         raise ValueError(f"native spmm: X must be a C-contiguous float32 ({k}, B) array, got {X.dtype} {X.shape}")
     b = X.shape[1]
-    if out.dtype != np.float32 or out.shape != (m, b) or not out.flags.c_contiguous:
-        raise ValueError(f"native spmm: out must be a C-contiguous float32 ({m}, {b}) array")
+    if out.dtype != np.float32 or out.shape != (m, b) or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"native spmm: out must be a writeable C-contiguous float32 ({m}, {b}) array")
     if b:
         _loaded().dnnpar_csr_cb_spmm(m, b, _ptr(compact.rowptr), _ptr(compact.gaps), _ptr(compact.codes),
-                                         _ptr(compact.codebook), _ptr(X), _ptr(out), _threads_arg(threads))
+                                         _ptr(compact.codebook), int(compact.filler_code), _ptr(X), _ptr(out),
+                                         _threads_arg(threads))
     return out

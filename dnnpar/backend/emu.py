@@ -6,7 +6,10 @@ Each kernel file is compiled once by the host C++ compiler (``$CXX``, default ``
 CUDA thread becomes a fiber; the fibers of a block run between barriers in an order chosen by
 :meth:`EmuBackend.schedule`, so a missing ``__syncthreads()`` shows up as a result that depends
 on the order. Array arguments are copied into buffers that end at a guard page, so an
-out-of-bounds access becomes an :class:`EmuMemoryError` naming the argument, not a crash.
+out-of-bounds access becomes an :class:`EmuMemoryError` naming the argument, not a crash. Only
+the buffers the kernel may write (``T*``, not ``const T*`` in its C++ signature) are copied back
+after the launch: inputs are never written, so read-only arrays (``np.load(..., mmap_mode="r")``)
+are fine as inputs, and a read-only array passed where the kernel writes is a ValueError.
 
 The launcher also checks every argument against the kernel's C++ parameter types (a Python
 ``int`` where the kernel takes ``int`` is refused: CuPy would pass 64 bits), which is a check a
@@ -114,12 +117,16 @@ class EmuModule:
                         cell = ctypes.c_void_p(0)
                     else:
                         _check_pointer_arg(kernel, name, code[1], a)
+                        written = not code.endswith("c")  # the kernel's C++ type says: T* (not const T*)
+                        if written and not a.flags.writeable:
+                            raise ValueError(f"kernel {kernel}: argument {name} is written by the kernel but "
+                                             "the array is read-only")
                         nbytes = a.nbytes
                         base, total = ctypes.c_void_p(), ctypes.c_size_t()
                         ptr = self.lib.dnnpar_emu_alloc(nbytes, ctypes.byref(base), ctypes.byref(total))
                         if not ptr:
                             raise MemoryError(f"emu: cannot map a guarded buffer of {nbytes} bytes")
-                        buffers.append((a, ptr, base.value, total.value, i, name))
+                        buffers.append((a, ptr, base.value, total.value, i, name, written))
                         ctypes.memmove(ptr, a.ctypes.data, nbytes)
                         cell = ctypes.c_void_p(ptr)
                 else:
@@ -146,8 +153,9 @@ class EmuModule:
                 raise EmuSchedulingError(f"kernel {kernel}, grid {grid3}, block {block3}: {message}")
             if rc == 3:
                 raise ValueError(f"kernel {kernel}: {message}")
-            for a, ptr, *_ in buffers:
-                ctypes.memmove(a.ctypes.data, ptr, a.nbytes)
+            for a, ptr, *_, written in buffers:
+                if written:  # inputs (const T*) are never copied back: they may be read-only
+                    ctypes.memmove(a.ctypes.data, ptr, a.nbytes)
         finally:
             for _, _, base, total, *_ in buffers:
                 self.lib.dnnpar_emu_free(base, total)
@@ -172,7 +180,7 @@ def _check_pointer_arg(kernel: str, name: str, code: str, a) -> None:
 
 
 def _describe_fault(kernel: str, addr: int, buffers, message: str) -> str:
-    for a, ptr, base, total, i, name in buffers:
+    for a, ptr, base, total, i, name, _ in buffers:
         if base <= addr < base + total:
             off = addr - ptr
             where = (f"{off - a.nbytes} bytes past the end" if off >= a.nbytes else f"{-off} bytes before the start")

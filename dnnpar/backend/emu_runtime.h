@@ -293,11 +293,14 @@ template <class T> constexpr char scalar_code() {
     else return '?';
 }
 
-// One token per parameter: a scalar code, or '*' and the pointee's code for a pointer.
+// One token per parameter: a scalar code, or '*' and the pointee's code for a pointer, followed
+// by 'c' for a pointer to const: the launcher copies only non-const buffers back (a kernel's
+// inputs are never written, so a read-only NumPy array can be one).
 template <class T> void append_code(std::string& s) {
     if constexpr (std::is_pointer_v<T>) {
         s += '*';
         s += scalar_code<std::remove_pointer_t<T>>();
+        if constexpr (std::is_const_v<std::remove_pointer_t<T>>) s += 'c';
     } else {
         s += scalar_code<T>();
     }

@@ -4,9 +4,12 @@
 //   gaps[i]  : zeros skipped since the previous entry of the row (or since the row start), so the
 //              entry's column is  col = previous col + gaps[i] + 1,  starting from col = -1;
 //   codes[i] : index into a 256-entry float32 codebook (the matrix's codebook, zero-padded).
-// A run of more than 255 zeros is bridged by filler entries (gap 255, a code whose codebook
-// entry is 0.0), exactly as in the paper's Figure 3. rowptr (int64, M + 1) says where each row's
+// A run of more than 255 zeros is bridged by filler entries (gap 255, code `filler`, a code no
+// stored entry uses), as in the paper's Figure 3. rowptr (int64, M + 1) says where each row's
 // entries start. Two bytes per entry instead of SciPy's eight (float32 value + int32 column).
+// A filler contributes exactly nothing: its x value is replaced by 0 before the multiply, so an
+// inf or NaN in x at a filler's column does not turn the row into NaN (0 * inf is NaN); stored
+// entries multiply x as it is, as SciPy's and the GPU kernels' products do. filler = -1: none.
 //
 //   y = A x  : dnnpar_csr_cb_spmv, one dot product per row, two rows at a time (x, K floats,
 //              stays in cache)
@@ -33,12 +36,15 @@ constexpr int64_t kParallelMinWork = 1 << 15;
 // Rows handed to a thread at a time (dynamic: a busy core on a shared machine gets fewer).
 constexpr int kRowChunk = 16;
 
+// x's value for an entry of code `code`: 0 for a filler (a select, no branch), else xv itself.
+inline float live(uint8_t code, int f, float xv) { return int(code) == f ? 0.f : xv; }
+
 // The dot product of entries [0, n) of one row with x, starting at p: one past the previous
 // entry's column (x itself at the row start). Four entries per step: their columns are
 // p + s0..s3, offsets computed without touching p, so the only serial dependency is one
 // pointer add per four entries, and four accumulators hide the FMA latency.
 inline float row_dot(const uint8_t* __restrict g, const uint8_t* __restrict c, int64_t n,
-                     const float* __restrict cb, const float* __restrict p) {
+                     const float* __restrict cb, const float* __restrict p, int f) {
     float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
     int64_t i = 0;
     for (; i + 4 <= n; i += 4) {
@@ -46,15 +52,15 @@ inline float row_dot(const uint8_t* __restrict g, const uint8_t* __restrict c, i
         const int64_t s1 = s0 + int64_t(g[i + 1]) + 1;
         const int64_t s2 = s1 + int64_t(g[i + 2]) + 1;
         const int64_t s3 = s2 + int64_t(g[i + 3]) + 1;
-        a0 += cb[c[i]] * p[s0];
-        a1 += cb[c[i + 1]] * p[s1];
-        a2 += cb[c[i + 2]] * p[s2];
-        a3 += cb[c[i + 3]] * p[s3];
+        a0 += cb[c[i]] * live(c[i], f, p[s0]);
+        a1 += cb[c[i + 1]] * live(c[i + 1], f, p[s1]);
+        a2 += cb[c[i + 2]] * live(c[i + 2], f, p[s2]);
+        a3 += cb[c[i + 3]] * live(c[i + 3], f, p[s3]);
         p += s3 + 1;
     }
     for (; i < n; ++i) {
         p += int64_t(g[i]);
-        a0 += cb[c[i]] * *p++;
+        a0 += cb[c[i]] * live(c[i], f, *p++);
     }
     return (a0 + a1) + (a2 + a3);
 }
@@ -64,7 +70,7 @@ inline float row_dot(const uint8_t* __restrict g, const uint8_t* __restrict c, i
 // many such chains to overlap (about 20% faster than one row at a time on fc6, Zen 4).
 inline void row_pair_dot(const uint8_t* __restrict g0, const uint8_t* __restrict c0, int64_t n0,
                          const uint8_t* __restrict g1, const uint8_t* __restrict c1, int64_t n1,
-                         const float* __restrict cb, const float* __restrict x, float* __restrict y) {
+                         const float* __restrict cb, const float* __restrict x, float* __restrict y, int f) {
     float a0 = 0.f, a1 = 0.f, b0 = 0.f, b1 = 0.f;
     const float* p = x;  // one past the previous entry's column, per row
     const float* q = x;
@@ -73,17 +79,17 @@ inline void row_pair_dot(const uint8_t* __restrict g0, const uint8_t* __restrict
     for (; i + 2 <= n; i += 2) {
         const int64_t s0 = int64_t(g0[i]);
         const int64_t s1 = s0 + int64_t(g0[i + 1]) + 1;
-        a0 += cb[c0[i]] * p[s0];
-        a1 += cb[c0[i + 1]] * p[s1];
+        a0 += cb[c0[i]] * live(c0[i], f, p[s0]);
+        a1 += cb[c0[i + 1]] * live(c0[i + 1], f, p[s1]);
         p += s1 + 1;
         const int64_t t0 = int64_t(g1[i]);
         const int64_t t1 = t0 + int64_t(g1[i + 1]) + 1;
-        b0 += cb[c1[i]] * q[t0];
-        b1 += cb[c1[i + 1]] * q[t1];
+        b0 += cb[c1[i]] * live(c1[i], f, q[t0]);
+        b1 += cb[c1[i + 1]] * live(c1[i + 1], f, q[t1]);
         q += t1 + 1;
     }
-    y[0] = (a0 + a1) + row_dot(g0 + i, c0 + i, n0 - i, cb, p);
-    y[1] = (b0 + b1) + row_dot(g1 + i, c1 + i, n1 - i, cb, q);
+    y[0] = (a0 + a1) + row_dot(g0 + i, c0 + i, n0 - i, cb, p, f);
+    y[1] = (b0 + b1) + row_dot(g1 + i, c1 + i, n1 - i, cb, q, f);
 }
 
 // Eight floats in one vector register (GCC / Clang vector extension: ymm with AVX, two xmm
@@ -94,12 +100,13 @@ typedef float f8 __attribute__((vector_size(32)));
 template <int NV>
 inline void row_axpy(const uint8_t* __restrict g, const uint8_t* __restrict c, int64_t n,
                      const float* __restrict cb, const float* __restrict X, int64_t ldx,
-                     float* __restrict y) {
+                     float* __restrict y, int f) {
     f8 acc[NV];
     for (int k = 0; k < NV; ++k) acc[k] = f8{};
     int64_t col = -1;  // the previous entry's column
     for (int64_t i = 0; i < n; ++i) {
         col += int64_t(g[i]) + 1;
+        if (int(c[i]) == f) continue;  // a filler: fillers are rare, the branch predictable
         const float* xr = X + col * ldx;
         const float v = cb[c[i]];
         for (int k = 0; k < NV; ++k) {
@@ -114,11 +121,12 @@ inline void row_axpy(const uint8_t* __restrict g, const uint8_t* __restrict c, i
 // The last w < 8 columns.
 inline void row_axpy_tail(const uint8_t* __restrict g, const uint8_t* __restrict c, int64_t n,
                           const float* __restrict cb, const float* __restrict X, int64_t ldx,
-                          float* __restrict y, int w) {
+                          float* __restrict y, int w, int f) {
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     int64_t col = -1;
     for (int64_t i = 0; i < n; ++i) {
         col += int64_t(g[i]) + 1;
+        if (int(c[i]) == f) continue;
         const float* xr = X + col * ldx;
         const float v = cb[c[i]];
         for (int j = 0; j < w; ++j) acc[j] += v * xr[j];
@@ -144,7 +152,7 @@ inline int team_size(int threads, int64_t work) {
 extern "C" {
 
 // Bumped whenever a signature below changes (the loader refuses a library with another value).
-int dnnpar_cpu_abi(void) { return 2; }
+int dnnpar_cpu_abi(void) { return 3; }
 
 // Threads a product may use (OpenMP's max, or 1 when built without OpenMP).
 int dnnpar_cpu_threads(void) {
@@ -155,9 +163,10 @@ int dnnpar_cpu_threads(void) {
 #endif
 }
 
-// y[M] = A x[K], on `threads` threads (0: OpenMP's default); rows in pairs
+// y[M] = A x[K], on `threads` threads (0: OpenMP's default); rows in pairs; `filler`: the
+// fillers' code (-1: none)
 void dnnpar_csr_cb_spmv(int64_t m, const int64_t* rowptr, const uint8_t* gaps, const uint8_t* codes,
-                        const float* codebook, const float* x, float* y, int threads) {
+                        const float* codebook, int filler, const float* x, float* y, int threads) {
     const int64_t work = rowptr[m];
     const int team = team_size(threads, work);
     (void)team;
@@ -165,17 +174,17 @@ void dnnpar_csr_cb_spmv(int64_t m, const int64_t* rowptr, const uint8_t* gaps, c
 #pragma omp parallel for num_threads(team) schedule(dynamic, kRowChunk / 2) if (team > 1)
     for (int64_t pr = 0; pr < pairs; ++pr) {
         const int64_t r = 2 * pr, lo = rowptr[r], mid = rowptr[r + 1], hi = rowptr[r + 2];
-        row_pair_dot(gaps + lo, codes + lo, mid - lo, gaps + mid, codes + mid, hi - mid, codebook, x, y + r);
+        row_pair_dot(gaps + lo, codes + lo, mid - lo, gaps + mid, codes + mid, hi - mid, codebook, x, y + r, filler);
     }
     if (m % 2) {
         const int64_t lo = rowptr[m - 1];
-        y[m - 1] = row_dot(gaps + lo, codes + lo, rowptr[m] - lo, codebook, x);
+        y[m - 1] = row_dot(gaps + lo, codes + lo, rowptr[m] - lo, codebook, x, filler);
     }
 }
 
 // Y[M, B] = A X[K, B], both row-major, on `threads` threads (0: OpenMP's default)
 void dnnpar_csr_cb_spmm(int64_t m, int64_t b, const int64_t* rowptr, const uint8_t* gaps,
-                        const uint8_t* codes, const float* codebook, const float* X, float* Y,
+                        const uint8_t* codes, const float* codebook, int filler, const float* X, float* Y,
                         int threads) {
     const int64_t work = rowptr[m] * b;
     const int team = team_size(threads, work);
@@ -187,11 +196,11 @@ void dnnpar_csr_cb_spmm(int64_t m, int64_t b, const int64_t* rowptr, const uint8
         const uint8_t* c = codes + lo;
         float* y = Y + r * b;
         int64_t j = 0;
-        for (; j + 64 <= b; j += 64) row_axpy<8>(g, c, n, codebook, X + j, b, y + j);
-        if (j + 32 <= b) { row_axpy<4>(g, c, n, codebook, X + j, b, y + j); j += 32; }
-        if (j + 16 <= b) { row_axpy<2>(g, c, n, codebook, X + j, b, y + j); j += 16; }
-        if (j + 8 <= b) { row_axpy<1>(g, c, n, codebook, X + j, b, y + j); j += 8; }
-        if (j < b) row_axpy_tail(g, c, n, codebook, X + j, b, y + j, int(b - j));
+        for (; j + 64 <= b; j += 64) row_axpy<8>(g, c, n, codebook, X + j, b, y + j, filler);
+        if (j + 32 <= b) { row_axpy<4>(g, c, n, codebook, X + j, b, y + j, filler); j += 32; }
+        if (j + 16 <= b) { row_axpy<2>(g, c, n, codebook, X + j, b, y + j, filler); j += 16; }
+        if (j + 8 <= b) { row_axpy<1>(g, c, n, codebook, X + j, b, y + j, filler); j += 8; }
+        if (j < b) row_axpy_tail(g, c, n, codebook, X + j, b, y + j, int(b - j), filler);
     }
 }
 

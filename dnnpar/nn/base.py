@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backend import get_backend
+from ..backend import compute_dtype, get_backend
 
 
 class Layer:
@@ -96,8 +96,9 @@ class Sequential(Layer):
         if not isinstance(x, be.array_type):
             raise TypeError(f"{self.name}: input must be a {be.array_type.__name__} on the '{be.name}' backend, "
                             f"got {type(x).__module__}.{type(x).__name__}")
-        if x.dtype not in (np.float32, np.float64) or (be.runs_kernels and x.dtype != np.float32):
-            raise TypeError(f"{self.name}: input batch must be float32, got {x.dtype}")
+        want = compute_dtype(be)  # float32; float64 only inside dp.precision("float64") on numpy
+        if x.dtype != want:
+            raise TypeError(f"{self.name}: input batch must be {want.name}, got {x.dtype}")
         if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"{self.name} expects input batches of shape (N, {', '.join(map(str, self.input_shape))}), "
                              f"got {tuple(x.shape)}")

@@ -1,46 +1,64 @@
-"""Input checks and launch-shape helpers shared by every op.
+"""Input checks and launch-shape helpers shared by every op: one validation layer per input kind.
 
-Everything here runs before a kernel launch, so bad input becomes a ValueError/TypeError that
-names the problem instead of a crash, a hang or silent garbage on the device.
+* arrays: :func:`check_array` (type, compute dtype, rank, layout, element count) and
+  :func:`check_writable` (an array an op writes into);
+* convolution geometry: :func:`conv_out_size` per axis and :class:`ConvGeometry` for a whole
+  layer (every size an int, in range, and every index the kernels compute within int32);
+* element counts of the arrays an op allocates: :func:`check_count`.
+
+Everything here runs before any allocation or kernel launch, so bad input becomes a
+ValueError/TypeError that names the problem instead of a crash, an OverflowError, a MemoryError
+or silent garbage on the device.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from ..backend import get_backend
+from ..backend import compute_dtype, get_backend
 
 INT32_MAX = 2**31 - 1
 GRID_STRIDE_BLOCKS = 65535 * 8  # 1-D grid-stride kernels never need more blocks than this
 MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y; the plane-wise kernels stride over the rest
 
 
+def is_int(v) -> bool:
+    """A Python or NumPy integer, and not a bool (True is an int to Python, never a size here)."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def as_int(v, name: str, op: str = "") -> int:
+    """``v`` as a Python int; a TypeError naming ``name`` for floats, bools and everything else."""
+    if not is_int(v):
+        raise TypeError(f"{op + ': ' if op else ''}{name} must be an int, got {v!r} ({type(v).__name__})")
+    return int(v)
+
+
 def pair(v, name: str) -> tuple[int, int]:
     """An int or a 2-sequence of ints, as (h, w)."""
-    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
-        t = (int(v), int(v))
-    elif isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, (int, np.integer)) for i in v):
-        t = (int(v[0]), int(v[1]))
-    else:
-        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
-    return t
+    if is_int(v):
+        return int(v), int(v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(is_int(i) for i in v):
+        return int(v[0]), int(v[1])
+    raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
 
 
-#: dtype spec for float ops: float32 everywhere, and float64 too on the numpy backend (whose
-#: references are dtype-generic: that is what float64 gradient checks run on)
-FLOAT = "float"
-
-
-def check_array(op: str, name: str, a, ndim: int | None = None, dtype=FLOAT, backend=None):
-    """``a`` must be the active backend's array, of ``dtype``, ``ndim`` dimensions, C-contiguous."""
+def check_array(op: str, name: str, a, ndim: int | None = None, dtype="compute", backend=None):
+    """``a`` must be the active backend's array, of ``dtype``, ``ndim`` dimensions, C-contiguous,
+    with fewer than 2**31 elements. ``dtype="compute"`` (the default) means the compute dtype:
+    float32, or float64 inside ``dp.precision("float64")`` (numpy backend only)."""
     be = backend or get_backend()
     if not isinstance(a, be.array_type):
         kind = f"{type(a).__module__}.{type(a).__name__}"
         raise TypeError(f"{op}: {name} must be a {be.array_type.__module__}.{be.array_type.__name__} on the "
                         f"'{be.name}' backend, got {kind} (convert it with dp.asarray)")
-    if dtype == FLOAT:
-        if a.dtype != np.float32 and (be.runs_kernels or a.dtype != np.float64):
-            also = "" if be.runs_kernels else " (or float64 on the numpy backend)"
-            raise TypeError(f"{op}: {name} must be float32{also}, got {a.dtype}")
+    if dtype == "compute":
+        want = compute_dtype(be)  # a ValueError under float64 on a kernel backend
+        if a.dtype != want:
+            hint = (" (float64 is computed only inside dp.precision('float64'), on the numpy backend)"
+                    if want == np.float32 else " (inside dp.precision('float64') every float array is float64)")
+            raise TypeError(f"{op}: {name} must be {want.name}, got {a.dtype}{hint}")
     elif dtype is not None and a.dtype != dtype:
         raise TypeError(f"{op}: {name} must be {np.dtype(dtype).name}, got {a.dtype}")
     if ndim is not None and a.ndim != ndim:
@@ -49,18 +67,142 @@ def check_array(op: str, name: str, a, ndim: int | None = None, dtype=FLOAT, bac
         raise ValueError(f"{op}: {name} must be C-contiguous (call xp.ascontiguousarray on it first); "
                          f"got strides {a.strides} for shape {tuple(a.shape)}")
     if a.size > INT32_MAX:
-        raise ValueError(f"{op}: {name} has {a.size} elements; dnnpar kernels index dimensions with 32 bits")
+        raise ValueError(f"{op}: {name} has {a.size} elements; dnnpar kernels index arrays with 32 bits "
+                         f"(at most {INT32_MAX})")
     return a
 
 
-def conv_out_size(op: str, size: int, k: int, s: int, p: int, d: int, axis: str) -> int:
-    if k < 1 or s < 1 or p < 0 or d < 1:
-        raise ValueError(f"{op}: need kernel >= 1, stride >= 1, padding >= 0, dilation >= 1 along {axis}; "
-                         f"got kernel={k}, stride={s}, padding={p}, dilation={d}")
+def check_writable(op: str, name: str, a):
+    """``a`` is written by the op (an output or an in-out argument): a read-only NumPy array
+    (``np.load(..., mmap_mode="r")``, ``a.flags.writeable = False``) is refused on every backend."""
+    flags = getattr(a, "flags", None)
+    if flags is not None and not getattr(flags, "writeable", True):
+        raise ValueError(f"{op}: {name} is written in place but the array is read-only "
+                         "(pass a writeable copy, e.g. np.array(a))")
+    return a
+
+
+def check_count(op: str, what: str, shape) -> tuple:
+    """An array of ``shape`` that ``op`` is about to allocate fits the kernels' 32-bit indices."""
+    count = 1
+    for s in shape:
+        count *= int(s)
+    if count > INT32_MAX:
+        raise ValueError(f"{op}: the {what} would have shape {tuple(int(s) for s in shape)} = {count} elements; "
+                         f"dnnpar kernels index arrays with 32 bits (at most {INT32_MAX})")
+    return tuple(shape)
+
+
+# ---------------------------------------------------------------- convolution geometry
+def conv_out_size(op: str, size, k, s, p, d, axis: str) -> int:
+    """Output extent along one axis, after checking that every value is an int in range and that
+    the kernels' int32 index arithmetic (padded extent ``size + 2p``, ``(out - 1) * s``,
+    ``(k - 1) * d``, all bounded by it) cannot overflow."""
+    vals = {"size": size, "kernel": k, "stride": s, "padding": p, "dilation": d}
+    size, k, s, p, d = (as_int(v, f"{n} along {axis}", op) for n, v in vals.items())
+    if size < 1 or k < 1 or s < 1 or p < 0 or d < 1:
+        raise ValueError(f"{op}: need size >= 1, kernel >= 1, stride >= 1, padding >= 0, dilation >= 1 along "
+                         f"{axis}; got size={size}, kernel={k}, stride={s}, padding={p}, dilation={d}")
+    big = {n: v for n, v in zip(vals, (size, k, s, p, d)) if v > INT32_MAX}
+    if big:
+        raise ValueError(f"{op}: {', '.join(f'{n}={v}' for n, v in big.items())} along {axis} does not fit the "
+                         f"kernels' 32-bit integers (at most {INT32_MAX})")
+    if size + 2 * p > INT32_MAX:
+        raise ValueError(f"{op}: the padded {axis} {size} + 2*{p} = {size + 2 * p} exceeds {INT32_MAX}, the "
+                         "kernels' 32-bit index range")
     span = d * (k - 1) + 1
     if size + 2 * p < span:
         raise ValueError(f"{op}: the {axis} extent {size} + 2*padding {p} is smaller than the dilated kernel ({span})")
     return (size + 2 * p - span) // s + 1
+
+
+def _axis_window(size: int, out: int, s: int, p: int, t: int):
+    """Outputs o (a slice) whose input index o*s - p + t lies in [0, size), and those inputs
+    (a strided slice); None when no output of this tap offset reads the image."""
+    lo = max(0, -((t - p) // s))                  # ceil((p - t) / s)
+    hi = min(out, (size - 1 + p - t) // s + 1)
+    if hi <= lo:
+        return None
+    start = lo * s - p + t
+    return slice(lo, hi), slice(start, start + (hi - lo - 1) * s + 1, s)
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A validated convolution (or pooling) geometry: NCHW input, a KH x KW window."""
+    n: int
+    c: int
+    h: int
+    w: int
+    kh: int
+    kw: int
+    oh: int
+    ow: int
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+    @classmethod
+    def make(cls, op, x_shape, kh, kw, stride, padding, dilation) -> "ConvGeometry":
+        """The one geometry check of every convolution-like op (forward and backward, every
+        backend): ints only (bools refused: TypeError), in range, int32-safe (ValueError with
+        the sizes), the input under 2**31 elements."""
+        if not (isinstance(x_shape, (tuple, list)) and len(x_shape) == 4):
+            raise ValueError(f"{op}: the input shape must be 4 sizes (N, C, H, W), got {x_shape!r}")
+        n, c, h, w = (as_int(v, f"input shape {tuple(x_shape)!r}: each size", op) for v in x_shape)
+        if min(n, c, h, w) < 1:
+            raise ValueError(f"{op}: the input shape (N, C, H, W) must be positive sizes, got {(n, c, h, w)}")
+        check_count(op, "input", (n, c, h, w))
+        kh, kw = as_int(kh, "kh", op), as_int(kw, "kw", op)
+        stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
+        oh = conv_out_size(op, h, kh, stride[0], padding[0], dilation[0], "height")
+        ow = conv_out_size(op, w, kw, stride[1], padding[1], dilation[1], "width")
+        return cls(n, c, h, w, kh, kw, oh, ow, stride, padding, dilation)
+
+    @property
+    def cols_shape(self) -> tuple[int, int]:
+        return self.c * self.kh * self.kw, self.n * self.oh * self.ow
+
+    def check_cols(self, op: str) -> None:
+        """The im2col matrix (C*KH*KW, N*OH*OW) fits 32-bit indices."""
+        check_count(op, "im2col matrix (C*KH*KW, N*OH*OW)", self.cols_shape)
+
+    def kernel_args(self):
+        """The geometry tail shared by the im2col / col2im kernels."""
+        return tuple(i32(v) for v in (self.n, self.c, self.h, self.w, self.kh, self.kw, self.oh, self.ow,
+                                      *self.stride, *self.padding, *self.dilation))
+
+    def tap_window(self, i: int, j: int):
+        """For kernel tap (i, j): ((out rows, out cols), (in rows, in cols)) as slices, the outputs
+        whose tap lands inside the image and the pixels they read; None when none does. The
+        NumPy references work on these windows, so no padded copy of the input is ever made (a
+        padding of 2**30 costs nothing)."""
+        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
+        rows = _axis_window(self.h, self.oh, sh, ph, i * dh)
+        cols = _axis_window(self.w, self.ow, sw, pw, j * dw)
+        if rows is None or cols is None:
+            return None
+        return (rows[0], cols[0]), (rows[1], cols[1])
+
+    def taps(self):
+        """(i, j, out window, in window) of every kernel tap that reads the image at all."""
+        for i in range(self.kh):
+            for j in range(self.kw):
+                win = self.tap_window(i, j)
+                if win is not None:
+                    yield i, j, win[0], win[1]
+
+    def tap_slices(self, i: int, j: int):
+        """Slices of the padded input (see :meth:`pad`) that kernel tap (i, j) reads for all outputs."""
+        (sh, sw), (dh, dw) = self.stride, self.dilation
+        h0, w0 = i * dh, j * dw
+        return (slice(None), slice(None), slice(h0, h0 + sh * (self.oh - 1) + 1, sh),
+                slice(w0, w0 + sw * (self.ow - 1) + 1, sw))
+
+    def pad(self, x):
+        """x zero-padded (pooling layers, whose padding is at most half the window)."""
+        ph, pw = self.padding
+        return np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if ph or pw else x
 
 
 def grid_stride_blocks(total: int, threads: int = 256) -> int:
@@ -78,6 +220,7 @@ def plane_grid(op: str, pixels: int, planes: int, threads: int = 256) -> tuple:
 
 
 def i32(v) -> np.int32:
+    """A kernel's ``int`` argument; values are validated to fit before any launch."""
     return np.int32(v)
 
 

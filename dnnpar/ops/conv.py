@@ -4,105 +4,58 @@ direct loop (``cuda/conv_direct.cu``), and its backward pass (GEMMs + col2im).
 Layouts: x is NCHW, w is OIHW; im2col's matrix is
 (C*KH*KW, N*OH*OW), rows (c, kh, kw), columns (n, oh, ow).
 The ``*_numpy`` references beside each launcher are the numpy backend's implementation and are
-dtype-generic (float64 inputs give a float64 result).
+dtype-generic (float64 inputs, inside ``dp.precision("float64")``, give a float64 result). They
+read each kernel tap's window of the unpadded input (:meth:`ConvGeometry.tap_window`), so no
+padded copy of x is made whatever the padding.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from ..backend import get_backend
 from ..nvtx import ranged
-from ._common import check_array, check_same_dtype, conv_out_size, grid_stride_blocks, i32, pair, plane_grid
+from ._common import (ConvGeometry, check_array, check_count, check_same_dtype, grid_stride_blocks, i32,
+                      plane_grid)
 from .gemm import gemm
 
 ALGOS = ("im2col", "direct")
 
 
-@dataclass(frozen=True)
-class ConvGeometry:
-    n: int
-    c: int
-    h: int
-    w: int
-    kh: int
-    kw: int
-    oh: int
-    ow: int
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
-
-    @classmethod
-    def make(cls, op, x_shape, kh, kw, stride, padding, dilation):
-        n, c, h, w = (int(s) for s in x_shape)
-        stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
-        oh = conv_out_size(op, h, kh, stride[0], padding[0], dilation[0], "height")
-        ow = conv_out_size(op, w, kw, stride[1], padding[1], dilation[1], "width")
-        return cls(n, c, h, w, kh, kw, oh, ow, stride, padding, dilation)
-
-    def kernel_args(self):
-        """The geometry tail shared by the im2col / col2im kernels."""
-        return tuple(i32(v) for v in (self.n, self.c, self.h, self.w, self.kh, self.kw, self.oh, self.ow,
-                                      *self.stride, *self.padding, *self.dilation))
-
-    def tap_slices(self, i: int, j: int):
-        """Slices of the padded input that kernel tap (i, j) reads for all outputs."""
-        (sh, sw), (dh, dw) = self.stride, self.dilation
-        h0, w0 = i * dh, j * dw
-        return (slice(None), slice(None), slice(h0, h0 + sh * (self.oh - 1) + 1, sh),
-                slice(w0, w0 + sw * (self.ow - 1) + 1, sw))
-
-    def pad(self, x):
-        ph, pw = self.padding
-        return np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if ph or pw else x
-
-
 # ---------------------------------------------------------------- NumPy references
 def im2col_numpy(x, g: ConvGeometry):
-    xp_ = g.pad(x)
-    cols = np.empty((g.c, g.kh, g.kw, g.n, g.oh, g.ow), dtype=x.dtype)
-    for i in range(g.kh):
-        for j in range(g.kw):
-            cols[:, i, j] = xp_[g.tap_slices(i, j)].transpose(1, 0, 2, 3)
-    return cols.reshape(g.c * g.kh * g.kw, g.n * g.oh * g.ow)
+    cols = np.zeros((g.c, g.kh, g.kw, g.n, g.oh, g.ow), dtype=x.dtype)
+    for i, j, (oh, ow), (ih, iw) in g.taps():
+        cols[:, i, j, :, oh, ow] = x[:, :, ih, iw].transpose(1, 0, 2, 3)
+    return cols.reshape(g.cols_shape)
 
 
 def col2im_numpy(cols, g: ConvGeometry):
-    ph, pw = g.padding
-    dx = np.zeros((g.n, g.c, g.h + 2 * ph, g.w + 2 * pw), dtype=cols.dtype)
+    dx = np.zeros((g.n, g.c, g.h, g.w), dtype=cols.dtype)
     c6 = cols.reshape(g.c, g.kh, g.kw, g.n, g.oh, g.ow)
-    for i in range(g.kh):
-        for j in range(g.kw):
-            dx[g.tap_slices(i, j)] += c6[:, i, j].transpose(1, 0, 2, 3)
-    return np.ascontiguousarray(dx[:, :, ph:ph + g.h, pw:pw + g.w])
+    for i, j, (oh, ow), (ih, iw) in g.taps():
+        dx[:, :, ih, iw] += c6[:, i, j, :, oh, ow].transpose(1, 0, 2, 3)
+    return dx
 
 
 def conv2d_dx_numpy(w, dy, g: ConvGeometry):
     """dx of a convolution without the dcols matrix and col2im: for each kernel tap one GEMM
-    (N*OH*OW, O) @ (O, C), added into the tap's strided window of a padded NHWC gradient.
+    (N*OH*OW, O) @ (O, C), added into the tap's strided window of an NHWC gradient.
     About twice as fast as dcols + col2im on LeNet-sized layers (contiguous adds, no 6-D transpose)."""
-    (sh, sw), (dh, dw), (ph, pw) = g.stride, g.dilation, g.padding
     o = w.shape[0]
     dyt = np.ascontiguousarray(dy.transpose(0, 2, 3, 1)).reshape(-1, o)      # (N*OH*OW, O)
     wt = np.ascontiguousarray(w.transpose(2, 3, 0, 1))                       # (KH, KW, O, C)
-    dxh = np.zeros((g.n, g.h + 2 * ph, g.w + 2 * pw, g.c), dtype=np.result_type(w, dy))
-    for i in range(g.kh):
-        for j in range(g.kw):
-            window = dxh[:, i * dh:i * dh + sh * (g.oh - 1) + 1:sh, j * dw:j * dw + sw * (g.ow - 1) + 1:sw]
-            window += (dyt @ wt[i, j]).reshape(g.n, g.oh, g.ow, g.c)
-    return np.ascontiguousarray(dxh[:, ph:ph + g.h, pw:pw + g.w].transpose(0, 3, 1, 2))
+    dxh = np.zeros((g.n, g.h, g.w, g.c), dtype=np.result_type(w, dy))
+    for i, j, (oh, ow), (ih, iw) in g.taps():
+        dxh[:, ih, iw] += (dyt @ wt[i, j]).reshape(g.n, g.oh, g.ow, g.c)[:, oh, ow]
+    return np.ascontiguousarray(dxh.transpose(0, 3, 1, 2))
 
 
 def conv2d_direct_numpy(x, w, bias, g: ConvGeometry):
-    """One GEMM per kernel tap over shifted views of the input: no im2col matrix is built."""
-    xp_ = g.pad(x)
+    """One GEMM per kernel tap over shifted windows of the input: no im2col matrix is built."""
     acc = np.zeros((g.n, g.oh, g.ow, w.shape[0]), dtype=np.result_type(x, w))
-    for i in range(g.kh):
-        for j in range(g.kw):
-            acc += np.tensordot(xp_[g.tap_slices(i, j)], w[:, :, i, j], axes=([1], [1]))
+    for i, j, (oh, ow), (ih, iw) in g.taps():
+        acc[:, oh, ow] += np.tensordot(x[:, :, ih, iw], w[:, :, i, j], axes=([1], [1]))
     if bias is not None:
         acc += bias
     return np.ascontiguousarray(acc.transpose(0, 3, 1, 2))
@@ -223,22 +176,23 @@ def _backward_fast_ok(g: ConvGeometry, itemsize: int = 4) -> bool:
 
 # ---------------------------------------------------------------- ops
 def geometry_for_x(op, x, kh, kw, stride, padding, dilation, be):
+    """Check x (the backend's (N, C, H, W) array of the compute dtype) and the geometry around it."""
     check_array(op, "x", x, ndim=4, backend=be)
-    if not (isinstance(kh, (int, np.integer)) and isinstance(kw, (int, np.integer))):
-        raise TypeError(f"{op}: kh and kw must be ints, got {kh!r}, {kw!r}")
-    return ConvGeometry.make(op, x.shape, int(kh), int(kw), stride, padding, dilation)
+    return ConvGeometry.make(op, x.shape, kh, kw, stride, padding, dilation)
 
 
 @ranged("dnnpar.im2col")
 def im2col(x, kh: int, kw: int, stride=1, padding=0, dilation=1):
-    """x (N, C, H, W) -> cols (C*kh*kw, N*OH*OW)."""
+    """x (N, C, H, W) -> cols (C*kh*kw, N*OH*OW), in the compute dtype (float32)."""
     be = get_backend()
     g = geometry_for_x("im2col", x, kh, kw, stride, padding, dilation, be)
+    g.check_cols("im2col")
     if not be.runs_kernels:
         return im2col_numpy(x, g)
     ncols = g.n * g.oh * g.ow  # the kernel's "plane" is one input channel over the whole batch
-    cols = be.empty((g.c * g.kh * g.kw, ncols), x.dtype)
-    be.launch("im2col.cu", "im2col", plane_grid("im2col", ncols, g.c), (256,), (x, cols, *g.kernel_args()))
+    grid = plane_grid("im2col", ncols, g.c)
+    cols = be.empty(g.cols_shape, x.dtype)
+    be.launch("im2col.cu", "im2col", grid, (256,), (x, cols, *g.kernel_args()))
     return cols
 
 
@@ -247,16 +201,15 @@ def col2im(cols, x_shape, kh: int, kw: int, stride=1, padding=0, dilation=1):
     """cols (C*kh*kw, N*OH*OW) -> x (N, C, H, W), summing overlapping taps (the adjoint of im2col)."""
     be = get_backend()
     check_array("col2im", "cols", cols, ndim=2, backend=be)
-    if len(x_shape) != 4 or any(int(s) < 1 for s in x_shape):
-        raise ValueError(f"col2im: x_shape must be 4 positive sizes (N, C, H, W), got {x_shape!r}")
-    g = ConvGeometry.make("col2im", x_shape, int(kh), int(kw), stride, padding, dilation)
-    want = (g.c * g.kh * g.kw, g.n * g.oh * g.ow)
-    if tuple(cols.shape) != want:
-        raise ValueError(f"col2im: cols must have shape {want} for x_shape {tuple(x_shape)}, got {tuple(cols.shape)}")
+    g = ConvGeometry.make("col2im", x_shape, kh, kw, stride, padding, dilation)
+    if tuple(cols.shape) != g.cols_shape:
+        raise ValueError(f"col2im: cols must have shape {g.cols_shape} for x_shape {tuple(x_shape)}, "
+                         f"got {tuple(cols.shape)}")
     if not be.runs_kernels:
         return col2im_numpy(cols, g)
-    x = be.empty(tuple(int(s) for s in x_shape), cols.dtype)
-    be.launch("im2col.cu", "col2im", plane_grid("col2im", g.h * g.w, g.n * g.c), (256,), (cols, x, *g.kernel_args()))
+    grid = plane_grid("col2im", g.h * g.w, g.n * g.c)
+    x = be.empty((g.n, g.c, g.h, g.w), cols.dtype)
+    be.launch("im2col.cu", "col2im", grid, (256,), (cols, x, *g.kernel_args()))
     return x
 
 
@@ -273,7 +226,10 @@ def check_bias(op, bias, channels, be):
 def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, algo: str = "im2col", return_cols: bool = False):
     """2-D convolution (cross-correlation, as in every DL framework).
 
-    x (N, C, H, W), w (O, C, KH, KW), bias (O,) or None -> (N, O, OH, OW).
+    x (N, C, H, W), w (O, C, KH, KW), bias (O,) or None -> (N, O, OH, OW), all float32 on every
+    backend (float64 only inside ``dp.precision("float64")`` on the numpy backend).
+    stride, padding, dilation: an int or an (h, w) pair of ints; sizes whose index arithmetic
+    does not fit 32 bits are a ValueError before anything is allocated.
     algo: "im2col" (im2col + one GEMM for the whole batch) or "direct" (the plain loop).
     return_cols: return (y, cols), cols being the im2col matrix of x when this call built one
     (else None), for :func:`conv2d_backward` to reuse.
@@ -294,6 +250,9 @@ def _conv2d(x, w, bias, stride, padding, dilation, algo):
     o = w.shape[0]
     bias = check_bias("conv2d", bias, o, be)
     check_same_dtype("conv2d", x=x, w=w, bias=bias)
+    check_count("conv2d", "output (N, O, OH, OW)", (g.n, o, g.oh, g.ow))
+    if algo == "im2col":
+        g.check_cols("conv2d")  # on every backend, though the numpy fast path never builds it
     if algo == "direct":
         if not be.runs_kernels:
             return conv2d_direct_numpy(x, w, bias, g), None
@@ -333,11 +292,13 @@ def conv2d_backward(x, w, dy, stride=1, padding=0, dilation=1, need_dx: bool = T
         raise ValueError(f"conv2d_backward: x has {g.c} channels but w expects {w.shape[1]}")
     o = w.shape[0]
     _check_dy("conv2d_backward", dy, (g.n, o, g.oh, g.ow), be)
+    g.check_cols("conv2d_backward")
     check_same_dtype("conv2d_backward", x=x, w=w, dy=dy)
     xp = be.xp
-    if cols is not None and tuple(cols.shape) != (g.c * g.kh * g.kw, g.n * g.oh * g.ow):
-        raise ValueError(f"conv2d_backward: cols must have shape {(g.c * g.kh * g.kw, g.n * g.oh * g.ow)}, "
-                         f"got {tuple(cols.shape)}")
+    if cols is not None:
+        check_array("conv2d_backward", "cols", cols, ndim=2, backend=be)
+        if tuple(cols.shape) != g.cols_shape:
+            raise ValueError(f"conv2d_backward: cols must have shape {g.cols_shape}, got {tuple(cols.shape)}")
     if cols is None and not be.runs_kernels and _backward_fast_ok(g, x.itemsize):
         dx, dw = conv2d_backward_fast_numpy(x, w, dy, g, need_dx)
         return dx, dw, dy.sum(axis=(0, 2, 3))

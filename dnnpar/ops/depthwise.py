@@ -8,32 +8,27 @@ import numpy as np
 
 from ..backend import get_backend
 from ..nvtx import ranged
-from ._common import check_array, check_same_dtype, i32, plane_grid
-from .conv import ConvGeometry, check_bias, geometry_for_x
+from ._common import ConvGeometry, check_array, check_count, check_same_dtype, i32, plane_grid
+from .conv import check_bias, geometry_for_x
 
 
 def depthwise_conv2d_numpy(x, w, bias, g: ConvGeometry):
-    xp_ = g.pad(x)
     out = np.zeros((g.n, g.c, g.oh, g.ow), dtype=np.result_type(x, w))
-    for i in range(g.kh):
-        for j in range(g.kw):
-            out += xp_[g.tap_slices(i, j)] * w[:, 0, i, j][None, :, None, None]
+    for i, j, (oh, ow), (ih, iw) in g.taps():
+        out[:, :, oh, ow] += x[:, :, ih, iw] * w[:, 0, i, j][None, :, None, None]
     if bias is not None:
         out += bias[None, :, None, None]
     return out
 
 
 def depthwise_backward_numpy(x, w, dy, g: ConvGeometry):
-    ph, pw = g.padding
-    xp_ = g.pad(x)
-    dxp = np.zeros(xp_.shape, dtype=np.result_type(dy, w))
+    dx = np.zeros(x.shape, dtype=np.result_type(dy, w))
     dw = np.zeros(w.shape, dtype=np.result_type(x, dy))
-    for i in range(g.kh):
-        for j in range(g.kw):
-            sl = g.tap_slices(i, j)
-            dxp[sl] += dy * w[:, 0, i, j][None, :, None, None]
-            dw[:, 0, i, j] = np.einsum("nchw,nchw->c", dy, xp_[sl])
-    return np.ascontiguousarray(dxp[:, :, ph:ph + g.h, pw:pw + g.w]), dw
+    for i, j, (oh, ow), (ih, iw) in g.taps():
+        d = dy[:, :, oh, ow]
+        dx[:, :, ih, iw] += d * w[:, 0, i, j][None, :, None, None]
+        dw[:, 0, i, j] = np.einsum("nchw,nchw->c", d, x[:, :, ih, iw])
+    return dx, dw
 
 
 def _geometry(op, x, w, stride, padding, be):
@@ -51,11 +46,13 @@ def _tail(g: ConvGeometry):
 
 @ranged("dnnpar.depthwise_conv2d")
 def depthwise_conv2d(x, w, bias=None, stride=1, padding=0):
-    """Depthwise convolution: x (N, C, H, W), w (C, 1, KH, KW), bias (C,) or None -> (N, C, OH, OW)."""
+    """Depthwise convolution: x (N, C, H, W), w (C, 1, KH, KW), bias (C,) or None -> (N, C, OH, OW),
+    float32 on every backend (float64 only inside ``dp.precision("float64")`` on numpy)."""
     be = get_backend()
     g = _geometry("depthwise_conv2d", x, w, stride, padding, be)
     bias = check_bias("depthwise_conv2d", bias, g.c, be)
     check_same_dtype("depthwise_conv2d", x=x, w=w, bias=bias)
+    check_count("depthwise_conv2d", "output (N, C, OH, OW)", (g.n, g.c, g.oh, g.ow))
     if not be.runs_kernels:
         return depthwise_conv2d_numpy(x, w, bias, g)
     out = be.empty((g.n, g.c, g.oh, g.ow))

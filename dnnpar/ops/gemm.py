@@ -1,11 +1,12 @@
-"""gemm: C = alpha * op(A) @ op(B) + beta * C in float32 (kernels in ``cuda/gemm.cu``)."""
+"""gemm: C = alpha * op(A) @ op(B) + beta * C in float32 on every backend (kernels in
+``cuda/gemm.cu``; float64 only inside ``dp.precision("float64")`` on the numpy backend)."""
 from __future__ import annotations
 
 import numpy as np
 
 from ..backend import get_backend
 from ..nvtx import ranged
-from ._common import check_array, check_same_dtype, i32
+from ._common import check_array, check_count, check_same_dtype, check_writable, i32
 
 #: kernel variants, slowest first (see the ladder in cuda/gemm.cu); value: block tile (rows, cols)
 ALGOS = {"naive": (16, 16), "tiled": (32, 32), "regblock": (128, 128), "regblock_db": (128, 128)}
@@ -34,16 +35,22 @@ def _launch_shape(algo: str, m: int, n: int):
 @ranged("dnnpar.gemm")
 def gemm(a, b, trans_a: bool = False, trans_b: bool = False, alpha: float = 1.0, beta: float = 0.0, c=None,
          algo: str = DEFAULT_ALGO):
-    """Matrix product of float32 matrices.
+    """Matrix product of float32 matrices (on every backend; float64 only inside
+    ``dp.precision("float64")`` on the numpy backend).
 
     a: (M, K), or (K, M) with ``trans_a``; b: (K, N), or (N, K) with ``trans_b``.
     Returns C (M, N) = alpha * op(a) @ op(b) + beta * c. With ``beta != 0`` pass ``c`` (M, N): it is
-    updated in place and returned. ``algo`` picks the kernel ("naive" | "tiled" | "regblock" | "regblock_db", the default);
-    the numpy backend always uses BLAS.
+    updated in place and returned, so it must be writeable (a read-only array is a ValueError on
+    every backend) and must not overlap a or b. a and b are never written (read-only arrays,
+    ``np.load(..., mmap_mode="r")`` among them, are fine). ``algo`` picks the kernel ("naive" |
+    "tiled" | "regblock" | "regblock_db", the default); the numpy backend always uses BLAS.
     """
     be = get_backend()
     if algo not in ALGOS:
         raise ValueError(f"gemm: unknown algo {algo!r}: one of {', '.join(ALGOS)}")
+    for name, v in (("alpha", alpha), ("beta", beta)):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise TypeError(f"gemm: {name} must be a real number, got {v!r}")
     check_array("gemm", "a", a, ndim=2, backend=be)
     check_array("gemm", "b", b, ndim=2, backend=be)
     m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
@@ -58,6 +65,12 @@ def gemm(a, b, trans_a: bool = False, trans_b: bool = False, alpha: float = 1.0,
         check_array("gemm", "c", c, ndim=2, backend=be)
         if c.shape != (m, n):
             raise ValueError(f"gemm: c must have shape {(m, n)}, got {tuple(c.shape)}")
+        check_writable("gemm", "c (updated in place with beta != 0)", c)
+        for name, v in (("a", a), ("b", b)):
+            if be.xp.may_share_memory(c, v):
+                raise ValueError(f"gemm: c is updated in place and must not overlap {name}")
+    else:
+        check_count("gemm", "result (M, N)", (m, n))
     check_same_dtype("gemm", a=a, b=b, c=c if beta != 0.0 else None)
     if not be.runs_kernels:
         r = gemm_numpy(a, b, trans_a, trans_b, alpha, beta, c).astype(a.dtype, copy=False)
@@ -65,8 +78,8 @@ def gemm(a, b, trans_a: bool = False, trans_b: bool = False, alpha: float = 1.0,
             c[...] = r
             return c
         return r
-    out = c if (c is not None and beta != 0.0) else be.empty((m, n))
     grid, block = _launch_shape(algo, m, n)
+    out = c if (c is not None and beta != 0.0) else be.empty((m, n))
     be.launch("gemm.cu", f"sgemm_{algo}", grid, block,
               (i32(m), i32(n), i32(k), np.float32(alpha), a, i32(a.shape[1]), i32(trans_a), b, i32(b.shape[1]),
                i32(trans_b), np.float32(beta), out, i32(n)))

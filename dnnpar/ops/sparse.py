@@ -14,7 +14,7 @@ from .. import sparse as _sparse
 from ..backend import cpu_native, get_backend
 from ..nvtx import ranged
 from ..sparse import CSR
-from ._common import check_array, i32
+from ._common import INT32_MAX, check_array, check_count, i32
 
 SPMV_ALGOS = ("vector", "scalar")
 
@@ -83,34 +83,41 @@ def _check_csr(op, csr, be):
 
 
 def threads_per_row(csr: CSR) -> int:
-    """Lanes per row for csr_spmv_vector: the power of two nearest the mean row length, 2..32."""
-    mean = csr.nnz / max(csr.shape[0], 1)
+    """Lanes per row for csr_spmv_vector: the power of two nearest the mean row length, 2..32,
+    capped so that M * tpr, the kernel's 32-bit thread index, fits."""
+    m = csr.shape[0]
+    mean = csr.nnz / max(m, 1)
     tpr = 2
-    while tpr < 32 and tpr < mean:
+    while tpr < 32 and tpr < mean and m * tpr * 2 <= INT32_MAX:
         tpr *= 2
     return tpr
 
 
 @ranged("dnnpar.spmv")
 def spmv(csr: CSR, x, algo: str = "vector"):
-    """y = A x for A (M, K) in CSR and x (K,) float32 -> y (M,)."""
+    """y = A x for A (M, K) in CSR and x (K,) float32 -> y (M,) float32, on every backend (float64
+    x and y only inside ``dp.precision("float64")`` on the numpy backend). x is never written."""
     be = get_backend()
     _check_csr("spmv", csr, be)
     if algo not in SPMV_ALGOS:
         raise ValueError(f"spmv: unknown algo {algo!r}: one of {', '.join(SPMV_ALGOS)}")
-    check_array("spmv", "x", x, ndim=1, dtype=np.float32, backend=be)
+    check_array("spmv", "x", x, ndim=1, backend=be)
     m, k = csr.shape
     if x.shape[0] != k:
         raise ValueError(f"spmv: the matrix is {m}x{k} but x has {x.shape[0]} entries")
     if not be.runs_kernels:
         return spmv_numpy(csr, x)
-    y = be.empty(m)
     cb = csr.codebook is not None
     head = (i32(m), csr.indptr, csr.indices) + ((csr.data, csr.codebook, i32(csr.codebook.shape[0])) if cb else (csr.data,))
     if algo == "scalar":
+        y = be.empty(m)
         be.launch("spmv.cu", "csr_spmv_scalar" + "_cb" * cb, ((m + 255) // 256,), (256,), head + (x, y))
     else:
         tpr = threads_per_row(csr)
+        if m * tpr > INT32_MAX:
+            raise ValueError(f"spmv: {m} rows x {tpr} lanes exceed the kernel's 32-bit thread index "
+                             "(use algo='scalar')")
+        y = be.empty(m)
         be.launch("spmv.cu", "csr_spmv_vector" + "_cb" * cb, ((m * tpr + 255) // 256,), (256,),
                   head + (x, y, i32(tpr)))
     return y
@@ -118,14 +125,16 @@ def spmv(csr: CSR, x, algo: str = "vector"):
 
 @ranged("dnnpar.spmm")
 def spmm(csr: CSR, X):
-    """Y = A X for A (M, K) in CSR and X (K, B) float32 -> Y (M, B)."""
+    """Y = A X for A (M, K) in CSR and X (K, B) float32 -> Y (M, B) float32, on every backend (float64
+    only inside ``dp.precision("float64")`` on the numpy backend). X is never written."""
     be = get_backend()
     _check_csr("spmm", csr, be)
-    check_array("spmm", "X", X, ndim=2, dtype=np.float32, backend=be)
+    check_array("spmm", "X", X, ndim=2, backend=be)
     m, k = csr.shape
     if X.shape[0] != k:
         raise ValueError(f"spmm: the matrix is {m}x{k} but X has shape {tuple(X.shape)} (need {k} rows)")
     b = X.shape[1]
+    check_count("spmm", "result (M, B)", (m, b))
     if not be.runs_kernels:
         return spmm_numpy(csr, X)
     if (b + 31) // 32 > 65535:
