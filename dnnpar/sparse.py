@@ -123,6 +123,8 @@ def _host_copy(be, a, name: str) -> np.ndarray:
         h = np.array(a, copy=True, order="C")
     except (TypeError, ValueError) as e:
         raise TypeError(f"CSR: {name} must be an array, got {type(a).__name__} ({e})") from None
+    if h.dtype.kind not in "biuf":
+        raise TypeError(f"CSR: {name} must be a numeric array, got {h.dtype}")
     if h.ndim != 1:
         raise ValueError(f"CSR: {name} must be 1-D, got shape {h.shape}")
     return h

@@ -61,3 +61,30 @@ def random_csr(rng, m, k, density, long_row=None):
     if long_row is not None and m > long_row:
         dense[long_row] = rng.standard_normal(k).astype(np.float32)
     return dense
+
+
+# ---------------------------------------------------------------- tolerances of float32 sums
+U32 = 2.0**-24  # unit roundoff of float32
+
+
+def sum_bound(magnitude, terms):
+    """Largest error of a float32 sum of ``terms`` products, in any order, blocked or not: the
+    classic gamma_n = n u / (1 - n u) times the sum of the products' magnitudes (Higham, Accuracy
+    and Stability, eq. 3.5), with two more roundings for an alpha scale and a beta * C add."""
+    nu = (np.asarray(terms, np.float64) + 2) * U32
+    return nu / (1 - nu) * np.asarray(magnitude, np.float64)
+
+
+def assert_sum_close(got, want, magnitude, terms, what=""):
+    """``got`` (computed in float32) within :func:`sum_bound` of the float64 ``want``, element by
+    element. ``magnitude``: the same sum over |terms| (e.g. |A| @ |B|); ``terms``: the number of
+    products each element sums (a scalar or per element). An element that cancels to near zero
+    cannot fail by rounding alone; a wrong index, a missing term or an unwritten element does."""
+    got = np.asarray(got)
+    assert got.shape == np.shape(want), f"{what}: shape {got.shape} != {np.shape(want)}"
+    assert np.all(np.isfinite(got)), f"{what}: non-finite output (an element left unwritten?)"
+    err = np.abs(got.astype(np.float64) - want)
+    limit = np.broadcast_to(sum_bound(magnitude, terms) + 1e-37, err.shape)  # + subnormal products' absolute rounding
+    if err.size and not np.all(err <= limit):
+        i = np.unravel_index(int(np.argmax(err - limit)), err.shape)
+        raise AssertionError(f"{what}: error {err[i]:.3e} at {i} beyond the float32 summation bound {limit[i]:.3e}")

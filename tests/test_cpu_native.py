@@ -186,19 +186,44 @@ def test_compact_sorts_columns_and_refuses_duplicates(native, rng):
         assert_close(dp.ops.spmv(dup, x), np.array([want]), 1e-5, "duplicates summed")
 
 
-def test_full_codebook_without_zero_falls_back(native, rng):
-    """256 codes and none is 0.0: fillers have nothing to point at, so a matrix that needs them
-    has no compact form and runs in SciPy / NumPy; one that needs none still runs natively."""
-    cb = np.linspace(0.5, 3.0, 256).astype(np.float32)
-    sparse_rows, dense_a = make(rng, 9, 2000, 0.002, cb)
-    assert max_gap(sparse_rows) > 255
-    assert sparse_rows.compact() is None and S.native_form(sparse_rows, np.zeros(2000, np.float32)) is None
-    x = randn(rng, 2000)
-    assert_close(dp.ops.spmv(sparse_rows, x), dense_a @ x, 1e-5, "fallback")
-    full_rows, dense_b = make(rng, 9, 200, 0.5, cb)
-    assert full_rows.compact() is not None and full_rows.compact().fillers == 0
+def test_fillers_take_a_code_no_stored_entry_uses(native, rng):
+    """A filler's code is one no stored entry uses (its entry in the compact form's private
+    codebook set to 0.0), so the kernel tells fillers from stored entries and skips them: an inf
+    or NaN in x where only a filler lands leaves the row finite, as in SciPy. When every one of
+    the 256 codes is stored and a gap needs fillers, there is no such code: no compact form, and
+    the product runs in SciPy / NumPy; a matrix that needs no fillers still runs natively."""
+    cb = np.linspace(0.5, 3.0, 256).astype(np.float32)  # no 0.0 at all
+    m, k = 2, 1000
+    cols = np.concatenate([np.arange(256), [0, 700]]).astype(np.int32)  # row 1: a gap of 699 zeros
+    codes = np.concatenate([np.arange(256), [7, 9]]).astype(np.uint8)
+    ptr = np.array([0, 256, 258], np.int32)
+    dense = np.zeros((m, k))
+    dense[np.repeat([0, 1], [256, 2]), cols] = cb[codes]
+    every_code = dp.sparse.CSR(codes, cols, ptr, (m, k), codebook=cb)
+    assert every_code.compact() is None and S.native_form(every_code, np.zeros(k, np.float32)) is None
+    x = randn(rng, k)
+    assert_close(dp.ops.spmv(every_code, x), dense @ x, 1e-5, "fallback")
+
+    codes[100] = 101  # code 100 is now free: the fillers take it
+    dense[0, 100] = cb[101]
+    csr = dp.sparse.CSR(codes, cols, ptr, (m, k), codebook=cb)
+    c = csr.compact()
+    assert c is not None and c.fillers == 2 and c.filler_code == 100 and c.codebook[100] == 0.0
+    assert S.native_form(csr, x) is c
+    x[[256, 512]] = [np.inf, np.nan]  # where row 1's fillers land; no stored entry is there
+    y = dp.ops.spmv(csr, x)
+    assert np.all(np.isfinite(y))
+    assert_row_sums(y, dense, np.where(np.isfinite(x), x, 0), "fillers skipped")
+    Y = dp.ops.spmm(csr, np.repeat(x[:, None], 9, axis=1))
+    for j in (3, 8):  # a vector lane and the scalar tail
+        assert_row_sums(Y[:, j], dense, np.where(np.isfinite(x), x, 0), f"spmm column {j}")
+    x[0] = np.inf  # a stored column: that row is inf in every path, as in a dense product
+    assert np.isinf(dp.ops.spmv(csr, x)).all()
+
+    few, dense_b = make(rng, 9, 200, 0.5, cb)
+    assert few.compact() is not None and few.compact().fillers == 0 and few.compact().filler_code == -1
     x = randn(rng, 200)
-    assert_close(dp.ops.spmv(full_rows, x), dense_b @ x, 1e-5, "native, no fillers")
+    assert_close(dp.ops.spmv(few, x), dense_b @ x, 1e-5, "native, no fillers")
 
 
 def test_other_operands_and_switch_stay_off_the_native_kernel(native, monkeypatch, rng):
