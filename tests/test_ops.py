@@ -5,6 +5,7 @@ import pytest
 import dnnpar as dp
 from conftest import BACKENDS, KERNEL_BACKENDS, assert_close
 import oracles
+from oracles import assert_sum_close
 
 # (N, C, H, W, KH, KW, stride, padding, dilation): size 1, primes, non-multiples of every tile,
 # stride > 1, padding > kernel/2, dilation > 1, asymmetric everything
@@ -41,7 +42,8 @@ def test_im2col_col2im(backend, geo, rng):
     g = randn(rng, cols.shape)
     (gd,) = put(backend, g)
     dx = dp.ops.col2im(gd, x.shape, kh, kw, stride=s, padding=p, dilation=d)
-    assert_close(backend.to_numpy(dx), oracles.col2im(g, x.shape, kh, kw, s, p, d), 1e-6, "col2im")
+    assert_sum_close(backend.to_numpy(dx), oracles.col2im(g, x.shape, kh, kw, s, p, d),
+                     oracles.col2im(np.abs(g), x.shape, kh, kw, s, p, d), kh * kw, "col2im")
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
@@ -54,7 +56,10 @@ def test_conv2d(backend, algo, geo, with_bias, rng):
     x, wt, b = randn(rng, (n, c, h, w)), randn(rng, (o, c, kh, kw)), randn(rng, o)
     xd, wd, bd = put(backend, x, wt, b)
     out = dp.ops.conv2d(xd, wd, bd if with_bias else None, stride=s, padding=p, dilation=d, algo=algo)
-    assert_close(backend.to_numpy(out), oracles.conv2d(x, wt, b if with_bias else None, s, p, d), 1e-5, "conv2d")
+    bb = b if with_bias else None
+    assert_sum_close(backend.to_numpy(out), oracles.conv2d(x, wt, bb, s, p, d),
+                     oracles.conv2d(np.abs(x), np.abs(wt), None if bb is None else np.abs(bb), s, p, d),
+                     c * kh * kw + 1, "conv2d")
 
 
 DEPTHWISE = [(1, 1, 1, 1, 1, (1, 1), (0, 0)), (2, 3, 7, 9, 3, (1, 1), (1, 1)), (1, 5, 13, 11, 3, (2, 2), (1, 1)),
@@ -69,7 +74,10 @@ def test_depthwise_conv2d(backend, geo, with_bias, rng):
     x, wt, b = randn(rng, (n, c, h, w)), randn(rng, (c, 1, k, k)), randn(rng, c)
     xd, wd, bd = put(backend, x, wt, b)
     out = dp.ops.depthwise_conv2d(xd, wd, bd if with_bias else None, stride=s, padding=p)
-    assert_close(backend.to_numpy(out), oracles.depthwise(x, wt, b if with_bias else None, s, p), 1e-5, "depthwise")
+    bb = b if with_bias else None
+    assert_sum_close(backend.to_numpy(out), oracles.depthwise(x, wt, bb, s, p),
+                     oracles.depthwise(np.abs(x), np.abs(wt), None if bb is None else np.abs(bb), s, p), k * k + 1,
+                     "depthwise")
 
 
 # (M, N, K): 1, primes, non-multiples of 16/32/128, multiples of 4 (float4 path) and a block-tile multiple
@@ -88,8 +96,8 @@ def test_gemm(backend, algo, mnk, trans, rng):
     b = randn(rng, (n, k) if tb else (k, n))
     ad, bd = put(backend, a, b)
     c = dp.ops.gemm(ad, bd, trans_a=ta, trans_b=tb, algo=algo)
-    want = (a.T if ta else a) @ (b.T if tb else b)
-    assert_close(backend.to_numpy(c), want, 1e-5, f"gemm {algo} {trans}")
+    a64, b64 = (a.T if ta else a).astype(np.float64), (b.T if tb else b).astype(np.float64)
+    assert_sum_close(backend.to_numpy(c), a64 @ b64, np.abs(a64) @ np.abs(b64), k, f"gemm {algo} {trans}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
@@ -100,7 +108,16 @@ def test_gemm_alpha_beta_accumulates_in_place(backend, algo, rng):
     ad, bd, cd = put(backend, a, b, c0)
     out = dp.ops.gemm(ad, bd, alpha=0.5, beta=-2.0, c=cd, algo=algo)
     assert out is cd
-    assert_close(backend.to_numpy(cd), 0.5 * a @ b - 2.0 * c0, 1e-5, "gemm alpha/beta")
+    a64, b64, c64 = a.astype(np.float64), b.astype(np.float64), c0.astype(np.float64)
+    assert_sum_close(backend.to_numpy(cd), 0.5 * a64 @ b64 - 2.0 * c64, 0.5 * np.abs(a64) @ np.abs(b64) + 2 * np.abs(c64),
+                     k, "gemm alpha/beta")
+
+
+def assert_sparse(got, dense, x, what):
+    """A sparse product against float64, within the float32 bound of its longest row's sum."""
+    x64 = x.astype(np.float64)
+    terms = max(1, int(np.count_nonzero(dense, axis=1).max()))
+    assert_sum_close(got, dense @ x64, np.abs(dense) @ np.abs(x64), terms, what)
 
 
 SPARSE = [(1, 1, 1.0), (7, 13, 0.4), (131, 257, 0.05), (64, 300, 0.5), (33, 1000, 0.01)]
@@ -124,7 +141,7 @@ def test_spmv(backend, shape, algo, codebook, rng):
     x = randn(rng, k)
     (xd,) = put(backend, x)
     y = dp.ops.spmv(csr, xd, algo=algo)
-    assert_close(backend.to_numpy(y), dense @ x.astype(np.float32), 1e-5, "spmv")
+    assert_sparse(backend.to_numpy(y), dense, x, "spmv")
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
@@ -137,7 +154,7 @@ def test_spmm(backend, shape, batch, codebook, rng):
     X = randn(rng, (k, batch))
     (Xd,) = put(backend, X)
     Y = dp.ops.spmm(csr, Xd)
-    assert_close(backend.to_numpy(Y), dense @ X.astype(np.float32), 1e-5, "spmm")
+    assert_sparse(backend.to_numpy(Y), dense, X, "spmm")
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS, indirect=True)
@@ -155,7 +172,7 @@ def test_vector_spmv_picks_every_group_width(backend, rng):
         seen.add(threads_per_row(csr))
         x = randn(rng, k)
         y = dp.ops.spmv(csr, backend.asarray(x.astype(np.float32)), algo="vector")
-        assert_close(backend.to_numpy(y), dense.astype(np.float32).astype(np.float64) @ x.astype(np.float32), 1e-5)
+        assert_sparse(backend.to_numpy(y), dense.astype(np.float32).astype(np.float64), x, f"spmv, {nnz_per_row}/row")
     assert seen == {2, 4, 8, 16, 32}
 
 
@@ -172,8 +189,8 @@ def test_numpy_backend_sparse_with_and_without_scipy(monkeypatch, scipy, codeboo
         csr, dense = make_csr(be, oracles.random_csr(rng, 67, 131, 0.1, long_row=5), codebook)
         assert (csr.scipy() is not None) == scipy
         x, X = randn(rng, 131), randn(rng, (131, 9))
-        assert_close(dp.ops.spmv(csr, x), dense @ x, 1e-5, "spmv")
-        assert_close(dp.ops.spmm(csr, X), dense @ X, 1e-5, "spmm")
+        assert_sparse(dp.ops.spmv(csr, x), dense, x, "spmv")
+        assert_sparse(dp.ops.spmm(csr, X), dense, X, "spmm")
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS, indirect=True)
@@ -189,12 +206,15 @@ def test_plane_kernels_stride_over_more_planes_than_grid_rows(backend, monkeypat
     cols = dp.ops.im2col(xd, 3, 3, padding=1)
     assert_close(backend.to_numpy(cols), oracles.im2col(x, 3, 3, (1, 1), (1, 1), (1, 1)), 0, "im2col")
     dx = dp.ops.col2im(cols, x.shape, 3, 3, padding=1)
-    assert_close(backend.to_numpy(dx), oracles.col2im(backend.to_numpy(cols), x.shape, 3, 3, (1, 1), (1, 1), (1, 1)),
-                 1e-6, "col2im")
+    c64 = backend.to_numpy(cols)
+    assert_sum_close(backend.to_numpy(dx), oracles.col2im(c64, x.shape, 3, 3, (1, 1), (1, 1), (1, 1)),
+                     oracles.col2im(np.abs(c64), x.shape, 3, 3, (1, 1), (1, 1), (1, 1)), 9, "col2im")
     out = dp.ops.depthwise_conv2d(xd, wdd, padding=1)
-    assert_close(backend.to_numpy(out), oracles.depthwise(x, wd, None, (1, 1), (1, 1)), 1e-5, "depthwise")
+    assert_sum_close(backend.to_numpy(out), oracles.depthwise(x, wd, None, (1, 1), (1, 1)),
+                     oracles.depthwise(np.abs(x), np.abs(wd), None, (1, 1), (1, 1)), 9, "depthwise")
     dy = randn(rng, out.shape)
     gx, _, _ = dp.ops.depthwise_conv2d_backward(xd, wdd, backend.asarray(dy), padding=1)
     dcols = wd.astype(np.float64).reshape(c, 9, 1) * dy.astype(np.float64).transpose(1, 0, 2, 3).reshape(c, 1, -1)
     want = oracles.col2im(dcols.reshape(c * 9, -1), x.shape, 3, 3, (1, 1), (1, 1), (1, 1))
-    assert_close(backend.to_numpy(gx), want, 1e-5, "depthwise dx")
+    mag = oracles.col2im(np.abs(dcols).reshape(c * 9, -1), x.shape, 3, 3, (1, 1), (1, 1), (1, 1))
+    assert_sum_close(backend.to_numpy(gx), want, mag, 9, "depthwise dx")
