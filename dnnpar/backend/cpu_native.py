@@ -195,14 +195,18 @@ def _threads_arg(threads) -> int:
 
 def spmv(compact, x: np.ndarray, out: np.ndarray, threads: int | None = None) -> np.ndarray:
     """``out[:] = A x`` for a :class:`dnnpar.sparse.CompactCSR` ``compact`` (x float32, K entries,
-    C-contiguous; out float32, M entries), on ``threads`` threads (None: OpenMP's default)."""
+    C-contiguous; out float32, M entries), on ``threads`` threads (None: OpenMP's default).
+    Fillers contribute nothing, even where x is inf or NaN."""
     m, k = compact.shape
     if x.dtype != np.float32 or x.shape != (k,) or not x.flags.c_contiguous:
         raise ValueError(f"native spmv: x must be a C-contiguous float32 vector of {k}, got {x.dtype} {x.shape}")
     if out.dtype != np.float32 or out.shape != (m,) or not out.flags.c_contiguous or not out.flags.writeable:
         raise ValueError(f"native spmv: out must be a writeable C-contiguous float32 vector of {m}")
+    # fillers are skipped; with x all finite, 0 * x adds nothing anyway, and the kernel without
+    # the per-entry select is faster (one pass over x is cheap beside the product)
+    filler = compact.filler_code if compact.fillers and not np.isfinite(x).all() else -1
     _loaded().dnnpar_csr_cb_spmv(m, _ptr(compact.rowptr), _ptr(compact.gaps), _ptr(compact.codes),
-                                     _ptr(compact.codebook), int(compact.filler_code), _ptr(x), _ptr(out),
+                                     _ptr(compact.codebook), int(filler), _ptr(x), _ptr(out),
                                      _threads_arg(threads))
     return out
 

@@ -37,12 +37,17 @@ constexpr int64_t kParallelMinWork = 1 << 15;
 constexpr int kRowChunk = 16;
 
 // x's value for an entry of code `code`: 0 for a filler (a select, no branch), else xv itself.
-inline float live(uint8_t code, int f, float xv) { return int(code) == f ? 0.f : xv; }
+// Without Mask (the caller knows x is finite, so 0 * x is 0 anyway) the select is compiled out:
+// on the gather-bound SpMV loop it is a measurable cost.
+template <bool Mask> inline float live(uint8_t code, int f, float xv) {
+    return Mask && int(code) == f ? 0.f : xv;
+}
 
 // The dot product of entries [0, n) of one row with x, starting at p: one past the previous
 // entry's column (x itself at the row start). Four entries per step: their columns are
 // p + s0..s3, offsets computed without touching p, so the only serial dependency is one
 // pointer add per four entries, and four accumulators hide the FMA latency.
+template <bool Mask>
 inline float row_dot(const uint8_t* __restrict g, const uint8_t* __restrict c, int64_t n,
                      const float* __restrict cb, const float* __restrict p, int f) {
     float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
@@ -52,15 +57,15 @@ inline float row_dot(const uint8_t* __restrict g, const uint8_t* __restrict c, i
         const int64_t s1 = s0 + int64_t(g[i + 1]) + 1;
         const int64_t s2 = s1 + int64_t(g[i + 2]) + 1;
         const int64_t s3 = s2 + int64_t(g[i + 3]) + 1;
-        a0 += cb[c[i]] * live(c[i], f, p[s0]);
-        a1 += cb[c[i + 1]] * live(c[i + 1], f, p[s1]);
-        a2 += cb[c[i + 2]] * live(c[i + 2], f, p[s2]);
-        a3 += cb[c[i + 3]] * live(c[i + 3], f, p[s3]);
+        a0 += cb[c[i]] * live<Mask>(c[i], f, p[s0]);
+        a1 += cb[c[i + 1]] * live<Mask>(c[i + 1], f, p[s1]);
+        a2 += cb[c[i + 2]] * live<Mask>(c[i + 2], f, p[s2]);
+        a3 += cb[c[i + 3]] * live<Mask>(c[i + 3], f, p[s3]);
         p += s3 + 1;
     }
     for (; i < n; ++i) {
         p += int64_t(g[i]);
-        a0 += cb[c[i]] * live(c[i], f, *p++);
+        a0 += cb[c[i]] * live<Mask>(c[i], f, *p++);
     }
     return (a0 + a1) + (a2 + a3);
 }
@@ -68,6 +73,7 @@ inline float row_dot(const uint8_t* __restrict g, const uint8_t* __restrict c, i
 // Two rows at once, two entries of each per step, then the longer row's tail. Each x load
 // waits for the gap bytes that give its address; two independent rows give the core twice as
 // many such chains to overlap (about 20% faster than one row at a time on fc6, Zen 4).
+template <bool Mask>
 inline void row_pair_dot(const uint8_t* __restrict g0, const uint8_t* __restrict c0, int64_t n0,
                          const uint8_t* __restrict g1, const uint8_t* __restrict c1, int64_t n1,
                          const float* __restrict cb, const float* __restrict x, float* __restrict y, int f) {
@@ -79,17 +85,17 @@ inline void row_pair_dot(const uint8_t* __restrict g0, const uint8_t* __restrict
     for (; i + 2 <= n; i += 2) {
         const int64_t s0 = int64_t(g0[i]);
         const int64_t s1 = s0 + int64_t(g0[i + 1]) + 1;
-        a0 += cb[c0[i]] * live(c0[i], f, p[s0]);
-        a1 += cb[c0[i + 1]] * live(c0[i + 1], f, p[s1]);
+        a0 += cb[c0[i]] * live<Mask>(c0[i], f, p[s0]);
+        a1 += cb[c0[i + 1]] * live<Mask>(c0[i + 1], f, p[s1]);
         p += s1 + 1;
         const int64_t t0 = int64_t(g1[i]);
         const int64_t t1 = t0 + int64_t(g1[i + 1]) + 1;
-        b0 += cb[c1[i]] * live(c1[i], f, q[t0]);
-        b1 += cb[c1[i + 1]] * live(c1[i + 1], f, q[t1]);
+        b0 += cb[c1[i]] * live<Mask>(c1[i], f, q[t0]);
+        b1 += cb[c1[i + 1]] * live<Mask>(c1[i + 1], f, q[t1]);
         q += t1 + 1;
     }
-    y[0] = (a0 + a1) + row_dot(g0 + i, c0 + i, n0 - i, cb, p, f);
-    y[1] = (b0 + b1) + row_dot(g1 + i, c1 + i, n1 - i, cb, q, f);
+    y[0] = (a0 + a1) + row_dot<Mask>(g0 + i, c0 + i, n0 - i, cb, p, f);
+    y[1] = (b0 + b1) + row_dot<Mask>(g1 + i, c1 + i, n1 - i, cb, q, f);
 }
 
 // Eight floats in one vector register (GCC / Clang vector extension: ymm with AVX, two xmm
@@ -147,6 +153,25 @@ inline int team_size(int threads, int64_t work) {
 #endif
 }
 
+template <bool Mask>
+void spmv_rows(int64_t m, const int64_t* rowptr, const uint8_t* gaps, const uint8_t* codes,
+               const float* codebook, int filler, const float* x, float* y, int threads) {
+    const int64_t work = rowptr[m];
+    const int team = team_size(threads, work);
+    (void)team;
+    const int64_t pairs = m / 2;
+#pragma omp parallel for num_threads(team) schedule(dynamic, kRowChunk / 2) if (team > 1)
+    for (int64_t pr = 0; pr < pairs; ++pr) {
+        const int64_t r = 2 * pr, lo = rowptr[r], mid = rowptr[r + 1], hi = rowptr[r + 2];
+        row_pair_dot<Mask>(gaps + lo, codes + lo, mid - lo, gaps + mid, codes + mid, hi - mid, codebook, x, y + r,
+                           filler);
+    }
+    if (m % 2) {
+        const int64_t lo = rowptr[m - 1];
+        y[m - 1] = row_dot<Mask>(gaps + lo, codes + lo, rowptr[m] - lo, codebook, x, filler);
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -164,25 +189,17 @@ int dnnpar_cpu_threads(void) {
 }
 
 // y[M] = A x[K], on `threads` threads (0: OpenMP's default); rows in pairs; `filler`: the
-// fillers' code (-1: none)
+// code whose entries are skipped (-1: none; the caller may pass -1 when x is all finite)
 void dnnpar_csr_cb_spmv(int64_t m, const int64_t* rowptr, const uint8_t* gaps, const uint8_t* codes,
                         const float* codebook, int filler, const float* x, float* y, int threads) {
-    const int64_t work = rowptr[m];
-    const int team = team_size(threads, work);
-    (void)team;
-    const int64_t pairs = m / 2;
-#pragma omp parallel for num_threads(team) schedule(dynamic, kRowChunk / 2) if (team > 1)
-    for (int64_t pr = 0; pr < pairs; ++pr) {
-        const int64_t r = 2 * pr, lo = rowptr[r], mid = rowptr[r + 1], hi = rowptr[r + 2];
-        row_pair_dot(gaps + lo, codes + lo, mid - lo, gaps + mid, codes + mid, hi - mid, codebook, x, y + r, filler);
-    }
-    if (m % 2) {
-        const int64_t lo = rowptr[m - 1];
-        y[m - 1] = row_dot(gaps + lo, codes + lo, rowptr[m] - lo, codebook, x, filler);
-    }
+    if (filler >= 0)
+        spmv_rows<true>(m, rowptr, gaps, codes, codebook, filler, x, y, threads);
+    else
+        spmv_rows<false>(m, rowptr, gaps, codes, codebook, filler, x, y, threads);
 }
 
-// Y[M, B] = A X[K, B], both row-major, on `threads` threads (0: OpenMP's default)
+// Y[M, B] = A X[K, B], both row-major, on `threads` threads (0: OpenMP's default); entries of
+// code `filler` are skipped (-1: none)
 void dnnpar_csr_cb_spmm(int64_t m, int64_t b, const int64_t* rowptr, const uint8_t* gaps,
                         const uint8_t* codes, const float* codebook, int filler, const float* X, float* Y,
                         int threads) {
