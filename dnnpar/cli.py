@@ -54,7 +54,10 @@ def _train(args) -> int:
                                                  consistency=args.consistency, address=args.address,
                                                  checkpoint_every=args.ps_checkpoint_every, progress=not args.quiet)
         Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
-        model.save(checkpoint)
+        from dataclasses import asdict
+
+        from .checkpoint import save_checkpoint
+        save_checkpoint(checkpoint, model, asdict(cfg), cfg.epochs, [asdict(r) for r in report.history.records])
         print(f"final model: {checkpoint}")
         if args.plot:
             from .train import plot_history

@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -13,13 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from . import backend as _backend
+from . import checkpoint
 from .data import fashion_mnist
-from .nn import SoftmaxCrossEntropy, load_npz
+from .nn import SoftmaxCrossEntropy
 from .nn.models import build
 from .nn.optim import SGD, make_schedule
-
-CHECKPOINT_VERSION = 1
-
 
 @dataclass
 class TrainConfig:
@@ -129,33 +126,15 @@ def evaluate(model, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> flo
 
 
 def save_checkpoint(path, model, opt, cfg: TrainConfig, epoch: int, history: History) -> None:
-    meta = json.dumps({"version": CHECKPOINT_VERSION, "config": asdict(cfg), "epoch": epoch,
-                       "history": [asdict(r) for r in history.records]})
-    be = _backend.get_backend()
-    arrays = {f"opt/{k}": be.to_numpy(v) for k, v in opt.state().items()}
-    arrays["meta"] = np.array(meta)
-    model.save(path, **arrays)
+    """A training checkpoint: model, momentum, config, epoch and history (dnnpar.checkpoint)."""
+    checkpoint.save_checkpoint(path, model, asdict(cfg), epoch, [asdict(r) for r in history.records], opt.state())
 
 
 def load_checkpoint(path, model, opt, cfg: TrainConfig):
     """Restore model and optimizer; returns (next epoch, history). Refuses a checkpoint of another
-    model or a corrupt file with a ValueError naming it."""
-    arrays = load_npz(path)
-    if "meta" not in arrays:
-        raise ValueError(f"{path} is not a dnnpar training checkpoint (no metadata)")
-    try:
-        meta = json.loads(str(arrays["meta"]))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: corrupt checkpoint metadata ({e})") from e
-    if meta.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: checkpoint version {meta.get('version')} is not {CHECKPOINT_VERSION}")
-    if meta["config"]["model"] != cfg.model:
-        raise ValueError(f"{path} holds a {meta['config']['model']} checkpoint, not {cfg.model}")
-    model.load_state_dict({k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")})
-    be = _backend.get_backend()
-    opt.velocity = {k[len("opt/velocity/"):]: be.asarray(v) for k, v in arrays.items() if k.startswith("opt/velocity/")}
-    history = History([EpochRecord(**r) for r in meta["history"]])
-    return meta["epoch"] + 1, history
+    model or a corrupt file with a CheckpointError naming it."""
+    meta = checkpoint.load_checkpoint(path, model, opt, expect_model=cfg.model)
+    return meta.epoch + 1, History([EpochRecord(**r) for r in meta.history])
 
 
 def plot_history(history: History, path=None):

@@ -3,17 +3,36 @@ import zlib
 
 import numpy as np
 import pytest
+from hypothesis import settings
+
 
 import dnnpar as dp
 from dnnpar.backend import poison_outputs
 from dnnpar.backend.cuda import cuda_unavailable_reason
+
+#: DNNPAR_TEST_SEED draws fresh random inputs (rng fixture) and, through pytest's
+#: --hypothesis-seed, fresh generated cases; unset (a newcomer's run) both are fixed
+TEST_SEED = int(os.environ.get("DNNPAR_TEST_SEED", "0"))
+settings.register_profile("dnnpar", deadline=None, database=None, derandomize=TEST_SEED == 0, print_blob=True)
+settings.load_profile("dnnpar")
 
 #: backends every kernel test runs on; cuda only where a GPU is usable
 BACKENDS = ["numpy", "emu", pytest.param("cuda", marks=pytest.mark.gpu)]
 KERNEL_BACKENDS = ["emu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
+def pytest_addoption(parser):
+    parser.addoption("--seeded-only", action="store_true",
+                     help="run only the tests whose inputs depend on DNNPAR_TEST_SEED (the rng fixture or "
+                          "hypothesis): CI's second pass at a random seed")
+
+
 def pytest_collection_modifyitems(config, items):
+    if config.getoption("--seeded-only"):
+        keep = [i for i in items if "rng" in getattr(i, "fixturenames", ()) or
+                getattr(getattr(i, "obj", None), "is_hypothesis_test", False)]
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep
     reason = cuda_unavailable_reason()
     if reason is None:
         return
@@ -34,7 +53,7 @@ def _poisoned_outputs():
 def rng(request):
     """Random inputs drawn per test: reproducible from the test id, and fresh for every value of
     DNNPAR_TEST_SEED (CI draws a new one each run and prints it)."""
-    seed = zlib.crc32(request.node.nodeid.encode()) ^ int(os.environ.get("DNNPAR_TEST_SEED", "0"))
+    seed = zlib.crc32(request.node.nodeid.encode()) ^ TEST_SEED
     return np.random.default_rng(seed)
 
 
@@ -51,7 +70,7 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def pytest_report_header(config):
-    return f"DNNPAR_TEST_SEED={os.environ.get('DNNPAR_TEST_SEED', '0')} (set it to draw other random inputs)"
+    return f"DNNPAR_TEST_SEED={TEST_SEED} (set it to draw other random inputs)"
 
 
 @pytest.fixture

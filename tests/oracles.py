@@ -63,28 +63,86 @@ def random_csr(rng, m, k, density, long_row=None):
     return dense
 
 
-# ---------------------------------------------------------------- tolerances of float32 sums
-U32 = 2.0**-24  # unit roundoff of float32
+# --------------------------------------------------------------------------------------------
+# Tolerances for float32 results computed twice in different summation orders (blocked GEMMs,
+# reductions across ranks, reduce-scatter): derived from the float32 summation error bound.
+
+U32 = 2.0**-24  #: unit roundoff of float32 (round to nearest)
+LAMBDA = 8.0    #: probabilistic-bound parameter: each sum fails it with probability <= 2n exp(-32)
 
 
-def sum_bound(magnitude, terms):
+def sum_bound(n: int, lam: float = LAMBDA) -> float:
+    """Relative error of a float32 sum of ``n`` terms, relative to the sum of their magnitudes.
+
+    Higham & Mary's probabilistic bound (SIAM J. Sci. Comput. 41(5), 2019, Thm 2.4): with
+    independent rounding errors, |s_hat - s| <= g(n) * sum|x_i| with g(n) = exp(lam sqrt(n) u +
+    n u^2 / (1 - u)) - 1 and probability at least 1 - 2n exp(-lam^2 (1-u)^2 / 2); lam = 8 makes a
+    failure of any one sum less likely than 1e-9 for the sizes used here. The worst-case bound
+    (n u / (1 - n u)) is sqrt(n)/lam times larger and is never approached by round-to-nearest."""
+    return float(np.expm1(lam * np.sqrt(n) * U32 + n * U32 * U32 / (1 - U32)))
+
+
+def reorder_tolerance(n: int, depth: int) -> float:
+    """Normwise relative difference allowed between two float32 evaluations of the same
+    computation, ``depth`` chained sums of at most ``n`` terms each, summed in different orders:
+    each is within (1 + g(n))^depth - 1 of the exact result, so they are within twice that of
+    each other. Relative to the result's largest magnitude (sums of magnitudes, as the bound
+    wants, are at least that large, so cancellation only makes this stricter than the bound:
+    the headroom of the probabilistic bound over observed errors covers it)."""
+    return 2.0 * float(np.expm1(depth * np.log1p(sum_bound(n))))
+
+
+def longest_sum(model, batch: int) -> tuple[int, int]:
+    """(n, depth) of a model's forward + backward pass at ``batch``: n the longest float32 sum any
+    layer computes (fan-in of an output, fan-out of an input gradient, or the batch x positions
+    a weight gradient sums over), depth the number of chained sums (forward and backward through
+    every layer with weights, plus the loss)."""
+    from dnnpar.nn.summary import summary
+
+    n, depth, shape = 1, 1, model.input_shape
+    for r in summary(model, batch).rows:
+        if r.params:
+            out, inn = int(np.prod(r.out_shape)), int(np.prod(shape))
+            n = max(n, r.macs // out, -(-r.macs // inn), batch * out // r.out_shape[0])
+            depth += 2
+        shape = r.out_shape
+    return n, depth
+
+
+def assert_reordered_close(got, want, n: int, depth: int, what: str = "") -> None:
+    """``got`` equals ``want`` up to :func:`reorder_tolerance` (n, depth), normwise."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    assert np.all(np.isfinite(got)), f"{what}: non-finite values"
+    scale = float(np.max(np.abs(want))) if want.size else 0.0
+    err = float(np.max(np.abs(got - want))) if want.size else 0.0
+    tol = reorder_tolerance(n, depth)
+    assert err <= tol * scale, (f"{what}: max difference {err:.3e} = {err / max(scale, 1e-300):.2e} of the largest "
+                                f"magnitude {scale:.3e}, beyond the float32 reordering bound {tol:.2e} "
+                                f"(sums of <= {n} terms, {depth} deep)")
+
+
+def worst_sum_bound(magnitude, terms):
     """Largest error of a float32 sum of ``terms`` products, in any order, blocked or not: the
-    classic gamma_n = n u / (1 - n u) times the sum of the products' magnitudes (Higham, Accuracy
-    and Stability, eq. 3.5), with two more roundings for an alpha scale and a beta * C add."""
+    worst-case gamma_n = n u / (1 - n u) times the sum of the products' magnitudes (Higham,
+    Accuracy and Stability, eq. 3.5), with two more roundings for an alpha scale and a beta * C
+    add. Element by element and certain (no probability), for a result against its float64
+    oracle; :func:`sum_bound` is the sharper probabilistic one, normwise."""
     nu = (np.asarray(terms, np.float64) + 2) * U32
     return nu / (1 - nu) * np.asarray(magnitude, np.float64)
 
 
 def assert_sum_close(got, want, magnitude, terms, what=""):
-    """``got`` (computed in float32) within :func:`sum_bound` of the float64 ``want``, element by
-    element. ``magnitude``: the same sum over |terms| (e.g. |A| @ |B|); ``terms``: the number of
+    """``got`` (computed in float32) within :func:`worst_sum_bound` of the float64 ``want``,
+    element by element. ``magnitude``: the same sum over |terms| (e.g. |A| @ |B|); ``terms``: the number of
     products each element sums (a scalar or per element). An element that cancels to near zero
     cannot fail by rounding alone; a wrong index, a missing term or an unwritten element does."""
     got = np.asarray(got)
     assert got.shape == np.shape(want), f"{what}: shape {got.shape} != {np.shape(want)}"
     assert np.all(np.isfinite(got)), f"{what}: non-finite output (an element left unwritten?)"
     err = np.abs(got.astype(np.float64) - want)
-    limit = np.broadcast_to(sum_bound(magnitude, terms) + 1e-37, err.shape)  # + subnormal products' absolute rounding
+    # + 1e-37: products in float32's subnormal range round absolutely, not relatively
+    limit = np.broadcast_to(worst_sum_bound(magnitude, terms) + 1e-37, err.shape)
     if err.size and not np.all(err <= limit):
         i = np.unravel_index(int(np.argmax(err - limit)), err.shape)
         raise AssertionError(f"{what}: error {err[i]:.3e} at {i} beyond the float32 summation bound {limit[i]:.3e}")

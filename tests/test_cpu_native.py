@@ -61,7 +61,7 @@ def make(rng, m, k, density, codebook, long_row=True):
 
 def assert_row_sums(got, dense, x, what):
     """Against the float64 product, within the classic bound of a float32 sum in any fixed order
-    (oracles.sum_bound), row by row: a row that cancels to near zero cannot fail it by rounding
+    (oracles.worst_sum_bound), row by row: a row that cancels to near zero cannot fail it by rounding
     alone; a wrong column, code or row fails it by far."""
     x64 = np.asarray(x, np.float64)
     n = max(1, int(np.count_nonzero(dense, axis=1).max()))
@@ -262,7 +262,7 @@ FALLBACK_SCRIPT = textwrap.dedent("""
         "library": cpu_native.library() is not None,
         "reason": cpu_native.unavailable_reason(),
         "native_form": S.native_form(csr, x) is not None,
-        # the error in units of the float32 summation bound (tests/oracles.py: sum_bound)
+        # the error in units of the float32 summation bound (tests/oracles.py: worst_sum_bound)
         "err": max(float(np.max(np.abs(y - want) / bound(np.abs(cb[codes]) @ np.abs(x)))),
                    float(np.max(np.abs(Y - Want) / bound(np.abs(cb[codes]) @ np.abs(X))))),
         "warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)],

@@ -11,14 +11,12 @@ OverflowError, a huge allocation or a silently wrong number.
 * dtypes and read-only arrays: every op, every argument's dtype and writeability, both host
   backends, inside and outside ``dp.precision("float64")``.
 
-Runs are deterministic (``derandomize``); with DNNPAR_TEST_SEED set, hypothesis draws from that
-seed instead, so CI explores new cases each run.
+Runs are deterministic under conftest's hypothesis profile; CI's seeded pass (DNNPAR_TEST_SEED,
+--hypothesis-seed) explores new cases each run.
 """
-import os
-
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, event, given, seed, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import dnnpar as dp
@@ -28,16 +26,12 @@ from dnnpar.backend import cpu_native, poison_outputs
 
 f32 = np.float32
 INT32_MAX = 2**31 - 1
-_SEED = os.environ.get("DNNPAR_TEST_SEED")
 
 
 def fuzz(max_examples: int):
-    """hypothesis settings for these tests: deterministic by default, no example database."""
-    def wrap(fn):
-        fn = settings(max_examples=max_examples, deadline=None, derandomize=_SEED is None, database=None,
-                      suppress_health_check=list(HealthCheck))(fn)
-        return seed(int(_SEED))(fn) if _SEED is not None else fn
-    return wrap
+    """hypothesis settings for these tests; determinism, seeds and the example database come
+    from the "dnnpar" profile in conftest.py (fixed unless DNNPAR_TEST_SEED / --hypothesis-seed)."""
+    return settings(max_examples=max_examples, suppress_health_check=list(HealthCheck))
 
 
 @pytest.fixture(autouse=True)

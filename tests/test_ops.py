@@ -109,8 +109,8 @@ def test_gemm_alpha_beta_accumulates_in_place(backend, algo, rng):
     out = dp.ops.gemm(ad, bd, alpha=0.5, beta=-2.0, c=cd, algo=algo)
     assert out is cd
     a64, b64, c64 = a.astype(np.float64), b.astype(np.float64), c0.astype(np.float64)
-    assert_sum_close(backend.to_numpy(cd), 0.5 * a64 @ b64 - 2.0 * c64, 0.5 * np.abs(a64) @ np.abs(b64) + 2 * np.abs(c64),
-                     k, "gemm alpha/beta")
+    mag = 0.5 * np.abs(a64) @ np.abs(b64) + 2 * np.abs(c64)
+    assert_sum_close(backend.to_numpy(cd), 0.5 * a64 @ b64 - 2.0 * c64, mag, k, "gemm alpha/beta")
 
 
 def assert_sparse(got, dense, x, what):
