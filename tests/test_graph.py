@@ -1,0 +1,149 @@
+"""Graph models: forward and backward over a DAG (residual adds, concatenations), checked by
+float64 central differences; a chain Graph equals Sequential; emu equals numpy; bad wiring is
+refused when the graph is built."""
+import numpy as np
+import pytest
+
+import dnnpar as dp
+from dnnpar import nn
+from dnnpar.nn.graph import Add, Concat, Graph
+from dnnpar.nn.models import lenet5
+from conftest import KERNEL_BACKENDS
+from oracles import assert_reordered_close
+
+
+def residual_net(seed=0):
+    """conv -> relu -> [conv -> relu -> conv] + skip -> relu -> concat(with a 1x1 branch) -> pool -> fc."""
+    return Graph([
+        ("conv1", nn.Conv2d(3, 4, 3, padding=1, seed=seed), ["input"]),
+        ("relu1", nn.ReLU(), ["conv1"]),
+        ("conv2", nn.Conv2d(4, 4, 3, padding=1, seed=seed + 1), ["relu1"]),
+        ("relu2", nn.ReLU(), ["conv2"]),
+        ("conv3", nn.Conv2d(4, 4, 3, padding=1, seed=seed + 2), ["relu2"]),
+        ("add", Add(), ["conv3", "relu1"]),               # relu1 fans out: its gradient is a sum
+        ("relu3", nn.ReLU(), ["add"]),
+        ("branch", nn.PointwiseConv2d(4, 2, seed=seed + 3), ["relu1"]),
+        ("cat", Concat(), ["relu3", "branch"]),
+        ("pool", nn.GlobalAvgPool2d(), ["cat"]),
+        ("fc", nn.Linear(6, 5, seed=seed + 4), ["pool"]),
+    ], input_shape=(3, 7, 6), name="resnet_tiny")
+
+
+def _loss(model, x, g):
+    return float(np.sum(model.forward(x) * g))
+
+
+def test_gradients_match_central_differences_float64(rng):
+    with dp.use_backend("numpy"), dp.precision("float64"):
+        model = residual_net()
+        for lname, layer in model.layers:
+            for k in layer.params:
+                layer.params[k] = layer.params[k].astype(np.float64) + 0.1 * rng.standard_normal(layer.params[k].shape)
+        x = rng.standard_normal((2, 3, 7, 6))
+        g = rng.standard_normal((2, 5))
+        model.forward(x)
+        model.backward(g)
+        analytic = {n: gr.copy() for n, _, gr in model.named_parameters()}
+        eps = 1e-6
+        checked = 0
+        for name, p, _ in list(model.named_parameters()):
+            flat = p.reshape(-1)
+            for i in rng.choice(flat.size, size=min(flat.size, 8), replace=False):
+                old = flat[i]
+                flat[i] = old + eps
+                fp = _loss(model, x, g)
+                flat[i] = old - eps
+                fm = _loss(model, x, g)
+                flat[i] = old
+                num = (fp - fm) / (2 * eps)
+                ana = analytic[name].reshape(-1)[i]
+                # central differences in float64: truncation O(eps^2), rounding O(u |f| / eps)
+                assert abs(num - ana) <= 1e-6 * max(1.0, abs(num)), f"{name}[{i}]: numeric {num} vs analytic {ana}"
+                checked += 1
+        assert checked > 50
+
+
+def test_a_chain_graph_equals_sequential(rng):
+    x = rng.standard_normal((3, 1, 28, 28)).astype(np.float32)
+    dy = rng.standard_normal((3, 10)).astype(np.float32)
+    with dp.use_backend("numpy"):
+        seq = lenet5(seed=2)
+        graph = Graph([(n, layer, [prev]) for (n, layer), prev in
+                       zip(lenet5(seed=2).layers, ["input"] + [n for n, _ in seq.layers[:-1]])],
+                      input_shape=(1, 28, 28))
+        np.testing.assert_array_equal(graph.forward(x), seq.forward(x))
+        seq.backward(dy)
+        graph.backward(dy)
+        for (n, _, a), (m, _, b) in zip(seq.named_parameters(), graph.named_parameters()):
+            assert n == m
+            np.testing.assert_array_equal(a, b, err_msg=n)
+
+
+@pytest.mark.parametrize("other", KERNEL_BACKENDS)
+def test_kernel_backends_equal_numpy(other, rng):
+    x = rng.standard_normal((2, 3, 7, 6)).astype(np.float32)
+    g = rng.standard_normal((2, 5)).astype(np.float32)
+    got = {}
+    for backend in ("numpy", other):
+        with dp.use_backend(backend) as be:
+            model = residual_net(seed=3)
+            y = be.to_numpy(model.forward(be.asarray(x)))
+            model.backward(be.asarray(g))
+            got[backend] = y, {n: be.to_numpy(gr) for n, _, gr in model.named_parameters()}
+    (y0, g0), (y1, g1) = got["numpy"], got[other]
+    # float32 sums of at most 2*7*6 terms (a weight gradient) in another order, 6 layers with
+    # weights deep forward and back, plus the loss
+    sums, depth = 2 * 7 * 6, 2 * 6 + 1
+    assert_reordered_close(y1, y0, sums, depth // 2, "logits")
+    for n in g0:
+        assert_reordered_close(g1[n], g0[n], sums, depth, n)
+
+
+def test_shapes_parameters_and_summary():
+    with dp.use_backend("numpy"):
+        model = residual_net()
+        shapes = model.output_shapes()
+        assert shapes["add"] == (4, 7, 6) and shapes["cat"] == (6, 7, 6) and shapes["fc"] == (5,)
+        assert model.output_shape((3, 7, 6)) == (5,)
+        want = 4 * 3 * 9 + 4 + 2 * (4 * 4 * 9 + 4) + 4 * 2 + 2 + 6 * 5 + 5
+        assert model.num_parameters() == want
+        with pytest.raises(ValueError, match="expects input batches of shape"):
+            model.forward(np.zeros((1, 3, 6, 6), np.float32))
+
+
+def test_bad_wiring_is_refused():
+    relu = nn.ReLU
+    with pytest.raises(ValueError, match="reads 'b', which is neither the input"):
+        Graph([("a", relu(), ["input"]), ("c", relu(), ["b"]), ("b", relu(), ["a"])])
+    with pytest.raises(ValueError, match="duplicate node name 'a'"):
+        Graph([("a", relu(), ["input"]), ("a", relu(), ["a"])])
+    with pytest.raises(ValueError, match="takes 1 input"):
+        Graph([("a", relu(), ["input", "input"])])
+    with pytest.raises(TypeError, match="inputs must be a non-empty list"):
+        Graph([("a", relu(), "input")])
+    with pytest.raises(ValueError, match="output 'z' is not a node"):
+        Graph([("a", relu(), ["input"])], output="z")
+    with pytest.raises(ValueError, match="at least one node"):
+        Graph([])
+    with pytest.raises(ValueError, match="Add needs >= 2 inputs of one shape"):
+        Add().forward(np.zeros((1, 2)), np.zeros((1, 3)))
+    with pytest.raises(ValueError, match="Concat needs >= 2 inputs"):
+        Concat().forward(np.zeros((1, 2, 3, 3)), np.zeros((1, 2, 4, 3)))
+
+
+def test_a_graph_trains(rng):
+    from dnnpar.data import fashion_mnist
+    from dnnpar.train import TrainConfig, train
+
+    d = fashion_mnist.load(subset="embedded")
+    d = fashion_mnist.Dataset(d.x_train[:512], d.y_train[:512], d.x_test[:200], d.y_test[:200], d.source)
+    with dp.use_backend("numpy"):
+        model = Graph([
+            ("conv1", nn.Conv2d(1, 8, 3, padding=1, seed=1), ["input"]), ("relu1", nn.ReLU(), ["conv1"]),
+            ("conv2", nn.Conv2d(8, 8, 3, padding=1, seed=2), ["relu1"]), ("add", Add(), ["conv2", "relu1"]),
+            ("relu2", nn.ReLU(), ["add"]), ("pool", nn.MaxPool2d(4), ["relu2"]), ("flat", nn.Flatten(), ["pool"]),
+            ("fc", nn.Linear(8 * 7 * 7, 10, seed=3), ["flat"])], input_shape=(1, 28, 28), name="res")
+        cfg = TrainConfig(model="lenet5", epochs=2, batch_size=32, lr=0.02, schedule="constant", seed=1)
+        _, hist = train(cfg, data=d, model=model, progress=False, out=lambda *a: None)
+    assert hist.records[-1].loss < hist.records[0].loss
+    assert hist.records[-1].test_acc > 0.5
