@@ -60,10 +60,13 @@ def _read_stream(f, path, expect_ndim):
     if expect_ndim is not None and ndim != expect_ndim:
         raise IDXError(f"IDX file has {ndim} dimensions, expected {expect_ndim}", path, "ndim")
     dims = struct.unpack(f">{ndim}I", _read_exact(f, 4 * ndim, path, "dimensions"))
-    size = 1
-    for d in dims:  # Python ints: the product cannot wrap
+    size, nonzero = 1, 1
+    for d in dims:  # Python ints: the products cannot wrap
         size *= d
+        nonzero *= max(d, 1)
     header = 4 + 4 * ndim
+    if nonzero > 2**62:  # even an empty array cannot carry dims NumPy's index type cannot hold
+        raise IDXError(f"dimensions {dims} are too large for an array", path, "dimensions")
     if size > MAX_IDX_BYTES:
         raise IDXError(f"header announces {dims} ({size} bytes), over the {MAX_IDX_BYTES}-byte limit", path,
                        "dimensions")
@@ -82,8 +85,9 @@ def write_idx(path, a: np.ndarray) -> None:
         if a.dtype.kind not in "iub" or (a.size and (int(a.min()) < 0 or int(a.max()) > 255)):
             raise ValueError(f"write_idx stores uint8: got {a.dtype} values"
                              + (f" in [{a.min()}, {a.max()}]" if a.size and a.dtype.kind in "iuf" else ""))
-    a = np.ascontiguousarray(a, dtype=np.uint8)
-    if not 1 <= a.ndim <= 255 or max(a.shape) >= 2**32 or a.size > MAX_IDX_BYTES:
+    ndim = a.ndim
+    a = np.ascontiguousarray(a, dtype=np.uint8)  # (a 0-d array comes back 1-d: ndim is checked first)
+    if not 1 <= ndim <= 255 or max(a.shape) >= 2**32 or a.size > MAX_IDX_BYTES:
         raise ValueError(f"an IDX file holds 1..255 dimensions below 2**32 and at most {MAX_IDX_BYTES} bytes, "
                          f"got shape {a.shape}")
     payload = struct.pack(">HBB", 0, UBYTE, a.ndim) + struct.pack(f">{a.ndim}I", *a.shape) + a.tobytes()

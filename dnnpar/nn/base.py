@@ -233,10 +233,11 @@ def _member_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path, name: str) 
         offset = f.tell()
     if dtype.hasobject:
         raise CheckpointError(f"holds Python objects ({dtype}); dnnpar never writes pickles", path, field)
-    count = 1
+    count, nonzero = 1, 1
     for d in shape:
         count *= d
-    if count > MAX_NPZ_ELEMENTS:
+        nonzero *= max(d, 1)
+    if count > MAX_NPZ_ELEMENTS or nonzero > 2**62:  # an empty shape may still be too large for NumPy
         raise CheckpointError(f"claims shape {shape} ({count} elements, over the {MAX_NPZ_ELEMENTS} limit)", path,
                               field)
     if offset + count * dtype.itemsize != info.file_size:
