@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import CheckpointError
-from .nn.base import load_npz
+from .nn.base import check_model_members, load_npz
+from .schema import Fields, loads_json
 
 CHECKPOINT_VERSION = 1
 
@@ -33,54 +34,140 @@ class CheckpointMeta:
         return self.config["model"]
 
 
+MAX_HISTORY = 100_000
+MAX_META_BYTES = 64 * 1024 * 1024  # the meta member's text, as NumPy stores it (4 bytes a character)
+_POS_FLOAT = dict(lo=0.0, hi=None)
+
+
+def _config_schema():
+    """TrainConfig field -> checker(Fields, key); tests keep it equal to TrainConfig's fields."""
+    from .nn.models import MODELS
+
+    return {
+        "model": lambda f, k: f.str(k, tuple(MODELS)),
+        "epochs": lambda f, k: f.int(k, 1, 10**9),
+        "batch_size": lambda f, k: f.int(k, 1, 2**31 - 1),
+        "lr": lambda f, k: f.float(k, **_POS_FLOAT),
+        "momentum": lambda f, k: f.float(k, 0.0, 1.0),
+        "nesterov": lambda f, k: f.bool(k),
+        "weight_decay": lambda f, k: f.float(k, **_POS_FLOAT),
+        "schedule": lambda f, k: f.str(k, ("cosine", "step", "constant")),
+        "seed": lambda f, k: f.int(k, 0, 2**63 - 1),
+        "subset": lambda f, k: f.str(k, ("full", "embedded")),
+        "data_dir": lambda f, k: f.str(k, optional=True),
+        "backend": lambda f, k: f.str(k, ("numpy", "cuda", "emu"), optional=True),
+    }
+
+
+#: EpochRecord field -> (lo, hi) of its finite value (``epoch``: an integer)
+RECORD_RANGES = {"epoch": (1, None), "lr": (0.0, None), "loss": (0.0, None), "train_acc": (0.0, 1.0),
+                 "test_acc": (0.0, 1.0), "images_per_s": (0.0, None), "seconds": (0.0, None)}
+
+
+def _check_meta(meta, path=None) -> CheckpointMeta:
+    f = Fields(meta, CheckpointError, path, "meta")
+    f.only(("version", "config", "epoch", "history"))
+    f.int("version", CHECKPOINT_VERSION, CHECKPOINT_VERSION)
+    cfg = f.sub("config")
+    schema = _config_schema()
+    cfg.only(schema)
+    cfg.str("model")  # required; the other fields default to TrainConfig's
+    for k in cfg.obj:
+        schema[k](cfg, k)
+    epoch = f.int("epoch", 0, 10**9)
+    history = f.list("history", MAX_HISTORY)
+    hf = Fields({}, CheckpointError, path, "meta.history")
+    last = 0
+    for i, rec in enumerate(history):
+        r = hf.item(rec, i)
+        r.only(RECORD_RANGES)
+        for k, (lo, hi) in RECORD_RANGES.items():
+            if k == "epoch":
+                e = r.int(k, last + 1, epoch)  # epochs 1..E, in order, each once
+            else:
+                r.float(k, lo, hi)
+        last = e
+    return CheckpointMeta(cfg.obj, epoch, history)
+
+
 def meta_json(config: dict, epoch: int, history: list) -> np.ndarray:
-    """The ``meta`` member for ``config`` (a dict), ``epoch`` and ``history`` (a list of dicts)."""
-    return np.array(json.dumps({"version": CHECKPOINT_VERSION, "config": config, "epoch": epoch,
-                                "history": history}))
+    """The ``meta`` member for ``config`` (a dict), ``epoch`` and ``history`` (a list of dicts);
+    checked with the reader's schema first (CheckpointError naming the field), so a writer
+    never produces metadata :func:`parse_meta` refuses."""
+    meta = {"version": CHECKPOINT_VERSION, "config": config, "epoch": epoch, "history": history}
+    try:
+        text = json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"cannot be written as JSON ({e})", None, "meta") from None
+    _check_meta(loads_json(text, CheckpointError, None, "meta"))
+    return np.array(text)
 
 
 def parse_meta(arrays: dict, path=None) -> CheckpointMeta:
     """The validated ``meta`` of a loaded checkpoint's arrays; CheckpointError naming the field."""
     if "meta" not in arrays:
         raise CheckpointError("not a dnnpar checkpoint (no meta member)", path, "meta")
-    try:
-        meta = json.loads(str(arrays["meta"]))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"corrupt metadata ({e})", path, "meta") from e
-    if not isinstance(meta, dict):
-        raise CheckpointError("metadata is not a JSON object", path, "meta")
-    if meta.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"checkpoint version {meta.get('version')!r} is not {CHECKPOINT_VERSION}", path,
-                              "version")
-    config = meta.get("config")
-    if not isinstance(config, dict) or not isinstance(config.get("model"), str):
-        raise CheckpointError("config must be an object naming the model", path, "config")
-    return CheckpointMeta(config, meta.get("epoch"), meta.get("history", []))
+    m = arrays["meta"]
+    if not isinstance(m, np.ndarray) or m.ndim != 0 or m.dtype.kind != "U":
+        raise CheckpointError(f"must be a text scalar, got {getattr(m, 'dtype', type(m))} of shape "
+                              f"{getattr(m, 'shape', None)}", path, "meta")
+    return _check_meta(loads_json(str(m), CheckpointError, path, "meta"), path)
+
+
+def _meta_member(members: dict, path) -> list[str]:
+    if "meta" not in members:
+        raise CheckpointError("not a dnnpar checkpoint (no meta member)", path, "meta")
+    m = members["meta"]
+    if m.shape != () or m.dtype.kind != "U" or m.dtype.itemsize > MAX_META_BYTES:
+        raise CheckpointError(f"must be a text scalar of at most {MAX_META_BYTES // 4} characters, got {m.dtype} of "
+                              f"shape {m.shape}", path, "meta")
+    return ["meta"]
 
 
 def read_meta(path) -> CheckpointMeta:
-    """The validated metadata of the checkpoint at ``path`` (which model, which epoch)."""
-    return parse_meta(load_npz(path), path)
+    """The validated metadata of the checkpoint at ``path`` (which model, which epoch); only the
+    ``meta`` member is read."""
+    return parse_meta(load_npz(path, _meta_member), path)
 
 
 def save_checkpoint(path, model, config: dict, epoch: int = 0, history: list | None = None,
                     optimizer_state: dict | None = None) -> None:
-    """Write ``model`` with its metadata (and the optimizer's state arrays, if given) atomically."""
+    """Write ``model`` with its metadata (and the optimizer's state arrays, if given) atomically.
+    The metadata is validated first: nothing is written that :func:`load_checkpoint` refuses."""
     from .backend import get_backend
     be = get_backend()
+    meta = meta_json(config, epoch, history or [])
     arrays = {f"opt/{k}": be.to_numpy(v) for k, v in (optimizer_state or {}).items()}
-    arrays["meta"] = meta_json(config, epoch, history or [])
+    arrays["meta"] = meta
     model.save(path, **arrays)
 
 
 def load_checkpoint(path, model, optimizer=None, expect_model: str | None = None) -> CheckpointMeta:
     """Restore ``model`` (and the optimizer's momentum, if given) from ``path``; returns the
-    metadata. A checkpoint of another model than ``expect_model`` is a CheckpointError."""
+    metadata. Everything is checked before anything is read or copied: the metadata's schema,
+    the model (``expect_model``), every parameter's name, dtype and shape, and the momentum
+    buffers (float32, each of its parameter's shape). Every violation is a CheckpointError."""
     from .backend import get_backend
-    arrays = load_npz(path)
-    meta = parse_meta(arrays, path)
+
+    meta = read_meta(path)  # first: a checkpoint of another model is named as such
     if expect_model is not None and meta.model != expect_model:
         raise CheckpointError(f"holds a {meta.model} checkpoint, not {expect_model}", path, "config.model")
+
+    def check(members, p):
+        names = check_model_members(model, members, p)
+        shapes = {n: tuple(q.shape) for n, q, _ in model.named_parameters()}
+        for k, m in members.items():
+            if k == "meta" or k.startswith("param/"):
+                continue
+            pname = k[len("opt/velocity/"):]
+            if not k.startswith("opt/velocity/") or pname not in shapes:
+                raise CheckpointError("is not a parameter, a momentum buffer of one, or meta", p, f"member {k!r}")
+            if m.dtype != np.float32 or m.shape != shapes[pname]:
+                raise CheckpointError(f"{m.dtype} of shape {m.shape}, the momentum of {pname} must be float32 of shape "
+                                      f"{shapes[pname]}", p, f"member {k!r}")
+        return names + [k for k in members if k.startswith("opt/")]
+
+    arrays = load_npz(path, check)
     model.load_state_dict({k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")})
     if optimizer is not None:
         be = get_backend()

@@ -100,7 +100,19 @@ def test_missing_dataset_names_the_places_searched(tmp_path, monkeypatch):
     monkeypatch.setattr(fashion_mnist, "search_path",
                         lambda data_dir=None: [tmp_path / "flag", tmp_path / "env", tmp_path / "home"])
     with pytest.raises(FileNotFoundError, match="(?s)Looked in:.*flag.*env.*home.*apt-get install dataset-fashion-mnist"):
-        fashion_mnist.load(tmp_path / "flag")
+        fashion_mnist.load()
+
+
+def test_an_explicit_data_dir_is_the_only_place_looked_in(tmp_path, monkeypatch):
+    # a copy elsewhere (DNNPAR_DATA) must not stand in for a --data-dir that is wrong
+    monkeypatch.setenv("DNNPAR_DATA", str(fashion_mnist.EMBEDDED))
+    with pytest.raises(FileNotFoundError, match="--data-dir .*nowhere is not a folder"):
+        fashion_mnist.load(tmp_path / "nowhere")
+    (tmp_path / "some").mkdir()
+    (tmp_path / "some" / "train-labels-idx1-ubyte.gz").write_bytes(
+        (fashion_mnist.EMBEDDED / "train-labels-idx1-ubyte.gz").read_bytes())
+    with pytest.raises(FileNotFoundError, match=r"missing train-images-idx3-ubyte\(.gz\), t10k-images"):
+        fashion_mnist.load(tmp_path / "some")
 
 
 def test_corrupt_dataset_file_is_named(tmp_path):

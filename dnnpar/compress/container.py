@@ -26,6 +26,7 @@ import zlib
 import numpy as np
 
 from ..errors import DnnzError
+from ..schema import loads_json
 
 MAGIC = b"DNNZ"
 VERSION = 1
@@ -151,7 +152,7 @@ def read(path) -> tuple[dict, dict]:
     try:
         return _parse(data)
     except DnnzError as e:
-        raise DnnzError(f"{path}: {e}") from None
+        raise DnnzError(str(e), path, e.field) from None
 
 
 def _parse(data: bytes) -> tuple[dict, dict]:
@@ -234,11 +235,8 @@ def _parse(data: bytes) -> tuple[dict, dict]:
         raise DnnzError(f"{end - pos} trailing bytes after the last section")
     if hashlib.sha256(view[:end]).digest() != data[end:]:
         raise DnnzError("checksum mismatch (SHA-256 of the file)")
-    # Decode the JSON only once the checksum vouches for it.
-    try:
-        header = json.loads(str(header_raw, "utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise DnnzError(f"header is not valid UTF-8 JSON: {e}") from None
+    # Decode the JSON only once the checksum vouches for it; NaN, Infinity and 1e999 are refused
+    header = loads_json(header_raw, DnnzError, field="header")
     if not isinstance(header, dict):
         raise DnnzError(f"header must be a JSON object, got {type(header).__name__}")
     return header, sections

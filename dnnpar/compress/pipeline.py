@@ -2,6 +2,7 @@
 encode, write a .dnnz; and load a .dnnz back as a model that runs from the compressed form."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -16,13 +17,12 @@ from ..nn.models import build
 from ..nn.optim import SGD
 from ..sparse import CSR
 from ..train import TrainConfig, evaluate, train
+from ..errors import DnnzError
 from . import container, prune, quantize
 from .encode import LayerCode, Report, encode_layer
+from .header import FORMAT, FORMAT_VERSION, check_sections, parse_header
 from .huffman import HuffmanTable
 from .relative_csr import RelativeCSR
-
-FORMAT = "dnnz-deep-compression"
-FORMAT_VERSION = 1
 
 
 @dataclass
@@ -122,28 +122,38 @@ def other_params(model: Sequential) -> int:
 
 # ---------------------------------------------------------------------- .dnnz
 def save(path, model: Sequential, codes: list[LayerCode], model_kwargs: dict | None = None, meta: dict | None = None):
-    """Write the compressed model (atomically). Layers outside ``codes`` are stored as float32."""
+    """Write the compressed model (atomically). Layers outside ``codes`` are stored as float32.
+
+    The header is checked with the reader's own schema first (ValueError naming the field), so
+    this never writes a file :func:`load` would refuse for its header or sections."""
     be = get_backend()
     compressed = {c.name for c in codes}
-    header = {"format": FORMAT, "version": FORMAT_VERSION, "model": model.name, "builder": _builder_name(model), "kwargs": model_kwargs or {}, "meta": meta or {},
-              "layers": [{"name": c.name, "shape": list(c.shape), "weight_bits": c.weight_bits,
-                          "index_bits": c.index_bits, "entries": c.csr.entries, "code_nbits": c.code_nbits,
-                          "rel_nbits": c.rel_nbits, "has_bias": c.bias is not None} for c in codes]}
+    header = {"format": FORMAT, "version": FORMAT_VERSION, "model": model.name, "builder": _builder_name(model),
+              "kwargs": model_kwargs or {}, "meta": meta or {},
+              "layers": [{"name": c.name, "shape": [int(s) for s in c.shape], "weight_bits": int(c.weight_bits),
+                          "index_bits": int(c.index_bits), "entries": int(c.csr.entries),
+                          "code_nbits": int(c.code_nbits), "rel_nbits": int(c.rel_nbits),
+                          "has_bias": c.bias is not None} for c in codes]}
     sections = {}
     for c in codes:
-        sections[f"{c.name}/codebook"] = c.codebook
+        sections[f"{c.name}/codebook"] = np.ascontiguousarray(c.codebook, np.float32)
         sections[f"{c.name}/rows"] = c.row_counts()
         sections[f"{c.name}/codes.table"] = c.code_table.to_bytes()
-        sections[f"{c.name}/codes"] = c.code_stream
+        sections[f"{c.name}/codes"] = bytes(c.code_stream)
         sections[f"{c.name}/rel.table"] = c.rel_table.to_bytes()
-        sections[f"{c.name}/rel"] = c.rel_stream
+        sections[f"{c.name}/rel"] = bytes(c.rel_stream)
         if c.bias is not None:
-            sections[f"{c.name}/bias"] = c.bias
+            sections[f"{c.name}/bias"] = np.ascontiguousarray(c.bias, np.float32)
     for n, p, _ in model.named_parameters():
         if n.split(".")[0] not in compressed:
             sections[f"param/{n}"] = np.ascontiguousarray(be.to_numpy(p), np.float32)
     for n, b in model.named_buffers():
         sections[f"param/{n}"] = np.ascontiguousarray(be.to_numpy(b), np.float32)
+    try:
+        hdr = parse_header(json.loads(json.dumps(header, allow_nan=False)))
+        check_sections(hdr, sections)
+    except DnnzError as e:
+        raise ValueError(f"cannot save {model.name}: {e}") from None
     container.write(path, header, sections)
 
 
@@ -154,56 +164,84 @@ def _builder_name(model: Sequential) -> str:
     raise ValueError(f"cannot save {model.name!r}: only models of the zoo (dnnpar.nn.models) can be rebuilt on load")
 
 
-def read_codes(path) -> tuple[dict, list[LayerCode], dict]:
-    """Decode a .dnnz: (header, layer codes, other float32 arrays). Every inconsistency is a
-    container.DnnzError naming the file and the layer."""
-    header, sections = container.read(path)
-    err = container.DnnzError
-    if header.get("format") != FORMAT or header.get("version") != FORMAT_VERSION:
-        raise err(f"{path}: not a dnnpar compressed model (format {header.get('format')!r} v{header.get('version')})")
-    codes = []
+def _decode_layer(m, sections: dict, path) -> LayerCode:
+    """One layer's streams, decoded and checked against its validated header entry ``m``."""
+    field = f"layers.{m.name}"
     try:
-        for meta in header["layers"]:
-            name, shape = meta["name"], tuple(int(s) for s in meta["shape"])
-            wb, ib, entries = int(meta["weight_bits"]), int(meta["index_bits"]), int(meta["entries"])
-            if not (1 <= wb <= 16 and 1 <= ib <= 16 and entries >= 0 and len(shape) in (2, 4) and min(shape) >= 1):
-                raise err(f"{path}: layer {name}: invalid bit widths or shape")
-
-            def section(key, _name=name):
-                if f"{_name}/{key}" not in sections:
-                    raise err(f"{path}: layer {_name}: missing section {key!r}")
-                return sections[f"{_name}/{key}"]
-            code_table = HuffmanTable.from_bytes(section("codes.table"))
-            rel_table = HuffmanTable.from_bytes(section("rel.table"))
-            if code_table.lengths.size != 1 << wb or rel_table.lengths.size != 1 << ib:
-                raise err(f"{path}: layer {name}: code tables do not match {wb}/{ib} bits")
-            cstream, rstream = section("codes"), section("rel")
-            c = code_table.decode(cstream, int(meta["code_nbits"]), entries)
-            r = rel_table.decode(rstream, int(meta["rel_nbits"]), entries)
-            counts = np.asarray(section("rows"))
-            rows = shape[0]
-            cols = int(np.prod(shape[1:]))
-            if counts.shape != (rows,) or counts.dtype.kind != "u" or int(counts.sum(dtype=np.int64)) != entries:
-                raise err(f"{path}: layer {name}: row lengths do not add up to its {entries} entries")
-            indptr = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
-            csr = RelativeCSR((rows, cols), ib, indptr, r.astype(np.uint16), c.astype(np.uint16))
-            csr.columns()  # raises on relative indices that run past the row
-            codebook = np.asarray(section("codebook"), np.float32)
-            if codebook.shape != (1 << wb,):
-                raise err(f"{path}: layer {name}: codebook of {codebook.shape} for {wb}-bit weights")
-            bias = np.asarray(section("bias"), np.float32) if meta.get("has_bias") else None
-            if bias is not None and bias.shape != (rows,):
-                raise err(f"{path}: layer {name}: bias of shape {bias.shape} for {rows} outputs")
-            codes.append(LayerCode(name, shape, wb, ib, csr, codebook, code_table, rel_table, bytes(cstream),
-                                   int(meta["code_nbits"]), bytes(rstream), int(meta["rel_nbits"]), bias))
-    except (KeyError, TypeError) as e:
-        raise err(f"{path}: malformed layer metadata ({e})") from e
+        code_table = HuffmanTable.from_bytes(sections[f"{m.name}/codes.table"])
+        rel_table = HuffmanTable.from_bytes(sections[f"{m.name}/rel.table"])
     except ValueError as e:
-        if isinstance(e, err):
-            raise
-        raise err(f"{path}: {e}") from e
-    others = {k[len("param/"):]: np.asarray(v, np.float32) for k, v in sections.items() if k.startswith("param/")}
-    return header, codes, others
+        raise DnnzError(f"bad Huffman table ({e})", path, field) from None
+    if code_table.lengths.size != 1 << m.weight_bits or rel_table.lengths.size != 1 << m.index_bits:
+        raise DnnzError(f"code tables of {code_table.lengths.size} / {rel_table.lengths.size} symbols do not match "
+                        f"{m.weight_bits} / {m.index_bits} bits", path, field)
+    cstream, rstream = sections[f"{m.name}/codes"], sections[f"{m.name}/rel"]
+    try:
+        c = code_table.decode(cstream, m.code_nbits, m.entries)
+        r = rel_table.decode(rstream, m.rel_nbits, m.entries)
+    except ValueError as e:
+        raise DnnzError(f"corrupt entry stream ({e})", path, field) from None
+    counts = sections[f"{m.name}/rows"]
+    if int(counts.sum(dtype=np.int64)) != m.entries:
+        raise DnnzError(f"row lengths add up to {int(counts.sum(dtype=np.int64))}, not the layer's {m.entries} entries",
+                        path, field)
+    indptr = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+    csr = RelativeCSR((m.rows, m.cols), m.index_bits, indptr, r.astype(np.uint16), c.astype(np.uint16))
+    try:
+        csr.columns()
+    except ValueError as e:
+        raise DnnzError(str(e), path, field) from None
+    # fillers (code 0) stand for the longest gap and only ever precede a stored weight of the
+    # same row: anything else is not what the encoder writes and would decode ambiguously
+    fill = csr.codes == 0
+    max_gap = (1 << m.index_bits) - 1
+    if np.any(csr.rel[fill] != max_gap):
+        raise DnnzError(f"a filler entry (code 0) skips fewer than {max_gap} zeros", path, field)
+    ends = indptr[1:][counts > 0] - 1
+    if np.any(fill[ends]):
+        raise DnnzError("a row ends with a filler entry (code 0)", path, field)
+    bias = sections.get(f"{m.name}/bias")
+    return LayerCode(m.name, m.shape, m.weight_bits, m.index_bits, csr, np.asarray(sections[f"{m.name}/codebook"]),
+                     code_table, rel_table, bytes(cstream), m.code_nbits, bytes(rstream), m.rel_nbits,
+                     None if bias is None else np.asarray(bias))
+
+
+def read_codes(path) -> tuple[dict, list[LayerCode], dict]:
+    """Decode a .dnnz: (header dict, layer codes, other float32 arrays). The header is validated
+    against its schema (``header.py``) and every stream against the header before anything is
+    decoded; every problem is a DnnzError naming the file and the field or layer."""
+    raw, sections = container.read(path)
+    hdr = parse_header(raw, path)
+    check_sections(hdr, sections, path)
+    codes = [_decode_layer(m, sections, path) for m in hdr.layers]
+    others = {k[len("param/"):]: np.asarray(v) for k, v in sections.items() if k.startswith("param/")}
+    return raw, codes, others
+
+
+def _build(hdr, path) -> Sequential:
+    """The zoo model the validated header describes, checked against the header's layers."""
+    try:
+        model = build(hdr.builder, **hdr.kwargs)
+    except ValueError as e:
+        raise DnnzError(f"{hdr.builder} cannot be built from these arguments ({e})", path, "kwargs") from None
+    if model.name != hdr.model:
+        raise DnnzError(f"{hdr.builder} with kwargs {hdr.kwargs} builds {model.name!r}, the header says "
+                        f"{hdr.model!r}", path, "model")
+    names = prune.prunable_layers(model)
+    listed = [m.name for m in hdr.layers]
+    if sorted(listed) != sorted(names):
+        missing, extra = sorted(set(names) - set(listed)), sorted(set(listed) - set(names))
+        raise DnnzError(f"must list every prunable layer of {model.name} once (missing {missing}, not in the model "
+                        f"{extra})", path, "layers")
+    for m in hdr.layers:
+        layer = model[m.name]
+        if tuple(layer.params["weight"].shape) != m.shape:
+            raise DnnzError(f"shape {m.shape} in the file, the model's is {tuple(layer.params['weight'].shape)}",
+                            path, f"layers.{m.name}.shape")
+        if ("bias" in layer.params) != m.has_bias:
+            raise DnnzError(f"has_bias is {str(m.has_bias).lower()} but {m.name} of {model.name} "
+                            f"{'has' if 'bias' in layer.params else 'has no'} bias", path, f"layers.{m.name}.has_bias")
+    return model
 
 
 class CompressedLinear(Layer):
@@ -245,12 +283,23 @@ def load(path, sparse: bool = True) -> Sequential:
     codes) are decoded to dense weights. Inference only for the sparse layers."""
     header, codes, others = read_codes(path)
     be = get_backend()
-    model = build(header["builder"], **header.get("kwargs", {}))
+    model = _build(parse_header(header, path), path)
+    # every parameter and buffer comes from the file: none keeps its random initial value
+    compressed = {c.name for c in codes}
+    wanted = {f"{ln}.{k}": d for ln, layer in model.layers if ln not in compressed
+              for d in (layer.params, layer.buffers) for k in d}
+    wanted.update({f"{ln}.{k}": layer.buffers for ln, layer in model.layers if ln in compressed
+                   for k in layer.buffers})
+    missing, extra = sorted(set(wanted) - set(others)), sorted(set(others) - set(wanted))
+    if missing or extra:
+        raise DnnzError(f"param/ sections do not match {model.name} (missing {missing[:5]}, unexpected "
+                        f"{extra[:5]})", path, "sections")
+    for n, arr in others.items():
+        d, key = wanted[n], n.rsplit(".", 1)[1]
+        if tuple(d[key].shape) != arr.shape:
+            raise DnnzError(f"shape {arr.shape}, the model's is {tuple(d[key].shape)}", path, f"section 'param/{n}'")
     for c in codes:
         layer = model[c.name]
-        if tuple(layer.params["weight"].shape) != c.shape:
-            raise container.DnnzError(f"{path}: layer {c.name} has shape {c.shape} in the file, the model has "
-                                      f"{tuple(layer.params['weight'].shape)}")
         if sparse and isinstance(layer, Linear) and c.weight_bits <= 8:
             keep = c.csr.codes != 0  # drop fillers: they hold zeros
             cols = c.csr.columns()[keep]
@@ -265,12 +314,7 @@ def load(path, sparse: bool = True) -> Sequential:
             if c.bias is not None:
                 layer.params["bias"][...] = be.asarray(c.bias)
     for n, arr in others.items():
-        lname, key = n.rsplit(".", 1)
-        layer = model[lname]
-        d = layer.params if key in layer.params else layer.buffers
-        if key not in d or tuple(d[key].shape) != arr.shape:
-            raise container.DnnzError(f"{path}: parameter {n} does not fit the model")
-        d[key][...] = be.asarray(arr)
+        wanted[n][n.rsplit(".", 1)[1]][...] = be.asarray(arr)
     model.eval()
     return model
 

@@ -1,8 +1,11 @@
 """Fashion-MNIST (Xiao, Rasul and Vollgraf 2017; MIT licence) from its standard gzip IDX files.
 
-Where the full data set is looked for, in order: ``data_dir`` (the ``--data-dir`` flag), the
-``DNNPAR_DATA`` environment variable, ``~/.cache/dnnpar/fashion-mnist``, and
-``/usr/share/datasets/fashion-mnist`` (Debian/Ubuntu: ``apt-get install dataset-fashion-mnist``).
+Where the full data set is looked for: ``data_dir`` (the ``--data-dir`` flag) if given, and
+nowhere else (a folder that does not exist or lacks a file is a FileNotFoundError saying so);
+otherwise, in order, the ``DNNPAR_DATA`` environment variable, ``~/.cache/dnnpar/fashion-mnist``,
+and ``/usr/share/datasets/fashion-mnist`` (Debian/Ubuntu: ``apt-get install dataset-fashion-mnist``).
+The files are validated as Fashion-MNIST: (N, 28, 28) uint8 images, N uint8 labels in 0..9,
+N >= 1 in each split; anything else is an :class:`~dnnpar.errors.IDXError` naming the file.
 ``subset="embedded"`` uses the 6,000 + 1,000 image class-balanced sample shipped inside the
 package, so that demos and tests run offline anywhere.
 """
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import IDXError
 from .idx import read_idx
 
 FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
@@ -37,14 +41,32 @@ class Dataset:
     y_test: np.ndarray
     source: str
 
+    def __post_init__(self):
+        for split in ("train", "test"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if not isinstance(x, np.ndarray) or x.ndim != 4 or x.dtype.kind != "f":
+                raise TypeError(f"Dataset: x_{split} must be a float (N, C, H, W) array, got "
+                                f"{getattr(x, 'dtype', type(x).__name__)} of shape {getattr(x, 'shape', None)}")
+            if not isinstance(y, np.ndarray) or y.ndim != 1 or y.dtype.kind not in "iu":
+                raise TypeError(f"Dataset: y_{split} must be a 1-D integer array, got "
+                                f"{getattr(y, 'dtype', type(y).__name__)} of shape {getattr(y, 'shape', None)}")
+            if len(x) != len(y):
+                raise ValueError(f"Dataset: {len(x)} {split} images but {len(y)} labels")
+            if y.size and (int(y.min()) < 0 or int(y.max()) >= len(CLASSES)):
+                raise ValueError(f"Dataset: {split} labels must lie in 0..{len(CLASSES) - 1}, got "
+                                 f"[{int(y.min())}, {int(y.max())}]")
+        if not len(self.y_train):
+            raise ValueError("Dataset: the training split is empty")
+
     def __repr__(self):
         return f"<Fashion-MNIST {len(self.y_train)} train / {len(self.y_test)} test from {self.source}>"
 
 
 def search_path(data_dir=None) -> list[Path]:
-    places = []
+    """The folders :func:`locate` looks in: ``data_dir`` alone when given, else the defaults."""
     if data_dir:
-        places.append(Path(data_dir))
+        return [Path(data_dir)]
+    places = []
     if os.environ.get("DNNPAR_DATA"):
         places.append(Path(os.environ["DNNPAR_DATA"]))
     places += [Path.home() / ".cache" / "dnnpar" / "fashion-mnist", Path("/usr/share/datasets/fashion-mnist")]
@@ -59,11 +81,19 @@ def _find(folder: Path, stem: str) -> Path | None:
 
 
 def locate(data_dir=None) -> Path:
-    """The first folder of :func:`search_path` holding all four files."""
+    """The first folder of :func:`search_path` holding all four files; FileNotFoundError saying
+    where it looked (or what ``data_dir`` lacks) and how to get the data."""
     places = search_path(data_dir)
     for folder in places:
         if all(_find(folder, stem) for stem in FILES.values()):
             return folder
+    if data_dir:
+        folder = Path(data_dir)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"Fashion-MNIST not found: --data-dir {folder} is not a folder. To fix: {HOW_TO_GET}.")
+        missing = ", ".join(f"{stem}(.gz)" for stem in FILES.values() if not _find(folder, stem))
+        raise FileNotFoundError(f"Fashion-MNIST not found in --data-dir {folder}: missing {missing}. To fix: "
+                                f"{HOW_TO_GET}.")
     looked = "\n  ".join(str(p) for p in places)
     raise FileNotFoundError(f"Fashion-MNIST not found. Looked in:\n  {looked}\nTo fix: {HOW_TO_GET}.")
 
@@ -84,20 +114,23 @@ def load(data_dir=None, subset: str = "full") -> Dataset:
         folder = locate(data_dir)
     else:
         raise ValueError(f"unknown subset {subset!r}: 'full' or 'embedded'")
-    arrays = {}
+    arrays, paths = {}, {}
     for key, stem in FILES.items():
-        path = _find(folder, stem)
+        path = paths[key] = _find(folder, stem)
         if path is None:
             raise FileNotFoundError(f"{folder}: missing {stem}(.gz). {HOW_TO_GET}.")
         arrays[key] = read_idx(path, expect_ndim=3 if key.endswith("_x") else 1)
     for split in ("train", "test"):
         x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
+        px, py = paths[f"{split}_x"], paths[f"{split}_y"]
         if x.shape[1:] != (28, 28):
-            raise ValueError(f"{folder}: {split} images are {x.shape[1:]}, Fashion-MNIST's are 28x28")
+            raise IDXError(f"{split} images are {x.shape[1]}x{x.shape[2]}, Fashion-MNIST's are 28x28", px, "dimensions")
+        if len(x) == 0:
+            raise IDXError(f"the {split} split holds no images", px, "dimensions")
         if len(x) != len(y):
-            raise ValueError(f"{folder}: {len(x)} {split} images but {len(y)} labels")
-        if y.size and y.max() > 9:
-            raise ValueError(f"{folder}: {split} label {int(y.max())} is outside 0..9")
+            raise IDXError(f"{len(x)} {split} images in {px.name} but {len(y)} labels", py, "dimensions")
+        if y.max() > 9:
+            raise IDXError(f"{split} label {int(y.max())} is outside 0..9", py, "labels")
     return Dataset(_standardise(arrays["train_x"]), arrays["train_y"].astype(np.int64),
                    _standardise(arrays["test_x"]), arrays["test_y"].astype(np.int64), str(folder))
 

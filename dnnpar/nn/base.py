@@ -10,11 +10,14 @@ from __future__ import annotations
 import os
 import tempfile
 import zipfile
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..backend import compute_dtype, get_backend
+from ..errors import CheckpointError
 
 
 class Layer:
@@ -173,8 +176,11 @@ class Sequential(Layer):
         save_npz_atomic(path, {**{f"param/{k}": v for k, v in self.state_dict().items()}, **extra_arrays})
 
     def load(self, path) -> None:
-        arrays = load_npz(path)
-        self.load_state_dict({k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")})
+        """Load the parameters and buffers of a .npz written by :meth:`save` (or a training
+        checkpoint; its other members are ignored). CheckpointError if any is missing,
+        unexpected or of another shape or dtype, checked before any array is read."""
+        arrays = load_npz(path, lambda members, p: check_model_members(self, members, p))
+        self.load_state_dict({k[len("param/"):]: v for k, v in arrays.items()})
 
     def extra_repr(self):
         return "\n  " + "\n  ".join(f"({n}): {layer!r}" for n, layer in self.layers) + "\n"
@@ -196,14 +202,119 @@ def save_npz_atomic(path, arrays: dict) -> None:
         raise
 
 
-def load_npz(path) -> dict[str, np.ndarray]:
-    """Read an .npz written by :func:`save_npz_atomic` (pickle disabled); a corrupt or truncated
-    file is a ValueError naming it."""
+#: most elements one .npz member may hold (4 GiB of float32, beyond any zoo model's layer)
+MAX_NPZ_ELEMENTS = 2**30
+# deflate cannot expand data by more than about 1032:1, so a member claiming more is a lie
+_MAX_DEFLATE_RATIO = 1100
+
+
+@dataclass(frozen=True)
+class NpzMember:
+    """One member of an .npz, from its zip entry and .npy header (no data read yet)."""
+    shape: tuple
+    dtype: np.dtype
+    fortran_order: bool
+    info: zipfile.ZipInfo
+    data_offset: int  # bytes of .npy header before the data
+
+
+def _member_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path, name: str) -> NpzMember:
+    field = f"member {name!r}"
+    with zf.open(info) as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f".npy format version {version} is not 1.0 or 2.0")
+        except (ValueError, SyntaxError, TypeError, OverflowError, EOFError) as e:
+            raise CheckpointError(f"bad .npy header ({e})", path, field) from None
+        offset = f.tell()
+    if dtype.hasobject:
+        raise CheckpointError(f"holds Python objects ({dtype}); dnnpar never writes pickles", path, field)
+    count, nonzero = 1, 1
+    for d in shape:
+        count *= d
+        nonzero *= max(d, 1)
+    if count > MAX_NPZ_ELEMENTS or nonzero > 2**62:  # an empty shape may still be too large for NumPy
+        raise CheckpointError(f"claims shape {shape} ({count} elements, over the {MAX_NPZ_ELEMENTS} limit)", path,
+                              field)
+    if offset + count * dtype.itemsize != info.file_size:
+        raise CheckpointError(f"claims shape {shape} of {dtype} ({count * dtype.itemsize} bytes), the zip member "
+                              f"holds {info.file_size - offset}", path, field)
+    if info.compress_type != zipfile.ZIP_STORED and info.file_size > _MAX_DEFLATE_RATIO * info.compress_size + 4096:
+        raise CheckpointError(f"claims {info.file_size} bytes from {info.compress_size} compressed: not a real "
+                              "archive member", path, field)
+    return NpzMember(tuple(shape), dtype, fortran, info, offset)
+
+
+def load_npz(path, check=None) -> dict[str, np.ndarray]:
+    """Read an .npz written by :func:`save_npz_atomic` without trusting it: pickles are refused,
+    every member's .npy header is read and its claimed shape checked against the bytes the
+    member really holds before any array is allocated.
+
+    ``check(members, path)``, if given, sees {name: :class:`NpzMember`} before any data is read
+    and returns the names to read (it raises CheckpointError for members that do not fit).
+    A missing file is FileNotFoundError; everything else wrong is a CheckpointError naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such checkpoint: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic == b"\x93NUMPY":
+        raise CheckpointError("is a single .npy array, not an .npz checkpoint (save with Model.save / "
+                              "dnnpar.checkpoint.save_checkpoint)", path)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
-        raise ValueError(f"{path} is not a readable dnnpar .npz file (corrupt or truncated?): {e}") from e
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+            names = [i.filename for i in infos]
+            if len(set(names)) != len(names):
+                raise CheckpointError("the archive holds a member twice", path)
+            members = {}
+            for info in infos:
+                if not info.filename.endswith(".npy"):
+                    raise CheckpointError("is not an .npy array", path, f"member {info.filename!r}")
+                name = info.filename[:-4]
+                members[name] = _member_header(zf, info, path, name)
+            wanted = list(members) if check is None else check(members, path)
+            out = {}
+            for name in wanted:
+                m = members[name]
+                with zf.open(m.info) as f:
+                    f.seek(m.data_offset)
+                    nbytes = m.info.file_size - m.data_offset
+                    buf = f.read(nbytes)
+                if len(buf) != nbytes:
+                    raise CheckpointError(f"truncated ({len(buf)} of {nbytes} bytes)", path, f"member {name!r}")
+                arr = np.frombuffer(buf, m.dtype).reshape(m.shape, order="F" if m.fortran_order else "C")
+                out[name] = arr.copy()  # writable, and not tied to the file's bytes
+            return out
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError, KeyError, RuntimeError,
+            NotImplementedError, zlib.error) as e:
+        raise CheckpointError(f"not a readable dnnpar .npz file (corrupt or truncated?): {e}", path) from e
+
+
+def check_model_members(model: "Sequential", members: dict, path) -> list[str]:
+    """The ``param/`` members of an .npz index against ``model``: every parameter and buffer once,
+    float32, of the model's shape (CheckpointError naming the first that is missing, unexpected
+    or wrong). Returns the member names to read."""
+    own = {f"param/{n}": tuple(p.shape) for n, p, _ in model.named_parameters()}
+    own.update({f"param/{n}": tuple(b.shape) for n, b in model.named_buffers()})
+    have = {k for k in members if k.startswith("param/")}
+    missing, unexpected = sorted(set(own) - have), sorted(have - set(own))
+    if missing:
+        raise CheckpointError(f"{model.name} has {missing[0][6:]}, the checkpoint does not (missing {len(missing)}: "
+                              f"{', '.join(m[6:] for m in missing[:5])})", path, f"member {missing[0]!r}")
+    if unexpected:
+        raise CheckpointError(f"{model.name} has no parameter {unexpected[0][6:]} (a checkpoint of another model?)",
+                              path, f"member {unexpected[0]!r}")
+    for k, shape in own.items():
+        m = members[k]
+        if m.shape != shape or m.dtype != np.float32:
+            raise CheckpointError(f"{m.dtype} of shape {m.shape}, {model.name} needs float32 of shape {shape}", path,
+                                  f"member {k!r}")
+    return list(own)
