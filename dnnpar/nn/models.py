@@ -20,7 +20,7 @@ def lenet300(num_classes: int = 10, in_shape=(1, 28, 28), seed: int = 0) -> Sequ
 def lenet5(num_classes: int = 10, in_shape=(1, 28, 28), seed: int = 0) -> Sequential:
     """Caffe's LeNet: conv 20@5x5, pool, conv 50@5x5, pool, fc 500, ReLU, fc 10 (431,080 parameters)."""
     c, h, w = in_shape
-    flat = 50 * ((h - 4) // 2 - 4) // 2 * (((w - 4) // 2 - 4) // 2)
+    flat = 50 * (((h - 4) // 2 - 4) // 2) * (((w - 4) // 2 - 4) // 2)
     return Sequential(("conv1", Conv2d(c, 20, 5, seed=seed)), ("pool1", MaxPool2d(2)),
                       ("conv2", Conv2d(20, 50, 5, seed=seed + 1)), ("pool2", MaxPool2d(2)),
                       ("flatten", Flatten()),
