@@ -99,13 +99,13 @@ def longest_sum(model, batch: int) -> tuple[int, int]:
     every layer with weights, plus the loss)."""
     from dnnpar.nn.summary import summary
 
-    n, depth, shape = 1, 1, model.input_shape
+    n, depth, shapes = 1, 1, model.output_shapes()
     for r in summary(model, batch).rows:
         if r.params:
-            out, inn = int(np.prod(r.out_shape)), int(np.prod(shape))
+            out = int(np.prod(r.out_shape))
+            inn = int(np.prod(shapes[model.inputs_of[r.name][0]]))
             n = max(n, r.macs // out, -(-r.macs // inn), batch * out // r.out_shape[0])
             depth += 2
-        shape = r.out_shape
     return n, depth
 
 

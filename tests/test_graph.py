@@ -9,7 +9,7 @@ from dnnpar import nn
 from dnnpar.nn.graph import Add, Concat, Graph
 from dnnpar.nn.models import lenet5
 from conftest import KERNEL_BACKENDS
-from oracles import assert_reordered_close
+from oracles import assert_reordered_close, longest_sum
 
 
 def residual_net(seed=0):
@@ -91,9 +91,9 @@ def test_kernel_backends_equal_numpy(other, rng):
             model.backward(be.asarray(g))
             got[backend] = y, {n: be.to_numpy(gr) for n, _, gr in model.named_parameters()}
     (y0, g0), (y1, g1) = got["numpy"], got[other]
-    # float32 sums of at most 2*7*6 terms (a weight gradient) in another order, 6 layers with
-    # weights deep forward and back, plus the loss
-    sums, depth = 2 * 7 * 6, 2 * 6 + 1
+    # float32 sums of at most 2*7*6 terms (a weight gradient) in another order, through the
+    # layers with weights forward and back, plus the loss
+    sums, depth = longest_sum(residual_net(), 2)
     assert_reordered_close(y1, y0, sums, depth // 2, "logits")
     for n in g0:
         assert_reordered_close(g1[n], g0[n], sums, depth, n)
@@ -107,6 +107,13 @@ def test_shapes_parameters_and_summary():
         assert model.output_shape((3, 7, 6)) == (5,)
         want = 4 * 3 * 9 + 4 + 2 * (4 * 4 * 9 + 4) + 4 * 2 + 2 + 6 * 5 + 5
         assert model.num_parameters() == want
+        from dnnpar.nn.summary import summary
+        from oracles import longest_sum
+        table = summary(model, batch_size=2)
+        assert table.params == want and [r.name for r in table.rows] == [n for n, _ in model.layers]
+        assert table.rows[8].out_shape == (6, 7, 6) and table.rows[8].macs == 0   # the concat
+        assert table.macs == sum(layer.macs(*[shapes[i] for i in model.inputs_of[n]]) for n, layer in model.layers)
+        assert longest_sum(model, 2) == (2 * 7 * 6, 2 * 5 + 1)  # 5 layers with weights
         with pytest.raises(ValueError, match="expects input batches of shape"):
             model.forward(np.zeros((1, 3, 6, 6), np.float32))
 
@@ -115,7 +122,7 @@ def test_bad_wiring_is_refused():
     relu = nn.ReLU
     with pytest.raises(ValueError, match="reads 'b', which is neither the input"):
         Graph([("a", relu(), ["input"]), ("c", relu(), ["b"]), ("b", relu(), ["a"])])
-    with pytest.raises(ValueError, match="duplicate node name 'a'"):
+    with pytest.raises(ValueError, match="Graph: duplicate layer name 'a'"):
         Graph([("a", relu(), ["input"]), ("a", relu(), ["a"])])
     with pytest.raises(ValueError, match="takes 1 input"):
         Graph([("a", relu(), ["input", "input"])])
@@ -123,7 +130,7 @@ def test_bad_wiring_is_refused():
         Graph([("a", relu(), "input")])
     with pytest.raises(ValueError, match="output 'z' is not a node"):
         Graph([("a", relu(), ["input"])], output="z")
-    with pytest.raises(ValueError, match="at least one node"):
+    with pytest.raises(ValueError, match="needs at least one layer"):
         Graph([])
     with pytest.raises(ValueError, match="Add needs >= 2 inputs of one shape"):
         Add().forward(np.zeros((1, 2)), np.zeros((1, 3)))

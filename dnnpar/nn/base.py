@@ -65,28 +65,117 @@ def he_normal(rng: np.random.Generator, shape, fan_in: int, dtype=np.float32):
     return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(dtype)
 
 
-class Sequential(Layer):
-    """Layers applied in order. ``Sequential(("conv1", Conv2d(...)), ("relu1", ReLU()), ...)``;
-    bare layers get their index as name. ``input_shape`` (C, H, W) or (features,) lets the model
-    check its input and lets :func:`dnnpar.nn.summary` account for every layer."""
+class Graph(Layer):
+    """A model: a DAG of named layers wired by named inputs (residual adds, concatenations), run
+    forward and backward in topological order; :class:`Sequential` is its chain-shaped case.
 
-    def __init__(self, *layers, input_shape: tuple | None = None, name: str = "model"):
-        super().__init__()
-        self.layers: list[tuple[str, Layer]] = []
-        for i, item in enumerate(layers):
-            lname, layer = item if isinstance(item, tuple) else (str(i), item)
+    ``nodes``: ``(name, layer, [input names])`` in an order that is topological (every input is
+    the graph input, ``input_name``, or an earlier node); ``output``: the node whose result
+    ``forward`` returns (default: the last). A layer with one input has ``forward(x)`` /
+    ``backward(dy) -> dx``; one with several (``Add``, ``Concat``: ``arity`` None or > 1) has
+    ``forward(*xs)`` / ``backward(dy) -> tuple``. Backward sums the gradients of a tensor read by
+    several nodes. ``input_shape`` (C, H, W) or (features,) lets the model check its input and
+    lets :func:`dnnpar.nn.summary` account for every layer. ``model.layers`` lists ``(name,
+    layer)`` in order: parameters, buffers, checkpoints and compression work on it."""
+
+    def __init__(self, nodes, input_shape: tuple | None = None, name: str = "graph", output: str | None = None,
+                 input_name: str = "input"):
+        nodes = list(nodes)
+        if not nodes:
+            raise ValueError(f"{type(self).__name__}: needs at least one layer")
+        inputs_of = {}
+        for item in nodes:
+            if not (isinstance(item, (tuple, list)) and len(item) == 3):
+                raise TypeError(f"Graph: a node is (name, layer, [inputs]), got {item!r}")
+            lname, layer, ins = item
             if not isinstance(layer, Layer):
-                raise TypeError(f"Sequential: item {lname!r} is a {type(layer).__name__}, not a dnnpar layer")
-            if any(lname == n for n, _ in self.layers):
-                raise ValueError(f"Sequential: duplicate layer name {lname!r}")
-            self.layers.append((lname, layer))
+                raise TypeError(f"{type(self).__name__}: item {lname!r} is a {type(layer).__name__}, not a dnnpar layer")
+            if not isinstance(lname, str) or not lname or lname == input_name:
+                raise ValueError(f"Graph: node name {lname!r} must be a non-empty str other than {input_name!r}")
+            if isinstance(ins, str) or not all(isinstance(i, str) for i in ins) or not ins:
+                raise TypeError(f"Graph: node {lname!r}: inputs must be a non-empty list of names, got {ins!r}")
+            for i in ins:
+                if i != input_name and i not in inputs_of:
+                    raise ValueError(f"Graph: node {lname!r} reads {i!r}, which is neither the input {input_name!r} "
+                                     "nor an earlier node (list the nodes in topological order)")
+            if lname in inputs_of:
+                raise ValueError(f"{type(self).__name__}: duplicate layer name {lname!r}")
+            arity = getattr(layer, "arity", 1)
+            if arity is not None and len(ins) != arity:
+                raise ValueError(f"Graph: node {lname!r} ({type(layer).__name__}) takes {arity} input(s), "
+                                 f"got {len(ins)}: {list(ins)}")
+            inputs_of[lname] = list(ins)
+        super().__init__()
+        self.layers: list[tuple[str, Layer]] = [(lname, layer) for lname, layer, _ in nodes]
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         self.name = name
-        # Nothing upstream of the first trainable layer needs a gradient: backward stops there
-        # and that layer skips its input gradient (for a first conv, a whole col2im).
-        self.first_trainable = next((i for i, (_, layer) in enumerate(self.layers) if layer.params), None)
-        if self.first_trainable is not None:
-            self.layers[self.first_trainable][1].need_dx = False
+        self.input_name = input_name
+        self.inputs_of = inputs_of
+        self.output = output if output is not None else nodes[-1][0]
+        if self.output not in inputs_of:
+            raise ValueError(f"Graph: output {self.output!r} is not a node")
+        self._plan()
+
+    def _plan(self):
+        """Which nodes backward visits (those with a trainable layer at or upstream of them) and
+        which layers may skip their input gradient (nothing trainable upstream of them)."""
+        trainable_at = {}  # node -> a trainable layer is at or upstream of it
+        for lname, layer in self.layers:
+            upstream = any(trainable_at.get(i, False) for i in self.inputs_of[lname])
+            layer.need_dx = upstream
+            trainable_at[lname] = upstream or bool(layer.params)
+        self._on_grad_path = trainable_at
+        # the last node that reads each tensor: forward frees it afterwards
+        self._last_use = {}
+        for lname, _ in self.layers:
+            for i in self.inputs_of[lname]:
+                self._last_use[i] = lname
+
+    def forward(self, x):
+        self.check_input(x)
+        env = {self.input_name: x}
+        for lname, layer in self.layers:
+            ins = self.inputs_of[lname]
+            env[lname] = layer.forward(*[env[i] for i in ins])
+            for i in ins:
+                if self._last_use.get(i) == lname and i != self.output:
+                    del env[i]
+        return env[self.output]
+
+    def backward(self, dy):
+        """Back-propagate dL/d(output): fills every layer's grads, summing the gradient of each
+        tensor over the nodes that read it. Returns None (the input gets no gradient)."""
+        grads = {self.output: dy}
+        for lname, layer in reversed(self.layers):
+            g = grads.pop(lname, None)
+            if g is None or not self._on_grad_path[lname]:
+                continue
+            dxs = layer.backward(g)
+            ins = self.inputs_of[lname]
+            if len(ins) == 1 or getattr(layer, "arity", 1) == 1:
+                dxs = (dxs,)
+            for i, dx in zip(ins, dxs):
+                if dx is None or i == self.input_name or not self._on_grad_path[i]:
+                    continue
+                grads[i] = dx if i not in grads else grads[i] + dx
+        return None
+
+    def output_shapes(self) -> dict:
+        """Each node's output shape (one sample) from ``input_shape``."""
+        if self.input_shape is None:
+            raise ValueError(f"{self.name} has no input_shape")
+        shapes = {self.input_name: self.input_shape}
+        for lname, layer in self.layers:
+            ins = [shapes[i] for i in self.inputs_of[lname]]
+            shapes[lname] = layer.output_shape(*ins)
+        return shapes
+
+    def output_shape(self, in_shape):
+        saved, self.input_shape = self.input_shape, tuple(in_shape)
+        try:
+            return self.output_shapes()[self.output]
+        finally:
+            self.input_shape = saved
 
     def __getitem__(self, name: str) -> Layer:
         for n, layer in self.layers:
@@ -105,20 +194,6 @@ class Sequential(Layer):
         if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"{self.name} expects input batches of shape (N, {', '.join(map(str, self.input_shape))}), "
                              f"got {tuple(x.shape)}")
-
-    def forward(self, x):
-        self.check_input(x)
-        for _, layer in self.layers:
-            x = layer.forward(x)
-        return x
-
-    def backward(self, dy):
-        """Back-propagate dL/dy; fills every layer's grads. Returns None (no layer before the first
-        trainable one needs a gradient), so the model's input gets no gradient."""
-        stop = self.first_trainable or 0
-        for _, layer in reversed(self.layers[stop:]):
-            dy = layer.backward(dy)
-        return None
 
     def train(self, mode: bool = True):
         for _, layer in self.layers:
@@ -142,11 +217,6 @@ class Sequential(Layer):
 
     def num_parameters(self) -> int:
         return int(sum(p.size for _, p, _ in self.named_parameters()))
-
-    def output_shape(self, in_shape):
-        for _, layer in self.layers:
-            in_shape = layer.output_shape(in_shape)
-        return in_shape
 
     # -------------------------------------------------------------- persistence (.npz, never pickle)
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -183,8 +253,22 @@ class Sequential(Layer):
         self.load_state_dict({k[len("param/"):]: v for k, v in arrays.items()})
 
     def extra_repr(self):
-        return "\n  " + "\n  ".join(f"({n}): {layer!r}" for n, layer in self.layers) + "\n"
+        return "\n  " + "\n  ".join(f"({n}): {layer!r} <- {', '.join(self.inputs_of[n])}"
+                                     for n, layer in self.layers) + "\n"
 
+
+class Sequential(Graph):
+    """Layers applied in order: ``Sequential(("conv1", Conv2d(...)), ("relu1", ReLU()), ...)``;
+    bare layers get their index as name. A :class:`Graph` whose every node reads the previous one."""
+
+    def __init__(self, *layers, input_shape: tuple | None = None, name: str = "model"):
+        named = [item if isinstance(item, tuple) else (str(i), item) for i, item in enumerate(layers)]
+        for item in named:
+            if len(item) != 2:
+                raise TypeError(f"Sequential: an item is a layer or (name, layer), got {item!r}")
+        prev = ["input"] + [str(n) for n, _ in named[:-1]]
+        super().__init__([(n, layer, [p]) for (n, layer), p in zip(named, prev)], input_shape=input_shape,
+                         name=name)
 
 def save_npz_atomic(path, arrays: dict) -> None:
     """Write an .npz through a temporary file and a rename: a reader never sees half a file."""

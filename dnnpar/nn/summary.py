@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import Sequential
+from .base import Graph
 from .conv import Conv2d, DepthwiseConv2d
 from .layers import BatchNorm2d, Dropout, Linear, MaxPool2d, ReLU
 
@@ -92,16 +92,16 @@ def _mb(b: int) -> str:
     return f"{b / 2**20:,.2f} MiB" if b >= 2**20 else f"{b / 2**10:,.1f} KiB"
 
 
-def summary(model: Sequential, batch_size: int = 1) -> Summary:
+def summary(model: Graph, batch_size: int = 1) -> Summary:
     if model.input_shape is None:
         raise ValueError(f"{model.name} has no input_shape: cannot account for its layers")
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    rows, shape = [], model.input_shape
+    rows, shapes = [], {model.input_name: model.input_shape}
     for name, layer in model.layers:
-        out = layer.output_shape(shape)
+        ins = [shapes[i] for i in model.inputs_of[name]]
+        out = shapes[name] = tuple(layer.output_shape(*ins))
         params = int(sum(p.size for p in layer.params.values()))
-        rows.append(LayerRow(name, type(layer).__name__, tuple(out), params, int(layer.macs(shape)),
-                             int(np.prod(out)) * F32, _saved_bytes(layer, shape, out)))
-        shape = out
+        rows.append(LayerRow(name, type(layer).__name__, out, params, int(layer.macs(*ins)),
+                             int(np.prod(out)) * F32, _saved_bytes(layer, ins[0], out)))
     return Summary(model.name, batch_size, rows, model.input_shape)
