@@ -81,6 +81,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ParallelError
+
 #: the driver gives up, with an error, when no shard applied an update for this long
 STALL_SECONDS = float(os.environ.get("DNNPAR_PS_STALL_SECONDS", "300"))
 #: how long a worker keeps retrying a call to a server that died (Ray restarts it meanwhile)
@@ -581,6 +583,21 @@ def _call_server(ray, server, method: str, *args, retry_s: float = RETRY_SECONDS
             time.sleep(0.2)
 
 
+def _first_line(e) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _task_cause(e, who: str) -> BaseException:
+    """The exception a Ray task raised, as itself where it is one of dnnpar's documented kinds
+    (a FloatingPointError from a diverging worker, say); else a ParallelError naming ``who``."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, (ValueError, FloatingPointError, TimeoutError, ConnectionError, OSError, ParallelError)):
+        return cause
+    what = f"{type(cause).__name__}: {cause}" if cause is not None else _first_line(e)
+    return ParallelError(f"{who} failed: {_first_line(what)}", str(e))
+
+
 def run_parameter_server(cfg, workers: int, servers: int, consistency: str = "asp", address: str | None = None,
                          out=print, data=None, fail: dict | None = None, checkpoint_every: int = 50,
                          progress: bool = True):
@@ -675,8 +692,10 @@ def run_parameter_server(cfg, workers: int, servers: int, consistency: str = "as
                     try:
                         results.append(ray.get(ref))
                         acks[w] = results[-1]["acks"]
-                    except ray.exceptions.RayTaskError:
-                        raise   # the worker raised (diverged, gave up on a dead server): not a death
+                    except ray.exceptions.RayTaskError as e:
+                        # the worker raised (diverged, gave up on a dead server): not a death; its own
+                        # exception, without Ray's remote traceback around it
+                        raise _task_cause(e, f"parameter server worker {w}") from None
                     except ray.exceptions.RayActorError:
                         dead.append(w)
                         alive.remove(w)
@@ -721,7 +740,8 @@ def run_parameter_server(cfg, workers: int, servers: int, consistency: str = "as
             history.records.append(rec)
             out(history.row(rec))
             if not alive:
-                raise RuntimeError(f"every worker died by epoch {epoch}")
+                raise ParallelError(f"parameter server: every worker died by epoch {epoch} ({len(dead)} of {workers} "
+                                    "killed or lost); nothing is left to train")
         stats = [_call_server(ray, s, "stats") for s in shards]
         staleness, lag = Counter(), Counter()
         for st in stats:
@@ -739,6 +759,11 @@ def run_parameter_server(cfg, workers: int, servers: int, consistency: str = "as
                           [None if dead else max(0, a - v) for a, v in zip(acked, versions)], str(run_dir))
         out(report.render())
         return model, report
+    except ray.exceptions.RayTaskError as e:
+        raise _task_cause(e, "parameter server") from None
+    except ray.exceptions.RayError as e:   # the raylet, GCS or an actor's node went away
+        raise ParallelError(f"parameter server: the Ray cluster failed ({type(e).__name__}: "
+                            f"{_first_line(e)}); Ray's own logs are in its session folder", str(e)) from None
     finally:
         for a in actors:
             try:
