@@ -157,7 +157,8 @@ def _train(args) -> int:
             from .parallel.ps import run_parameter_server
             model, report = run_parameter_server(cfg, workers=args.workers, servers=args.servers,
                                                  consistency=args.consistency, address=args.address,
-                                                 checkpoint_every=args.ps_checkpoint_every, progress=not args.quiet)
+                                                 checkpoint_every=args.ps_checkpoint_every, progress=not args.quiet,
+                                                 on_cluster_loss=_exit_with)
         from dataclasses import asdict
 
         from .checkpoint import save_checkpoint
@@ -488,6 +489,18 @@ def _error_line(e: BaseException) -> tuple[str, int] | None:
 def _parallel_error():
     from .errors import ParallelError
     return ParallelError
+
+
+def _exit_with(message: str) -> None:
+    """End the process now with ``message`` as the one error line (a watcher thread's last word
+    when what the run stands on is gone: nothing in this process can go on)."""
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+    sys.stderr.write(f"dnnpar: error: {ck.one_line(message)}\n")
+    sys.stderr.flush()
+    os._exit(2)
 
 
 def _quiet_stdout() -> None:

@@ -583,6 +583,33 @@ def _call_server(ray, server, method: str, *args, retry_s: float = RETRY_SECONDS
             time.sleep(0.2)
 
 
+def _watch_raylet(ray, on_loss):
+    """Watch this process's local raylet, if it started one; when it dies, call ``on_loss`` with
+    a one-line message (from a watcher thread: Ray's driver exits on its own a few seconds after
+    its raylet, with nothing but Ray's log, so the caller must say what happened first). Returns
+    the Event that stops the watch (set it before ``ray.shutdown``, which ends the raylet), or None."""
+    import threading
+
+    node = getattr(getattr(ray, "_private", None) and ray._private.worker, "_global_node", None)
+    procs = getattr(node, "all_processes", {}).get("raylet") if node is not None else None
+    if not procs or getattr(procs[0], "process", None) is None:
+        return None
+    proc, stop = procs[0].process, threading.Event()
+
+    def watch():
+        while not stop.wait(0.25):
+            if proc.poll() is not None:
+                code = proc.returncode
+                how = (f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals()
+                       else f"exited with code {code}")
+                on_loss(f"parameter server: Ray's raylet (pid {proc.pid}) {how}; the workers and shards it ran "
+                        "are gone, so the run stops")
+                return
+
+    threading.Thread(target=watch, name="dnnpar-raylet-watch", daemon=True).start()
+    return stop
+
+
 def _first_line(e) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return lines[0] if lines else type(e).__name__
@@ -600,15 +627,18 @@ def _task_cause(e, who: str) -> BaseException:
 
 def run_parameter_server(cfg, workers: int, servers: int, consistency: str = "asp", address: str | None = None,
                          out=print, data=None, fail: dict | None = None, checkpoint_every: int = 50,
-                         progress: bool = True):
+                         progress: bool = True, on_cluster_loss=None):
     """Train ``cfg.model`` with ``workers`` Ray worker actors and ``servers`` parameter shards.
 
     ``consistency``: "bsp" | "asp" | "ssp:S". ``address``: None starts a local Ray (session files
     under ``cache_dir("ray")``); else the cluster to join ("host:port", "ray://host:port",
     "auto"). When Ray is already initialized in this process it is used as it is and left running.
     ``data``: a loaded Dataset (default ``cfg.subset`` through ``cfg.data_dir``). ``fail``: fault
-    injection (see the module docstring). Returns ``(model, PSReport)``: the model holds the
-    servers' final parameters."""
+    injection (see the module docstring). ``on_cluster_loss``: called (from a watcher thread) with
+    a one-line message when the local raylet this process started dies; the CLI prints it and
+    exits, since Ray's driver exits by itself soon after. Returns ``(model, PSReport)``: the model
+    holds the servers' final parameters. A run whose workers all died, or whose Ray cluster
+    failed, raises ParallelError; a worker's own error (a diverging loss) is raised as itself."""
     from .. import backend as _backend
     from ..data import fashion_mnist
     from ..nn.optim import make_schedule
@@ -645,6 +675,7 @@ def run_parameter_server(cfg, workers: int, servers: int, consistency: str = "as
     run_dir = cache_dir("ps") / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{time.monotonic_ns() % 10**6}"
     run_dir.mkdir(parents=True)
     actors = []
+    watch = _watch_raylet(ray, on_cluster_loss) if on_cluster_loss is not None else None
     try:
         t_start = time.perf_counter()
         init = layout.gather_params(model, out=np.empty(layout.size, np.float32))
@@ -765,6 +796,8 @@ def run_parameter_server(cfg, workers: int, servers: int, consistency: str = "as
         raise ParallelError(f"parameter server: the Ray cluster failed ({type(e).__name__}: "
                             f"{_first_line(e)}); Ray's own logs are in its session folder", str(e)) from None
     finally:
+        if watch is not None:
+            watch.set()
         for a in actors:
             try:
                 ray.kill(a, no_restart=True)
