@@ -30,6 +30,13 @@ class ArgumentParser(argparse.ArgumentParser):
         k.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         super().__init__(*a, **k)
 
+    def _get_values(self, action, arg_strings):
+        # argparse drops a '--' given as an option's value ('--epochs=--') and hands the option an
+        # empty list, unconverted: refuse it as the missing value it is
+        if action.nargs in (None, argparse.OPTIONAL) and arg_strings == ["--"] and action.option_strings:
+            raise argparse.ArgumentError(action, "expected one argument ('--' is not a value)")
+        return super()._get_values(action, arg_strings)
+
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {ck.one_line(message)}\n")
 
@@ -223,7 +230,6 @@ def _compress(args) -> int:
 
     if Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(f"--out {args.out} exists: --overwrite replaces it")
-    _check_data(args.subset, args.data_dir)
     be = _set_backend(args)
     model = _load_checkpoint_model(args)
     quality = ck.quality_for(args.quality, prune.prunable_layers(model), DEFAULT_QUALITY, model.name)
@@ -233,6 +239,7 @@ def _compress(args) -> int:
                          lr=args.lr, finetune_lr=args.finetune_lr, weight_decay=args.weight_decay,
                          seed=args.seed)
     cfg.validate(model)
+    _check_data(args.subset, args.data_dir)
     data = fashion_mnist.load(args.data_dir, args.subset)
     print(f"compressing {model.name} from {args.checkpoint} on {data!r}" + (f", backend {be.name}" if be else ""))
     from .backend import get_backend
@@ -260,11 +267,11 @@ def _sensitivity(args) -> int:
     from .data import fashion_mnist
     from .train import evaluate
 
-    _check_data(args.subset, args.data_dir)
     _set_backend(args)
     model = _load_checkpoint_model(args)
     if args.layers:
         ck.check_layers(args.layers, prune.prunable_layers(model), model.name, "--layers")
+    _check_data(args.subset, args.data_dir)
     data = fashion_mnist.load(args.data_dir, args.subset)
     if args.limit:
         data = fashion_mnist.Dataset(data.x_train, data.y_train, data.x_test[:args.limit], data.y_test[:args.limit],
