@@ -144,6 +144,15 @@ def existing_dir(text) -> str:
     return str(text)
 
 
+def data_dir(text) -> str:
+    """``type=`` for --data-dir: an existing folder (whether it holds the files is checked before
+    the work starts, and a folder without them is never replaced by another)."""
+    try:
+        return existing_dir(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"Fashion-MNIST not found: {e}") from None
+
+
 def check_writable(path, create_parent: bool = False) -> None:
     """OSError (FileNotFoundError, IsADirectoryError, PermissionError) unless a file can be
     written at ``path``: its folder exists (made when ``create_parent``), the path is not a

@@ -337,7 +337,7 @@ def build_parser() -> ArgumentParser:
     def data(p, subset="full"):
         p.add_argument("--subset", choices=("full", "embedded"), default=subset,
                        help="full: the 70,000 images (see --data-dir); embedded: the sample inside the package")
-        p.add_argument("--data-dir", type=ck.existing_dir, default=None,
+        p.add_argument("--data-dir", type=ck.data_dir, default=None,
                        help="folder with the four Fashion-MNIST .gz files (None: $DNNPAR_DATA, "
                             "~/.cache/dnnpar/fashion-mnist, /usr/share/datasets/fashion-mnist)")
 
@@ -453,7 +453,7 @@ def build_parser() -> ArgumentParser:
     ev.add_argument("--dense", action="store_true", help="decode every layer to dense weights instead")
     ev.add_argument("--subset", choices=("full", "embedded"), default=None,
                     help="None: the data set the file was compressed on (recorded in it), else full")
-    ev.add_argument("--data-dir", type=ck.existing_dir, default=None,
+    ev.add_argument("--data-dir", type=ck.data_dir, default=None,
                     help="folder with the four Fashion-MNIST .gz files (None: as recorded, else the search path)")
     ev.set_defaults(fn=_evaluate)
 

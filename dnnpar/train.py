@@ -81,6 +81,10 @@ class History:
                 f"{r.images_per_s:>9.0f} {r.seconds:>7.1f}")
 
 
+# tqdm's default with the label's colon dropped: "epoch 2/10  50%|###   | 47/94 [...]"
+BAR_FORMAT = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+
+
 class _LineStream:
     """A log file seen through tqdm: each redraw becomes one line (tqdm redraws with a carriage
     return, which a CI log shows as one long line)."""
@@ -115,7 +119,7 @@ class ProgressBar:
         # a log: a line at each quarter and the last, none at 0%
         kw = dict(file=stream, dynamic_ncols=True) if tty else dict(
             file=_LineStream(stream), mininterval=0, ncols=80, miniters=max(1, total // 4), delay=1e-6)
-        self.bar = tqdm(total=total, desc=label, unit="batch", **kw)
+        self.bar = tqdm(total=total, desc=label, unit="batch", bar_format=BAR_FORMAT, **kw)
 
     def update(self, done: int, loss: float | None = None) -> None:
         if self.bar is None:

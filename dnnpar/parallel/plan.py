@@ -315,7 +315,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parsed (:mod:`dnnpar.argcheck`)."""
     from .. import argcheck as ck
 
-    p.add_argument("--model", default="vgg16", choices=model_names(), help="the zoo model")
+    p.add_argument("--model", default="vgg16", help=f"one of {', '.join(model_names())}")
     p.add_argument("--workers", type=ck.int_range(1, 1 << 20), default=8, help="GPUs / workers N")
     p.add_argument("--bandwidth", type=ck.positive_float, default=25.0, help="link bandwidth per worker, Gb/s")
     p.add_argument("--latency", type=ck.nonneg_float, default=5.0, help="per-message latency alpha, microseconds")
