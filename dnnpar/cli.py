@@ -70,9 +70,16 @@ def _check_data(subset: str, data_dir) -> None:
 
 def _checkpoint_model(path, model) -> str:
     """The zoo model a checkpoint holds; ``model`` (a --model flag, or None) must agree."""
-    from .checkpoint import read_meta
+    from .checkpoint import parse_meta
+    from .errors import CheckpointError
+    from .nn.base import load_npz
 
-    held = read_meta(path).model
+    arrays = load_npz(path)
+    if "meta" not in arrays:  # bare weights (model.save): they say nothing of the model
+        if model is None:
+            raise CheckpointError("holds weights only, no record of the model: give --model", path, "meta")
+        return model
+    held = parse_meta(arrays, path).model
     if model is not None and model != held:
         raise ValueError(f"--model {model}: {path} holds a {held} (leave --model out to use it)")
     return held
