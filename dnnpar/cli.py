@@ -33,7 +33,8 @@ class ArgumentParser(argparse.ArgumentParser):
     def _get_values(self, action, arg_strings):
         # argparse drops a '--' given as an option's value ('--epochs=--') and hands the option an
         # empty list, unconverted: refuse it as the missing value it is
-        if action.nargs in (None, argparse.OPTIONAL) and arg_strings == ["--"] and action.option_strings:
+        if action.option_strings and arg_strings == ["--"] and action.nargs not in (argparse.PARSER,
+                                                                                    argparse.REMAINDER):
             raise argparse.ArgumentError(action, "expected one argument ('--' is not a value)")
         return super()._get_values(action, arg_strings)
 
