@@ -1,11 +1,123 @@
-"""The ``dnnpar`` command."""
+"""The ``dnnpar`` command.
+
+Every argument is checked where it is parsed (:mod:`dnnpar.argcheck` ``type=`` functions) and
+every file a command reads or writes is checked before the long work starts. A bad argument is
+one line ``dnnpar CMD: error: argument --x: ...`` and exit status 2; an error found while running
+(a file, a data set, a diverging run, a parallel fault) is one line ``dnnpar: error: ...`` and
+status 2; Ctrl-C exits 130; a bug is ``dnnpar: internal error: ...`` and status 1 (the traceback
+with ``DNNPAR_DEBUG=1``). Never a traceback otherwise.
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from . import argcheck as ck
 
+# per-strategy learning rates: asynchronous updates (ps) apply stale gradients, which diverge
+# at the synchronous rate
+DEFAULT_LR = {"none": 0.01, "data": 0.01, "hogwild": 0.01, "ps": 0.005}
+DEFAULT_QUALITY = 1.0
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line usage error (``PROG: error: MESSAGE``, exit 2) and every default
+    shown in --help."""
+
+    def __init__(self, *a, **k):
+        k.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*a, **k)
+
+    def _get_values(self, action, arg_strings):
+        # argparse drops a '--' given as an option's value ('--epochs=--') and hands the option an
+        # empty list, unconverted: refuse it as the missing value it is
+        if action.option_strings and arg_strings == ["--"] and action.nargs not in (argparse.PARSER,
+                                                                                    argparse.REMAINDER):
+            raise argparse.ArgumentError(action, "expected one argument ('--' is not a value)")
+        return super()._get_values(action, arg_strings)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {ck.one_line(message)}\n")
+
+
+def _say(*a):
+    print(*a, flush=True)
+
+
+# ---------------------------------------------------------------------------- pre-flight checks
+def _check_data(subset: str, data_dir) -> None:
+    """The data set a command will read is there, before any work. An explicit --data-dir is
+    never replaced by another folder of the search path."""
+    from .data import fashion_mnist
+
+    if subset == "embedded":
+        if data_dir is not None:
+            raise ValueError("--data-dir is for --subset full; --subset embedded uses the sample inside the package")
+        return
+    if data_dir is None:
+        fashion_mnist.locate()  # FileNotFoundError listing where it looked and how to get it
+        return
+    try:
+        found = fashion_mnist.locate(data_dir)
+    except FileNotFoundError:
+        found = None
+    if found is None or Path(found).resolve() != Path(data_dir).resolve():
+        raise FileNotFoundError(f"--data-dir {data_dir}: the four Fashion-MNIST files (train-images-idx3-ubyte.gz, "
+                                "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) "
+                                "are not all there")
+
+
+def _checkpoint_model(path, model) -> str:
+    """The zoo model a checkpoint holds; ``model`` (a --model flag, or None) must agree."""
+    from .checkpoint import parse_meta
+    from .errors import CheckpointError
+    from .nn.base import load_npz
+
+    arrays = load_npz(path)
+    if "meta" not in arrays:  # bare weights (model.save): they say nothing of the model
+        if model is None:
+            raise CheckpointError("holds weights only, no record of the model: give --model", path, "meta")
+        return model
+    held = parse_meta(arrays, path).model
+    if model is not None and model != held:
+        raise ValueError(f"--model {model}: {path} holds a {held} (leave --model out to use it)")
+    return held
+
+
+def _free_name(path: Path) -> Path:
+    k = 2
+    while path.with_name(f"{path.stem}-{k}{path.suffix}").exists():
+        k += 1
+    return path.with_name(f"{path.stem}-{k}{path.suffix}")
+
+
+def _train_checkpoint(args) -> tuple[str, str | None]:
+    """The checkpoint this run writes, and a note to print when it is not the default one.
+    --resume: the file must be this model's. Otherwise an existing file is another run's: an
+    explicit --checkpoint is refused, the default name moves to the next free one (MODEL-2.npz),
+    unless --overwrite."""
+    explicit = args.checkpoint is not None
+    path = Path(args.checkpoint or f"checkpoints/{args.model}.npz")
+    note = None
+    if path.is_dir():
+        raise IsADirectoryError(f"--checkpoint {path}: is a folder; give a file name")
+    if args.resume:
+        if not path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+        _checkpoint_model(path, args.model)
+    elif path.exists() and not args.overwrite:
+        if explicit:
+            raise FileExistsError(f"--checkpoint {path} exists (another run's): --resume continues it, "
+                                  "--overwrite replaces it")
+        old, path = path, _free_name(path)
+        note = f"{old} exists (another run's): this run writes {path} (--resume continues {old}, --overwrite replaces it)"
+    ck.check_writable(path, create_parent=not explicit)
+    return str(path), note
+
+
+# ---------------------------------------------------------------------------- commands
 def _demo(args) -> int:
     from .demo import training_demo
 
@@ -34,17 +146,25 @@ def _summary(args) -> int:
 def _train(args) -> int:
     from .train import TrainConfig, train
 
-    cfg = TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+    if args.parallel in ("hogwild", "ps") and args.resume:
+        # their workers start from the model's initialisation: refuse rather than ignore
+        raise ValueError(f"--resume is not supported with --parallel {args.parallel} (it continues a "
+                         "single-process or --parallel data run)")
+    lr = DEFAULT_LR[args.parallel] if args.lr is None else args.lr
+    cfg = TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
                       momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay,
                       schedule=args.schedule, seed=args.seed, subset=args.subset, data_dir=args.data_dir,
                       backend=args.backend)
-    checkpoint = args.checkpoint or f"checkpoints/{args.model}.npz"
+    cfg.validate()
+    _check_data(args.subset, args.data_dir)
     if args.parallel == "data":
-        return _train_data_parallel(args, cfg, checkpoint)
+        return _train_data_parallel(args, cfg)
+    checkpoint, note = _train_checkpoint(args)
+    if note:
+        _say(note)
+    if args.lr is None and args.parallel != "none":
+        _say(f"learning rate {lr:g} (the --parallel {args.parallel} default; --lr sets another)")
     if args.parallel in ("hogwild", "ps"):
-        if args.resume:  # their workers start from the model's initialisation: refuse rather than ignore
-            raise ValueError(f"--resume is not supported with --parallel {args.parallel} (it continues a "
-                             "single-process or --parallel data run)")
         if args.parallel == "hogwild":
             from .parallel.hogwild import run_hogwild
             model, report = run_hogwild(cfg, workers=args.workers, progress=not args.quiet)
@@ -52,8 +172,8 @@ def _train(args) -> int:
             from .parallel.ps import run_parameter_server
             model, report = run_parameter_server(cfg, workers=args.workers, servers=args.servers,
                                                  consistency=args.consistency, address=args.address,
-                                                 checkpoint_every=args.ps_checkpoint_every, progress=not args.quiet)
-        Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
+                                                 checkpoint_every=args.ps_checkpoint_every, progress=not args.quiet,
+                                                 on_cluster_loss=_exit_with)
         from dataclasses import asdict
 
         from .checkpoint import save_checkpoint
@@ -69,18 +189,21 @@ def _train(args) -> int:
     return 0
 
 
-def _train_data_parallel(args, cfg, checkpoint) -> int:
+def _train_data_parallel(args, cfg) -> int:
     """One rank of `mpiexec -n N dnnpar train --parallel data`: any failure ends the whole job."""
-    from .parallel.comm import make_communicator
-    from .parallel.data_parallel import run_data_parallel
+    from .parallel.comm import DEFAULT_TIMEOUT, launched_by_mpiexec, make_communicator
+    from .parallel.data_parallel import DEFAULT_BUCKET_MB, run_data_parallel
 
     if cfg.backend:  # before the communicator: "auto" picks NCCL for the cuda backend
         from .backend import set_backend
         set_backend(cfg.backend)
-    from .parallel.comm import DEFAULT_TIMEOUT
-    from .parallel.data_parallel import DEFAULT_BUCKET_MB
-
     comm = make_communicator(args.comm, timeout=DEFAULT_TIMEOUT if args.timeout is None else args.timeout)
+    checkpoint, note = _train_checkpoint(args)   # every rank the same name; rank 0 alone writes it
+    if comm.rank == 0:
+        if comm.size == 1 and not launched_by_mpiexec():
+            _say("--parallel data: running a single rank (start with mpiexec -n N for more)")
+        if note:
+            _say(note)
     bucket_mb = DEFAULT_BUCKET_MB if args.bucket_mb is None else args.bucket_mb
     _, _, par = run_data_parallel(cfg, comm, bucket_mb=bucket_mb, checkpoint=checkpoint, resume=args.resume,
                                   plot=args.plot, progress=not args.quiet)
@@ -90,25 +213,41 @@ def _train_data_parallel(args, cfg, checkpoint) -> int:
     return 0
 
 
-def _compress(args) -> int:
-    import json
-
-    from .compress.pipeline import CompressConfig, compress, save
-    from .data import fashion_mnist
+def _load_checkpoint_model(args):
+    """(model, name) for --checkpoint: the model the checkpoint records (--model, if given, must
+    agree), its weights loaded."""
     from .nn.models import build
 
-    be = None
+    name = _checkpoint_model(args.checkpoint, args.model)
+    model = build(name) if name in ("lenet300", "lenet5") else build(name, num_classes=10)
+    model.load(args.checkpoint)
+    return model
+
+
+def _set_backend(args):
     if args.backend:
         from .backend import set_backend
-        be = set_backend(args.backend)
-    quality = json.loads(args.quality) if args.quality.strip().startswith("{") else float(args.quality)
+        return set_backend(args.backend)
+    return None
+
+
+def _compress(args) -> int:
+    from .compress import prune
+    from .compress.pipeline import CompressConfig, compress, save
+    from .data import fashion_mnist
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"--out {args.out} exists: --overwrite replaces it")
+    be = _set_backend(args)
+    model = _load_checkpoint_model(args)
+    quality = ck.quality_for(args.quality, prune.prunable_layers(model), DEFAULT_QUALITY, model.name)
     cfg = CompressConfig(quality=quality, cycles=args.cycles, retrain_epochs=args.retrain_epochs,
                          finetune_epochs=args.finetune_epochs, conv_bits=args.conv_bits, fc_bits=args.fc_bits,
                          conv_index_bits=args.conv_index_bits, fc_index_bits=args.fc_index_bits, init=args.init,
                          lr=args.lr, finetune_lr=args.finetune_lr, weight_decay=args.weight_decay,
                          seed=args.seed)
-    model = build(args.model)
-    model.load(args.checkpoint)
+    cfg.validate(model)
+    _check_data(args.subset, args.data_dir)
     data = fashion_mnist.load(args.data_dir, args.subset)
     print(f"compressing {model.name} from {args.checkpoint} on {data!r}" + (f", backend {be.name}" if be else ""))
     from .backend import get_backend
@@ -118,7 +257,8 @@ def _compress(args) -> int:
         from .compress.encode import plot_histograms
         plot_histograms({k.rsplit(".", 1)[0]: v for k, v in before.items()}, codes, args.plot)
         print(f"weight histograms written to {args.plot}")
-    save(args.out, model, codes, meta={"accuracy": log, "config": cfg.__dict__})
+    save(args.out, model, codes, meta={"accuracy": log, "config": cfg.__dict__,
+                                       "data": {"subset": args.subset, "data_dir": args.data_dir}})
     print(report.table())
     print(f"accuracy: {100 * log['baseline']:.2f}% dense -> {100 * log['final']:.2f}% compressed "
           f"({100 * (log['final'] - log['baseline']):+.2f} points); wrote {args.out}")
@@ -133,25 +273,20 @@ def _plan(args) -> int:
 def _sensitivity(args) -> int:
     from .compress import prune
     from .data import fashion_mnist
-    from .nn.models import build
     from .train import evaluate
 
-    if args.backend:
-        from .backend import set_backend
-        set_backend(args.backend)
-    sparsities = tuple(args.sparsities)
-    if not sparsities or any(not 0.0 <= s < 1.0 for s in sparsities):
-        raise ValueError(f"--sparsities must be fractions in [0, 1), got {list(sparsities)}")
-    model = build(args.model)
-    model.load(args.checkpoint)
+    _set_backend(args)
+    model = _load_checkpoint_model(args)
+    if args.layers:
+        ck.check_layers(args.layers, prune.prunable_layers(model), model.name, "--layers")
+    _check_data(args.subset, args.data_dir)
     data = fashion_mnist.load(args.data_dir, args.subset)
     if args.limit:
         data = fashion_mnist.Dataset(data.x_train, data.y_train, data.x_test[:args.limit], data.y_test[:args.limit],
                                      data.source)
     score = lambda m: evaluate(m, data.x_test, data.y_test)  # noqa: E731
     dense = score(model)
-    layers = args.layers or None
-    result = prune.sensitivity(model, score, sparsities=sparsities, layers=layers)
+    result = prune.sensitivity(model, score, sparsities=tuple(args.sparsities), layers=args.layers or None)
     print(f"{model.name}: test accuracy with one layer pruned (no retraining); dense {100 * dense:.2f}% "
           f"on {len(data.y_test):,} test images")
     print(prune.sensitivity_table(result))
@@ -163,70 +298,100 @@ def _sensitivity(args) -> int:
 
 
 def _evaluate(args) -> int:
-    import os
-
-    from .compress.pipeline import load, read_codes
     from .compress.encode import Report
+    from .compress.pipeline import load, read_codes
     from .data import fashion_mnist
     from .train import evaluate
 
     header, codes, others = read_codes(args.path)
+    recorded = header.get("meta", {}).get("data") if isinstance(header.get("meta"), dict) else None
+    subset, data_dir = args.subset, args.data_dir
+    if subset is None and data_dir is None and isinstance(recorded, dict):  # the data it was compressed on
+        subset, data_dir = recorded.get("subset"), recorded.get("data_dir")
+        if subset not in ("full", "embedded") or not (data_dir is None or isinstance(data_dir, str)):
+            subset, data_dir = "full", None
+    subset = subset or "full"
+    _check_data(subset, data_dir)
     model = load(args.path, sparse=not args.dense)
-    data = fashion_mnist.load(args.data_dir, args.subset)
+    data = fashion_mnist.load(data_dir, subset)
     acc = evaluate(model, data.x_test, data.y_test)
     report = Report(header["model"], codes, int(sum(v.size for v in others.values())))
     print(report.table())
     orig, _, _ = report.totals()
     size = os.path.getsize(args.path)
     print(f"{args.path}: {size:,} bytes on disk ({orig / 8 / size:.1f}x smaller than the float32 weights), "
-          f"test accuracy {100 * acc:.2f}% on {len(data.y_test):,} images "
+          f"test accuracy {100 * acc:.2f}% on {len(data.y_test):,} images of {data!r} "
           f"({'dense decode' if args.dense else 'fc layers run as CSR x codebook'})")
     return 0
 
 
-def main(argv=None) -> int:
+# ---------------------------------------------------------------------------- the parser
+def build_parser() -> ArgumentParser:
+    from . import __version__
     from .nn.models import MODELS
 
-    ap = argparse.ArgumentParser(prog="dnnpar", description="fast and parallel DNNs from hand-written CUDA kernels")
-    sub = ap.add_subparsers(dest="command", required=True)
-    backend = dict(choices=("numpy", "cuda", "emu"), default=None, help="default: cuda when a GPU is usable, else numpy")
+    models = sorted(MODELS)
+    ap = ArgumentParser(prog="dnnpar", description="fast and parallel DNNs from hand-written CUDA kernels")
+    ap.add_argument("--version", action="version", version=f"dnnpar {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    d = sub.add_parser("demo", help="train LeNet-5 on the embedded Fashion-MNIST sample: summary and accuracy")
-    d.add_argument("--backend", **backend)
-    d.add_argument("--epochs", type=int, default=4)
+    def command(name, help):
+        return sub.add_parser(name, help=help, description=help)
+
+    def backend(p):
+        p.add_argument("--backend", choices=("numpy", "cuda", "emu"), default=None,
+                       help="None: cuda when a GPU is usable, else numpy")
+
+    def data(p, subset="full"):
+        p.add_argument("--subset", choices=("full", "embedded"), default=subset,
+                       help="full: the 70,000 images (see --data-dir); embedded: the sample inside the package")
+        p.add_argument("--data-dir", type=ck.data_dir, default=None,
+                       help="folder with the four Fashion-MNIST .gz files (None: $DNNPAR_DATA, "
+                            "~/.cache/dnnpar/fashion-mnist, /usr/share/datasets/fashion-mnist)")
+
+    def plot(p, what):
+        p.add_argument("--plot", type=ck.plot_file, default=None, metavar="PNG",
+                       help=f"write {what} to this PNG (needs pip install 'dnnpar[plot]')")
+
+    d = command("demo", "train LeNet-5 on the embedded Fashion-MNIST sample: summary and accuracy")
+    backend(d)
+    d.add_argument("--epochs", type=ck.positive_int, default=4, help="training epochs")
     d.set_defaults(fn=_demo)
 
-    t = sub.add_parser("tour", help="the convolution tour: direct loop vs im2col + GEMM on the active backend")
-    t.add_argument("--backend", **backend)
-    t.add_argument("--batch", type=int, default=8)
-    t.add_argument("--repeat", type=int, default=5, help="timed runs per algorithm (median reported)")
+    t = command("tour", "the convolution tour: direct loop vs im2col + GEMM on the active backend")
+    backend(t)
+    t.add_argument("--batch", type=ck.int_range(1, 1024), default=8, help="images in the conv layer's batch")
+    t.add_argument("--repeat", type=ck.int_range(1, 10_000), default=5, help="timed runs per algorithm (median reported)")
     t.set_defaults(fn=_tour)
 
-    s = sub.add_parser("summary", help="per-layer shapes, parameters, MACs and memory of a model")
-    s.add_argument("model", choices=sorted(MODELS))
-    s.add_argument("--batch-size", type=int, default=1)
-    s.add_argument("--alpha", type=float, default=1.0, help="mobilenet_v1 width multiplier")
-    s.add_argument("--resolution", type=int, default=224, help="mobilenet_v1 input resolution")
-    s.add_argument("--groups", type=int, default=1, help="alexnet: 2 for the original two-tower net")
+    s = command("summary", "per-layer shapes, parameters, MACs and memory of a model")
+    s.add_argument("model", choices=models, help="the zoo model")
+    s.add_argument("--batch-size", type=ck.positive_int, default=1, help="batch for the memory column")
+    s.add_argument("--alpha", type=ck.positive_float, default=1.0, help="mobilenet_v1 width multiplier")
+    s.add_argument("--resolution", type=ck.int_range(32, 4096), default=224, help="mobilenet_v1 input resolution")
+    s.add_argument("--groups", type=ck.int_range(1, 2), default=1, help="alexnet: 2 for the original two-tower net")
     s.set_defaults(fn=_summary)
 
-    tr = sub.add_parser("train", help="train a model on Fashion-MNIST")
-    tr.add_argument("--model", choices=sorted(MODELS), default="lenet5")
-    tr.add_argument("--epochs", type=int, default=10)
-    tr.add_argument("--batch-size", type=int, default=64)
-    tr.add_argument("--lr", type=float, default=0.01)
-    tr.add_argument("--momentum", type=float, default=0.9)
-    tr.add_argument("--nesterov", action="store_true")
-    tr.add_argument("--weight-decay", type=float, default=5e-4)
-    tr.add_argument("--schedule", choices=("cosine", "step", "constant"), default="cosine")
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--subset", choices=("full", "embedded"), default="full",
-                    help="full: the 70,000 images (see --data-dir); embedded: the sample inside the package")
-    tr.add_argument("--data-dir", default=None, help="folder with the four Fashion-MNIST .gz files")
-    tr.add_argument("--backend", **backend)
-    tr.add_argument("--checkpoint", default=None, help="checkpoint file, written each epoch (default checkpoints/MODEL.npz)")
+    tr = command("train", "train a model on Fashion-MNIST")
+    tr.add_argument("--model", choices=models, default="lenet5", help="the zoo model")
+    tr.add_argument("--epochs", type=ck.positive_int, default=10, help="training epochs")
+    tr.add_argument("--batch-size", type=ck.positive_int, default=64, help="mini-batch (per rank / worker in parallel runs)")
+    tr.add_argument("--lr", type=ck.positive_float, default=None,
+                    help="peak learning rate (None: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())
+                         + " by --parallel)")
+    tr.add_argument("--momentum", type=ck.momentum, default=0.9, help="SGD momentum, in [0, 1)")
+    tr.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
+    tr.add_argument("--weight-decay", type=ck.nonneg_float, default=5e-4, help="L2 weight decay")
+    tr.add_argument("--schedule", choices=("cosine", "step", "constant"), default="cosine", help="learning-rate schedule")
+    tr.add_argument("--seed", type=ck.int_range(0, 2**32 - 1), default=0, help="initialisation and shuffling seed")
+    data(tr)
+    backend(tr)
+    tr.add_argument("--checkpoint", default=None,
+                    help="checkpoint file, written each epoch (None: checkpoints/MODEL.npz, or MODEL-2.npz... when "
+                         "that is another run's)")
     tr.add_argument("--resume", action="store_true", help="continue from --checkpoint")
-    tr.add_argument("--plot", default=None, help="write the loss/accuracy curves to this PNG")
+    tr.add_argument("--overwrite", action="store_true", help="replace an existing --checkpoint")
+    plot(tr, "the loss/accuracy curves")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     par = tr.add_argument_group("parallel training")
     par.add_argument("--parallel", choices=("none", "data", "hogwild", "ps"), default="none",
@@ -234,88 +399,167 @@ def main(argv=None) -> int:
                           "workers over shared memory; ps: parameter server on Ray")
     par.add_argument("--comm", choices=("auto", "mpi", "nccl"), default="auto",
                      help="data: the allreduce engine (auto: NCCL on the cuda backend, else MPI)")
-    par.add_argument("--bucket-mb", type=float, default=None,
-                     help="data: gradient bucket size in MiB for the fused allreduce (default 4; keep it under 32: "
+    par.add_argument("--bucket-mb", type=ck.positive_float, default=None,
+                     help="data: gradient bucket size in MiB for the fused allreduce (None: 4; keep it under 32: "
                           "above, glibc maps MPI's temporary buffer anew, page faults and all, on every call)")
-    par.add_argument("--timeout", type=float, default=None,
+    par.add_argument("--timeout", type=ck.positive_float, default=None,
                      help="data: seconds a collective may wait for a rank before the job is aborted "
-                          "(default: $DNNPAR_COMM_TIMEOUT, else 120)")
-    par.add_argument("--workers", type=int, default=2, help="hogwild / ps: worker count")
-    par.add_argument("--servers", type=int, default=1, help="ps: parameter-server shards")
-    par.add_argument("--consistency", default="asp", help="ps: bsp | asp | ssp:S (staleness bound S)")
-    par.add_argument("--address", default=None, help="ps: a Ray cluster address (default: a local Ray)")
-    par.add_argument("--ps-checkpoint-every", type=int, default=50,
+                          "(None: $DNNPAR_COMM_TIMEOUT, else 120)")
+    par.add_argument("--workers", type=ck.int_range(1, 256), default=2, help="hogwild / ps: worker count")
+    par.add_argument("--servers", type=ck.int_range(1, 256), default=1, help="ps: parameter-server shards")
+    par.add_argument("--consistency", type=_consistency, default="asp", help="ps: bsp | asp | ssp:S (staleness bound S)")
+    par.add_argument("--address", default=None, help="ps: a Ray cluster address (None: a local Ray)")
+    par.add_argument("--ps-checkpoint-every", type=ck.positive_int, default=50,
                      help="ps: each server shard checkpoints every K updates (restarted from it after a crash)")
     tr.set_defaults(fn=_train)
 
-    pl = sub.add_parser("plan", help="parallel training beyond one machine: compute against communication, "
-                                     "scaling efficiency for 8-512 GPUs")
+    pl = command("plan", "parallel training beyond one machine: compute against communication, "
+                         "scaling efficiency for 8-512 GPUs")
     from .parallel.plan import add_arguments as plan_arguments
     plan_arguments(pl)
     pl.set_defaults(fn=_plan)
 
-    se = sub.add_parser("sensitivity", help="pruning sensitivity: accuracy with one layer pruned at a time")
-    se.add_argument("--model", choices=sorted(MODELS), default="lenet300")
-    se.add_argument("--checkpoint", required=True, help="a trained model (.npz from dnnpar train)")
-    se.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95])
-    se.add_argument("--layers", nargs="+", help="only these layers (default: every conv and fc layer)")
-    se.add_argument("--limit", type=int, default=0, help="score on the first N test images only (faster)")
-    se.add_argument("--subset", choices=("full", "embedded"), default="full")
-    se.add_argument("--data-dir", default=None)
-    se.add_argument("--backend", **backend)
-    se.add_argument("--plot", default=None, help="write accuracy against sparsity to this PNG")
+    se = command("sensitivity", "pruning sensitivity: accuracy with one layer pruned at a time")
+    se.add_argument("--model", choices=models, default=None, help="None: the model the checkpoint holds")
+    se.add_argument("--checkpoint", type=ck.existing_file, required=True, help="a trained model (.npz from dnnpar train)")
+    se.add_argument("--sparsities", type=ck.sparsity, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95],
+                    help="fractions pruned, each in [0, 1)")
+    se.add_argument("--layers", nargs="+", help="only these conv / fc layers (None: every one)")
+    se.add_argument("--limit", type=ck.nonneg_int, default=0, help="score on the first N test images only (0: all)")
+    data(se)
+    backend(se)
+    plot(se, "accuracy against sparsity")
     se.set_defaults(fn=_sensitivity)
 
-    c = sub.add_parser("compress", help="Deep Compression: prune, share weights, Huffman-code, write a .dnnz")
-    c.add_argument("--model", choices=sorted(MODELS), default="lenet300")
-    c.add_argument("--checkpoint", required=True, help="a trained model (.npz from dnnpar train)")
-    c.add_argument("--out", required=True, help="the .dnnz file to write")
-    c.add_argument("--quality", default="1.0",
-                   help='threshold = quality x std per layer: a number, or JSON like \'{"fc1": 1.8, "fc3": 1.0}\'')
-    c.add_argument("--cycles", type=int, default=3)
-    c.add_argument("--retrain-epochs", type=int, default=2)
-    c.add_argument("--finetune-epochs", type=int, default=2)
-    c.add_argument("--conv-bits", type=int, default=8)
-    c.add_argument("--fc-bits", type=int, default=5)
-    c.add_argument("--conv-index-bits", type=int, default=8)
-    c.add_argument("--fc-index-bits", type=int, default=5)
-    c.add_argument("--init", choices=("linear", "random", "density"), default="linear")
-    c.add_argument("--lr", type=float, default=0.005)
-    c.add_argument("--finetune-lr", type=float, default=1e-4)
-    c.add_argument("--weight-decay", type=float, default=5e-4, help="L2 while retraining the pruned model")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--subset", choices=("full", "embedded"), default="full")
-    c.add_argument("--data-dir", default=None)
-    c.add_argument("--backend", **backend)
-    c.add_argument("--quiet", action="store_true")
-    c.add_argument("--plot", default=None, help="PNG of each layer's weight histogram before/after, centroids marked")
+    c = command("compress", "Deep Compression: prune, share weights, Huffman-code, write a .dnnz")
+    c.add_argument("--model", choices=models, default=None, help="None: the model the checkpoint holds")
+    c.add_argument("--checkpoint", type=ck.existing_file, required=True, help="a trained model (.npz from dnnpar train)")
+    c.add_argument("--out", type=ck.writable_file, required=True, help="the .dnnz file to write")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    c.add_argument("--quality", type=ck.quality, default=DEFAULT_QUALITY,
+                   help='threshold = quality x std per layer: a number > 0, or JSON like \'{"fc1": 1.8, "fc3": 1.0}\' '
+                        f'(layers left out: {DEFAULT_QUALITY:g})')
+    c.add_argument("--cycles", type=ck.int_range(1, 1000), default=3, help="prune -> retrain cycles")
+    c.add_argument("--retrain-epochs", type=ck.nonneg_int, default=2, help="retraining epochs per cycle")
+    c.add_argument("--finetune-epochs", type=ck.nonneg_int, default=2, help="centroid fine-tuning epochs")
+    for flag, default, what in (("--conv-bits", 8, "conv weight"), ("--fc-bits", 5, "fc weight"),
+                                ("--conv-index-bits", 8, "conv relative-index"), ("--fc-index-bits", 5, "fc relative-index")):
+        c.add_argument(flag, type=ck.int_range(1, 16), default=default, help=f"bits per {what}")
+    c.add_argument("--init", choices=("linear", "random", "density"), default="linear", help="k-means centroid init")
+    c.add_argument("--lr", type=ck.positive_float, default=0.005, help="retraining learning rate")
+    c.add_argument("--finetune-lr", type=ck.positive_float, default=1e-4, help="centroid fine-tuning learning rate")
+    c.add_argument("--weight-decay", type=ck.nonneg_float, default=5e-4, help="L2 while retraining the pruned model")
+    c.add_argument("--seed", type=ck.int_range(0, 2**32 - 1), default=0, help="k-means and shuffling seed")
+    data(c)
+    backend(c)
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    plot(c, "each layer's weight histogram before/after, centroids marked,")
     c.set_defaults(fn=_compress)
 
-    ev = sub.add_parser("evaluate", help="accuracy and size of a .dnnz, run from its compressed form")
-    ev.add_argument("path")
+    ev = command("evaluate", "accuracy and size of a .dnnz, run from its compressed form")
+    ev.add_argument("path", type=ck.existing_file, help="the .dnnz file")
     ev.add_argument("--dense", action="store_true", help="decode every layer to dense weights instead")
-    ev.add_argument("--subset", choices=("full", "embedded"), default="full")
-    ev.add_argument("--data-dir", default=None)
+    ev.add_argument("--subset", choices=("full", "embedded"), default=None,
+                    help="None: the data set the file was compressed on (recorded in it), else full")
+    ev.add_argument("--data-dir", type=ck.data_dir, default=None,
+                    help="folder with the four Fashion-MNIST .gz files (None: as recorded, else the search path)")
     ev.set_defaults(fn=_evaluate)
 
-    sub.add_parser("kernels", help="compile every kernel for sm_75/80/90 and print the ptxas report "
-                   "(dnnpar kernels --help)")
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["kernels"]:  # its own parser: python -m dnnpar.kernels
-        from . import kernels
+    command("kernels", "compile every kernel for sm_75/80/90 and print the ptxas report (dnnpar kernels --help)")
+    return ap
 
-        return kernels.main(argv[1:])
-    args = ap.parse_args(argv)
-    from .backend import BackendUnavailable
+
+def _consistency(text: str) -> str:
+    from .parallel.ps import parse_consistency
 
     try:
-        return args.fn(args)
-    # errors that say what to change (a Ray address that does not answer, a stalled parameter
-    # server): the message, not a traceback
-    except (BackendUnavailable, FileNotFoundError, ValueError, FloatingPointError, ConnectionError,
-            TimeoutError) as e:
-        print(f"dnnpar: error: {e}", file=sys.stderr)
-        return 2
+        parse_consistency(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+# ---------------------------------------------------------------------------- errors
+def _error_line(e: BaseException) -> tuple[str, int] | None:
+    """(one line, exit status) for an error that says what to change; None for a bug."""
+    from .backend import BackendUnavailable
+    from .parallel.comm import CommTimeoutError
+
+    if isinstance(e, ImportError):
+        name = (e.name or "").split(".")[0]
+        if name not in ck.EXTRAS and "pip install" not in str(e):
+            return None
+        msg = str(e)
+        if "pip install" not in msg:
+            msg = f"{msg}: pip install 'dnnpar[{ck.EXTRAS[name]}]'"
+        return ck.one_line(msg), 2
+    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in str(e.strerror or ""):
+        return ck.one_line(f"{e.filename}: {e.strerror or e}"), 2
+    if isinstance(e, (ValueError, OSError, BackendUnavailable, ConnectionError, TimeoutError, FloatingPointError,
+                      CommTimeoutError, _parallel_error())):
+        return ck.one_line(str(e) or type(e).__name__), 2
+    return None
+
+
+def _parallel_error():
+    from .errors import ParallelError
+    return ParallelError
+
+
+def _exit_with(message: str) -> None:
+    """End the process now with ``message`` as the one error line (a watcher thread's last word
+    when what the run stands on is gone: nothing in this process can go on)."""
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+    sys.stderr.write(f"dnnpar: error: {ck.one_line(message)}\n")
+    sys.stderr.flush()
+    os._exit(2)
+
+
+def _quiet_stdout() -> None:
+    """After a broken pipe (``dnnpar plan | head``): point stdout at /dev/null so that the
+    interpreter's final flush does not complain (Python docs, "Note on SIGPIPE")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a descriptor (captured in tests)
+        pass
+
+
+def main(argv=None) -> int:
+    """Run one ``dnnpar`` command; returns the exit status (0 ok, 1 internal error, 2 bad input or
+    a run that failed for a stated reason, 130 interrupted)."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    try:
+        if argv[:1] == ["kernels"]:  # its own parser: python -m dnnpar.kernels
+            from . import kernels
+            return kernels.main(argv[1:])
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as e:  # --help, --version (0) or a usage error (2, its line already printed)
+            return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+        status = args.fn(args)
+        sys.stdout.flush()
+        return status
+    except KeyboardInterrupt:
+        print("dnnpar: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 1
+    except Exception as e:  # noqa: BLE001 - the one place errors become exit statuses
+        known = _error_line(e)
+        if os.environ.get("DNNPAR_DEBUG"):
+            import traceback
+            traceback.print_exc()
+        if known is not None:
+            print(f"dnnpar: error: {known[0]}", file=sys.stderr)
+            return known[1]
+        print(f"dnnpar: internal error: {type(e).__name__}: {ck.one_line(str(e))} "
+              "(run with DNNPAR_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -15,6 +15,9 @@ field that is wrong:
 - ``CheckpointError``: a ``.npz`` model / training checkpoint;
 - ``IDXError``: an IDX (Fashion-MNIST) file or a user data set.
 
+A parallel run whose workers fail or die, or whose cluster goes away, raises ``ParallelError``
+(a ``RuntimeError``) naming the worker and what it reported.
+
 Nothing here imports the rest of the package, so every module can raise these.
 """
 from __future__ import annotations
@@ -53,4 +56,13 @@ class IDXError(FileFormatError):
     kind = "IDX"
 
 
-__all__ = ["FileFormatError", "DnnzError", "CheckpointError", "IDXError"]
+class ParallelError(RuntimeError):
+    """A parallel run lost what it runs on: a worker process failed or died, every worker is
+    gone, or the Ray cluster went away. ``detail`` keeps the worker's traceback, if any."""
+
+    def __init__(self, message: str, detail: str | None = None):
+        super().__init__(message)
+        self.detail = detail
+
+
+__all__ = ["FileFormatError", "DnnzError", "CheckpointError", "IDXError", "ParallelError"]

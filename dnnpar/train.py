@@ -34,8 +34,27 @@ class TrainConfig:
     backend: str | None = None
 
     def validate(self):
+        """ValueError / TypeError naming the first field out of range (before any data is read)."""
+        for name in ("epochs", "batch_size", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"{name} must be an integer, got {v!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        for name, lo, hi, what in (("lr", 0.0, None, "> 0"), ("momentum", 0.0, 1.0, "in [0, 1)"),
+                                   ("weight_decay", 0.0, None, ">= 0")):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
+                raise TypeError(f"{name} must be a number, got {v!r}")
+            ok = np.isfinite(v) and v >= lo and (hi is None or v < hi) and (name != "lr" or v > 0)
+            if not ok:
+                raise ValueError(f"{name} must be a finite number {what}, got {v}")
+        if self.schedule not in ("cosine", "step", "constant"):
+            raise ValueError(f"schedule {self.schedule!r}: 'cosine', 'step' or 'constant'")
+        if self.subset not in ("full", "embedded"):
+            raise ValueError(f"subset {self.subset!r}: 'full' or 'embedded'")
 
 
 @dataclass
@@ -62,31 +81,61 @@ class History:
                 f"{r.images_per_s:>9.0f} {r.seconds:>7.1f}")
 
 
+# tqdm's default with the label's colon dropped: "epoch 2/10  50%|###   | 47/94 [...]"
+BAR_FORMAT = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+
+
+class _LineStream:
+    """A log file seen through tqdm: each redraw becomes one line (tqdm redraws with a carriage
+    return, which a CI log shows as one long line)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").rstrip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 class ProgressBar:
-    """A bar over the batches of an epoch on stderr: redrawn in place on a terminal, a few
-    milestone lines otherwise (CI logs)."""
+    """Progress over the batches of an epoch on stderr, through ``tqdm.auto``: a widget in
+    Jupyter, a bar redrawn in place on a terminal, about four milestone lines otherwise (CI
+    logs). ``update(done, loss)`` takes the batches done so far and the running mean loss
+    (None or NaN before the first one: no loss shown)."""
 
     def __init__(self, total: int, label: str, stream=None, enabled: bool = True):
-        self.total, self.label, self.stream, self.enabled = total, label, stream or sys.stderr, enabled
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.start, self.next_mark = time.perf_counter(), 0.25
-
-    def update(self, done: int, loss: float) -> None:
-        if not self.enabled:
+        self.total, self.label, self.enabled = total, label, enabled
+        self.bar = None
+        if not enabled:
             return
-        frac = done / max(self.total, 1)
-        if self.tty:
-            bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
-            rate = done / max(time.perf_counter() - self.start, 1e-9)
-            self.stream.write(f"\r{self.label} [{bar}] {done}/{self.total} loss {loss:.4f} {rate:.1f} batch/s")
-            if done == self.total:
-                self.stream.write("\n")
-            self.stream.flush()
-        elif frac >= self.next_mark or done == self.total:
-            self.stream.write(f"{self.label} {100 * frac:3.0f}% ({done}/{self.total} batches) loss {loss:.4f}\n")
-            self.stream.flush()
-            while self.next_mark <= frac:
-                self.next_mark += 0.25
+        from tqdm.auto import tqdm
+
+        stream = stream or sys.stderr
+        tty = hasattr(stream, "isatty") and stream.isatty()
+        # a log: a line at each quarter and the last, none at 0%
+        kw = dict(file=stream, dynamic_ncols=True) if tty else dict(
+            file=_LineStream(stream), mininterval=0, ncols=80, miniters=max(1, total // 4), delay=1e-6)
+        self.bar = tqdm(total=total, desc=label, unit="batch", bar_format=BAR_FORMAT, **kw)
+
+    def update(self, done: int, loss: float | None = None) -> None:
+        if self.bar is None:
+            return
+        if loss is not None and np.isfinite(loss):
+            self.bar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
+        done = min(int(done), self.total)
+        if done > self.bar.n:
+            self.bar.update(done - self.bar.n)
+        if done >= self.total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def build_model(cfg: TrainConfig):

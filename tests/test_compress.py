@@ -240,7 +240,7 @@ def test_cli_compress_and_evaluate(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "dnnpar.cli", "compress", "--model", "lenet300", "--checkpoint",
                           str(tmp_path / "m.npz"), "--out", str(tmp_path / "x.dnnz"), "--fc-bits", "20",
                           "--subset", "embedded"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "fc_bits must be an integer in 1..16" in bad.stderr
+    assert bad.returncode == 2 and "argument --fc-bits: '20' must be an integer in 1..16" in bad.stderr
     assert not (tmp_path / "x.dnnz").exists()
 
 
@@ -259,4 +259,4 @@ def test_cli_sensitivity_prints_the_table_and_plots(tmp_path):
     assert png.stat().st_size > 5000
     bad = subprocess.run([sys.executable, "-m", "dnnpar.cli", "sensitivity", "--checkpoint", str(tmp_path / "m.npz"),
                           "--sparsities", "1.5", "--subset", "embedded"], capture_output=True, text=True)
-    assert bad.returncode != 0 and "--sparsities must be fractions in [0, 1)" in bad.stderr
+    assert bad.returncode != 0 and "argument --sparsities: '1.5' must be a fraction in [0, 1)" in bad.stderr

@@ -2,6 +2,7 @@
 bad input. One local Ray for the module; lenet300 on the embedded subset, a few seconds a run."""
 import os
 import re
+import subprocess
 import sys
 
 import numpy as np
@@ -377,3 +378,52 @@ def test_ps_joins_a_ray_cluster_address(ray_head, tmp_path):
     assert acc > 60.0
     assert "staleness" in r.stdout and (tmp_path / "ckpt.npz").stat().st_size > 0
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------ faults that end the run: one line
+def test_every_worker_dead_is_one_parallel_error(local_ray, data):
+    from dnnpar.errors import ParallelError
+
+    with pytest.raises(ParallelError, match="every worker died by epoch 1") as err:
+        run(data, 1, 1, "asp", epochs=2, fail={"worker": 0, "after_steps": 5})
+    assert "\n" not in str(err.value)
+
+
+KILL_RAYLET = r"""
+import os, signal, sys, threading, time
+import ray
+from dnnpar.cli import main
+
+def kill_when_training():
+    while True:   # the local Ray is up and the first epoch ran: kill its raylet
+        time.sleep(0.2)
+        node = getattr(ray._private.worker, "_global_node", None)
+        if node is not None and os.path.exists(sys.argv[1] + ".started"):
+            os.kill(node.all_processes["raylet"][0].process.pid, signal.SIGKILL)
+            return
+
+def out(line):
+    print(line, flush=True)
+    if line.lstrip().startswith("1 "):
+        open(sys.argv[1] + ".started", "w").close()
+
+import dnnpar.parallel.ps as ps
+real = ps.run_parameter_server
+ps.run_parameter_server = lambda *a, **k: real(*a, **dict(k, out=out))
+threading.Thread(target=kill_when_training, daemon=True).start()
+sys.exit(main(["train", "--parallel", "ps", "--subset", "embedded", "--epochs", "50", "--quiet",
+               "--model", "lenet300", "--checkpoint", sys.argv[1]]))
+"""
+
+
+def test_a_killed_raylet_ends_the_cli_run_with_one_dnnpar_line(tmp_path):
+    """Ray's driver exits on its own soon after its raylet dies, printing only Ray's log: the CLI
+    says what happened first, in one line, with status 2."""
+    script = tmp_path / "kill_raylet.py"
+    script.write_text(KILL_RAYLET)
+    p = subprocess.run([sys.executable, str(script), str(tmp_path / "m.npz")], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300, env=dict(os.environ, RAY_DEDUP_LOGS="0"))
+    assert p.returncode == 2, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
+    ours = [ln for ln in p.stderr.splitlines() if ln.startswith("dnnpar")]
+    assert len(ours) == 1 and ours[0].startswith("dnnpar: error: parameter server: Ray's raylet"), p.stderr[-2000:]
+    assert "killed by SIGKILL" in ours[0] and "Traceback" not in p.stderr

@@ -253,6 +253,14 @@ def mpiexec(n: int) -> list[str]:
     return [exe, "-n", str(n)]
 
 
+def launched_by_mpiexec(env=None) -> bool:
+    """Whether this process was started by a process manager (mpiexec / srun) rather than alone:
+    MPICH's Hydra and Slurm set PMI_*, Open MPI OMPI_COMM_WORLD_* / PMIX_*."""
+    env = os.environ if env is None else env
+    return any(k in env for k in ("PMI_RANK", "PMI_SIZE", "PMI_FD", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE",
+                                  "MPI_LOCALNRANKS", "SLURM_PROCID"))
+
+
 def mpi_env(base: dict | None = None, threads: int = 1) -> dict:
     """An environment for ``mpiexec`` jobs started from Python: ``threads`` BLAS/OpenMP threads per
     rank (ranks, not BLAS, should share the cores) and Open MPI allowed to start as root (a
@@ -271,7 +279,11 @@ def make_communicator(kind: str = "auto", timeout: float = DEFAULT_TIMEOUT) -> C
     """``auto``: NCCL when the active backend is cuda, MPI otherwise."""
     if kind not in COMMS:
         raise ValueError(f"unknown communicator {kind!r}; choose one of {', '.join(COMMS)}")
+    from ..backend import get_backend
+    backend = get_backend().name
     if kind == "auto":
-        from ..backend import get_backend
-        kind = "nccl" if get_backend().name == "cuda" else "mpi"
+        kind = "nccl" if backend == "cuda" else "mpi"
+    if kind == "nccl" and backend != "cuda":  # NCCL sums device buffers: say so before touching MPI
+        raise ValueError(f"--comm nccl needs the cuda backend (--backend cuda, a GPU per rank) and CuPy with "
+                         f"NCCL (pip install 'dnnpar[cuda13]'); the active backend is {backend!r}: use --comm mpi")
     return NCCLCommunicator(timeout=timeout) if kind == "nccl" else MPICommunicator(timeout=timeout)

@@ -28,7 +28,7 @@ Design choices, and why:
   evaluates the shared parameters on the test set (through its own views: it never writes to
   the vector during training), then starts the next epoch with the schedule's learning rate.
 - **No hang, no leak.** The parent polls the workers' exit codes while it waits: a worker that
-  dies (a signal, ``os._exit``, an uncaught exception) ends the run with a RuntimeError naming
+  dies (a signal, ``os._exit``, an uncaught exception) ends the run with a ParallelError (a RuntimeError) naming
   the worker and its exit code, and the other workers are terminated. The shared blocks are
   unlinked in a ``finally`` whatever happens.
 
@@ -49,6 +49,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import sys
 import time
 import traceback
 from contextlib import contextmanager
@@ -56,6 +57,8 @@ from dataclasses import dataclass, field
 from multiprocessing import shared_memory
 
 import numpy as np
+
+from ..errors import ParallelError
 
 #: the environment every worker is spawned with: one BLAS / OpenMP thread
 ONE_THREAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
@@ -192,7 +195,8 @@ def _worker(rank: int, args: dict, commands, results) -> None:
             results.put(("epoch", rank, {"epoch": epoch, "seen": seen, "loss_sum": loss_sum,
                                          "correct": correct, "steps": steps}))
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises
-        results.put(("error", rank, traceback.format_exc()))
+        e = sys.exc_info()[1]
+        results.put(("error", rank, (f"{type(e).__name__}: {e}", traceback.format_exc())))
         raise SystemExit(1)
 
 
@@ -215,7 +219,7 @@ class _Pool:
 
     def wait(self, kind: str, on_tick=None, timeout: float | None = None) -> dict:
         """One ``kind`` message from every worker -> {rank: payload}. A worker that reports an
-        error or exits ends the run with a RuntimeError naming it."""
+        error or exits ends the run with a ParallelError (a RuntimeError) naming it."""
         got, deadline = {}, None if timeout is None else time.monotonic() + timeout
         while len(got) < len(self.procs):
             try:
@@ -225,25 +229,25 @@ class _Pool:
             if msg_kind == "error":
                 self._join(rank, 5.0)
                 code = self.procs[rank].exitcode
-                raise RuntimeError(f"hogwild worker {rank} failed (exit code {code}):\n{payload}")
+                raise ParallelError(f"hogwild worker {rank} failed (exit code {code}): {payload[0]}", payload[1])
             if msg_kind == kind:
                 got[rank] = payload
             elif msg_kind is not None:
-                raise RuntimeError(f"hogwild: unexpected message {msg_kind!r} from worker {rank}")
+                raise ParallelError(f"hogwild: unexpected message {msg_kind!r} from worker {rank}")
             for r, p in enumerate(self.procs):
                 if r not in got and p.exitcode is not None:
                     self._drain_error(r)
                     hint = ("; a worker that dies before it is ready is often a script that starts the run "
                             "outside `if __name__ == \"__main__\":` (workers are spawned, and re-import the "
                             "main module): see its traceback above") if kind == "ready" else ""
-                    raise RuntimeError(f"hogwild worker {r} (pid {p.pid}) died with exit code {p.exitcode}"
+                    raise ParallelError(f"hogwild worker {r} (pid {p.pid}) died with exit code {p.exitcode}"
                                        f"{_describe_exit(p.exitcode)} while the run waited for its {kind!r} "
                                        f"message; the other workers were stopped{hint}")
             if on_tick is not None:
                 on_tick()
             if deadline is not None and time.monotonic() > deadline:
                 missing = [r for r in range(len(self.procs)) if r not in got]
-                raise RuntimeError(f"hogwild workers {missing} sent no {kind!r} message in {timeout:.0f} s")
+                raise ParallelError(f"hogwild workers {missing} sent no {kind!r} message in {timeout:.0f} s")
         return got
 
     def _join(self, rank: int, timeout: float) -> None:
@@ -258,7 +262,8 @@ class _Pool:
             except queue.Empty:
                 continue
             if msg_kind == "error":
-                raise RuntimeError(f"hogwild worker {r} failed (exit code {self.procs[r].exitcode}):\n{payload}")
+                raise ParallelError(f"hogwild worker {r} failed (exit code {self.procs[r].exitcode}): {payload[0]}",
+                                    payload[1])
 
     def send(self, cmd) -> None:
         for q in self.commands:
@@ -304,7 +309,7 @@ def run_hogwild(cfg, workers: int, out=print, data=None, progress: bool = True, 
     about the same number of steps as synchronous SGD with the same batch). ``data``: a loaded
     Dataset (default ``cfg.subset`` through ``cfg.data_dir``). ``fail``: fault injection (module
     docstring). Raises ValueError for ``workers < 1``, a non-numpy backend, a model with buffers
-    or too little data; RuntimeError when a worker dies or raises."""
+    or too little data; ParallelError (a RuntimeError) when a worker dies or raises."""
     from .. import backend as _backend
     from ..data import fashion_mnist
     from ..nn.optim import make_schedule
@@ -369,7 +374,7 @@ def run_hogwild(cfg, workers: int, out=print, data=None, progress: bool = True, 
             t0 = time.perf_counter()
             pool.send(("epoch", epoch, lr))
             res = pool.wait("epoch", on_tick=lambda: bar.update(min(int(prog.array.sum()) - base,
-                                                                    steps_per_epoch), float("nan")))
+                                                                    steps_per_epoch)))
             seconds = time.perf_counter() - t0
             seen = sum(r["seen"] for r in res.values())
             loss = sum(r["loss_sum"] for r in res.values()) / max(seen, 1)

@@ -311,17 +311,20 @@ def _pct(x: float) -> str:
 
 # ---------------------------------------------------------------------------- command line
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The arguments of ``dnnpar plan`` (for a subparser of the main CLI)."""
-    p.add_argument("--model", default="vgg16", help=f"one of {', '.join(model_names())} (default vgg16)")
-    p.add_argument("--workers", type=int, default=8, help="GPUs / workers N (default 8)")
-    p.add_argument("--bandwidth", type=float, default=25.0, help="link bandwidth per worker, Gb/s (default 25)")
-    p.add_argument("--latency", type=float, default=5.0, help="per-message latency alpha, microseconds (default 5)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help=f"batch per worker (default {DEFAULT_BATCH})")
-    p.add_argument("--tflops", type=float, default=DEFAULT_TFLOPS,
-                   help=f"sustained FP32 TFLOP/s per GPU (default {DEFAULT_TFLOPS:g}, an assumption)")
-    p.add_argument("--servers", type=int, default=None,
-                   help="parameter-server shards k (default: show k = 1 and k = N)")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the plan as JSON")
+    """The arguments of ``dnnpar plan`` (for a subparser of the main CLI), each checked as it is
+    parsed (:mod:`dnnpar.argcheck`)."""
+    from .. import argcheck as ck
+
+    p.add_argument("--model", default="vgg16", help=f"one of {', '.join(model_names())}")
+    p.add_argument("--workers", type=ck.int_range(1, 1 << 20), default=8, help="GPUs / workers N")
+    p.add_argument("--bandwidth", type=ck.positive_float, default=25.0, help="link bandwidth per worker, Gb/s")
+    p.add_argument("--latency", type=ck.nonneg_float, default=5.0, help="per-message latency alpha, microseconds")
+    p.add_argument("--batch-size", type=ck.int_range(1, 1 << 20), default=DEFAULT_BATCH, help="batch per worker")
+    p.add_argument("--tflops", type=ck.positive_float, default=DEFAULT_TFLOPS,
+                   help="sustained FP32 TFLOP/s per GPU (an assumption)")
+    p.add_argument("--servers", type=ck.int_range(1, 1 << 20), default=None,
+                   help="parameter-server shards k (None: show k = 1 and k = N)")
+    p.add_argument("--json", type=ck.writable_file, default=None, metavar="PATH", help="also write the plan as JSON")
     return p
 
 
@@ -338,7 +341,8 @@ def run_from_args(args, out=print) -> int:
 def main(argv=None) -> int:
     """``python -m dnnpar.parallel.plan --model vgg16 --workers 64 --bandwidth 25 --latency 5``;
     a bad argument exits with status 2 and the error (argparse's convention)."""
-    p = add_arguments(argparse.ArgumentParser(prog="dnnpar plan", description=__doc__.split("\n\n")[0]))
+    p = add_arguments(argparse.ArgumentParser(prog="dnnpar plan", description=__doc__.split("\n\n")[0],
+                                              formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     args = p.parse_args(argv)
     try:
         return run_from_args(args)

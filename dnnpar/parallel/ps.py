@@ -81,6 +81,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ParallelError
+
 #: the driver gives up, with an error, when no shard applied an update for this long
 STALL_SECONDS = float(os.environ.get("DNNPAR_PS_STALL_SECONDS", "300"))
 #: how long a worker keeps retrying a call to a server that died (Ray restarts it meanwhile)
@@ -581,17 +583,62 @@ def _call_server(ray, server, method: str, *args, retry_s: float = RETRY_SECONDS
             time.sleep(0.2)
 
 
+def _watch_raylet(ray, on_loss):
+    """Watch this process's local raylet, if it started one; when it dies, call ``on_loss`` with
+    a one-line message (from a watcher thread: Ray's driver exits on its own a few seconds after
+    its raylet, with nothing but Ray's log, so the caller must say what happened first). Returns
+    the Event that stops the watch (set it before ``ray.shutdown``, which ends the raylet), or None."""
+    import threading
+
+    node = getattr(getattr(ray, "_private", None) and ray._private.worker, "_global_node", None)
+    procs = getattr(node, "all_processes", {}).get("raylet") if node is not None else None
+    if not procs or getattr(procs[0], "process", None) is None:
+        return None
+    proc, stop = procs[0].process, threading.Event()
+
+    def watch():
+        while not stop.wait(0.25):
+            if proc.poll() is not None:
+                code = proc.returncode
+                how = (f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals()
+                       else f"exited with code {code}")
+                on_loss(f"parameter server: Ray's raylet (pid {proc.pid}) {how}; the workers and shards it ran "
+                        "are gone, so the run stops")
+                return
+
+    threading.Thread(target=watch, name="dnnpar-raylet-watch", daemon=True).start()
+    return stop
+
+
+def _first_line(e) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _task_cause(e, who: str) -> BaseException:
+    """The exception a Ray task raised, as itself where it is one of dnnpar's documented kinds
+    (a FloatingPointError from a diverging worker, say); else a ParallelError naming ``who``."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, (ValueError, FloatingPointError, TimeoutError, ConnectionError, OSError, ParallelError)):
+        return cause
+    what = f"{type(cause).__name__}: {cause}" if cause is not None else _first_line(e)
+    return ParallelError(f"{who} failed: {_first_line(what)}", str(e))
+
+
 def run_parameter_server(cfg, workers: int, servers: int, consistency: str = "asp", address: str | None = None,
                          out=print, data=None, fail: dict | None = None, checkpoint_every: int = 50,
-                         progress: bool = True):
+                         progress: bool = True, on_cluster_loss=None):
     """Train ``cfg.model`` with ``workers`` Ray worker actors and ``servers`` parameter shards.
 
     ``consistency``: "bsp" | "asp" | "ssp:S". ``address``: None starts a local Ray (session files
     under ``cache_dir("ray")``); else the cluster to join ("host:port", "ray://host:port",
     "auto"). When Ray is already initialized in this process it is used as it is and left running.
     ``data``: a loaded Dataset (default ``cfg.subset`` through ``cfg.data_dir``). ``fail``: fault
-    injection (see the module docstring). Returns ``(model, PSReport)``: the model holds the
-    servers' final parameters."""
+    injection (see the module docstring). ``on_cluster_loss``: called (from a watcher thread) with
+    a one-line message when the local raylet this process started dies; the CLI prints it and
+    exits, since Ray's driver exits by itself soon after. Returns ``(model, PSReport)``: the model
+    holds the servers' final parameters. A run whose workers all died, or whose Ray cluster
+    failed, raises ParallelError; a worker's own error (a diverging loss) is raised as itself."""
     from .. import backend as _backend
     from ..data import fashion_mnist
     from ..nn.optim import make_schedule
@@ -628,6 +675,7 @@ def run_parameter_server(cfg, workers: int, servers: int, consistency: str = "as
     run_dir = cache_dir("ps") / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{time.monotonic_ns() % 10**6}"
     run_dir.mkdir(parents=True)
     actors = []
+    watch = _watch_raylet(ray, on_cluster_loss) if on_cluster_loss is not None else None
     try:
         t_start = time.perf_counter()
         init = layout.gather_params(model, out=np.empty(layout.size, np.float32))
@@ -675,8 +723,10 @@ def run_parameter_server(cfg, workers: int, servers: int, consistency: str = "as
                     try:
                         results.append(ray.get(ref))
                         acks[w] = results[-1]["acks"]
-                    except ray.exceptions.RayTaskError:
-                        raise   # the worker raised (diverged, gave up on a dead server): not a death
+                    except ray.exceptions.RayTaskError as e:
+                        # the worker raised (diverged, gave up on a dead server): not a death; its own
+                        # exception, without Ray's remote traceback around it
+                        raise _task_cause(e, f"parameter server worker {w}") from None
                     except ray.exceptions.RayActorError:
                         dead.append(w)
                         alive.remove(w)
@@ -721,7 +771,8 @@ def run_parameter_server(cfg, workers: int, servers: int, consistency: str = "as
             history.records.append(rec)
             out(history.row(rec))
             if not alive:
-                raise RuntimeError(f"every worker died by epoch {epoch}")
+                raise ParallelError(f"parameter server: every worker died by epoch {epoch} ({len(dead)} of {workers} "
+                                    "killed or lost); nothing is left to train")
         stats = [_call_server(ray, s, "stats") for s in shards]
         staleness, lag = Counter(), Counter()
         for st in stats:
@@ -739,7 +790,14 @@ def run_parameter_server(cfg, workers: int, servers: int, consistency: str = "as
                           [None if dead else max(0, a - v) for a, v in zip(acked, versions)], str(run_dir))
         out(report.render())
         return model, report
+    except ray.exceptions.RayTaskError as e:
+        raise _task_cause(e, "parameter server") from None
+    except ray.exceptions.RayError as e:   # the raylet, GCS or an actor's node went away
+        raise ParallelError(f"parameter server: the Ray cluster failed ({type(e).__name__}: "
+                            f"{_first_line(e)}); Ray's own logs are in its session folder", str(e)) from None
     finally:
+        if watch is not None:
+            watch.set()
         for a in actors:
             try:
                 ray.kill(a, no_restart=True)
