@@ -26,6 +26,11 @@ def test_gemm_rejects(backend, arrays):
         dp.ops.gemm(arrays(4, 5, dtype=np.float64), b)
     with pytest.raises(TypeError, match="alpha must be a real number, got 'x'"):
         dp.ops.gemm(a, b, alpha="x")
+    for bad in (float("nan"), float("inf"), -float("inf"), 1e39):
+        with pytest.raises(ValueError, match="alpha must be a finite float32 value"):
+            dp.ops.gemm(a, b, alpha=bad)
+        with pytest.raises(ValueError, match="beta must be a finite float32 value"):
+            dp.ops.gemm(a, b, beta=bad, c=arrays(4, 3))
     with pytest.raises(ValueError, match="a must have 2 dimensions, got shape \\(4, 5, 1\\)"):
         dp.ops.gemm(arrays(4, 5, 1), b)
     with pytest.raises(ValueError, match="inner dimensions 5 and 4 differ"):

@@ -51,6 +51,8 @@ def gemm(a, b, trans_a: bool = False, trans_b: bool = False, alpha: float = 1.0,
     for name, v in (("alpha", alpha), ("beta", beta)):
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
             raise TypeError(f"gemm: {name} must be a real number, got {v!r}")
+        if not np.isfinite(v) or abs(float(v)) > float(np.finfo(np.float32).max):
+            raise ValueError(f"gemm: {name} must be a finite float32 value, got {v!r}")
     check_array("gemm", "a", a, ndim=2, backend=be)
     check_array("gemm", "b", b, ndim=2, backend=be)
     m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
