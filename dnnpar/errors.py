@@ -13,7 +13,9 @@ field that is wrong:
 
 - ``DnnzError``: a ``.dnnz`` compressed model;
 - ``CheckpointError``: a ``.npz`` model / training checkpoint;
-- ``IDXError``: an IDX (Fashion-MNIST) file or a user data set.
+- ``IDXError``: an IDX (Fashion-MNIST) file or a user data set;
+- ``SpecError``: a graph spec (``Graph.spec()`` JSON, ``dnnpar.nn.graph_from_spec``), naming the
+  field (``nodes[3].config.kernel_size``).
 
 Nothing here imports the rest of the package, so every module can raise these.
 """
@@ -53,4 +55,12 @@ class IDXError(FileFormatError):
     kind = "IDX"
 
 
-__all__ = ["FileFormatError", "DnnzError", "CheckpointError", "IDXError"]
+class SpecError(FileFormatError):
+    """A graph spec (dict or JSON) that does not describe a buildable model: unknown layer types,
+    config keys or values of the wrong type or out of range, wiring to missing nodes, shapes that
+    do not fit, or more parameters than the cap."""
+
+    kind = "graph spec"
+
+
+__all__ = ["FileFormatError", "DnnzError", "CheckpointError", "IDXError", "SpecError"]
