@@ -584,7 +584,8 @@ class ConstantOp(Layer):
             v = np.asarray(value)
             if v.dtype.kind not in "biuf":
                 raise TypeError(f"ConstantOp: value must hold real numbers, got dtype {v.dtype}")
-            v = v.astype(np.float32)
+            with np.errstate(over="ignore"):  # past float32's range becomes inf, refused just below
+                v = v.astype(np.float32)
             if not np.isfinite(v).all():
                 raise ValueError("ConstantOp: value holds NaN or infinity (or numbers past float32's range)")
             if op == "div" and not v.all():
