@@ -20,7 +20,7 @@ from ..schema import Fields, check_int, loads_json
 from .base import Graph, constructor_args
 from .conv import Conv2d, DepthwiseConv2d, PointwiseConv2d
 from .graph import Add, Concat, Mul
-from .layers import (CONSTANT_OPS, AvgPool2d, BatchNorm2d, Clip, ConstantOp, Dropout, Flatten, GlobalAvgPool2d,
+from .layers import (CONSTANT_OPS, MIN_BN_EPS, AvgPool2d, BatchNorm2d, Clip, ConstantOp, Dropout, Flatten, GlobalAvgPool2d,
                      HardSigmoid, HardSwish, Identity, Linear, MaxPool2d, ReLU, ReLU6, Reshape, Sigmoid, Softmax)
 
 #: every layer a graph spec may name: class name -> class
@@ -97,7 +97,7 @@ _CHECKS = {
     "bias": lambda f, k: f.bool(k), "count_include_pad": lambda f, k: f.bool(k),
     "keepdims": lambda f, k: f.bool(k),
     "algo": lambda f, k: f.str(k, choices=ops.conv.ALGOS),
-    "p": _dropout_p, "eps": _real(0.0, 1.0, open_lo=True), "momentum": _real(0.0, 1.0),
+    "p": _dropout_p, "eps": _real(MIN_BN_EPS, 1.0), "momentum": _real(0.0, 1.0),
     "min_value": _real(-3.4e38, 3.4e38, nullable=True), "max_value": _real(-3.4e38, 3.4e38, nullable=True),
     "alpha": _real(-1e6, 1e6), "beta": _real(-1e6, 1e6),
     "axis": lambda f, k: f.int(k, 1, MAX_RANK),
