@@ -145,6 +145,14 @@ def test_spec_errors_name_the_field():
         nn.graph_from_spec('{"name": NaN}')
     with pytest.raises(SpecError, match="must be an object"):
         nn.graph_from_spec([1, 2])
+    with pytest.raises(SpecError, match="unknown key\\(s\\) '1'"):
+        nn.graph_from_spec({**base, 1: 2})
+    with pytest.raises(SpecError, match="not JSON-able data"):
+        nn.graph_from_spec({**base, "name": object()})
+    with pytest.raises(SpecError, match="name: must be a string, got a number"):
+        nn.graph_from_spec({**base, "name": float("nan")})
+    tupled = {**base, "input_shape": (np.int64(3), 8, 8)}  # tuples and NumPy ints read as JSON lists and ints
+    assert nn.graph_from_spec(tupled).input_shape == (3, 8, 8)
     with pytest.raises(ValueError, match="graph specs cannot describe"):
         Graph([("x", _Custom(), ["input"])]).spec()
 
