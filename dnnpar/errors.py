@@ -13,7 +13,9 @@ field that is wrong:
 
 - ``DnnzError``: a ``.dnnz`` compressed model;
 - ``CheckpointError``: a ``.npz`` model / training checkpoint;
-- ``IDXError``: an IDX (Fashion-MNIST) file or a user data set.
+- ``IDXError``: an IDX (Fashion-MNIST) file or a user data set;
+- ``SpecError``: a graph spec (``Graph.spec()`` JSON, ``dnnpar.nn.graph_from_spec``), naming the
+  field (``nodes[3].config.kernel_size``).
 
 A parallel run whose workers fail or die, or whose cluster goes away, raises ``ParallelError``
 (a ``RuntimeError``) naming the worker and what it reported.
@@ -56,6 +58,14 @@ class IDXError(FileFormatError):
     kind = "IDX"
 
 
+class SpecError(FileFormatError):
+    """A graph spec (dict or JSON) that does not describe a buildable model: unknown layer types,
+    config keys or values of the wrong type or out of range, wiring to missing nodes, shapes that
+    do not fit, or more parameters than the cap."""
+
+    kind = "graph spec"
+
+
 class ParallelError(RuntimeError):
     """A parallel run lost what it runs on: a worker process failed or died, every worker is
     gone, or the Ray cluster went away. ``detail`` keeps the worker's traceback, if any."""
@@ -65,4 +75,4 @@ class ParallelError(RuntimeError):
         self.detail = detail
 
 
-__all__ = ["FileFormatError", "DnnzError", "CheckpointError", "IDXError", "ParallelError"]
+__all__ = ["FileFormatError", "DnnzError", "CheckpointError", "IDXError", "SpecError", "ParallelError"]

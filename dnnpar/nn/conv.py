@@ -1,13 +1,14 @@
-"""Convolution layers: Conv2d (grouped too: AlexNet's two towers), DepthwiseConv2d, and the
-1x1 pointwise convolution as a GEMM."""
+"""Convolution layers: Conv2d (grouped too: AlexNet's two towers, and depthwise with any channel
+multiplier), DepthwiseConv2d, and the 1x1 pointwise convolution as a GEMM."""
 from __future__ import annotations
 
 import numpy as np
 
 from .. import ops
 from ..backend import get_backend
-from ..ops._common import conv_out_size, pair
+from ..ops._common import conv_out_size
 from .base import Layer, he_normal
+from .layers import _check_bool, check_sizes, window_args
 
 # A layer keeps its forward im2col matrix for the backward pass up to this size (LeNet-5's are
 # 1-8 MB at batch 64); larger ones are rebuilt rather than held through the whole forward pass.
@@ -27,19 +28,24 @@ def _conv_shape(layer, in_shape, in_channels: int, out_channels: int, dilation) 
 
 class Conv2d(Layer):
     """x (N, C, H, W) -> (N, O, OH, OW). ``groups`` splits channels into independent towers
-    (input and output channels must divide by it). ``algo``: "im2col" or "direct" (forward);
-    the backward pass is always GEMM + col2im."""
+    (input and output channels must divide by it). ``groups == in_channels`` is a depthwise
+    convolution with O / C filters per channel (output channel o reads input channel
+    o // (O / C)); without dilation it runs on the depthwise kernel, other groupings as one
+    convolution per group. ``algo``: "im2col" or "direct" (forward); the backward pass is always
+    GEMM + col2im."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, algo: str = "im2col", seed: int = 0):
         super().__init__()
-        if groups < 1 or in_channels % groups or out_channels % groups:
+        check_sizes("Conv2d", in_channels=in_channels, out_channels=out_channels, groups=groups)
+        if in_channels % groups or out_channels % groups:
             raise ValueError(f"Conv2d: {in_channels} in / {out_channels} out channels do not split into {groups} groups")
         if algo not in ops.conv.ALGOS:
             raise ValueError(f"Conv2d: unknown algo {algo!r}: one of {', '.join(ops.conv.ALGOS)}")
         self.in_channels, self.out_channels, self.groups, self.algo = in_channels, out_channels, groups, algo
-        self.kernel_size = pair(kernel_size, "kernel_size")
-        self.stride, self.padding, self.dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
+        self.bias = _check_bool("Conv2d", "bias", bias)
+        self.kernel_size, self.stride, self.padding, self.dilation = window_args("Conv2d", kernel_size, stride, padding,
+                                                                                 dilation)
         kh, kw = self.kernel_size
         fan_in = in_channels // groups * kh * kw
         rng = np.random.default_rng(seed)
@@ -52,11 +58,23 @@ class Conv2d(Layer):
         ci, co = self.in_channels // self.groups, self.out_channels // self.groups
         return [(slice(g * ci, (g + 1) * ci), slice(g * co, (g + 1) * co)) for g in range(self.groups)]
 
+    @property
+    def _depthwise(self) -> bool:
+        """Runs on the depthwise kernel: one group per input channel, no dilation."""
+        return self.groups > 1 and self.groups == self.in_channels and self.dilation == (1, 1)
+
+    def _spread(self, x):
+        """x with each input channel repeated for its O / C filters: (N, O, H, W)."""
+        m = self.out_channels // self.in_channels
+        return x if m == 1 else get_backend().xp.repeat(x, m, axis=1)
+
     def forward(self, x):
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"Conv2d expects (N, {self.in_channels}, H, W) input, got {tuple(x.shape)}")
         self.x, self.cols = x, None
         w, b = self.params["weight"], self.params.get("bias")
+        if self._depthwise:
+            return ops.depthwise_conv2d(self._spread(x), w, b, self.stride, self.padding)
         kw = dict(stride=self.stride, padding=self.padding, dilation=self.dilation, algo=self.algo)
         if self.groups == 1:
             y, cols = ops.conv2d(x, w, b, return_cols=True, **kw)
@@ -71,7 +89,14 @@ class Conv2d(Layer):
     def backward(self, dy):
         x, w = self.x, self.params["weight"]
         kw = dict(stride=self.stride, padding=self.padding, dilation=self.dilation)
-        if self.groups == 1:
+        if self._depthwise:
+            dx, dw, db = ops.depthwise_conv2d_backward(self._spread(x), w, dy, self.stride, self.padding,
+                                                       need_dx=self.need_dx)
+            m = self.out_channels // self.in_channels
+            if dx is not None and m > 1:  # each input channel fed m filters: sum their gradients
+                n, _, h, wd = x.shape
+                dx = dx.reshape(n, self.in_channels, m, h, wd).sum(axis=2)
+        elif self.groups == 1:
             dx, dw, db = ops.conv2d_backward(x, w, dy, need_dx=self.need_dx, cols=self.cols, **kw)
         else:
             xp = get_backend().xp
@@ -137,9 +162,9 @@ class DepthwiseConv2d(Layer):
 
     def __init__(self, channels: int, kernel_size, stride=1, padding=0, bias: bool = True, seed: int = 0):
         super().__init__()
-        self.channels = channels
-        self.kernel_size = pair(kernel_size, "kernel_size")
-        self.stride, self.padding = pair(stride, "stride"), pair(padding, "padding")
+        check_sizes("DepthwiseConv2d", channels=channels)
+        self.channels, self.bias = channels, _check_bool("DepthwiseConv2d", "bias", bias)
+        self.kernel_size, self.stride, self.padding, _ = window_args("DepthwiseConv2d", kernel_size, stride, padding)
         kh, kw = self.kernel_size
         be = get_backend()
         self.params["weight"] = be.asarray(he_normal(np.random.default_rng(seed), (channels, 1, kh, kw), kh * kw))
