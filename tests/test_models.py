@@ -78,3 +78,12 @@ def test_model_errors():
             m.forward(np.zeros((2, 1, 28, 28), np.uint8))
     with pytest.raises(KeyError, match="no layer 'conv9'"):
         m["conv9"]
+
+
+def test_a_model_too_large_for_the_kernels_is_refused_before_allocating():
+    from dnnpar.nn.models import build
+    with dp.use_backend("numpy"):
+        with pytest.raises(ValueError, match=r"a weight of shape \(1000000000000, 100\) would hold .* 32 bits"):
+            build("lenet300", num_classes=10**12)
+        with pytest.raises(ValueError, match="would hold 4,096,000,000,000 elements"):
+            build("vgg16", num_classes=10**9)
