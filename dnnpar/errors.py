@@ -13,7 +13,9 @@ field that is wrong:
 
 - ``DnnzError``: a ``.dnnz`` compressed model;
 - ``CheckpointError``: a ``.npz`` model / training checkpoint;
-- ``IDXError``: an IDX (Fashion-MNIST) file or a user data set.
+- ``IDXError``: an IDX (Fashion-MNIST) file or a user data set;
+- ``OnnxError``: an ONNX model (file or ``ModelProto``) that is malformed or uses an operator or
+  attribute dnnpar cannot represent.
 
 Nothing here imports the rest of the package, so every module can raise these.
 """
@@ -53,4 +55,12 @@ class IDXError(FileFormatError):
     kind = "IDX"
 
 
-__all__ = ["FileFormatError", "DnnzError", "CheckpointError", "IDXError"]
+class OnnxError(FileFormatError):
+    """An ONNX model is not a readable ModelProto (truncated, corrupt, external data, shapes out
+    of range, a cycle or a missing input), or uses an operator or attribute with no dnnpar layer;
+    ``field`` names the node, initializer or graph part that is wrong."""
+
+    kind = "ONNX"
+
+
+__all__ = ["FileFormatError", "DnnzError", "CheckpointError", "IDXError", "OnnxError"]
