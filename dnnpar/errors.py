@@ -14,6 +14,8 @@ field that is wrong:
 - ``DnnzError``: a ``.dnnz`` compressed model;
 - ``CheckpointError``: a ``.npz`` model / training checkpoint;
 - ``IDXError``: an IDX (Fashion-MNIST) file or a user data set;
+- ``SpecError``: a graph spec (``Graph.spec()`` JSON, ``dnnpar.nn.graph_from_spec``), naming the
+  field (``nodes[3].config.kernel_size``);
 - ``OnnxError``: an ONNX model (file or ``ModelProto``) that is malformed or uses an operator or
   attribute dnnpar cannot represent.
 
@@ -55,6 +57,14 @@ class IDXError(FileFormatError):
     kind = "IDX"
 
 
+class SpecError(FileFormatError):
+    """A graph spec (dict or JSON) that does not describe a buildable model: unknown layer types,
+    config keys or values of the wrong type or out of range, wiring to missing nodes, shapes that
+    do not fit, or more parameters than the cap."""
+
+    kind = "graph spec"
+
+
 class OnnxError(FileFormatError):
     """An ONNX model is not a readable ModelProto (truncated, corrupt, external data, shapes out
     of range, a cycle or a missing input), or uses an operator or attribute with no dnnpar layer;
@@ -63,4 +73,4 @@ class OnnxError(FileFormatError):
     kind = "ONNX"
 
 
-__all__ = ["FileFormatError", "DnnzError", "CheckpointError", "IDXError", "OnnxError"]
+__all__ = ["FileFormatError", "DnnzError", "CheckpointError", "IDXError", "SpecError", "OnnxError"]

@@ -29,7 +29,48 @@ def make_layers():
         ("batchnorm_eval", lambda: _bn_eval(), (4, 3, 3, 2)),
         ("dropout", lambda: nn.Dropout(0.3, seed=8), (3, 10)),
         ("flatten", lambda: nn.Flatten(), (2, 3, 2, 2)),
-    ]
+        ("conv_depthwise", lambda: nn.Conv2d(3, 3, 3, stride=2, padding=1, groups=3, seed=9), (2, 3, 7, 6)),
+        ("conv_depthwise_x2", lambda: nn.Conv2d(3, 6, 3, padding=1, groups=3, seed=10), (2, 3, 5, 6)),
+        ("conv_depthwise_dil", lambda: nn.Conv2d(2, 4, 3, padding=2, dilation=2, groups=2, bias=False, seed=11),
+         (1, 2, 6, 6)),
+        ("conv_groups3", lambda: nn.Conv2d(6, 3, (1, 3), padding=(0, 1), groups=3, seed=12), (2, 6, 4, 5)),
+        ("identity", lambda: nn.Identity(), (2, 3, 4)),
+        ("clip", lambda: nn.Clip(-0.5, 0.8), (2, 3, 4, 5)),
+        ("clip_min_only", lambda: nn.Clip(min_value=0.2), (3, 7)),
+        ("relu6", lambda: _Scaled(nn.ReLU6(), 4.0), (2, 3, 4, 5)),
+        ("sigmoid", lambda: nn.Sigmoid(), (2, 3, 4, 5)),
+        ("hardsigmoid", lambda: _Scaled(nn.HardSigmoid(), 3.0), (2, 3, 4, 5)),
+        ("hardsigmoid_torch", lambda: _Scaled(nn.HardSigmoid(1 / 6, 0.5), 3.0), (3, 9)),
+        ("hardswish", lambda: _Scaled(nn.HardSwish(), 3.0), (2, 3, 4, 5)),
+        ("softmax", lambda: nn.Softmax(), (3, 7)),
+        ("softmax_channels", lambda: nn.Softmax(axis=1), (2, 4, 3, 2)),
+        ("softmax_last", lambda: nn.Softmax(axis=3), (2, 4, 3, 2)),
+        ("reshape", lambda: nn.Reshape((4, -1)), (2, 3, 4, 2)),
+        ("avgpool_nopad", lambda: nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False), (2, 2, 7, 6)),
+        ("avgpool_bigpad", lambda: nn.AvgPool2d(3, stride=1, padding=2, count_include_pad=False), (1, 2, 4, 5)),
+        ("gap_keepdims", lambda: nn.GlobalAvgPool2d(keepdims=True), (2, 3, 4, 5)),
+    ] + [(f"const_{op}", (lambda op=op: _constant(op)), (2, 3, 4, 5)) for op in nn.layers.CONSTANT_OPS]
+
+
+class _Scaled(nn.Layer):
+    """``layer`` applied to k * x, so random normal inputs reach every piece of a piecewise
+    activation (ReLU6's 6, HardSigmoid's 0 and 1, HardSwish's -3 and 3)."""
+
+    def __init__(self, layer, k):
+        super().__init__()
+        self.layer, self.k = layer, k
+
+    def forward(self, x):
+        return self.layer.forward(x * x.dtype.type(self.k))
+
+    def backward(self, dy):
+        return self.layer.backward(dy) * dy.dtype.type(self.k)
+
+
+def _constant(op):
+    """A ConstantOp whose value broadcasts as (C, 1, W) against (C, H, W) samples, away from 0."""
+    c = np.linspace(0.5, 1.5, 15, dtype=np.float32).reshape(3, 1, 5) * np.array([1, -1, 1], np.float32)[:, None, None]
+    return nn.ConstantOp(op, c)
 
 
 def _bn_eval():
@@ -149,3 +190,127 @@ def test_maxpool_gives_a_tied_window_gradient_to_its_first_maximum(backend, kern
                     i, j = np.unravel_index(np.argmax(win), win.shape)  # argmax: the first maximum
                     want[n, c, a * stride + i, b * stride + j] += dy[n, c, a, b]
     np.testing.assert_allclose(dx, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "emu"])
+@pytest.mark.parametrize("cin,cout,groups,dil", [(3, 3, 3, 1), (3, 6, 3, 1), (4, 12, 4, 1), (2, 4, 2, 2),
+                                                 (6, 3, 3, 1), (4, 6, 2, 1)])
+def test_grouped_conv_equals_its_block_diagonal_dense_conv(backend, cin, cout, groups, dil, rng):
+    """Conv2d with groups (depthwise with any multiplier included) equals the groups=1 convolution
+    whose weight is block-diagonal: output channel o sees only the inputs of its group, computed
+    here in float64 on numpy as the oracle."""
+    x = rng.standard_normal((2, cin, 7, 6)).astype(np.float32)
+    with dp.use_backend(backend) as be:
+        conv = nn.Conv2d(cin, cout, 3, stride=2, padding=1, dilation=dil, groups=groups, seed=3)
+        conv.params["bias"][...] = be.asarray(rng.standard_normal(cout).astype(np.float32))
+        y = be.to_numpy(conv.forward(be.asarray(x)))
+        w, b = be.to_numpy(conv.params["weight"]), be.to_numpy(conv.params["bias"])
+    ci, co = cin // groups, cout // groups
+    dense = np.zeros((cout, cin, 3, 3))
+    for o in range(cout):
+        g = o // co
+        dense[o, g * ci:(g + 1) * ci] = w[o]
+    with dp.use_backend("numpy"), dp.precision("float64"):
+        want = dp.ops.conv2d(x.astype(np.float64), dense, b.astype(np.float64), stride=2, padding=1, dilation=dil)
+    # each output is a float32 sum of ci * 9 products and a bias
+    np.testing.assert_allclose(y, want, rtol=0, atol=(ci * 9 + 1) * 2 * np.finfo(np.float32).eps *
+                               np.abs(x).max() * (np.abs(w).max() + np.abs(b).max()))
+
+
+def test_avgpool_without_padding_in_the_count_divides_by_the_covered_pixels(rng):
+    x = rng.standard_normal((2, 3, 6, 7))
+    with dp.use_backend("numpy"), dp.precision("float64"):
+        for k, s, p in [(3, 2, 1), (3, 1, 2), (2, 2, 1), ((3, 2), (1, 2), (2, 1))]:
+            y = nn.AvgPool2d(k, stride=s, padding=p, count_include_pad=False).forward(x)
+            yi = nn.AvgPool2d(k, stride=s, padding=p).forward(x)
+            (kh, kw), (sh, sw), (ph, pw) = (nn.layers.pair(v, "") for v in (k, s, p))
+            want, want_in = np.empty(y.shape), np.empty(y.shape)
+            for a in range(y.shape[2]):
+                for b in range(y.shape[3]):
+                    r0, c0 = a * sh - ph, b * sw - pw
+                    win = x[:, :, max(r0, 0):r0 + kh, max(c0, 0):c0 + kw]
+                    want[:, :, a, b] = win.mean(axis=(2, 3))
+                    want_in[:, :, a, b] = win.sum(axis=(2, 3)) / (kh * kw)
+            np.testing.assert_allclose(y, want, rtol=1e-13)
+            np.testing.assert_allclose(yi, want_in, rtol=1e-13)
+    with pytest.raises(ValueError, match="padding \\(3, 3\\) must be smaller than the window"):
+        nn.AvgPool2d(3, padding=3)
+    with pytest.raises(TypeError, match="count_include_pad must be a bool"):
+        nn.AvgPool2d(3, count_include_pad=1)
+
+
+def test_activations_follow_their_onnx_definitions(rng):
+    x = rng.standard_normal((3, 4, 5)) * 5
+    with dp.use_backend("numpy"), dp.precision("float64"):
+        cases = [(nn.Identity(), x), (nn.Clip(-1.0, 2.0), np.minimum(np.maximum(x, -1), 2)),
+                 (nn.Clip(max_value=0.5), np.minimum(x, 0.5)), (nn.Clip(), x),
+                 (nn.ReLU6(), np.minimum(np.maximum(x, 0), 6)), (nn.Sigmoid(), 1 / (1 + np.exp(-x))),
+                 (nn.HardSigmoid(), np.maximum(0, np.minimum(1, 0.2 * x + 0.5))),
+                 (nn.HardSigmoid(0.3, 0.1), np.maximum(0, np.minimum(1, 0.3 * x + 0.1))),
+                 (nn.HardSwish(), x * np.maximum(0, np.minimum(1, x / 6 + 0.5))),
+                 (nn.Softmax(2), np.exp(x) / np.exp(x).sum(axis=2, keepdims=True)),
+                 (nn.Reshape((-1,)), x.reshape(3, 20)), (nn.Reshape((5, 2, 2)), x.reshape(3, 5, 2, 2))]
+        for layer, want in cases:
+            np.testing.assert_allclose(layer.forward(x), want, rtol=1e-13, atol=1e-300, err_msg=repr(layer))
+            assert layer.output_shape(x.shape[1:]) == want.shape[1:]
+        big = np.array([[-800.0, 0.0, 800.0]])
+        np.testing.assert_array_equal(nn.Sigmoid().forward(big), [[0.0, 0.5, 1.0]])  # no overflow, no NaN
+        c = (rng.standard_normal((4, 1)) + 3).astype(np.float32).astype(np.float64)  # the value is kept as float32
+        for op, want in [("add", x + c), ("sub", x - c), ("rsub", c - x), ("mul", x * c), ("div", x / c)]:
+            layer = nn.ConstantOp(op, c)
+            np.testing.assert_allclose(layer.forward(x), want, rtol=1e-15)
+            assert layer.config() == {"op": op, "value": {"shape": [4, 1], "dtype": "float32"}}
+
+
+@pytest.mark.parametrize("make,error,match", [
+    (lambda: nn.Clip(2.0, 1.0), ValueError, "min_value 2.0 exceeds max_value 1.0"),
+    (lambda: nn.Clip(float("nan")), ValueError, "min_value must be finite"),
+    (lambda: nn.Clip("0"), TypeError, "min_value must be a real number"),
+    (lambda: nn.HardSigmoid(alpha=None), TypeError, "alpha must be a real number"),
+    (lambda: nn.Softmax(0), ValueError, "axis must be >= 1"),
+    (lambda: nn.Softmax(1.0), TypeError, "axis must be an int"),
+    (lambda: nn.Reshape((2, 0)), ValueError, "entries must be >= 1, with at most one -1"),
+    (lambda: nn.Reshape((-1, -1)), ValueError, "at most one -1"),
+    (lambda: nn.Reshape("ab"), TypeError, "shape must be a non-empty tuple of ints"),
+    (lambda: nn.ConstantOp("pow", 1.0), ValueError, "op must be one of"),
+    (lambda: nn.ConstantOp("div", [1.0, 0.0]), ValueError, "'div' by a value that holds zeros"),
+    (lambda: nn.ConstantOp("mul", [1.0, np.inf]), ValueError, "NaN or infinity"),
+    (lambda: nn.ConstantOp("mul", 1e39), ValueError, "NaN or infinity"),
+    (lambda: nn.ConstantOp("mul", ["a"]), TypeError, "must hold real numbers"),
+    (lambda: nn.ConstantOp("mul", {"shape": [2, -1], "dtype": "float32"}), ValueError, "list of sizes >= 1"),
+    (lambda: nn.GlobalAvgPool2d(keepdims="yes"), TypeError, "keepdims must be a bool"),
+    (lambda: nn.MaxPool2d(2, padding=2), ValueError, "must be smaller than the window"),
+    (lambda: nn.Reshape((4, -1)).output_shape((3, 5)), ValueError, "cannot reshape a sample of shape \\(3, 5\\)"),
+    (lambda: nn.Reshape((4, 4)).output_shape((3, 5)), ValueError, "cannot reshape"),
+    (lambda: nn.ConstantOp("add", np.ones((2, 3))).output_shape((3, 3)), ValueError, "does not broadcast"),
+    (lambda: nn.ConstantOp("add", np.ones((3, 1))).output_shape((3,)), ValueError, "does not broadcast"),
+    (lambda: nn.ConstantOp("add", np.ones((1, 3, 1))).forward(np.ones((2, 3, 1), np.float32)), ValueError,
+     "without growing them"),
+    (lambda: nn.Softmax(3).output_shape((4, 2)), ValueError, "at least 3 dimensions"),
+    (lambda: nn.BatchNorm2d(3).output_shape((4, 2, 2)), ValueError, "expects 3 channels"),
+    (lambda: nn.GlobalAvgPool2d().output_shape((4,)), ValueError, "expects samples of shape \\(C, H, W\\)"),
+])
+def test_bad_layer_arguments_are_refused(make, error, match):
+    with dp.use_backend("numpy"):
+        with pytest.raises(error, match=match):
+            make()
+
+
+@pytest.mark.parametrize("name,factory,shape", LAYERS, ids=[n for n, _, _ in LAYERS])
+def test_config_rebuilds_the_same_structure(name, factory, shape):
+    """type(layer)(**layer.config()) has the same config, parameter and buffer shapes and output
+    shape; the config is JSON and names every constructor argument but the seed."""
+    import json
+
+    from dnnpar.nn.base import constructor_args
+    layer = factory()
+    if isinstance(layer, _Scaled):
+        layer = layer.layer
+    cfg = layer.config()
+    assert json.loads(json.dumps(cfg)) == cfg and sorted(cfg) == sorted(constructor_args(type(layer)))
+    twin = type(layer)(**json.loads(json.dumps(cfg)))
+    assert twin.config() == cfg and type(twin) is type(layer)
+    for a, b in ((layer.params, twin.params), (layer.buffers, twin.buffers)):
+        assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    assert twin.output_shape(shape[1:]) == layer.output_shape(shape[1:])
+    assert nn.LAYER_TYPES[type(layer).__name__] is type(layer)

@@ -7,6 +7,7 @@ the active backend, named ("conv1.weight") through :meth:`Sequential.named_param
 """
 from __future__ import annotations
 
+import inspect
 import os
 import tempfile
 import zipfile
@@ -56,8 +57,35 @@ class Layer:
     def extra_repr(self) -> str:
         return ""
 
+    def config(self) -> dict:
+        """The JSON-able constructor keyword arguments (all of them but ``seed``) that rebuild a
+        layer of this structure: ``type(layer)(**layer.config())``. By default each argument is
+        read from the attribute of its name (tuples become lists); layers whose attributes differ
+        override this. Parameters and buffers are not part of it (see ``state_dict``)."""
+        out = {}
+        for name in constructor_args(type(self)):
+            out[name] = _jsonable(getattr(self, name))
+        return out
+
     def __repr__(self):
         return f"{type(self).__name__}({self.extra_repr()})"
+
+
+def constructor_args(cls) -> list[str]:
+    """The keyword arguments of ``cls.__init__`` that a layer's config holds (all but ``seed``)."""
+    params = inspect.signature(cls.__init__).parameters
+    return [n for n, p in params.items() if n not in ("self", "seed")
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _jsonable(v):
+    if isinstance(v, (tuple, list)):
+        return [_jsonable(i) for i in v]
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.floating):
+        return float(v)
+    return v
 
 
 def he_normal(rng: np.random.Generator, shape, fan_in: int, dtype=np.float32):
@@ -251,6 +279,16 @@ class Graph(Layer):
         unexpected or of another shape or dtype, checked before any array is read."""
         arrays = load_npz(path, lambda members, p: check_model_members(self, members, p))
         self.load_state_dict({k[len("param/"):]: v for k, v in arrays.items()})
+
+    def spec(self) -> dict:
+        """The graph's structure as JSON-able data: {"name", "input_shape", "input_name",
+        "output", "nodes": [{"name", "type", "config", "inputs"}]}; rebuild it with
+        :func:`dnnpar.nn.graph_from_spec` (weights travel separately, in ``state_dict``)."""
+        from .spec import graph_to_spec  # spec knows every layer type, which import this module
+        return graph_to_spec(self)
+
+    def config(self):
+        raise TypeError(f"{type(self).__name__} is a container: describe it with spec(), not config()")
 
     def extra_repr(self):
         return "\n  " + "\n  ".join(f"({n}): {layer!r} <- {', '.join(self.inputs_of[n])}"

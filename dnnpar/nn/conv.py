@@ -1,5 +1,5 @@
-"""Convolution layers: Conv2d (grouped too: AlexNet's two towers), DepthwiseConv2d, and the
-1x1 pointwise convolution as a GEMM."""
+"""Convolution layers: Conv2d (grouped too: AlexNet's two towers, and depthwise with any channel
+multiplier), DepthwiseConv2d, and the 1x1 pointwise convolution as a GEMM."""
 from __future__ import annotations
 
 import numpy as np
@@ -27,8 +27,11 @@ def _conv_shape(layer, in_shape, in_channels: int, out_channels: int, dilation) 
 
 class Conv2d(Layer):
     """x (N, C, H, W) -> (N, O, OH, OW). ``groups`` splits channels into independent towers
-    (input and output channels must divide by it). ``algo``: "im2col" or "direct" (forward);
-    the backward pass is always GEMM + col2im."""
+    (input and output channels must divide by it). ``groups == in_channels`` is a depthwise
+    convolution with O / C filters per channel (output channel o reads input channel
+    o // (O / C)); without dilation it runs on the depthwise kernel, other groupings as one
+    convolution per group. ``algo``: "im2col" or "direct" (forward); the backward pass is always
+    GEMM + col2im."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, algo: str = "im2col", seed: int = 0):
@@ -38,6 +41,7 @@ class Conv2d(Layer):
         if algo not in ops.conv.ALGOS:
             raise ValueError(f"Conv2d: unknown algo {algo!r}: one of {', '.join(ops.conv.ALGOS)}")
         self.in_channels, self.out_channels, self.groups, self.algo = in_channels, out_channels, groups, algo
+        self.bias = bias
         self.kernel_size = pair(kernel_size, "kernel_size")
         self.stride, self.padding, self.dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
         kh, kw = self.kernel_size
@@ -52,11 +56,23 @@ class Conv2d(Layer):
         ci, co = self.in_channels // self.groups, self.out_channels // self.groups
         return [(slice(g * ci, (g + 1) * ci), slice(g * co, (g + 1) * co)) for g in range(self.groups)]
 
+    @property
+    def _depthwise(self) -> bool:
+        """Runs on the depthwise kernel: one group per input channel, no dilation."""
+        return self.groups > 1 and self.groups == self.in_channels and self.dilation == (1, 1)
+
+    def _spread(self, x):
+        """x with each input channel repeated for its O / C filters: (N, O, H, W)."""
+        m = self.out_channels // self.in_channels
+        return x if m == 1 else get_backend().xp.repeat(x, m, axis=1)
+
     def forward(self, x):
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"Conv2d expects (N, {self.in_channels}, H, W) input, got {tuple(x.shape)}")
         self.x, self.cols = x, None
         w, b = self.params["weight"], self.params.get("bias")
+        if self._depthwise:
+            return ops.depthwise_conv2d(self._spread(x), w, b, self.stride, self.padding)
         kw = dict(stride=self.stride, padding=self.padding, dilation=self.dilation, algo=self.algo)
         if self.groups == 1:
             y, cols = ops.conv2d(x, w, b, return_cols=True, **kw)
@@ -71,7 +87,14 @@ class Conv2d(Layer):
     def backward(self, dy):
         x, w = self.x, self.params["weight"]
         kw = dict(stride=self.stride, padding=self.padding, dilation=self.dilation)
-        if self.groups == 1:
+        if self._depthwise:
+            dx, dw, db = ops.depthwise_conv2d_backward(self._spread(x), w, dy, self.stride, self.padding,
+                                                       need_dx=self.need_dx)
+            m = self.out_channels // self.in_channels
+            if dx is not None and m > 1:  # each input channel fed m filters: sum their gradients
+                n, _, h, wd = x.shape
+                dx = dx.reshape(n, self.in_channels, m, h, wd).sum(axis=2)
+        elif self.groups == 1:
             dx, dw, db = ops.conv2d_backward(x, w, dy, need_dx=self.need_dx, cols=self.cols, **kw)
         else:
             xp = get_backend().xp
@@ -137,7 +160,7 @@ class DepthwiseConv2d(Layer):
 
     def __init__(self, channels: int, kernel_size, stride=1, padding=0, bias: bool = True, seed: int = 0):
         super().__init__()
-        self.channels = channels
+        self.channels, self.bias = channels, bias
         self.kernel_size = pair(kernel_size, "kernel_size")
         self.stride, self.padding = pair(stride, "stride"), pair(padding, "padding")
         kh, kw = self.kernel_size

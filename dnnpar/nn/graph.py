@@ -77,4 +77,46 @@ class Concat(Layer):
         return (sum(int(s[0]) for s in in_shapes),) + tuple(in_shapes[0][1:])
 
 
-__all__ = ["Graph", "Add", "Concat"]
+def _mul_shape(a: tuple, b: tuple) -> tuple:
+    """The product's shape: equal ranks, each axis equal or 1 on one side (the gate of a
+    squeeze-and-excitation block, (C, 1, 1) against (C, H, W)); ValueError otherwise."""
+    a, b = tuple(a), tuple(b)
+    if len(a) != len(b) or any(p != q and 1 not in (p, q) for p, q in zip(a, b)):
+        raise ValueError(f"Mul needs 2 inputs of one shape, or of one rank with size-1 axes to broadcast "
+                         f"((N, C, 1, 1) x (N, C, H, W)), got {a} and {b}")
+    return tuple(max(p, q) for p, q in zip(a, b))
+
+
+class Mul(Layer):
+    """y = x1 * x2, elementwise: equal shapes, or axes of size 1 on one side broadcast against
+    the other (squeeze-and-excitation: (N, C, 1, 1) x (N, C, H, W)). Backward sums each input's
+    gradient over the axes it was broadcast along."""
+    arity = 2
+
+    def forward(self, a, b):
+        if a.shape[:1] != b.shape[:1]:
+            raise ValueError(f"Mul needs inputs of one batch size, got {tuple(a.shape)} and {tuple(b.shape)}")
+        _mul_shape(a.shape[1:], b.shape[1:])
+        self.a, self.b = a, b
+        return a * b
+
+    def backward(self, dy):
+        a, b = self.a, self.b
+        self.a = self.b = None
+        return self._reduce(dy * b, a.shape), self._reduce(dy * a, b.shape)
+
+    @staticmethod
+    def _reduce(g, shape):
+        axes = tuple(i for i, (s, t) in enumerate(zip(shape, g.shape)) if s == 1 and t != 1)
+        return g.sum(axis=axes, keepdims=True) if axes else g
+
+    def macs(self, *in_shapes):
+        return 0  # one multiply per element, nothing accumulated
+
+    def output_shape(self, *in_shapes):
+        if len(in_shapes) != 2:
+            raise ValueError(f"Mul takes 2 inputs, got {len(in_shapes)}")
+        return _mul_shape(*in_shapes)
+
+
+__all__ = ["Graph", "Add", "Concat", "Mul"]

@@ -1,4 +1,4 @@
-"""Linear, activation, pooling, normalisation and shape layers."""
+"""Linear, activation, pooling, normalisation, shape and constant-operand layers."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,12 +10,20 @@ from ..ops.conv import ConvGeometry
 from .base import Layer, he_normal
 
 
+def sample_shape(layer, in_shape, ndim: int, what: str) -> tuple:
+    """``in_shape`` (one sample's shape) as a tuple of ``ndim`` ints, or ValueError naming the layer."""
+    shape = tuple(in_shape)
+    if len(shape) != ndim:
+        raise ValueError(f"{type(layer).__name__} expects samples of shape {what}, the previous layer gives {shape}")
+    return shape
+
+
 class Linear(Layer):
     """y = x W^T + b, x (N, in), W (out, in) — one GEMM (NT) forward, two backward."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, seed: int = 0):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features, self.out_features, self.bias = in_features, out_features, bias
         be = get_backend()
         self.params["weight"] = be.asarray(he_normal(np.random.default_rng(seed), (out_features, in_features), in_features))
         if bias:
@@ -99,26 +107,34 @@ class Dropout(Layer):
 
 
 class _Pool(Layer):
+    """Windows over (N, C, H, W). Padding must be smaller than the window (as ONNX Runtime
+    requires; PyTorch's half-the-window limit is stricter than correctness needs): then every
+    window, the last included, overlaps the image, so a max is finite and a mean that leaves the
+    padding out never divides by zero."""
+
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()
         self.kernel_size = pair(kernel_size, "kernel_size")
         self.stride = pair(stride if stride is not None else kernel_size, "stride")
         self.padding = pair(padding, "padding")
+        name = type(self).__name__
+        if min(self.kernel_size) < 1 or min(self.stride) < 1 or min(self.padding) < 0:
+            raise ValueError(f"{name}: need kernel_size >= 1, stride >= 1, padding >= 0; got kernel_size="
+                             f"{self.kernel_size}, stride={self.stride}, padding={self.padding}")
         kh, kw = self.kernel_size
-        if self.padding[0] > kh // 2 or self.padding[1] > kw // 2:
-            raise ValueError(f"{type(self).__name__}: padding {self.padding} exceeds half the window {self.kernel_size}")
+        if self.padding[0] >= kh or self.padding[1] >= kw:
+            raise ValueError(f"{name}: padding {self.padding} must be smaller than the window {self.kernel_size}")
 
     def geometry(self, shape):
         return ConvGeometry.make(type(self).__name__, shape, *self.kernel_size, self.stride, self.padding, 1)
 
     def output_shape(self, in_shape):
-        c, h, w = in_shape
+        c, h, w = sample_shape(self, in_shape, 3, "(C, H, W)")
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         name = type(self).__name__
         return (c, conv_out_size(name, h, kh, sh, ph, 1, "height"), conv_out_size(name, w, kw, sw, pw, 1, "width"))
 
     def macs(self, in_shape):
-        c, oh, ow = self.output_shape(in_shape)
         return 0  # comparisons / additions, no multiply-accumulates
 
     def _padded(self, x, g, value):
@@ -178,7 +194,24 @@ class MaxPool2d(_Pool):
 
 
 class AvgPool2d(_Pool):
-    """Mean over each window (zero padding counts toward the window, as in Caffe/PyTorch default)."""
+    """Mean over each window. ``count_include_pad``: zero padding counts toward the divisor
+    (Caffe's and PyTorch's default); False divides by the pixels of the image the window covers
+    (ONNX's default)."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, count_include_pad: bool = True):
+        super().__init__(kernel_size, stride, padding)
+        self.count_include_pad = _check_bool("AvgPool2d", "count_include_pad", count_include_pad)
+
+    def _scale(self, g, dtype):
+        """1 / divisor: a scalar, or per output pixel (1, 1, OH, OW) when padding is left out."""
+        if self.count_include_pad or not any(g.padding):
+            return dtype.type(1.0 / (g.kh * g.kw))
+        xp = get_backend().xp
+        ph, pw = g.padding
+        inside = xp.zeros((1, 1, g.h + 2 * ph, g.w + 2 * pw), dtype=dtype)
+        inside[:, :, ph:ph + g.h, pw:pw + g.w] = 1
+        count = sum(inside[g.tap_slices(i, j)] for i in range(g.kh) for j in range(g.kw))
+        return (1.0 / count).astype(dtype)  # every window overlaps the image: count >= 1
 
     def forward(self, x):
         g = self.geometry(x.shape)
@@ -189,33 +222,48 @@ class AvgPool2d(_Pool):
                 v = xpad[g.tap_slices(i, j)]
                 out = v.copy() if out is None else out + v
         self.g = g
-        return out * x.dtype.type(1.0 / (g.kh * g.kw))
+        self.scale = self._scale(g, x.dtype)
+        return out * self.scale
 
     def backward(self, dy):
         g, xp = self.g, get_backend().xp
         ph, pw = g.padding
         dx = xp.zeros((g.n, g.c, g.h + 2 * ph, g.w + 2 * pw), dtype=dy.dtype)
-        share = dy * dy.dtype.type(1.0 / (g.kh * g.kw))
+        share = dy * self.scale
         for i in range(g.kh):
             for j in range(g.kw):
                 dx[g.tap_slices(i, j)] += share
+        self.scale = None
         return xp.ascontiguousarray(dx[:, :, ph:ph + g.h, pw:pw + g.w])
+
+    def extra_repr(self):
+        return super().extra_repr() + ("" if self.count_include_pad else ", count_include_pad=False")
 
 
 class GlobalAvgPool2d(Layer):
-    """(N, C, H, W) -> (N, C): the mean over each feature map."""
+    """(N, C, H, W) -> (N, C), or (N, C, 1, 1) with ``keepdims``: the mean over each feature map."""
+
+    def __init__(self, keepdims: bool = False):
+        super().__init__()
+        self.keepdims = _check_bool("GlobalAvgPool2d", "keepdims", keepdims)
 
     def forward(self, x):
+        if x.ndim != 4:
+            raise ValueError(f"GlobalAvgPool2d expects (N, C, H, W) input, got {tuple(x.shape)}")
         self.shape = x.shape
-        return x.mean(axis=(2, 3))
+        return x.mean(axis=(2, 3), keepdims=self.keepdims)
 
     def backward(self, dy):
         n, c, h, w = self.shape
         xp = get_backend().xp
-        return xp.broadcast_to((dy / dy.dtype.type(h * w))[:, :, None, None], self.shape).copy()
+        return xp.broadcast_to((dy / dy.dtype.type(h * w)).reshape(n, c, 1, 1), self.shape).copy()
 
     def output_shape(self, in_shape):
-        return (in_shape[0],)
+        c, _, _ = sample_shape(self, in_shape, 3, "(C, H, W)")
+        return (c, 1, 1) if self.keepdims else (c,)
+
+    def extra_repr(self):
+        return "keepdims=True" if self.keepdims else ""
 
 
 class BatchNorm2d(Layer):
@@ -230,6 +278,12 @@ class BatchNorm2d(Layer):
         self.params["bias"] = xp.zeros(channels, dtype=np.float32)
         self.buffers["running_mean"] = xp.zeros(channels, dtype=np.float32)
         self.buffers["running_var"] = xp.ones(channels, dtype=np.float32)
+
+    def output_shape(self, in_shape):
+        c, _, _ = sample_shape(self, in_shape, 3, "(C, H, W)")
+        if c != self.channels:
+            raise ValueError(f"BatchNorm2d expects {self.channels} channels, the previous layer gives {c}")
+        return tuple(in_shape)
 
     def forward(self, x):
         if x.ndim != 4 or x.shape[1] != self.channels:
@@ -294,3 +348,282 @@ class SoftmaxCrossEntropy:
         d = self.p.copy()
         d[xp.arange(self.labels.shape[0]), self.labels] -= 1
         return d / d.dtype.type(self.labels.shape[0])
+
+
+# ---------------------------------------------------------------- activations and shape layers
+def _real(layer: str, name: str, v, optional: bool = False):
+    """``v`` as a finite float (None allowed when ``optional``), else TypeError / ValueError."""
+    if v is None and optional:
+        return None
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{layer}: {name} must be a real number{' or None' if optional else ''}, got {v!r}"[:200])
+    v = float(v)
+    if not np.isfinite(v):
+        raise ValueError(f"{layer}: {name} must be finite, got {v}")
+    return v
+
+
+def _check_bool(layer: str, name: str, v) -> bool:
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{layer}: {name} must be a bool, got {v!r}"[:200])
+    return bool(v)
+
+
+class Identity(Layer):
+    """y = x (ONNX Identity; a placeholder where a layer was folded away)."""
+
+    def forward(self, x):
+        return x
+
+    def backward(self, dy):
+        return dy
+
+
+class Clip(Layer):
+    """y = min(max(x, min_value), max_value); a bound of None is absent (ONNX Clip). The gradient
+    passes where x lies strictly inside the bounds (PyTorch's hardtanh)."""
+
+    def __init__(self, min_value: float | None = None, max_value: float | None = None):
+        super().__init__()
+        self.min_value = _real(type(self).__name__, "min_value", min_value, optional=True)
+        self.max_value = _real(type(self).__name__, "max_value", max_value, optional=True)
+        if self.min_value is not None and self.max_value is not None and self.min_value > self.max_value:
+            raise ValueError(f"{type(self).__name__}: min_value {self.min_value} exceeds max_value {self.max_value}")
+
+    def forward(self, x):
+        xp, t = get_backend().xp, x.dtype.type
+        lo, hi = self.min_value, self.max_value
+        self.mask = None
+        if lo is not None:
+            self.mask = x > t(lo)
+            x = xp.maximum(x, t(lo))
+        if hi is not None:
+            below = x < t(hi)
+            self.mask = below if self.mask is None else self.mask & below
+            x = xp.minimum(x, t(hi))
+        return x if lo is not None or hi is not None else x.copy()
+
+    def backward(self, dy):
+        dx = dy if self.mask is None else dy * self.mask
+        self.mask = None
+        return dx
+
+    def extra_repr(self):
+        return f"min_value={self.min_value}, max_value={self.max_value}"
+
+
+class ReLU6(Clip):
+    """y = min(max(x, 0), 6) (MobileNet v2)."""
+
+    def __init__(self):
+        super().__init__(0.0, 6.0)
+
+    def extra_repr(self):
+        return ""
+
+
+class Sigmoid(Layer):
+    """y = 1 / (1 + exp(-x)), computed from exp(-|x|) so that no exponential overflows."""
+
+    def forward(self, x):
+        xp = get_backend().xp
+        e = xp.exp(-xp.abs(x))
+        r = 1 / (1 + e)
+        self.y = xp.where(x >= 0, r, e * r)
+        return self.y
+
+    def backward(self, dy):
+        y, self.y = self.y, None
+        return dy * y * (1 - y)
+
+
+class HardSigmoid(Layer):
+    """y = max(0, min(1, alpha * x + beta)) (ONNX HardSigmoid; PyTorch's is alpha=1/6)."""
+
+    def __init__(self, alpha: float = 0.2, beta: float = 0.5):
+        super().__init__()
+        self.alpha, self.beta = _real("HardSigmoid", "alpha", alpha), _real("HardSigmoid", "beta", beta)
+
+    def forward(self, x):
+        xp, t = get_backend().xp, x.dtype.type
+        z = x * t(self.alpha) + t(self.beta)
+        self.mask = (z > 0) & (z < 1)
+        return xp.minimum(xp.maximum(z, t(0)), t(1))
+
+    def backward(self, dy):
+        dx = dy * self.mask * dy.dtype.type(self.alpha)
+        self.mask = None
+        return dx
+
+    def extra_repr(self):
+        return f"alpha={self.alpha}, beta={self.beta}"
+
+
+class HardSwish(Layer):
+    """y = x * max(0, min(1, x / 6 + 1/2)) (ONNX HardSwish, PyTorch Hardswish, MobileNet v3)."""
+
+    def forward(self, x):
+        xp, t = get_backend().xp, x.dtype.type
+        self.x = x
+        z = x / t(6) + t(0.5)
+        return x * xp.minimum(xp.maximum(z, t(0)), t(1))
+
+    def backward(self, dy):
+        xp, t = get_backend().xp, dy.dtype.type
+        x, self.x = self.x, None
+        z = x / t(6) + t(0.5)
+        # inside (-3, 3): d(x z)/dx = z + x/6; above: 1; below: 0
+        slope = xp.where(z >= 1, t(1), xp.where(z > 0, z + x / t(6), t(0)))
+        return dy * slope
+
+
+class Softmax(Layer):
+    """Softmax along ``axis`` of the batched tensor (axis 1: the features or channels; ONNX's
+    opset-13 definition). Backward is the Jacobian-vector product y * (dy - sum(dy * y))."""
+
+    def __init__(self, axis: int = 1):
+        super().__init__()
+        if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
+            raise TypeError(f"Softmax: axis must be an int, got {axis!r}"[:200])
+        if axis < 1:
+            raise ValueError(f"Softmax: axis must be >= 1 (axis 0 is the batch), got {axis}")
+        self.axis = int(axis)
+
+    def forward(self, x):
+        if x.ndim <= self.axis:
+            raise ValueError(f"Softmax(axis={self.axis}) needs input of more than {self.axis} dimensions, "
+                             f"got {tuple(x.shape)}")
+        xp = get_backend().xp
+        e = xp.exp(x - x.max(axis=self.axis, keepdims=True))
+        self.y = e / e.sum(axis=self.axis, keepdims=True)
+        return self.y
+
+    def backward(self, dy):
+        y, self.y = self.y, None
+        return y * (dy - (dy * y).sum(axis=self.axis, keepdims=True))
+
+    def output_shape(self, in_shape):
+        if len(in_shape) < self.axis:
+            raise ValueError(f"Softmax(axis={self.axis}) needs samples of at least {self.axis} dimensions, the "
+                             f"previous layer gives {tuple(in_shape)}")
+        return tuple(in_shape)
+
+    def extra_repr(self):
+        return f"axis={self.axis}"
+
+
+class Reshape(Layer):
+    """(N, *in) -> (N, *shape): ``shape`` is one sample's target shape (the batch axis is kept);
+    one entry may be -1 (inferred from the others), none may be 0."""
+
+    def __init__(self, shape: tuple):
+        super().__init__()
+        if isinstance(shape, (int, np.integer)) and not isinstance(shape, (bool, np.bool_)):
+            shape = (shape,)
+        if not isinstance(shape, (tuple, list)) or not shape or not all(
+                isinstance(s, (int, np.integer)) and not isinstance(s, (bool, np.bool_)) for s in shape):
+            raise TypeError(f"Reshape: shape must be a non-empty tuple of ints, got {shape!r}"[:200])
+        shape = tuple(int(s) for s in shape)
+        if any(s < 1 and s != -1 for s in shape) or shape.count(-1) > 1:
+            raise ValueError(f"Reshape: shape entries must be >= 1, with at most one -1, got {shape}")
+        self.shape = shape
+
+    def output_shape(self, in_shape):
+        total = int(np.prod(in_shape, dtype=object))
+        known = int(np.prod([s for s in self.shape if s != -1], dtype=object))
+        if -1 in self.shape:
+            if total % known:
+                raise ValueError(f"Reshape: cannot reshape a sample of shape {tuple(in_shape)} ({total} elements) "
+                                 f"to {self.shape}")
+            return tuple(total // known if s == -1 else s for s in self.shape)
+        if known != total:
+            raise ValueError(f"Reshape: cannot reshape a sample of shape {tuple(in_shape)} ({total} elements) to "
+                             f"{self.shape} ({known})")
+        return self.shape
+
+    def forward(self, x):
+        self.in_shape = x.shape
+        return x.reshape((x.shape[0],) + self.output_shape(x.shape[1:]))
+
+    def backward(self, dy):
+        return dy.reshape(self.in_shape)
+
+    def extra_repr(self):
+        return f"shape={self.shape}"
+
+
+#: what ConstantOp computes from x and its constant c
+CONSTANT_OPS = ("add", "sub", "rsub", "mul", "div")
+
+
+class ConstantOp(Layer):
+    """y = x (op) value with a constant operand broadcast against each sample (NumPy rules; it
+    may not grow the sample): ``op`` one of add (x + c), sub (x - c), rsub (c - x), mul (x * c),
+    div (x / c). ``value`` (float32) is the buffer "value": saved with the model, not trained.
+    ``value`` may also be {"shape": [...], "dtype": "float32"} (what :meth:`config` gives): a
+    zero placeholder that ``load_state_dict`` fills. Backward gives dL/dx only."""
+
+    def __init__(self, op: str, value):
+        super().__init__()
+        if op not in CONSTANT_OPS:
+            raise ValueError(f"ConstantOp: op must be one of {', '.join(CONSTANT_OPS)}, got {op!r}"[:200])
+        self.op = op
+        be = get_backend()
+        if isinstance(value, dict):
+            if set(value) != {"shape", "dtype"} or value["dtype"] != "float32":
+                raise ValueError(f"ConstantOp: a value placeholder is {{'shape': [...], 'dtype': 'float32'}}, "
+                                 f"got {value!r}"[:200])
+            shape = value["shape"]
+            if not isinstance(shape, (list, tuple)) or not all(
+                    isinstance(s, (int, np.integer)) and not isinstance(s, (bool, np.bool_)) and s >= 1 for s in shape):
+                raise ValueError(f"ConstantOp: the value's shape must be a list of sizes >= 1, got {shape!r}"[:200])
+            v = np.zeros(tuple(int(s) for s in shape), np.float32)
+        else:
+            if isinstance(value, be.array_type) and not isinstance(value, np.ndarray):
+                value = be.to_numpy(value)
+            v = np.asarray(value)
+            if v.dtype.kind not in "biuf":
+                raise TypeError(f"ConstantOp: value must hold real numbers, got dtype {v.dtype}")
+            with np.errstate(over="ignore"):  # past float32's range becomes inf, refused just below
+                v = v.astype(np.float32)
+            if not np.isfinite(v).all():
+                raise ValueError("ConstantOp: value holds NaN or infinity (or numbers past float32's range)")
+            if op == "div" and not v.all():
+                raise ValueError("ConstantOp: op 'div' by a value that holds zeros")
+        self.buffers["value"] = be.asarray(v)
+
+    def output_shape(self, in_shape):
+        vshape, in_shape = tuple(self.buffers["value"].shape), tuple(in_shape)
+        try:
+            ok = len(vshape) <= len(in_shape) and np.broadcast_shapes(vshape, in_shape) == in_shape
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"ConstantOp: a value of shape {vshape} does not broadcast against samples of shape "
+                             f"{in_shape} (without growing them)")
+        return in_shape
+
+    def forward(self, x):
+        self.output_shape(x.shape[1:])
+        c = self.buffers["value"].astype(x.dtype, copy=False)
+        if self.op == "add":
+            return x + c
+        if self.op == "sub":
+            return x - c
+        if self.op == "rsub":
+            return c - x
+        return x * c if self.op == "mul" else x / c
+
+    def backward(self, dy):
+        if self.op in ("add", "sub"):
+            return dy
+        if self.op == "rsub":
+            return -dy
+        c = self.buffers["value"].astype(dy.dtype, copy=False)
+        return dy * c if self.op == "mul" else dy / c
+
+    def config(self):
+        return {"op": self.op, "value": {"shape": list(self.buffers["value"].shape), "dtype": "float32"}}
+
+    def extra_repr(self):
+        return f"{self.op!r}, value shape={tuple(self.buffers['value'].shape)}"

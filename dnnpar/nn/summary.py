@@ -8,7 +8,9 @@ import numpy as np
 
 from .base import Graph
 from .conv import Conv2d, DepthwiseConv2d
-from .layers import BatchNorm2d, Dropout, Linear, MaxPool2d, ReLU
+from .graph import Mul
+from .layers import (BatchNorm2d, Clip, Dropout, HardSigmoid, HardSwish, Linear, MaxPool2d, ReLU, Sigmoid,
+                     Softmax)
 
 F32 = 4
 
@@ -24,13 +26,17 @@ class LayerRow:
     saved_bytes: int     # one sample's state kept for backward
 
 
-def _saved_bytes(layer, in_shape, out_shape) -> int:
+def _saved_bytes(layer, in_shapes, out_shape) -> int:
     """What this layer's forward keeps for its backward pass, per sample (see each layer)."""
-    n_in, n_out = int(np.prod(in_shape)), int(np.prod(out_shape))
-    if isinstance(layer, (Conv2d, DepthwiseConv2d, Linear, BatchNorm2d, Dropout)):
+    n_in, n_out = int(np.prod(in_shapes[0])), int(np.prod(out_shape))
+    if isinstance(layer, (Conv2d, DepthwiseConv2d, Linear, BatchNorm2d, Dropout, HardSwish)):
         return n_in * F32           # input (BN: the normalised input; dropout: the mask)
-    if isinstance(layer, ReLU):
+    if isinstance(layer, (ReLU, Clip, HardSigmoid)):
         return n_in                 # a boolean mask
+    if isinstance(layer, (Sigmoid, Softmax)):
+        return n_out * F32          # the output, whose derivative is a function of it
+    if isinstance(layer, Mul):
+        return sum(int(np.prod(s)) for s in in_shapes) * F32  # both factors
     if isinstance(layer, MaxPool2d):
         return n_out * 4            # int32 argmax per output
     return 0
@@ -103,5 +109,5 @@ def summary(model: Graph, batch_size: int = 1) -> Summary:
         out = shapes[name] = tuple(layer.output_shape(*ins))
         params = int(sum(p.size for p in layer.params.values()))
         rows.append(LayerRow(name, type(layer).__name__, out, params, int(layer.macs(*ins)),
-                             int(np.prod(out)) * F32, _saved_bytes(layer, ins[0], out)))
+                             int(np.prod(out)) * F32, _saved_bytes(layer, ins, out)))
     return Summary(model.name, batch_size, rows, model.input_shape)
