@@ -233,6 +233,8 @@ class _Importer:
             if key in d and tuple(d[key].shape) != arr.shape:
                 raise ValueError(f"{key} has shape {arr.shape}, the layer needs {tuple(d[key].shape)}")
             d[key] = be.asarray(arr)
+            if key == "bias" and hasattr(layer, "bias"):
+                layer.bias = True  # a folded bias: the layer's config must say it has one
 
     # ------------------------------------------------------------------ the walk
     def run(self):
@@ -457,11 +459,9 @@ def _conv(imp, node, field, i):
         b = _float_weight(b, 1, "the bias")
         if b.shape != (o,):
             raise imp.err(f"bias of shape {b.shape}, the weight has {o} output channels", field)
-    if groups == c == o and groups > 1 and dil == (1, 1):
-        layer = _layer("conv", "DepthwiseConv2d", c, kernel, stride=stride, padding=pad, bias=b is not None)
-    else:
-        layer = _layer("conv", "Conv2d", c, o, kernel, stride=stride, padding=pad, dilation=dil, groups=groups,
-                       bias=b is not None)
+    # groups == C is a depthwise convolution: Conv2d runs it on the depthwise kernel
+    layer = _layer("conv", "Conv2d", c, o, kernel, stride=stride, padding=pad, dilation=dil, groups=groups,
+                   bias=b is not None)
     imp.set_params(layer, weight=w, bias=b)
     return imp.emit(node, field, layer, [x])
 
@@ -834,7 +834,7 @@ class _Exporter:
         self.h, self.nh = onnx.helper, onnx.numpy_helper
 
     def init(self, name, arr, dtype=np.float32):
-        self.inits.append(self.nh.from_array(np.ascontiguousarray(np.asarray(arr, dtype=dtype)), name))
+        self.inits.append(self.nh.from_array(np.array(arr, dtype=dtype, order="C"), name))  # 0-d stays 0-d
         return name
 
     def param(self, lname, layer, key):
@@ -853,6 +853,9 @@ class _Exporter:
         if kind is None:
             raise ValueError(f"to_onnx: layer {lname!r} is a {type(layer).__name__}, which has no ONNX form (dnnpar "
                              f"exports {', '.join(sorted(_EXPORTERS))})")
+        need = _MIN_OPSET.get(kind, SUPPORTED_OPSETS.start)
+        if self.opset < need:
+            raise ValueError(f"to_onnx: layer {lname!r} ({kind}) needs opset >= {need}, got {self.opset}")
         _EXPORTERS[kind](self, lname, layer, ins, out)
 
     def conv(self, lname, layer, ins, out, groups, dilation):
@@ -953,6 +956,9 @@ _EXPORTERS = {
     "BatchNorm2d": _ex_batchnorm, "Dropout": _ex_dropout, "Reshape": _ex_reshape, "ConstantOp": _ex_constop,
     "Add": _ex_add,
 }
+
+#: layers whose ONNX operator is newer than the oldest supported opset (HardSwish-14)
+_MIN_OPSET = {"HardSwish": 14}
 
 
 def to_onnx(model, path=None, opset: int = 17):
