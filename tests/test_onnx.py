@@ -471,6 +471,13 @@ REFUSALS = {
                    ["outside [1,"]),
     "two outputs": (lambda m: m.graph.output.append(h.make_tensor_value_info("r", FLOAT, None)), ["2 outputs"]),
     "no graph": (lambda m: m.ClearField("graph"), ["holds no graph"]),
+    "empty tensor of huge shape": (lambda m: m.graph.initializer[0].dims.__setitem__(slice(None), [0, 2**40, 2**40]),
+                                   ["over the limit"]),
+    "NaN weight": (lambda m: m.graph.initializer[0].CopyFrom(nh.from_array(np.full((4, 2, 3, 3), np.nan, np.float32),
+                                                                            "w")), ["node 'conv'", "NaN"]),
+    "NaN attribute": (lambda m: _set_attr(m, "fc", alpha=float("nan")), ["attribute 'alpha' is not finite"]),
+    "HardSwish in opset 13": (lambda m: (setattr(_node(m, "relu"), "op_type", "HardSwish"),
+                                         m.opset_import[0].__setattr__("version", 13)), ["added in opset 14"]),
     "channel mismatch": (lambda m: m.graph.initializer[0].CopyFrom(nh.from_array(np.ones((4, 3, 3, 3), np.float32),
                                                                                   "w")), ["node 'conv'", "group=1"]),
 }
@@ -525,6 +532,50 @@ def test_export_refusals(rng):
         to_onnx("model.onnx")
 
 
+@pytest.mark.parametrize("batch", ["batch_size", -1, 0, 1, 7])
+def test_dynamic_batch_as_dim_param_or_value(batch, rng):
+    nodes, inits, in_shape, n, depth = _conv(rng, 17)
+    model = from_onnx(model_of(nodes, inits, in_shape, batch=batch) if batch != -1 else _neg_batch(nodes, inits))
+    assert model.forward(f32(rng, 3, *in_shape)).shape == (3, 6, 7, 7)
+
+
+def _neg_batch(nodes, inits):
+    m = model_of(nodes, inits, (4, 9, 9))
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1  # some exporters write -1
+    return m
+
+
+def test_onnxruntime_agrees(rng):
+    if onnxruntime is None:
+        pytest.skip("onnxruntime is not installed (not a dev dependency): the reference evaluator is the oracle")
+    m = resnet_style(rng)
+    x = f32(rng, 2, 3, 12, 12)
+    got = from_onnx(m).forward(x)
+    sess = onnxruntime.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert_reordered_close(got, sess.run(None, {"input": x})[0], 16 * 9 + 1, 12)
+
+
+def test_torch_exported_model_imports(rng, tmp_path):
+    torch = pytest.importorskip("torch", reason="torch is not installed (not a dev dependency): no real "
+                                                "torch.onnx.export output to import")
+    nn = torch.nn
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 8, 3, groups=8),
+                        nn.Hardswish(), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2),
+                        nn.Linear(8, 4), nn.Softmax(dim=1)).eval()
+    x = f32(rng, 2, 3, 12, 12)
+    kw = dict(input_names=["input"], output_names=["output"], dynamic_axes={"input": {0: "N"}}, opset_version=17)
+    try:
+        torch.onnx.export(net, torch.from_numpy(x), str(tmp_path / "t.onnx"), dynamo=False, **kw)
+    except TypeError:  # a torch without the dynamo switch
+        torch.onnx.export(net, torch.from_numpy(x), str(tmp_path / "t.onnx"), **kw)
+    with torch.no_grad():
+        want = net(torch.from_numpy(x)).numpy()
+    model = from_onnx(tmp_path / "t.onnx")
+    assert_reordered_close(model.forward(x), want, 8 * 9 + 1, 6)
+    assert_reordered_close(reference(to_onnx(model), x), want, 8 * 9 + 1, 6)
+
+
 def test_missing_onnx_package_names_the_extra(monkeypatch):
     import sys
 
@@ -547,11 +598,16 @@ def _imported_is_correct(m_bytes, model):
         return
     x = np.random.default_rng(0).standard_normal((2, *shape)).astype(np.float32)
     got = model.forward(x)
+    m = onnx.load_from_string(m_bytes)
+    if m.opset_import[0].version < 14 and any(n.op_type == "BatchNormalization" for n in m.graph.node):
+        return  # the reference BatchNormalization-9 is not the operator (see test_operator_round_trips)
     try:
-        want = ReferenceEvaluator(onnx.load_from_string(m_bytes)).run(None, {model_input_name(m_bytes): x})[0]
+        want = ReferenceEvaluator(m).run(None, {model_input_name(m_bytes): x})[0]
     except Exception:  # the mutation made a model the reference evaluator itself rejects
         return
     want = np.asarray(want, np.float64)
+    if not np.isfinite(want).all():
+        return  # overflow (huge flipped weights): where it happens depends on the summation order
     if want.shape != got.shape and want.size == got.size:
         want = want.reshape(got.shape)  # GlobalAveragePool + Flatten fused: same values
     assert_reordered_close(got, want, 100, 4, "fuzzed model that imported")
@@ -611,7 +667,7 @@ def mutations(draw):
             if name in ("group", "axis", "transB", "ceil_mode"):
                 val = draw(_INTS)
             elif name in ("epsilon", "alpha"):
-                val = draw(st.floats(-1, 2, allow_nan=True))
+                val = draw(st.one_of(st.floats(-1, 2), st.just(float("nan"))))
             else:
                 val = draw(st.lists(_INTS, min_size=0, max_size=5))
             node.attribute.extend(keep + [h.make_attribute(name, val, attr_type=None if val != [] else

@@ -103,15 +103,16 @@ class _Importer:
             raise self.err(f"data type {_DTYPE_NAMES.get(t.data_type, t.data_type)}: dnnpar imports float, double, "
                            "int32 and int64 tensors", field)
         dims = list(t.dims)
-        count = 1
+        if len(dims) > 8:
+            raise self.err(f"has {len(dims)} dimensions (at most 8)", field)
+        count, nonzero = 1, 1
         for d in dims:
             if d < 0:
                 raise self.err(f"has a negative dimension in {dims}", field)
-            count *= d
-            if count > MAX_ELEMENTS:
+            count, nonzero = count * d, nonzero * max(d, 1)
+            # an empty tensor may still claim more than NumPy can shape
+            if nonzero > MAX_ELEMENTS:
                 raise self.err(f"claims shape {dims}, over the limit of {MAX_ELEMENTS} elements", field)
-        if len(dims) > 8:
-            raise self.err(f"has {len(dims)} dimensions (at most 8)", field)
         dtype, typed = _DTYPES[t.data_type]
         itemsize = np.dtype(dtype).itemsize
         if t.raw_data:
@@ -172,6 +173,8 @@ class _Importer:
                     raise self.err(f"attribute {a.name!r} is not an ASCII string", field) from None
             else:
                 out[a.name] = {F: a.f, I: a.i, TENSOR: a.t, FS: list(a.floats), IS: list(a.ints)}[want]
+            if want in (F, FS) and not np.all(np.isfinite(out[a.name])):
+                raise self.err(f"attribute {a.name!r} is not finite ({out[a.name]})", field)
         return out
 
     # ------------------------------------------------------------------ values
@@ -313,6 +316,9 @@ class _Importer:
             node = g.node[i]
             field = self.field(node, i)
             conv = _CONVERTERS.get(node.op_type)
+            if conv is not None and self.opset < _OP_SINCE.get(node.op_type, 0):
+                raise self.err(f"operator {node.op_type} is not in opset {self.opset} (it was added in opset "
+                               f"{_OP_SINCE[node.op_type]})", field)
             if conv is None:
                 raise self.err(f"operator {node.op_type!r} is not supported: dnnpar imports "
                                f"{', '.join(SUPPORTED_OPERATORS)}", field)
@@ -405,7 +411,10 @@ def _float_weight(w, ndim, what):
         raise ValueError(f"{what} must be a non-empty {ndim}-D constant, got shape {w.shape}")
     if w.dtype.kind != "f":
         raise ValueError(f"{what} must be float, got {w.dtype}")
-    return w.astype(np.float32)
+    w = w.astype(np.float32)
+    if not np.isfinite(w).all():
+        raise ValueError(f"{what} holds NaN or infinity (or values past float32's range): a corrupt file?")
+    return w
 
 
 def _pads(imp, a, field, kernel):
@@ -779,6 +788,8 @@ _CONVERTERS = {
     "BatchNormalization": _batchnorm, "Flatten": _flatten, "Reshape": _reshape, "Dropout": _dropout,
     "Softmax": _softmax, "Concat": _concat, "Identity": _identity, "Constant": _constant,
 }
+#: operators newer than the oldest supported opset
+_OP_SINCE = {"HardSwish": 14}
 #: ONNX operators (default domain) that :func:`from_onnx` imports
 SUPPORTED_OPERATORS = tuple(sorted(_CONVERTERS))
 
@@ -957,8 +968,8 @@ _EXPORTERS = {
     "Add": _ex_add,
 }
 
-#: layers whose ONNX operator is newer than the oldest supported opset (HardSwish-14)
-_MIN_OPSET = {"HardSwish": 14}
+#: layers whose ONNX operator is newer than the oldest supported opset
+_MIN_OPSET = {"HardSwish": _OP_SINCE["HardSwish"]}
 
 
 def to_onnx(model, path=None, opset: int = 17):
