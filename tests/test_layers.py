@@ -48,6 +48,7 @@ def make_layers():
         ("reshape", lambda: nn.Reshape((4, -1)), (2, 3, 4, 2)),
         ("avgpool_nopad", lambda: nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False), (2, 2, 7, 6)),
         ("avgpool_bigpad", lambda: nn.AvgPool2d(3, stride=1, padding=2, count_include_pad=False), (1, 2, 4, 5)),
+        ("maxpool_bigpad", lambda: nn.MaxPool2d(3, stride=2, padding=2), (1, 2, 5, 6)),  # padding past k/2, as ONNX
         ("gap_keepdims", lambda: nn.GlobalAvgPool2d(keepdims=True), (2, 3, 4, 5)),
     ] + [(f"const_{op}", (lambda op=op: _constant(op)), (2, 3, 4, 5)) for op in nn.layers.CONSTANT_OPS]
 

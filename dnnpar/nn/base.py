@@ -165,7 +165,7 @@ class Graph(Layer):
         for lname, layer in self.layers:
             ins = self.inputs_of[lname]
             env[lname] = layer.forward(*[env[i] for i in ins])
-            for i in ins:
+            for i in set(ins):  # a node may read one tensor twice (Add(x, x))
                 if self._last_use.get(i) == lname and i != self.output:
                     del env[i]
         return env[self.output]

@@ -266,6 +266,10 @@ class GlobalAvgPool2d(Layer):
         return "keepdims=True" if self.keepdims else ""
 
 
+#: smallest BatchNorm2d eps: 1 / sqrt(eps) of a constant channel stays far inside float32
+MIN_BN_EPS = 1e-12
+
+
 class BatchNorm2d(Layer):
     """Per-channel normalisation. Training: batch statistics (biased variance), running averages
     updated with ``momentum`` (unbiased variance, as PyTorch). Eval: the running averages."""
@@ -273,6 +277,10 @@ class BatchNorm2d(Layer):
     def __init__(self, channels: int, eps: float = 1e-5, momentum: float = 0.1):
         super().__init__()
         xp = get_backend().xp
+        eps, momentum = _real("BatchNorm2d", "eps", eps), _real("BatchNorm2d", "momentum", momentum)
+        if not (MIN_BN_EPS <= eps <= 1.0 and 0.0 <= momentum <= 1.0):
+            # an eps that float32 rounds to zero would divide a constant channel by zero
+            raise ValueError(f"BatchNorm2d: need eps in [{MIN_BN_EPS}, 1] and momentum in [0, 1], got {eps}, {momentum}")
         self.channels, self.eps, self.momentum = channels, eps, momentum
         self.params["weight"] = xp.ones(channels, dtype=np.float32)
         self.params["bias"] = xp.zeros(channels, dtype=np.float32)

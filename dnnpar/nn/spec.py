@@ -14,13 +14,17 @@ one :class:`~dnnpar.errors.SpecError` naming the field (``nodes[3].config.kernel
 """
 from __future__ import annotations
 
+import json
+
+import numpy as np
+
 from .. import ops
 from ..errors import SpecError
 from ..schema import Fields, check_int, loads_json
 from .base import Graph, constructor_args
 from .conv import Conv2d, DepthwiseConv2d, PointwiseConv2d
 from .graph import Add, Concat, Mul
-from .layers import (CONSTANT_OPS, AvgPool2d, BatchNorm2d, Clip, ConstantOp, Dropout, Flatten, GlobalAvgPool2d,
+from .layers import (CONSTANT_OPS, MIN_BN_EPS, AvgPool2d, BatchNorm2d, Clip, ConstantOp, Dropout, Flatten, GlobalAvgPool2d,
                      HardSigmoid, HardSwish, Identity, Linear, MaxPool2d, ReLU, ReLU6, Reshape, Sigmoid, Softmax)
 
 #: every layer a graph spec may name: class name -> class
@@ -97,7 +101,7 @@ _CHECKS = {
     "bias": lambda f, k: f.bool(k), "count_include_pad": lambda f, k: f.bool(k),
     "keepdims": lambda f, k: f.bool(k),
     "algo": lambda f, k: f.str(k, choices=ops.conv.ALGOS),
-    "p": _dropout_p, "eps": _real(0.0, 1.0, open_lo=True), "momentum": _real(0.0, 1.0),
+    "p": _dropout_p, "eps": _real(MIN_BN_EPS, 1.0), "momentum": _real(0.0, 1.0),
     "min_value": _real(-3.4e38, 3.4e38, nullable=True), "max_value": _real(-3.4e38, 3.4e38, nullable=True),
     "alpha": _real(-1e6, 1e6), "beta": _real(-1e6, 1e6),
     "axis": lambda f, k: f.int(k, 1, MAX_RANK),
@@ -182,13 +186,33 @@ def _check_node(f: Fields, seen: set) -> tuple:
     return lname, cls, {a: checks[a](cf, a) for a in args}, list(ins)
 
 
+def _numpy_scalar(v):
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    raise TypeError(f"{type(v).__name__} is not JSON")
+
+
+def _as_json(spec):
+    """A Python spec through JSON, so that it is checked as a file would be: tuples become lists,
+    NumPy scalars numbers, non-string keys strings (then refused as unknown keys); NaN and
+    infinities stay, for the field checks to name."""
+    try:
+        return json.loads(json.dumps(spec, default=_numpy_scalar))
+    except (TypeError, ValueError, RecursionError) as e:
+        raise SpecError(f"is not JSON-able data ({e})"[:300]) from None
+
+
 def graph_from_spec(spec, max_parameters: int = MAX_PARAMETERS, path=None) -> Graph:
-    """A :class:`Graph` built from ``spec`` (a dict, or its JSON text) on the active backend, with
-    fresh (seed 0) weights; load them with ``load_state_dict``. SpecError, naming the field, for
+    """A :class:`Graph` built from ``spec`` (a dict, read as JSON data, or JSON text) on the
+    active backend, with fresh (seed 0) weights; load them with ``load_state_dict``. SpecError, naming the field, for
     anything that does not describe a buildable model, checked before anything is allocated;
     ``max_parameters`` caps the parameters and buffers of the whole model."""
     if isinstance(spec, (str, bytes, bytearray, memoryview)):
         spec = loads_json(spec, SpecError, path)
+    else:
+        spec = _as_json(spec)
     top = Fields(spec, SpecError, path)
     top.only({"name", "input_shape", "input_name", "output", "nodes"})
     name = _name(top, "name", default="graph")
