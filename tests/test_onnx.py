@@ -360,6 +360,11 @@ def test_whole_model_imports_trains_and_exports(build, rng):
     moved = [n for n, p, _ in model.named_parameters() if not np.array_equal(p, before[n])]
     assert len(moved) == len(before), set(before) - set(moved)
     model.eval()
+    from dnnpar.nn.spec import graph_from_spec  # the imported graph has a spec: dnnpar can rebuild it
+
+    rebuilt = graph_from_spec(model.spec())
+    rebuilt.load_state_dict(model.state_dict())
+    np.testing.assert_array_equal(rebuilt.eval().forward(x), model.forward(x))
     back = to_onnx(model)
     assert_reordered_close(reference(back, x), model.forward(x), 16 * 9 + 1, 2 * 12, "trained model exported")
 
@@ -585,10 +590,9 @@ def test_missing_onnx_package_names_the_extra(monkeypatch):
 
 
 # ---------------------------------------------------------------------- fuzzing
-_FUZZ_RNG = np.random.default_rng(1234)
-_BASE = _simple(_FUZZ_RNG)
+_BASE = _simple(np.random.default_rng(1234))
 _BASE_BYTES = _BASE.SerializeToString()
-_X = f32(_FUZZ_RNG, 2, 2, 6, 6)
+_MOBILE = mobilenet_v2_style(np.random.default_rng(5))  # Constant, Clip, depthwise, residual Add
 
 
 def _imported_is_correct(m_bytes, model):
@@ -643,9 +647,9 @@ _INTS = st.one_of(st.integers(-3, 8), st.sampled_from([2**31, -2**31, 2**62, 2**
 
 
 @st.composite
-def mutations(draw):
-    """A valid model with one to three of its fields mutated."""
-    m = copy.deepcopy(_BASE)
+def mutations(draw, base):
+    """``base`` (a valid model) with one to three of its fields mutated."""
+    m = copy.deepcopy(base)
     for _ in range(draw(st.integers(1, 3))):
         kind = draw(st.sampled_from(["op", "input", "attr", "attr_type", "dims", "dtype", "raw", "graph_in", "opset",
                                      "drop_node", "swap_nodes", "output", "external"]))
@@ -704,6 +708,12 @@ def mutations(draw):
 
 
 @settings(max_examples=2500, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(mutations())
+@given(mutations(_BASE))
 def test_fuzz_field_mutations(data):
+    _check(data)
+
+
+@settings(max_examples=1000, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(mutations(_MOBILE))
+def test_fuzz_field_mutations_of_an_inverted_residual_net(data):
     _check(data)
