@@ -357,8 +357,13 @@ def test_whole_model_imports_trains_and_exports(build, rng):
     assert all(np.isfinite(losses))
     for n, p, _ in model.named_parameters():
         assert np.all(np.isfinite(p)), n
-    moved = [n for n, p, _ in model.named_parameters() if not np.array_equal(p, before[n])]
-    assert len(moved) == len(before), set(before) - set(moved)
+    for n, p, g in model.named_parameters():
+        assert g is not None and np.all(np.isfinite(g)), n
+    # every weight moves (a BN bias feeding a conv + training-mode BN has a zero gradient: the
+    # second BN subtracts the per-channel shift, so biases are not all required to move)
+    stuck = [n for n, p, _ in model.named_parameters() if np.array_equal(p, before[n]) and
+             type(model[n.rsplit(".", 1)[0]]).__name__ in ("Conv2d", "Linear")]
+    assert not stuck, stuck
     model.eval()
     from dnnpar.nn.spec import graph_from_spec  # the imported graph has a spec: dnnpar can rebuild it
 
@@ -601,12 +606,14 @@ def _imported_is_correct(m_bytes, model):
     if math.prod(shape) > 4096:
         return
     x = np.random.default_rng(0).standard_normal((2, *shape)).astype(np.float32)
-    got = model.forward(x)
+    with np.errstate(all="ignore"):  # flipped bytes make huge weights: overflow is checked below
+        got = model.forward(x)
     m = onnx.load_from_string(m_bytes)
     if m.opset_import[0].version < 14 and any(n.op_type == "BatchNormalization" for n in m.graph.node):
         return  # the reference BatchNormalization-9 is not the operator (see test_operator_round_trips)
     try:
-        want = ReferenceEvaluator(m).run(None, {model_input_name(m_bytes): x})[0]
+        with np.errstate(all="ignore"):
+            want = ReferenceEvaluator(m).run(None, {model_input_name(m_bytes): x})[0]
     except Exception:  # the mutation made a model the reference evaluator itself rejects
         return
     want = np.asarray(want, np.float64)
@@ -614,7 +621,8 @@ def _imported_is_correct(m_bytes, model):
         return  # overflow (huge flipped weights): where it happens depends on the summation order
     if want.shape != got.shape and want.size == got.size:
         want = want.reshape(got.shape)  # GlobalAveragePool + Flatten fused: same values
-    assert_reordered_close(got, want, 100, 4, "fuzzed model that imported")
+    # both bases: sums of <= 100 terms (a 32-channel 1x1 conv, a 2-channel 3x3), <= 12 chained
+    assert_reordered_close(got, want, 100, 12, "fuzzed model that imported")
 
 
 def model_input_name(m_bytes):
