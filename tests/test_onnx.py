@@ -503,6 +503,32 @@ def test_refusals_name_the_node_and_the_problem(case, rng):
         assert w in str(e.value), (w, str(e.value))
 
 
+@pytest.mark.parametrize("nodes,inits,words", [
+    ([h.make_node("Concat", ["x", "x"], ["y"], axis=2)], {}, "axis=2: dnnpar concatenates along channels"),
+    ([h.make_node("Softmax", ["x"], ["y"], axis=0)], {}, "axis=0 on rank-4 input"),
+    ([h.make_node("ReduceMean", ["x", "a"], ["y"])], {"a": np.array([1], np.int64)}, r"over axes \[1\]"),
+    ([h.make_node("Reshape", ["x", "s"], ["y"])], {"s": np.array([2, -1], np.int64)}, "fixes the batch size at 2"),
+    ([h.make_node("Sub", ["x", "x"], ["y"])], {}, "Sub of two computed tensors"),
+    ([h.make_node("Add", ["x", "c"], ["y"])], {"c": np.ones((2, 3, 1, 1), np.float32)}, "does not broadcast to one"),
+    ([h.make_node("Dropout", ["x", "r", "t"], ["y"])], {"r": np.float32(0.1), "t": np.array(True)},
+     "training_mode=true"),
+])
+def test_semantics_that_do_not_fit_are_refused(nodes, inits, words):
+    with pytest.raises(OnnxError, match=words):
+        from_onnx(model_of(nodes, inits, (3, 4, 4), opset=18))
+
+
+def test_compressed_layers_are_refused_with_the_way_out():
+    from dnnpar.compress.pipeline import CompressedLinear
+    from dnnpar.nn.base import Sequential
+    from dnnpar.sparse import CSR
+
+    csr = CSR(np.ones(1, np.float32), np.zeros(1, np.int32), np.array([0, 1, 1], np.int32), (2, 3))
+    model = Sequential(("fc", CompressedLinear(csr, None, 3, 2)), input_shape=(3,))
+    with pytest.raises(ValueError, match="dnnz_to_onnx"):
+        to_onnx(model)
+
+
 def test_bad_files(tmp_path, rng):
     good = _simple(rng).SerializeToString()
     for name, data, words in [("truncated", good[:len(good) // 2], "not an ONNX ModelProto"),

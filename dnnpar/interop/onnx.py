@@ -71,7 +71,7 @@ class _T:
 
 # element type -> (numpy dtype, TensorProto field holding typed data)
 _DTYPES = {1: (np.float32, "float_data"), 11: (np.float64, "double_data"), 7: (np.int64, "int64_data"),
-           6: (np.int32, "int32_data")}
+           6: (np.int32, "int32_data"), 9: (np.uint8, "int32_data")}  # bool: one byte, read as != 0
 _DTYPE_NAMES = {1: "float", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64", 8: "string",
                 9: "bool", 10: "float16", 11: "double", 12: "uint32", 13: "uint64", 16: "bfloat16"}
 _ATTR_NAMES = {1: "float", 2: "int", 3: "string", 4: "tensor", 5: "graph", 6: "floats", 7: "ints", 8: "strings"}
@@ -101,7 +101,7 @@ class _Importer:
             raise self.err("is a segment of a tensor split over several messages (not supported)", field)
         if t.data_type not in _DTYPES:
             raise self.err(f"data type {_DTYPE_NAMES.get(t.data_type, t.data_type)}: dnnpar imports float, double, "
-                           "int32 and int64 tensors", field)
+                           "int32, int64 and bool tensors", field)
         dims = list(t.dims)
         if len(dims) > 8:
             raise self.err(f"has {len(dims)} dimensions (at most 8)", field)
@@ -119,11 +119,13 @@ class _Importer:
             if len(t.raw_data) != count * itemsize:
                 raise self.err(f"claims shape {dims} ({count * itemsize} bytes of {np.dtype(dtype).name}), its "
                                f"raw_data holds {len(t.raw_data)}", field)
-            return np.frombuffer(t.raw_data, np.dtype(dtype).newbyteorder("<")).astype(dtype).reshape(dims)
-        data = getattr(t, typed)
-        if len(data) != count:
-            raise self.err(f"claims shape {dims} ({count} elements), it holds {len(data)}", field)
-        return np.asarray(data, dtype=dtype).reshape(dims)
+            arr = np.frombuffer(t.raw_data, np.dtype(dtype).newbyteorder("<")).astype(dtype).reshape(dims)
+        else:
+            data = getattr(t, typed)
+            if len(data) != count:
+                raise self.err(f"claims shape {dims} ({count} elements), it holds {len(data)}", field)
+            arr = np.asarray(data, dtype=np.int64 if t.data_type == 9 else dtype).reshape(dims)
+        return arr != 0 if t.data_type == 9 else arr
 
     def graph_input(self, vi):
         field = f"graph input {vi.name!r}"
@@ -862,8 +864,10 @@ class _Exporter:
                 kind = cls.__name__
                 break
         if kind is None:
+            hint = (" (export a .dnnz with dnnz_to_onnx, which decodes it to dense weights)"
+                    if type(layer).__name__ == "CompressedLinear" else "")
             raise ValueError(f"to_onnx: layer {lname!r} is a {type(layer).__name__}, which has no ONNX form (dnnpar "
-                             f"exports {', '.join(sorted(_EXPORTERS))})")
+                             f"exports {', '.join(sorted(_EXPORTERS))}){hint}")
         need = _MIN_OPSET.get(kind, SUPPORTED_OPSETS.start)
         if self.opset < need:
             raise ValueError(f"to_onnx: layer {lname!r} ({kind}) needs opset >= {need}, got {self.opset}")
