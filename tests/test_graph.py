@@ -274,3 +274,20 @@ def test_blocks_train_a_few_steps(backend, make, rng):
             model.backward(loss.backward())
             opt.step()
     assert all(np.isfinite(losses)) and losses[-1] < 0.8 * losses[0], losses
+
+
+def test_summary_accounts_for_the_new_layers():
+    from dnnpar.nn.summary import summary
+
+    with dp.use_backend("numpy"):
+        model = mobile_net()
+        s = summary(model, batch_size=3)
+        rows = {r.name: r for r in s.rows}
+    e = 12
+    assert s.params == model.num_parameters()
+    assert rows["dw"].macs == e * 6 * 5 * 9 and rows["dw"].params == e * 9   # depthwise via groups
+    assert rows["squeeze"].out_shape == (4, 1, 1) and rows["scale"].out_shape == (4, 6, 5)
+    assert rows["scale"].saved_bytes == (4 * 6 * 5 + 4) * 4                 # Mul keeps both factors
+    assert rows["relu6a"].saved_bytes == e * 6 * 5                          # a boolean mask
+    assert rows["act"].saved_bytes == 4 * 6 * 5 * 4                         # HardSwish keeps its input
+    assert "HardSigmoid" in s.table() and s.training_bytes() > s.inference_bytes()

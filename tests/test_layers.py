@@ -290,6 +290,16 @@ def test_activations_follow_their_onnx_definitions(rng):
     (lambda: nn.Softmax(3).output_shape((4, 2)), ValueError, "at least 3 dimensions"),
     (lambda: nn.BatchNorm2d(3).output_shape((4, 2, 2)), ValueError, "expects 3 channels"),
     (lambda: nn.GlobalAvgPool2d().output_shape((4,)), ValueError, "expects samples of shape \\(C, H, W\\)"),
+    (lambda: nn.Conv2d("3", 4, 3), TypeError, "Conv2d: in_channels must be an int"),
+    (lambda: nn.Conv2d(3, 4, 0), ValueError, "need kernel_size, stride, dilation >= 1 and padding >= 0"),
+    (lambda: nn.Conv2d(3, 4, 3, padding=-1), ValueError, "padding >= 0"),
+    (lambda: nn.Conv2d(3, 4, 3, groups=0), ValueError, "groups must be >= 1"),
+    (lambda: nn.Conv2d(3, 4, 3, bias=1), TypeError, "bias must be a bool"),
+    (lambda: nn.DepthwiseConv2d(3, (3, 3.5)), TypeError, "kernel_size must be an int or a pair of ints"),
+    (lambda: nn.Linear(0, 3), ValueError, "in_features must be >= 1"),
+    (lambda: nn.BatchNorm2d(2.0), TypeError, "channels must be an int"),
+    (lambda: nn.BatchNorm2d(2, eps=0.0), ValueError, "need eps in \\[1e-12, 1\\]"),
+    (lambda: nn.Dropout(None), TypeError, "p must be a real number"),
 ])
 def test_bad_layer_arguments_are_refused(make, error, match):
     with dp.use_backend("numpy"):

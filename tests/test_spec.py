@@ -153,6 +153,8 @@ def test_spec_errors_name_the_field():
         nn.graph_from_spec({**base, "name": float("nan")})
     tupled = {**base, "input_shape": (np.int64(3), 8, 8)}  # tuples and NumPy ints read as JSON lists and ints
     assert nn.graph_from_spec(tupled).input_shape == (3, 8, 8)
+    with pytest.raises(TypeError, match="max_parameters must be an int"):
+        nn.graph_from_spec(base, max_parameters=1e9)
     with pytest.raises(ValueError, match="graph specs cannot describe"):
         Graph([("x", _Custom(), ["input"])]).spec()
 

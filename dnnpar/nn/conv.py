@@ -6,8 +6,9 @@ import numpy as np
 
 from .. import ops
 from ..backend import get_backend
-from ..ops._common import conv_out_size, pair
+from ..ops._common import conv_out_size
 from .base import Layer, he_normal
+from .layers import _check_bool, check_sizes, window_args
 
 # A layer keeps its forward im2col matrix for the backward pass up to this size (LeNet-5's are
 # 1-8 MB at batch 64); larger ones are rebuilt rather than held through the whole forward pass.
@@ -36,14 +37,15 @@ class Conv2d(Layer):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, algo: str = "im2col", seed: int = 0):
         super().__init__()
-        if groups < 1 or in_channels % groups or out_channels % groups:
+        check_sizes("Conv2d", in_channels=in_channels, out_channels=out_channels, groups=groups)
+        if in_channels % groups or out_channels % groups:
             raise ValueError(f"Conv2d: {in_channels} in / {out_channels} out channels do not split into {groups} groups")
         if algo not in ops.conv.ALGOS:
             raise ValueError(f"Conv2d: unknown algo {algo!r}: one of {', '.join(ops.conv.ALGOS)}")
         self.in_channels, self.out_channels, self.groups, self.algo = in_channels, out_channels, groups, algo
-        self.bias = bias
-        self.kernel_size = pair(kernel_size, "kernel_size")
-        self.stride, self.padding, self.dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
+        self.bias = _check_bool("Conv2d", "bias", bias)
+        self.kernel_size, self.stride, self.padding, self.dilation = window_args("Conv2d", kernel_size, stride, padding,
+                                                                                 dilation)
         kh, kw = self.kernel_size
         fan_in = in_channels // groups * kh * kw
         rng = np.random.default_rng(seed)
@@ -160,9 +162,9 @@ class DepthwiseConv2d(Layer):
 
     def __init__(self, channels: int, kernel_size, stride=1, padding=0, bias: bool = True, seed: int = 0):
         super().__init__()
-        self.channels, self.bias = channels, bias
-        self.kernel_size = pair(kernel_size, "kernel_size")
-        self.stride, self.padding = pair(stride, "stride"), pair(padding, "padding")
+        check_sizes("DepthwiseConv2d", channels=channels)
+        self.channels, self.bias = channels, _check_bool("DepthwiseConv2d", "bias", bias)
+        self.kernel_size, self.stride, self.padding, _ = window_args("DepthwiseConv2d", kernel_size, stride, padding)
         kh, kw = self.kernel_size
         be = get_backend()
         self.params["weight"] = be.asarray(he_normal(np.random.default_rng(seed), (channels, 1, kh, kw), kh * kw))

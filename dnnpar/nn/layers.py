@@ -5,9 +5,27 @@ import numpy as np
 
 from .. import ops
 from ..backend import get_backend
-from ..ops._common import conv_out_size, pair
+from ..ops._common import as_int, conv_out_size, pair
 from ..ops.conv import ConvGeometry
 from .base import Layer, he_normal
+
+
+def check_sizes(layer: str, **sizes) -> None:
+    """Each of ``sizes`` (channels, features) is an int >= 1: TypeError / ValueError naming it."""
+    for name, v in sizes.items():
+        if as_int(v, name, layer) < 1:
+            raise ValueError(f"{layer}: {name} must be >= 1, got {v}")
+
+
+def window_args(layer: str, kernel_size, stride, padding, dilation=1) -> tuple:
+    """(kernel_size, stride, padding, dilation) as (h, w) pairs: kernel, stride and dilation >= 1,
+    padding >= 0 (TypeError for what is not an int or a pair of ints)."""
+    k, s, p, d = (pair(v, n) for v, n in ((kernel_size, "kernel_size"), (stride, "stride"), (padding, "padding"),
+                                            (dilation, "dilation")))
+    if min(k + s + d) < 1 or min(p) < 0:
+        raise ValueError(f"{layer}: need kernel_size, stride, dilation >= 1 and padding >= 0; got kernel_size={k}, "
+                         f"stride={s}, padding={p}, dilation={d}")
+    return k, s, p, d
 
 
 def sample_shape(layer, in_shape, ndim: int, what: str) -> tuple:
@@ -23,7 +41,8 @@ class Linear(Layer):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, seed: int = 0):
         super().__init__()
-        self.in_features, self.out_features, self.bias = in_features, out_features, bias
+        check_sizes("Linear", in_features=in_features, out_features=out_features)
+        self.in_features, self.out_features, self.bias = in_features, out_features, _check_bool("Linear", "bias", bias)
         be = get_backend()
         self.params["weight"] = be.asarray(he_normal(np.random.default_rng(seed), (out_features, in_features), in_features))
         if bias:
@@ -86,7 +105,7 @@ class Dropout(Layer):
 
     def __init__(self, p: float = 0.5, seed: int = 0):
         super().__init__()
-        if not 0.0 <= p < 1.0:
+        if not 0.0 <= _real("Dropout", "p", p) < 1.0:
             raise ValueError(f"Dropout: p must be in [0, 1), got {p}")
         self.p = p
         self.rng = np.random.default_rng(seed)
@@ -114,13 +133,9 @@ class _Pool(Layer):
 
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()
-        self.kernel_size = pair(kernel_size, "kernel_size")
-        self.stride = pair(stride if stride is not None else kernel_size, "stride")
-        self.padding = pair(padding, "padding")
         name = type(self).__name__
-        if min(self.kernel_size) < 1 or min(self.stride) < 1 or min(self.padding) < 0:
-            raise ValueError(f"{name}: need kernel_size >= 1, stride >= 1, padding >= 0; got kernel_size="
-                             f"{self.kernel_size}, stride={self.stride}, padding={self.padding}")
+        self.kernel_size, self.stride, self.padding, _ = window_args(
+            name, kernel_size, stride if stride is not None else kernel_size, padding)
         kh, kw = self.kernel_size
         if self.padding[0] >= kh or self.padding[1] >= kw:
             raise ValueError(f"{name}: padding {self.padding} must be smaller than the window {self.kernel_size}")
@@ -277,6 +292,7 @@ class BatchNorm2d(Layer):
     def __init__(self, channels: int, eps: float = 1e-5, momentum: float = 0.1):
         super().__init__()
         xp = get_backend().xp
+        check_sizes("BatchNorm2d", channels=channels)
         eps, momentum = _real("BatchNorm2d", "eps", eps), _real("BatchNorm2d", "momentum", momentum)
         if not (MIN_BN_EPS <= eps <= 1.0 and 0.0 <= momentum <= 1.0):
             # an eps that float32 rounds to zero would divide a constant channel by zero

@@ -19,6 +19,7 @@ import json
 import numpy as np
 
 from .. import ops
+from ..ops._common import as_int
 from ..errors import SpecError
 from ..schema import Fields, check_int, loads_json
 from .base import Graph, constructor_args
@@ -209,6 +210,8 @@ def graph_from_spec(spec, max_parameters: int = MAX_PARAMETERS, path=None) -> Gr
     active backend, with fresh (seed 0) weights; load them with ``load_state_dict``. SpecError, naming the field, for
     anything that does not describe a buildable model, checked before anything is allocated;
     ``max_parameters`` caps the parameters and buffers of the whole model."""
+    if as_int(max_parameters, "max_parameters", "graph_from_spec") < 0:
+        raise ValueError(f"graph_from_spec: max_parameters must be >= 0, got {max_parameters}")
     if isinstance(spec, (str, bytes, bytearray, memoryview)):
         spec = loads_json(spec, SpecError, path)
     else:
