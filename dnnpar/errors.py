@@ -15,7 +15,9 @@ field that is wrong:
 - ``CheckpointError``: a ``.npz`` model / training checkpoint;
 - ``IDXError``: an IDX (Fashion-MNIST) file or a user data set;
 - ``SpecError``: a graph spec (``Graph.spec()`` JSON, ``dnnpar.nn.graph_from_spec``), naming the
-  field (``nodes[3].config.kernel_size``).
+  field (``nodes[3].config.kernel_size``);
+- ``OnnxError``: an ONNX model (file or ``ModelProto``) that is malformed or uses an operator or
+  attribute dnnpar cannot represent.
 
 A parallel run whose workers fail or die, or whose cluster goes away, raises ``ParallelError``
 (a ``RuntimeError``) naming the worker and what it reported.
@@ -66,6 +68,14 @@ class SpecError(FileFormatError):
     kind = "graph spec"
 
 
+class OnnxError(FileFormatError):
+    """An ONNX model is not a readable ModelProto (truncated, corrupt, external data, shapes out
+    of range, a cycle or a missing input), or uses an operator or attribute with no dnnpar layer;
+    ``field`` names the node, initializer or graph part that is wrong."""
+
+    kind = "ONNX"
+
+
 class ParallelError(RuntimeError):
     """A parallel run lost what it runs on: a worker process failed or died, every worker is
     gone, or the Ray cluster went away. ``detail`` keeps the worker's traceback, if any."""
@@ -75,4 +85,5 @@ class ParallelError(RuntimeError):
         self.detail = detail
 
 
-__all__ = ["FileFormatError", "DnnzError", "CheckpointError", "IDXError", "SpecError", "ParallelError"]
+__all__ = ["FileFormatError", "DnnzError", "CheckpointError", "IDXError", "SpecError", "OnnxError",
+           "ParallelError"]
