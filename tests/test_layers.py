@@ -325,3 +325,16 @@ def test_config_rebuilds_the_same_structure(name, factory, shape):
         assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
     assert twin.output_shape(shape[1:]) == layer.output_shape(shape[1:])
     assert nn.LAYER_TYPES[type(layer).__name__] is type(layer)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "emu"])
+def test_relu_of_infinities_and_nan(backend):
+    """ReLU(-inf) = 0 and ReLU(inf) = inf (ONNX, PyTorch); NaN stays NaN; an infinite gradient
+    where the unit is off does not leak through as NaN."""
+    with dp.use_backend(backend) as be:
+        relu = nn.ReLU()
+        x = be.asarray(np.array([[-np.inf, -1.0, 0.0, 2.0, np.inf, np.nan]], np.float32))
+        y = be.to_numpy(relu.forward(x))
+        np.testing.assert_array_equal(y, [[0.0, 0.0, 0.0, 2.0, np.inf, np.nan]])
+        dx = be.to_numpy(relu.backward(be.asarray(np.full((1, 6), np.inf, np.float32))))
+        np.testing.assert_array_equal(dx, [[0.0, 0.0, 0.0, np.inf, np.inf, 0.0]])

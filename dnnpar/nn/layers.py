@@ -75,12 +75,14 @@ class Linear(Layer):
 
 
 class ReLU(Layer):
+    """max(x, 0); NaN stays NaN and -inf gives 0 (x * mask would make it NaN), as in ONNX and PyTorch."""
+
     def forward(self, x):
         self.mask = x > 0
-        return x * self.mask
+        return get_backend().xp.maximum(x, x.dtype.type(0))
 
     def backward(self, dy):
-        dx = dy * self.mask
+        dx = get_backend().xp.where(self.mask, dy, dy.dtype.type(0))
         self.mask = None
         return dx
 
