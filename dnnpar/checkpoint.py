@@ -74,6 +74,11 @@ def _check_meta(meta, path=None) -> CheckpointMeta:
     cfg.str("model")  # required; the other fields default to TrainConfig's
     for k in cfg.obj:
         schema[k](cfg, k)
+    from .train import TrainConfig  # the ranges training enforces are the ones a checkpoint must meet
+    try:
+        TrainConfig(**cfg.obj).validate()
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(str(e), path, "meta.config") from None
     epoch = f.int("epoch", 0, 10**9)
     history = f.list("history", MAX_HISTORY)
     hf = Fields({}, CheckpointError, path, "meta.history")

@@ -48,6 +48,10 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
                 raise TypeError(f"{name} must be a number, got {v!r}")
+            try:
+                v = float(v)
+            except OverflowError:  # an int beyond float range
+                v = float("inf")
             ok = np.isfinite(v) and v >= lo and (hi is None or v < hi) and (name != "lr" or v > 0)
             if not ok:
                 raise ValueError(f"{name} must be a finite number {what}, got {v}")
