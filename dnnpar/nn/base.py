@@ -172,7 +172,7 @@ class Graph(Layer):
                 self._last_use[i] = lname
 
     def forward(self, x):
-        self.check_input(x)
+        x = self.check_input(x)
         env = {self.input_name: x}
         for lname, layer in self.layers:
             ins = self.inputs_of[lname]
@@ -224,7 +224,12 @@ class Graph(Layer):
         raise KeyError(f"{self.name} has no layer {name!r} (it has {', '.join(n for n, _ in self.layers)})")
 
     def check_input(self, x):
+        """``x`` checked as a batch for this model and returned as the backend's array: an object
+        speaking DLPack (a torch tensor, a CuPy array) on the backend's device is viewed without a
+        copy; another type, device or dtype is a TypeError, a wrong sample shape a ValueError."""
+        from ..ops._common import from_dlpack  # ops import the nn-free backend only; no cycle at call time
         be = get_backend()
+        x = from_dlpack(self.name, "input", x, be)
         if not isinstance(x, be.array_type):
             raise TypeError(f"{self.name}: input must be a {be.array_type.__name__} on the '{be.name}' backend, "
                             f"got {type(x).__module__}.{type(x).__name__}")
@@ -234,6 +239,7 @@ class Graph(Layer):
         if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"{self.name} expects input batches of shape (N, {', '.join(map(str, self.input_shape))}), "
                              f"got {tuple(x.shape)}")
+        return x
 
     def train(self, mode: bool = True):
         for _, layer in self.layers:

@@ -44,11 +44,42 @@ def pair(v, name: str) -> tuple[int, int]:
     raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
 
 
+#: DLPack device types (dlpack.h's DLDeviceType) each backend's arrays live on
+_DLPACK_DEVICES = {"numpy": (1,), "emu": (1,), "cuda": (2, 13)}  # kDLCPU; kDLCUDA, kDLCUDAManaged
+_DLPACK_NAMES = {1: "CPU", 2: "CUDA", 3: "CUDA host", 4: "OpenCL", 7: "Vulkan", 8: "Metal", 10: "ROCm",
+                 13: "CUDA managed"}
+
+
+def from_dlpack(where: str, name: str, a, be):
+    """``a`` as the backend's array: itself when it is one; an object speaking DLPack
+    (``__dlpack__``: a torch tensor, a CuPy / JAX array) on the backend's device viewed through
+    ``xp.from_dlpack`` without a copy; anything else unchanged (the caller's type check names it).
+    A DLPack object on another device is a TypeError naming both devices."""
+    if isinstance(a, be.array_type) or not hasattr(a, "__dlpack__"):
+        return a
+    kind = f"{type(a).__module__}.{type(a).__name__}"
+    try:
+        dev = int(a.__dlpack_device__()[0])
+    except Exception as e:  # no or a broken __dlpack_device__: not a usable DLPack producer
+        raise TypeError(f"{where}: {name} ({kind}) has __dlpack__ but no usable __dlpack_device__ ({e})") from None
+    if dev not in _DLPACK_DEVICES.get(be.name, (1,)):
+        raise TypeError(f"{where}: {name} ({kind}) lives on a {_DLPACK_NAMES.get(dev, f'type-{dev}')} device; the "
+                        f"'{be.name}' backend needs it on {_DLPACK_NAMES[_DLPACK_DEVICES.get(be.name, (1,))[0]]} "
+                        "memory (move it there first)")
+    try:
+        return be.xp.from_dlpack(a)
+    except (TypeError, ValueError, BufferError, RuntimeError) as e:  # e.g. a dtype NumPy has no type for
+        raise TypeError(f"{where}: {name} ({kind}) cannot be viewed as a {be.name} array through DLPack: {e}") from None
+
+
 def check_array(op: str, name: str, a, ndim: int | None = None, dtype="compute", backend=None):
     """``a`` must be the active backend's array, of ``dtype``, ``ndim`` dimensions, C-contiguous,
     with fewer than 2**31 elements. ``dtype="compute"`` (the default) means the compute dtype:
-    float32, or float64 inside ``dp.precision("float64")`` (numpy backend only)."""
+    float32, or float64 inside ``dp.precision("float64")`` (numpy backend only). An object with
+    ``__dlpack__`` on the backend's device is accepted (see :func:`from_dlpack`); the returned
+    array is the one to compute on."""
     be = backend or get_backend()
+    a = from_dlpack(op, name, a, be)
     if not isinstance(a, be.array_type):
         kind = f"{type(a).__module__}.{type(a).__name__}"
         raise TypeError(f"{op}: {name} must be a {be.array_type.__module__}.{be.array_type.__name__} on the "
