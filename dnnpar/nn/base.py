@@ -88,20 +88,12 @@ def _jsonable(v):
     return v
 
 
-#: the most elements one weight may hold: what the kernels index with 32 bits
-MAX_WEIGHT_ELEMENTS = 2**31 - 1
-
-
 def he_normal(rng: np.random.Generator, shape, fan_in: int, dtype=np.float32):
     """Kaiming/He initialisation for layers followed by ReLU: N(0, 2 / fan_in). Every layer's
     weight is drawn here, so a shape beyond the kernels' 32-bit range is refused here, before
     anything is allocated."""
-    count = 1
-    for d in shape:
-        count *= int(d)
-    if count > MAX_WEIGHT_ELEMENTS:
-        raise ValueError(f"a weight of shape {tuple(int(d) for d in shape)} would hold {count:,} elements; dnnpar "
-                         f"kernels index arrays with 32 bits (at most {MAX_WEIGHT_ELEMENTS:,})")
+    from ..ops._common import check_count
+    check_count("he_normal", "weight", shape)
     return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(dtype)
 
 
