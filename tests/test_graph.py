@@ -79,26 +79,6 @@ def test_a_chain_graph_equals_sequential(rng):
             np.testing.assert_array_equal(a, b, err_msg=n)
 
 
-@pytest.mark.parametrize("other", KERNEL_BACKENDS)
-def test_kernel_backends_equal_numpy(other, rng):
-    x = rng.standard_normal((2, 3, 7, 6)).astype(np.float32)
-    g = rng.standard_normal((2, 5)).astype(np.float32)
-    got = {}
-    for backend in ("numpy", other):
-        with dp.use_backend(backend) as be:
-            model = residual_net(seed=3)
-            y = be.to_numpy(model.forward(be.asarray(x)))
-            model.backward(be.asarray(g))
-            got[backend] = y, {n: be.to_numpy(gr) for n, _, gr in model.named_parameters()}
-    (y0, g0), (y1, g1) = got["numpy"], got[other]
-    # float32 sums of at most 2*7*6 terms (a weight gradient) in another order, through the
-    # layers with weights forward and back, plus the loss
-    sums, depth = longest_sum(residual_net(), 2)
-    assert_reordered_close(y1, y0, sums, depth // 2, "logits")
-    for n in g0:
-        assert_reordered_close(g1[n], g0[n], sums, depth, n)
-
-
 def test_shapes_parameters_and_summary():
     with dp.use_backend("numpy"):
         model = residual_net()
@@ -236,18 +216,22 @@ def test_mul_broadcasts_a_channel_gate_and_sums_its_gradient(first, rng):
 
 
 @pytest.mark.parametrize("other", KERNEL_BACKENDS)
-def test_mobile_block_kernel_backends_equal_numpy(other, rng):
-    x = rng.standard_normal((2, 3, 6, 5)).astype(np.float32)
+@pytest.mark.parametrize("make,shape,seed", [(residual_net, (3, 7, 6), 3), (mobile_net, (3, 6, 5), 4)],
+                         ids=["residual", "mobile"])
+def test_kernel_backends_equal_numpy(other, make, shape, seed, rng):
+    """emu (and cuda) give numpy's logits and parameter gradients: float32 sums of the same terms
+    in another order, through the layers with weights forward and back, plus the loss."""
+    x = rng.standard_normal((2,) + shape).astype(np.float32)
     g = rng.standard_normal((2, 5)).astype(np.float32)
     got = {}
     for backend in ("numpy", other):
         with dp.use_backend(backend) as be:
-            model = mobile_net(seed=4)
+            model = make(seed=seed)
             y = be.to_numpy(model.forward(be.asarray(x)))
             model.backward(be.asarray(g))
             got[backend] = y, {n: be.to_numpy(gr) for n, _, gr in model.named_parameters()}
     (y0, g0), (y1, g1) = got["numpy"], got[other]
-    sums, depth = longest_sum(mobile_net(), 2)
+    sums, depth = longest_sum(make(), 2)
     assert_reordered_close(y1, y0, sums, depth // 2, "logits")
     for n in g0:
         assert_reordered_close(g1[n], g0[n], sums, depth, n)
