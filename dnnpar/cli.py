@@ -216,12 +216,57 @@ def _train_data_parallel(args, cfg) -> int:
 def _load_checkpoint_model(args):
     """(model, name) for --checkpoint: the model the checkpoint records (--model, if given, must
     agree), its weights loaded."""
-    from .nn.models import build
+    from .checkpoint import build_model_from
 
     name = _checkpoint_model(args.checkpoint, args.model)
+    return build_model_from(args.checkpoint) if _has_meta(args.checkpoint) else _bare_zoo(name, args.checkpoint)
+
+
+def _has_meta(path) -> bool:
+    from .nn.base import load_npz
+    found = []
+    load_npz(path, lambda members, p: found.append("meta" in members) or [])
+    return found[0]
+
+
+def _bare_zoo(name, path):
+    from .nn.models import build
     model = build(name) if name in ("lenet300", "lenet5") else build(name, num_classes=10)
-    model.load(args.checkpoint)
+    model.load(path)
     return model
+
+
+def _import(args) -> int:
+    from .checkpoint import save_checkpoint
+    from .interop import from_onnx
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"--out {args.out} exists: --overwrite replaces it")
+    _set_backend(args)
+    model = from_onnx(args.path)
+    save_checkpoint(args.out, model, {"model": model.name})
+    print(f"imported {model.name} ({model.num_parameters():,} parameters, {len(model.layers)} layers) from "
+          f"{args.path}; wrote {args.out}")
+    return 0
+
+
+def _export(args) -> int:
+    from .interop import dnnz_to_onnx, to_onnx
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"--out {args.out} exists: --overwrite replaces it")
+    with open(args.path, "rb") as f:
+        magic = f.read(4)
+    if magic[:2] == b"PK":  # an .npz (zip): a checkpoint
+        from .checkpoint import build_model_from
+        from .errors import CheckpointError
+        if not _has_meta(args.path):
+            raise CheckpointError("holds weights only, no record of the model: nothing to export", args.path, "meta")
+        to_onnx(build_model_from(args.path), args.out, opset=args.opset)
+    else:
+        dnnz_to_onnx(args.path, args.out, opset=args.opset)
+    print(f"wrote {args.out} (ONNX opset {args.opset}) from {args.path}")
+    return 0
 
 
 def _set_backend(args):
@@ -464,6 +509,20 @@ def build_parser() -> ArgumentParser:
     ev.add_argument("--data-dir", type=ck.data_dir, default=None,
                     help="folder with the four Fashion-MNIST .gz files (None: as recorded, else the search path)")
     ev.set_defaults(fn=_evaluate)
+
+    im = command("import", "an ONNX model as a dnnpar checkpoint (.npz holding the graph and its weights)")
+    im.add_argument("path", type=ck.existing_file, help="the .onnx file")
+    im.add_argument("--out", type=ck.writable_file, required=True, help="the .npz checkpoint to write")
+    im.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    backend(im)
+    im.set_defaults(fn=_import)
+
+    ex = command("export", "a checkpoint (.npz) or compressed model (.dnnz) as ONNX")
+    ex.add_argument("path", type=ck.existing_file, help="the .npz checkpoint or .dnnz file")
+    ex.add_argument("--out", type=ck.writable_file, required=True, help="the .onnx file to write")
+    ex.add_argument("--opset", type=ck.int_range(13, 21), default=17, help="ONNX opset version")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    ex.set_defaults(fn=_export)
 
     command("kernels", "compile every kernel for sm_75/80/90 and print the ptxas report (dnnpar kernels --help)")
     return ap
