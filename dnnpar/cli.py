@@ -134,6 +134,12 @@ def _summary(args) -> int:
     from .nn.models import build
     from .nn.summary import summary
 
+    if (args.onnx is None) == (args.model is None):
+        raise ValueError("summary: give a zoo MODEL or --onnx FILE (one of them)")
+    if args.onnx:
+        from .interop import from_onnx
+        print(summary(from_onnx(args.onnx), args.batch_size).table())
+        return 0
     kwargs = {}
     if args.model == "mobilenet_v1":
         kwargs = {"alpha": args.alpha, "resolution": args.resolution}
@@ -222,6 +228,18 @@ def _load_checkpoint_model(args):
     return build_model_from(args.checkpoint) if _has_meta(args.checkpoint) else _bare_zoo(name, args.checkpoint)
 
 
+def _model_from_args(args):
+    """The model a command works on: ``--onnx FILE`` imported, else the ``--checkpoint``'s."""
+    if getattr(args, "onnx", None):
+        if args.model is not None:
+            raise ValueError("--model and --onnx: give one (the ONNX file is the model)")
+        from .interop import from_onnx
+        return from_onnx(args.onnx)
+    if args.checkpoint is None:
+        raise ValueError("give --checkpoint (a trained .npz) or --onnx (a model to import)")
+    return _load_checkpoint_model(args)
+
+
 def _has_meta(path) -> bool:
     from .nn.base import load_npz
     found = []
@@ -284,7 +302,7 @@ def _compress(args) -> int:
     if Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(f"--out {args.out} exists: --overwrite replaces it")
     be = _set_backend(args)
-    model = _load_checkpoint_model(args)
+    model = _model_from_args(args)
     quality = ck.quality_for(args.quality, prune.prunable_layers(model), DEFAULT_QUALITY, model.name)
     cfg = CompressConfig(quality=quality, cycles=args.cycles, retrain_epochs=args.retrain_epochs,
                          finetune_epochs=args.finetune_epochs, conv_bits=args.conv_bits, fc_bits=args.fc_bits,
@@ -294,7 +312,7 @@ def _compress(args) -> int:
     cfg.validate(model)
     _check_data(args.subset, args.data_dir)
     data = fashion_mnist.load(args.data_dir, args.subset)
-    print(f"compressing {model.name} from {args.checkpoint} on {data!r}" + (f", backend {be.name}" if be else ""))
+    print(f"compressing {model.name} from {args.onnx or args.checkpoint} on {data!r}" + (f", backend {be.name}" if be else ""))
     from .backend import get_backend
     before = {n: get_backend().to_numpy(p).copy() for n, p, _ in model.named_parameters() if n.endswith(".weight")}
     codes, report, log = compress(model, data, cfg, progress=not args.quiet)
@@ -321,7 +339,7 @@ def _sensitivity(args) -> int:
     from .train import evaluate
 
     _set_backend(args)
-    model = _load_checkpoint_model(args)
+    model = _model_from_args(args)
     if args.layers:
         ck.check_layers(args.layers, prune.prunable_layers(model), model.name, "--layers")
     _check_data(args.subset, args.data_dir)
@@ -410,7 +428,8 @@ def build_parser() -> ArgumentParser:
     t.set_defaults(fn=_tour)
 
     s = command("summary", "per-layer shapes, parameters, MACs and memory of a model")
-    s.add_argument("model", choices=models, help="the zoo model")
+    s.add_argument("model", choices=models, nargs="?", default=None, help="the zoo model (or --onnx)")
+    s.add_argument("--onnx", type=ck.existing_file, default=None, help="an ONNX model, imported (instead of MODEL)")
     s.add_argument("--batch-size", type=ck.positive_int, default=1, help="batch for the memory column")
     s.add_argument("--alpha", type=ck.positive_float, default=1.0, help="mobilenet_v1 width multiplier")
     s.add_argument("--resolution", type=ck.int_range(32, 4096), default=224, help="mobilenet_v1 input resolution")
@@ -466,7 +485,9 @@ def build_parser() -> ArgumentParser:
 
     se = command("sensitivity", "pruning sensitivity: accuracy with one layer pruned at a time")
     se.add_argument("--model", choices=models, default=None, help="None: the model the checkpoint holds")
-    se.add_argument("--checkpoint", type=ck.existing_file, required=True, help="a trained model (.npz from dnnpar train)")
+    se.add_argument("--checkpoint", type=ck.existing_file, default=None,
+                    help="a trained model (.npz from dnnpar train or dnnpar import)")
+    se.add_argument("--onnx", type=ck.existing_file, default=None, help="an ONNX model, imported (instead of --checkpoint)")
     se.add_argument("--sparsities", type=ck.sparsity, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95],
                     help="fractions pruned, each in [0, 1)")
     se.add_argument("--layers", nargs="+", help="only these conv / fc layers (None: every one)")
@@ -478,7 +499,9 @@ def build_parser() -> ArgumentParser:
 
     c = command("compress", "Deep Compression: prune, share weights, Huffman-code, write a .dnnz")
     c.add_argument("--model", choices=models, default=None, help="None: the model the checkpoint holds")
-    c.add_argument("--checkpoint", type=ck.existing_file, required=True, help="a trained model (.npz from dnnpar train)")
+    c.add_argument("--checkpoint", type=ck.existing_file, default=None,
+                    help="a trained model (.npz from dnnpar train or dnnpar import)")
+    c.add_argument("--onnx", type=ck.existing_file, default=None, help="an ONNX model, imported (instead of --checkpoint)")
     c.add_argument("--out", type=ck.writable_file, required=True, help="the .dnnz file to write")
     c.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     c.add_argument("--quality", type=ck.quality, default=DEFAULT_QUALITY,

@@ -103,3 +103,17 @@ def test_cli_interop_errors(tmp_path, capsys):
     assert "exists" in _error(capsys, ["export", tmp_path / "z.npz", "--out", tmp_path / "o.onnx"])
     (tmp_path / "bad.dnnz").write_bytes(b"garbage")
     assert "bad.dnnz" in _error(capsys, ["export", tmp_path / "bad.dnnz", "--out", tmp_path / "p.onnx"])
+
+
+def test_cli_onnx_flag(tmp_path, rng, capsys):
+    from dnnpar.interop import to_onnx
+
+    g = residual_net(seed=int(rng.integers(1000)))
+    to_onnx(g, tmp_path / "m.onnx")
+    assert main(["summary", "--onnx", tmp_path / "m.onnx"]) == 0
+    assert "fc" in capsys.readouterr().out
+    assert "one of them" in _error(capsys, ["summary", "lenet5", "--onnx", tmp_path / "m.onnx"])
+    assert "one of them" in _error(capsys, ["summary"])
+    assert "--onnx" in _error(capsys, ["sensitivity", "--subset", "embedded"])
+    assert "give one" in _error(capsys, ["sensitivity", "--model", "lenet5", "--onnx", tmp_path / "m.onnx",
+                                         "--subset", "embedded"])
