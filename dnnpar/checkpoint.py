@@ -51,7 +51,7 @@ def _config_schema():
         "model": lambda f, k: f.str(k, tuple(MODELS)),
         "epochs": lambda f, k: f.int(k, 1, 10**9),
         "batch_size": lambda f, k: f.int(k, 1, 2**31 - 1),
-        "lr": lambda f, k: f.float(k, **_POS_FLOAT),
+        "lr": lambda f, k: f.float(k, 0.0, None, open_lo=True),  # TrainConfig: lr > 0
         "momentum": lambda f, k: f.float(k, 0.0, 1.0),
         "nesterov": lambda f, k: f.bool(k),
         "weight_decay": lambda f, k: f.float(k, **_POS_FLOAT),
@@ -83,6 +83,11 @@ def _check_meta(meta, path=None) -> CheckpointMeta:
         raise cfg.fail("must be a non-empty name of at most 256 characters", "model")
     for k in cfg.obj:
         schema[k](cfg, k)
+    from .train import TrainConfig  # here: train imports this module
+    try:  # the config must be one training accepts, by TrainConfig's own rules (momentum < 1, lr > 0)
+        TrainConfig(**cfg.obj).validate()
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(str(e), path, "meta.config") from None
     epoch = f.int("epoch", 0, 10**9)
     history = f.list("history", MAX_HISTORY)
     hf = Fields({}, CheckpointError, path, "meta.history")

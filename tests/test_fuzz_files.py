@@ -522,7 +522,7 @@ def test_checkpoint_config_schema_matches_train_config():
 
 @fuzz(150)
 @given(model=st.sampled_from(["lenet300", "lenet5", "vgg16", "alexnet", "mobilenet_v1"]), epochs=st.integers(1, 50),
-       batch=st.integers(1, 4096), lr=st.floats(0, 10), momentum=st.floats(0, 1), wd=st.floats(0, 1),
+       batch=st.integers(1, 4096), lr=st.floats(0, 10, exclude_min=True), momentum=st.floats(0, 1, exclude_max=True), wd=st.floats(0, 1),
        schedule=st.sampled_from(["cosine", "step", "constant"]), sd=st.integers(0, 2**63 - 1),
        subset=st.sampled_from(["full", "embedded"]), data_dir=st.one_of(st.none(), st.text(max_size=12)),
        backend=st.sampled_from([None, "numpy", "emu", "cuda"]), done=st.integers(0, 5), nesterov=st.booleans(),
