@@ -6,6 +6,9 @@ training checkpoints only) and ``meta``, a JSON string::
     {"version": 1, "config": {...TrainConfig...}, "epoch": E, "history": [{...EpochRecord...}, ...]}
 
 ``config["model"]`` names the zoo model, so commands that take a checkpoint know what to build.
+A model outside the zoo (an imported ONNX graph) also stores its structure: meta gains
+``"graph": spec`` (:meth:`dnnpar.nn.base.Graph.spec`), and ``config["model"]`` is then the
+graph's name, any non-empty string. :func:`build_model_from` builds either kind.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ class CheckpointMeta:
     config: dict
     epoch: int
     history: list = field(default_factory=list)
+    graph: dict | None = None   # the spec of a non-zoo model (checked by graph_from_spec when built)
 
     @property
     def model(self) -> str:
@@ -47,7 +51,7 @@ def _config_schema():
         "model": lambda f, k: f.str(k, tuple(MODELS)),
         "epochs": lambda f, k: f.int(k, 1, 10**9),
         "batch_size": lambda f, k: f.int(k, 1, 2**31 - 1),
-        "lr": lambda f, k: f.float(k, **_POS_FLOAT),
+        "lr": lambda f, k: f.float(k, 0.0, None, open_lo=True),  # TrainConfig: lr > 0
         "momentum": lambda f, k: f.float(k, 0.0, 1.0),
         "nesterov": lambda f, k: f.bool(k),
         "weight_decay": lambda f, k: f.float(k, **_POS_FLOAT),
@@ -66,12 +70,17 @@ RECORD_RANGES = {"epoch": (1, None), "lr": (0.0, None), "loss": (0.0, None), "tr
 
 def _check_meta(meta, path=None) -> CheckpointMeta:
     f = Fields(meta, CheckpointError, path, "meta")
-    f.only(("version", "config", "epoch", "history"))
+    f.only(("version", "config", "epoch", "history", "graph"))
     f.int("version", CHECKPOINT_VERSION, CHECKPOINT_VERSION)
+    graph = f.sub("graph").obj if "graph" in meta else None
     cfg = f.sub("config")
     schema = _config_schema()
+    if graph is not None:  # the model is the stored graph: its name is free text
+        schema["model"] = lambda f, k: f.str(k)
     cfg.only(schema)
-    cfg.str("model")  # required; the other fields default to TrainConfig's
+    name = cfg.str("model")  # required; the other fields default to TrainConfig's
+    if graph is not None and not 0 < len(name) <= 256:
+        raise cfg.fail("must be a non-empty name of at most 256 characters", "model")
     for k in cfg.obj:
         schema[k](cfg, k)
     from .train import TrainConfig  # the ranges training enforces are the ones a checkpoint must meet
@@ -92,14 +101,16 @@ def _check_meta(meta, path=None) -> CheckpointMeta:
             else:
                 r.float(k, lo, hi)
         last = e
-    return CheckpointMeta(cfg.obj, epoch, history)
+    return CheckpointMeta(cfg.obj, epoch, history, graph)
 
 
-def meta_json(config: dict, epoch: int, history: list) -> np.ndarray:
+def meta_json(config: dict, epoch: int, history: list, graph: dict | None = None) -> np.ndarray:
     """The ``meta`` member for ``config`` (a dict), ``epoch`` and ``history`` (a list of dicts);
     checked with the reader's schema first (CheckpointError naming the field), so a writer
     never produces metadata :func:`parse_meta` refuses."""
     meta = {"version": CHECKPOINT_VERSION, "config": config, "epoch": epoch, "history": history}
+    if graph is not None:
+        meta["graph"] = graph
     try:
         text = json.dumps(meta, allow_nan=False)
     except (TypeError, ValueError) as e:
@@ -135,13 +146,24 @@ def read_meta(path) -> CheckpointMeta:
     return parse_meta(load_npz(path, _meta_member), path)
 
 
+def is_zoo_model(model) -> bool:
+    """Whether ``model`` is one the zoo builds by name (else its checkpoint stores its spec)."""
+    from .nn.models import MODELS
+    return getattr(model, "name", None) in MODELS
+
+
 def save_checkpoint(path, model, config: dict, epoch: int = 0, history: list | None = None,
                     optimizer_state: dict | None = None) -> None:
     """Write ``model`` with its metadata (and the optimizer's state arrays, if given) atomically.
+    A model outside the zoo is stored with its graph spec (``config["model"]`` its name).
     The metadata is validated first: nothing is written that :func:`load_checkpoint` refuses."""
     from .backend import get_backend
     be = get_backend()
-    meta = meta_json(config, epoch, history or [])
+    graph = None
+    if not is_zoo_model(model):
+        graph = model.spec()
+        config = {**config, "model": model.name}
+    meta = meta_json(config, epoch, history or [], graph)
     arrays = {f"opt/{k}": be.to_numpy(v) for k, v in (optimizer_state or {}).items()}
     arrays["meta"] = meta
     model.save(path, **arrays)
@@ -179,3 +201,39 @@ def load_checkpoint(path, model, optimizer=None, expect_model: str | None = None
         optimizer.velocity = {k[len("opt/velocity/"):]: be.asarray(v) for k, v in arrays.items()
                               if k.startswith("opt/velocity/")}
     return meta
+
+
+def _param_elements(members: dict) -> int:
+    return int(sum(int(np.prod(m.shape, dtype=np.int64)) for k, m in members.items() if k.startswith("param/")))
+
+
+def build_model_from(path):
+    """The model a checkpoint holds, its weights loaded: the zoo model ``config["model"]`` names
+    or, when the meta holds a ``graph``, that graph, checked by
+    :func:`dnnpar.nn.graph_from_spec` before it is built with a parameter cap of the elements
+    the file's ``param/`` members hold (a spec cannot ask for more weights than the file
+    carries). Everything wrong is a CheckpointError naming the field."""
+    from .errors import SpecError
+    from .nn.models import build
+    from .nn.spec import graph_from_spec
+
+    seen = {}
+
+    def meta_and_sizes(members, p):
+        seen["params"] = _param_elements(members)
+        return _meta_member(members, p)
+
+    meta = parse_meta(load_npz(path, meta_and_sizes), path)
+    if meta.graph is not None:
+        try:
+            model = graph_from_spec(meta.graph, max_parameters=seen["params"], path=path)
+        except SpecError as e:
+            what = str(e)[len(e.path) + 2:] if e.path and str(e).startswith(e.path) else str(e)
+            raise CheckpointError(f"does not describe a buildable model ({what})", path, "meta.graph") from None
+        if model.name != meta.model:
+            raise CheckpointError(f"names {meta.model!r}, its graph is {model.name!r}", path, "config.model")
+    else:
+        name = meta.model
+        model = build(name) if name in ("lenet300", "lenet5") else build(name, num_classes=10)
+    model.load(path)
+    return model

@@ -134,6 +134,12 @@ def _summary(args) -> int:
     from .nn.models import build
     from .nn.summary import summary
 
+    if (args.onnx is None) == (args.model is None):
+        raise ValueError("summary: give a zoo MODEL or --onnx FILE (one of them)")
+    if args.onnx:
+        from .interop import from_onnx
+        print(summary(from_onnx(args.onnx), args.batch_size).table())
+        return 0
     kwargs = {}
     if args.model == "mobilenet_v1":
         kwargs = {"alpha": args.alpha, "resolution": args.resolution}
@@ -216,12 +222,69 @@ def _train_data_parallel(args, cfg) -> int:
 def _load_checkpoint_model(args):
     """(model, name) for --checkpoint: the model the checkpoint records (--model, if given, must
     agree), its weights loaded."""
-    from .nn.models import build
+    from .checkpoint import build_model_from
 
     name = _checkpoint_model(args.checkpoint, args.model)
+    return build_model_from(args.checkpoint) if _has_meta(args.checkpoint) else _bare_zoo(name, args.checkpoint)
+
+
+def _model_from_args(args):
+    """The model a command works on: ``--onnx FILE`` imported, else the ``--checkpoint``'s."""
+    if getattr(args, "onnx", None):
+        if args.model is not None:
+            raise ValueError("--model and --onnx: give one (the ONNX file is the model)")
+        from .interop import from_onnx
+        return from_onnx(args.onnx)
+    if args.checkpoint is None:
+        raise ValueError("give --checkpoint (a trained .npz) or --onnx (a model to import)")
+    return _load_checkpoint_model(args)
+
+
+def _has_meta(path) -> bool:
+    from .nn.base import load_npz
+    found = []
+    load_npz(path, lambda members, p: found.append("meta" in members) or [])
+    return found[0]
+
+
+def _bare_zoo(name, path):
+    from .nn.models import build
     model = build(name) if name in ("lenet300", "lenet5") else build(name, num_classes=10)
-    model.load(args.checkpoint)
+    model.load(path)
     return model
+
+
+def _import(args) -> int:
+    from .checkpoint import save_checkpoint
+    from .interop import from_onnx
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"--out {args.out} exists: --overwrite replaces it")
+    _set_backend(args)
+    model = from_onnx(args.path)
+    save_checkpoint(args.out, model, {"model": model.name})
+    print(f"imported {model.name} ({model.num_parameters():,} parameters, {len(model.layers)} layers) from "
+          f"{args.path}; wrote {args.out}")
+    return 0
+
+
+def _export(args) -> int:
+    from .interop import dnnz_to_onnx, to_onnx
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"--out {args.out} exists: --overwrite replaces it")
+    with open(args.path, "rb") as f:
+        magic = f.read(4)
+    if magic[:2] == b"PK":  # an .npz (zip): a checkpoint
+        from .checkpoint import build_model_from
+        from .errors import CheckpointError
+        if not _has_meta(args.path):
+            raise CheckpointError("holds weights only, no record of the model: nothing to export", args.path, "meta")
+        to_onnx(build_model_from(args.path), args.out, opset=args.opset)
+    else:
+        dnnz_to_onnx(args.path, args.out, opset=args.opset)
+    print(f"wrote {args.out} (ONNX opset {args.opset}) from {args.path}")
+    return 0
 
 
 def _set_backend(args):
@@ -239,7 +302,7 @@ def _compress(args) -> int:
     if Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(f"--out {args.out} exists: --overwrite replaces it")
     be = _set_backend(args)
-    model = _load_checkpoint_model(args)
+    model = _model_from_args(args)
     quality = ck.quality_for(args.quality, prune.prunable_layers(model), DEFAULT_QUALITY, model.name)
     cfg = CompressConfig(quality=quality, cycles=args.cycles, retrain_epochs=args.retrain_epochs,
                          finetune_epochs=args.finetune_epochs, conv_bits=args.conv_bits, fc_bits=args.fc_bits,
@@ -249,7 +312,7 @@ def _compress(args) -> int:
     cfg.validate(model)
     _check_data(args.subset, args.data_dir)
     data = fashion_mnist.load(args.data_dir, args.subset)
-    print(f"compressing {model.name} from {args.checkpoint} on {data!r}" + (f", backend {be.name}" if be else ""))
+    print(f"compressing {model.name} from {args.onnx or args.checkpoint} on {data!r}" + (f", backend {be.name}" if be else ""))
     from .backend import get_backend
     before = {n: get_backend().to_numpy(p).copy() for n, p, _ in model.named_parameters() if n.endswith(".weight")}
     codes, report, log = compress(model, data, cfg, progress=not args.quiet)
@@ -276,7 +339,7 @@ def _sensitivity(args) -> int:
     from .train import evaluate
 
     _set_backend(args)
-    model = _load_checkpoint_model(args)
+    model = _model_from_args(args)
     if args.layers:
         ck.check_layers(args.layers, prune.prunable_layers(model), model.name, "--layers")
     _check_data(args.subset, args.data_dir)
@@ -365,7 +428,8 @@ def build_parser() -> ArgumentParser:
     t.set_defaults(fn=_tour)
 
     s = command("summary", "per-layer shapes, parameters, MACs and memory of a model")
-    s.add_argument("model", choices=models, help="the zoo model")
+    s.add_argument("model", choices=models, nargs="?", default=None, help="the zoo model (or --onnx)")
+    s.add_argument("--onnx", type=ck.existing_file, default=None, help="an ONNX model, imported (instead of MODEL)")
     s.add_argument("--batch-size", type=ck.positive_int, default=1, help="batch for the memory column")
     s.add_argument("--alpha", type=ck.positive_float, default=1.0, help="mobilenet_v1 width multiplier")
     s.add_argument("--resolution", type=ck.int_range(32, 4096), default=224, help="mobilenet_v1 input resolution")
@@ -421,7 +485,9 @@ def build_parser() -> ArgumentParser:
 
     se = command("sensitivity", "pruning sensitivity: accuracy with one layer pruned at a time")
     se.add_argument("--model", choices=models, default=None, help="None: the model the checkpoint holds")
-    se.add_argument("--checkpoint", type=ck.existing_file, required=True, help="a trained model (.npz from dnnpar train)")
+    se.add_argument("--checkpoint", type=ck.existing_file, default=None,
+                    help="a trained model (.npz from dnnpar train or dnnpar import)")
+    se.add_argument("--onnx", type=ck.existing_file, default=None, help="an ONNX model, imported (instead of --checkpoint)")
     se.add_argument("--sparsities", type=ck.sparsity, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95],
                     help="fractions pruned, each in [0, 1)")
     se.add_argument("--layers", nargs="+", help="only these conv / fc layers (None: every one)")
@@ -433,7 +499,9 @@ def build_parser() -> ArgumentParser:
 
     c = command("compress", "Deep Compression: prune, share weights, Huffman-code, write a .dnnz")
     c.add_argument("--model", choices=models, default=None, help="None: the model the checkpoint holds")
-    c.add_argument("--checkpoint", type=ck.existing_file, required=True, help="a trained model (.npz from dnnpar train)")
+    c.add_argument("--checkpoint", type=ck.existing_file, default=None,
+                    help="a trained model (.npz from dnnpar train or dnnpar import)")
+    c.add_argument("--onnx", type=ck.existing_file, default=None, help="an ONNX model, imported (instead of --checkpoint)")
     c.add_argument("--out", type=ck.writable_file, required=True, help="the .dnnz file to write")
     c.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     c.add_argument("--quality", type=ck.quality, default=DEFAULT_QUALITY,
@@ -464,6 +532,20 @@ def build_parser() -> ArgumentParser:
     ev.add_argument("--data-dir", type=ck.data_dir, default=None,
                     help="folder with the four Fashion-MNIST .gz files (None: as recorded, else the search path)")
     ev.set_defaults(fn=_evaluate)
+
+    im = command("import", "an ONNX model as a dnnpar checkpoint (.npz holding the graph and its weights)")
+    im.add_argument("path", type=ck.existing_file, help="the .onnx file")
+    im.add_argument("--out", type=ck.writable_file, required=True, help="the .npz checkpoint to write")
+    im.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    backend(im)
+    im.set_defaults(fn=_import)
+
+    ex = command("export", "a checkpoint (.npz) or compressed model (.dnnz) as ONNX")
+    ex.add_argument("path", type=ck.existing_file, help="the .npz checkpoint or .dnnz file")
+    ex.add_argument("--out", type=ck.writable_file, required=True, help="the .onnx file to write")
+    ex.add_argument("--opset", type=ck.int_range(13, 21), default=17, help="ONNX opset version")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    ex.set_defaults(fn=_export)
 
     command("kernels", "compile every kernel for sm_75/80/90 and print the ptxas report (dnnpar kernels --help)")
     return ap
