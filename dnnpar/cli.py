@@ -83,7 +83,13 @@ def _data_for(model, data, subset, data_dir, command: str, one_shot_ok: bool = F
         if subset is not None or data_dir is not None:
             raise ValueError("--data and --subset/--data-dir: give one (--data is the whole data set)")
         return user.load_for_model(data, model)
-    if user.fits_fashion_mnist(model):
+    try:
+        fits = user.fits_fashion_mnist(model)
+    except ValueError:  # not a classifier: no data set can be scored, but its weights can still be compressed
+        if one_shot_ok and subset is None and data_dir is None:
+            return None
+        raise
+    if fits:
         subset = subset or "full"
         _check_data(subset, data_dir)
         return fashion_mnist.load(data_dir, subset) if load else None

@@ -12,7 +12,6 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-import dnnpar as dp
 from dnnpar import nn
 from dnnpar.checkpoint import build_model_from, read_meta, save_checkpoint
 from dnnpar.cli import main
@@ -20,6 +19,7 @@ from dnnpar.data import fashion_mnist
 from dnnpar.data.idx import write_idx
 from dnnpar.data.user import SPLIT_SEED, load_user_data, read_images
 from dnnpar.errors import DataError, FileFormatError
+from dnnpar.nn.models import build
 
 SHAPE, CLASSES = (3, 16, 16), 4
 
@@ -60,7 +60,7 @@ def fashion_files(tmp_path):
     """A trained-enough LeNet-300-100 checkpoint (Fashion-MNIST shape) and a small --data set
     cut from the embedded sample (uint8 pixels, as a user would save them)."""
     d = fashion_mnist.load(subset="embedded")
-    m = dp.nn.models.build("lenet300")
+    m = build("lenet300")
     save_checkpoint(tmp_path / "l.npz", m, {"model": "lenet300"})
     from dnnpar.data.idx import read_idx
     raw = read_idx(fashion_mnist.EMBEDDED / "t10k-images-idx3-ubyte.gz")[:140, None]
@@ -601,3 +601,16 @@ def test_predict_errors(tmp_path, capsys, graph_files, fashion_files, rng):
     fails(capsys, ["predict", lenet, data], "3x16x16", "1x28x28")
     fails(capsys, ["predict", tmp_path / "junk.bin", data])
     fails(capsys, ["predict", ckpt, tmp_path / "nope.png"], "no such file")
+
+
+def test_a_model_that_is_not_a_classifier(tmp_path, capsys, rng):
+    """Its weights compress one-shot; training, scoring and predicting say why they cannot."""
+    from dnnpar.cli import _data_for
+    conv = nn.Sequential(("conv1", nn.Conv2d(3, 4, 3, padding=1)), input_shape=SHAPE, name="features")
+    assert _data_for(conv, None, None, None, "compress", one_shot_ok=True) is None
+    with pytest.raises(ValueError, match="not one score per class"):
+        _data_for(conv, None, None, None, "train")
+    save_checkpoint(tmp_path / "c.npz", conv, {"model": conv.name})
+    x, _ = user_set(rng, n=2)
+    np.save(tmp_path / "x.npy", x)
+    fails(capsys, ["predict", tmp_path / "c.npz", tmp_path / "x.npy"], "4x16x16", "not one score per class")
