@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 # optional extras, by the top-level module that is missing: the pip command that brings it
-EXTRAS = {"matplotlib": "plot", "ray": "dist", "mpi4py": "dist", "cupy": "cuda13"}
+EXTRAS = {"matplotlib": "plot", "ray": "dist", "mpi4py": "dist", "cupy": "cuda13", "PIL": "image"}
 
 
 def _number(text, kind=float):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -69,6 +70,38 @@ def _check_data(subset: str, data_dir) -> None:
                                 "are not all there")
 
 
+def _data_for(model, data, subset, data_dir, command: str, one_shot_ok: bool = False, load: bool = True):
+    """The data set ``command`` runs ``model`` on, by the one rule of train, compress,
+    sensitivity and evaluate: ``--data FILE.npz`` if given (checked against the model's input
+    shape and classes before anything is trained); else Fashion-MNIST (``subset`` / ``data_dir``)
+    when the model takes 1x28x28 images and scores 10 classes; else None where ``one_shot_ok``
+    (compress: one-shot compression), or a ValueError saying what the model takes and that
+    ``--data`` is needed. ``load`` False: only the checks (the files are there), returns None."""
+    from .data import fashion_mnist, user
+
+    if data is not None:
+        if subset is not None or data_dir is not None:
+            raise ValueError("--data and --subset/--data-dir: give one (--data is the whole data set)")
+        return user.load_for_model(data, model)
+    try:
+        fits = user.fits_fashion_mnist(model)
+    except ValueError:  # not a classifier: no data set can be scored, but its weights can still be compressed
+        if one_shot_ok and subset is None and data_dir is None:
+            return None
+        raise
+    if fits:
+        subset = subset or "full"
+        _check_data(subset, data_dir)
+        return fashion_mnist.load(data_dir, subset) if load else None
+    need = (f"{command}: {user.describe_model(model)}, not Fashion-MNIST's 1x28x28 images of 10 classes: give "
+            "--data FILE.npz (x: (N, C, H, W) float32 images, y: integer labels)")
+    if subset is not None or data_dir is not None:
+        raise ValueError(f"--subset/--data-dir: {need}")
+    if one_shot_ok:
+        return None
+    raise ValueError(need)
+
+
 def _checkpoint_model(path, model) -> str:
     """The zoo model a checkpoint holds; ``model`` (a --model flag, or None) must agree."""
     from .checkpoint import parse_meta
@@ -99,7 +132,7 @@ def _train_checkpoint(args) -> tuple[str, str | None]:
     explicit --checkpoint is refused, the default name moves to the next free one (MODEL-2.npz),
     unless --overwrite."""
     explicit = args.checkpoint is not None
-    path = Path(args.checkpoint or f"checkpoints/{args.model}.npz")
+    path = Path(args.checkpoint or f"checkpoints/{re.sub(r'[^A-Za-z0-9_.-]', '_', args.model)}.npz")
     note = None
     if path.is_dir():
         raise IsADirectoryError(f"--checkpoint {path}: is a folder; give a file name")
@@ -149,20 +182,51 @@ def _summary(args) -> int:
     return 0
 
 
+def _train_model(args):
+    """(model or None, its name) for train: --onnx imported; a graph checkpoint being resumed,
+    rebuilt from its spec; else the zoo model (--model, default lenet5), built later from the
+    config."""
+    if args.onnx:
+        if args.model is not None:
+            raise ValueError("--model and --onnx: give one (the ONNX file is the model)")
+        from .interop import from_onnx
+        model = from_onnx(args.onnx)
+        return model, model.name
+    if args.resume and args.checkpoint is not None and Path(args.checkpoint).is_file():
+        name = _checkpoint_model(args.checkpoint, args.model)
+        from .checkpoint import build_model_from, read_meta
+        if read_meta(args.checkpoint).graph is not None:
+            model = build_model_from(args.checkpoint)
+            return model, model.name
+        return None, name
+    return None, args.model or "lenet5"
+
+
 def _train(args) -> int:
-    from .train import TrainConfig, train
+    from .train import TrainConfig, build_model, train
 
     if args.parallel in ("hogwild", "ps") and args.resume:
         # their workers start from the model's initialisation: refuse rather than ignore
         raise ValueError(f"--resume is not supported with --parallel {args.parallel} (it continues a "
                          "single-process or --parallel data run)")
+    if args.parallel != "none" and (args.onnx or args.data):
+        raise ValueError(f"--parallel {args.parallel} trains zoo models on Fashion-MNIST: --onnx and --data train "
+                         "with --parallel none")
+    model, name = _train_model(args)
+    if model is not None and args.parallel != "none":
+        raise ValueError(f"--parallel {args.parallel} trains zoo models: {name} (a graph model) trains with "
+                         "--parallel none")
+    args.model = name
     lr = DEFAULT_LR[args.parallel] if args.lr is None else args.lr
-    cfg = TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
+    cfg = TrainConfig(model=name, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
                       momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay,
-                      schedule=args.schedule, seed=args.seed, subset=args.subset, data_dir=args.data_dir,
+                      schedule=args.schedule, seed=args.seed, subset=args.subset or "full", data_dir=args.data_dir,
                       backend=args.backend)
     cfg.validate()
-    _check_data(args.subset, args.data_dir)
+    if model is None:
+        model = build_model(cfg)
+    # the parallel runners load Fashion-MNIST themselves: only check that it fits and is there
+    data = _data_for(model, args.data, args.subset, args.data_dir, "train", load=args.parallel == "none")
     if args.parallel == "data":
         return _train_data_parallel(args, cfg)
     checkpoint, note = _train_checkpoint(args)
@@ -190,7 +254,8 @@ def _train(args) -> int:
             plot_history(report.history, args.plot)
             print(f"curves written to {args.plot}")
         return 0
-    train(cfg, checkpoint=checkpoint, resume=args.resume, plot=args.plot, progress=not args.quiet)
+    train(cfg, checkpoint=checkpoint, resume=args.resume, plot=args.plot, progress=not args.quiet, data=data,
+          model=model)
     print(f"checkpoint: {checkpoint}")
     return 0
 
@@ -231,8 +296,9 @@ def _load_checkpoint_model(args):
 def _model_from_args(args):
     """The model a command works on: ``--onnx FILE`` imported, else the ``--checkpoint``'s."""
     if getattr(args, "onnx", None):
-        if args.model is not None:
-            raise ValueError("--model and --onnx: give one (the ONNX file is the model)")
+        if args.model is not None or args.checkpoint is not None:
+            raise ValueError(f"--{'model' if args.model is not None else 'checkpoint'} and --onnx: give one (the "
+                             "ONNX file is the model)")
         from .interop import from_onnx
         return from_onnx(args.onnx)
     if args.checkpoint is None:
@@ -297,7 +363,7 @@ def _set_backend(args):
 def _compress(args) -> int:
     from .compress import prune
     from .compress.pipeline import CompressConfig, compress, save
-    from .data import fashion_mnist
+    from .data import user
 
     if Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(f"--out {args.out} exists: --overwrite replaces it")
@@ -310,9 +376,13 @@ def _compress(args) -> int:
                          lr=args.lr, finetune_lr=args.finetune_lr, weight_decay=args.weight_decay,
                          seed=args.seed)
     cfg.validate(model)
-    _check_data(args.subset, args.data_dir)
-    data = fashion_mnist.load(args.data_dir, args.subset)
-    print(f"compressing {model.name} from {args.onnx or args.checkpoint} on {data!r}" + (f", backend {be.name}" if be else ""))
+    data = _data_for(model, args.data, args.subset, args.data_dir, "compress", one_shot_ok=True)
+    source = args.onnx or args.checkpoint
+    if data is None:
+        print(f"compressing {model.name} from {source} one-shot: {user.describe_model(model)}, no data set fits "
+              "(give --data FILE.npz to retrain)" + (f", backend {be.name}" if be else ""))
+    else:
+        print(f"compressing {model.name} from {source} on {data!r}" + (f", backend {be.name}" if be else ""))
     from .backend import get_backend
     before = {n: get_backend().to_numpy(p).copy() for n, p, _ in model.named_parameters() if n.endswith(".weight")}
     codes, report, log = compress(model, data, cfg, progress=not args.quiet)
@@ -320,11 +390,21 @@ def _compress(args) -> int:
         from .compress.encode import plot_histograms
         plot_histograms({k.rsplit(".", 1)[0]: v for k, v in before.items()}, codes, args.plot)
         print(f"weight histograms written to {args.plot}")
-    save(args.out, model, codes, meta={"accuracy": log, "config": cfg.__dict__,
-                                       "data": {"subset": args.subset, "data_dir": args.data_dir}})
+    meta = {"config": cfg.__dict__, "retrained": data is not None}
+    if data is not None:
+        meta["accuracy"] = log
+        if args.data is not None:
+            meta["data_file"] = str(args.data)
+        else:
+            meta["data"] = {"subset": args.subset or "full", "data_dir": args.data_dir}
+    save(args.out, model, codes, meta=meta)
     print(report.table())
-    print(f"accuracy: {100 * log['baseline']:.2f}% dense -> {100 * log['final']:.2f}% compressed "
-          f"({100 * (log['final'] - log['baseline']):+.2f} points); wrote {args.out}")
+    if data is None:
+        print(f"one-shot compression: pruned and weight-shared without retraining or fine-tuning, accuracy not "
+              f"measured (give --data FILE.npz to retrain and measure it); wrote {args.out}")
+    else:
+        print(f"accuracy: {100 * log['baseline']:.2f}% dense -> {100 * log['final']:.2f}% compressed "
+              f"({100 * (log['final'] - log['baseline']):+.2f} points); wrote {args.out}")
     return 0
 
 
@@ -334,19 +414,18 @@ def _plan(args) -> int:
 
 
 def _sensitivity(args) -> int:
+    from dataclasses import replace
+
     from .compress import prune
-    from .data import fashion_mnist
     from .train import evaluate
 
     _set_backend(args)
     model = _model_from_args(args)
     if args.layers:
         ck.check_layers(args.layers, prune.prunable_layers(model), model.name, "--layers")
-    _check_data(args.subset, args.data_dir)
-    data = fashion_mnist.load(args.data_dir, args.subset)
+    data = _data_for(model, args.data, args.subset, args.data_dir, "sensitivity")
     if args.limit:
-        data = fashion_mnist.Dataset(data.x_train, data.y_train, data.x_test[:args.limit], data.y_test[:args.limit],
-                                     data.source)
+        data = replace(data, x_test=data.x_test[:args.limit], y_test=data.y_test[:args.limit])
     score = lambda m: evaluate(m, data.x_test, data.y_test)  # noqa: E731
     dense = score(model)
     result = prune.sensitivity(model, score, sparsities=tuple(args.sparsities), layers=args.layers or None)
@@ -363,20 +442,33 @@ def _sensitivity(args) -> int:
 def _evaluate(args) -> int:
     from .compress.encode import Report
     from .compress.pipeline import load, read_codes
-    from .data import fashion_mnist
     from .train import evaluate
 
+    if (args.path is None) == (args.onnx is None):
+        raise ValueError("evaluate: give a .dnnz PATH or --onnx FILE (one of them)")
+    if args.onnx:
+        from .interop import from_onnx
+        model = from_onnx(args.onnx)
+        data = _data_for(model, args.data, args.subset, args.data_dir, "evaluate")
+        acc = evaluate(model, data.x_test, data.y_test)
+        print(f"{args.onnx}: {model.name} ({model.num_parameters():,} parameters), test accuracy {100 * acc:.2f}% "
+              f"on {len(data.y_test):,} images of {data!r}")
+        return 0
     header, codes, others = read_codes(args.path)
-    recorded = header.get("meta", {}).get("data") if isinstance(header.get("meta"), dict) else None
+    meta = header.get("meta") if isinstance(header.get("meta"), dict) else {}
+    recorded = meta.get("data")
     subset, data_dir = args.subset, args.data_dir
-    if subset is None and data_dir is None and isinstance(recorded, dict):  # the data it was compressed on
-        subset, data_dir = recorded.get("subset"), recorded.get("data_dir")
+    if args.data is None and subset is None and data_dir is None and isinstance(recorded, dict):
+        subset, data_dir = recorded.get("subset"), recorded.get("data_dir")  # the data it was compressed on
         if subset not in ("full", "embedded") or not (data_dir is None or isinstance(data_dir, str)):
             subset, data_dir = "full", None
-    subset = subset or "full"
-    _check_data(subset, data_dir)
     model = load(args.path, sparse=not args.dense)
-    data = fashion_mnist.load(data_dir, subset)
+    try:
+        data = _data_for(model, args.data, subset, data_dir, "evaluate")
+    except ValueError as e:
+        if args.data is None and isinstance(meta.get("data_file"), str):
+            raise ValueError(f"{e} (it was compressed on {meta['data_file']})") from None
+        raise
     acc = evaluate(model, data.x_test, data.y_test)
     report = Report(header["model"], codes, int(sum(v.size for v in others.values())))
     print(report.table())
@@ -385,6 +477,20 @@ def _evaluate(args) -> int:
     print(f"{args.path}: {size:,} bytes on disk ({orig / 8 / size:.1f}x smaller than the float32 weights), "
           f"test accuracy {100 * acc:.2f}% on {len(data.y_test):,} images of {data!r} "
           f"({'dense decode' if args.dense else 'fc layers run as CSR x codebook'})")
+    return 0
+
+
+def _predict(args) -> int:
+    from .predict import load_model, predict_files
+
+    _set_backend(args)
+    model = load_model(args.model)
+    table, rows = predict_files(model, args.inputs, args.top_k, args.normalize)
+    if args.json:
+        import json
+        print(json.dumps(rows, indent=1))
+    else:
+        print(table)
     return 0
 
 
@@ -405,9 +511,14 @@ def build_parser() -> ArgumentParser:
         p.add_argument("--backend", choices=("numpy", "cuda", "emu"), default=None,
                        help="None: cuda when a GPU is usable, else numpy")
 
-    def data(p, subset="full"):
-        p.add_argument("--subset", choices=("full", "embedded"), default=subset,
-                       help="full: the 70,000 images (see --data-dir); embedded: the sample inside the package")
+    def data(p, subset_help="None: full"):
+        p.add_argument("--data", type=ck.existing_file, default=None, metavar="FILE.npz",
+                       help="a data set of your own: x (N, C, H, W) float32 (float64 cast, uint8 scaled to 0..1), "
+                            "y integer labels, optional x_test / y_test (else 1/7 held out). None: Fashion-MNIST "
+                            "when the model takes 1x28x28 images of 10 classes")
+        p.add_argument("--subset", choices=("full", "embedded"), default=None,
+                       help=f"Fashion-MNIST: full, the 70,000 images (see --data-dir); embedded, the sample inside "
+                            f"the package ({subset_help})")
         p.add_argument("--data-dir", type=ck.data_dir, default=None,
                        help="folder with the four Fashion-MNIST .gz files (None: $DNNPAR_DATA, "
                             "~/.cache/dnnpar/fashion-mnist, /usr/share/datasets/fashion-mnist)")
@@ -436,8 +547,11 @@ def build_parser() -> ArgumentParser:
     s.add_argument("--groups", type=ck.int_range(1, 2), default=1, help="alexnet: 2 for the original two-tower net")
     s.set_defaults(fn=_summary)
 
-    tr = command("train", "train a model on Fashion-MNIST")
-    tr.add_argument("--model", choices=models, default="lenet5", help="the zoo model")
+    tr = command("train", "train a model on Fashion-MNIST or a data set of your own (--data)")
+    tr.add_argument("--model", choices=models, default=None, help="the zoo model (None: lenet5, or the one a "
+                                                                  "--resume checkpoint holds)")
+    tr.add_argument("--onnx", type=ck.existing_file, default=None,
+                    help="an ONNX model, imported and trained (instead of --model); its checkpoint holds the graph")
     tr.add_argument("--epochs", type=ck.positive_int, default=10, help="training epochs")
     tr.add_argument("--batch-size", type=ck.positive_int, default=64, help="mini-batch (per rank / worker in parallel runs)")
     tr.add_argument("--lr", type=ck.positive_float, default=None,
@@ -524,14 +638,29 @@ def build_parser() -> ArgumentParser:
     plot(c, "each layer's weight histogram before/after, centroids marked,")
     c.set_defaults(fn=_compress)
 
-    ev = command("evaluate", "accuracy and size of a .dnnz, run from its compressed form")
-    ev.add_argument("path", type=ck.existing_file, help="the .dnnz file")
+    ev = command("evaluate", "accuracy and size of a .dnnz, run from its compressed form (or accuracy of an "
+                             "ONNX model)")
+    ev.add_argument("path", type=ck.existing_file, nargs="?", default=None, help="the .dnnz file (or --onnx)")
+    ev.add_argument("--onnx", type=ck.existing_file, default=None, help="an ONNX model, imported (instead of PATH)")
     ev.add_argument("--dense", action="store_true", help="decode every layer to dense weights instead")
-    ev.add_argument("--subset", choices=("full", "embedded"), default=None,
-                    help="None: the data set the file was compressed on (recorded in it), else full")
-    ev.add_argument("--data-dir", type=ck.data_dir, default=None,
-                    help="folder with the four Fashion-MNIST .gz files (None: as recorded, else the search path)")
+    data(ev, "None: the Fashion-MNIST subset the file was compressed on (recorded in it), else full")
     ev.set_defaults(fn=_evaluate)
+
+    pr = command("predict", "top-k classes with probabilities for the images in a file")
+    pr.add_argument("model", type=ck.existing_file, metavar="MODEL",
+                    help="a checkpoint (.npz from dnnpar train / import), a .dnnz or an .onnx model")
+    pr.add_argument("inputs", type=ck.existing_file, nargs="+", metavar="INPUTS",
+                    help="images: .npz (member x), .npy, IDX (.gz or not) or PNG (grayscale or RGB), each of the "
+                         "model's input shape (never resized)")
+    pr.add_argument("--top-k", type=ck.int_range(1, 1000), default=3, help="classes shown per image")
+    pr.add_argument("--normalize", choices=("auto", "fashion-mnist", "unit"), default="auto",
+                    help="uint8 pixels (PNG, IDX, uint8 arrays) are scaled to 0..1 (unit, as a --data set's are); "
+                         "fashion-mnist also standardises them as dnnpar train does on Fashion-MNIST; auto: "
+                         "fashion-mnist for a model of 1x28x28 images and 10 classes, else unit. Float arrays "
+                         "are fed as they are")
+    pr.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    backend(pr)
+    pr.set_defaults(fn=_predict)
 
     im = command("import", "an ONNX model as a dnnpar checkpoint (.npz holding the graph and its weights)")
     im.add_argument("path", type=ck.existing_file, help="the .onnx file")

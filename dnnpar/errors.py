@@ -13,7 +13,10 @@ field that is wrong:
 
 - ``DnnzError``: a ``.dnnz`` compressed model;
 - ``CheckpointError``: a ``.npz`` model / training checkpoint;
-- ``IDXError``: an IDX (Fashion-MNIST) file or a user data set;
+- ``IDXError``: an IDX (Fashion-MNIST) file;
+- ``DataError``: a user data set (``--data file.npz``) or an image file given to ``dnnpar
+  predict`` (.npz, .npy, PNG), naming the member (``x``, ``y_test``) that is wrong, including
+  samples whose shape or labels do not fit the model;
 - ``SpecError``: a graph spec (``Graph.spec()`` JSON, ``dnnpar.nn.graph_from_spec``), naming the
   field (``nodes[3].config.kernel_size``);
 - ``OnnxError``: an ONNX model (file or ``ModelProto``) that is malformed or uses an operator or
@@ -60,6 +63,13 @@ class IDXError(FileFormatError):
     kind = "IDX"
 
 
+class DataError(FileFormatError):
+    """A user data set or input image file is unreadable, holds the wrong kind of array (dtype,
+    dimensions, non-finite values, labels out of range), or does not fit the model it is for."""
+
+    kind = "data set"
+
+
 class SpecError(FileFormatError):
     """A graph spec (dict or JSON) that does not describe a buildable model: unknown layer types,
     config keys or values of the wrong type or out of range, wiring to missing nodes, shapes that
@@ -85,5 +95,5 @@ class ParallelError(RuntimeError):
         self.detail = detail
 
 
-__all__ = ["FileFormatError", "DnnzError", "CheckpointError", "IDXError", "SpecError", "OnnxError",
+__all__ = ["FileFormatError", "DnnzError", "CheckpointError", "IDXError", "DataError", "SpecError", "OnnxError",
            "ParallelError"]

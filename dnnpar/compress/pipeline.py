@@ -73,17 +73,41 @@ class CompressConfig:
 
 def compress(model: Sequential, data, cfg: CompressConfig, out=print, progress: bool = False):
     """Run the whole pipeline on a trained model (modified in place). Returns (codes, report, log)
-    where log holds the accuracy after each stage."""
+    where log holds the test accuracy after each stage (baseline, pruned, quantized, final).
+
+    ``data`` None (no data set fits the model): one-shot compression, pruned straight to the
+    final quality and weight-shared, with no retraining, no centroid fine-tuning and no accuracy
+    measured (log is empty); cycles and epochs are then not used."""
     cfg.validate(model)
+    be = get_backend()
+    names = prune.prunable_layers(model)
+    stds = {n: float(be.to_numpy(model[n].params["weight"]).std()) for n in names}
+    final_q = prune.per_layer(model, cfg.quality)
+    bits = cfg.layer_bits(model)
+    if data is None:
+        prune.apply_masks(model, prune.magnitude_masks(model, final_q, stds))
+        kept = prune.kept_fraction(model)
+        out("one-shot compression (no data set fits the model): pruned to the final quality, kept "
+            + ", ".join(f"{n} {100 * kept[n]:.1f}%" for n in names) + "; weight sharing without retraining or "
+            "fine-tuning; accuracy not measured")
+        shared = quantize.share_weights(model, {n: b for n, (b, _) in bits.items()}, cfg.init, cfg.seed)
+        log = {}
+    else:
+        shared, log = _compress_retrained(model, data, cfg, names, stds, final_q, bits, out, progress)
+    codes = [encode_layer(n, shared[n], bits[n][1],
+                          be.to_numpy(model[n].params["bias"]) if "bias" in model[n].params else None) for n in names]
+    return codes, Report(model.name, codes, other_params(model)), log
+
+
+def _compress_retrained(model, data, cfg, names, stds, final_q, bits, out, progress):
+    """Prune -> retrain cycles, weight sharing and centroid fine-tuning on ``data``:
+    (shared layers, log of accuracies)."""
     be = get_backend()
     # each retraining stage restarts a per-epoch cosine schedule from cfg.lr (constant for a
     # one-epoch stage), so later epochs of a stage take smaller steps
     tcfg = TrainConfig(model=model.name, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, schedule="cosine")
     log = {"baseline": evaluate(model, data.x_test, data.y_test)}
     out(f"baseline test accuracy {100 * log['baseline']:.2f}%")
-    names = prune.prunable_layers(model)
-    stds = {n: float(be.to_numpy(model[n].params["weight"]).std()) for n in names}
-    final_q = prune.per_layer(model, cfg.quality)
     masks = {}
     for c in range(1, cfg.cycles + 1):
         q = {n: final_q[n] * c / cfg.cycles for n in names}
@@ -99,7 +123,6 @@ def compress(model: Sequential, data, cfg: CompressConfig, out=print, progress: 
         acc = log["pruned"] = evaluate(model, data.x_test, data.y_test)
         out(f"prune cycle {c}/{cfg.cycles}: kept " + ", ".join(f"{n} {100 * kept[n]:.1f}%" for n in names)
             + f"; accuracy {100 * acc_pruned:.2f}% pruned -> {100 * acc:.2f}% retrained")
-    bits = cfg.layer_bits(model)
     shared = quantize.share_weights(model, {n: b for n, (b, _) in bits.items()}, cfg.init, cfg.seed)
     log["quantized"] = evaluate(model, data.x_test, data.y_test)
     if cfg.finetune_epochs:
@@ -109,9 +132,7 @@ def compress(model: Sequential, data, cfg: CompressConfig, out=print, progress: 
     log["final"] = evaluate(model, data.x_test, data.y_test)
     out(f"weight sharing: {100 * log['quantized']:.2f}% after k-means, {100 * log['final']:.2f}% after centroid "
         f"fine-tuning")
-    codes = [encode_layer(n, shared[n], bits[n][1],
-                          be.to_numpy(model[n].params["bias"]) if "bias" in model[n].params else None) for n in names]
-    return codes, Report(model.name, codes, other_params(model)), log
+    return shared, log
 
 
 def other_params(model: Sequential) -> int:

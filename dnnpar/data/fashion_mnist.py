@@ -35,13 +35,19 @@ HOW_TO_GET = ("get it with `apt-get install dataset-fashion-mnist` (Debian/Ubunt
 
 @dataclass
 class Dataset:
-    x_train: np.ndarray   # (N, 1, 28, 28) float32, standardised
-    y_train: np.ndarray   # (N,) int64 in 0..9
+    """A labelled image set split in train and test: Fashion-MNIST (:func:`load`) or a user data
+    set (:func:`dnnpar.data.user.load_user_data`). Labels lie in ``0..classes-1``."""
+    x_train: np.ndarray   # (N, C, H, W) float32 (Fashion-MNIST: (N, 1, 28, 28), standardised)
+    y_train: np.ndarray   # (N,) int64 in 0..classes-1
     x_test: np.ndarray
     y_test: np.ndarray
     source: str
+    classes: int = len(CLASSES)
+    name: str = "Fashion-MNIST"
 
     def __post_init__(self):
+        if isinstance(self.classes, bool) or not isinstance(self.classes, (int, np.integer)) or self.classes < 1:
+            raise ValueError(f"Dataset: classes must be an integer >= 1, got {self.classes!r}")
         for split in ("train", "test"):
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
             if not isinstance(x, np.ndarray) or x.ndim != 4 or x.dtype.kind != "f":
@@ -52,14 +58,22 @@ class Dataset:
                                 f"{getattr(y, 'dtype', type(y).__name__)} of shape {getattr(y, 'shape', None)}")
             if len(x) != len(y):
                 raise ValueError(f"Dataset: {len(x)} {split} images but {len(y)} labels")
-            if y.size and (int(y.min()) < 0 or int(y.max()) >= len(CLASSES)):
-                raise ValueError(f"Dataset: {split} labels must lie in 0..{len(CLASSES) - 1}, got "
+            if y.size and (int(y.min()) < 0 or int(y.max()) >= self.classes):
+                raise ValueError(f"Dataset: {split} labels must lie in 0..{self.classes - 1}, got "
                                  f"[{int(y.min())}, {int(y.max())}]")
+        if self.x_train.shape[1:] != self.x_test.shape[1:] and len(self.x_test):
+            raise ValueError(f"Dataset: train samples are {self.x_train.shape[1:]}, test samples "
+                             f"{self.x_test.shape[1:]}")
         if not len(self.y_train):
             raise ValueError("Dataset: the training split is empty")
 
+    @property
+    def sample_shape(self) -> tuple:
+        """(C, H, W) of one sample."""
+        return tuple(int(d) for d in self.x_train.shape[1:])
+
     def __repr__(self):
-        return f"<Fashion-MNIST {len(self.y_train)} train / {len(self.y_test)} test from {self.source}>"
+        return f"<{self.name} {len(self.y_train)} train / {len(self.y_test)} test from {self.source}>"
 
 
 def search_path(data_dir=None) -> list[Path]:
