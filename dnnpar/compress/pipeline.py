@@ -234,13 +234,13 @@ def read_codes(path) -> tuple[dict, list[LayerCode], dict]:
     return raw, codes, others
 
 
-def _spec_error(e: SpecError, path) -> DnnzError:
+def _spec_error(e: SpecError, cap: int, path) -> DnnzError:
     """A SpecError of the header's graph as a DnnzError naming ``graph.<its field>``."""
     what = str(e)
     if e.field and what.startswith(f"{e.field}: "):
         what = what[len(e.field) + 2:]
-    return DnnzError(f"does not describe a buildable model ({what})", path,
-                     f"graph.{e.field}" if e.field else "graph")
+    return DnnzError(f"does not describe a buildable model ({what}; the file's layer entries and param/ sections "
+                     f"describe {cap} parameters and buffers)", path, f"graph.{e.field}" if e.field else "graph")
 
 
 def _build(hdr, others: dict, path) -> Sequential:
@@ -253,7 +253,7 @@ def _build(hdr, others: dict, path) -> Sequential:
         try:
             model = graph_from_spec(hdr.graph, max_parameters=cap)
         except SpecError as e:
-            raise _spec_error(e, path) from None
+            raise _spec_error(e, cap, path) from None
         if model.name != hdr.model:
             raise DnnzError(f"the graph spec builds {model.name!r}, the header says {hdr.model!r}", path, "model")
     else:
@@ -315,9 +315,10 @@ class CompressedLinear(Layer):
 
 
 def load(path, sparse: bool = True) -> Sequential:
-    """A model from a .dnnz. With ``sparse`` (default), fully connected layers whose weights use at
-    most 8 bits run as CSR x codebook products without being decoded; conv layers (and wider
-    codes) are decoded to dense weights. Inference only for the sparse layers."""
+    """A model from a .dnnz: the zoo model or the graph (builder "graph") its header describes,
+    every parameter and buffer from the file. With ``sparse`` (default), fully connected layers
+    whose weights use at most 8 bits run as CSR x codebook products without being decoded; conv
+    layers (and wider codes) are decoded to dense weights. Inference only for the sparse layers."""
     header, codes, others = read_codes(path)
     be = get_backend()
     model = _build(parse_header(header, path), others, path)
