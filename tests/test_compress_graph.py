@@ -234,7 +234,7 @@ def test_graph_headers_that_lie_are_dnnz_errors_naming_the_field(compressed, tmp
     e = lie(lambda h: {**h, "model": "other"})
     assert e.field == "model" and "the graph spec builds" in str(e)
     e = lie(lambda h: {**h, "kwargs": {"num_classes": 3}})
-    assert e.field == "kwargs"
+    assert e.field == "kwargs" and "must be {} for a \"graph\" builder" in str(e)
     e = lie(lambda h: {k: v for k, v in h.items() if k != "graph"})
     assert e.field == "graph" and "missing" in str(e)
     e = lie(lambda h: {**h, "builder": "lenet300"})

@@ -167,7 +167,10 @@ def parse_header(header, path=None) -> Header:
     model = f.str("model")
     builder = f.str("builder", (*MODELS, GRAPH))
     kw = f.sub("kwargs")
-    table = KWARGS.get(builder, {})  # a graph takes no keyword arguments: its spec says it all
+    if builder == GRAPH and kw.obj:
+        raise kw.fail(f"must be {{}} for a \"{GRAPH}\" builder (its spec describes the model), got keys "
+                      f"{', '.join(map(repr, sorted(kw.obj)))}"[:300])
+    table = KWARGS.get(builder, {})
     kw.only(table)
     kwargs = {k: table[k](kw) for k in kw.obj}
     graph = None
