@@ -347,6 +347,156 @@ def test_dnnz_kwargs_tables_match_the_zoo():
         assert set(table) <= set(inspect.signature(MODELS[name]).parameters), name
 
 
+# ------------------------------------------------------------------ .dnnz of graph models
+def _tiny_graph(c=3, classes=4, side=6, seed=0):
+    """conv (no bias) -> BN -> ReLU -> [conv] + skip -> GAP -> fc: a residual graph of every
+    section kind (compressed conv and fc layers, BN parameters and buffers as param/)."""
+    from dnnpar import nn
+    from dnnpar.nn.graph import Add, Graph
+
+    g = Graph([
+        ("conv1", nn.Conv2d(1, c, 3, padding=1, bias=False, seed=seed), ["input"]),
+        ("bn", nn.BatchNorm2d(c), ["conv1"]), ("relu", nn.ReLU(), ["bn"]),
+        ("conv2", nn.Conv2d(c, c, 3, padding=1, seed=seed + 1), ["relu"]),
+        ("add", Add(), ["conv2", "relu"]),
+        ("pool", nn.GlobalAvgPool2d(), ["add"]), ("fc", nn.Linear(c, classes, seed=seed + 2), ["pool"]),
+    ], input_shape=(1, side, side), name="tiny_graph")
+    rng = np.random.default_rng(seed)
+    bn = g["bn"]
+    for d in (bn.params, bn.buffers):  # BN values that differ from their defaults, so a lost one shows
+        for k in d:
+            d[k][...] = rng.uniform(0.5, 1.5, d[k].shape).astype(np.float32)
+    return g
+
+
+@pytest.fixture(scope="module")
+def graph_dnnz(workdir):
+    """A valid small graph .dnnz (builder "graph"), its input and reference output."""
+    rng = np.random.default_rng(12)
+    model = _tiny_graph()
+    codes = _random_codes(model, rng, 4, 3, 0.4)
+    path = workdir / "graph.dnnz"
+    pipeline.save(path, model, codes, meta={"accuracy": {"final": 0.5}})
+    header, sections = container.read(path)
+    assert header["builder"] == "graph"
+    x = rng.standard_normal((2, 1, 6, 6)).astype(np.float32)
+    ref = pipeline.load(path, sparse=False).forward(x)
+    return header, sections, x, ref
+
+
+def _load_graph_dnnz(path, header, original, x, ref):
+    """A graph .dnnz must end in DnnzError or in a model holding exactly the file's values
+    (:func:`_load_dnnz`) that is the graph its header's spec describes: the original file's
+    model (computing ``ref`` on ``x``) when the spec is unchanged, else the model
+    graph_from_spec builds from that spec, with the file's weights, computing the same.
+    ``header``: the file's header (JSON text or dict); ``original``: the valid file's header."""
+    from dnnpar.nn.spec import graph_from_spec
+
+    if _load_dnnz(path) == "refused":
+        return "refused"
+    model = pipeline.load(path, sparse=False)
+    spec = json.loads(header)["graph"] if isinstance(header, str) else header["graph"]
+    if spec == original["graph"]:
+        np.testing.assert_array_equal(model.forward(x), ref)
+        return "ok"
+    oracle = graph_from_spec(spec)
+    assert oracle.spec() == model.spec()
+    oracle.load_state_dict(model.state_dict())
+    oracle.eval()
+    if int(np.prod(oracle.input_shape)) <= 4096:
+        xs = np.random.default_rng(1).standard_normal((2, *oracle.input_shape)).astype(np.float32)
+        np.testing.assert_array_equal(model.forward(xs), oracle.forward(xs))
+    return "ok"
+
+
+@fuzz(1000)
+@given(data=st.data())
+def test_graph_dnnz_header_mutations_end_in_dnnz_error_or_the_described_model(graph_dnnz, workdir, data):
+    header, sections, x, ref = graph_dnnz
+    text = data.draw(json_mutation(header))
+    path = workdir / "gh.dnnz"
+    path.write_bytes(serialize(text, list(sections.items())))
+    _load_graph_dnnz(path, text, header, x, ref)
+
+
+SPEC_LIES = st.sampled_from(["config_int", "config_bias", "entry_shape", "drop_node", "drop_entry",
+                             "drop_entry_and_sections", "rename_entry", "rename_node", "ghost_entry", "swap_entries",
+                             "output"])
+
+
+@fuzz(300)
+@given(data=st.data())
+def test_graph_dnnz_spec_and_layer_lies_end_in_dnnz_error_or_the_described_model(graph_dnnz, workdir, data):
+    """Structured lies between the spec and the layer entries: a prunable node's sizes, a bias,
+    an entry's shape, a node or entry dropped, renamed, invented or swapped."""
+    header, sections, x, ref = graph_dnnz
+    h = json.loads(json.dumps(header))
+    items = dict(sections)
+    nodes, layers = h["graph"]["nodes"], h["layers"]
+    for _ in range(data.draw(st.integers(1, 2))):
+        op = data.draw(SPEC_LIES)
+        node = data.draw(st.sampled_from(nodes)) if nodes else None
+        entry = data.draw(st.sampled_from(layers)) if layers else None
+        if op == "config_int" and node and node["config"]:
+            ints = [k for k, v in node["config"].items() if isinstance(v, int) and not isinstance(v, bool)]
+            if ints:
+                node["config"][data.draw(st.sampled_from(ints))] = data.draw(st.integers(0, 8))
+        elif op == "config_bias" and node and "bias" in node["config"]:
+            node["config"]["bias"] = not node["config"]["bias"]
+        elif op == "entry_shape" and entry:
+            k = data.draw(st.integers(0, len(entry["shape"]) - 1))
+            entry["shape"][k] = data.draw(st.integers(1, 8))
+        elif op == "drop_node" and node:
+            nodes.remove(node)
+        elif op.startswith("drop_entry") and entry:
+            layers.remove(entry)
+            if op == "drop_entry_and_sections":
+                items = {k: v for k, v in items.items() if not k.startswith(entry["name"] + "/")}
+        elif op == "rename_entry" and entry:
+            new = data.draw(st.sampled_from(["bn", "pool", "fc", "conv1", "ghost"]))
+            items = {(new + k[len(entry["name"]):] if k.startswith(entry["name"] + "/") else k): v
+                     for k, v in items.items()}
+            entry["name"] = new
+        elif op == "rename_node" and node:
+            node["name"] = data.draw(st.sampled_from(["bn", "ghost", "fc", "conv2"]))
+        elif op == "ghost_entry" and entry:
+            layers.append({**entry, "name": "ghost"})
+            items.update({"ghost" + k[len(entry["name"]):]: v for k, v in items.items()
+                          if k.startswith(entry["name"] + "/")})
+        elif op == "swap_entries" and len(layers) > 1:
+            i, j = data.draw(st.integers(0, len(layers) - 1)), data.draw(st.integers(0, len(layers) - 1))
+            layers[i]["name"], layers[j]["name"] = layers[j]["name"], layers[i]["name"]
+        elif op == "output":
+            h["graph"]["output"] = data.draw(st.sampled_from(["bn", "pool", "add", "fc", "input", "ghost"]))
+    path = workdir / "gl.dnnz"
+    path.write_bytes(serialize(json.dumps(h), list(items.items())))
+    _load_graph_dnnz(path, h, header, x, ref)
+
+
+@fuzz(40)
+@given(c=st.integers(1, 5), classes=st.integers(1, 6), side=st.integers(3, 8), weight_bits=st.integers(1, 9),
+       index_bits=st.integers(1, 6), density=st.sampled_from([0.0, 0.05, 0.5, 1.0]), model_seed=st.integers(0, 2**31),
+       data_seed=st.integers(0, 2**31))
+def test_graph_dnnz_writer_output_is_always_read_back_exactly(workdir, c, classes, side, weight_bits, index_bits,
+                                                              density, model_seed, data_seed):
+    rng = np.random.default_rng(data_seed)
+    model = _tiny_graph(c, classes, side, model_seed)
+    codes = _random_codes(model, rng, weight_bits, index_bits, density)
+    path = workdir / "gw.dnnz"
+    pipeline.save(path, model, codes)
+    back = pipeline.load(path, sparse=False)
+    assert back.spec() == model.spec()
+    for c_ in codes:
+        np.testing.assert_array_equal(back[c_.name].params["weight"], c_.codebook[c_.dense_codes()])
+    for n, b in model.named_buffers():
+        np.testing.assert_array_equal(dict(back.named_buffers())[n], b)
+    sparse = pipeline.load(path)  # fc as CSR x codebook where its codes fit 8 bits, else decoded
+    assert type(sparse["fc"]).__name__ == ("CompressedLinear" if weight_bits <= 8 else "Linear")
+    x = rng.standard_normal((2, 1, side, side)).astype(np.float32)
+    n, depth = longest_sum(back, len(x))  # the same products summed in another order
+    assert_reordered_close(sparse.forward(x), back.forward(x), n, depth // 2, "CSR x codebook")
+
+
 # ------------------------------------------------------------------ checkpoints
 @pytest.fixture(scope="module")
 def ckpt(workdir):

@@ -4,8 +4,9 @@ The container (``container.py``) vouches for the bytes; this module vouches for 
 The header is a JSON object::
 
     {"format": "dnnz-deep-compression", "version": 1,
-     "model": "<Sequential.name>", "builder": "<a key of dnnpar.nn.models.MODELS>",
+     "model": "<Sequential.name>", "builder": "<a key of dnnpar.nn.models.MODELS>" | "graph",
      "kwargs": {...the builder's keyword arguments...},
+     "graph": {...Graph.spec()...},           # exactly when builder is "graph" (kwargs then {})
      "meta": {"accuracy": {...}, "config": {...}, "data": {"subset": ..., "data_dir": ...}, ...},
      "layers": [{"name", "shape", "weight_bits", "index_bits", "entries", "code_nbits",
                  "rel_nbits", "has_bias"}, ...]}
@@ -19,6 +20,12 @@ buffer. Anything else, missing or mistyped is a :class:`DnnzError` naming the fi
 The builder's keyword arguments are bounded so that no header can ask for a model much larger
 than VGG-16 (``num_classes`` <= 10,000, inputs of at most 3 x 256 x 256 values): the model is
 built only after these checks, and its layers are then checked against the header's shapes.
+
+A model outside the zoo (an imported ONNX graph) is stored as ``"builder": "graph"`` with its
+structure in ``"graph"`` (:meth:`dnnpar.nn.base.Graph.spec`); the spec is checked by
+:func:`dnnpar.nn.graph_from_spec` when the model is built, under the parameter cap
+:func:`described_parameters` derives from the file. Sections and layer entries follow the same
+rules for both kinds of builder.
 """
 from __future__ import annotations
 
@@ -38,7 +45,8 @@ MAX_LAYER_WEIGHTS = 2**28           # per compressed layer: > VGG-16 fc6 (102.8 
 MAX_LAYERS = 4096
 LAYER_KEYS = ("name", "shape", "weight_bits", "index_bits", "entries", "code_nbits", "rel_nbits", "has_bias")
 LAYER_SECTIONS = ("codebook", "rows", "codes.table", "codes", "rel.table", "rel")
-HEADER_KEYS = ("format", "version", "model", "builder", "kwargs", "meta", "layers")
+HEADER_KEYS = ("format", "version", "model", "builder", "kwargs", "meta", "layers", "graph")
+GRAPH = "graph"                     # the builder of a model stored with its graph spec
 
 # smallest input height / width each zoo model's pooling stack accepts
 _MIN_SIDE = {"lenet300": 1, "lenet5": 16, "alexnet": 67, "vgg16": 32}
@@ -110,6 +118,7 @@ class Header:
     meta: dict
     layers: tuple
     raw: dict
+    graph: dict | None = None   # the spec when builder is "graph" (checked when it is built)
 
 
 def _layer(f: Fields) -> LayerMeta:
@@ -156,11 +165,19 @@ def parse_header(header, path=None) -> Header:
         raise f.fail(f"{header['format']!r} is not {FORMAT!r}: not a dnnpar compressed model", "format")
     f.int("version", FORMAT_VERSION, FORMAT_VERSION)
     model = f.str("model")
-    builder = f.str("builder", tuple(MODELS))
+    builder = f.str("builder", (*MODELS, GRAPH))
     kw = f.sub("kwargs")
-    table = KWARGS[builder]
+    if builder == GRAPH and kw.obj:
+        raise kw.fail(f"must be {{}} for a \"{GRAPH}\" builder (its spec describes the model), got keys "
+                      f"{', '.join(map(repr, sorted(kw.obj)))}"[:300])
+    table = KWARGS.get(builder, {})
     kw.only(table)
     kwargs = {k: table[k](kw) for k in kw.obj}
+    graph = None
+    if builder == GRAPH:
+        graph = f.sub("graph").obj
+    elif "graph" in f.obj:
+        raise f.fail(f"only a \"{GRAPH}\" builder stores a graph spec ({builder} is built from its kwargs)", "graph")
     meta = _meta(f.sub("meta"))
     items = f.list("layers", MAX_LAYERS)
     lf = Fields({}, DnnzError, path, "layers")
@@ -169,7 +186,24 @@ def parse_header(header, path=None) -> Header:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise f.fail(f"layer(s) {', '.join(dup)} listed more than once", "layers")
-    return Header(model, builder, kwargs, meta, layers, header)
+    return Header(model, builder, kwargs, meta, layers, header, graph)
+
+
+def described_parameters(hdr: Header, others: dict) -> int:
+    """The parameters and buffers a .dnnz describes: every compressed layer's weights (rows x
+    cols of its header shape) and bias, plus the elements of its ``param/`` sections (``others``:
+    their arrays, by name).
+
+    This is the cap a stored graph spec is built under. Every parameter and buffer of a loaded
+    model comes from the file (load refuses one that is missing or unexpected), so a spec that
+    asks for more than this cannot be the file's model and is refused before anything is built.
+    The ``param/`` elements are backed by bytes in the file; a layer's weights are not (a pruned
+    layer may hold no entries at all), but decoding the layer allocates rows x cols weights
+    anyway, so building the model costs no more than decoding the file already does: what the
+    header may declare stays bounded by MAX_LAYER_WEIGHTS per layer and, for a graph, by the
+    spec module's own cap (see pipeline._build)."""
+    total = sum(m.rows * m.cols + (m.rows if m.has_bias else 0) for m in hdr.layers)
+    return int(total + sum(int(v.size) for v in others.values()))
 
 
 def check_sections(hdr: Header, sections: dict, path=None) -> None:

@@ -13,14 +13,15 @@ from ..nn import Sequential
 from ..nn.base import Layer
 from ..nn.conv import Conv2d, DepthwiseConv2d
 from ..nn.layers import Linear
-from ..nn.models import build
+from ..nn.models import MODELS, build
+from ..nn.spec import MAX_PARAMETERS, graph_from_spec
 from ..nn.optim import SGD
 from ..sparse import CSR
 from ..train import TrainConfig, evaluate, train
-from ..errors import DnnzError
+from ..errors import DnnzError, SpecError
 from . import container, prune, quantize
 from .encode import LayerCode, Report, encode_layer
-from .header import FORMAT, FORMAT_VERSION, check_sections, parse_header
+from .header import FORMAT, FORMAT_VERSION, GRAPH, check_sections, described_parameters, parse_header
 from .huffman import HuffmanTable
 from .relative_csr import RelativeCSR
 
@@ -145,16 +146,22 @@ def other_params(model: Sequential) -> int:
 def save(path, model: Sequential, codes: list[LayerCode], model_kwargs: dict | None = None, meta: dict | None = None):
     """Write the compressed model (atomically). Layers outside ``codes`` are stored as float32.
 
-    The header is checked with the reader's own schema first (ValueError naming the field), so
-    this never writes a file :func:`load` would refuse for its header or sections."""
+    A zoo model (``dnnpar.nn.models``) is stored by its builder's name and ``model_kwargs``;
+    any other :class:`~dnnpar.nn.base.Graph` (an imported ONNX model) with its graph spec
+    (builder ``"graph"``), from which :func:`load` rebuilds it. The header is checked with the
+    reader's own schema first (ValueError naming the field), so this never writes a file
+    :func:`load` would refuse for its header or sections."""
     be = get_backend()
     compressed = {c.name for c in codes}
-    header = {"format": FORMAT, "version": FORMAT_VERSION, "model": model.name, "builder": _builder_name(model),
+    builder = _builder_name(model, model_kwargs)
+    header = {"format": FORMAT, "version": FORMAT_VERSION, "model": model.name, "builder": builder,
               "kwargs": model_kwargs or {}, "meta": meta or {},
               "layers": [{"name": c.name, "shape": [int(s) for s in c.shape], "weight_bits": int(c.weight_bits),
                           "index_bits": int(c.index_bits), "entries": int(c.csr.entries),
                           "code_nbits": int(c.code_nbits), "rel_nbits": int(c.rel_nbits),
                           "has_bias": c.bias is not None} for c in codes]}
+    if builder == GRAPH:
+        header["graph"] = model.spec()
     sections = {}
     for c in codes:
         sections[f"{c.name}/codebook"] = np.ascontiguousarray(c.codebook, np.float32)
@@ -178,13 +185,22 @@ def save(path, model: Sequential, codes: list[LayerCode], model_kwargs: dict | N
     container.write(path, header, sections)
 
 
-def _builder_name(model: Sequential) -> str:
-    for key in ("lenet300", "lenet5", "alexnet", "vgg16", "mobilenet_v1"):
-        if model.name.startswith(key):
+def _builder_name(model: Sequential, model_kwargs: dict | None = None) -> str:
+    """The header's builder for ``model``: the zoo builder its name starts with when that
+    builder, given ``model_kwargs``, builds a model of exactly this structure (same spec), else
+    "graph" (the spec is stored). Given ``model_kwargs`` the model must be that zoo model."""
+    key = next((k for k in MODELS if model.name.startswith(k)), None)
+    if key is not None:
+        try:
+            same = build(key, **(model_kwargs or {})).spec() == model.spec()
+        except (TypeError, ValueError):
+            same = False
+        if same:
             return key
-    raise ValueError(f"cannot save {model.name!r}: only models of the zoo (dnnpar.nn.models) can be rebuilt on load")
-
-
+    if model_kwargs is not None:
+        raise ValueError(f"cannot save {model.name!r} with model_kwargs {model_kwargs}: they do not build it with a "
+                         "zoo builder (dnnpar.nn.models); leave them out to store the model's graph")
+    return GRAPH
 def _decode_layer(m, sections: dict, path) -> LayerCode:
     """One layer's streams, decoded and checked against its validated header entry ``m``."""
     field = f"layers.{m.name}"
@@ -239,15 +255,36 @@ def read_codes(path) -> tuple[dict, list[LayerCode], dict]:
     return raw, codes, others
 
 
-def _build(hdr, path) -> Sequential:
-    """The zoo model the validated header describes, checked against the header's layers."""
-    try:
-        model = build(hdr.builder, **hdr.kwargs)
-    except ValueError as e:
-        raise DnnzError(f"{hdr.builder} cannot be built from these arguments ({e})", path, "kwargs") from None
-    if model.name != hdr.model:
-        raise DnnzError(f"{hdr.builder} with kwargs {hdr.kwargs} builds {model.name!r}, the header says "
-                        f"{hdr.model!r}", path, "model")
+def _spec_error(e: SpecError, cap: int, path) -> DnnzError:
+    """A SpecError of the header's graph as a DnnzError naming ``graph.<its field>``."""
+    what = str(e)
+    if e.field and what.startswith(f"{e.field}: "):
+        what = what[len(e.field) + 2:]
+    return DnnzError(f"does not describe a buildable model ({what}; the file's layer entries and param/ sections "
+                     f"describe {cap} parameters and buffers)", path, f"graph.{e.field}" if e.field else "graph")
+
+
+def _build(hdr, others: dict, path) -> Sequential:
+    """The model the validated header describes, checked against the header's layers: the zoo
+    model of its builder and kwargs, or the graph of its spec, checked by graph_from_spec before
+    anything is built, under a parameter cap of what the file describes (``others``: its
+    ``param/`` arrays; see header.described_parameters)."""
+    if hdr.builder == GRAPH:
+        cap = min(MAX_PARAMETERS, described_parameters(hdr, others))
+        try:
+            model = graph_from_spec(hdr.graph, max_parameters=cap)
+        except SpecError as e:
+            raise _spec_error(e, cap, path) from None
+        if model.name != hdr.model:
+            raise DnnzError(f"the graph spec builds {model.name!r}, the header says {hdr.model!r}", path, "model")
+    else:
+        try:
+            model = build(hdr.builder, **hdr.kwargs)
+        except ValueError as e:
+            raise DnnzError(f"{hdr.builder} cannot be built from these arguments ({e})", path, "kwargs") from None
+        if model.name != hdr.model:
+            raise DnnzError(f"{hdr.builder} with kwargs {hdr.kwargs} builds {model.name!r}, the header says "
+                            f"{hdr.model!r}", path, "model")
     names = prune.prunable_layers(model)
     listed = [m.name for m in hdr.layers]
     if sorted(listed) != sorted(names):
@@ -299,12 +336,13 @@ class CompressedLinear(Layer):
 
 
 def load(path, sparse: bool = True) -> Sequential:
-    """A model from a .dnnz. With ``sparse`` (default), fully connected layers whose weights use at
-    most 8 bits run as CSR x codebook products without being decoded; conv layers (and wider
-    codes) are decoded to dense weights. Inference only for the sparse layers."""
+    """A model from a .dnnz: the zoo model or the graph (builder "graph") its header describes,
+    every parameter and buffer from the file. With ``sparse`` (default), fully connected layers
+    whose weights use at most 8 bits run as CSR x codebook products without being decoded; conv
+    layers (and wider codes) are decoded to dense weights. Inference only for the sparse layers."""
     header, codes, others = read_codes(path)
     be = get_backend()
-    model = _build(parse_header(header, path), path)
+    model = _build(parse_header(header, path), others, path)
     # every parameter and buffer comes from the file: none keeps its random initial value
     compressed = {c.name for c in codes}
     wanted = {f"{ln}.{k}": d for ln, layer in model.layers if ln not in compressed

@@ -1014,8 +1014,10 @@ def to_onnx(model, path=None, opset: int = 17):
 
 
 def dnnz_to_onnx(path, out, opset: int = 17):
-    """Export a compressed ``.dnnz`` model as ONNX: decoded to dense weights (pruned weights stay
-    zeros), then :func:`to_onnx`. A bad .dnnz is a DnnzError."""
+    """Export a compressed ``.dnnz`` model (a zoo model or a stored graph, such as a compressed
+    ONNX import) as ONNX: decoded to dense weights (each kept weight its centroid, pruned weights
+    exact zeros), then :func:`to_onnx`. A bad .dnnz is a DnnzError, raised before anything is
+    written."""
     from ..compress.pipeline import load
 
     return to_onnx(load(path, sparse=False), out, opset=opset)
