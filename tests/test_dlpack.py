@@ -1,5 +1,7 @@
-"""DLPack input: an object with __dlpack__ on the backend's device goes into model.forward and
-check_array without a copy; another device or dtype is a TypeError naming it."""
+"""DLPack input: an object with __dlpack__ on the backend's device goes into model.forward, every
+op and check_array without a copy; another device or dtype is a TypeError naming it. The
+producer here is a NumPy array seen only through the protocol; torch tensors are tested in
+test_torch_peer.py (marked peer)."""
 import numpy as np
 import pytest
 
@@ -45,14 +47,6 @@ def test_wrong_device_and_dtype(rng):
         m.forward(OnlyDLPack(x.astype(np.float64)))
     with pytest.raises(TypeError, match="float32"):
         check_array("op", "x", OnlyDLPack(x.astype(np.int32)))
-
-
-def test_torch_tensor(rng):
-    torch = pytest.importorskip("torch")
-    m = models.lenet300().eval()
-    t = torch.from_numpy(rng.standard_normal((2, 1, 28, 28)).astype(np.float32))
-    assert np.shares_memory(m.check_input(t), t.numpy())
-    np.testing.assert_array_equal(m.forward(t), m.forward(t.numpy()))
 
 
 # ---------------------------------------------------------------- every op, every array argument
