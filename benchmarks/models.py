@@ -159,8 +159,8 @@ def dnnpar_nets():
                 x, c, b = y, cout, b + 1
         branch = conv_bn("branch", x, c, c, 1, act=nn.ReLU6)
         nodes += [("pool", nn.AvgPool2d(3, 1, 1, count_include_pad=False), [x]),
-                  ("cat", Concat(), [branch, "pool"]), ("gap", nn.GlobalAvgPool2d(), ["cat"]),
-                  ("fc", nn.Linear(2 * c, num_classes, seed=seed), ["gap"])]
+                  ("cat", Concat(), [branch, "pool"]), ("gap", nn.GlobalAvgPool2d(keepdims=True), ["cat"]),
+                  ("flatten", nn.Flatten(), ["gap"]), ("fc", nn.Linear(2 * c, num_classes, seed=seed), ["flatten"])]
         if softmax:
             nodes.append(("softmax", nn.Softmax(1), ["fc"]))
         return nn.Graph(nodes, input_shape=tuple(in_shape), name="mobilenet_v2_style")

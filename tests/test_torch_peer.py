@@ -254,3 +254,16 @@ def test_torch_tensors_dnnpar_cannot_view_are_one_clear_error(rng):
         dp.ops.gemm(x.clone().requires_grad_(), x.t().contiguous())  # torch refuses to export it
     with pytest.raises(TypeError, match="input batch must be float32|must be float32"):
         models.lenet300().forward(torch.zeros((1, 1, 28, 28), dtype=torch.float16))
+
+
+@pytest.mark.parametrize("name", sorted(NETS))
+def test_the_benchmark_dnnpar_twin_is_the_torch_architecture(name):
+    """benchmarks/models.py builds each net as a dnnpar Graph when torch is absent: the same
+    parameters and buffers, shape for shape, and the same layer kinds as the torch export imports to."""
+    twin = bench_models.dnnpar_nets()[name](**SMALL[name])
+    imported = from_onnx(export(make_net(name), name, "torchscript-bn-unfolded", 17))
+    shapes = lambda g: sorted(tuple(v.shape) for v in g.state_dict().values())  # noqa: E731
+    assert shapes(twin) == shapes(imported)
+    kinds = lambda g: sorted(type(layer).__name__ for _, layer in g.layers)  # noqa: E731
+    assert kinds(twin) == kinds(imported)
+    to_onnx(twin)  # and it exports, for onnxruntime
