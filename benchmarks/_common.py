@@ -71,6 +71,40 @@ def time_runs(fn, repeat: int, budget_s: float, warmup_s: float = 0.2):
     return runs, first
 
 
+def training_flops(model) -> float:
+    """FLOP of one training step per image: forward 2*MACs, weight gradients 2*MACs, input
+    gradients 2*MACs of every layer but the first (the model's input gets no gradient)."""
+    from dnnpar.nn.summary import summary
+
+    rows = summary(model).rows
+    macs = sum(r.macs for r in rows)
+    return 2.0 * (3 * macs - rows[0].macs)
+
+
+def sgemm_peak_gflops(n: int = 2048, budget_s: float = 2.0) -> float:
+    """The machine's measured float32 peak for the benchmarks' GFLOP/s columns: NumPy's SGEMM
+    (BLAS, all its threads) on n x n x n, the median of the runs that fit in ``budget_s``."""
+    rng = np.random.default_rng(0)
+    a, b = rand(rng, (n, n)), rand(rng, (n, n))
+    runs, _ = time_runs(lambda: a @ b, 10, budget_s)
+    return 2.0 * n**3 / (median(runs) * 1e-3) / 1e9
+
+
+def rss_mb() -> tuple[float, float]:
+    """(current, peak) resident set size of this process in MB, from /proc/self/status (VmRSS,
+    VmHWM). Not getrusage's ru_maxrss: Linux carries that across fork and exec, so a child
+    started by a big parent would report the parent's peak. NaN where /proc is missing."""
+    vals = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                vals[key] = int(rest.split()[0]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return vals.get("VmRSS", float("nan")), vals.get("VmHWM", float("nan"))
+
+
 # ---------------------------------------------------------------------------- environment
 def cpu_name() -> str:
     try:

@@ -31,14 +31,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also under `python -m benchmarks.training`
 from _common import (OtherLoad, blas_name, check_text, common_meta, median, optional_torch, rand,  # noqa: E402
-                     rel_err, render_markdown, render_text, run_and_report, time_runs, write_report)
+                     rel_err, render_markdown, render_text, run_and_report, time_runs, training_flops,
+                     write_report)
 
 import dnnpar as dp  # noqa: E402  (_common put the checkout on sys.path)
 from dnnpar.data import fashion_mnist  # noqa: E402
 from dnnpar.nn import SoftmaxCrossEntropy  # noqa: E402
 from dnnpar.nn.models import build  # noqa: E402
 from dnnpar.nn.optim import SGD  # noqa: E402
-from dnnpar.nn.summary import summary  # noqa: E402
 from dnnpar.train import ProgressBar  # noqa: E402
 
 #: the issue's target: dnnpar time / torch time at most this
@@ -215,13 +215,7 @@ class TrainingBench:
         return itertools.islice(fashion_mnist.batches(data.x_train, data.y_train, BATCH, seed=self.args.seed,
                                                       epoch=1), limit)
 
-    @staticmethod
-    def training_flops(model) -> float:
-        """Per image: forward 2*MACs, weight gradients 2*MACs, input gradients 2*MACs of every layer
-        but the first (the model's input gets no gradient)."""
-        rows = summary(model).rows
-        macs = sum(r.macs for r in rows)
-        return 2.0 * (3 * macs - rows[0].macs)
+    training_flops = staticmethod(training_flops)  # shared with models.py (_common)
 
     def lenet5(self) -> None:
         data, note = self.dataset()
