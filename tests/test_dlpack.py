@@ -4,6 +4,8 @@ producer here is a NumPy array seen only through the protocol; torch tensors are
 test_torch_peer.py (marked peer)."""
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import dnnpar as dp
 from dnnpar.nn import models
@@ -124,3 +126,42 @@ def test_every_op_names_a_bad_dlpack_argument(rng, backend):
                     with pytest.raises(TypeError, match=msg) as e:
                         call(**{**arrays, arg: obj})
                     assert f"{name}: {arg}" in str(e.value) or arg in str(e.value), (name, arg, str(e.value))
+
+
+class RefusingProducer(OnlyDLPack):
+    """A producer whose __dlpack__ refuses, as torch does for a tensor that requires grad."""
+
+    def __dlpack__(self, *args, **kwargs):
+        raise BufferError("cannot export this one")
+
+
+_DEVICES = [1, 1, 1, 2, 3, 4, 7, 8, 10, 13, 99]
+_DTYPES = [np.float32, np.float32, np.float64, np.float16, np.int32, np.int64, np.uint8, np.bool_, np.complex64]
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=st.integers(0, 9), arg=st.integers(0, 3), device=st.sampled_from(_DEVICES),
+       dtype=st.sampled_from(_DTYPES), strided=st.booleans(), refuses=st.booleans(), seed=st.integers(0, 2**16))
+def test_fuzz_dlpack_arguments(case, arg, device, dtype, strided, refuses, seed):
+    """Any op, any array argument replaced by a DLPack producer of a drawn device, dtype and
+    layout: the numpy-array result when it is a CPU float32 C-contiguous view, else one TypeError
+    / ValueError naming the op, before anything runs."""
+    rng = np.random.default_rng(seed)
+    name, call, arrays = _op_cases(rng)[case]
+    key = list(arrays)[arg % len(arrays)]
+    a = arrays[key]
+    src = a.astype(dtype)
+    if strided:  # the same values as a non-contiguous view: DLPack hands over the strides
+        wide = np.zeros(a.shape[:-1] + (2 * a.shape[-1],), dtype)
+        wide[..., ::2] = src
+        src = wide[..., ::2]
+    producer = (RefusingProducer if refuses else OnlyDLPack)(src, device=(device, 0))
+    ok = device == 1 and dtype == np.float32 and not strided and not refuses
+    if ok:
+        want, got = _results(call(**arrays)), _results(call(**{**arrays, key: producer}))
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
+        return
+    with pytest.raises((TypeError, ValueError)) as e:
+        call(**{**arrays, key: producer})
+    assert str(e.value).startswith(name) and key in str(e.value), str(e.value)
