@@ -517,7 +517,7 @@ def _set_attr(m, node, **attrs):
 
 REFUSALS = {
     "unsupported operator": (lambda m: setattr(_node(m, "relu"), "op_type", "LeakyRelu"),
-                             ["node 'relu' (LeakyRelu)", "operator 'LeakyRelu' is not supported", "Conv, Div, Dropout, Flatten, Gemm"]),
+                             ["node 'relu' (LeakyRelu)", "operator 'LeakyRelu' is not supported", "Conv, Div, Dropout, Expand, Flatten, Gather, Gemm"]),
     "custom domain": (lambda m: setattr(_node(m, "relu"), "domain", "com.microsoft"), ["com.microsoft.Relu"]),
     "asymmetric pads": (lambda m: _set_attr(m, "conv", pads=[0, 0, 1, 1]), ["node 'conv'", "asymmetric pads"]),
     "auto_pad SAME": (lambda m: _set_attr(m, "conv", auto_pad="SAME_UPPER", pads=[0, 0, 0, 0]), ["auto_pad=SAME_UPPER"]),

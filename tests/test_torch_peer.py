@@ -11,6 +11,7 @@ onnxruntime and runs ``pytest -m peer``.
 import copy
 import importlib.util
 import io
+import sys
 import warnings
 from pathlib import Path
 
@@ -34,7 +35,7 @@ except ImportError:
 
 _spec = importlib.util.spec_from_file_location("bench_models", Path(__file__).resolve().parents[1] / "benchmarks"
                                                / "models.py")
-bench_models = importlib.util.module_from_spec(_spec)
+bench_models = sys.modules["bench_models"] = importlib.util.module_from_spec(_spec)  # dataclasses look it up
 _spec.loader.exec_module(bench_models)  # the benchmark's torch definitions: tested here, timed there
 NETS = bench_models.torch_nets(torch)
 
