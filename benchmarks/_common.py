@@ -81,6 +81,37 @@ def training_flops(model) -> float:
     return 2.0 * (3 * macs - rows[0].macs)
 
 
+def dnnpar_train_step(model, lr: float, momentum: float, weight_decay: float):
+    """``step(xb, yb) -> loss``: one step of what dnnpar.train.train runs per batch (forward,
+    softmax cross-entropy, backward, SGD), without its bookkeeping. Puts ``model`` in train mode."""
+    from dnnpar.nn import SoftmaxCrossEntropy
+    from dnnpar.nn.optim import SGD
+
+    opt, loss_fn = SGD(model, lr, momentum, weight_decay=weight_decay), SoftmaxCrossEntropy()
+    model.train()
+
+    def step(xb, yb) -> float:
+        loss = float(loss_fn(model.forward(xb), yb))
+        model.backward(loss_fn.backward())
+        opt.step()
+        return loss
+    return step
+
+
+def torch_train_step(torch, model, lr: float, momentum: float, weight_decay: float):
+    """The same step for a torch module: cross_entropy, backward, torch.optim.SGD."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    model.train()
+
+    def step(xb, yb) -> float:
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(xb)), torch.from_numpy(yb))
+        loss.backward()
+        opt.step()
+        return loss.item()
+    return step
+
+
 def sgemm_peak_gflops(n: int = 2048, budget_s: float = 2.0) -> float:
     """The machine's measured float32 peak for the benchmarks' GFLOP/s columns: NumPy's SGEMM
     (BLAS, all its threads) on n x n x n, the median of the runs that fit in ``budget_s``."""

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -38,9 +37,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also under `python -m benchmarks.models`
-from _common import (OtherLoad, blas_name, common_meta, cpu_cores, median, optional_torch, rel_err,  # noqa: E402
-                     render_markdown, render_text, rss_mb, run_and_report, sgemm_peak_gflops, time_runs,
-                     training_flops, write_report)
+from _common import (OtherLoad, blas_name, common_meta, cpu_cores, dnnpar_train_step, median,  # noqa: E402
+                     optional_torch, rel_err, render_markdown, render_text, rss_mb, run_and_report,
+                     sgemm_peak_gflops, time_runs, torch_train_step, training_flops, write_report)
 
 import dnnpar as dp  # noqa: E402  (_common put the checkout on sys.path)
 
@@ -149,9 +148,9 @@ def dnnpar_nets():
     from dnnpar import nn
     from dnnpar.nn.graph import Add, Concat
 
-    def resnet(width=16, in_shape=(3, 32, 32), num_classes=10, softmax=True, seed=0):
-        nodes, w = [], width
-
+    def conv_bn_into(nodes, seed):
+        """``conv_bn(name, x, ...)``: appends conv (no bias) -> BatchNorm -> optional activation
+        to ``nodes`` and returns the name of the last."""
         def conv_bn(name, x, cin, cout, k=3, s=1, groups=1, act=None):
             nodes.append((f"{name}.conv", nn.Conv2d(cin, cout, k, s, k // 2, groups=groups, bias=False,
                                                     seed=seed + len(nodes)), [x]))
@@ -160,7 +159,12 @@ def dnnpar_nets():
                 return f"{name}.bn"
             nodes.append((f"{name}.act", act(), [f"{name}.bn"]))
             return f"{name}.act"
+        return conv_bn
 
+    def resnet(width=16, in_shape=(3, 32, 32), num_classes=10, softmax=True, seed=0):
+        nodes, w = [], width
+
+        conv_bn = conv_bn_into(nodes, seed)
         x = conv_bn("stem", "input", in_shape[0], w, act=nn.ReLU)
         for b, (cin, cout, s) in enumerate([(w, w, 1), (w, 2 * w, 2), (2 * w, 4 * w, 2)]):
             y = conv_bn(f"block{b}.body1", conv_bn(f"block{b}.body0", x, cin, cout, 3, s, act=nn.ReLU), cout, cout)
@@ -176,15 +180,7 @@ def dnnpar_nets():
     def mobilenet_v2(width=16, in_shape=(3, 64, 64), num_classes=10, softmax=True, seed=0):
         nodes = []
 
-        def conv_bn(name, x, cin, cout, k=3, s=1, groups=1, act=None):
-            nodes.append((f"{name}.conv", nn.Conv2d(cin, cout, k, s, k // 2, groups=groups, bias=False,
-                                                    seed=seed + len(nodes)), [x]))
-            nodes.append((f"{name}.bn", nn.BatchNorm2d(cout), [f"{name}.conv"]))
-            if act is None:
-                return f"{name}.bn"
-            nodes.append((f"{name}.act", act(), [f"{name}.bn"]))
-            return f"{name}.act"
-
+        conv_bn = conv_bn_into(nodes, seed)
         x, c, b = conv_bn("stem", "input", in_shape[0], width, 3, 2, act=nn.ReLU6), width, 0
         for t, mult, n, s in MOBILENET_V2_STAGES:
             for k in range(n):
@@ -254,31 +250,11 @@ def torch_from_onnx_arch(torch, name, cfg):
 
 # ---------------------------------------------------------------------------- one training step each
 def dnnpar_step(model):
-    from dnnpar.nn import SoftmaxCrossEntropy
-    from dnnpar.nn.optim import SGD
-
-    model.train()
-    opt, loss_fn = SGD(model, LR, MOMENTUM, weight_decay=WEIGHT_DECAY), SoftmaxCrossEntropy()
-
-    def step(xb, yb) -> float:
-        loss = float(loss_fn(model.forward(xb), yb))
-        model.backward(loss_fn.backward())
-        opt.step()
-        return loss
-    return step
+    return dnnpar_train_step(model, LR, MOMENTUM, WEIGHT_DECAY)
 
 
 def torch_step(torch, model):
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-
-    def step(xb, yb) -> float:
-        opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(xb)), torch.from_numpy(yb))
-        loss.backward()
-        opt.step()
-        return loss.item()
-    return step
+    return torch_train_step(torch, model, LR, MOMENTUM, WEIGHT_DECAY)
 
 
 def batch_of(rng, in_shape, batch):

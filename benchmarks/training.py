@@ -31,14 +31,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also under `python -m benchmarks.training`
 from _common import (OtherLoad, blas_name, check_text, common_meta, median, optional_torch, rand,  # noqa: E402
-                     rel_err, render_markdown, render_text, run_and_report, time_runs, training_flops,
-                     write_report)
+                     rel_err, render_markdown, render_text, run_and_report, time_runs, torch_train_step,
+                     training_flops, write_report, dnnpar_train_step)
 
 import dnnpar as dp  # noqa: E402  (_common put the checkout on sys.path)
 from dnnpar.data import fashion_mnist  # noqa: E402
-from dnnpar.nn import SoftmaxCrossEntropy  # noqa: E402
 from dnnpar.nn.models import build  # noqa: E402
-from dnnpar.nn.optim import SGD  # noqa: E402
 from dnnpar.train import ProgressBar  # noqa: E402
 
 #: the issue's target: dnnpar time / torch time at most this
@@ -283,30 +281,10 @@ class TrainingBench:
     @staticmethod
     def dnnpar_step(model):
         """One step of what dnnpar.train.train runs per batch, without its accuracy bookkeeping."""
-        opt, loss_fn = SGD(model, LR, MOMENTUM, weight_decay=WEIGHT_DECAY), SoftmaxCrossEntropy()
-        model.train()
-
-        def step(xb, yb) -> float:
-            loss = float(loss_fn(model.forward(xb), yb))
-            model.backward(loss_fn.backward())
-            opt.step()
-            return loss
-
-        return step
+        return dnnpar_train_step(model, LR, MOMENTUM, WEIGHT_DECAY)
 
     def torch_step(self, model):
-        torch = self.torch
-        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-        model.train()
-
-        def step(xb, yb) -> float:
-            opt.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(xb)), torch.from_numpy(yb))
-            loss.backward()
-            opt.step()
-            return loss.item()
-
-        return step
+        return torch_train_step(self.torch, model, LR, MOMENTUM, WEIGHT_DECAY)
 
     @staticmethod
     def dnnpar_accuracy(model, data) -> float:
