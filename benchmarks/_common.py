@@ -14,6 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -243,6 +244,23 @@ class OtherLoad:
             return "n/a"
         steal = f", {self.steal_cores:.2f} stolen by the hypervisor" if self.steal_cores and self.steal_cores >= 0.01 else ""
         return f"{self.cores:.2f} of {cpu_cores()} cores{steal} over {self.wall_s:.0f} s"
+
+
+def run_section(name: str, fn, only, meta: dict, on_error) -> None:
+    """Run one benchmark group ``fn`` unless ``only`` (a list of names, or None) leaves it out.
+    A failure is handed to ``on_error(message)`` (which adds an error row) and the run goes on;
+    ``meta`` records how busy other processes kept the machine meanwhile."""
+    if only and name not in only:
+        return
+    print(f"[{name}] ...", file=sys.stderr, flush=True)
+    with OtherLoad() as load:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 -- a benchmark reports, it does not stop
+            on_error(f"{type(e).__name__}: {e}"[:160])
+            traceback.print_exc()
+    meta[f"CPU used by other processes during {name}"] = load.text()
+    print(f"[{name}] {load.wall_s:.1f} s", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------- output

@@ -29,7 +29,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import traceback
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also under `python -m benchmarks.models`
 from _common import (OtherLoad, blas_name, common_meta, cpu_cores, dnnpar_train_step, median,  # noqa: E402
-                     optional_torch, rel_err, render_markdown, render_text, rss_mb, run_and_report,
+                     optional_torch, rel_err, render_markdown, render_text, rss_mb, run_and_report, run_section,
                      sgemm_peak_gflops, time_runs, torch_train_step, training_flops, write_report)
 
 import dnnpar as dp  # noqa: E402  (_common put the checkout on sys.path)
@@ -363,16 +362,8 @@ class ModelsBench:
 
     def section(self, name: str, fn) -> None:
         """Run one group; a failure becomes an error row and the run goes on."""
-        if self.args.only and name not in self.args.only:
-            return
-        print(f"[{name}] ...", file=sys.stderr, flush=True)
-        with OtherLoad() as load:
-            try:
-                fn()
-            except Exception as e:  # noqa: BLE001 -- a benchmark reports, it does not stop
-                self.rows.append(Row(name, name, "error", 0, note=f"{type(e).__name__}: {e}"[:160]))
-                traceback.print_exc()
-        self.meta[f"CPU used by other processes during {name}"] = load.text()
+        run_section(name, fn, self.args.only, self.meta,
+                    lambda msg: self.rows.append(Row(name, name, "error", 0, note=msg)))
 
     def run(self) -> None:
         dp.set_backend("numpy")

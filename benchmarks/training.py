@@ -23,16 +23,15 @@ import argparse
 import itertools
 import sys
 import time
-import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also under `python -m benchmarks.training`
-from _common import (OtherLoad, blas_name, check_text, common_meta, median, optional_torch, rand,  # noqa: E402
-                     rel_err, render_markdown, render_text, run_and_report, time_runs, torch_train_step,
-                     training_flops, write_report, dnnpar_train_step)
+from _common import (OtherLoad, blas_name, check_text, common_meta, dnnpar_train_step, median,  # noqa: E402
+                     optional_torch, rand, rel_err, render_markdown, render_text, run_and_report, run_section,
+                     time_runs, torch_train_step, training_flops, write_report)
 
 import dnnpar as dp  # noqa: E402  (_common put the checkout on sys.path)
 from dnnpar.data import fashion_mnist  # noqa: E402
@@ -142,17 +141,8 @@ class TrainingBench:
     def section(self, name: str, fn) -> None:
         """Run one group; a failure becomes an error row and the run goes on (the numpy conv path
         may be mid-rewrite when this runs)."""
-        if self.args.only and name not in self.args.only:
-            return
-        print(f"[{name}] ...", file=sys.stderr, flush=True)
-        with OtherLoad() as load:
-            try:
-                fn()
-            except Exception as e:  # noqa: BLE001 -- a benchmark reports, it does not stop
-                self.add(Row(name, f"{name}: error", "-", note=f"{type(e).__name__}: {e}"[:160]))
-                traceback.print_exc()
-        self.meta[f"CPU used by other processes during {name}"] = load.text()
-        print(f"[{name}] {load.wall_s:.1f} s", file=sys.stderr, flush=True)
+        run_section(name, fn, self.args.only, self.meta,
+                    lambda msg: self.add(Row(name, f"{name}: error", "-", note=msg)))
 
     def run(self) -> None:
         dp.set_backend("numpy")
