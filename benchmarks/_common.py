@@ -14,6 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,71 @@ def time_runs(fn, repeat: int, budget_s: float, warmup_s: float = 0.2):
         if len(runs) >= 3 and time.perf_counter() > t_end:
             break
     return runs, first
+
+
+def training_flops(model) -> float:
+    """FLOP of one training step per image: forward 2*MACs, weight gradients 2*MACs, input
+    gradients 2*MACs of every layer but the first (the model's input gets no gradient)."""
+    from dnnpar.nn.summary import summary
+
+    rows = summary(model).rows
+    macs = sum(r.macs for r in rows)
+    return 2.0 * (3 * macs - rows[0].macs)
+
+
+def dnnpar_train_step(model, lr: float, momentum: float, weight_decay: float):
+    """``step(xb, yb) -> loss``: one step of what dnnpar.train.train runs per batch (forward,
+    softmax cross-entropy, backward, SGD), without its bookkeeping. Puts ``model`` in train mode."""
+    from dnnpar.nn import SoftmaxCrossEntropy
+    from dnnpar.nn.optim import SGD
+
+    opt, loss_fn = SGD(model, lr, momentum, weight_decay=weight_decay), SoftmaxCrossEntropy()
+    model.train()
+
+    def step(xb, yb) -> float:
+        loss = float(loss_fn(model.forward(xb), yb))
+        model.backward(loss_fn.backward())
+        opt.step()
+        return loss
+    return step
+
+
+def torch_train_step(torch, model, lr: float, momentum: float, weight_decay: float):
+    """The same step for a torch module: cross_entropy, backward, torch.optim.SGD."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    model.train()
+
+    def step(xb, yb) -> float:
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(xb)), torch.from_numpy(yb))
+        loss.backward()
+        opt.step()
+        return loss.item()
+    return step
+
+
+def sgemm_peak_gflops(n: int = 2048, budget_s: float = 2.0) -> float:
+    """The machine's measured float32 peak for the benchmarks' GFLOP/s columns: NumPy's SGEMM
+    (BLAS, all its threads) on n x n x n, the median of the runs that fit in ``budget_s``."""
+    rng = np.random.default_rng(0)
+    a, b = rand(rng, (n, n)), rand(rng, (n, n))
+    runs, _ = time_runs(lambda: a @ b, 10, budget_s)
+    return 2.0 * n**3 / (median(runs) * 1e-3) / 1e9
+
+
+def rss_mb() -> tuple[float, float]:
+    """(current, peak) resident set size of this process in MB, from /proc/self/status (VmRSS,
+    VmHWM). Not getrusage's ru_maxrss: Linux carries that across fork and exec, so a child
+    started by a big parent would report the parent's peak. NaN where /proc is missing."""
+    vals = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                vals[key] = int(rest.split()[0]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return vals.get("VmRSS", float("nan")), vals.get("VmHWM", float("nan"))
 
 
 # ---------------------------------------------------------------------------- environment
@@ -178,6 +244,23 @@ class OtherLoad:
             return "n/a"
         steal = f", {self.steal_cores:.2f} stolen by the hypervisor" if self.steal_cores and self.steal_cores >= 0.01 else ""
         return f"{self.cores:.2f} of {cpu_cores()} cores{steal} over {self.wall_s:.0f} s"
+
+
+def run_section(name: str, fn, only, meta: dict, on_error) -> None:
+    """Run one benchmark group ``fn`` unless ``only`` (a list of names, or None) leaves it out.
+    A failure is handed to ``on_error(message)`` (which adds an error row) and the run goes on;
+    ``meta`` records how busy other processes kept the machine meanwhile."""
+    if only and name not in only:
+        return
+    print(f"[{name}] ...", file=sys.stderr, flush=True)
+    with OtherLoad() as load:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 -- a benchmark reports, it does not stop
+            on_error(f"{type(e).__name__}: {e}"[:160])
+            traceback.print_exc()
+    meta[f"CPU used by other processes during {name}"] = load.text()
+    print(f"[{name}] {load.wall_s:.1f} s", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------- output

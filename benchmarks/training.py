@@ -23,22 +23,19 @@ import argparse
 import itertools
 import sys
 import time
-import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also under `python -m benchmarks.training`
-from _common import (OtherLoad, blas_name, check_text, common_meta, median, optional_torch, rand,  # noqa: E402
-                     rel_err, render_markdown, render_text, run_and_report, time_runs, write_report)
+from _common import (OtherLoad, blas_name, check_text, common_meta, dnnpar_train_step, median,  # noqa: E402
+                     optional_torch, rand, rel_err, render_markdown, render_text, run_and_report, run_section,
+                     time_runs, torch_train_step, training_flops, write_report)
 
 import dnnpar as dp  # noqa: E402  (_common put the checkout on sys.path)
 from dnnpar.data import fashion_mnist  # noqa: E402
-from dnnpar.nn import SoftmaxCrossEntropy  # noqa: E402
 from dnnpar.nn.models import build  # noqa: E402
-from dnnpar.nn.optim import SGD  # noqa: E402
-from dnnpar.nn.summary import summary  # noqa: E402
 from dnnpar.train import ProgressBar  # noqa: E402
 
 #: the issue's target: dnnpar time / torch time at most this
@@ -144,17 +141,8 @@ class TrainingBench:
     def section(self, name: str, fn) -> None:
         """Run one group; a failure becomes an error row and the run goes on (the numpy conv path
         may be mid-rewrite when this runs)."""
-        if self.args.only and name not in self.args.only:
-            return
-        print(f"[{name}] ...", file=sys.stderr, flush=True)
-        with OtherLoad() as load:
-            try:
-                fn()
-            except Exception as e:  # noqa: BLE001 -- a benchmark reports, it does not stop
-                self.add(Row(name, f"{name}: error", "-", note=f"{type(e).__name__}: {e}"[:160]))
-                traceback.print_exc()
-        self.meta[f"CPU used by other processes during {name}"] = load.text()
-        print(f"[{name}] {load.wall_s:.1f} s", file=sys.stderr, flush=True)
+        run_section(name, fn, self.args.only, self.meta,
+                    lambda msg: self.add(Row(name, f"{name}: error", "-", note=msg)))
 
     def run(self) -> None:
         dp.set_backend("numpy")
@@ -215,13 +203,7 @@ class TrainingBench:
         return itertools.islice(fashion_mnist.batches(data.x_train, data.y_train, BATCH, seed=self.args.seed,
                                                       epoch=1), limit)
 
-    @staticmethod
-    def training_flops(model) -> float:
-        """Per image: forward 2*MACs, weight gradients 2*MACs, input gradients 2*MACs of every layer
-        but the first (the model's input gets no gradient)."""
-        rows = summary(model).rows
-        macs = sum(r.macs for r in rows)
-        return 2.0 * (3 * macs - rows[0].macs)
+    training_flops = staticmethod(training_flops)  # shared with models.py (_common)
 
     def lenet5(self) -> None:
         data, note = self.dataset()
@@ -289,30 +271,10 @@ class TrainingBench:
     @staticmethod
     def dnnpar_step(model):
         """One step of what dnnpar.train.train runs per batch, without its accuracy bookkeeping."""
-        opt, loss_fn = SGD(model, LR, MOMENTUM, weight_decay=WEIGHT_DECAY), SoftmaxCrossEntropy()
-        model.train()
-
-        def step(xb, yb) -> float:
-            loss = float(loss_fn(model.forward(xb), yb))
-            model.backward(loss_fn.backward())
-            opt.step()
-            return loss
-
-        return step
+        return dnnpar_train_step(model, LR, MOMENTUM, WEIGHT_DECAY)
 
     def torch_step(self, model):
-        torch = self.torch
-        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-        model.train()
-
-        def step(xb, yb) -> float:
-            opt.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(xb)), torch.from_numpy(yb))
-            loss.backward()
-            opt.step()
-            return loss.item()
-
-        return step
+        return torch_train_step(self.torch, model, LR, MOMENTUM, WEIGHT_DECAY)
 
     @staticmethod
     def dnnpar_accuracy(model, data) -> float:

@@ -28,10 +28,12 @@ except ImportError:
 FLOAT = TensorProto.FLOAT
 
 
-def model_of(nodes, inits, in_shape, opset=17, in_name="x", out_name="y", batch="N"):
-    """An ONNX model with one float input (batch axis symbolic) and one output, as torch exports."""
+def model_of(nodes, inits, in_shape, opset=17, in_name="x", out_name="y", batch="N", out_shape=None):
+    """An ONNX model with one float input (batch axis symbolic) and one output, as torch exports;
+    ``out_shape`` (one sample's) where shape inference cannot derive it."""
+    out = None if out_shape is None else [batch, *out_shape]
     g = h.make_graph(nodes, "test", [h.make_tensor_value_info(in_name, FLOAT, [batch, *in_shape])],
-                     [h.make_tensor_value_info(out_name, FLOAT, None)],
+                     [h.make_tensor_value_info(out_name, FLOAT, out)],
                      initializer=[nh.from_array(np.asarray(v), k) for k, v in inits.items()])
     opsets = [h.make_opsetid("", opset)]
     m = h.make_model(g, opset_imports=opsets, ir_version=h.find_min_ir_version_for(opsets))
@@ -186,6 +188,50 @@ def _identity_constant(rng, opset):
     return nodes, {}, (2, 3, 3), 2, 1
 
 
+def _dynamic_reshape(style):
+    """The shape arithmetic exporters emit for ``x.view(x.size(0), -1)`` with a dynamic batch:
+    TorchScript's Shape -> Gather -> Unsqueeze -> Concat, dynamo's Shape(start, end) -> Squeeze ->
+    Reshape -> Concat -> Reshape(allowzero=1), with a Cast on the way."""
+    def case(rng, opset):
+        i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+        inits = {"zero": np.array(0, np.int64), "axes0": i64(0), "minus1": i64(-1), "rest": i64(24)}
+        nodes = [h.make_node("Shape", ["x"], ["s"])]
+        if style == "Cast":
+            nodes.append(h.make_node("Cast", ["s"], ["s_"], to=TensorProto.INT64))
+        s = "s_" if style == "Cast" else "s"
+        if style in ("Squeeze", "Reshape") and opset >= 15:
+            nodes[0] = h.make_node("Shape", ["x"], ["s1"], start=0, end=1)
+        else:
+            nodes.append(h.make_node("Gather", [s, "axes0"], ["s1"], axis=0))  # 1-D indices: a 1-D result
+        if style in ("Squeeze", "Reshape"):
+            nodes += [h.make_node("Squeeze", ["s1"], ["n"]), h.make_node("Reshape", ["n", "minus1"], ["n1"]),
+                      h.make_node("Concat", ["n1", "rest"], ["shape"], axis=0)]
+        else:
+            nodes += [h.make_node("Gather", [s, "zero"], ["n"], axis=0),
+                      h.make_node("Unsqueeze", ["n", "axes0"], ["n1"]),
+                      h.make_node("Concat", ["n1", "minus1"], ["shape"], axis=0)]
+        allow = {"allowzero": 1} if style == "Reshape" and opset >= 14 else {}
+        nodes.append(h.make_node("Reshape", ["x", "shape"], ["y"], **allow))
+        return nodes, inits, (4, 3, 2), 1, 1
+    return case
+
+
+def _zero_bias(style):
+    """Dynamo's unoptimized Conv bias: zeros expanded to Shape(w)[0:1], CastLike the input."""
+    def case(rng, opset):
+        w = f32(rng, 6, 4, 3, 3, scale=0.3)
+        nodes = [h.make_node("Constant", [], ["zero"], value=nh.from_array(np.array(0.0, np.float32)))]
+        if opset >= 15:
+            nodes += [h.make_node("Shape", ["w"], ["o"], start=0, end=1),
+                      h.make_node("CastLike", ["zero", "x"], ["zero_"])]
+        else:
+            nodes += [h.make_node("Shape", ["w"], ["ws"]), h.make_node("Gather", ["ws", "i0"], ["o"], axis=0),
+                      h.make_node("Cast", ["zero"], ["zero_"], to=TensorProto.FLOAT)]
+        nodes += [h.make_node("Expand", ["zero_", "o"], ["b"]), h.make_node("Conv", ["x", "w", "b"], ["y"])]
+        return nodes, {"w": w, "i0": np.array([0], np.int64)}, (4, 5, 5), 37, 1
+    return case
+
+
 OPS = {
     "Conv": _conv, "Conv-strided-padded-dilated": lambda r, o: _conv(r, o, strides=[2, 1], pads=[1, 2, 1, 2],
                                                                       dilations=[1, 2]),
@@ -210,10 +256,16 @@ OPS = {
     "Reshape-3d": _reshape([0, 4, 6]), "Dropout": _dropout, "Softmax": _softmax(-1, (7,)),
     "Softmax-channels": _softmax(1, (5, 2, 2)), "Concat": _concat, "Identity+Constant": _identity_constant,
 }
+#: cases whose output shape ONNX's shape inference cannot derive (it depends on the input's
+#: shape at run time): built with the output shape torch writes, (N, ...), in their own test
+SHAPE_OPS = {"Shape+Gather+Unsqueeze+Concat": _dynamic_reshape("Gather"), "Cast": _dynamic_reshape("Cast"),
+             "Squeeze": _dynamic_reshape("Squeeze"), "Reshape-allowzero": _dynamic_reshape("Reshape"),
+             "Expand": _zero_bias("Expand"), "CastLike": _zero_bias("CastLike")}
 
 
 def test_every_supported_operator_has_a_case():
     covered = {k.split("-")[0].split("+")[0] for k in OPS} | {"Constant", "Identity", "MatMul", "Add", "Flatten"}
+    covered |= {op for k in SHAPE_OPS for op in k.split("-")[0].split("+")}
     assert set(SUPPORTED_OPERATORS) <= covered, set(SUPPORTED_OPERATORS) - covered
 
 
@@ -232,6 +284,17 @@ def test_operator_round_trips(case, opset, rng):
         c = lambda k: inits[k].astype(np.float64)[None, :, None, None]  # noqa: E731
         oracle = (x - c("m")) / np.sqrt(c("v") + 1e-3) * c("s") + c("b")
     round_trip(m, x, n, depth, opset=opset, oracle=oracle)
+
+
+@pytest.mark.parametrize("opset", [13, 17, 18, 21])
+@pytest.mark.parametrize("case", sorted(SHAPE_OPS))
+def test_dynamic_batch_shape_arithmetic_round_trips(case, opset, rng):
+    """The shape arithmetic folds at import (the batch size stays symbolic): any batch runs."""
+    nodes, inits, in_shape, n, depth = SHAPE_OPS[case](rng, opset)
+    m = model_of(nodes, inits, in_shape, opset=opset, out_shape=(24,) if "Reshape" in nodes[-1].op_type else None)
+    model, _ = round_trip(m, f32(rng, 3, *in_shape), n, depth, opset=opset)
+    assert not any(type(layer).__name__ == "ConstantOp" for _, layer in model.layers)  # folded, not computed
+    assert model.forward(f32(rng, 7, *in_shape)).shape[0] == 7
 
 
 def test_small_conv_round_trips_on_emu(rng):
@@ -454,7 +517,7 @@ def _set_attr(m, node, **attrs):
 
 REFUSALS = {
     "unsupported operator": (lambda m: setattr(_node(m, "relu"), "op_type", "LeakyRelu"),
-                             ["node 'relu' (LeakyRelu)", "operator 'LeakyRelu' is not supported", "Conv, Div, Dropout, Flatten, Gemm"]),
+                             ["node 'relu' (LeakyRelu)", "operator 'LeakyRelu' is not supported", "Conv, Div, Dropout, Expand, Flatten, Gather, Gemm"]),
     "custom domain": (lambda m: setattr(_node(m, "relu"), "domain", "com.microsoft"), ["com.microsoft.Relu"]),
     "asymmetric pads": (lambda m: _set_attr(m, "conv", pads=[0, 0, 1, 1]), ["node 'conv'", "asymmetric pads"]),
     "auto_pad SAME": (lambda m: _set_attr(m, "conv", auto_pad="SAME_UPPER", pads=[0, 0, 0, 0]), ["auto_pad=SAME_UPPER"]),
@@ -752,4 +815,18 @@ def test_fuzz_field_mutations(data):
 @settings(max_examples=1000, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(mutations(_MOBILE))
 def test_fuzz_field_mutations_of_an_inverted_residual_net(data):
+    _check(data)
+
+
+def _dynamic_base(style, opset):
+    nodes, inits, in_shape, _, _ = SHAPE_OPS[style](np.random.default_rng(9), opset)
+    return model_of(nodes, inits, in_shape, opset=opset, out_shape=(24,) if nodes[-1].op_type == "Reshape" else None)
+
+
+@settings(max_examples=1500, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.sampled_from([_dynamic_base(k, o) for k in ("Shape+Gather+Unsqueeze+Concat", "Reshape-allowzero",
+                                                       "CastLike") for o in (13, 17)]).flatmap(mutations))
+def test_fuzz_field_mutations_of_the_dynamic_batch_shape_arithmetic(data):
+    """Shape / Gather / Unsqueeze / Squeeze / Concat / Cast / CastLike / Expand mutated: an OnnxError or a
+    model that computes what the reference evaluator does."""
     _check(data)

@@ -127,6 +127,91 @@ def test_n_ranks_at_batch_b_equal_one_rank_at_batch_nb(tmp_path, model, nranks, 
     assert_reordered_close(got["loss"], np.float64(want_loss), n, steps * depth, "mean loss")
 
 
+# A residual Graph (a skip connection joined by Add, so one tensor fans out and its gradients
+# sum) for 28x28 Fashion-MNIST; average pools, not max pools, so no argmax can flip between the
+# reordered sums of the two runs. Shared by the worker and the one-rank reference below.
+RESIDUAL_NET = textwrap.dedent('''
+    def residual_net(seed):
+        from dnnpar.nn.base import Graph
+        from dnnpar.nn.conv import Conv2d
+        from dnnpar.nn.graph import Add
+        from dnnpar.nn.layers import AvgPool2d, Flatten, Linear, ReLU
+        return Graph([
+            ("conv1", Conv2d(1, 4, 3, padding=1, seed=seed), ["input"]),
+            ("relu1", ReLU(), ["conv1"]),
+            ("pool1", AvgPool2d(2, 2), ["relu1"]),
+            ("conv2", Conv2d(4, 4, 3, padding=1, seed=seed + 1), ["pool1"]),
+            ("relu2", ReLU(), ["conv2"]),
+            ("conv3", Conv2d(4, 4, 3, padding=1, seed=seed + 2), ["relu2"]),
+            ("add", Add(), ["conv3", "pool1"]),
+            ("relu3", ReLU(), ["add"]),
+            ("pool2", AvgPool2d(2, 2), ["relu3"]),
+            ("flatten", Flatten(), ["pool2"]),
+            ("fc", Linear(4 * 7 * 7, 10, seed=seed + 3), ["flatten"]),
+        ], input_shape=(1, 28, 28), name="residual")
+''')
+
+GRAPH_WORKER = RESIDUAL_NET + textwrap.dedent('''
+    import sys
+    import numpy as np
+    from dnnpar.data import fashion_mnist
+    from dnnpar.train import TrainConfig
+    from dnnpar.parallel.comm import MPICommunicator
+    from dnnpar.parallel.data_parallel import run_data_parallel
+    batch, steps, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    comm = MPICommunicator(timeout=60)
+    d = fashion_mnist.load(None, "embedded")
+    n = steps * batch * comm.size
+    d = fashion_mnist.Dataset(d.x_train[:n], d.y_train[:n], d.x_test[:200], d.y_test[:200], d.source)
+    cfg = TrainConfig(model="lenet300", epochs=1, batch_size=batch, lr=0.01, momentum=0.9, weight_decay=5e-4,
+                      schedule="constant", seed=3)
+    # each rank builds the net from another seed: the run must start from rank 0's parameters
+    m, hist, par = run_data_parallel(cfg, comm, bucket_mb=0.002, data=d, progress=False, out=lambda *a: None,
+                                     model=residual_net(3 + 10 * comm.rank))
+    if comm.rank == 0:
+        np.savez(out, **m.state_dict(), loss=hist.records[-1].loss, buckets=len(par.buckets))
+''')
+
+
+def test_graph_n_ranks_at_batch_b_equal_one_rank_at_batch_nb(tmp_path):
+    """A residual Graph under 2-rank data parallel at batch b follows one rank at batch 2b, within
+    the float32 reordering bound of tests/oracles.py, as the Sequential models do above."""
+    batch, steps, nranks = 8, 6, 2
+    script, out = tmp_path / "graph_worker.py", tmp_path / "params.npz"
+    script.write_text(GRAPH_WORKER)
+    r = subprocess.run(mpiexec(nranks) + [sys.executable, str(script), str(batch), str(steps), str(out)],
+                       env=_env(), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = np.load(out)
+    assert int(got["buckets"]) > 1
+
+    from dnnpar.data import fashion_mnist
+    from dnnpar.train import TrainConfig, train
+
+    ns = {}
+    exec(RESIDUAL_NET, ns)
+    d = fashion_mnist.load(None, "embedded")
+    n = steps * batch * nranks
+    d = fashion_mnist.Dataset(d.x_train[:n], d.y_train[:n], d.x_test[:200], d.y_test[:200], d.source)
+    cfg = TrainConfig(model="lenet300", epochs=1, batch_size=batch * nranks, lr=0.01, momentum=0.9,
+                      weight_decay=5e-4, schedule="constant", seed=3)
+    with dp.use_backend("numpy"):
+        m = ns["residual_net"](3)
+        start = m.state_dict()
+        opt = _RecordingSGD(m, cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay)
+        m, hist = train(cfg, data=d, model=m, optimizer=opt, progress=False, out=lambda *a: None)
+    want = m.state_dict()
+    sums, depth = longest_sum(m, batch * nranks)
+    tol = reorder_tolerance(sums, depth + 1)  # + 1: the allreduce's sum over ranks
+    assert set(got.files) - {"loss", "buckets"} == set(want)
+    for k, w in want.items():
+        bound = _param_bound(opt.scales[k], cfg, tol)
+        err = float(np.max(np.abs(got[k].astype(np.float64) - w)))
+        assert err <= bound, f"{k}: differs by {err:.3e}, beyond the float32 reordering bound {bound:.3e}"
+    assert max(float(np.abs(want[k] - start[k]).max()) for k in want) > 1e-3  # the steps really trained
+    assert_reordered_close(got["loss"], np.float64(hist.records[-1].loss), sums, steps * depth, "mean loss")
+
+
 RESUME_WORKER = textwrap.dedent('''
     import sys
     import numpy as np

@@ -11,7 +11,9 @@ against the operator's list, before any weight array or layer is built. Everythi
 :class:`~dnnpar.errors.OnnxError` naming the node (or initializer, or graph part) and what is
 wrong; an operator or attribute dnnpar cannot represent names the supported set.
 
-Constants fold at import: initializers and ``Constant`` outputs combine with numpy; an ``Add`` of
+Constants fold at import: initializers and ``Constant`` outputs combine with numpy, and so does
+the shape arithmetic exporters emit for a dynamic batch (``Shape`` -> ``Gather`` / ``Squeeze`` ->
+``Unsqueeze`` -> ``Concat`` -> a ``Reshape``'s shape, the batch size kept symbolic); an ``Add`` of
 a constant right after a bias-free Conv / Gemm / MatMul becomes that layer's bias;
 ``GlobalAveragePool`` followed by ``Flatten`` becomes one pooling layer. Only the nodes the
 graph output depends on are imported.
@@ -67,6 +69,25 @@ class _T:
 
     def __init__(self, node: str, shape: tuple):
         self.node, self.shape = node, tuple(int(d) for d in shape)
+
+
+class _Dims:
+    """An int64 tensor computed from the graph input's shape (``Shape`` and what exporters build
+    from it: ``x.view(x.size(0), -1)``): each entry an int, except the batch size, None, known
+    only at run time. ``scalar``: a 0-d tensor (one entry) rather than a 1-D one. Such a value
+    folds at import and may only end as a ``Reshape``'s shape."""
+
+    __slots__ = ("dims", "scalar")
+
+    def __init__(self, dims, scalar=False):
+        self.dims, self.scalar = tuple(None if d is None else int(d) for d in dims), scalar
+
+
+def _dims_or_array(dims, scalar):
+    """``dims`` as a constant when the batch is not among them, else a :class:`_Dims`."""
+    if None in dims:
+        return _Dims(dims, scalar)
+    return np.asarray(dims[0] if scalar else list(dims), np.int64)
 
 
 # element type -> (numpy dtype, TensorProto field holding typed data)
@@ -180,14 +201,19 @@ class _Importer:
         return out
 
     # ------------------------------------------------------------------ values
-    def inp(self, node, k, field, kind=None, optional=False):
-        """Input ``k`` of ``node``: a constant ("const"), a run-time tensor ("tensor") or either."""
+    def inp(self, node, k, field, kind=None, optional=False, dims=False):
+        """Input ``k`` of ``node``: a constant ("const"), a run-time tensor ("tensor") or either;
+        ``dims``: a value computed from the input's shape (:class:`_Dims`) is accepted too."""
         name = node.input[k] if k < len(node.input) else ""
         if not name:
             if optional:
                 return None
             raise self.err(f"input {k} is missing", field)
         v = self.values[name]
+        if isinstance(v, _Dims) and not dims:
+            raise self.err(f"input {k} ({name!r}) is computed from the input's shape (it holds the dynamic batch "
+                           f"size); dnnpar folds such values only into shape arithmetic ({', '.join(_SHAPE_OPS)}) "
+                           "and a Reshape's shape", field)
         if kind == "const" and isinstance(v, _T):
             raise self.err(f"input {k} ({name!r}) must be a constant (an initializer or Constant output); it is "
                            "computed from the graph input", field)
@@ -686,13 +712,28 @@ def _flatten(imp, node, field, i):
 
 def _reshape(imp, node, field, i):
     a = imp.attrs(node, field, {"allowzero": (I, 0)})
-    x = imp.inp(node, 0, field, "tensor")
-    shape = imp.inp(node, 1, field, "const")
-    if shape.dtype != np.int64 or shape.ndim != 1 or shape.size < 1:
-        raise imp.err(f"shape must be a 1-D int64 constant, got {shape.dtype} of shape {shape.shape}", field)
-    target = [int(v) for v in shape]
+    x = imp.inp(node, 0, field, dims=True)
+    shape = imp.inp(node, 1, field, "const", dims=True)
+    if isinstance(shape, _Dims) and not isinstance(x, _T):
+        raise imp.err(f"reshapes a constant to the shape value {_dims_text(shape)}", field)
+    if isinstance(shape, _Dims):
+        if shape.scalar or None in shape.dims[1:]:
+            raise imp.err(f"shape {_dims_text(shape)} puts the batch size elsewhere than axis 0", field)
+        target = list(shape.dims[1:])
+    else:
+        if shape.dtype != np.int64 or shape.ndim != 1 or shape.size < 1:
+            raise imp.err(f"shape must be a 1-D int64 constant, got {shape.dtype} of shape {shape.shape}", field)
+        target = [int(v) for v in shape]
     if a["allowzero"] and 0 in target:
         raise imp.err("allowzero=1 with a zero in the shape is not supported", field)
+    if isinstance(x, _Dims):  # dynamo's x.size(0) as a 1-D tensor: reshape to [-1] or [1]
+        if target not in ([-1], [len(x.dims)]) and not (target == [] and len(x.dims) == 1):
+            raise imp.err(f"reshapes the shape value {_dims_text(x)} to {target}", field)
+        return _Dims(x.dims, target == [])
+    if not isinstance(x, _T):
+        return _fold_reshape(imp, x, target, field)
+    if isinstance(shape, _Dims):  # the batch size, then the sample's sizes
+        target = [0] + target
     full = (None,) + x.shape
     for k, v in enumerate(target):
         if v == 0:
@@ -728,6 +769,154 @@ def _reshape(imp, node, field, i):
     return imp.emit(node, field, _layer("layers", "Reshape", rest), [x])
 
 
+def _fold_reshape(imp, c, target, field):
+    """Reshape of a constant (ONNX semantics: 0 copies the input's axis, one -1 is inferred)."""
+    target = [c.shape[k] if v == 0 and k < c.ndim else v for k, v in enumerate(target)]
+    if any(v < -1 for v in target) or target.count(-1) > 1:
+        raise imp.err(f"shape {target} is not a valid reshape target", field)
+    try:
+        return np.reshape(c, target)
+    except ValueError as e:
+        raise imp.err(f"cannot reshape a constant of shape {c.shape} to {target}: {e}", field) from None
+
+
+def _dims_text(d: "_Dims") -> str:
+    body = ", ".join("N" if v is None else str(v) for v in d.dims)
+    return body if d.scalar else f"[{body}]"
+
+
+def _const_ints(imp, v, what, field):
+    """An int constant (0-d or 1-D) as a list of Python ints."""
+    v = np.asarray(v)
+    if v.dtype.kind not in "iu" or v.ndim > 1:
+        raise imp.err(f"{what} must be a 0-d or 1-D int constant, got {v.dtype} of shape {v.shape}", field)
+    return [int(k) for k in v.reshape(-1)]
+
+
+def _shape(imp, node, field, i):
+    a = imp.attrs(node, field, {"start": (I, 0), "end": (I, None)})
+    x = imp.inp(node, 0, field)
+    full = [None, *x.shape] if isinstance(x, _T) else list(np.shape(x))
+    if (a["start"] or a["end"] is not None) and imp.opset < 15:
+        raise imp.err(f"attributes start / end are opset-15 additions (this model is opset {imp.opset})", field)
+    # ONNX clamps start and end into [0, rank] after adding rank to negative ones, as Python slicing does
+    return _dims_or_array(full[a["start"]:a["end"]], False)
+
+
+def _gather(imp, node, field, i):
+    a = imp.attrs(node, field, {"axis": (I, 0)})
+    data = imp.inp(node, 0, field, "const", dims=True)
+    idx = imp.inp(node, 1, field, "const")
+    if np.asarray(idx).dtype.kind not in "iu":
+        raise imp.err(f"indices must be int, got {np.asarray(idx).dtype}", field)
+    is_dims = isinstance(data, _Dims)
+    rank = (0 if data.scalar else 1) if is_dims else np.ndim(data)
+    if not -rank <= a["axis"] < rank:  # a scalar has no axis to gather along
+        raise imp.err(f"axis={a['axis']} on a rank-{rank} tensor", field)
+    size = len(data.dims) if is_dims else np.shape(data)[a["axis"]]
+    if np.ndim(idx) > 1:
+        raise imp.err(f"indices of shape {np.shape(idx)}: dnnpar folds 0-d or 1-D indices only", field)
+    flat = _const_ints(imp, idx, "indices", field)
+    if any(not -size <= k < size for k in flat):
+        raise imp.err(f"indices {flat} out of range for an axis of size {size}", field)
+    if is_dims:
+        return _dims_or_array([data.dims[k] for k in flat], np.ndim(idx) == 0)
+    return np.take(data, np.asarray(idx, np.int64), axis=a["axis"])
+
+
+def _axes(imp, node, field):
+    """Unsqueeze / Squeeze axes: input 1 in every supported opset (13 on), optional for Squeeze."""
+    v = imp.inp(node, 1, field, "const", optional=True)
+    return None if v is None else _const_ints(imp, v, "axes", field)
+
+
+def _distinct_axes(imp, axes, rank, field):
+    if any(not -rank <= k < rank for k in axes) or len({k % rank for k in axes}) != len(axes):
+        raise imp.err(f"axes {axes} out of range or repeated for rank {rank}", field)
+    return tuple(k % rank for k in axes)
+
+
+def _unsqueeze(imp, node, field, i):
+    imp.attrs(node, field, {})
+    x = imp.inp(node, 0, field, "const", dims=True)
+    axes = _axes(imp, node, field)
+    if not axes:
+        raise imp.err("needs its axes input", field)
+    if isinstance(x, _Dims):
+        if not (x.scalar and axes in ([0], [-1])):
+            raise imp.err(f"unsqueezing the shape value {_dims_text(x)} at {axes}: dnnpar folds a scalar to 1-D only",
+                          field)
+        return _Dims(x.dims)
+    return np.expand_dims(x, _distinct_axes(imp, axes, np.ndim(x) + len(axes), field))
+
+
+def _squeeze(imp, node, field, i):
+    imp.attrs(node, field, {})
+    x = imp.inp(node, 0, field, "const", dims=True)
+    axes = _axes(imp, node, field)
+    if isinstance(x, _Dims):
+        if x.scalar or len(x.dims) != 1 or axes not in (None, [0], [-1]):
+            raise imp.err(f"squeezing the shape value {_dims_text(x)} at {axes}: dnnpar folds one entry to a "
+                          "scalar only", field)
+        return _Dims(x.dims, True)
+    if axes is None:
+        return np.squeeze(x)
+    axes = _distinct_axes(imp, axes, np.ndim(x), field)
+    if any(np.shape(x)[k] != 1 for k in axes):
+        raise imp.err(f"squeezes axes {list(axes)} of shape {np.shape(x)}, not all of size 1", field)
+    return np.squeeze(x, axes)
+
+
+def _cast(imp, node, field, i):
+    a = imp.attrs(node, field, {"to": (I, None), "saturate": (I, 1)})
+    x = imp.inp(node, 0, field, dims=True)
+    if a["to"] not in _DTYPES:
+        raise imp.err(f"cast to {_DTYPE_NAMES.get(a['to'], a['to'])}: dnnpar folds casts to float, double, "
+                      "int32, int64 and bool", field)
+    dtype = _DTYPES[a["to"]][0] if a["to"] != 9 else np.bool_
+    if isinstance(x, _T):
+        if a["to"] != 1:
+            raise imp.err(f"a cast of a computed tensor to {_DTYPE_NAMES[a['to']]}: dnnpar computes in float", field)
+        return x
+    if isinstance(x, _Dims):
+        if a["to"] not in (6, 7):
+            raise imp.err(f"a cast of the shape value {_dims_text(x)} to {_DTYPE_NAMES[a['to']]}", field)
+        return x
+    with np.errstate(all="ignore"):
+        if x.dtype.kind == "f" and np.dtype(dtype).kind in "iu" and not np.all(np.isfinite(x)):
+            raise imp.err("a cast of a non-finite constant to an int type", field)
+        return x.astype(dtype)
+
+
+def _cast_like(imp, node, field, i):
+    imp.attrs(node, field, {"saturate": (I, 1)})
+    x = imp.inp(node, 0, field, dims=True)
+    like = imp.inp(node, 1, field, dims=True)
+    if isinstance(x, (_T, _Dims)):  # computed tensors are float, shape values int64: a cast to their own kind
+        if isinstance(x, _T) != isinstance(like, _T):
+            raise imp.err("casts a computed tensor or shape value to another kind (not supported)", field)
+        return x
+    dtype = np.float32 if isinstance(like, _T) else np.int64 if isinstance(like, _Dims) else like.dtype
+    if x.dtype.kind == "f" and np.dtype(dtype).kind in "iub" and not np.all(np.isfinite(x)):
+        raise imp.err("a cast of a non-finite constant to an int type", field)
+    return x.astype(dtype)
+
+
+def _expand(imp, node, field, i):
+    imp.attrs(node, field, {})
+    x = imp.inp(node, 0, field, "const")
+    shape = _const_ints(imp, imp.inp(node, 1, field, "const"), "shape", field)
+    if np.ndim(imp.values[node.input[1]]) != 1 or any(d < 0 for d in shape):
+        raise imp.err(f"shape {shape} must be 1-D and of sizes >= 0", field)
+    try:
+        out = np.broadcast_shapes(np.shape(x), tuple(shape))
+    except ValueError:
+        raise imp.err(f"a constant of shape {np.shape(x)} does not broadcast to {shape}", field) from None
+    if math.prod(out) > MAX_ELEMENTS:
+        raise imp.err(f"expanding to {list(out)} exceeds {MAX_ELEMENTS} elements", field)
+    return np.broadcast_to(x, out).copy()
+
+
 def _dropout(imp, node, field, i):
     imp.attrs(node, field, {"seed": (I, 0)})
     x = imp.inp(node, 0, field, "tensor")
@@ -753,7 +942,11 @@ def _softmax(imp, node, field, i):
 
 def _concat(imp, node, field, i):
     a = imp.attrs(node, field, {"axis": (I, None)})
-    xs = [imp.inp(node, k, field, "tensor") for k in range(len(node.input))]
+    xs = [imp.inp(node, k, field, dims=True) for k in range(len(node.input))]
+    if xs and not any(isinstance(x, _T) for x in xs):
+        return _concat_constants(imp, xs, a["axis"], field)
+    if not all(isinstance(x, _T) for x in xs):
+        raise imp.err("concatenates computed tensors with constants (not supported)", field)
     if len(xs) < 2:
         if len(xs) == 1:
             return xs[0]
@@ -764,9 +957,29 @@ def _concat(imp, node, field, i):
     return imp.emit(node, field, _layer("graph", "Concat", axis=1), xs)
 
 
+def _concat_constants(imp, xs, axis, field):
+    """Concat of constants and shape values (``[batch, -1]`` for a Reshape), folded."""
+    if any(isinstance(x, _Dims) for x in xs):
+        if axis not in (0, -1) or any(np.ndim(x) != 1 for x in xs if not isinstance(x, _Dims)) or \
+                any(x.scalar for x in xs if isinstance(x, _Dims)):
+            raise imp.err(f"concatenates shape values along axis {axis}: dnnpar folds 1-D ones along axis 0",
+                          field)
+        dims = []
+        for x in xs:
+            dims += list(x.dims) if isinstance(x, _Dims) else _const_ints(imp, x, "a shape part", field)
+        return _dims_or_array(dims, False)
+    rank = np.ndim(xs[0])
+    if axis is None or rank == 0 or not -rank <= axis < rank:
+        raise imp.err(f"axis={axis} on constants of rank {rank}", field)
+    try:
+        return np.concatenate(xs, axis=axis)
+    except ValueError as e:
+        raise imp.err(f"constants of shapes {[np.shape(x) for x in xs]} do not concatenate: {e}", field) from None
+
+
 def _identity(imp, node, field, i):
     imp.attrs(node, field, {})
-    return imp.inp(node, 0, field)
+    return imp.inp(node, 0, field, dims=True)
 
 
 def _constant(imp, node, field, i):
@@ -789,9 +1002,13 @@ _CONVERTERS = {
     "MaxPool": _maxpool, "AveragePool": _avgpool, "GlobalAveragePool": _gap, "ReduceMean": _reducemean,
     "BatchNormalization": _batchnorm, "Flatten": _flatten, "Reshape": _reshape, "Dropout": _dropout,
     "Softmax": _softmax, "Concat": _concat, "Identity": _identity, "Constant": _constant,
+    "Shape": _shape, "Gather": _gather, "Unsqueeze": _unsqueeze, "Squeeze": _squeeze, "Cast": _cast,
+    "CastLike": _cast_like, "Expand": _expand,
 }
+#: operators whose values fold at import, shapes included (the dynamic batch's shape arithmetic)
+_SHAPE_OPS = ("Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "CastLike", "Reshape", "Identity")
 #: operators newer than the oldest supported opset
-_OP_SINCE = {"HardSwish": 14}
+_OP_SINCE = {"HardSwish": 14, "CastLike": 15}
 #: ONNX operators (default domain) that :func:`from_onnx` imports
 SUPPORTED_OPERATORS = tuple(sorted(_CONVERTERS))
 

@@ -176,16 +176,17 @@ def _backward_fast_ok(g: ConvGeometry, itemsize: int = 4) -> bool:
 
 # ---------------------------------------------------------------- ops
 def geometry_for_x(op, x, kh, kw, stride, padding, dilation, be):
-    """Check x (the backend's (N, C, H, W) array of the compute dtype) and the geometry around it."""
-    check_array(op, "x", x, ndim=4, backend=be)
-    return ConvGeometry.make(op, x.shape, kh, kw, stride, padding, dilation)
+    """Check x (the backend's (N, C, H, W) array of the compute dtype, or a DLPack view of one)
+    and the geometry around it; returns (x as the backend's array, geometry)."""
+    x = check_array(op, "x", x, ndim=4, backend=be)
+    return x, ConvGeometry.make(op, x.shape, kh, kw, stride, padding, dilation)
 
 
 @ranged("dnnpar.im2col")
 def im2col(x, kh: int, kw: int, stride=1, padding=0, dilation=1):
     """x (N, C, H, W) -> cols (C*kh*kw, N*OH*OW), in the compute dtype (float32)."""
     be = get_backend()
-    g = geometry_for_x("im2col", x, kh, kw, stride, padding, dilation, be)
+    x, g = geometry_for_x("im2col", x, kh, kw, stride, padding, dilation, be)
     g.check_cols("im2col")
     if not be.runs_kernels:
         return im2col_numpy(x, g)
@@ -200,7 +201,7 @@ def im2col(x, kh: int, kw: int, stride=1, padding=0, dilation=1):
 def col2im(cols, x_shape, kh: int, kw: int, stride=1, padding=0, dilation=1):
     """cols (C*kh*kw, N*OH*OW) -> x (N, C, H, W), summing overlapping taps (the adjoint of im2col)."""
     be = get_backend()
-    check_array("col2im", "cols", cols, ndim=2, backend=be)
+    cols = check_array("col2im", "cols", cols, ndim=2, backend=be)
     g = ConvGeometry.make("col2im", x_shape, kh, kw, stride, padding, dilation)
     if tuple(cols.shape) != g.cols_shape:
         raise ValueError(f"col2im: cols must have shape {g.cols_shape} for x_shape {tuple(x_shape)}, "
@@ -216,7 +217,7 @@ def col2im(cols, x_shape, kh: int, kw: int, stride=1, padding=0, dilation=1):
 def check_bias(op, bias, channels, be):
     if bias is None:
         return None
-    check_array(op, "bias", bias, ndim=1, backend=be)
+    bias = check_array(op, "bias", bias, ndim=1, backend=be)
     if bias.shape[0] != channels:
         raise ValueError(f"{op}: bias must have shape ({channels},), got {tuple(bias.shape)}")
     return bias
@@ -243,8 +244,8 @@ def _conv2d(x, w, bias, stride, padding, dilation, algo):
     be = get_backend()
     if algo not in ALGOS:
         raise ValueError(f"conv2d: unknown algo {algo!r}: one of {', '.join(ALGOS)}")
-    check_array("conv2d", "w", w, ndim=4, backend=be)
-    g = geometry_for_x("conv2d", x, w.shape[2], w.shape[3], stride, padding, dilation, be)
+    w = check_array("conv2d", "w", w, ndim=4, backend=be)
+    x, g = geometry_for_x("conv2d", x, w.shape[2], w.shape[3], stride, padding, dilation, be)
     if w.shape[1] != g.c:
         raise ValueError(f"conv2d: x has {g.c} channels but w expects {w.shape[1]} (w shape {tuple(w.shape)})")
     o = w.shape[0]
@@ -273,9 +274,10 @@ def _conv2d(x, w, bias, stride, padding, dilation, algo):
 
 
 def _check_dy(op, dy, want, be):
-    check_array(op, "dy", dy, ndim=4, backend=be)
+    dy = check_array(op, "dy", dy, ndim=4, backend=be)
     if tuple(dy.shape) != tuple(want):
         raise ValueError(f"{op}: dy must have the output's shape {tuple(want)}, got {tuple(dy.shape)}")
+    return dy
 
 
 @ranged("dnnpar.conv2d_backward")
@@ -286,17 +288,17 @@ def conv2d_backward(x, w, dy, stride=1, padding=0, dilation=1, need_dx: bool = T
     db is dy summed over n, oh, ow. ``cols``: x's im2col matrix kept from the forward pass
     (``conv2d(..., return_cols=True)``), else it is rebuilt."""
     be = get_backend()
-    check_array("conv2d_backward", "w", w, ndim=4, backend=be)
-    g = geometry_for_x("conv2d_backward", x, w.shape[2], w.shape[3], stride, padding, dilation, be)
+    w = check_array("conv2d_backward", "w", w, ndim=4, backend=be)
+    x, g = geometry_for_x("conv2d_backward", x, w.shape[2], w.shape[3], stride, padding, dilation, be)
     if w.shape[1] != g.c:
         raise ValueError(f"conv2d_backward: x has {g.c} channels but w expects {w.shape[1]}")
     o = w.shape[0]
-    _check_dy("conv2d_backward", dy, (g.n, o, g.oh, g.ow), be)
+    dy = _check_dy("conv2d_backward", dy, (g.n, o, g.oh, g.ow), be)
     g.check_cols("conv2d_backward")
     check_same_dtype("conv2d_backward", x=x, w=w, dy=dy)
     xp = be.xp
     if cols is not None:
-        check_array("conv2d_backward", "cols", cols, ndim=2, backend=be)
+        cols = check_array("conv2d_backward", "cols", cols, ndim=2, backend=be)
         if tuple(cols.shape) != g.cols_shape:
             raise ValueError(f"conv2d_backward: cols must have shape {g.cols_shape}, got {tuple(cols.shape)}")
     if cols is None and not be.runs_kernels and _backward_fast_ok(g, x.itemsize):

@@ -32,12 +32,13 @@ def depthwise_backward_numpy(x, w, dy, g: ConvGeometry):
 
 
 def _geometry(op, x, w, stride, padding, be):
-    check_array(op, "w", w, ndim=4, backend=be)
-    g = geometry_for_x(op, x, w.shape[2], w.shape[3], stride, padding, 1, be)
+    """(x, w, geometry): x and w as the backend's arrays (DLPack views accepted), checked."""
+    w = check_array(op, "w", w, ndim=4, backend=be)
+    x, g = geometry_for_x(op, x, w.shape[2], w.shape[3], stride, padding, 1, be)
     if w.shape[0] != g.c or w.shape[1] != 1:
         raise ValueError(f"{op}: w must have shape ({g.c}, 1, KH, KW) for {g.c} input channels, "
                          f"got {tuple(w.shape)}")
-    return g
+    return x, w, g
 
 
 def _tail(g: ConvGeometry):
@@ -49,7 +50,7 @@ def depthwise_conv2d(x, w, bias=None, stride=1, padding=0):
     """Depthwise convolution: x (N, C, H, W), w (C, 1, KH, KW), bias (C,) or None -> (N, C, OH, OW),
     float32 on every backend (float64 only inside ``dp.precision("float64")`` on numpy)."""
     be = get_backend()
-    g = _geometry("depthwise_conv2d", x, w, stride, padding, be)
+    x, w, g = _geometry("depthwise_conv2d", x, w, stride, padding, be)
     bias = check_bias("depthwise_conv2d", bias, g.c, be)
     check_same_dtype("depthwise_conv2d", x=x, w=w, bias=bias)
     check_count("depthwise_conv2d", "output (N, C, OH, OW)", (g.n, g.c, g.oh, g.ow))
@@ -66,8 +67,8 @@ def depthwise_conv2d(x, w, bias=None, stride=1, padding=0):
 def depthwise_conv2d_backward(x, w, dy, stride=1, padding=0, need_dx: bool = True):
     """Gradients of :func:`depthwise_conv2d`: (dx or None, dw, db) for dy (N, C, OH, OW)."""
     be = get_backend()
-    g = _geometry("depthwise_conv2d_backward", x, w, stride, padding, be)
-    check_array("depthwise_conv2d_backward", "dy", dy, ndim=4, backend=be)
+    x, w, g = _geometry("depthwise_conv2d_backward", x, w, stride, padding, be)
+    dy = check_array("depthwise_conv2d_backward", "dy", dy, ndim=4, backend=be)
     if tuple(dy.shape) != (g.n, g.c, g.oh, g.ow):
         raise ValueError(f"depthwise_conv2d_backward: dy must have the output's shape {(g.n, g.c, g.oh, g.ow)}, "
                          f"got {tuple(dy.shape)}")

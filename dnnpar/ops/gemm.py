@@ -53,8 +53,8 @@ def gemm(a, b, trans_a: bool = False, trans_b: bool = False, alpha: float = 1.0,
             raise TypeError(f"gemm: {name} must be a real number, got {v!r}")
         if not np.isfinite(v) or abs(float(v)) > float(np.finfo(np.float32).max):
             raise ValueError(f"gemm: {name} must be a finite float32 value, got {v!r}")
-    check_array("gemm", "a", a, ndim=2, backend=be)
-    check_array("gemm", "b", b, ndim=2, backend=be)
+    a = check_array("gemm", "a", a, ndim=2, backend=be)
+    b = check_array("gemm", "b", b, ndim=2, backend=be)
     m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
     kb, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
     if k != kb:
@@ -64,7 +64,7 @@ def gemm(a, b, trans_a: bool = False, trans_b: bool = False, alpha: float = 1.0,
     if beta != 0.0:
         if c is None:
             raise ValueError("gemm: beta != 0 needs c, the (M, N) matrix to accumulate into")
-        check_array("gemm", "c", c, ndim=2, backend=be)
+        c = check_array("gemm", "c", c, ndim=2, backend=be)
         if c.shape != (m, n):
             raise ValueError(f"gemm: c must have shape {(m, n)}, got {tuple(c.shape)}")
         check_writable("gemm", "c (updated in place with beta != 0)", c)

@@ -101,7 +101,7 @@ def spmv(csr: CSR, x, algo: str = "vector"):
     _check_csr("spmv", csr, be)
     if algo not in SPMV_ALGOS:
         raise ValueError(f"spmv: unknown algo {algo!r}: one of {', '.join(SPMV_ALGOS)}")
-    check_array("spmv", "x", x, ndim=1, backend=be)
+    x = check_array("spmv", "x", x, ndim=1, backend=be)
     m, k = csr.shape
     if x.shape[0] != k:
         raise ValueError(f"spmv: the matrix is {m}x{k} but x has {x.shape[0]} entries")
@@ -129,7 +129,7 @@ def spmm(csr: CSR, X):
     only inside ``dp.precision("float64")`` on the numpy backend). X is never written."""
     be = get_backend()
     _check_csr("spmm", csr, be)
-    check_array("spmm", "X", X, ndim=2, backend=be)
+    X = check_array("spmm", "X", X, ndim=2, backend=be)
     m, k = csr.shape
     if X.shape[0] != k:
         raise ValueError(f"spmm: the matrix is {m}x{k} but X has shape {tuple(X.shape)} (need {k} rows)")
