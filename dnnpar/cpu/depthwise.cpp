@@ -10,19 +10,19 @@
 // in one fixed order (the result does not depend on the thread count) and no atomics are needed.
 //
 // Two bodies per direction:
-//   *_fast<K, S>: square K x K filters (K = 3, 5), square strides S = 1, 2, padding below K. The
-//       plane of x is first copied into a zero-bordered, phase-split buffer: padded column
-//       q*S + r is stored at phase r, position q, so tap j of output column ow reads phase
-//       j % S at q = ow + j / S -- contiguous in ow for every stride. Rows of the image outside
-//       it point at one zero row. Every output element is then one pass of K*K FMAs over
-//       contiguous loads that the compiler vectorises over ow. dx is the same gather in the
-//       other direction: padded input column q*S + r sums w[i, m*S + r] * dy[oh, q - m], read
-//       from a zero-bordered copy of dy's plane, one phase at a time.
+//   *_fast<K, S>: square K x K filters (K = 3, 5), square strides S = 1, 2, padding below K.
+//       Each plane of x is copied into S x S zero-bordered phase planes (see FlatPlanes), in
+//       which every tap of every output is one array read at a constant offset from the
+//       output's flat index: the forward is one contiguous loop of K*K FMAs per output over the
+//       whole plane, dw one pass of K*K vector dot products over it, and dx the same gather as
+//       the forward, read from a zero-bordered copy of dy, one phase at a time. Long loops
+//       whatever the plane's width: MobileNet's 7x7 and 3x3 planes vectorise as well as 112x112.
 //   *_generic: any filter, stride and padding (padding up to 2^30: nothing padded is ever
 //       allocated). One pass per tap over the output columns whose tap lands in the image
 //       (exact ranges, contiguous for stride 1).
-// Zero padding is read as zeros, as an im2col convolution does: a non-finite weight or dy times
-// padding gives NaN in the fast bodies where the window-based NumPy reference skips the term.
+// Zero padding is read as zeros, as an im2col convolution does: in the fast bodies a non-finite
+// weight, dy or x times a padding zero gives NaN where the window-based NumPy reference skips
+// the term.
 //
 // Nothing here checks its input: dnnpar/ops/depthwise.py validates the geometry (int32-safe,
 // positive output) and passes C-contiguous float32 arrays of the right sizes.
@@ -31,6 +31,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #ifdef _OPENMP
@@ -133,150 +134,152 @@ void backward_plane_generic(const float* __restrict x, const float* __restrict w
 
 // ---------------------------------------------------------------- fast bodies (K x K, stride S)
 
-// The phase-split, zero-bordered copy of one plane of x (see the header): for S phases and Q
-// positions per phase, row ih at buf + ih*S*Q, padded column q*S + r at [r*Q + q]; then one
-// zero row. Q covers every column an output reads: ow + (K-1)/S for ow < OW.
+// Eight floats in one vector register (GCC / Clang vector extension); loads go through memcpy,
+// so no alignment is assumed.
+typedef float f8 __attribute__((vector_size(32)));
+
+inline f8 load8(const float* p) {
+    f8 v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+inline float hsum(f8 s) { return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])); }
+
+// One thread's buffers for planes of one geometry, all zero-bordered (see the header):
+//   xb: x split into S x S phase planes of P x Q: padded row p*S + A, column q*S + R at
+//       xb[(A*S + R)*PQ + p*Q + q]. Output (oh, ow) tap (i, j) reads phase (i % S, j % S) at
+//       (oh + i/S)*Q + ow + j/S, so with the flat index u = oh*Q + ow every tap is the same
+//       array at a constant offset: one contiguous loop over u covers the whole plane (the
+//       Q - OW columns past the output's are computed and dropped).
+//   d:  dy at flat index F + oh*Q + ow, zeros around it (F = E*Q + E in front, the columns
+//       past OW, PQ - OH*Q behind): dx's phase (A, R) at flat u is the sum of w[i, j] * d[F + u
+//       - (i/S)*Q - j/S] over the taps with i % S == A, j % S == R, a row that runs off the
+//       left reads the zero columns of the row above.
+//   dxb: dx's S x S phase planes, as xb; out: the forward's flat output (OH x Q).
 template <int K, int S>
-struct PhasedPlane {
-    int64_t q, row;
-    std::vector<float> buf;
+struct FlatPlanes {
+    static constexpr int E = (K - 1) / S;  // rows (columns) a phase reads past the output's
+    static constexpr int kSlack = 8;       // zeros past the end: dw's loop reads whole vectors
+    int64_t P, Q, PQ, F;
+    std::vector<float> xb, d, dxb, out;
 
-    explicit PhasedPlane(const Geo& g) : q(g.ow + (K - 1) / S), row(S * q), buf((g.h + 1) * row, 0.f) {}
+    FlatPlanes(const Geo& g, bool backward)
+        : P(g.oh + E + 1), Q(g.ow + E + 1), PQ(P * Q), F(E * Q + E), xb(S * S * PQ + kSlack, 0.f),
+          d(backward ? F + PQ + kSlack : 0, 0.f), dxb(backward ? S * S * PQ : 0), out(backward ? 0 : g.oh * Q) {}
 
-    static bool fits(const Geo& g) { return (g.h + 1) * S * (g.ow + (K - 1) / S) <= kMaxPlaneBuffer; }
+    static bool fits(const Geo& g) { return S * S * (g.oh + E + 1) * (g.ow + E + 1) <= kMaxPlaneBuffer; }
 
-    void fill(const float* __restrict x, const Geo& g) {
-        for (int64_t ih = 0; ih < g.h; ++ih) {
-            const float* __restrict xr = x + ih * g.w;
-            float* __restrict dst = buf.data() + ih * row;
+    // Only the parts inside the image are written: the borders stay as the constructor zeroed them.
+    void fill_x(const float* __restrict x, const Geo& g) {
+        for (int a = 0; a < S; ++a) {
             for (int r = 0; r < S; ++r) {
-                float* __restrict d = dst + r * q;
-                for (int64_t p = 0; p < q; ++p) {
-                    const int64_t col = p * S + r - g.pw;
-                    d[p] = (col >= 0 && col < g.w) ? xr[col] : 0.f;
+                float* __restrict plane = xb.data() + (a * S + r) * PQ;
+                // positions p (q) whose padded row p*S + a - PH (column q*S + r - PW) is inside
+                const int64_t plo = std::max<int64_t>(0, (g.ph - a + S - 1) / S);
+                const int64_t phi = std::min<int64_t>(P, (g.h - 1 + g.ph - a) / S + 1);
+                const int64_t qlo = std::max<int64_t>(0, (g.pw - r + S - 1) / S);
+                const int64_t qhi = std::min<int64_t>(Q, (g.w - 1 + g.pw - r) / S + 1);
+                for (int64_t p = plo; p < phi; ++p) {
+                    const float* __restrict xr = x + (p * S + a - g.ph) * g.w + r - g.pw;
+                    float* __restrict dst = plane + p * Q;
+                    if (S == 1) {
+                        std::memcpy(dst + qlo, xr + qlo, (qhi - qlo) * sizeof(float));
+                    } else {
+                        for (int64_t q = qlo; q < qhi; ++q) dst[q] = xr[q * S];
+                    }
                 }
             }
         }
     }
 
-    const float* row_at(int64_t ih, const Geo& g) const {
-        return buf.data() + ((ih >= 0 && ih < g.h) ? ih : g.h) * row;
-    }
+    const float* tap(int i, int j) const { return xb.data() + ((i % S) * S + (j % S)) * PQ + (i / S) * Q + j / S; }
 };
+
+// a + sum_t w[t] * src[t][u] as straight-line code (a fold, not a loop), so that the loop over
+// u around it is the one the compiler vectorises.
+template <std::size_t... T>
+inline float tap_sum(float a, const float* w, const float* const* src, int64_t u, std::index_sequence<T...>) {
+    ((a += w[T] * src[T][u]), ...);
+    return a;
+}
 
 template <int K, int S>
 void forward_plane_fast(const float* __restrict x, const float* __restrict wt, float bias, float* __restrict y,
-                        const Geo& g, PhasedPlane<K, S>& ph) {
-    ph.fill(x, g);
+                        const Geo& g, FlatPlanes<K, S>& fp) {
+    fp.fill_x(x, g);
     float wk[K * K];
-    for (int t = 0; t < K * K; ++t) wk[t] = wt[t];
-    const int64_t q = ph.q;
-    for (int64_t oh = 0; oh < g.oh; ++oh) {
-        const float* rows[K];
-        for (int i = 0; i < K; ++i) rows[i] = ph.row_at(oh * S - g.ph + i, g);
-        float* __restrict yr = y + oh * g.ow;
-#pragma omp simd
-        for (int64_t ow = 0; ow < g.ow; ++ow) {
-            float a = bias;
-#pragma GCC unroll 8
-            for (int i = 0; i < K; ++i) {
-#pragma GCC unroll 8
-                for (int j = 0; j < K; ++j) a += wk[i * K + j] * rows[i][(j % S) * q + j / S + ow];
-            }
-            yr[ow] = a;
+    const float* src[K * K];
+    for (int i = 0; i < K; ++i)
+        for (int j = 0; j < K; ++j) {
+            wk[i * K + j] = wt[i * K + j];
+            src[i * K + j] = fp.tap(i, j);
         }
-    }
+    float* __restrict o = fp.out.data();
+    const int64_t n = g.oh * fp.Q;
+#pragma omp simd
+    for (int64_t u = 0; u < n; ++u) o[u] = tap_sum(bias, wk, src, u, std::make_index_sequence<K * K>{});
+    for (int64_t oh = 0; oh < g.oh; ++oh) std::memcpy(y + oh * g.ow, o + oh * fp.Q, g.ow * sizeof(float));
 }
 
-// The zero-bordered copy of one plane of dy for the dx gather: row oh at buf + oh*width, dy's
-// column u at [L + u] with L = ceil(K/S) - 1 zeros in front; then one zero row.
-template <int K, int S>
-struct PaddedDy {
-    static constexpr int M = (K + S - 1) / S;  // taps per phase at most
-    static constexpr int L = M - 1;
-    int64_t width;
-    std::vector<float> buf;
-
-    explicit PaddedDy(const Geo& g)
-        : width(L + std::max(g.ow, (g.w - 1 + g.pw) / S + 1) + 1), buf((g.oh + 1) * width, 0.f) {}
-
-    void fill(const float* __restrict dy, const Geo& g) {
-        for (int64_t oh = 0; oh < g.oh; ++oh) std::memcpy(buf.data() + oh * width + L, dy + oh * g.ow, g.ow * 4);
-    }
-
-    const float* row_at(int64_t oh, const Geo& g) const {
-        return buf.data() + ((oh >= 0 && oh < g.oh) ? oh : g.oh) * width;
-    }
-};
-
-// dx at the padded columns q*S + R of input row ih: taps j = m*S + R (m < ceil((K-R)/S)) of the
-// filter rows i listed in wrow (zero filter rows for taps that do not exist), over dy rows dyr.
-template <int K, int S, int R>
-inline void dx_phase(float* __restrict dxr, const float* const* dyr, const float* const* wrow, const Geo& g) {
-    constexpr int T = (K + S - 1) / S;       // filter rows landing on one input row at most
-    constexpr int MR = (K - R + S - 1) / S;  // taps of this phase
-    constexpr int L = (K + S - 1) / S - 1;
-    // padded column c = iw + PW = q*S + R: the q whose iw lies in [0, W)
-    const int64_t qlo = (g.pw - R + S - 1) / S > 0 ? (g.pw - R + S - 1) / S : 0;
-    const int64_t qhi = (g.w - 1 + g.pw - R) / S + 1;
-#pragma omp simd
-    for (int64_t qq = qlo; qq < qhi; ++qq) {
-        float a = 0.f;
-#pragma GCC unroll 8
-        for (int t = 0; t < T; ++t) {
-#pragma GCC unroll 8
-            for (int m = 0; m < MR; ++m) a += wrow[t][m * S + R] * dyr[t][L + qq - m];
+// dx's phase (A, R): the taps i = A + m*S, j = R + l*S, as offsets into the flat dy copy.
+template <int K, int S, int A, int R>
+inline void dx_phase(const float* __restrict wt, FlatPlanes<K, S>& fp) {
+    constexpr int MI = (K - A + S - 1) / S, MJ = (K - R + S - 1) / S;
+    float wk[MI * MJ];
+    const float* src[MI * MJ];
+    for (int m = 0; m < MI; ++m)
+        for (int l = 0; l < MJ; ++l) {
+            wk[m * MJ + l] = wt[(A + m * S) * K + R + l * S];
+            src[m * MJ + l] = fp.d.data() + fp.F - m * fp.Q - l;
         }
-        dxr[qq * S + R - g.pw] = a;
-    }
+    float* __restrict o = fp.dxb.data() + (A * S + R) * fp.PQ;
+    const int64_t n = fp.PQ;
+#pragma omp simd
+    for (int64_t u = 0; u < n; ++u) o[u] = tap_sum(0.f, wk, src, u, std::make_index_sequence<MI * MJ>{});
 }
 
 template <int K, int S>
 void backward_plane_fast(const float* __restrict x, const float* __restrict wt, const float* __restrict dy,
-                         float* __restrict dx, double* __restrict acc, const Geo& g, PhasedPlane<K, S>& ph,
-                         PaddedDy<K, S>& pd) {
-    ph.fill(x, g);
-    const int64_t q = ph.q;
-    // dw: one dot product per tap and output row, over contiguous phase rows
-    for (int64_t oh = 0; oh < g.oh; ++oh) {
-        const float* __restrict dyr = dy + oh * g.ow;
-        for (int i = 0; i < K; ++i) {
-            const int64_t ih = oh * S - g.ph + i;
-            if (ih < 0 || ih >= g.h) continue;
-            const float* xr = ph.row_at(ih, g);
-#pragma GCC unroll 8
-            for (int j = 0; j < K; ++j) {
-                const float* __restrict xs = xr + (j % S) * q + j / S;
-                float s = 0.f;
-#pragma omp simd reduction(+ : s)
-                for (int64_t ow = 0; ow < g.ow; ++ow) s += dyr[ow] * xs[ow];
-                acc[i * K + j] += s;
-            }
-        }
+                         float* __restrict dx, double* __restrict acc, const Geo& g, FlatPlanes<K, S>& fp) {
+    fp.fill_x(x, g);
+    float* __restrict d = fp.d.data() + fp.F;
+    for (int64_t oh = 0; oh < g.oh; ++oh) std::memcpy(d + oh * fp.Q, dy + oh * g.ow, g.ow * sizeof(float));
+    // dw: every tap's dot product with the flat dy in one pass, eight lanes at a time, one
+    // vector accumulator per tap. The flat length is rounded up to whole vectors: d is zero
+    // there, and both buffers have the slack to be read that far.
+    const int64_t n8 = (g.oh * fp.Q + 7) / 8 * 8;
+    const float* src[K * K];
+    for (int t = 0; t < K * K; ++t) src[t] = fp.tap(t / K, t % K);
+    f8 s[K * K] = {};
+    for (int64_t u = 0; u < n8; u += 8) {
+        const f8 dv = load8(d + u);
+#pragma GCC unroll 25
+        for (int t = 0; t < K * K; ++t) s[t] += dv * load8(src[t] + u);
     }
+    for (int t = 0; t < K * K; ++t) acc[t] += hsum(s[t]);
     if (!dx) return;
-    pd.fill(dy, g);
-    constexpr int T = (K + S - 1) / S;
-    static const float zeros[K * S] = {};
+    dx_phase<K, S, 0, 0>(wt, fp);
+    if constexpr (S == 2) {
+        dx_phase<K, S, 0, 1>(wt, fp);
+        dx_phase<K, S, 1, 0>(wt, fp);
+        dx_phase<K, S, 1, 1>(wt, fp);
+    }
+    static_assert(S == 1 || S == 2, "dx phases are listed for strides 1 and 2");
+    // back from phases: dx[ih, iw] is dx's padded (ih + PH, iw + PW); every such position lies
+    // inside the phase planes (P, Q exceed the last row and column any output reaches)
     for (int64_t ih = 0; ih < g.h; ++ih) {
-        // filter rows i = i0 + t*S reach input row ih from output row (ih + PH - i) / S
-        const int64_t y = ih + g.ph;
-        const int i0 = int(y % S);
-        const float* dyr[T];
-        const float* wrow[T];
-        for (int t = 0; t < T; ++t) {
-            const int i = i0 + t * S;
-            if (i < K) {
-                dyr[t] = pd.row_at((y - i) / S, g);
-                wrow[t] = wt + i * K;
-            } else {
-                dyr[t] = pd.row_at(-1, g);
-                wrow[t] = zeros;
+        const int64_t py = ih + g.ph;
+        const float* __restrict row = fp.dxb.data() + (py % S) * S * fp.PQ + (py / S) * fp.Q;
+        float* __restrict dxr = dx + ih * g.w;
+        if (S == 1) {
+            std::memcpy(dxr, row + g.pw, g.w * sizeof(float));
+        } else {
+            for (int64_t iw = 0; iw < g.w; ++iw) {
+                const int64_t px = iw + g.pw;
+                dxr[iw] = row[(px % S) * fp.PQ + px / S];
             }
         }
-        float* dxr = dx + ih * g.w;
-        dx_phase<K, S, 0>(dxr, dyr, wrow, g);
-        if constexpr (S > 1) dx_phase<K, S, 1>(dxr, dyr, wrow, g);
     }
 }
 
@@ -284,7 +287,7 @@ void backward_plane_fast(const float* __restrict x, const float* __restrict wt, 
 
 template <int K, int S>
 bool fast_ok(const Geo& g) {
-    return g.kh == K && g.kw == K && g.sh == S && g.sw == S && g.ph < K && g.pw < K && PhasedPlane<K, S>::fits(g);
+    return g.kh == K && g.kw == K && g.sh == S && g.sw == S && g.ph < K && g.pw < K && FlatPlanes<K, S>::fits(g);
 }
 
 template <int K, int S>
@@ -292,11 +295,11 @@ void forward_fast(const float* x, const float* w, const float* b, float* y, cons
     const int64_t planes = g.n * g.c;
 #pragma omp parallel num_threads(team) if (team > 1)
     {
-        PhasedPlane<K, S> ph(g);
+        FlatPlanes<K, S> fp(g, false);
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < planes; ++p) {
             const int64_t c = p % g.c;
-            forward_plane_fast<K, S>(x + p * g.h * g.w, w + c * K * K, b ? b[c] : 0.f, y + p * g.oh * g.ow, g, ph);
+            forward_plane_fast<K, S>(x + p * g.h * g.w, w + c * K * K, b ? b[c] : 0.f, y + p * g.oh * g.ow, g, fp);
         }
     }
 }
@@ -314,15 +317,14 @@ template <int K, int S>
 void backward_fast(const float* x, const float* w, const float* dy, float* dx, float* dw, const Geo& g, int team) {
 #pragma omp parallel num_threads(team) if (team > 1)
     {
-        PhasedPlane<K, S> ph(g);
-        PaddedDy<K, S> pd(g);
+        FlatPlanes<K, S> fp(g, true);
 #pragma omp for schedule(static)
         for (int64_t c = 0; c < g.c; ++c) {
             double acc[K * K] = {};
             for (int64_t n = 0; n < g.n; ++n) {
                 const int64_t p = n * g.c + c;
                 backward_plane_fast<K, S>(x + p * g.h * g.w, w + c * K * K, dy + p * g.oh * g.ow,
-                                          dx ? dx + p * g.h * g.w : nullptr, acc, g, ph, pd);
+                                          dx ? dx + p * g.h * g.w : nullptr, acc, g, fp);
             }
             for (int t = 0; t < K * K; ++t) dw[c * K * K + t] = float(acc[t]);
         }
