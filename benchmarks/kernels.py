@@ -48,6 +48,7 @@ FP32_PEAK_EXCLUDE = ("PCIE", "NVL")
 TARGET_GEMM = 75.0     # the default SGEMM (sgemm_regblock_db), % of cuBLAS at 4096^3
 TARGET_SPMV = 80.0     # CSR SpMV, % of cuSPARSE on the 1M-row matrix
 TARGET_IM2COL = 70.0   # im2col, % of the measured device bandwidth
+TARGET_DEPTHWISE_RATIO = 1.5  # numpy backend: depthwise (forward, forward + backward) at most 1.5x PyTorch CPU
 
 CODEBOOK_SIZE = 32     # 5-bit weight sharing, what Deep Compression uses for fc layers
 SPMM_BATCH = 64
@@ -240,7 +241,15 @@ class CpuBench(Bench):
     FC6 = (4096, 25088, 0.04)                   # VGG-16 fc6 (M, K, density)
     CONV = (64, 64, 64, 56, 3)                  # DESIGN.md's anchor layer: N, C, O, H=W, KH=KW (pad 1)
     CONV_QUICK_N = 16
-    DEPTHWISE = (256, 28)                       # MobileNet layer: C, H=W (3x3, pad 1), batch = the conv's N
+    #: MobileNet v1's depthwise layers, 3x3 pad 1: (model, C, H=W, stride); the batch PyTorch's
+    #: own CPU benchmarks of MobileNet use
+    DEPTHWISE_N = 16
+    DEPTHWISE_SHAPES = tuple(("224", c, hw, s) for c, hw, s in (
+        (32, 112, 1), (64, 112, 2), (128, 56, 1), (128, 56, 2), (256, 28, 1), (256, 28, 2), (512, 14, 1),
+        (512, 14, 2), (1024, 7, 1))) + tuple(("a0.5 96", c, hw, s) for c, hw, s in (
+            (16, 48, 1), (32, 48, 2), (64, 24, 1), (64, 24, 2), (128, 12, 1), (128, 12, 2), (256, 6, 1),
+            (256, 6, 2), (512, 3, 1)))
+    DEPTHWISE_QUICK = (("224", 32, 112, 1), ("224", 256, 28, 2), ("a0.5 96", 64, 24, 1), ("a0.5 96", 512, 3, 1))
 
     def __init__(self, args):
         super().__init__("numpy", args)
@@ -268,6 +277,7 @@ class CpuBench(Bench):
         self.section("gemm", self.gemm)
         self.section("sparse", self.sparse)
         self.section("conv", self.conv)
+        self.section("depthwise", self.depthwise)
 
     def memory(self) -> None:
         n = self.COPY_MIB * 2**20 // 4
@@ -376,27 +386,70 @@ class CpuBench(Bench):
         cols_bytes = 4.0 * c * kk * kk * n * hw * hw
         self.add(Row("conv", "dp.ops.im2col", size, self.time(lambda: dp.ops.im2col(x, kk, kk, padding=1)),
                      bytes=x.nbytes + cols_bytes, unit="GB/s", roof="mem"))
-        cd, hwd = self.DEPTHWISE
-        xd, wd = rand(self.rng, (n, cd, hwd, hwd)), rand(self.rng, (cd, 1, 3, 3))
-        size = f"N{n} {cd}ch {hwd}x{hwd} 3x3 p1"
-        kw = dict(flops=2.0 * xd.size * 9, bytes=2.0 * xd.nbytes + wd.nbytes, unit="GB/s", roof="mem")
-        runs = self.time(lambda: dp.ops.depthwise_conv2d(xd, wd, padding=1))
-        got = self.last
-        peer, peer_ms, check = "", None, ""
-        if self.torch is not None:
-            torch = self.torch
-            xt, wt = torch.from_numpy(xd), torch.from_numpy(wd)
+
+    def depthwise(self) -> None:
+        """MobileNet v1's depthwise layers (3x3, pad 1), forward and forward + backward (dx, dw),
+        beside PyTorch's CPU conv2d(groups=C) and its autograd backward, at the same thread count."""
+        from dnnpar.backend import cpu_native
+
+        threads = cpu_native.threads("depthwise") or 1  # the native kernel's team (BLAS's thread count)
+        torch = self.torch
+        if torch is not None:
+            torch.set_num_threads(threads)
+        self.meta["depthwise threads"] = f"dnnpar {threads}, torch {threads if torch is not None else '-'}"
+        n = self.DEPTHWISE_N
+        shapes = self.DEPTHWISE_QUICK if self.quick else self.DEPTHWISE_SHAPES
+        for model, c, hw, stride in shapes:
+            x, w = rand(self.rng, (n, c, hw, hw)), rand(self.rng, (c, 1, 3, 3))
+            oh = (hw + 2 - 3) // stride + 1
+            dy = rand(self.rng, (n, c, oh, oh))
+            size = f"{model} N{n} {c}ch {hw}x{hw} s{stride}"
+            x_b, y_b = float(x.nbytes), 4.0 * n * c * oh * oh
+            fwd = dict(flops=2.0 * n * c * oh * oh * 9, bytes=x_b + y_b, unit="GB/s", roof="mem",
+                       target=100.0 / TARGET_DEPTHWISE_RATIO)
+            # forward + backward: x and y once forward; x, dy read and dx written backward
+            both = dict(flops=3 * fwd["flops"], bytes=3 * x_b + 2 * y_b, unit="GB/s", roof="mem",
+                        target=100.0 / TARGET_DEPTHWISE_RATIO)
+            t_f = self.time(lambda: dp.ops.depthwise_conv2d(x, w, stride=stride, padding=1))
+            y = self.last
+
+            def step():
+                dp.ops.depthwise_conv2d(x, w, stride=stride, padding=1)
+                return dp.ops.depthwise_conv2d_backward(x, w, dy, stride=stride, padding=1)
+
+            t_fb = self.time(step)
+            dw = self.last[1]
+            if torch is None:
+                self.add(Row("depthwise", "dp.ops.depthwise_conv2d", size, t_f, **fwd))
+                self.add(Row("depthwise", "dp depthwise forward + backward", size, t_fb, **both))
+                continue
+            xt, wt, dyt = (torch.from_numpy(a) for a in (x, w, dy))
             with torch.inference_mode():
-                t_torch = self.time(lambda: torch.nn.functional.conv2d(xt, wt, padding=1, groups=cd))
-                check = check_text(rel_err(got, self.last.numpy()))
-            self.add(Row("conv", "torch depthwise conv2d (CPU)", size, t_torch, **kw))
-            peer, peer_ms = "torch conv2d", median(t_torch)
-        self.add(Row("conv", "dp.ops.depthwise_conv2d", size, runs, peer=peer, peer_ms=peer_ms, check=check, **kw))
+                t_tf = self.time(lambda: torch.nn.functional.conv2d(xt, wt, stride=stride, padding=1, groups=c))
+                y_t = self.last.numpy()
+            xg, wg = xt.clone().requires_grad_(), wt.clone().requires_grad_()
+
+            def torch_step():
+                out = torch.nn.functional.conv2d(xg, wg, stride=stride, padding=1, groups=c)
+                return torch.autograd.grad(out, (xg, wg), dyt)
+
+            t_tfb = self.time(torch_step)
+            dw_t = self.last[1].numpy()
+            for kernel, runs, peer_runs, kw, err in (
+                    ("dp.ops.depthwise_conv2d", t_f, t_tf, fwd, rel_err(y, y_t)),
+                    ("dp depthwise forward + backward", t_fb, t_tfb, both, rel_err(dw, dw_t))):
+                self.add(Row("depthwise", kernel, size, runs, peer="torch (CPU)",
+                             peer_ms=median(peer_runs), check=check_text(err),
+                             note=f"dp/torch {median(runs) / median(peer_runs):.2f}x", **kw))
 
     def footnotes(self):
         return super().footnotes() + [
             "CPU: time.perf_counter, median after warm-up (fewer runs for the slow paths; "
             "see runs_ms in the JSON). The memory bound is the faster of np.copyto and a BLAS GEMV stream.",
+            f"depthwise (numpy backend): target dp/torch <= {TARGET_DEPTHWISE_RATIO}x (>= "
+            f"{100 / TARGET_DEPTHWISE_RATIO:.0f}% of peer) for forward and for forward + backward, both sides on "
+            "the same thread count; GB/s counts x and y once forward and x, dy, dx backward; check: forward y, "
+            "and dw for forward + backward, against torch.",
         ]
 
 
@@ -749,7 +802,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, help="timed runs per kernel (cuda; default 30, --quick 10) or the most "
                          "per kernel (numpy, within a time budget; default 50, --quick 25)")
     ap.add_argument("--only", nargs="+", help="run only these sections (cuda: memory gemm spmv spmm conv depthwise; "
-                                              "numpy: memory gemm sparse conv); without memory, %% of roofline "
+                                              "numpy: memory gemm sparse conv depthwise); without memory, %% of roofline "
                                               "for memory-bound rows is n/a")
     ap.add_argument("--fp32-peak", type=float,
                     help="FP32 peak in TFLOP/s for the roofline column "

@@ -14,7 +14,7 @@ import pytest
 import dnnpar as dp
 import dnnpar.ops.sparse as S
 from oracles import assert_sum_close
-from dnnpar.backend import cpu_native
+from dnnpar.backend import cpu_native, poison_outputs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -258,6 +258,15 @@ FALLBACK_SCRIPT = textwrap.dedent("""
         nu = (int(np.count_nonzero(codes, axis=1).max()) + 2) * 2.0**-24
         bound = lambda mag: nu / (1 - nu) * mag.astype(np.float64) + 1e-37
         y, Y = dp.ops.spmv(csr, x), dp.ops.spmm(csr, X)
+        # depthwise 3x3, padding 1, against a float64 sum of shifted slices
+        xd = rng.standard_normal((2, 3, 9, 8)).astype(np.float32)
+        wd = rng.standard_normal((3, 1, 3, 3)).astype(np.float32)
+        yd = dp.ops.depthwise_conv2d(xd, wd, padding=1)
+        xp = np.pad(xd.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+        taps = [(xp[:, :, i:i + 9, j:j + 8], wd[:, 0, i, j].astype(np.float64)[None, :, None, None])
+                for i in range(3) for j in range(3)]
+        want_d, mag_d = sum(a * b for a, b in taps), sum(np.abs(a * b) for a, b in taps)
+        nu9 = 11 * 2.0**-24
     print(json.dumps({
         "library": cpu_native.library() is not None,
         "reason": cpu_native.unavailable_reason(),
@@ -268,12 +277,19 @@ FALLBACK_SCRIPT = textwrap.dedent("""
         "warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)],
         "wait_policy": cpu_native.wait_policy(),
         "omp_env": os.environ.get("OMP_WAIT_POLICY"),
+        "dw_library": cpu_native.library("depthwise") is not None,
+        "dw_reason": cpu_native.unavailable_reason("depthwise"),
+        "dw_err": float(np.max(np.abs(yd - want_d) / (nu9 / (1 - nu9) * mag_d + 1e-37))),
+        "threads": cpu_native.threads("depthwise"),
+        "blas": cpu_native.blas_threads(),
+        "threads_rule": cpu_native.threads_rule(),
     }))
 """)
 
 
 def run_fallback(tmp_path, **env):
-    full = {k: v for k, v in os.environ.items() if k not in ("DNNPAR_NATIVE", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    full = {k: v for k, v in os.environ.items()
+            if k not in ("DNNPAR_NATIVE", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
     full.update(DNNPAR_CACHE=str(tmp_path / "cache"), **env)
     full["PYTHONPATH"] = os.pathsep.join([str(ROOT), full.get("PYTHONPATH", "")])
     p = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], capture_output=True, text=True, env=full,
@@ -290,6 +306,9 @@ def test_fallback_without_compiler(tmp_path):
     assert "not on PATH" in out["reason"] and "no-such-c++" in out["reason"]
     assert any("native CPU kernel" in w and "no-such-c++" in w for w in out["warnings"]), out["warnings"]
     assert out["err"] <= 1
+    # the depthwise source takes the same path: its own warning, the NumPy loops, the same result
+    assert not out["dw_library"] and "not on PATH" in out["dw_reason"] and out["dw_err"] <= 1
+    assert any("depthwise convolution" in w and "uses NumPy" in w for w in out["warnings"]), out["warnings"]
 
 
 def test_fallback_when_the_compiler_fails(tmp_path):
@@ -300,6 +319,7 @@ def test_fallback_when_the_compiler_fails(tmp_path):
     out = run_fallback(tmp_path, CXX=str(bad))
     assert not out["library"] and "NativeBuildError" in out["reason"] and "internal error" in out["reason"]
     assert out["warnings"] and out["err"] <= 1
+    assert not out["dw_library"] and "NativeBuildError" in out["dw_reason"] and out["dw_err"] <= 1
     assert not list((tmp_path / "cache" / "cpu").glob("*.so"))
     assert not list((tmp_path / "cache" / "cpu").glob("*.cpp")), "temporary sources are cleaned up"
 
@@ -313,15 +333,227 @@ def test_a_chosen_wait_policy_is_left_alone(tmp_path):
 def test_disabled_by_environment(tmp_path):
     out = run_fallback(tmp_path, DNNPAR_NATIVE="0")
     assert not out["library"] and out["reason"] == "DNNPAR_NATIVE=0 is set"
-    assert out["warnings"] == [] and out["err"] <= 1
+    assert out["dw_reason"] == "DNNPAR_NATIVE=0 is set" and not out["dw_library"]
+    assert out["warnings"] == [] and out["err"] <= 1 and out["dw_err"] <= 1
 
 
 @pytest.mark.skipif(cpu_native.library() is None, reason="no C++ compiler here")
 def test_builds_into_a_fresh_cache(tmp_path):
-    """A fresh cache directory: the library is compiled there, atomically (no stray files), and
-    OpenMP is loaded with passive waiting without leaving OMP_WAIT_POLICY in the environment."""
+    """A fresh cache directory: each source's library is compiled there, atomically (no stray
+    files), OpenMP is loaded with passive waiting without leaving OMP_WAIT_POLICY in the
+    environment, and its thread count is BLAS's (the thread rule of cpu_native)."""
     out = run_fallback(tmp_path)
     assert out["library"] and out["native_form"] and out["reason"] is None and out["err"] <= 1
+    assert out["dw_library"] and out["dw_reason"] is None and out["dw_err"] <= 1
     assert out["wait_policy"].startswith("passive") and out["omp_env"] is None
     files = sorted(p.name for p in (tmp_path / "cache" / "cpu").iterdir())
-    assert len(files) == 1 and files[0].startswith("csr_codebook-") and files[0].endswith(".so"), files
+    assert len(files) == 2 and files[0].startswith("csr_codebook-") and files[1].startswith("depthwise-"), files
+    assert all(f.endswith(".so") for f in files), files
+    if out["blas"] is not None:
+        assert out["threads"] == out["blas"] and "BLAS" in out["threads_rule"], out
+
+
+@pytest.mark.skipif(cpu_native.library() is None, reason="no C++ compiler here")
+def test_omp_num_threads_overrides_the_blas_match(tmp_path):
+    out = run_fallback(tmp_path, OMP_NUM_THREADS="1")
+    assert out["threads"] == 1 and "OMP_NUM_THREADS=1" in out["threads_rule"], out
+
+
+# ---------------------------------------------------------------- depthwise convolution (dnnpar/cpu/depthwise.cpp)
+import oracles  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import dnnpar.ops.depthwise as D  # noqa: E402
+
+
+@pytest.fixture
+def native_dw():
+    """The depthwise kernel library on the numpy backend; skipped (with the reason) where it cannot be built."""
+    if cpu_native.library("depthwise") is None:
+        pytest.skip(f"native depthwise kernel unavailable: {cpu_native.unavailable_reason('depthwise')}")
+    with dp.use_backend("numpy") as be:
+        yield be
+
+
+def pair(v):
+    return v if isinstance(v, tuple) else (v, v)
+
+
+def geo_of(x_shape, kh, kw, s, p):
+    g = dp.ops._common.ConvGeometry.make("test", x_shape, kh, kw, s, p, 1)
+    return g, (g.n, g.c, g.h, g.w, g.kh, g.kw, g.oh, g.ow, *g.stride, *g.padding)
+
+
+def check_forward(y, x, w, b, s, p, what):
+    bb = None if b is None else np.abs(b)
+    terms = w.shape[2] * w.shape[3] + (b is not None)
+    assert_sum_close(y, oracles.depthwise(x, w, b, s, p), oracles.depthwise(np.abs(x), np.abs(w), bb, s, p),
+                     terms, what)
+
+
+def check_backward(dx, dw, x, w, dy, s, p, what):
+    """dw and dx against the float64 oracles of tests/test_ops_backward.py (im2col / col2im by index)."""
+    c, _, kh, kw = w.shape
+    cols = oracles.im2col(x, kh, kw, s, p, (1, 1)).reshape(c, kh * kw, -1)
+    dy2 = dy.astype(np.float64).transpose(1, 0, 2, 3).reshape(c, -1)
+    assert_sum_close(dw, np.einsum("cp,ckp->ck", dy2, cols).reshape(w.shape),
+                     np.einsum("cp,ckp->ck", np.abs(dy2), np.abs(cols)).reshape(w.shape), dy2.shape[1], f"{what} dw")
+    if dx is None:
+        return
+    dcols = w.astype(np.float64).reshape(c, kh * kw, 1) * dy2[:, None, :]
+    want = oracles.col2im(dcols.reshape(c * kh * kw, -1), x.shape, kh, kw, s, p, (1, 1))
+    mag = oracles.col2im(np.abs(dcols).reshape(c * kh * kw, -1), x.shape, kh, kw, s, p, (1, 1))
+    assert_sum_close(dx, want, mag, kh * kw, f"{what} dx")
+
+
+def nan_like(shape):
+    return np.full(shape, np.nan, np.float32)
+
+
+# (N, C, H, W, (KH, KW), stride, padding): size 1, primes, non-multiples of the vector width,
+# strides 1-3, paddings 0-3, kernels 1 / 3 / 5, non-square filters / strides / paddings, MobileNet's
+DW_GEOMETRIES = [
+    (1, 1, 1, 1, (1, 1), 1, 0), (1, 1, 1, 1, (3, 3), 1, 1), (2, 3, 7, 6, (3, 3), 1, 1), (2, 3, 7, 6, (3, 3), 2, 1),
+    (1, 5, 11, 13, (5, 5), 2, 2), (3, 2, 9, 9, (3, 3), 3, 0), (2, 4, 8, 9, (5, 5), 1, 4), (1, 2, 5, 5, (3, 3), 2, 2),
+    (2, 7, 13, 17, (3, 3), 1, 0), (1, 3, 31, 29, (5, 5), 1, 2), (2, 2, 23, 19, (5, 5), 2, 3), (1, 2, 6, 10, (1, 1), 2, 0),
+    (1, 3, 10, 8, (3, 5), (1, 2), (1, 2)), (2, 2, 9, 12, (5, 3), (2, 1), (0, 3)), (1, 2, 4, 4, (3, 3), 1, 3),
+    (1, 2, 37, 41, (3, 3), 2, 0), (2, 3, 3, 3, (3, 3), 1, 1), (2, 5, 6, 6, (3, 3), 2, 1), (1, 17, 7, 7, (3, 3), 1, 1),
+    (16, 16, 12, 12, (3, 3), 1, 1), (4, 64, 24, 24, (3, 3), 2, 1),  # several threads
+]
+DW_IDS = [f"{n}x{c}x{h}x{w}k{k[0]}{k[1]}s{s}p{p}".replace(" ", "") for n, c, h, w, k, s, p in DW_GEOMETRIES]
+
+
+@pytest.mark.parametrize("geo", DW_GEOMETRIES, ids=DW_IDS)
+@pytest.mark.parametrize("body", ["auto", "generic"])
+def test_depthwise_kernel(native_dw, geo, body, rng):
+    """Both bodies of the kernel (the fast one where the geometry allows it), forward with and
+    without bias, backward with and without dx, into NaN-filled outputs, from read-only inputs."""
+    n, c, h, w, (kh, kw), s, p = geo
+    g, tail = geo_of((n, c, h, w), kh, kw, s, p)
+    x, wt, b = randn(rng, (n, c, h, w)), randn(rng, (c, 1, kh, kw)), randn(rng, c)
+    dy = randn(rng, (n, c, g.oh, g.ow))
+    for a in (x, wt, b, dy):
+        a.setflags(write=False)
+    generic = body == "generic"
+    for bias in (b, None):
+        y = cpu_native.depthwise_forward(x, wt, bias, nan_like(dy.shape), tail, generic=generic)
+        check_forward(y, x, wt, bias, g.stride, g.padding, f"{body} forward")
+    dx, dw = cpu_native.depthwise_backward(x, wt, dy, nan_like(x.shape), nan_like(wt.shape), tail, generic=generic)
+    check_backward(dx, dw, x, wt, dy, g.stride, g.padding, body)
+    none, dw2 = cpu_native.depthwise_backward(x, wt, dy, None, nan_like(wt.shape), tail, generic=generic)
+    assert none is None
+    np.testing.assert_array_equal(dw2, dw)
+
+
+def test_depthwise_takes_the_fast_body_at_mobilenet_shapes(native_dw):
+    for h, s in ((112, 1), (112, 2), (7, 1), (3, 1), (14, 2)):
+        oh = (h + 2 - 3) // s + 1
+        assert cpu_native.depthwise_fast((16, 32, h, h, 3, 3, oh, oh, s, s, 1, 1)), (h, s)
+    assert not cpu_native.depthwise_fast((1, 1, 9, 9, 3, 3, 3, 3, 3, 3, 0, 0))   # stride 3
+    assert not cpu_native.depthwise_fast((1, 1, 9, 9, 3, 3, 11, 11, 1, 1, 3, 3))  # padding = K
+    assert not cpu_native.depthwise_fast((1, 1, 9, 9, 3, 5, 7, 5, 1, 1, 0, 0))   # not square
+
+
+def test_depthwise_op_runs_native_and_the_fallback_agrees(native_dw, monkeypatch, rng):
+    """dp.ops on the numpy backend: float32 takes the kernel (the NumPy loops are not called);
+    NATIVE["use"] = False takes the NumPy loops; both meet the float64 oracle."""
+    x, wt, b = randn(rng, (3, 6, 15, 14)), randn(rng, (6, 1, 3, 3)), randn(rng, 6)
+    s, p = (2, 2), (1, 1)
+    dy = randn(rng, (3, 6, 8, 7))
+
+    def refuse(*a, **k):
+        raise AssertionError("the NumPy fallback ran although the native kernel is available")
+
+    with monkeypatch.context() as m:
+        m.setattr(D, "depthwise_conv2d_numpy", refuse)
+        m.setattr(D, "depthwise_backward_numpy", refuse)
+        y = dp.ops.depthwise_conv2d(x, wt, b, stride=2, padding=1)
+        dx, dw, db = dp.ops.depthwise_conv2d_backward(x, wt, dy, stride=2, padding=1)
+        none, dw_only, _ = dp.ops.depthwise_conv2d_backward(x, wt, dy, stride=2, padding=1, need_dx=False)
+    check_forward(y, x, wt, b, s, p, "native op")
+    check_backward(dx, dw, x, wt, dy, s, p, "native op")
+    assert none is None
+    np.testing.assert_array_equal(dw_only, dw)
+
+    monkeypatch.setitem(D.NATIVE, "use", False)
+    assert D.native_library(x, wt) is None
+    calls = []
+    real = D.depthwise_conv2d_numpy
+    monkeypatch.setattr(D, "depthwise_conv2d_numpy", lambda *a: calls.append(1) or real(*a))
+    y2 = dp.ops.depthwise_conv2d(x, wt, b, stride=2, padding=1)
+    dx2, dw2, db2 = dp.ops.depthwise_conv2d_backward(x, wt, dy, stride=2, padding=1)
+    assert calls, "NATIVE['use'] = False did not reach the NumPy code"
+    check_forward(y2, x, wt, b, s, p, "fallback op")
+    check_backward(dx2, dw2, x, wt, dy, s, p, "fallback op")
+    np.testing.assert_array_equal(db2, db)
+
+
+def test_depthwise_float64_stays_on_numpy(native_dw, rng):
+    """Inside dp.precision("float64") the op runs the NumPy loops in float64 (the kernel is float32)."""
+    x, wt = rng.standard_normal((2, 3, 9, 8)), rng.standard_normal((3, 1, 3, 3))
+    assert D.native_library(x, wt) is None and D.native_library(x.astype(np.float32)) is not None
+    with dp.precision("float64"):
+        y = dp.ops.depthwise_conv2d(x, wt, stride=1, padding=1)
+    assert y.dtype == np.float64
+    np.testing.assert_allclose(y, oracles.depthwise(x, wt, None, (1, 1), (1, 1)), rtol=1e-12, atol=1e-12)
+
+
+def test_depthwise_result_does_not_depend_on_threads(native_dw, rng):
+    """Planes (forward, dx) and channels (dw) are each computed by one thread in a fixed order."""
+    for s in (1, 2):
+        x, wt = randn(rng, (8, 24, 20, 20)), randn(rng, (24, 1, 3, 3))
+        g, tail = geo_of(x.shape, 3, 3, s, 1)
+        dy = randn(rng, (8, 24, g.oh, g.ow))
+        for generic in (False, True):
+            outs = []
+            for t in (1, 2, 3):
+                y = cpu_native.depthwise_forward(x, wt, None, nan_like(dy.shape), tail, generic=generic, threads=t)
+                dx, dw = cpu_native.depthwise_backward(x, wt, dy, nan_like(x.shape), nan_like(wt.shape), tail,
+                                                       generic=generic, threads=t)
+                outs.append((y, dx, dw))
+            for o in outs[1:]:
+                for a, b in zip(o, outs[0]):
+                    np.testing.assert_array_equal(a, b)
+
+
+def test_depthwise_native_guards(native_dw):
+    """The wrappers refuse what the kernel cannot read (the op layer never passes it)."""
+    g, tail = geo_of((1, 2, 5, 5), 3, 3, 1, 1)
+    x, w, y = np.zeros((1, 2, 5, 5), np.float32), np.zeros((2, 1, 3, 3), np.float32), np.zeros((1, 2, 5, 5), np.float32)
+    with pytest.raises(ValueError, match="x must be a C-contiguous float32 array of shape"):
+        cpu_native.depthwise_forward(x.astype(np.float64), w, None, y, tail)
+    with pytest.raises(ValueError, match="out must be a writeable"):
+        ro = y.copy()
+        ro.setflags(write=False)
+        cpu_native.depthwise_forward(x, w, None, ro, tail)
+    with pytest.raises(ValueError, match="dw must be"):
+        cpu_native.depthwise_backward(x, w, y, None, np.zeros((2, 1, 3, 4), np.float32), tail)
+    with pytest.raises(ValueError, match="geometry must be 12 sizes"):
+        cpu_native.depthwise_forward(x, w, None, y, tail[:-1])
+    with pytest.raises(ValueError, match="unknown native CPU source"):
+        cpu_native.library("nope")
+
+
+@settings(max_examples=700, deadline=None, suppress_health_check=list(HealthCheck))
+@given(n=st.integers(1, 3), c=st.integers(1, 5), h=st.integers(1, 12), w=st.integers(1, 12),
+       kh=st.integers(1, 5), kw=st.integers(1, 5), sh=st.integers(1, 3), sw=st.integers(1, 3),
+       ph=st.integers(0, 3), pw=st.integers(0, 3), bias=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_depthwise_property(n, c, h, w, kh, kw, sh, sw, ph, pw, bias, seed):
+    """Any small geometry through dp.ops on the numpy backend (the native kernel where it builds):
+    either the documented ValueError (the window does not fit the padded input) before anything
+    runs, or forward and backward within the float32 summation bound of the float64 oracle."""
+    rng = np.random.default_rng(seed)
+    x, wt = randn(rng, (n, c, h, w)), randn(rng, (c, 1, kh, kw))
+    b = randn(rng, c) if bias else None
+    s, p = (sh, sw), (ph, pw)
+    with dp.use_backend("numpy"), poison_outputs(True):
+        if h + 2 * ph < kh or w + 2 * pw < kw:
+            with pytest.raises(ValueError, match="depthwise_conv2d"):
+                dp.ops.depthwise_conv2d(x, wt, b, stride=s, padding=p)
+            return
+        y = dp.ops.depthwise_conv2d(x, wt, b, stride=s, padding=p)
+        dy = randn(rng, y.shape)
+        dx, dw, _ = dp.ops.depthwise_conv2d_backward(x, wt, dy, stride=s, padding=p)
+    check_forward(y, x, wt, b, s, p, "property forward")
+    check_backward(dx, dw, x, wt, dy, s, p, "property")

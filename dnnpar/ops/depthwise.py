@@ -1,15 +1,32 @@
 """Depthwise convolution (MobileNet), forward and backward (``cuda/depthwise.cu``).
 
 x (N, C, H, W), w (C, 1, KH, KW): channel c is convolved with its own filter w[c, 0].
+
+On the numpy backend float32 runs on the native kernel ``dnnpar/cpu/depthwise.cpp`` (built at
+first use, see :mod:`dnnpar.backend.cpu_native`); the NumPy loops below are the fallback without
+a compiler, the float64 path (``dp.precision("float64")``), and what ``NATIVE["use"] = False``
+(or ``DNNPAR_NATIVE=0``) selects.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..backend import get_backend
+from ..backend import cpu_native, get_backend
 from ..nvtx import ranged
 from ._common import ConvGeometry, check_array, check_count, check_same_dtype, i32, plane_grid
 from .conv import check_bias, geometry_for_x
+
+#: the native CPU kernel on the numpy backend (tests and benchmarks turn it off to reach the NumPy code)
+NATIVE = {"use": True}
+
+
+def native_library(*arrays):
+    """The native kernel library when it takes a numpy-backend call on these operands (NumPy
+    float32 arrays, NATIVE["use"] on, the library built here), else None."""
+    if not NATIVE["use"] or not all(a is None or (isinstance(a, np.ndarray) and a.dtype == np.float32)
+                                    for a in arrays):
+        return None
+    return cpu_native.library("depthwise")
 
 
 def depthwise_conv2d_numpy(x, w, bias, g: ConvGeometry):
@@ -41,6 +58,10 @@ def _geometry(op, x, w, stride, padding, be):
     return x, w, g
 
 
+def _native_geo(g: ConvGeometry):
+    return (g.n, g.c, g.h, g.w, g.kh, g.kw, g.oh, g.ow, *g.stride, *g.padding)
+
+
 def _tail(g: ConvGeometry):
     return tuple(i32(v) for v in (g.n, g.c, g.h, g.w, g.kh, g.kw, g.oh, g.ow, *g.stride, *g.padding))
 
@@ -55,7 +76,9 @@ def depthwise_conv2d(x, w, bias=None, stride=1, padding=0):
     check_same_dtype("depthwise_conv2d", x=x, w=w, bias=bias)
     check_count("depthwise_conv2d", "output (N, C, OH, OW)", (g.n, g.c, g.oh, g.ow))
     if not be.runs_kernels:
-        return depthwise_conv2d_numpy(x, w, bias, g)
+        if native_library(x, w, bias) is None:
+            return depthwise_conv2d_numpy(x, w, bias, g)
+        return cpu_native.depthwise_forward(x, w, bias, be.empty((g.n, g.c, g.oh, g.ow)), _native_geo(g))
     out = be.empty((g.n, g.c, g.oh, g.ow))
     b = bias if bias is not None else be.xp.zeros(1, np.float32)  # not read: has_bias = 0
     be.launch("depthwise.cu", "depthwise_conv2d", plane_grid("depthwise_conv2d", g.oh * g.ow, g.n * g.c), (256,),
@@ -75,8 +98,12 @@ def depthwise_conv2d_backward(x, w, dy, stride=1, padding=0, need_dx: bool = Tru
     check_same_dtype("depthwise_conv2d_backward", x=x, w=w, dy=dy)
     db = dy.sum(axis=(0, 2, 3))
     if not be.runs_kernels:
-        dx, dw = depthwise_backward_numpy(x, w, dy, g)
-        return (dx if need_dx else None), dw, db
+        if native_library(x, w, dy) is None:
+            dx, dw = depthwise_backward_numpy(x, w, dy, g)
+            return (dx if need_dx else None), dw, db
+        dx = be.empty(x.shape) if need_dx else None
+        dx, dw = cpu_native.depthwise_backward(x, w, dy, dx, be.empty(w.shape), _native_geo(g))
+        return dx, dw, db
     dw = be.empty(w.shape)
     # one block per weight reduces N*OH*OW products: no more warps than there are products
     threads = min(256, max(32, -(-(g.n * g.oh * g.ow) // 32) * 32))
