@@ -5,7 +5,10 @@ What is changed, and why:
 - ``--subset embedded`` is added to commands that read Fashion-MNIST (the full set is not here);
 - ``--epochs`` becomes 1 (2 for a ``--resume``, which continues the first), compression cycles and
   epochs 1: the commands and their flags stay, the budget shrinks;
-- ``mpiexec -n N`` runs 2 ranks (2 cores), through the mpiexec the [dist] extra installs.
+- ``mpiexec -n N`` runs 2 ranks (2 cores), through the mpiexec the [dist] extra installs;
+- the user's own files the "Bring your own model" block names (``mine.npz``, ``photo.png``,
+  ``batch.npy``) are written into the folder first, from the embedded Fashion-MNIST sample, in
+  the formats that block documents: commands given ``--data`` get no ``--subset``.
 
 What is skipped, and why (each skip is listed by ``test_every_skip_has_a_reason``):
 - installs (``sudo``/``apt-get``/``pip``/``python3 -m venv``): CI runs the "Two commands" blocks as
@@ -24,7 +27,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from dnnpar.data.idx import read_idx
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -88,12 +94,26 @@ def rewrite(line: str) -> list[str] | None:
         for flag in ("--cycles", "--retrain-epochs", "--finetune-epochs"):
             if flag not in out:
                 out += [flag, "1"]
-    if sub in DATA_COMMANDS and "--subset" not in out:
+    if sub in DATA_COMMANDS and "--subset" not in out and "--data" not in out:
         out += ["--subset", "embedded"]
     if sub in ("train", "compress"):
         out += ["--quiet"]
     exe = shutil.which("dnnpar", path=os.path.dirname(sys.executable)) or shutil.which("dnnpar")
     return prefix + [exe] + out[1:]
+
+
+def write_user_files(folder: Path) -> None:
+    """A user's data set and images, as the README describes them: ``mine.npz`` with x (N, 1, 28,
+    28) float32 and y int labels, an 8-bit grayscale ``photo.png`` and a uint8 ``batch.npy``."""
+    from PIL import Image
+
+    from dnnpar.data import fashion_mnist
+
+    d = fashion_mnist.load(subset="embedded")
+    np.savez(folder / "mine.npz", x=d.x_train, y=d.y_train, x_test=d.x_test, y_test=d.y_test)
+    raw = read_idx(fashion_mnist.EMBEDDED / "t10k-images-idx3-ubyte.gz", expect_ndim=3)
+    Image.fromarray(raw[0]).save(folder / "photo.png")
+    np.save(folder / "batch.npy", raw[1:5, None])
 
 
 def last_test_accuracy(stdout: str) -> float:
@@ -129,6 +149,7 @@ def test_readme_commands_run_as_written(tmp_path):
     env = dict(os.environ, DNNPAR_DATA=str(tmp_path / "no-data"))
     from dnnpar.parallel.comm import mpi_env
     env = mpi_env(env)
+    write_user_files(tmp_path)
     ran = 0
     for line in LINES:
         if skip_reason(line):
