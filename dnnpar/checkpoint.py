@@ -60,6 +60,7 @@ def _config_schema():
         "subset": lambda f, k: f.str(k, ("full", "embedded")),
         "data_dir": lambda f, k: f.str(k, optional=True),
         "backend": lambda f, k: f.str(k, ("numpy", "cuda", "emu"), optional=True),
+        "data_file": lambda f, k: f.str(k, optional=True),
     }
 
 

@@ -221,6 +221,7 @@ def _train(args) -> int:
     cfg = TrainConfig(model=name, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
                       momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay,
                       schedule=args.schedule, seed=args.seed, subset=args.subset or "full", data_dir=args.data_dir,
+                      data_file=str(args.data) if args.data else None,
                       backend=args.backend)
     cfg.validate()
     if model is None:
@@ -484,11 +485,11 @@ def _evaluate(args) -> int:
 
 
 def _predict(args) -> int:
-    from .predict import load_model, predict_files
+    from .predict import load_model_and_data, predict_files
 
     _set_backend(args)
-    model = load_model(args.model)
-    table, rows = predict_files(model, args.inputs, args.top_k, args.normalize)
+    model, trained_on = load_model_and_data(args.model)
+    table, rows = predict_files(model, args.inputs, args.top_k, args.normalize, trained_on)
     if args.json:
         import json
         print(json.dumps(rows, indent=1))
@@ -659,7 +660,8 @@ def build_parser() -> ArgumentParser:
     pr.add_argument("--normalize", choices=("auto", "fashion-mnist", "unit"), default="auto",
                     help="uint8 pixels (PNG, IDX, uint8 arrays) are scaled to 0..1 (unit, as a --data set's are); "
                          "fashion-mnist also standardises them as dnnpar train does on Fashion-MNIST; auto: "
-                         "fashion-mnist for a model of 1x28x28 images and 10 classes, else unit. Float arrays "
+                         "unit for a model its file says was trained on a --data set, else fashion-mnist for a "
+                         "model of 1x28x28 images and 10 classes, else unit. Float arrays "
                          "are fed as they are")
     pr.add_argument("--json", action="store_true", help="print JSON instead of a table")
     backend(pr)

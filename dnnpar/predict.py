@@ -20,19 +20,30 @@ BATCH = 256
 def load_model(path):
     """The model in ``path``, in eval mode: a checkpoint (zip magic), a .dnnz (its magic), else
     an ONNX file. Each format's own error (CheckpointError, DnnzError, OnnxError) when it is bad."""
+    return load_model_and_data(path)[0]
+
+
+def load_model_and_data(path):
+    """(model in eval mode, what it was trained on): "user" when the file records a ``--data``
+    set, "fashion-mnist" when it records Fashion-MNIST, None when it says nothing (ONNX)."""
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic[:2] == b"PK":
-        from .checkpoint import build_model_from
+        from .checkpoint import build_model_from, read_meta
         model = build_model_from(path)
+        meta = read_meta(path)  # epoch 0: never trained here (an import), so it says nothing
+        trained_on = "user" if meta.config.get("data_file") else "fashion-mnist" if meta.epoch else None
     elif magic == b"DNNZ":
-        from .compress.pipeline import load
+        from .compress.pipeline import load, read_codes
         model = load(path)
+        meta = read_codes(path)[0].get("meta")
+        meta = meta if isinstance(meta, dict) else {}
+        trained_on = "user" if meta.get("data_file") else "fashion-mnist" if meta.get("data") else None
     else:
         from .interop import from_onnx
-        model = from_onnx(path)
+        model, trained_on = from_onnx(path), None
     model.eval()
-    return model
+    return model, trained_on
 
 
 def class_names(model, classes: int) -> list[str]:
@@ -70,11 +81,13 @@ def _ordinal(i: int) -> str:
     return f"{i}{'st' if i == 1 else 'nd' if i == 2 else 'rd' if i == 3 else 'th'}"
 
 
-def predict_files(model, paths, k: int, normalize: str = "auto") -> tuple[str, list[dict]]:
+def predict_files(model, paths, k: int, normalize: str = "auto", trained_on: str | None = None) -> tuple[str, list[dict]]:
     """(table, rows) for the images in ``paths``: a row per image, its top ``k`` classes and
     probabilities. ``normalize`` (for uint8 pixels, which are first scaled to 0..1): "unit"
     keeps 0..1, "fashion-mnist" standardises with Fashion-MNIST's mean and std as training on
-    it does, "auto" picks fashion-mnist for a model of Fashion-MNIST's shape, else unit.
+    it does, "auto" picks unit for a model ``trained_on`` a user's data set (whose uint8 pixels
+    were scaled to 0..1, never standardised), else fashion-mnist for a model of Fashion-MNIST's
+    shape, else unit. The table's first line says which was applied.
     ValueError (``k`` above the class count, an unknown ``normalize``) before any file is read."""
     if normalize not in ("auto", "fashion-mnist", "unit"):
         raise ValueError(f"normalize {normalize!r}: 'auto', 'fashion-mnist' or 'unit'")
@@ -82,7 +95,7 @@ def predict_files(model, paths, k: int, normalize: str = "auto") -> tuple[str, l
     if classes is not None and k > classes:
         raise ValueError(f"--top-k {k}: {model.name} scores {classes} classes")
     if normalize == "auto":
-        normalize = "fashion-mnist" if user.fits_fashion_mnist(model) else "unit"
+        normalize = "fashion-mnist" if trained_on != "user" and user.fits_fashion_mnist(model) else "unit"
     images = []
     for path in paths:  # every file is read and checked before the model runs on any
         x, from_pixels = user.read_images(path, shape, model.name)
@@ -102,5 +115,8 @@ def predict_files(model, paths, k: int, normalize: str = "auto") -> tuple[str, l
     head = ["input", "image"] + [_ordinal(j) for j in range(1, k + 1)]
     widths = [max(len(r[j]) for r in [head] + lines) for j in range(len(head))]
     fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    table = "\n".join([fmt(head), "-" * len(fmt(head))] + [fmt(r) for r in lines])
+    how = ("uint8 pixels scaled to 0..1 and standardised as Fashion-MNIST training does" if normalize == "fashion-mnist"
+           else "uint8 pixels scaled to 0..1")
+    table = "\n".join([f"inputs: {how}; float arrays as given (--normalize to choose)", fmt(head),
+                       "-" * len(fmt(head))] + [fmt(r) for r in lines])
     return table, rows

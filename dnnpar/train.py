@@ -32,6 +32,7 @@ class TrainConfig:
     subset: str = "full"
     data_dir: str | None = None
     backend: str | None = None
+    data_file: str | None = None   # a --data set trained on (then subset and data_dir are unused)
 
     def validate(self):
         """ValueError / TypeError naming the first field out of range (before any data is read)."""

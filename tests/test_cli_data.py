@@ -420,6 +420,7 @@ def test_train_onnx_on_user_data_writes_a_graph_checkpoint(tmp_path, capsys, gra
                       "--checkpoint", tmp_path / "t.npz", "--quiet"])
     assert "data set" in out and "checkpoint:" in out
     assert read_meta(tmp_path / "t.npz").graph is not None and read_meta(tmp_path / "t.npz").epoch == 2
+    assert read_meta(tmp_path / "t.npz").config["data_file"] == str(data)  # what it was trained on
     trained = build_model_from(tmp_path / "t.npz")
     from dnnpar.interop import from_onnx
     start = from_onnx(onnx_path)
@@ -471,7 +472,13 @@ def test_compress_on_user_data_then_evaluate_and_predict(tmp_path, capsys, fashi
     out = ok(capsys, ["evaluate", tmp_path / "c.dnnz", "--data", fdata])
     assert "20 images of <data set" in out
     out = ok(capsys, ["predict", tmp_path / "c.dnnz", fdata, "--top-k", "2"])
-    assert len(out.strip().splitlines()) == 2 + 140 and "%" in out
+    assert len(out.strip().splitlines()) == 3 + 140 and "%" in out
+    assert out.startswith("inputs: uint8 pixels scaled to 0..1;")
+    # the file says it was compressed on a uint8 --data set (scaled to 0..1, never standardised):
+    # auto feeds predict's uint8 pixels the same way, though the model has Fashion-MNIST's shape
+    auto, unit, fashion = (json.loads(ok(capsys, ["predict", tmp_path / "c.dnnz", fdata, "--json"] + extra))
+                           for extra in ([], ["--normalize", "unit"], ["--normalize", "fashion-mnist"]))
+    assert auto == unit and auto != fashion
 
 
 def test_one_shot_compression_python_api(rng):
