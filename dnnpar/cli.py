@@ -209,13 +209,13 @@ def _train(args) -> int:
         # their workers start from the model's initialisation: refuse rather than ignore
         raise ValueError(f"--resume is not supported with --parallel {args.parallel} (it continues a "
                          "single-process or --parallel data run)")
-    if args.parallel != "none" and (args.onnx or args.data):
+    if args.parallel in ("hogwild", "ps") and (args.onnx or args.data):
         raise ValueError(f"--parallel {args.parallel} trains zoo models on Fashion-MNIST: --onnx and --data train "
-                         "with --parallel none")
+                         "with --parallel none or data")
     model, name = _train_model(args)
-    if model is not None and args.parallel != "none":
+    if model is not None and args.parallel in ("hogwild", "ps"):
         raise ValueError(f"--parallel {args.parallel} trains zoo models: {name} (a graph model) trains with "
-                         "--parallel none")
+                         "--parallel none or data")
     args.model = name
     lr = DEFAULT_LR[args.parallel] if args.lr is None else args.lr
     cfg = TrainConfig(model=name, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
@@ -226,10 +226,10 @@ def _train(args) -> int:
     cfg.validate()
     if model is None:
         model = build_model(cfg)
-    # the parallel runners load Fashion-MNIST themselves: only check that it fits and is there
-    data = _data_for(model, args.data, args.subset, args.data_dir, "train", load=args.parallel == "none")
-    if args.parallel == "data":
-        return _train_data_parallel(args, cfg)
+    # hogwild and the parameter server load Fashion-MNIST themselves: only check that it fits and is there
+    data = _data_for(model, args.data, args.subset, args.data_dir, "train", load=args.parallel in ("none", "data"))
+    if args.parallel == "data":  # every rank holds the whole model and data set, and trains its shard
+        return _train_data_parallel(args, cfg, model, data)
     checkpoint, note = _train_checkpoint(args)
     if note:
         _say(note)
@@ -261,7 +261,7 @@ def _train(args) -> int:
     return 0
 
 
-def _train_data_parallel(args, cfg) -> int:
+def _train_data_parallel(args, cfg, model, data) -> int:
     """One rank of `mpiexec -n N dnnpar train --parallel data`: any failure ends the whole job."""
     from .parallel.comm import DEFAULT_TIMEOUT, launched_by_mpiexec, make_communicator
     from .parallel.data_parallel import DEFAULT_BUCKET_MB, run_data_parallel
@@ -278,7 +278,7 @@ def _train_data_parallel(args, cfg) -> int:
             _say(note)
     bucket_mb = DEFAULT_BUCKET_MB if args.bucket_mb is None else args.bucket_mb
     _, _, par = run_data_parallel(cfg, comm, bucket_mb=bucket_mb, checkpoint=checkpoint, resume=args.resume,
-                                  plot=args.plot, progress=not args.quiet)
+                                  plot=args.plot, progress=not args.quiet, model=model, data=data)
     if par.is_root:
         print(f"checkpoint: {checkpoint}; allreduce: {par.bytes_reduced / 2**20:,.1f} MiB in {par.steps} steps, "
               f"{par.comm_seconds:.2f} s on rank 0")

@@ -521,7 +521,7 @@ def test_one_shot_compression_cli(tmp_path, capsys, graph_files, rng):
     assert "test accuracy" in ok(capsys, ["evaluate", tmp_path / "c.dnnz", "--data", data])
     x, _ = user_set(rng, n=3)
     np.save(tmp_path / "x.npy", x)
-    assert len(ok(capsys, ["predict", tmp_path / "c.dnnz", tmp_path / "x.npy"]).splitlines()) == 5
+    assert len(ok(capsys, ["predict", tmp_path / "c.dnnz", tmp_path / "x.npy"]).splitlines()) == 6  # the inputs line, head, rule, 3 images
 
 
 # ---------------------------------------------------------------------------- predict

@@ -348,6 +348,40 @@ def test_cli_runs_data_parallel_under_mpiexec(tmp_path):
     assert ck.exists()
 
 
+def test_cli_data_parallel_trains_an_imported_graph_on_a_user_data_set(tmp_path, rng):
+    """``mpiexec -n 2 dnnpar train --onnx M --data D --parallel data`` at batch b follows
+    ``dnnpar train --onnx M --data D`` at batch 2b: the same graph checkpoint, weights within the
+    float32 reordering bound of the sums the ranks split."""
+    pytest.importorskip("onnx")
+    from dnnpar.checkpoint import build_model_from, read_meta
+    from dnnpar.interop import to_onnx
+    from tests.test_cli_data import small_graph, user_set
+
+    g = small_graph(int(rng.integers(1000)))
+    to_onnx(g, tmp_path / "g.onnx")
+    x, y = user_set(rng, n=84)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    common = ["train", "--onnx", str(tmp_path / "g.onnx"), "--data", str(tmp_path / "d.npz"), "--epochs", "2",
+              "--lr", "0.05", "--quiet"]
+    r = subprocess.run(mpiexec(2) + [sys.executable, "-m", "dnnpar.cli", *common, "--parallel", "data",
+                                     "--batch-size", "6", "--checkpoint", str(tmp_path / "dp.npz")],
+                       env=_env(), capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "data parallel over 2 rank(s) (mpi)" in r.stdout
+    one = subprocess.run([sys.executable, "-m", "dnnpar.cli", *common, "--batch-size", "12", "--checkpoint",
+                          str(tmp_path / "one.npz")], env=_env(), capture_output=True, text=True, timeout=240,
+                         cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    meta = read_meta(tmp_path / "dp.npz")
+    assert meta.graph is not None and meta.epoch == 2 and meta.config["data_file"] == str(tmp_path / "d.npz")
+    dp_model, one_model = build_model_from(tmp_path / "dp.npz"), build_model_from(tmp_path / "one.npz")
+    n, depth = longest_sum(one_model, 12)
+    steps = 2 * (72 // 12)  # 84 images, 12 held out: 72 train, whole batches of 12 per epoch
+    for (name, p, _), (_, q, _) in zip(dp_model.named_parameters(), one_model.named_parameters()):
+        assert not np.array_equal(q, g.state_dict()[name]), name  # it trained
+        assert_reordered_close(p, q, n, (depth + 1) * steps, f"{name} after {steps} steps")  # + 1: the allreduce
+
+
 @pytest.mark.gpu
 def test_nccl_allreduce_on_the_gpu(tmp_path):
     """NCCL through CuPy, bootstrapped over MPI; one rank per GPU on this machine."""
