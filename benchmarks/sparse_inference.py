@@ -14,7 +14,7 @@ Every format below holds exactly this matrix, and every result is checked agains
 CPU (batch 1 = SpMV, batch 64 = SpMM):
   np.matmul on the dense float32 matrix (BLAS GEMV / GEMM, every core), SciPy's csr_matrix in
   float32 (one core), and dp.ops.spmv / spmm on the numpy backend, which runs the native kernel
-  dnnpar/cpu/csr_codebook.cpp (uint8 gaps + uint8 codes: 2 bytes per nonzero; OpenMP over rows),
+  dnnpar/cpu/csr_codebook.cpp (uint8 gaps + uint8 codes: 2 bytes per nonzero; rows over dnnpar/cpu/parallel.h's pool),
   also timed on one thread beside SciPy's one.
 GPU (CuPy, imported only for it): cupy.matmul (cuBLAS), cupyx csr_matrix (cuSPARSE, float32), and
   dp.ops.spmv (vector and scalar) / dp.ops.spmm on the cuda backend with the uint8-codebook CSR.
@@ -228,8 +228,8 @@ class Bench:
         f = self.fc6
         lib = cpu_native.library()
         threads = cpu_native.threads()
-        self.meta["native kernel"] = (f"dnnpar/cpu/csr_codebook.cpp, OpenMP {threads} threads, wait policy "
-                                      f"{cpu_native.wait_policy()}" if lib is not None
+        self.meta["native kernel"] = (f"dnnpar/cpu/csr_codebook.cpp, {threads} threads "
+                                      f"({cpu_native.threads_rule()})" if lib is not None
                                       else f"unavailable ({cpu_native.unavailable_reason()}): dp.ops falls back "
                                            "to SciPy")
         try:

@@ -275,8 +275,7 @@ FALLBACK_SCRIPT = textwrap.dedent("""
         "err": max(float(np.max(np.abs(y - want) / bound(np.abs(cb[codes]) @ np.abs(x)))),
                    float(np.max(np.abs(Y - Want) / bound(np.abs(cb[codes]) @ np.abs(X))))),
         "warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)],
-        "wait_policy": cpu_native.wait_policy(),
-        "omp_env": os.environ.get("OMP_WAIT_POLICY"),
+        "openmp_mapped": any(n in open("/proc/self/maps").read() for n in ("libgomp", "libomp", "libiomp")),
         "dw_library": cpu_native.library("depthwise") is not None,
         "dw_reason": cpu_native.unavailable_reason("depthwise"),
         "dw_err": float(np.max(np.abs(yd - want_d) / (nu9 / (1 - nu9) * mag_d + 1e-37))),
@@ -289,7 +288,7 @@ FALLBACK_SCRIPT = textwrap.dedent("""
 
 def run_fallback(tmp_path, **env):
     full = {k: v for k, v in os.environ.items()
-            if k not in ("DNNPAR_NATIVE", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
+            if k not in ("DNNPAR_NATIVE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
     full.update(DNNPAR_CACHE=str(tmp_path / "cache"), **env)
     full["PYTHONPATH"] = os.pathsep.join([str(ROOT), full.get("PYTHONPATH", "")])
     p = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], capture_output=True, text=True, env=full,
@@ -324,12 +323,6 @@ def test_fallback_when_the_compiler_fails(tmp_path):
     assert not list((tmp_path / "cache" / "cpu").glob("*.cpp")), "temporary sources are cleaned up"
 
 
-@pytest.mark.skipif(cpu_native.library() is None, reason="no C++ compiler here")
-def test_a_chosen_wait_policy_is_left_alone(tmp_path):
-    out = run_fallback(tmp_path, OMP_WAIT_POLICY="active")
-    assert out["library"] and out["wait_policy"] == "as set in the environment" and out["omp_env"] == "active"
-
-
 def test_disabled_by_environment(tmp_path):
     out = run_fallback(tmp_path, DNNPAR_NATIVE="0")
     assert not out["library"] and out["reason"] == "DNNPAR_NATIVE=0 is set"
@@ -340,12 +333,12 @@ def test_disabled_by_environment(tmp_path):
 @pytest.mark.skipif(cpu_native.library() is None, reason="no C++ compiler here")
 def test_builds_into_a_fresh_cache(tmp_path):
     """A fresh cache directory: each source's library is compiled there, atomically (no stray
-    files), OpenMP is loaded with passive waiting without leaving OMP_WAIT_POLICY in the
-    environment, and its thread count is BLAS's (the thread rule of cpu_native)."""
+    files), no OpenMP runtime comes into the process (the threads are dnnpar/cpu/parallel.h's own
+    pool), and the thread count is BLAS's (the thread rule of cpu_native)."""
     out = run_fallback(tmp_path)
     assert out["library"] and out["native_form"] and out["reason"] is None and out["err"] <= 1
     assert out["dw_library"] and out["dw_reason"] is None and out["dw_err"] <= 1
-    assert out["wait_policy"].startswith("passive") and out["omp_env"] is None
+    assert not out["openmp_mapped"], "the native kernels must not load an OpenMP runtime"
     files = sorted(p.name for p in (tmp_path / "cache" / "cpu").iterdir())
     assert len(files) == 2 and files[0].startswith("csr_codebook-") and files[1].startswith("depthwise-"), files
     assert all(f.endswith(".so") for f in files), files
@@ -354,9 +347,67 @@ def test_builds_into_a_fresh_cache(tmp_path):
 
 
 @pytest.mark.skipif(cpu_native.library() is None, reason="no C++ compiler here")
-def test_omp_num_threads_overrides_the_blas_match(tmp_path):
-    out = run_fallback(tmp_path, OMP_NUM_THREADS="1")
-    assert out["threads"] == 1 and "OMP_NUM_THREADS=1" in out["threads_rule"], out
+def test_blas_thread_setting_sets_the_kernels_too(tmp_path):
+    """OPENBLAS_NUM_THREADS=1 is one knob for both pools."""
+    out = run_fallback(tmp_path, OPENBLAS_NUM_THREADS="1")
+    assert out["threads"] == 1 and out["blas"] == 1 and "BLAS" in out["threads_rule"], out
+
+
+@pytest.mark.skipif(cpu_native.library("depthwise") is None, reason="no C++ compiler here")
+def test_threadpool_limits_limits_the_kernels_at_each_call():
+    from threadpoolctl import threadpool_limits
+
+    before = cpu_native.threads("depthwise")
+    with threadpool_limits(1):
+        assert cpu_native.threads("depthwise") == 1
+    assert cpu_native.threads("depthwise") == before
+    one = np.ones((1, 1, 1, 1), np.float32)
+    with pytest.raises(ValueError, match="threads must be a positive int"):
+        cpu_native.depthwise_forward(one, one, None, one.copy(), (1,) * 10 + (0, 0), threads=0)
+
+
+@pytest.mark.skipif(cpu_native.library("depthwise") is None, reason="no C++ compiler here")
+def test_the_pool_under_team_changes_and_concurrent_callers(rng):
+    """parallel.h's pool: teams of 1..5 threads in every order (more than this machine's cores,
+    workers that slept through calls they had no part in), and four Python threads calling at
+    once (ctypes drops the GIL; a caller that finds the pool busy runs the same partition on its
+    own thread) -- every result bit-identical to a one-thread run, no call lost or run twice
+    (the output is poisoned before each call)."""
+    import threading
+
+    geo = (3, 37, 29, 31, 3, 3, 29, 31, 1, 1, 1, 1)
+    x = rng.standard_normal(geo[:4], dtype=np.float32)
+    w = rng.standard_normal((37, 1, 3, 3), dtype=np.float32)
+    dy = rng.standard_normal((3, 37, 29, 31), dtype=np.float32)
+
+    def fwd(t):
+        y = np.full((3, 37, 29, 31), np.nan, np.float32)
+        return cpu_native.depthwise_forward(x, w, None, y, geo, threads=t)
+
+    def bwd(t):
+        dx, dw = np.full_like(x, np.nan), np.full_like(w, np.nan)
+        return cpu_native.depthwise_backward(x, w, dy, dx, dw, geo, threads=t)
+
+    want_y, (want_dx, want_dw) = fwd(1), bwd(1)
+    for t in (2, 5, 1, 3, 4, 2, 5, 2, 1, 4, 3, 5):
+        np.testing.assert_array_equal(fwd(t), want_y)
+        dx, dw = bwd(t)
+        np.testing.assert_array_equal(dx, want_dx)
+        np.testing.assert_array_equal(dw, want_dw)
+    bad = []
+
+    def hammer(i):
+        for k in range(20):
+            t = 1 + (i + k) % 4
+            if not np.array_equal(fwd(t), want_y) or not np.array_equal(bwd(t)[1], want_dw):
+                bad.append((i, k, t))
+    workers = [threading.Thread(target=hammer, args=(i,)) for i in range(4)]
+    for th in workers:
+        th.start()
+    for th in workers:
+        th.join(timeout=120)
+    assert not any(th.is_alive() for th in workers), "a native call hung"
+    assert not bad, bad
 
 
 # ---------------------------------------------------------------- depthwise convolution (dnnpar/cpu/depthwise.cpp)

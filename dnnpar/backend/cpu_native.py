@@ -7,7 +7,8 @@ One shared library per source, listed in :data:`NATIVE_SOURCES`:
 - ``depthwise.cpp``: depthwise convolution forward and backward (dx, dw), float32 NCHW.
 
 Every source goes through the same path: ``$CXX`` (default ``g++``) with ``-O3 -march=native
--fopenmp``, cached under ``~/.cache/dnnpar/cpu`` (``$DNNPAR_CACHE``) by a digest of the source,
+-fopenmp-simd -pthread`` and ``dnnpar/cpu`` on the include path, cached under
+``~/.cache/dnnpar/cpu`` (``$DNNPAR_CACHE``) by a digest of the source, the headers it may include,
 the compiler, the flags and this CPU (``-march=native`` binaries must not travel to another
 machine through a shared cache), renamed into place atomically, loaded with ctypes, and its
 ``dnnpar_cpu_abi()`` checked against the table.
@@ -18,14 +19,15 @@ SciPy / NumPy code. ``DNNPAR_NATIVE=0`` in the environment turns every native ke
 ``dnnpar.sparse.NATIVE["use"] = False`` and ``dnnpar.ops.depthwise.NATIVE["use"] = False`` turn
 one family off.
 
-Threads -- the one rule, applied in :func:`_load`: native kernels and BLAS share the cores, never
-stacking one pool on top of the other. When the first native library loads, OpenMP's thread
-count is set to BLAS's (as threadpoolctl reports it), unless ``OMP_NUM_THREADS`` chooses it; the
-two then never run at once (an op calls one or the other), so the process never has more busy
-threads than BLAS alone would. ``threadpoolctl.threadpool_limits(n)`` later limits both pools
-(it sees dnnpar's OpenMP runtime too), and ``threads=`` overrides it per call. Unless the
-environment chooses a wait policy, OpenMP is started with passive waiting: on a shared machine
-spinning threads cost more than they save.
+Threads -- the one rule: native kernels and BLAS share the cores, never stacking one pool on top
+of the other. A kernel's threads come from ``dnnpar/cpu/parallel.h``'s own pool, not from an
+OpenMP runtime (a process holds one libgomp, and PyTorch's, loaded first, spins its idle threads
+for milliseconds after every call, into the next BLAS call's cores). By default a call runs on as
+many threads as BLAS has at that moment (threadpoolctl reads it, so
+``threadpoolctl.threadpool_limits(n)`` limits both, and ``OPENBLAS_NUM_THREADS`` as well);
+``threads=`` overrides it per call. BLAS and the kernels never run at once (an op calls one or
+the other), so the process never has more busy threads than BLAS alone would. Idle pool
+workers spin a few microseconds, then sleep.
 """
 from __future__ import annotations
 
@@ -43,12 +45,14 @@ import numpy as np
 from .sources import build_shared_library, cache_dir, digest
 
 CPU_DIR = Path(__file__).resolve().parent.parent / "cpu"
-#: -O3 for this machine's vector units, OpenMP over rows; the language level is pinned, and FMA
-#: contraction asked for explicitly (g++ turns it off in ISO modes such as -std=c++17)
-CXXFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17", "-ffp-contract=fast")
-#: flags dropped, in turn, when a compiler rejects the full set (a clang without libomp, a
-#: compiler that does not know -march=native): a single-threaded or generic build beats none
-FALLBACK_DROPS = (("-fopenmp",), ("-fopenmp", "-march=native"))
+#: -O3 for this machine's vector units, `#pragma omp simd` without an OpenMP runtime, threads
+#: from parallel.h (std::thread); the language level is pinned, and FMA contraction asked for
+#: explicitly (g++ turns it off in ISO modes such as -std=c++17)
+CXXFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-pthread", "-fPIC", "-shared", "-std=c++17",
+            "-ffp-contract=fast")
+#: flags dropped, in turn, when a compiler rejects the full set (one that does not know
+#: -march=native or -fopenmp-simd): a generic build beats none
+FALLBACK_DROPS = (("-march=native",), ("-march=native", "-fopenmp-simd"))
 
 _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
@@ -73,11 +77,11 @@ class NativeSource:
 
 
 NATIVE_SOURCES = {s.stem: s for s in (
-    NativeSource("csr_codebook", 3, "CSR x codebook products", "SciPy / NumPy", {
+    NativeSource("csr_codebook", 4, "CSR x codebook products", "SciPy / NumPy", {
         "dnnpar_csr_cb_spmv": [_I64, _P, _P, _P, _P, _I32, _P, _P, _I32],
         "dnnpar_csr_cb_spmm": [_I64, _I64, _P, _P, _P, _P, _I32, _P, _P, _I32],
     }),
-    NativeSource("depthwise", 1, "depthwise convolution", "NumPy", {
+    NativeSource("depthwise", 2, "depthwise convolution", "NumPy", {
         "dnnpar_depthwise_forward": [_P, _P, _P, _P, _P, _I32, _I32],
         "dnnpar_depthwise_backward": [_P, _P, _P, _P, _P, _P, _I32, _I32],
     }, {"dnnpar_depthwise_fast": ([_P], ctypes.c_int)}),
@@ -85,8 +89,8 @@ NATIVE_SOURCES = {s.stem: s for s in (
 
 _lock = threading.Lock()
 _states: dict = {stem: {"tried": False, "lib": None, "reason": None, "warned": False} for stem in NATIVE_SOURCES}
-#: process-wide facts about the OpenMP runtime the libraries share (set by the first load)
-_omp: dict = {"wait_policy": None, "threads_rule": None}
+#: the BLAS thread count's reader (threadpoolctl's controller of NumPy's BLAS), found once
+_blas: dict = {"found": False, "controller": None}
 
 
 class NativeBuildError(RuntimeError):
@@ -109,13 +113,15 @@ def _cpu_signature() -> str:
 def _build(src: NativeSource, cxx: str) -> Path:
     """The compiled library of ``src`` (cached), with the full flags or, failing that, fewer."""
     code = src.path.read_text()
+    headers = "".join(f"{h.name}\n{h.read_text()}" for h in sorted(CPU_DIR.glob("*.h")))
     first_error = None
     for drop in ((),) + FALLBACK_DROPS:
         flags = [f for f in CXXFLAGS if f not in drop]
-        key = digest(code, cxx, " ".join(flags), _cpu_signature())
+        key = digest(code, headers, cxx, " ".join(flags), _cpu_signature())
         so = cache_dir("cpu") / f"{src.stem}-{key}.so"
         try:
-            return build_shared_library(code, so, lambda s, out: [cxx, *flags, "-x", "c++", str(s), "-o", str(out)],
+            return build_shared_library(code, so, lambda s, out: [cxx, *flags, "-I", str(CPU_DIR), "-x", "c++", str(s),
+                                                                  "-o", str(out)],
                                         error=NativeBuildError,
                                         what=f"{cxx} could not compile {src.path.name} with {' '.join(flags)}")
         except NativeBuildError as e:
@@ -123,79 +129,37 @@ def _build(src: NativeSource, cxx: str) -> Path:
     raise first_error
 
 
-def _openmp_loaded() -> bool:
-    """Whether an OpenMP runtime is already mapped into this process (Linux; False elsewhere)."""
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return False
-    return any(name in maps for name in ("libgomp", "libomp", "libiomp"))
+def _blas_controller():
+    """threadpoolctl's controller of NumPy's BLAS (None when threadpoolctl finds none)."""
+    if not _blas["found"]:
+        try:
+            from threadpoolctl import ThreadpoolController
+            ctl = ThreadpoolController().select(user_api="blas")
+            _blas["controller"] = ctl.lib_controllers[0] if ctl.lib_controllers else None
+        except ImportError:
+            _blas["controller"] = None
+        _blas["found"] = True
+    return _blas["controller"]
 
 
 def blas_threads() -> int | None:
-    """The thread count of the BLAS NumPy uses, as threadpoolctl reports it (None when it
-    cannot say: threadpoolctl missing, or no BLAS found)."""
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
+    """The thread count of the BLAS NumPy uses right now, as threadpoolctl reads it (None when
+    it cannot say: threadpoolctl missing, or no BLAS found)."""
+    ctl = _blas_controller()
+    if ctl is None:
         return None
-    counts = [int(i["num_threads"]) for i in threadpool_info() if i.get("user_api") == "blas"]
-    return max(counts) if counts else None
+    n = ctl.get_num_threads()
+    return int(n) if n else None
+
+
+def threads_rule() -> str:
+    """How a native kernel's default thread count is chosen here, in words."""
+    return ("BLAS's thread count at each call (threadpoolctl)" if _blas_controller() is not None
+            else "the cores this machine has (threadpoolctl found no BLAS to follow)")
 
 
 def _load(so: Path) -> ctypes.CDLL:
-    """Load a library. Unless the user chose a wait policy (OMP_WAIT_POLICY, GOMP_SPINCOUNT),
-    OpenMP is loaded with OMP_WAIT_POLICY=passive, set only for the load (the runtime reads it
-    once, when it starts): threads that run out of work sleep instead of spinning. On a machine
-    shared with other work a spinning thread takes the core its partner needs (the fc6 SpMV
-    became several times slower beside one other busy process with the default spin). The
-    first load that brings OpenMP also applies the thread rule of the module docstring."""
-    chose = any(k in os.environ for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"))
-    already = _openmp_loaded()
-    if _omp["wait_policy"] is None:
-        if chose:
-            _omp["wait_policy"] = "as set in the environment"
-        elif already:
-            _omp["wait_policy"] = "the default (an OpenMP runtime was already loaded)"
-        else:
-            _omp["wait_policy"] = "passive (set by dnnpar while loading OpenMP)"
-    if chose or already:
-        lib = ctypes.CDLL(str(so), mode=ctypes.RTLD_LOCAL)
-    else:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        try:
-            lib = ctypes.CDLL(str(so), mode=ctypes.RTLD_LOCAL)
-        finally:
-            os.environ.pop("OMP_WAIT_POLICY", None)
-    if _omp["threads_rule"] is None:
-        _omp["threads_rule"] = _match_blas_threads(lib)
-    return lib
-
-
-def _match_blas_threads(lib: ctypes.CDLL) -> str:
-    """Set OpenMP's thread count to BLAS's (the thread rule); says what was done."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} (as set in the environment)"
-    try:
-        set_threads = lib.omp_set_num_threads  # found through the library's own dependencies
-    except AttributeError:
-        return "one thread (built without OpenMP)"
-    n = blas_threads()
-    if n is None:
-        return "OpenMP's default (threadpoolctl found no BLAS to match)"
-    set_threads.argtypes, set_threads.restype = [_I32], None
-    set_threads(n)
-    return f"{n}, BLAS's thread count"
-
-
-def wait_policy() -> str | None:
-    """How the kernels' OpenMP threads wait for work, in words (None before a library loads)."""
-    return _omp["wait_policy"]
-
-
-def threads_rule() -> str | None:
-    """How the kernels' default thread count was chosen, in words (None before a library loads)."""
-    return _omp["threads_rule"]
+    return ctypes.CDLL(str(so), mode=ctypes.RTLD_LOCAL)
 
 
 def _compile(src: NativeSource, cxx: str) -> ctypes.CDLL:
@@ -205,6 +169,7 @@ def _compile(src: NativeSource, cxx: str) -> ctypes.CDLL:
     if lib.dnnpar_cpu_abi() != src.abi:
         raise NativeBuildError(f"{so} reports ABI {lib.dnnpar_cpu_abi()}, expected {src.abi}")
     lib.dnnpar_cpu_threads.restype = ctypes.c_int
+    lib.dnnpar_cpu_set_threads.restype, lib.dnnpar_cpu_set_threads.argtypes = None, [_I32]
     for name, argtypes in src.functions.items():
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = None, argtypes
@@ -260,9 +225,9 @@ def unavailable_reason(name: str = "csr_codebook") -> str | None:
 
 
 def threads(name: str = "csr_codebook") -> int:
-    """Threads a native kernel uses by default (OpenMP's maximum here), or 0 without the library."""
+    """Threads a native kernel of ``name`` uses by default now (BLAS's count), or 0 without the library."""
     lib = library(name)
-    return int(lib.dnnpar_cpu_threads()) if lib is not None else 0
+    return _threads_arg(None, lib) if lib is not None else 0
 
 
 def _loaded(name: str = "csr_codebook"):
@@ -276,17 +241,22 @@ def _ptr(a: np.ndarray) -> int:
     return a.ctypes.data
 
 
-def _threads_arg(threads) -> int:
+def _threads_arg(threads, lib=None) -> int:
+    """The team size a call passes: ``threads``, or by default BLAS's thread count now (the
+    pool's own default, this machine's cores, when no BLAS is found)."""
     if threads is None:
-        return 0
+        n = blas_threads()
+        if n is not None:
+            return n
+        return int(lib.dnnpar_cpu_threads()) if lib is not None else 0
     if not isinstance(threads, (int, np.integer)) or threads < 1:
-        raise ValueError(f"threads must be a positive int or None (OpenMP's default), got {threads!r}")
+        raise ValueError(f"threads must be a positive int or None (BLAS's thread count), got {threads!r}")
     return int(threads)
 
 
 def spmv(compact, x: np.ndarray, out: np.ndarray, threads: int | None = None) -> np.ndarray:
     """``out[:] = A x`` for a :class:`dnnpar.sparse.CompactCSR` ``compact`` (x float32, K entries,
-    C-contiguous; out float32, M entries), on ``threads`` threads (None: OpenMP's default).
+    C-contiguous; out float32, M entries), on ``threads`` threads (None: BLAS's thread count).
     Fillers contribute nothing, even where x is inf or NaN."""
     m, k = compact.shape
     if x.dtype != np.float32 or x.shape != (k,) or not x.flags.c_contiguous:

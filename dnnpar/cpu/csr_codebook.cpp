@@ -16,18 +16,16 @@
 //   Y = A X  : dnnpar_csr_cb_spmm, X row-major K x B; every entry adds v * X[col, :] into the
 //              row's B accumulators (batch in the inner dimension, in chunks of 64/32/16/8)
 //
-// Rows are spread over OpenMP threads. Nothing here checks its input: the Python side
+// Rows are spread over the threads of dnnpar/cpu/parallel.h's pool. Nothing here checks its input: the Python side
 // (dnnpar.sparse.CSR.compact, dnnpar.backend.cpu_native) builds the streams from a validated
 // CSR, so every column stays below K and every code below 256.
 //
-// Plain C++17; built at run time with $CXX -O3 -march=native -fopenmp (dnnpar/backend/cpu_native.py).
+// Plain C++17; built at run time with $CXX -O3 -march=native -fopenmp-simd -pthread (dnnpar/backend/cpu_native.py).
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "parallel.h"
 
 namespace {
 
@@ -140,17 +138,8 @@ inline void row_axpy_tail(const uint8_t* __restrict g, const uint8_t* __restrict
     for (int j = 0; j < w; ++j) y[j] = acc[j];
 }
 
-// Threads for a product of `work` multiply-adds: one below kParallelMinWork, else `threads`
-// (0: OpenMP's default, OMP_NUM_THREADS or the cores this process may use).
 inline int team_size(int threads, int64_t work) {
-#ifdef _OPENMP
-    if (work < kParallelMinWork) return 1;
-    return threads > 0 ? threads : omp_get_max_threads();
-#else
-    (void)threads;
-    (void)work;
-    return 1;
-#endif
+    return work < kParallelMinWork ? 1 : dnnpar::team_size(threads, dnnpar::kParallelMinWork);
 }
 
 template <bool Mask>
@@ -158,14 +147,12 @@ void spmv_rows(int64_t m, const int64_t* rowptr, const uint8_t* gaps, const uint
                const float* codebook, int filler, const float* x, float* y, int threads) {
     const int64_t work = rowptr[m];
     const int team = team_size(threads, work);
-    (void)team;
     const int64_t pairs = m / 2;
-#pragma omp parallel for num_threads(team) schedule(dynamic, kRowChunk / 2) if (team > 1)
-    for (int64_t pr = 0; pr < pairs; ++pr) {
+    dnnpar::parallel_for_dynamic(team, pairs, kRowChunk / 2, [&](int64_t pr) {
         const int64_t r = 2 * pr, lo = rowptr[r], mid = rowptr[r + 1], hi = rowptr[r + 2];
         row_pair_dot<Mask>(gaps + lo, codes + lo, mid - lo, gaps + mid, codes + mid, hi - mid, codebook, x, y + r,
                            filler);
-    }
+    });
     if (m % 2) {
         const int64_t lo = rowptr[m - 1];
         y[m - 1] = row_dot<Mask>(gaps + lo, codes + lo, rowptr[m] - lo, codebook, x, filler);
@@ -174,21 +161,12 @@ void spmv_rows(int64_t m, const int64_t* rowptr, const uint8_t* gaps, const uint
 
 }  // namespace
 
+DNNPAR_CPU_COMMON_EXPORTS(4)
+
 extern "C" {
 
-// Bumped whenever a signature below changes (the loader refuses a library with another value).
-int dnnpar_cpu_abi(void) { return 3; }
 
-// Threads a product may use (OpenMP's max, or 1 when built without OpenMP).
-int dnnpar_cpu_threads(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
-
-// y[M] = A x[K], on `threads` threads (0: OpenMP's default); rows in pairs; `filler`: the
+// y[M] = A x[K], on `threads` threads (0: the pool's default); rows in pairs; `filler`: the
 // code whose entries are skipped (-1: none; the caller may pass -1 when x is all finite)
 void dnnpar_csr_cb_spmv(int64_t m, const int64_t* rowptr, const uint8_t* gaps, const uint8_t* codes,
                         const float* codebook, int filler, const float* x, float* y, int threads) {
@@ -198,16 +176,14 @@ void dnnpar_csr_cb_spmv(int64_t m, const int64_t* rowptr, const uint8_t* gaps, c
         spmv_rows<false>(m, rowptr, gaps, codes, codebook, filler, x, y, threads);
 }
 
-// Y[M, B] = A X[K, B], both row-major, on `threads` threads (0: OpenMP's default); entries of
+// Y[M, B] = A X[K, B], both row-major, on `threads` threads (0: the pool's default); entries of
 // code `filler` are skipped (-1: none)
 void dnnpar_csr_cb_spmm(int64_t m, int64_t b, const int64_t* rowptr, const uint8_t* gaps,
                         const uint8_t* codes, const float* codebook, int filler, const float* X, float* Y,
                         int threads) {
     const int64_t work = rowptr[m] * b;
     const int team = team_size(threads, work);
-    (void)team;
-#pragma omp parallel for num_threads(team) schedule(dynamic, kRowChunk) if (team > 1)
-    for (int64_t r = 0; r < m; ++r) {
+    dnnpar::parallel_for_dynamic(team, m, kRowChunk, [&](int64_t r) {
         const int64_t lo = rowptr[r], n = rowptr[r + 1] - lo;
         const uint8_t* g = gaps + lo;
         const uint8_t* c = codes + lo;
@@ -218,7 +194,7 @@ void dnnpar_csr_cb_spmm(int64_t m, int64_t b, const int64_t* rowptr, const uint8
         if (j + 16 <= b) { row_axpy<2>(g, c, n, codebook, X + j, b, y + j, filler); j += 16; }
         if (j + 8 <= b) { row_axpy<1>(g, c, n, codebook, X + j, b, y + j, filler); j += 8; }
         if (j < b) row_axpy_tail(g, c, n, codebook, X + j, b, y + j, int(b - j), filler);
-    }
+    });
 }
 
 }  // extern "C"

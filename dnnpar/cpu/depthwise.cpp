@@ -5,7 +5,7 @@
 // (taps outside the image read zero). Backward gives dx (the adjoint of the above in x) and
 // dw[c, i, j] = sum over n, oh, ow of dy * x at the tap; db (a plain sum of dy) stays in NumPy.
 //
-// Thread mapping: the forward gives each OpenMP thread whole (n, c) planes; the backward gives
+// Thread mapping (dnnpar/cpu/parallel.h's pool): the forward gives each thread whole (n, c) planes; the backward gives
 // each thread whole channels and walks the batch inside, so every dw[c] is summed by one thread
 // in one fixed order (the result does not depend on the thread count) and no atomics are needed.
 //
@@ -27,21 +27,17 @@
 // Nothing here checks its input: dnnpar/ops/depthwise.py validates the geometry (int32-safe,
 // positive output) and passes C-contiguous float32 arrays of the right sizes.
 //
-// Plain C++17; built at run time with $CXX -O3 -march=native -fopenmp (dnnpar/backend/cpu_native.py).
+// Plain C++17; built at run time with $CXX -O3 -march=native -fopenmp-simd -pthread (dnnpar/backend/cpu_native.py).
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <utility>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "parallel.h"
 
 namespace {
 
-// Below this many multiply-adds a call runs on one thread: waking the team costs more.
-constexpr int64_t kParallelMinWork = 1 << 16;
 // The fast bodies' phase-split plane buffer, per thread, in floats; a larger plane (or a padding
 // that would make it so) takes the generic body, which needs no buffer.
 constexpr int64_t kMaxPlaneBuffer = int64_t(1) << 22;
@@ -54,16 +50,6 @@ Geo read_geo(const int64_t* g) {
     return Geo{g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11]};
 }
 
-int team_size(int threads, int64_t work) {
-#ifdef _OPENMP
-    if (work < kParallelMinWork) return 1;
-    return threads > 0 ? threads : omp_get_max_threads();
-#else
-    (void)threads;
-    (void)work;
-    return 1;
-#endif
-}
 
 // Output columns [lo, hi) whose tap at column offset t (= j - PW) reads inside [0, W):
 // 0 <= ow*s + t < W.
@@ -293,33 +279,30 @@ bool fast_ok(const Geo& g) {
 template <int K, int S>
 void forward_fast(const float* x, const float* w, const float* b, float* y, const Geo& g, int team) {
     const int64_t planes = g.n * g.c;
-#pragma omp parallel num_threads(team) if (team > 1)
-    {
+    dnnpar::parallel(team, [&](int tid, int nt) {
         FlatPlanes<K, S> fp(g, false);
-#pragma omp for schedule(static)
-        for (int64_t p = 0; p < planes; ++p) {
+        const dnnpar::Range r = dnnpar::split(planes, tid, nt);
+        for (int64_t p = r.lo; p < r.hi; ++p) {
             const int64_t c = p % g.c;
             forward_plane_fast<K, S>(x + p * g.h * g.w, w + c * K * K, b ? b[c] : 0.f, y + p * g.oh * g.ow, g, fp);
         }
-    }
+    });
 }
 
 void forward_generic(const float* x, const float* w, const float* b, float* y, const Geo& g, int team) {
     const int64_t planes = g.n * g.c;
-#pragma omp parallel for num_threads(team) schedule(static) if (team > 1)
-    for (int64_t p = 0; p < planes; ++p) {
+    dnnpar::parallel_for(team, planes, [&](int64_t p) {
         const int64_t c = p % g.c;
         forward_plane_generic(x + p * g.h * g.w, w + c * g.kh * g.kw, b ? b[c] : 0.f, y + p * g.oh * g.ow, g);
-    }
+    });
 }
 
 template <int K, int S>
 void backward_fast(const float* x, const float* w, const float* dy, float* dx, float* dw, const Geo& g, int team) {
-#pragma omp parallel num_threads(team) if (team > 1)
-    {
+    dnnpar::parallel(team, [&](int tid, int nt) {
         FlatPlanes<K, S> fp(g, true);
-#pragma omp for schedule(static)
-        for (int64_t c = 0; c < g.c; ++c) {
+        const dnnpar::Range r = dnnpar::split(g.c, tid, nt);
+        for (int64_t c = r.lo; c < r.hi; ++c) {
             double acc[K * K] = {};
             for (int64_t n = 0; n < g.n; ++n) {
                 const int64_t p = n * g.c + c;
@@ -328,16 +311,15 @@ void backward_fast(const float* x, const float* w, const float* dy, float* dx, f
             }
             for (int t = 0; t < K * K; ++t) dw[c * K * K + t] = float(acc[t]);
         }
-    }
+    });
 }
 
 void backward_generic(const float* x, const float* w, const float* dy, float* dx, float* dw, const Geo& g, int team) {
     const int64_t taps = g.kh * g.kw;
-#pragma omp parallel num_threads(team) if (team > 1)
-    {
+    dnnpar::parallel(team, [&](int tid, int nt) {
         std::vector<double> acc(taps);
-#pragma omp for schedule(static)
-        for (int64_t c = 0; c < g.c; ++c) {
+        const dnnpar::Range r = dnnpar::split(g.c, tid, nt);
+        for (int64_t c = r.lo; c < r.hi; ++c) {
             std::fill(acc.begin(), acc.end(), 0.0);
             for (int64_t n = 0; n < g.n; ++n) {
                 const int64_t p = n * g.c + c;
@@ -346,23 +328,15 @@ void backward_generic(const float* x, const float* w, const float* dy, float* dx
             }
             for (int64_t t = 0; t < taps; ++t) dw[c * taps + t] = float(acc[t]);
         }
-    }
+    });
 }
 
 }  // namespace
 
+DNNPAR_CPU_COMMON_EXPORTS(2)
+
 extern "C" {
 
-// Bumped whenever an exported signature changes (dnnpar/backend/cpu_native.py checks it).
-int dnnpar_cpu_abi(void) { return 1; }
-
-int dnnpar_cpu_threads(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
 
 // Which body a geometry takes: 1 = fast, 0 = generic (for tests and benchmarks).
 int dnnpar_depthwise_fast(const int64_t* geo) {
@@ -375,7 +349,7 @@ int dnnpar_depthwise_fast(const int64_t* geo) {
 void dnnpar_depthwise_forward(const float* x, const float* w, const float* b, float* y, const int64_t* geo,
                               int generic, int threads) {
     const Geo g = read_geo(geo);
-    const int team = team_size(threads, g.n * g.c * g.oh * g.ow * g.kh * g.kw);
+    const int team = dnnpar::team_size(threads, g.n * g.c * g.oh * g.ow * g.kh * g.kw);
     if (!generic && fast_ok<3, 1>(g)) return forward_fast<3, 1>(x, w, b, y, g, team);
     if (!generic && fast_ok<3, 2>(g)) return forward_fast<3, 2>(x, w, b, y, g, team);
     if (!generic && fast_ok<5, 1>(g)) return forward_fast<5, 1>(x, w, b, y, g, team);
@@ -387,7 +361,7 @@ void dnnpar_depthwise_forward(const float* x, const float* w, const float* b, fl
 void dnnpar_depthwise_backward(const float* x, const float* w, const float* dy, float* dx, float* dw,
                                const int64_t* geo, int generic, int threads) {
     const Geo g = read_geo(geo);
-    const int team = std::min<int64_t>(team_size(threads, g.n * g.c * g.oh * g.ow * g.kh * g.kw * 2), g.c);
+    const int team = std::min<int64_t>(dnnpar::team_size(threads, g.n * g.c * g.oh * g.ow * g.kh * g.kw * 2), g.c);
     if (!generic && fast_ok<3, 1>(g)) return backward_fast<3, 1>(x, w, dy, dx, dw, g, team);
     if (!generic && fast_ok<3, 2>(g)) return backward_fast<3, 2>(x, w, dy, dx, dw, g, team);
     if (!generic && fast_ok<5, 1>(g)) return backward_fast<5, 1>(x, w, dy, dx, dw, g, team);
