@@ -13,8 +13,9 @@ imported: a ResNet-style and a MobileNet-v2-style net (see :func:`torch_nets`) d
         training step (forward + cross-entropy + backward + SGD step, batch 16 and 64; dnnpar and
         PyTorch: the CPU onnxruntime package does not train).
 zoo:    training steps of LeNet-300-100, LeNet-5 (batch 64), MobileNet v1 alpha 0.5 at 96x96 and
-        VGG-16 at 32x32 (batch 16): dnnpar's models against the nn.Sequential that
-        dnnpar.interop.torch_definition writes for them, loaded with the same weights.
+        VGG-16 at 32x32 (batch 16), and with --large AlexNet 227x227 (batch 8), VGG-16 224x224
+        (batch 2) and MobileNet v1 224x224 (batch 8), 1000 classes: dnnpar's models against the
+        nn.Sequential that dnnpar.interop.torch_definition writes for them, same weights.
 
 torch and onnxruntime are optional peers (``pip install 'dnnpar[peers]'``, torch's CPU wheel):
 without one its columns say so. All frameworks get the same thread count (this machine's cores;
@@ -44,10 +45,15 @@ import dnnpar as dp  # noqa: E402  (_common put the checkout on sys.path)
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
 INFER_BATCHES, TRAIN_BATCHES = (1, 64), (16, 64)
-#: zoo rows: (name, build kwargs, batch)
-ZOO = (("lenet300", {}, 64), ("lenet5", {}, 64),
-       ("mobilenet_v1", dict(alpha=0.5, resolution=96, num_classes=10), 16),
-       ("vgg16", dict(in_shape=(3, 32, 32), num_classes=10), 16))
+#: zoo rows: (key for --only, dnnpar.nn.models name, build kwargs, batch)
+ZOO = (("lenet300", "lenet300", {}, 64), ("lenet5", "lenet5", {}, 64),
+       ("mobilenet_v1", "mobilenet_v1", dict(alpha=0.5, resolution=96, num_classes=10), 16),
+       ("vgg16", "vgg16", dict(in_shape=(3, 32, 32), num_classes=10), 16))
+#: the ImageNet-sized rows (--large: each step takes seconds on a laptop-class CPU): AlexNet at a
+#: small batch, VGG-16 and MobileNet v1 (alpha 1) at 224x224, 1000 classes
+LARGE = (("alexnet", "alexnet", {}, 8),
+         ("vgg16_224", "vgg16", {}, 2),
+         ("mobilenet_v1_224", "mobilenet_v1", {}, 8))
 FRAMEWORKS = ("dnnpar", "torch", "ort")
 ARCH_NAMES = {"resnet": "ResNet-style", "mobilenet_v2": "MobileNet-v2-style"}
 RSS_STEPS = 3
@@ -371,8 +377,8 @@ class ModelsBench:
                                       "(NumPy SGEMM 2048^3, this run)")
         for name in ("resnet", "mobilenet_v2"):
             self.section(name, lambda name=name: self.imported(name))
-        for name, kwargs, batch in ZOO:
-            self.section(name, lambda n=name, k=kwargs, b=batch: self.zoo(n, k, b))
+        for key, name, kwargs, batch in ZOO + (LARGE if self.args.large else ()):
+            self.section(key, lambda n=name, k=kwargs, b=batch: self.zoo(n, k, b))
 
     # ---- imported: one ONNX file, three runtimes
     def imported(self, name: str) -> None:
@@ -435,7 +441,9 @@ class ModelsBench:
         from dnnpar.nn.models import build
 
         model = build(name, **kwargs)
-        row = Row("zoo", model.name, "train step", batch, flops=training_flops(model) * batch)
+        h, w = model.input_shape[1:]
+        label = model.name if model.name.startswith("mobilenet") else f"{model.name} {h}x{w}"
+        row = Row("zoo", label, "train step", batch, flops=training_flops(model) * batch)
         self.rows.append(row)
         xb, yb = batch_of(self.rng, model.input_shape, batch)
         tm = torch_twin(self.torch, model) if self.torch is not None else None
@@ -508,8 +516,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench-out", help="folder for the markdown table and the JSON (default: bench-out/)")
     ap.add_argument("--quick", action="store_true", help="at most 5 runs and a 1 s budget per measurement")
-    ap.add_argument("--only", nargs="+", choices=("resnet", "mobilenet_v2", *(z[0] for z in ZOO)),
-                    help="run only these models")
+    ap.add_argument("--only", nargs="+", choices=("resnet", "mobilenet_v2", *(z[0] for z in ZOO + LARGE)),
+                    help="run only these models (the --large ones need --large too)")
+    ap.add_argument("--large", action="store_true",
+                    help="add the ImageNet-sized training steps: AlexNet (batch 8), VGG-16 224x224 (batch 2), "
+                         "MobileNet v1 224x224 (batch 8); minutes")
     ap.add_argument("--threads", type=int, help="threads for torch and onnxruntime (default: this machine's cores)")
     ap.add_argument("--repeat", type=int, help="most timed runs per measurement (default 20, --quick 5)")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
