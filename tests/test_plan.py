@@ -33,6 +33,28 @@ def test_ring_allreduce_hand_values():
     assert P.ps_time(100e6, 8, 16, 5e-6, 1e9) == pytest.approx(10e-6 + 0.2)
 
 
+def test_dgc_hand_values_and_crossover():
+    # 1,000,001 parameters at density 0.1%: ceil(1000.001) = 1001 pairs of 8 bytes
+    assert P.dgc_bytes(1_000_001, 0.001) == 8 * 1001
+    # n = 4: 3 alpha + 3 s / B
+    assert P.dgc_time(1_000_000, 0.01, 4, 10e-6, 1e9) == pytest.approx(30e-6 + 3 * 80_000 / 1e9)
+    # DGC sends 2 D S per worker: it moves fewer bytes than the dense ring exactly while n < 1 / D
+    cost = P.ModelCost("toy", 10_000_000, 1, 10_000_000, 0, (), 10)
+    for n, fewer in ((999, True), (1001, False)):
+        ring, _, dgc = P.strategies(cost, n, 25, 0, 1, 10, density=0.001)[:3]
+        assert ring.strategy.startswith("ring allreduce (") and dgc.strategy == "DGC, density 0.001"
+        assert (dgc.bytes_sent < ring.bytes_sent) == fewer, n
+    # fp16 halves the dense ring's bytes and time (no latency)
+    rows = P.strategies(cost, 8, 25, 0, 1, 10)
+    assert rows[1].bytes_sent == pytest.approx(rows[0].bytes_sent / 2) and rows[1].comm_s == pytest.approx(rows[0].comm_s / 2)
+
+
+@pytest.mark.parametrize("density", [0, -0.1, 1.5, float("nan"), True, "0.1"])
+def test_bad_density(density):
+    with pytest.raises(ValueError, match="DGC density must be a number in"):
+        P.plan("lenet300", 4, 25, 5, density=density)
+
+
 def test_one_worker_communicates_nothing(vgg):
     assert P.ring_allreduce_time(1e9, 1, 1e-3, 1e9) == 0
     assert P.ring_allgather_time(1e9, 1, 1e-3, 1e9) == 0

@@ -33,6 +33,16 @@ the logits are gathered once. A ring all-gather / reduce-scatter of ``T`` bytes 
 ``(n - 1) alpha + (n - 1) / n * T / B``. The fc weights never move, but activations grow with
 ``n``: the trick pays at small ``n`` (Krizhevsky used 8 GPUs) and loses at large ``n``.
 
+**(d) Compressed gradients.** fp16: the ring allreduce of ``S / 2`` bytes. Deep Gradient
+Compression (Lin, Han et al., ICLR 2018): every worker sends the top ``D`` fraction of its
+accumulated gradient as (int32 index, float32 value) pairs, ``s = 8 ceil(D P)`` bytes (``P``
+parameters), and a ring all-gather delivers every worker's pairs to every worker (sparse sums do
+not stay sparse, so they are gathered, not reduced): ``t = (n - 1) alpha + (n - 1) s / B`` --
+unlike the allreduce it grows with ``n``: with ``s = 2 D S``, DGC sends more than the dense
+ring (``2 (n - 1) / n S``) once ``n > 1 / D`` (1,000 workers at ``D = 0.1%``). Top-k selection and the local accumulation are
+compute, not counted. Every gradient is sparsified here (DGC sends layers too small to gain
+dense; they are a negligible share of the bytes of these models).
+
 **Efficiency.** ``t_c / (t_c + t_comm)`` with no overlap; with ideal overlap of the gradient
 exchange with the backward pass (wait-free backprop, Horovod's tensor fusion):
 ``t_c / (t_fwd + max(t_bwd, t_comm))`` (for the hybrid only the conv allreduce overlaps; the
@@ -40,7 +50,9 @@ activation exchanges sit on the critical path). ``n = 1`` communicates nothing.
 
 Reference (printed beside the predictions): Horovod (Sergeev & Del Balso 2018, arXiv
 1802.05799) measured 90% scaling efficiency for ResNet-101 and Inception V3 and 68% for VGG-16
-on 512 Pascal GPUs (128 servers x 4) over 25 Gb/s RoCE.
+on 512 Pascal GPUs (128 servers x 4) over 25 Gb/s RoCE. DGC (Lin et al. 2018, abstract) reports
+gradient compression of 270x to 600x without accuracy loss, ResNet-50's gradient cut from 97 MB
+to 0.35 MB.
 """
 from __future__ import annotations
 
@@ -59,6 +71,11 @@ SCALING_BANDWIDTHS = (25.0, 100.0)
 #: Sergeev & Del Balso 2018 (Horovod), scaling efficiency at 512 GPUs, 25 Gb/s RoCE
 HOROVOD_512 = {"resnet101": 0.90, "inception_v3": 0.90, "vgg16": 0.68}
 HOROVOD_NOTE = "Horovod (Sergeev & Del Balso 2018): 512 Pascal GPUs, 25 Gb/s RoCE"
+#: DGC's default density (0.1% of the gradient entries sent) and bytes per sent entry (int32 index + float32 value)
+DEFAULT_DENSITY = 0.001
+DGC_PAIR_BYTES = 8
+DGC_NOTE = ("DGC (Lin, Han et al., ICLR 2018): 270x-600x smaller gradients without accuracy loss, "
+            "ResNet-50 97 MB -> 0.35 MB")
 
 
 # ---------------------------------------------------------------------------- formulas
@@ -85,6 +102,16 @@ def ring_allgather_time(total_bytes: float, n: int, alpha_s: float, bandwidth_Bp
     (n-1) alpha + (n-1)/n T/B."""
     _check_n(n)
     return (n - 1) * alpha_s + (n - 1) / n * total_bytes / bandwidth_Bps
+
+
+def dgc_bytes(params: int, density: float) -> int:
+    """Bytes one worker sends per step under DGC at ``density``: ceil(density P) (index, value) pairs."""
+    return DGC_PAIR_BYTES * math.ceil(density * params)
+
+
+def dgc_time(params: int, density: float, n: int, alpha_s: float, bandwidth_Bps: float) -> float:
+    """Seconds for the ring all-gather of every worker's DGC pairs: (n-1) alpha + (n-1) s/B."""
+    return ring_allgather_time(n * dgc_bytes(params, density), n, alpha_s, bandwidth_Bps)
 
 
 def ps_time(nbytes: float, n: int, servers: int, alpha_s: float, bandwidth_Bps: float) -> float:
@@ -173,6 +200,7 @@ class PlanReport:
     rows: list
     scaling: dict = field(default_factory=dict)   # "25" -> {"ring": [...], "ring_overlap": [...], ...}
     scaling_workers: tuple = SCALING_WORKERS
+    density: float = DEFAULT_DENSITY
 
     def row(self, strategy_prefix: str) -> StrategyRow:
         return next(r for r in self.rows if r.strategy.startswith(strategy_prefix))
@@ -184,13 +212,15 @@ class PlanReport:
              f"  {c.params:,} parameters ({c.grad_bytes / 1e6:,.1f} MB of float32 gradients; conv {c.conv_params:,}, "
              f"fc {c.fc_params:,}), {c.macs / 1e9:.2f} GMACs per image [{c.source}]",
              f"  compute per step (forward + backward = 3 x forward): {1e3 * self.compute_s:.1f} ms",
+             f"  DGC at density {self.density:g}: {_mb(dgc_bytes(c.params, self.density))} per worker per step, "
+             f"{c.grad_bytes / dgc_bytes(c.params, self.density):,.0f}x less than the dense gradient",
              "",
              f"{'strategy':<34} {'sent/worker':>12} {'comm ms':>9} {'efficiency':>11} {'w/ overlap':>11}",
              "-" * 81]
         for r in self.rows:
             L.append(f"{r.strategy:<34} {_mb(r.bytes_sent):>12} {1e3 * r.comm_s:>9.1f} {100 * r.efficiency:>10.1f}% "
                      f"{100 * r.efficiency_overlap:>10.1f}%")
-        L += ["", scaling_table(self.model, self.scaling, self.scaling_workers)]
+        L += ["", scaling_table(self.model, self.scaling, self.scaling_workers, self.density)]
         return "\n".join(L)
 
     def to_dict(self) -> dict:
@@ -203,8 +233,14 @@ def _mb(b: float) -> str:
     return f"{b / 1e6:,.1f} MB" if b >= 1e5 else f"{b / 1e3:,.1f} kB"
 
 
-def _validate(workers, bandwidth_gbps, latency_us, batch_size, tflops, servers):
+def _check_density(density):
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
+        raise ValueError(f"DGC density must be a number in (0, 1], got {density!r}")
+
+
+def _validate(workers, bandwidth_gbps, latency_us, batch_size, tflops, servers, density=DEFAULT_DENSITY):
     _check_n(workers)
+    _check_density(density)
     for label, v in (("bandwidth (Gb/s)", bandwidth_gbps), ("TFLOP/s", tflops)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             raise ValueError(f"{label} must be a finite number > 0, got {v!r}")
@@ -223,7 +259,7 @@ def compute_time(cost: ModelCost, batch_size: int, tflops: float) -> float:
 
 
 def strategies(cost: ModelCost, n: int, bandwidth_gbps: float, latency_us: float, batch_size: int,
-               tflops: float, servers: int | None = None) -> list[StrategyRow]:
+               tflops: float, servers: int | None = None, density: float = DEFAULT_DENSITY) -> list[StrategyRow]:
     """One row per strategy for ``n`` workers (see the module docstring for every formula)."""
     B, a = bandwidth_gbps * GBIT, latency_us * 1e-6
     t_c = compute_time(cost, batch_size, tflops)
@@ -235,7 +271,10 @@ def strategies(cost: ModelCost, n: int, bandwidth_gbps: float, latency_us: float
         exposed = comm - overlappable
         return StrategyRow(name, sent, comm, t_c / (t_c + comm), t_c / (t_f + exposed + max(t_b, overlappable)))
 
-    rows = [row("ring allreduce (data parallel)", 2 * (n - 1) / n * S, ring_allreduce_time(S, n, a, B))]
+    rows = [row("ring allreduce (data parallel)", 2 * (n - 1) / n * S, ring_allreduce_time(S, n, a, B)),
+            row("ring allreduce, fp16 gradients", (n - 1) / n * S, ring_allreduce_time(S / 2, n, a, B)),
+            row(f"DGC, density {density:g}", (n - 1) * dgc_bytes(cost.params, density),
+                dgc_time(cost.params, density, n, a, B))]
     for k in ([servers] if servers is not None else [1, n]):
         rows.append(row(f"parameter server, {k} shard{'s' if k > 1 else ''}", S if n > 1 else 0.0,
                         ps_time(S, n, k, a, B)))
@@ -253,55 +292,60 @@ def strategies(cost: ModelCost, n: int, bandwidth_gbps: float, latency_us: float
 
 def plan(model_name: str, workers: int, bandwidth_gbps: float, latency_us: float, batch_size: int = DEFAULT_BATCH,
          tflops: float = DEFAULT_TFLOPS, servers: int | None = None,
-         scaling_workers=SCALING_WORKERS, scaling_bandwidths=SCALING_BANDWIDTHS) -> PlanReport:
+         scaling_workers=SCALING_WORKERS, scaling_bandwidths=SCALING_BANDWIDTHS,
+         density: float = DEFAULT_DENSITY) -> PlanReport:
     """Predicted per-step compute and communication of ``model_name`` on ``workers`` GPUs, and the
-    scaling efficiency of ring allreduce (with and without overlap), the hybrid and the
-    parameter server for ``scaling_workers`` on ``scaling_bandwidths`` Gb/s links.
+    scaling efficiency of ring allreduce (with and without overlap), DGC at ``density``, the hybrid
+    and the parameter server for ``scaling_workers`` on ``scaling_bandwidths`` Gb/s links.
 
     Raises ValueError for workers < 1, bandwidth <= 0, latency < 0, batch < 1, TFLOP/s <= 0,
-    servers < 1 or an unknown model (the message lists the models)."""
-    _validate(workers, bandwidth_gbps, latency_us, batch_size, tflops, servers)
+    servers < 1, density outside (0, 1] or an unknown model (the message lists the models)."""
+    _validate(workers, bandwidth_gbps, latency_us, batch_size, tflops, servers, density)
     cost = model_cost(model_name)
-    rows = strategies(cost, workers, bandwidth_gbps, latency_us, batch_size, tflops, servers)
+    rows = strategies(cost, workers, bandwidth_gbps, latency_us, batch_size, tflops, servers, density)
     return PlanReport(model_name, workers, float(bandwidth_gbps), float(latency_us), batch_size, float(tflops), servers,
                       cost, compute_time(cost, batch_size, tflops), rows,
-                      scaling(cost, latency_us, batch_size, tflops, scaling_workers, scaling_bandwidths),
-                      tuple(scaling_workers))
+                      scaling(cost, latency_us, batch_size, tflops, scaling_workers, scaling_bandwidths, density),
+                      tuple(scaling_workers), float(density))
 
 
 def scaling(cost: ModelCost, latency_us: float, batch_size: int = DEFAULT_BATCH, tflops: float = DEFAULT_TFLOPS,
-            workers=SCALING_WORKERS, bandwidths=SCALING_BANDWIDTHS) -> dict:
-    """{"25": {"ring": [eff per n], "ring_overlap": [...], "hybrid": [...], "ps_k=n": [...]}, ...}"""
+            workers=SCALING_WORKERS, bandwidths=SCALING_BANDWIDTHS, density: float = DEFAULT_DENSITY) -> dict:
+    """{"25": {"ring": [eff per n], "ring_overlap": [...], "dgc_overlap": [...], "hybrid": [...],
+    "ps_k=n_overlap": [...]}, ...}"""
     out = {}
     for bw in bandwidths:
-        cols = {"ring": [], "ring_overlap": [], "hybrid": [], "ps_k=n_overlap": []}
+        cols = {"ring": [], "ring_overlap": [], "dgc_overlap": [], "hybrid": [], "ps_k=n_overlap": []}
         for n in workers:
-            rows = strategies(cost, n, bw, latency_us, batch_size, tflops, servers=n)
-            ring, ps = rows[0], rows[1]
-            hyb = rows[2] if len(rows) > 2 else None
+            rows = strategies(cost, n, bw, latency_us, batch_size, tflops, servers=n, density=density)
+            ring, dgc, ps = rows[0], rows[2], rows[3]
+            hyb = rows[4] if len(rows) > 4 else None
             cols["ring"].append(ring.efficiency)
             cols["ring_overlap"].append(ring.efficiency_overlap)
+            cols["dgc_overlap"].append(dgc.efficiency_overlap)
             cols["hybrid"].append(hyb.efficiency_overlap if hyb else float("nan"))
             cols["ps_k=n_overlap"].append(ps.efficiency_overlap)
         out[f"{bw:g}"] = cols
     return out
 
 
-def scaling_table(model: str, sc: dict, workers=SCALING_WORKERS) -> str:
+def scaling_table(model: str, sc: dict, workers=SCALING_WORKERS, density: float = DEFAULT_DENSITY) -> str:
     """Predicted scaling efficiency (%) per worker count and link speed; Horovod's measured
     figure at 512 GPUs beside it where published."""
     bws = list(sc)
-    head = f"{'GPUs':>5} " + " ".join(f"{'ring ' + b + 'G':>10} {'+overlap':>9} {'hybrid':>7} {'PS k=n':>7}"
+    head = f"{'GPUs':>5} " + " ".join(f"{'ring ' + b + 'G':>10} {'+overlap':>9} {'DGC':>7} {'hybrid':>7} {'PS k=n':>7}"
                                       for b in bws) + f" {'Horovod':>9}"
-    L = [f"predicted scaling efficiency, {model} (ring: no overlap; +overlap, hybrid and PS: ideal overlap "
-         "with backward)", head, "-" * len(head)]
+    L = [f"predicted scaling efficiency, {model} (ring: no overlap; +overlap, DGC at density {density:g}, hybrid "
+         "and PS: ideal overlap with backward)", head, "-" * len(head)]
     ref = HOROVOD_512.get(model)
     for i, n in enumerate(workers):
         cells = " ".join(f"{100 * sc[b]['ring'][i]:>9.1f}% {100 * sc[b]['ring_overlap'][i]:>8.1f}% "
+                         f"{_pct(sc[b]['dgc_overlap'][i]):>7} "
                          f"{_pct(sc[b]['hybrid'][i]):>7} {_pct(sc[b]['ps_k=n_overlap'][i]):>7}" for b in bws)
         hv = f"{100 * ref:.0f}% (25G)" if (ref is not None and n == 512) else ""
         L.append(f"{n:>5} {cells} {hv:>9}")
     L.append(f"Horovod reference: {HOROVOD_NOTE}: ResNet-101 90%, Inception V3 90%, VGG-16 68%")
+    L.append(f"DGC reference: {DGC_NOTE}")
     return "\n".join(L)
 
 
@@ -324,12 +368,15 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="sustained FP32 TFLOP/s per GPU (an assumption)")
     p.add_argument("--servers", type=ck.int_range(1, 1 << 20), default=None,
                    help="parameter-server shards k (None: show k = 1 and k = N)")
+    p.add_argument("--density", type=ck.positive_float, default=DEFAULT_DENSITY,
+                   help="DGC's fraction of gradient entries sent per step, in (0, 1]")
     p.add_argument("--json", type=ck.writable_file, default=None, metavar="PATH", help="also write the plan as JSON")
     return p
 
 
 def run_from_args(args, out=print) -> int:
-    rep = plan(args.model, args.workers, args.bandwidth, args.latency, args.batch_size, args.tflops, args.servers)
+    rep = plan(args.model, args.workers, args.bandwidth, args.latency, args.batch_size, args.tflops, args.servers,
+               density=args.density)
     out(rep.table())
     if args.json:
         with open(args.json, "w") as f:
