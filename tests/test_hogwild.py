@@ -61,7 +61,14 @@ def test_two_workers_match_synchronous_sgd(data, two_workers):
     # each worker went through its own half: together about one pass over the 6,000 images
     assert sum(rep.steps_per_worker) == 2 * (3000 // 32) * CFG.epochs
     assert rep.final_accuracy > 0.70, rep.table()
-    assert abs(rep.final_accuracy - sync) <= 0.03, f"hogwild {rep.final_accuracy:.3f} vs synchronous {sync:.3f}"
+    # Two models of the same true accuracy p, scored on the same n test images, differ by a
+    # binomial amount: sd <= sqrt(2 p (1 - p) / n) (errors uncorrelated; shared errors make it
+    # smaller). Four of those (n = 1,000, p ~ 0.8: 0.072) -- an ad-hoc 0.03 failed once under load.
+    # A Hogwild that loses updates or races destructively lands far below (and fails the 0.70 above).
+    n = len(data.y_test)
+    tol = 4 * np.sqrt(2 * sync * (1 - sync) / n)
+    assert abs(rep.final_accuracy - sync) <= tol, \
+        f"hogwild {rep.final_accuracy:.3f} vs synchronous {sync:.3f} (4 sd of the difference: {tol:.3f})"
     assert rep.images_per_s > 0 and rep.wall_s > 0
 
 
