@@ -9,7 +9,9 @@ from .base import Sequential
 class SGD:
     """PyTorch's SGD: g = grad + wd * p;  v = mu * v + g;  p -= lr * (g + mu * v if nesterov else v).
 
-    ``masks`` (name -> 0/1 array) keep pruned weights at zero through training (Deep Compression)."""
+    ``masks`` (name -> 0/1 array) keep pruned weights at zero through training (Deep Compression).
+    ``plain``: names whose gradient already is the whole update (Deep Gradient Compression folds
+    weight decay and momentum in on each rank, :mod:`dnnpar.parallel.dgc`): ``p -= lr * g``."""
 
     def __init__(self, model: Sequential, lr: float, momentum: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0):
@@ -20,10 +22,16 @@ class SGD:
         self.model, self.lr, self.momentum, self.nesterov, self.weight_decay = model, lr, momentum, nesterov, weight_decay
         self.velocity: dict[str, object] = {}
         self.masks: dict[str, object] = {}
+        self.plain: set[str] = set()
 
     def step(self):
         for name, p, g in self.model.named_parameters():
             if g is None:
+                continue
+            if name in self.plain:
+                p -= p.dtype.type(self.lr) * g
+                if name in self.masks:
+                    p *= self.masks[name]
                 continue
             if self.weight_decay:
                 g = g + self.weight_decay * p

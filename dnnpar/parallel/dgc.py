@@ -1,0 +1,267 @@
+"""Deep Gradient Compression (Lin, Han, Mao, Wang & Dally, ICLR 2018) for synchronous data parallel.
+
+Each rank sends the largest ``density`` fraction of its accumulated gradient as (index, value)
+pairs instead of the dense gradient; what it does not send stays in its local accumulator and goes
+out later, so no gradient is lost, only delayed. As in the paper (section 3):
+
+- **Momentum correction.** The accumulator holds momentum-SGD velocities, not raw gradients:
+  ``u = m u + g``, ``v = v + u`` on each rank; the ranks' sparse ``v`` are summed and the weights
+  take a plain step ``p -= lr * sum``. The optimizer applies neither momentum nor weight decay to
+  those parameters again (:attr:`DGC.sparse_names`; weight decay enters ``g`` on each rank, in
+  proportion to its share of the batch, so the ranks' shares add up to one ``wd * p``).
+- **Momentum factor masking.** Where an entry was sent, its ``u`` is zeroed with its ``v``, so
+  stale momentum of a long-delayed entry does not push it further (``mask_momentum``).
+- **Local gradient clipping** (``clip_norm``): each rank clips its own gradient to
+  ``clip_norm / sqrt(N)`` before accumulating (the paper's scaling of the threshold by N^-1/2).
+- **Warm-up**: the density falls exponentially from ``warmup_density`` (25%) to ``density`` over
+  the first ``warmup_epochs`` epochs (25%, 6.25%, 1.6%, 0.4%, then 0.1% for four epochs).
+- **Sampled threshold**: the top-k threshold of each parameter is estimated on a random sample
+  of ``sample_fraction`` of its entries (at least ``min_sample``), as the paper does, rather than
+  sorting the whole gradient; entries above it are taken, and if there are more than k, the k
+  largest of those (a partition of the candidates, not of the whole array).
+
+Parameters smaller than ``min_sparse`` entries (128: biases, small BatchNorm scales and shifts)
+are sent dense, through the ordinary allreduce, with ordinary momentum: they are a negligible
+share of the bytes, and every larger one gains (a pair per ``1 / density`` entries). A density at or above ``dense_above`` (default 0.5: a pair of int32
+index + float32 value costs two dense entries) sends everything dense -- with density 1.0 DGC is
+exactly dense synchronous SGD with momentum.
+
+Exchange: every rank sends exactly K pairs (K = the sum over sparse parameters of
+ceil(density x size); a rank whose threshold found fewer pads with index -1), so one fixed-size
+``allgather`` of the (N, K) indices and values moves them; every rank sums all N x K pairs in the
+same order and so applies bit-identical updates. Bytes one rank sends per step:
+``8 K + 4 x dense parameters`` against ``4 x all parameters`` dense.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .flat import ParamLayout
+
+#: bytes per sent entry: int32 index + float32 value
+PAIR_BYTES = 8
+
+
+@dataclass(frozen=True)
+class DGCConfig:
+    density: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    clip_norm: float | None = None
+    warmup_epochs: int = 4
+    warmup_density: float = 0.25
+    mask_momentum: bool = True
+    sample_fraction: float = 0.01
+    min_sample: int = 4096
+    min_sparse: int = 128
+    dense_above: float = 0.5
+
+    def __post_init__(self):
+        def real(name, lo, hi, lo_open=False):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or not (lo < v if lo_open else lo <= v) or v > hi:
+                raise ValueError(f"DGC: {name} must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}")
+        real("density", 0, 1, lo_open=True)
+        real("warmup_density", 0, 1, lo_open=True)
+        real("sample_fraction", 0, 1, lo_open=True)
+        real("momentum", 0, 1)
+        real("weight_decay", 0, 1)
+        real("dense_above", 0, math.inf, lo_open=True)
+        if self.clip_norm is not None:
+            real("clip_norm", 0, math.inf, lo_open=True)
+        for name in ("warmup_epochs", "min_sample", "min_sparse"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "min_sample" else 0):
+                raise ValueError(f"DGC: {name} must be an int >= {1 if name == 'min_sample' else 0}, got {v!r}")
+
+    def density_at(self, epoch: int) -> float:
+        """The density of ``epoch`` (1-based): warm-up from ``warmup_density`` down to ``density``
+        over the first ``warmup_epochs`` epochs, exponentially; ``density`` after."""
+        if self.warmup_epochs == 0 or epoch > self.warmup_epochs or self.warmup_density <= self.density:
+            return self.density
+        return self.warmup_density * (self.density / self.warmup_density) ** ((max(epoch, 1) - 1) / self.warmup_epochs)
+
+
+def parse_grad_compression(spec: str) -> tuple[str, float | None]:
+    """``none`` | ``fp16`` | ``bf16`` | ``dgc:DENSITY`` (e.g. ``dgc:0.001``) -> (kind, density)."""
+    if not isinstance(spec, str):
+        raise ValueError(f"--grad-compression must be a string, got {spec!r}")
+    s = spec.strip().lower()
+    if s in ("none", "fp16", "bf16"):
+        return s, None
+    if s.startswith("dgc:"):
+        try:
+            d = float(s[4:])
+        except ValueError:
+            d = float("nan")
+        if not (0 < d <= 1):
+            raise ValueError(f"--grad-compression {spec!r}: DENSITY must be a number in (0, 1], e.g. dgc:0.001")
+        return "dgc", d
+    raise ValueError(f"--grad-compression {spec!r}: one of none, fp16, bf16, dgc:DENSITY (e.g. dgc:0.001)")
+
+
+@dataclass
+class DGCStats:
+    steps: int = 0
+    bytes_sent: int = 0          # by this rank, all steps (pairs + dense entries)
+    dense_bytes: int = 0         # what dense allreduce would have sent, all steps
+    comm_seconds: float = 0.0
+    select_seconds: float = 0.0
+    last_density: float = 1.0
+
+    @property
+    def bytes_per_step(self) -> float:
+        return self.bytes_sent / max(self.steps, 1)
+
+    @property
+    def dense_bytes_per_step(self) -> float:
+        return self.dense_bytes / max(self.steps, 1)
+
+    @property
+    def ratio(self) -> float:
+        return self.dense_bytes / max(self.bytes_sent, 1)
+
+
+class DGC:
+    """One rank's DGC state over the flat parameter vector of ``layout`` (host float32 arrays)."""
+
+    def __init__(self, layout: ParamLayout, cfg: DGCConfig, world: int, rank: int = 0, seed: int = 0):
+        if layout.size >= 2**31:
+            raise ValueError(f"DGC: {layout.size:,} parameters do not fit int32 indices")
+        self.layout, self.cfg, self.world, self.rank = layout, cfg, int(world), int(rank)
+        self.sparse = [s for s in layout.slots if s.size >= cfg.min_sparse]
+        self.dense = [s for s in layout.slots if s.size < cfg.min_sparse]
+        self.u = np.zeros(layout.size, np.float32)   # momentum (velocity) per entry
+        self.v = np.zeros(layout.size, np.float32)   # accumulated, not yet sent
+        self.rng = np.random.default_rng([seed, rank, 0xD6C])
+        self.stats = DGCStats()
+
+    def sparse_names(self, epoch: int) -> set[str]:
+        """Parameters whose update DGC computes whole in ``epoch`` (momentum and weight decay
+        included): the optimizer takes a plain ``p -= lr * g`` step on them. Empty in an epoch
+        that sends everything dense (its momentum is then the optimizer's; the density only
+        falls, so a run goes dense -> sparse at most once, and DGC's momentum starts from zero
+        there)."""
+        return set() if self.sends_dense(epoch) else {s.name for s in self.sparse}
+
+    def sends_dense(self, epoch: int) -> bool:
+        """Whether ``epoch`` sends every gradient dense (no parameter large enough, or a density
+        at which pairs would not be smaller)."""
+        return not self.sparse or self.cfg.density_at(epoch) >= self.cfg.dense_above
+
+    def k_of(self, size: int, density: float) -> int:
+        return min(size, max(1, math.ceil(density * size)))
+
+    # ------------------------------------------------------------------ selection
+    def select(self, a: np.ndarray, k: int) -> np.ndarray:
+        """Indices of (about) the k largest |a|, sorted: a sampled threshold, then the k largest of
+        the entries above it. Never more than k; fewer only when the sample overestimates."""
+        n = a.size
+        if k >= n:
+            return np.arange(n, dtype=np.int64)
+        mag = np.abs(a)
+        s = min(n, max(self.cfg.min_sample, math.ceil(self.cfg.sample_fraction * n)))
+        if s >= n:
+            cand = np.argpartition(mag, n - k)[n - k:]
+        else:
+            sample = mag[self.rng.integers(0, n, s)]
+            ks = max(1, math.ceil(k * s / n))
+            thr = np.partition(sample, s - ks)[s - ks]
+            cand = np.flatnonzero(mag >= thr) if thr > 0 else np.flatnonzero(mag > 0)
+            if cand.size > k:
+                cand = cand[np.argpartition(mag[cand], cand.size - k)[cand.size - k:]]
+        return np.sort(cand)
+
+    def clip(self, grad: np.ndarray, share: float) -> np.ndarray:
+        """Local gradient clipping: this rank's own gradient (``grad / share``) to an L2 norm of at
+        most ``clip_norm / sqrt(N)``; ``grad`` itself when no clipping is configured or needed."""
+        if self.cfg.clip_norm is None:
+            return grad
+        local = float(np.linalg.norm(grad.astype(np.float64))) / max(share, 1e-30)
+        limit = self.cfg.clip_norm / math.sqrt(self.world)
+        return grad * np.float32(limit / local) if local > limit else grad
+
+    # ------------------------------------------------------------------ one step
+    def step(self, grad: np.ndarray, params: np.ndarray, share: float, comm, epoch: int) -> np.ndarray:
+        """This rank's gradient ``grad`` (flat, already scaled by its ``share`` of the global batch)
+        in, the update every rank applies out (flat float32): for the dense parameters the sum of
+        the ranks' scaled gradients (the optimizer adds weight decay and momentum as usual), for
+        the sparse ones the sum of the ranks' sent velocities (a plain step; see the module
+        docstring). ``params``: the flat parameters (weight decay). Collective: every rank calls
+        it with the same epoch."""
+        self.layout._check_vec(grad)
+        if self.world > 1 and comm is None:
+            raise ValueError(f"DGC: a world of {self.world} ranks needs a communicator")
+        cfg, st = self.cfg, self.stats
+        density = cfg.density_at(epoch)
+        st.steps += 1
+        st.last_density = density
+        st.dense_bytes += 4 * self.layout.size
+        out = np.array(grad, dtype=np.float32, copy=True)
+        if self.sends_dense(epoch):
+            t = time.perf_counter()
+            if self.world > 1:
+                comm.allreduce_sum([out])
+            st.comm_seconds += time.perf_counter() - t
+            st.bytes_sent += 4 * self.layout.size
+            return out
+        t0 = time.perf_counter()
+        grad = self.clip(grad, share)
+        ks = [self.k_of(s.size, density) for s in self.sparse]
+        K = sum(ks)
+        idx = np.full(K, -1, np.int32)
+        val = np.zeros(K, np.float32)
+        pos = 0
+        m, wd = np.float32(cfg.momentum), np.float32(cfg.weight_decay * share)
+        for s, k in zip(self.sparse, ks):
+            sl = slice(s.offset, s.stop)
+            g = grad[sl] if not wd else grad[sl] + wd * params[sl]
+            u, v = self.u[sl], self.v[sl]
+            u *= m
+            u += g
+            v += u
+            sel = self.select(v, k)
+            idx[pos:pos + sel.size] = sel + s.offset
+            val[pos:pos + sel.size] = v[sel]
+            v[sel] = 0
+            if cfg.mask_momentum:
+                u[sel] = 0
+            pos += k
+        st.select_seconds += time.perf_counter() - t0
+        t = time.perf_counter()
+        dense_part = [out[s.offset:s.stop] for s in self.dense]
+        if self.world > 1:
+            all_idx = np.empty((self.world, K), np.int32)
+            all_val = np.empty((self.world, K), np.float32)
+            comm.allgather(idx, all_idx)
+            comm.allgather(val, all_val)
+            if dense_part:
+                flat = np.concatenate(dense_part)
+                comm.allreduce_sum([flat])
+                off = 0
+                for s, d in zip(self.dense, dense_part):
+                    d[...] = flat[off:off + s.size]
+                    off += s.size
+        else:
+            all_idx, all_val = idx[None], val[None]
+        st.comm_seconds += time.perf_counter() - t
+        st.bytes_sent += PAIR_BYTES * K + 4 * sum(s.size for s in self.dense)
+        summed = self._scatter_sum(all_idx, all_val)
+        for s in self.sparse:
+            out[s.offset:s.stop] = summed[s.offset:s.stop]
+        return out
+
+    def _scatter_sum(self, all_idx: np.ndarray, all_val: np.ndarray) -> np.ndarray:
+        """Sum of every rank's pairs into a flat vector, in rank-then-position order (identical on
+        every rank; float64 accumulation, one rounding to float32)."""
+        i, w = all_idx.reshape(-1), all_val.reshape(-1)
+        keep = i >= 0
+        return np.bincount(i[keep], weights=w[keep].astype(np.float64), minlength=self.layout.size).astype(np.float32)
+
+    def state(self) -> dict:
+        return {"dgc/u": self.u, "dgc/v": self.v}
