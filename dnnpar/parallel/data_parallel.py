@@ -287,8 +287,8 @@ class DataParallel:
                 view[...] = 0
                 lname, pname = s.name.rsplit(".", 1)
                 st["layers"][lname].grads[pname] = view
+        t0 = time.perf_counter()  # from here on communication is exposed: nothing else runs
         self._start_ready(every=True)
-        t0 = time.perf_counter()
         self.comm.wait(st["handles"], f"allreduce of {len(self.buckets)} gradient bucket(s), "
                                       f"{self.buckets.grad.nbytes:,} bytes")
         t1 = time.perf_counter()
