@@ -38,8 +38,9 @@ and only rank 0 prints, evaluates and writes checkpoints.
 
 Run it with ``mpiexec -n N dnnpar train --parallel data ...``. Fault injection for the tests:
 ``fail={"rank": r, "step": k, "how": "kill" | "hang" | "hang-in-backward"}`` makes rank r die
-(SIGKILL) or stop answering at step k (before its forward pass, or in backward right after it
-started its first bucket). A dead rank is reported by mpiexec, which ends the job; a silent one
+(SIGKILL) or stop answering at step k (before its forward pass, or in the backward pass of its
+last micro-batch, after the first layer's hook: with overlap, the buckets that layer completed
+are in flight). A dead rank is reported by mpiexec, which ends the job; a silent one
 makes the others raise :class:`CommTimeoutError` within the communicator's timeout, and the job
 is aborted with that message.
 """
@@ -254,6 +255,8 @@ class DataParallel:
         if st["last"] and self.overlap:
             self._start_ready()
         self._progress()
+        if st["last"]:
+            self._maybe_fail("hang-in-backward")
 
     def _start_ready(self, every: bool = False) -> None:
         """Start, in bucket order, each bucket whose gradients are all written (``every``: all)."""
@@ -265,8 +268,6 @@ class DataParallel:
             st["handles"].append(self.hook.start(self.comm, self.buckets.views[i]))
             st["next"] += 1
             self.started_in_backward += st["in_backward"]
-            if st["in_backward"]:
-                self._maybe_fail("hang-in-backward")
 
     def _progress(self) -> None:
         """Test the buckets in flight (MPI progresses them only in MPI calls); note when all are done."""
@@ -302,16 +303,6 @@ class DataParallel:
         self.bytes_sent += sum(self.hook.bytes_sent(v, self.size) for v in self.buckets.views)
         self.steps += 1
         self._step = None
-
-    def allreduce_grads(self, model, share: float) -> None:
-        """One step of gradients already in ``model``'s grads (one micro-batch, no overlap): sum
-        ``share * grad`` over the ranks into every rank's gradients."""
-        self.begin_step(model)
-        self.begin_micro(share, True)
-        for lname, layer in model.layers:
-            if layer.params:
-                self._on_grads(lname, layer)
-        self.finish_step()
 
     def evaluate(self, model, x, y) -> float:
         """Test accuracy with the test set split over the ranks (every rank holds the same
