@@ -194,6 +194,9 @@ class ParallelBench:
                 "exposed_ms_per_step": 1e3 * exposed, "hidden_in_run": C.median([r["overlap_fraction"] for r in rs]),
                 "exposed_vs_no_overlap": exposed / exposed_off if exposed_off > 0 else float("nan"),
                 "buckets": rs[0]["buckets"]})
+        # paired: each overlap run against the no-overlap run beside it (the load drifts between pairs)
+        ratios = [on["images_s"] / off["images_s"] for on, off in zip(runs[1], runs[0])]
+        self.overlap_pairs = {"images_s_ratio_median": C.median(ratios), "min": min(ratios), "max": max(ratios)}
         self.meta["overlap workload"] = (f"{a.model}, 2 ranks, batch {a.batch_size} per rank, {a.ab_bucket_mb:g} MiB "
                                          f"buckets, 1 epoch per run, {a.overlap_ab} interleaved pairs")
 
@@ -275,6 +278,9 @@ class ParallelBench:
                   f"{r['images_s_max']:,.0f})", f"{r['comm_ms_per_step']:.2f}", f"{r['exposed_ms_per_step']:.2f}",
                   f"{100 * r['hidden_in_run']:.0f}%", f"{r['exposed_vs_no_overlap']:.2f}"] for r in self.overlap_rows],
                 {1, 2, 3, 4, 5, 6})
+            pr = self.overlap_pairs
+            notes.append(f"images/s with overlap / without, pair by pair: median {pr['images_s_ratio_median']:.3f} "
+                         f"(min {pr['min']:.3f}, max {pr['max']:.3f}).")
             notes.append("in flight: time some bucket's allreduce was running (seen at layer boundaries and in the "
                          "wait); exposed: waited for after backward; hidden = 1 - exposed / in flight.")
         return notes
@@ -286,7 +292,8 @@ class ParallelBench:
         md = C.render_markdown(self.header(), self.COLUMNS, self.cells(), {1, 2, 3, 4, 5}, self.footnotes())
         return C.write_report(out_dir, "parallel", md, {"meta": self.meta, "rows": self.rows,
                                                         "split": getattr(self, "split_rows", None),
-                                                        "overlap": getattr(self, "overlap_rows", None)})
+                                                        "overlap": getattr(self, "overlap_rows", None),
+                                                        "overlap_pairs": getattr(self, "overlap_pairs", None)})
 
 
 #: --strategies name -> the row label
