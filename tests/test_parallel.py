@@ -411,6 +411,25 @@ class _Solo:
     name, rank, size, timeout = "solo", 0, 1, 1.0
 
 
+def test_a_step_that_raises_leaves_no_hook_on_the_model():
+    """A diverging step (a NaN image: the loss is not finite) re-raises on one rank, and the model's
+    backward no longer writes into the run's buckets afterwards."""
+    from dnnpar.data import fashion_mnist
+    from dnnpar.parallel.data_parallel import run_data_parallel
+    from dnnpar.train import TrainConfig
+
+    d = fashion_mnist.load(None, "embedded")
+    x = d.x_train[:64].copy()
+    x[40] = np.nan  # in the third batch of 16
+    d = fashion_mnist.Dataset(x, d.y_train[:64], d.x_test[:10], d.y_test[:10], d.source)
+    with dp.use_backend("numpy"):
+        m = build("lenet300", seed=0)
+        cfg = TrainConfig(model="lenet300", epochs=1, batch_size=8, schedule="constant")
+        with pytest.raises(FloatingPointError, match="the loss became nan at epoch 1, batch"):
+            run_data_parallel(cfg, _OneRank([]), accumulate=2, data=d, model=m, progress=False, out=lambda *a: None)
+    assert m.grad_hook is None
+
+
 def test_bad_input_is_a_clear_error():
     from dnnpar.parallel.comm import make_communicator
 

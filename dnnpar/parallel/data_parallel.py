@@ -10,7 +10,7 @@ statistics) are per rank, computed from each rank's own micro-batches, as in PyT
 SyncBatchNorm: a model with BatchNorm is not bit-for-bit the single-process one.
 
 **Gradients as bucket views.** The gradients live in one flat float32 vector (laid out as
-:class:`~dnnpar.parallel.flat.ParamLayout`, layer order); :class:`Buckets` are contiguous slices
+:class:`~dnnpar.parallel.flat.ParamLayout`, layer order; float32 is the only parameter dtype); :class:`Buckets` are contiguous slices
 of it of at most ``bucket_mb`` MiB, numbered from the last layer back, the order backward writes
 them. The model's ``grad_hook`` (:class:`dnnpar.nn.base.Graph`) sees each layer's fresh gradient
 once: it is scaled by the rank's share of the global batch straight into its view (one pass;
@@ -304,6 +304,12 @@ class DataParallel:
         self.steps += 1
         self._step = None
 
+    def abandon_step(self) -> None:
+        """A step that raised: the model's backward no longer feeds the buckets."""
+        if self._step is not None:
+            self._step["model"].grad_hook = None
+            self._step = None
+
     def evaluate(self, model, x, y) -> float:
         """Test accuracy with the test set split over the ranks (every rank holds the same
         parameters): the ranks stay in step, so none waits on a collective while rank 0 scores."""
@@ -375,6 +381,7 @@ def run_data_parallel(cfg, comm: Communicator | None = None, bucket_mb: float = 
         if report is not None and par.is_root:
             Path(report).write_text(json.dumps(par.report(history), indent=1) + "\n")
     except BaseException as e:  # noqa: BLE001 - a rank that stops must take the job down, not hang it
+        par.abandon_step()
         if par.size > 1:
             par.comm.abort(f"{type(e).__name__}: {e}; aborting all {par.size} ranks")
         raise
