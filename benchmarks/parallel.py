@@ -6,6 +6,7 @@ AlexNet's model-parallel and hybrid splits, measured side by side in one run.
     python benchmarks/parallel.py                 # lenet300 on the embedded subset, 1 / 2 / 4 workers
     python benchmarks/parallel.py --quick         # one epoch, fewer sizes (a couple of minutes)
     python benchmarks/parallel.py --model lenet5 --subset full --epochs 2
+    python benchmarks/parallel.py --model lenet5 --strategies --no-split --overlap-ab 5   # overlap A/B only
 
 Every worker process runs with one BLAS thread (OPENBLAS_NUM_THREADS=1 and friends), so the
 scaling measures the parallel strategy and not BLAS threading; the 1-worker row is the same
@@ -69,6 +70,9 @@ def worker(argv) -> int:
     ap.add_argument("--mode", default="model")
     ap.add_argument("--in-size", type=int, default=227)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--overlap", type=int, default=1, help="data: 1 start buckets from backward, 0 after it")
+    ap.add_argument("--accumulate", type=int, default=1)
+    ap.add_argument("--bucket-mb", type=float, default=None)
     a = ap.parse_args(argv)
     import dnnpar as dp
     from dnnpar.parallel.comm import MPICommunicator
@@ -81,14 +85,19 @@ def worker(argv) -> int:
 
         cfg = TrainConfig(model=a.model, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, subset=a.subset,
                           data_dir=a.data_dir, schedule="constant")
+        from dnnpar.parallel.data_parallel import DEFAULT_BUCKET_MB
+
         t0 = time.perf_counter()
-        _, hist, par = run_data_parallel(cfg, comm, progress=False, out=lambda *x: None)
+        _, hist, par = run_data_parallel(cfg, comm, bucket_mb=a.bucket_mb or DEFAULT_BUCKET_MB,
+                                         accumulate=a.accumulate, overlap=bool(a.overlap), progress=False,
+                                         out=lambda *x: None)
         wall = time.perf_counter() - t0
         if comm.rank == 0:
-            rec = hist.records[-1]
-            images = sum(r.images_per_s * r.seconds for r in hist.records)
-            print(RESULT + json.dumps({"images_s": images / sum(r.seconds for r in hist.records),
-                                       "test_acc": rec.test_acc, "wall_s": wall, "comm_s": par.comm_seconds,
+            rep = par.report(hist)
+            print(RESULT + json.dumps({"images_s": rep["images_per_s"], "test_acc": rep["final_accuracy"],
+                                       "wall_s": wall, "comm_s": par.comm_seconds, "exposed_s": par.exposed_seconds,
+                                       "overlap_fraction": rep["overlap_fraction"], "steps": par.steps,
+                                       "buckets": rep["buckets"],
                                        "bytes_per_step": par.bytes_reduced / max(par.steps, 1)}), flush=True)
         return 0
     # split: AlexNet (two columns, dropout off), one forward + backward per step
@@ -159,6 +168,37 @@ class ParallelBench:
                     print(f"  {strategy} x{n}: {self.rows[-1]['error']}", flush=True)
         if a.split:
             self.measure_split()
+        if a.overlap_ab:
+            self.measure_overlap()
+
+    def measure_overlap(self):
+        """Sync data parallel on 2 ranks with buckets started from backward against all of them after
+        it: the pairs interleaved, ``--overlap-ab`` times, medians (and ranges: the noise)."""
+        a = self.args
+        common = ["data", "--model", a.model, "--subset", a.subset, "--epochs", "1", "--batch-size",
+                  str(a.batch_size), "--lr", str(a.lr), "--bucket-mb", str(a.ab_bucket_mb)] + (
+                     ["--data-dir", a.data_dir] if a.data_dir else [])
+        runs = {1: [], 0: []}
+        for _ in range(a.overlap_ab):
+            for ov in (1, 0):
+                runs[ov].append(_run_worker(2, common + ["--overlap", str(ov)]))
+        self.overlap_rows = []
+        exposed_off = C.median([r["exposed_s"] / r["steps"] for r in runs[0]])
+        for ov, label in ((1, "from backward (--overlap)"), (0, "after backward (--no-overlap)")):
+            rs = runs[ov]
+            img = [r["images_s"] for r in rs]
+            exposed = C.median([r["exposed_s"] / r["steps"] for r in rs])
+            self.overlap_rows.append({
+                "allreduce": label, "images_s": C.median(img), "images_s_min": min(img), "images_s_max": max(img),
+                "comm_ms_per_step": 1e3 * C.median([r["comm_s"] / r["steps"] for r in rs]),
+                "exposed_ms_per_step": 1e3 * exposed, "hidden_in_run": C.median([r["overlap_fraction"] for r in rs]),
+                "exposed_vs_no_overlap": exposed / exposed_off if exposed_off > 0 else float("nan"),
+                "buckets": rs[0]["buckets"]})
+        # paired: each overlap run against the no-overlap run beside it (the load drifts between pairs)
+        ratios = [on["images_s"] / off["images_s"] for on, off in zip(runs[1], runs[0])]
+        self.overlap_pairs = {"images_s_ratio_median": C.median(ratios), "min": min(ratios), "max": max(ratios)}
+        self.meta["overlap workload"] = (f"{a.model}, 2 ranks, batch {a.batch_size} per rank, {a.ab_bucket_mb:g} MiB "
+                                         f"buckets, 1 epoch per run, {a.overlap_ab} interleaved pairs")
 
     def measure(self, strategy: str, n: int, common: list[str]) -> dict:
         a = self.args
@@ -229,6 +269,20 @@ class ParallelBench:
             notes += C.text_table(("split", "ranks", "ms / step", "MB sent per rank per step"),
                                   [[s, str(n), f"{ms:,.0f}", f"{b / 1e6:,.2f}"] for s, n, ms, b in self.split_rows],
                                   {1, 2, 3})
+        if getattr(self, "overlap_rows", None):
+            notes.append("")
+            notes += C.text_table(
+                ("allreduce", "buckets", "images/s (min-max)", "in flight ms/step", "exposed ms/step",
+                 "hidden (in run)", "exposed / no-overlap's"),
+                [[r["allreduce"], str(r["buckets"]), f"{r['images_s']:,.0f} ({r['images_s_min']:,.0f}-"
+                  f"{r['images_s_max']:,.0f})", f"{r['comm_ms_per_step']:.2f}", f"{r['exposed_ms_per_step']:.2f}",
+                  f"{100 * r['hidden_in_run']:.0f}%", f"{r['exposed_vs_no_overlap']:.2f}"] for r in self.overlap_rows],
+                {1, 2, 3, 4, 5, 6})
+            pr = self.overlap_pairs
+            notes.append(f"images/s with overlap / without, pair by pair: median {pr['images_s_ratio_median']:.3f} "
+                         f"(min {pr['min']:.3f}, max {pr['max']:.3f}).")
+            notes.append("in flight: time some bucket's allreduce was running (seen at layer boundaries and in the "
+                         "wait); exposed: waited for after backward; hidden = 1 - exposed / in flight.")
         return notes
 
     def text(self):
@@ -237,7 +291,9 @@ class ParallelBench:
     def write(self, out_dir: Path):
         md = C.render_markdown(self.header(), self.COLUMNS, self.cells(), {1, 2, 3, 4, 5}, self.footnotes())
         return C.write_report(out_dir, "parallel", md, {"meta": self.meta, "rows": self.rows,
-                                                        "split": getattr(self, "split_rows", None)})
+                                                        "split": getattr(self, "split_rows", None),
+                                                        "overlap": getattr(self, "overlap_rows", None),
+                                                        "overlap_pairs": getattr(self, "overlap_pairs", None)})
 
 
 #: --strategies name -> the row label
@@ -256,9 +312,13 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
-    ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES, metavar="STRATEGY",
+    ap.add_argument("--strategies", nargs="*", default=list(STRATEGIES), choices=STRATEGIES, metavar="STRATEGY",
                     help="any of: " + "; ".join(f"{k} = {v}" for k, v in STRATEGIES.items()))
     ap.add_argument("--no-split", dest="split", action="store_false", help="skip the AlexNet model / hybrid rows")
+    ap.add_argument("--overlap-ab", type=int, default=0, metavar="PAIRS",
+                    help="also time sync data parallel on 2 ranks with the allreduce overlapped with backward "
+                         "against after it, PAIRS interleaved runs each")
+    ap.add_argument("--ab-bucket-mb", type=float, default=0.25, help="bucket size for --overlap-ab")
     ap.add_argument("--quick", action="store_true", help="1 epoch, 1 and 2 workers, the small AlexNet")
     ap.add_argument("--out", default="bench-out")
     args = ap.parse_args(argv)

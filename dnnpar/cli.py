@@ -209,6 +209,9 @@ def _train(args) -> int:
         # their workers start from the model's initialisation: refuse rather than ignore
         raise ValueError(f"--resume is not supported with --parallel {args.parallel} (it continues a "
                          "single-process or --parallel data run)")
+    if args.parallel != "data" and (args.accumulate != 1 or not args.overlap or args.report):
+        raise ValueError(f"--accumulate, --no-overlap and --report are options of --parallel data, not of "
+                         f"--parallel {args.parallel}")
     if args.parallel in ("hogwild", "ps") and (args.onnx or args.data):
         raise ValueError(f"--parallel {args.parallel} trains zoo models on Fashion-MNIST: --onnx and --data train "
                          "with --parallel none or data")
@@ -277,11 +280,13 @@ def _train_data_parallel(args, cfg, model, data) -> int:
         if note:
             _say(note)
     bucket_mb = DEFAULT_BUCKET_MB if args.bucket_mb is None else args.bucket_mb
-    _, _, par = run_data_parallel(cfg, comm, bucket_mb=bucket_mb, checkpoint=checkpoint, resume=args.resume,
-                                  plot=args.plot, progress=not args.quiet, model=model, data=data)
+    _, _, par = run_data_parallel(cfg, comm, bucket_mb=bucket_mb, accumulate=args.accumulate, overlap=args.overlap,
+                                  report=args.report, checkpoint=checkpoint, resume=args.resume, plot=args.plot,
+                                  progress=not args.quiet, model=model, data=data)
     if par.is_root:
         print(f"checkpoint: {checkpoint}; allreduce: {par.bytes_reduced / 2**20:,.1f} MiB in {par.steps} steps, "
-              f"{par.comm_seconds:.2f} s on rank 0")
+              f"{par.comm_seconds:.2f} s in flight on rank 0, {100 * par.overlap_fraction():.0f}% of it hidden "
+              "behind backward" + (f"; report: {args.report}" if args.report else ""))
     return 0
 
 
@@ -584,6 +589,14 @@ def build_parser() -> ArgumentParser:
     par.add_argument("--bucket-mb", type=ck.positive_float, default=None,
                      help="data: gradient bucket size in MiB for the fused allreduce (None: 4; keep it under 32: "
                           "above, glibc maps MPI's temporary buffer anew, page faults and all, on every call)")
+    par.add_argument("--accumulate", type=ck.positive_int, default=1, metavar="K",
+                     help="data: K micro-batches of --batch-size per step, one gradient reduction (DDP's no_sync)")
+    par.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
+                     help="data: start each gradient bucket's allreduce as soon as backward has written it "
+                          "(--no-overlap: all of them after backward)")
+    par.add_argument("--report", type=ck.writable_file, default=None, metavar="FILE.json",
+                     help="data: write final_accuracy, grad_bytes_per_step, dense_grad_bytes_per_step, "
+                          "comm_seconds, overlap_fraction, images_per_s (rank 0's) as JSON")
     par.add_argument("--timeout", type=ck.positive_float, default=None,
                      help="data: seconds a collective may wait for a rank before the job is aborted "
                           "(None: $DNNPAR_COMM_TIMEOUT, else 120)")

@@ -222,8 +222,9 @@ def train(cfg: TrainConfig, checkpoint=None, resume: bool = False, plot=None, pr
     ``optimizer``: a prebuilt optimizer with ``lr``, ``step()`` and ``state()`` (default: SGD from
     ``cfg``); Deep Compression retrains with masked SGD and with centroid SGD.
     ``parallel``: a :class:`dnnpar.parallel.data_parallel.DataParallel` (synchronous data parallel
-    over MPI / NCCL): ``cfg.batch_size`` is then the batch of each rank, every step's gradients
-    are summed over the ranks, and only rank 0 prints, evaluates and writes checkpoints.
+    over MPI / NCCL): ``cfg.batch_size`` is then the batch of each rank (of each micro-batch, with
+    ``accumulate``), every step's gradients are summed over the ranks (overlapped with backward),
+    and only rank 0 prints, evaluates and writes checkpoints.
     ``cfg.backend`` is active for the run and the previous backend is restored afterwards."""
     cfg.validate()
     if cfg.backend:
@@ -267,19 +268,22 @@ def train(cfg: TrainConfig, checkpoint=None, resume: bool = False, plot=None, pr
         t0, seen, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
         for i, (xb, yb) in enumerate(fashion_mnist.batches(data.x_train, data.y_train, step_batch,
                                                             seed=cfg.seed, epoch=epoch), 1):
-            share = 1.0
+            # data parallel: this rank's micro-batches, its gradients summed over the ranks from backward on
+            parts = [(xb, yb, 1.0)] if parallel is None else parallel.micro_batches(xb, yb)
             if parallel is not None:
-                xb, yb, share = parallel.shard(xb, yb)
-            loss = 0.0
-            if len(yb):
-                loss, logits = forward_backward(model, loss_fn, be.asarray(xb), be.asarray(yb),
-                                                f"at epoch {epoch}, batch {i} (lr {opt.lr:g})")
-                correct += int((be.to_numpy(logits).argmax(axis=1) == yb).sum())
+                parallel.begin_step(model)
+            for k, (x, y, share) in enumerate(parts):
+                if parallel is not None:
+                    parallel.begin_micro(share, last=k == len(parts) - 1)
+                if len(y):
+                    loss, logits = forward_backward(model, loss_fn, be.asarray(x), be.asarray(y),
+                                                    f"at epoch {epoch}, batch {i} (lr {opt.lr:g})")
+                    correct += int((be.to_numpy(logits).argmax(axis=1) == y).sum())
+                    seen += len(y)
+                    loss_sum += loss * len(y)
             if parallel is not None:
-                parallel.allreduce_grads(model, share)  # a rank with no samples adds share 0
+                parallel.finish_step()  # a rank with no samples adds zeros
             opt.step()
-            seen += len(yb)
-            loss_sum += loss * len(yb)
             bar.update(i, loss_sum / max(seen, 1))
         be.synchronize()
         seconds = time.perf_counter() - t0

@@ -60,6 +60,19 @@ def test_resume_is_refused_where_it_cannot_apply(strategy, capsys):
     assert f"--resume is not supported with --parallel {strategy}" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("strategy,flag", [("none", ["--accumulate", "2"]), ("hogwild", ["--no-overlap"]),
+                                           ("ps", ["--report", "r.json"])])
+def test_data_parallel_options_are_refused_elsewhere(strategy, flag, capsys, tmp_path, monkeypatch):
+    from dnnpar.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--subset", "embedded", "--epochs", "1", "--parallel", strategy, *flag]) == 2
+    err = capsys.readouterr().err
+    assert (f"--accumulate, --no-overlap and --report are options of --parallel data, not of --parallel {strategy}"
+            in err and "Traceback" not in err)
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_unreachable_ray_address_is_a_clean_error(capsys):
     from dnnpar.cli import main
 

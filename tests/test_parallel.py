@@ -1,5 +1,6 @@
 """Synchronous data parallelism over real MPI (mpiexec + mpi4py): N ranks at batch b follow one
 rank at batch N*b; a dead or silent rank ends the job with an error; bucketing; bad input."""
+import json
 import os
 import subprocess
 import sys
@@ -14,16 +15,16 @@ import dnnpar as dp
 from dnnpar.nn.models import build
 from dnnpar.nn.optim import SGD
 from oracles import assert_reordered_close, longest_sum, reorder_tolerance
-from dnnpar.parallel.flat import ParamLayout
 
 pytest.importorskip("mpi4py", reason="the data-parallel tests need mpi4py: pip install 'dnnpar[dist]'")
-from dnnpar.parallel.comm import mpi_env, mpiexec  # noqa: E402
-from dnnpar.parallel.data_parallel import Buckets, DataParallel  # noqa: E402
+from dnnpar.parallel.comm import Communicator, mpi_env, mpiexec  # noqa: E402
+from dnnpar.parallel.data_parallel import DataParallel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # One rank of a run: train `steps` global batches of a slice of the embedded set, then rank 0
-# writes the final parameters. Arguments: model batch steps extra n_out out_path [fail_json].
+# writes the final parameters. Arguments: model batch steps extra out_path [options_json]; options:
+# fail, accumulate (micro-batches per step), overlap.
 WORKER = textwrap.dedent('''
     import json, os, sys
     import numpy as np
@@ -32,15 +33,16 @@ WORKER = textwrap.dedent('''
     from dnnpar.parallel.comm import MPICommunicator
     from dnnpar.parallel.data_parallel import run_data_parallel
     model, batch, steps, extra, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-    fail = json.loads(sys.argv[6]) if len(sys.argv) > 6 else None
+    opts = json.loads(sys.argv[6]) if len(sys.argv) > 6 else {}
+    k = opts.get("accumulate", 1)
     comm = MPICommunicator(timeout=float(os.environ.get("TEST_TIMEOUT", "60")))
     d = fashion_mnist.load(None, "embedded")
-    n = steps * batch * comm.size + extra  # `extra` samples make a short last batch
+    n = steps * batch * k * comm.size + extra  # `extra` samples make a short last batch
     d = fashion_mnist.Dataset(d.x_train[:n], d.y_train[:n], d.x_test[:200], d.y_test[:200], d.source)
     cfg = TrainConfig(model=model, epochs=1, batch_size=batch, lr=0.01, momentum=0.9, weight_decay=5e-4,
                       schedule="constant", seed=3)
-    m, hist, par = run_data_parallel(cfg, comm, bucket_mb=0.05, fail=fail, data=d, progress=False,
-                                     out=lambda *a: None)
+    m, hist, par = run_data_parallel(cfg, comm, bucket_mb=0.05, fail=opts.get("fail"), accumulate=k,
+                                     overlap=opts.get("overlap", True), data=d, progress=False, out=lambda *a: None)
     if comm.rank == 0:
         np.savez(out, **{k: v for k, v in m.state_dict().items()}, loss=hist.records[-1].loss,
                  buckets=len(par.buckets))
@@ -76,9 +78,10 @@ class _RecordingSGD(SGD):
         super().step()
 
 
-def _single(model, batch, steps, extra, nranks):
-    """The reference: one process, no MPI, batch nranks * batch, same data and seed. Returns the
-    final parameters, the last loss and, per parameter, how far float32 reordering may move it."""
+def _single(model, batch, steps, extra, nranks, accumulate=1):
+    """The reference: one process, no MPI, batch nranks * batch (``batch`` = the ranks' micro-batch
+    times ``accumulate``), same data and seed. Returns the final parameters, the last loss and, per
+    parameter, how far float32 reordering may move it."""
     from dnnpar.data import fashion_mnist
     from dnnpar.train import TrainConfig, train, build_model
 
@@ -92,7 +95,8 @@ def _single(model, batch, steps, extra, nranks):
         opt = _RecordingSGD(m, cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay)
         m, hist = train(cfg, data=d, model=m, optimizer=opt, progress=False, out=lambda *a: None)
     sums, depth = longest_sum(m, batch * nranks)
-    tol = reorder_tolerance(sums, depth + 1)  # + 1: the allreduce's sum over ranks
+    # + 1: the allreduce's sum over ranks; + 1 more: the sum over micro-batches
+    tol = reorder_tolerance(sums, depth + 1 + (accumulate > 1))
     return m.state_dict(), hist.records[-1].loss, {k: _param_bound(v, cfg, tol) for k, v in opt.scales.items()}
 
 
@@ -107,14 +111,18 @@ def _param_bound(scales, cfg, tol):
     return total
 
 
-@pytest.mark.parametrize("model,nranks,extra", [("lenet300", 2, 0), ("lenet300", 4, 7), ("lenet5", 2, 5)])
-def test_n_ranks_at_batch_b_equal_one_rank_at_batch_nb(tmp_path, model, nranks, extra):
+@pytest.mark.parametrize("model,nranks,extra,accumulate", [("lenet300", 2, 0, 1), ("lenet300", 4, 7, 1),
+                                                             ("lenet5", 2, 5, 1), ("lenet300", 4, 7, 2),
+                                                             ("lenet5", 2, 5, 3)])
+def test_n_ranks_at_batch_b_equal_one_rank_at_batch_nb(tmp_path, model, nranks, extra, accumulate):
+    """N ranks of K micro-batches of b follow one rank at batch N*K*b (so K x b equals K*b); a short
+    last batch (`extra`) leaves some ranks' first micro-batches empty."""
     batch, steps = 8, 6
     out = tmp_path / "params.npz"
-    r, _ = _run(tmp_path, nranks, [model, batch, steps, extra, out])
+    r, _ = _run(tmp_path, nranks, [model, batch, steps, extra, out, json.dumps({"accumulate": accumulate})])
     assert r.returncode == 0, r.stderr[-3000:]
     got = np.load(out)
-    want, want_loss, bound = _single(model, batch, steps, extra, nranks)
+    want, want_loss, bound = _single(model, batch * accumulate, steps, extra, nranks, accumulate)
     assert int(got["buckets"]) > 1  # 0.05 MiB buckets: the fused path with several buckets
     for k, w in want.items():
         err = float(np.max(np.abs(got[k].astype(np.float64) - w)))
@@ -123,7 +131,7 @@ def test_n_ranks_at_batch_b_equal_one_rank_at_batch_nb(tmp_path, model, nranks, 
         start = build(model, seed=3).state_dict()  # the runs' initial parameters (TrainConfig seed 3)
     moved = max(float(np.abs(want[k] - start[k]).max()) for k in want)
     assert moved > 1e-3  # the steps really trained: equal parameters are not just equal initialisations
-    n, depth = longest_sum(build(model), batch * nranks)
+    n, depth = longest_sum(build(model), batch * accumulate * nranks)
     assert_reordered_close(got["loss"], np.float64(want_loss), n, steps * depth, "mean loss")
 
 
@@ -255,45 +263,171 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
         np.testing.assert_array_equal(resumed[k], straight[k], err_msg=k)
 
 
-@pytest.mark.parametrize("how", ["kill", "hang"])
-def test_a_dead_or_silent_rank_ends_the_job_with_an_error(tmp_path, how):
+@pytest.mark.parametrize("how,overlap", [("kill", True), ("hang", False), ("hang-in-backward", True)])
+def test_a_dead_or_silent_rank_ends_the_job_with_an_error(tmp_path, how, overlap):
+    """Killed, silent before its step, or silent in backward with its first bucket in flight
+    (overlap): the job ends with an error within the communicator's timeout."""
     out = tmp_path / "params.npz"
-    r, seconds = _run(tmp_path, 2, ["lenet300", 8, 40, 0, out, f'{{"rank": 1, "step": 3, "how": "{how}"}}'],
-                      timeout=120, extra_env={"TEST_TIMEOUT": "8"})
+    opts = {"fail": {"rank": 1, "step": 3, "how": how}, "overlap": overlap}
+    r, seconds = _run(tmp_path, 2, ["lenet300", 8, 40, 0, out, json.dumps(opts)], timeout=120,
+                      extra_env={"TEST_TIMEOUT": "8"})
     assert r.returncode != 0
     assert not out.exists()
     if how == "kill":  # mpiexec notices the dead rank and ends the job
         assert "BAD TERMINATION" in r.stdout + r.stderr and "signal 9" in r.stdout + r.stderr
-    if how == "hang":  # rank 0 times out, names the problem and aborts the job (rank 1 included)
+    else:  # rank 0 times out, names the problem and aborts the job (rank 1 included)
         assert "CommTimeoutError" in r.stderr and "did not complete within 8 s" in r.stderr, r.stderr[-2000:]
         assert "aborting all 2 ranks" in r.stderr
     assert seconds < 60
 
 
-def test_buckets_pack_and_unpack_round_trip(rng):
+# One job, two runs of the same training: buckets started from backward (overlap) and all after it.
+# Rank 0 writes both runs' parameters and their counters. Arguments: model batch steps accumulate out.
+OVERLAP_WORKER = textwrap.dedent('''
+    import sys
+    import numpy as np
+    from dnnpar.data import fashion_mnist
+    from dnnpar.train import TrainConfig
+    from dnnpar.parallel.comm import MPICommunicator
+    from dnnpar.parallel.data_parallel import run_data_parallel
+    model, batch, steps, k, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+    comm = MPICommunicator(timeout=60)
+    d = fashion_mnist.load(None, "embedded")
+    n = steps * batch * k * comm.size + 3  # a short last batch too
+    d = fashion_mnist.Dataset(d.x_train[:n], d.y_train[:n], d.x_test[:100], d.y_test[:100], d.source)
+    cfg = TrainConfig(model=model, epochs=1, batch_size=batch, lr=0.01, momentum=0.9, weight_decay=5e-4,
+                      schedule="constant", seed=3)
+    saved = {}
+    for overlap in (True, False):
+        m, hist, par = run_data_parallel(cfg, comm, bucket_mb=0.01, accumulate=k, overlap=overlap, data=d,
+                                         progress=False, out=lambda *a: None)
+        tag = "on" if overlap else "off"
+        saved.update({f"{tag}/{name}": v for name, v in m.state_dict().items()})
+        saved.update({f"{tag}:started_in_backward": par.started_in_backward, f"{tag}:steps": par.steps,
+                      f"{tag}:buckets": len(par.buckets), f"{tag}:fraction": par.overlap_fraction(),
+                      f"{tag}:comm": par.comm_seconds, f"{tag}:exposed": par.exposed_seconds})
+    if comm.rank == 0:
+        np.savez(out, **saved)
+''')
+
+
+@pytest.mark.parametrize("model,nranks,accumulate", [("lenet5", 2, 1), ("lenet300", 4, 2)])
+def test_overlapped_allreduce_gives_the_same_parameters_as_after_backward(tmp_path, model, nranks, accumulate):
+    """Buckets started from backward sum the same buffers as buckets started after it: the same
+    parameters bit for bit (a rank without samples in the last step too); and with overlap every
+    bucket of every step with a backward pass really began in it."""
+    script, out = tmp_path / "overlap.py", tmp_path / "both.npz"
+    script.write_text(OVERLAP_WORKER)
+    r = subprocess.run(mpiexec(nranks) + [sys.executable, str(script), model, "8", "4", str(accumulate), str(out)],
+                       env=_env(), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = np.load(out)
+    names = [k[3:] for k in got.files if k.startswith("on/")]
+    assert names and len(names) == len([k for k in got.files if k.startswith("off/")])
+    for name in names:
+        np.testing.assert_array_equal(got[f"on/{name}"], got[f"off/{name}"], err_msg=name)
+    steps, buckets = int(got["on:steps"]), int(got["on:buckets"])
+    assert steps == 5 and buckets > 3 and int(got["off:steps"]) == steps
+    # the short last batch of 3 leaves rank 0 of 4 without samples: it has no backward to start from
+    assert int(got["on:started_in_backward"]) == (steps - (3 // nranks == 0)) * buckets
+    assert int(got["off:started_in_backward"]) == 0
+    assert float(got["off:fraction"]) == 0.0  # nothing overlapped: all of it was waited for
+    assert 0.0 <= float(got["on:fraction"]) <= 1.0 and 0 < float(got["on:exposed"]) <= float(got["on:comm"])
+
+
+class _OneRank(Communicator):
+    """A communicator of one rank (the sum over ranks is the buffer itself) that logs its starts."""
+    name = "one"
+
+    def __init__(self, events):
+        super().__init__(0, 1, 1.0)
+        self.events = events
+
+    def allreduce_sum(self, buffers):
+        pass
+
+    def bcast(self, buf, root=0):
+        pass
+
+    def allreduce_scalars(self, values):
+        return np.asarray(values, np.float64)
+
+    def start_allreduce_sum(self, buf):
+        self.events.append(("start", buf))
+        return super().start_allreduce_sum(buf)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_gradients_land_in_bucket_views_and_buckets_start_in_backward_order(rng, overlap):
+    """lenet5, 3 micro-batches of uneven sizes on one rank: the model's gradients end as views of
+    one flat vector (poisoned before), equal to one backward of the whole batch within the
+    reordering bound; buckets (contiguous, last layers first) start in order, from backward when
+    overlapping (before the first layer's gradients exist), after it otherwise."""
+    from dnnpar.nn import SoftmaxCrossEntropy
+    from dnnpar.train import forward_backward
+
     with dp.use_backend("numpy"):
-        m = build("lenet5", seed=1)
-        layout = ParamLayout(m)
-        for _, layer in m.layers:
-            for k, p in layer.params.items():
-                layer.grads[k] = rng.standard_normal(p.shape).astype(np.float32)
-        want = {n: g.copy() for n, _, g in m.named_parameters()}
-        b = Buckets(layout, 100_000, np)
-        assert len(b) > 1 and all(sum(s.size for s in g) * 4 <= 100_000 or len(g) == 1 for g in b.groups)
-        assert [s for g in b.groups for s in g] == list(layout.slots)
-        b.pack(want, 0.25)
-        for buf in b.buffers:
-            buf *= 4
-        for _, layer in m.layers:
-            layer.grads.clear()
-        b.unpack(m)
-        for n, _, g in m.named_parameters():
-            np.testing.assert_allclose(g, want[n], rtol=1e-6)
+        events = []
+        par = DataParallel(_OneRank(events), bucket_mb=0.02, accumulate=3, overlap=overlap)
+        m = build("lenet5", seed=int(rng.integers(1000)))
+        x = rng.standard_normal((11, 1, 28, 28)).astype(np.float32)
+        y = rng.integers(0, 10, 11)
+        loss_fn = SoftmaxCrossEntropy()
+        forward_backward(m, loss_fn, x, y)
+        want = {n: g.astype(np.float64) for n, _, g in m.named_parameters()}
+        par.setup(m)
+        b, layout = par.buckets, par.layout
+        assert len(b) > 2 and [s for g in reversed(b.groups) for s in g] == list(layout.slots)
+        assert b.groups[0][-1] == layout.slots[-1]  # bucket 0: the last layer's parameters
+        for g, v in zip(b.groups, b.views):
+            assert v.base is b.grad and v.size == sum(s.size for s in g) and (v.nbytes <= 0.02 * 2**20 or len(g) == 1)
+            assert v.__array_interface__["data"][0] == b.grad.__array_interface__["data"][0] + 4 * g[0].offset
+        b.grad[...] = np.nan
+        hooked = par._on_grads
+        par._on_grads = lambda lname, layer: (events.append(("layer", lname)), hooked(lname, layer))
+        parts = par.micro_batches(x, y)
+        assert [len(p[1]) for p in parts] == [3, 4, 4] and sum(p[2] for p in parts) == 1.0
+        par.begin_step(m)
+        for k, (xk, yk, share) in enumerate(parts):
+            par.begin_micro(share, last=k == 2)
+            forward_backward(m, loss_fn, xk, yk)
+        par.finish_step()
+        assert m.grad_hook is None  # outside a step backward leaves the buckets alone
+        starts = [i for i, e in enumerate(events) if e[0] == "start"]
+        assert len(starts) == len(b) and all(events[i][1] is v for i, v in zip(starts, b.views))  # in order
+        last_layer_event = max(i for i, e in enumerate(events) if e[0] == "layer")
+        if overlap:
+            assert starts[0] < last_layer_event < starts[-1]
+        else:
+            assert starts[0] > last_layer_event
+        n, depth = longest_sum(m, 11)
+        for name, _, g in m.named_parameters():
+            assert np.shares_memory(g, b.grad), name
+            assert_reordered_close(g, want[name], n, depth + 1, name)  # + 1: the sum over micro-batches
 
 
 class _Solo:
     """A communicator of one rank (no MPI): what DataParallel needs for its argument checks."""
     name, rank, size, timeout = "solo", 0, 1, 1.0
+
+
+def test_a_step_that_raises_leaves_no_hook_on_the_model():
+    """A diverging step (a NaN image: the loss is not finite) re-raises on one rank, and the model's
+    backward no longer writes into the run's buckets afterwards."""
+    from dnnpar.data import fashion_mnist
+    from dnnpar.parallel.data_parallel import run_data_parallel
+    from dnnpar.train import TrainConfig
+
+    d = fashion_mnist.load(None, "embedded")
+    x = d.x_train[:64].copy()
+    x[40] = np.nan  # in the third batch of 16
+    d = fashion_mnist.Dataset(x, d.y_train[:64], d.x_test[:10], d.y_test[:10], d.source)
+    with dp.use_backend("numpy"):
+        m = build("lenet300", seed=0)
+        cfg = TrainConfig(model="lenet300", epochs=1, batch_size=8, schedule="constant")
+        with pytest.raises(FloatingPointError, match="the loss became nan at epoch 1, batch"):
+            run_data_parallel(cfg, _OneRank([]), accumulate=2, data=d, model=m, progress=False, out=lambda *a: None)
+    assert m.grad_hook is None
 
 
 def test_bad_input_is_a_clear_error():
@@ -303,10 +437,20 @@ def test_bad_input_is_a_clear_error():
         make_communicator("gloo")
     with pytest.raises(ValueError, match="bucket-mb must be > 0"):
         DataParallel(_Solo(), bucket_mb=0)
+    with pytest.raises(ValueError, match="accumulate must be >= 1 micro-batches per step, got 0"):
+        DataParallel(_Solo(), accumulate=0)
+    with pytest.raises(TypeError, match="accumulate must be an integer, got 2.0"):
+        DataParallel(_Solo(), accumulate=2.0)
+    with pytest.raises(ValueError, match="'how' must be one of kill, hang, hang-in-backward, got 'crash'"):
+        DataParallel(_Solo(), fail={"rank": 0, "step": 1, "how": "crash"})
     par = DataParallel(_Solo())
     par.size = 4
     with pytest.raises(ValueError, match="4 ranks x batch 64 = 256 samples per step, but the training set has only 100"):
         par.check_data(100, 64)
+    par.accumulate = 3
+    with pytest.raises(ValueError, match="4 ranks x batch 8 x 3 micro-batches = 96 samples per step, but the "
+                                         "training set has only 95"):
+        par.check_data(95, 8)
     with pytest.raises(ValueError, match="at least one MPI rank"):
         mpiexec(0)
 
@@ -335,17 +479,28 @@ def test_poll_waits_for_done_and_times_out_with_the_timeout_error(timeout):
 
 
 def test_cli_runs_data_parallel_under_mpiexec(tmp_path):
-    ck = tmp_path / "ck.npz"
+    """2 ranks x 2 micro-batches of 16 (64 per step), overlapped, with a --report."""
+    ck, rep = tmp_path / "ck.npz", tmp_path / "report.json"
     r = subprocess.run(mpiexec(2) + [sys.executable, "-m", "dnnpar.cli", "train", "--parallel", "data", "--model",
-                                     "lenet300", "--subset", "embedded", "--epochs", "1", "--batch-size", "32",
-                                     "--lr", "0.05", "--checkpoint", str(ck), "--quiet"],
+                                     "lenet300", "--subset", "embedded", "--epochs", "1", "--batch-size", "16",
+                                     "--accumulate", "2", "--lr", "0.05", "--checkpoint", str(ck), "--report",
+                                     str(rep), "--quiet"],
                        env=_env(), capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "data parallel over 2 rank(s) (mpi)" in r.stdout
+    assert "allreduce overlapped with backward, 2 micro-batches per step; batch 16 per rank, 64 per step" in r.stdout
     assert r.stdout.count("training lenet300") == 1  # rank 0 alone prints
     acc = float(r.stdout.split("\n    1 ")[1].split("%")[1].split()[0])  # test accuracy of epoch 1
     assert acc > 60.0
     assert ck.exists()
+    got = json.loads(rep.read_text())
+    assert got["final_accuracy"] == pytest.approx(acc / 100, abs=5e-5)
+    assert got["strategy"] == "data" and got["ranks"] == 2 and got["accumulate"] == 2 and got["overlap"] is True
+    assert got["steps"] == -(-6000 // 64)  # the embedded set's 6,000 training images
+    # the dense hook sends the whole gradient: 2 (N-1)/N of 4 bytes per parameter
+    assert got["grad_bytes_per_step"] == got["dense_grad_bytes_per_step"] == 4 * build("lenet300").num_parameters()
+    assert 0 < got["exposed_comm_seconds"] <= got["comm_seconds"] and 0 <= got["overlap_fraction"] <= 1
+    assert got["images_per_s"] > 0
 
 
 def test_cli_data_parallel_trains_an_imported_graph_on_a_user_data_set(tmp_path, rng):

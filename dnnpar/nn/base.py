@@ -108,7 +108,12 @@ class Graph(Layer):
     ``forward(*xs)`` / ``backward(dy) -> tuple``. Backward sums the gradients of a tensor read by
     several nodes. ``input_shape`` (C, H, W) or (features,) lets the model check its input and
     lets :func:`dnnpar.nn.summary` account for every layer. ``model.layers`` lists ``(name,
-    layer)`` in order: parameters, buffers, checkpoints and compression work on it."""
+    layer)`` in order: parameters, buffers, checkpoints and compression work on it.
+
+    ``grad_hook``: None, or ``fn(name, layer)`` called by ``backward`` as soon as a layer with
+    parameters has written its ``grads`` (data parallel starts a bucket's allreduce there)."""
+
+    grad_hook = None
 
     def __init__(self, nodes, input_shape: tuple | None = None, name: str = "graph", output: str | None = None,
                  input_name: str = "input"):
@@ -183,6 +188,8 @@ class Graph(Layer):
             if g is None or not self._on_grad_path[lname]:
                 continue
             dxs = layer.backward(g)
+            if self.grad_hook is not None and layer.params:
+                self.grad_hook(lname, layer)
             ins = self.inputs_of[lname]
             if len(ins) == 1 or getattr(layer, "arity", 1) == 1:
                 dxs = (dxs,)

@@ -2,7 +2,8 @@
 
 - ``comm``           communicators: MPI (mpi4py) and NCCL (CuPy, bootstrapped over MPI), with a
                      watchdog so a dead or silent rank ends the job with an error, never a hang
-- ``data_parallel``  synchronous data parallel SGD: fused-bucket gradient allreduce
+- ``data_parallel``  synchronous data parallel SGD: gradients as bucket views, each bucket's allreduce
+                     started from backward; K micro-batches per step
 - ``hogwild``        lock-free asynchronous SGD over shared memory inside one machine
 - ``ps``             parameter server on Ray: sharded servers, BSP / SSP / ASP, fault tolerance
 - ``model_parallel`` AlexNet's two-column split over two ranks or devices, and the hybrid

@@ -3,6 +3,8 @@ GPUs, bootstrapped over MPI. One small interface, as in ChainerMN:
 
     comm = make_communicator("auto")        # NCCL when the backend is cuda, else MPI
     comm.allreduce_sum([buf1, buf2])        # in place, every buffer in flight at once
+    h = comm.start_allreduce_sum(buf)       # non-blocking: returns at once ...
+    comm.test([h]); comm.wait([h], "what")  # ... progress / completion (data parallel's overlap)
     comm.bcast(buf, root=0); comm.barrier()
 
 **No silent hang.** MPI collectives block forever when a peer has died or stopped answering.
@@ -51,6 +53,23 @@ class Communicator:
     def allreduce_sum(self, buffers) -> None:
         """Sum every buffer over the ranks, in place."""
         raise NotImplementedError
+
+    def start_allreduce_sum(self, buf) -> "Deferred":
+        """Begin summing ``buf`` over the ranks, in place; returns a handle for :meth:`test` and
+        :meth:`wait`. ``buf`` must not be written until the wait returns. This default defers
+        the whole sum to :meth:`wait` (one :meth:`allreduce_sum` of every deferred buffer): the
+        shape for a communicator without a tested non-blocking path (NCCL, below)."""
+        return Deferred(buf)
+
+    def test(self, handles) -> bool:
+        """Whether every handle's collective has completed; also moves MPI's forward (MPI
+        progresses a non-blocking collective only inside MPI calls). Never blocks."""
+        return not handles
+
+    def wait(self, handles, what: str) -> None:
+        """Until every handle's collective has completed, bounded by ``timeout`` (CommTimeoutError)."""
+        if handles:
+            self.allreduce_sum([h.buf for h in handles])
 
     def bcast(self, buf, root: int = 0) -> None:
         raise NotImplementedError
@@ -109,6 +128,23 @@ class Communicator:
         return f"{type(self).__name__}(rank={self.rank}, size={self.size}, timeout={self.timeout:g}s)"
 
 
+class Deferred:
+    """A sum not started yet: :meth:`Communicator.wait` runs it."""
+    __slots__ = ("buf",)
+
+    def __init__(self, buf):
+        self.buf = buf
+
+
+class MPIPending:
+    """One MPI non-blocking collective in flight: its request and its host buffer (a CuPy array
+    ``dev`` is staged through ``host`` and written back when the wait returns)."""
+    __slots__ = ("request", "host", "dev")
+
+    def __init__(self, request, host, dev):
+        self.request, self.host, self.dev = request, host, dev
+
+
 class MPICommunicator(Communicator):
     """Host buffers (NumPy; CuPy arrays are staged through host memory) over an mpi4py
     communicator (default COMM_WORLD)."""
@@ -132,15 +168,29 @@ class MPICommunicator(Communicator):
         return cp.asnumpy(buf), buf
 
     def allreduce_sum(self, buffers) -> None:
-        staged = [self._host(b) for b in buffers]
-        for h, _ in staged:
-            if not h.flags.c_contiguous:
+        for b in buffers:  # before any collective starts: a refused buffer must not leave others in flight
+            if not b.flags.c_contiguous:
                 raise ValueError("allreduce_sum: buffers must be C-contiguous")
-        reqs = [self.comm.Iallreduce(self.MPI.IN_PLACE, h, op=self.MPI.SUM) for h, _ in staged]
-        self._wait(reqs, f"allreduce of {len(reqs)} bucket(s), {sum(h.nbytes for h, _ in staged):,} bytes")
-        for h, dev in staged:
-            if dev is not None:
-                dev.set(h)
+        # MPI's own start and wait, also for NCCL's host lists (a CuPy buffer there is staged)
+        handles = [MPICommunicator.start_allreduce_sum(self, b) for b in buffers]
+        MPICommunicator.wait(self, handles, f"allreduce of {len(handles)} bucket(s), "
+                                            f"{sum(h.host.nbytes for h in handles):,} bytes")
+
+    def start_allreduce_sum(self, buf) -> MPIPending:
+        if not buf.flags.c_contiguous:
+            raise ValueError("allreduce_sum: buffers must be C-contiguous")
+        host, dev = self._host(buf)
+        return MPIPending(self.comm.Iallreduce(self.MPI.IN_PLACE, host, op=self.MPI.SUM), host, dev)
+
+    def test(self, handles) -> bool:
+        return bool(self.MPI.Request.Testall([h.request for h in handles])) if handles else True
+
+    def wait(self, handles, what: str) -> None:
+        reqs = [h.request for h in handles]
+        self._wait(reqs, what)
+        for h in handles:  # mpi4py set each request to MPI_REQUEST_NULL: a later test is true at once
+            if h.dev is not None:
+                h.dev.set(h.host)
 
     def bcast(self, buf, root: int = 0) -> None:
         h, dev = self._host(buf)
@@ -226,6 +276,25 @@ class NCCLCommunicator(MPICommunicator):
                                      self.stream.ptr)
         nccl.groupEnd()
         self._sync(f"allreduce of {len(buffers)} bucket(s)")
+
+    # Non-blocking sums of device buffers are deferred to the wait, where they run as one grouped
+    # allreduce_sum (above): the overlap is not tested on GPUs yet. A second-stream version: start =
+    # the comm stream waits on an event of the compute stream and launches allReduce there; test =
+    # its done event; wait = poll that event (with nccl_comm.abort on timeout, as _sync does).
+    def start_allreduce_sum(self, buf):
+        if isinstance(buf, np.ndarray):
+            return super().start_allreduce_sum(buf)   # host buffers go over MPI
+        return Communicator.start_allreduce_sum(self, buf)
+
+    def test(self, handles) -> bool:
+        host = [h for h in handles if not isinstance(h, Deferred)]
+        return len(host) == len(handles) and super().test(host)
+
+    def wait(self, handles, what: str) -> None:
+        host = [h for h in handles if not isinstance(h, Deferred)]
+        if host:
+            super().wait(host, what)
+        Communicator.wait(self, [h for h in handles if isinstance(h, Deferred)], what)
 
     def bcast(self, buf, root: int = 0) -> None:
         if isinstance(buf, np.ndarray):
