@@ -209,9 +209,10 @@ def _train(args) -> int:
         # their workers start from the model's initialisation: refuse rather than ignore
         raise ValueError(f"--resume is not supported with --parallel {args.parallel} (it continues a "
                          "single-process or --parallel data run)")
-    if args.parallel != "data" and (args.accumulate != 1 or not args.overlap or args.report):
-        raise ValueError(f"--accumulate, --no-overlap and --report are options of --parallel data, not of "
-                         f"--parallel {args.parallel}")
+    if args.parallel != "data" and (args.accumulate != 1 or not args.overlap or args.report
+                                    or args.grad_compression[0] != "none"):
+        raise ValueError(f"--accumulate, --no-overlap, --report and --grad-compression are options of --parallel data, "
+                         f"not of --parallel {args.parallel}")
     if args.parallel in ("hogwild", "ps") and (args.onnx or args.data):
         raise ValueError(f"--parallel {args.parallel} trains zoo models on Fashion-MNIST: --onnx and --data train "
                          "with --parallel none or data")
@@ -280,11 +281,18 @@ def _train_data_parallel(args, cfg, model, data) -> int:
         if note:
             _say(note)
     bucket_mb = DEFAULT_BUCKET_MB if args.bucket_mb is None else args.bucket_mb
+    hook = None
+    if args.grad_compression[0] == "dgc":
+        from .parallel.dgc import DGCConfig, DGCHook
+        hook = DGCHook(DGCConfig(density=args.grad_compression[1], warmup_epochs=args.dgc_warmup), seed=cfg.seed)
     _, _, par = run_data_parallel(cfg, comm, bucket_mb=bucket_mb, accumulate=args.accumulate, overlap=args.overlap,
-                                  report=args.report, checkpoint=checkpoint, resume=args.resume, plot=args.plot,
-                                  progress=not args.quiet, model=model, data=data)
+                                  hook=hook, report=args.report, checkpoint=checkpoint, resume=args.resume,
+                                  plot=args.plot, progress=not args.quiet, model=model, data=data)
     if par.is_root:
-        print(f"checkpoint: {checkpoint}; allreduce: {par.bytes_reduced / 2**20:,.1f} MiB in {par.steps} steps, "
+        sent = (f"DGC sent {par.bytes_sent / max(par.steps, 1):,.0f} bytes per step per rank (the dense allreduce: "
+                f"{par.report_dense_bytes():,.0f})" if hook is not None
+                else f"allreduce: {par.bytes_reduced / 2**20:,.1f} MiB")
+        print(f"checkpoint: {checkpoint}; {sent} in {par.steps} steps, "
               f"{par.comm_seconds:.2f} s in flight on rank 0, {100 * par.overlap_fraction():.0f}% of it hidden "
               "behind backward" + (f"; report: {args.report}" if args.report else ""))
     return 0
@@ -597,6 +605,12 @@ def build_parser() -> ArgumentParser:
     par.add_argument("--report", type=ck.writable_file, default=None, metavar="FILE.json",
                      help="data: write final_accuracy, grad_bytes_per_step, dense_grad_bytes_per_step, "
                           "comm_seconds, overlap_fraction, images_per_s (rank 0's) as JSON")
+    par.add_argument("--grad-compression", type=_grad_compression, default=("none", None), metavar="none|dgc:DENSITY",
+                     help="data: what each rank sends -- none (dense allreduce) or Deep Gradient Compression at "
+                          "DENSITY (dgc:0.001: the top 0.1%% of the accumulated gradient as index/value pairs, "
+                          "warm-up from 25%% over the first 4 epochs; momentum correction and masking)")
+    par.add_argument("--dgc-warmup", type=ck.int_range(0, 1000), default=4, metavar="EPOCHS",
+                     help="data, dgc: epochs over which the density falls from 25%% to DENSITY (0: none)")
     par.add_argument("--timeout", type=ck.positive_float, default=None,
                      help="data: seconds a collective may wait for a rank before the job is aborted "
                           "(None: $DNNPAR_COMM_TIMEOUT, else 120)")
@@ -696,6 +710,15 @@ def build_parser() -> ArgumentParser:
 
     command("kernels", "compile every kernel for sm_75/80/90 and print the ptxas report (dnnpar kernels --help)")
     return ap
+
+
+def _grad_compression(text: str):
+    """--grad-compression: none | dgc:DENSITY (argparse type; one line on a bad value)."""
+    from .parallel.dgc import parse_grad_compression
+    try:
+        return parse_grad_compression(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _consistency(text: str) -> str:

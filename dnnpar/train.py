@@ -271,7 +271,7 @@ def train(cfg: TrainConfig, checkpoint=None, resume: bool = False, plot=None, pr
             # data parallel: this rank's micro-batches, its gradients summed over the ranks from backward on
             parts = [(xb, yb, 1.0)] if parallel is None else parallel.micro_batches(xb, yb)
             if parallel is not None:
-                parallel.begin_step(model)
+                parallel.begin_step(model, epoch)
             for k, (x, y, share) in enumerate(parts):
                 if parallel is not None:
                     parallel.begin_micro(share, last=k == len(parts) - 1)

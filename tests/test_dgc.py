@@ -27,13 +27,14 @@ def test_warmup_schedule_is_the_papers():
     assert DGCConfig(density=0.5).density_at(1) == 0.5     # the warm-up never raises the density
 
 
-@pytest.mark.parametrize("spec,want", [("none", ("none", None)), ("FP16", ("fp16", None)), ("bf16", ("bf16", None)),
+@pytest.mark.parametrize("spec,want", [("none", ("none", None)), ("NONE", ("none", None)),
                                        ("dgc:0.001", ("dgc", 0.001)), ("dgc:1", ("dgc", 1.0))])
 def test_parse_grad_compression(spec, want):
     assert parse_grad_compression(spec) == want
 
 
-@pytest.mark.parametrize("spec", ["dgc", "dgc:", "dgc:0", "dgc:-1", "dgc:1.5", "dgc:nan", "dgc:x", "topk:0.1", ""])
+@pytest.mark.parametrize("spec", ["dgc", "dgc:", "dgc:0", "dgc:-1", "dgc:1.5", "dgc:nan", "dgc:x", "topk:0.1", "",
+                                  "fp16"])
 def test_parse_grad_compression_refuses(spec):
     with pytest.raises(ValueError, match="grad-compression"):
         parse_grad_compression(spec)

@@ -81,6 +81,10 @@ class Communicator:
         """``out[r] = local`` of rank r (host arrays of one shape on every rank)."""
         raise NotImplementedError
 
+    def start_allgather(self, local: np.ndarray, out: np.ndarray):
+        """Begin :meth:`allgather`; a handle for :meth:`test` / :meth:`wait` (host arrays)."""
+        raise NotImplementedError(f"{type(self).__name__} has no non-blocking allgather")
+
     def reduce_scatter(self, send: np.ndarray, recv: np.ndarray) -> None:
         """``recv = sum over ranks of send[rank]`` (host arrays)."""
         raise NotImplementedError
@@ -181,6 +185,13 @@ class MPICommunicator(Communicator):
             raise ValueError("allreduce_sum: buffers must be C-contiguous")
         host, dev = self._host(buf)
         return MPIPending(self.comm.Iallreduce(self.MPI.IN_PLACE, host, op=self.MPI.SUM), host, dev)
+
+    def start_allgather(self, local: np.ndarray, out: np.ndarray) -> MPIPending:
+        """Begin ``out[r] = local`` of rank r (host arrays); a handle for :meth:`test` / :meth:`wait`."""
+        if out.shape != (self.size,) + local.shape or out.dtype != local.dtype or not out.flags.c_contiguous:
+            raise ValueError(f"allgather: out must be C-contiguous {(self.size,) + local.shape} {local.dtype}, "
+                             f"got {out.shape} {out.dtype}")
+        return MPIPending(self.comm.Iallgather(local, out), out, None)
 
     def test(self, handles) -> bool:
         return bool(self.MPI.Request.Testall([h.request for h in handles])) if handles else True

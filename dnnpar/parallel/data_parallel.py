@@ -110,6 +110,13 @@ class GradHook:
 
     name = "dense"
 
+    def bind(self, par, model, optimizer) -> None:
+        """Once, after :meth:`DataParallel.setup` has laid out the buckets (a hook that keeps
+        per-parameter state sizes it here)."""
+
+    def begin_step(self, epoch: int | None) -> None:
+        """Before a step's first forward pass (``epoch``: 1-based, None when the loop does not say)."""
+
     def start(self, comm: Communicator, bucket):
         """Begin the reduction of ``bucket`` (a float32 view, summed in place); returns a handle
         of ``comm`` (``comm.test`` / ``comm.wait``)."""
@@ -170,6 +177,7 @@ class DataParallel:
         only rank 0 needs to read) and its start epoch, which is returned."""
         self.layout = ParamLayout(model)
         self.buckets = Buckets(self.layout, self.bucket_bytes, get_backend().xp)
+        self.hook.bind(self, model, optimizer)
         vec = self.layout.gather_params(model)
         self.comm.bcast(vec, root=0)
         self.layout.scatter_params(model, vec)
@@ -218,20 +226,27 @@ class DataParallel:
         return [(x[n * i // k:n * (i + 1) // k], y[n * i // k:n * (i + 1) // k],
                  (n * (i + 1) // k - n * i // k) / m) for i in range(k)]
 
-    def begin_step(self, model) -> None:
+    def begin_step(self, model, epoch: int | None = None) -> None:
         """Before the step's first forward pass: the model's ``grad_hook`` now writes into the buckets."""
         self._maybe_fail("hang", "kill")
+        self.hook.begin_step(epoch)
         n = len(self.buckets)
         missing = [0] * n
         for s in self.layout.slots:
             missing[self.buckets.bucket_of[s.name]] += 1
         self._step = dict(model=model, layers=dict(model.layers), written=set(), missing=missing, next=0,
-                          handles=[], share=0.0, last=False, since=None, busy=0.0, in_backward=True)
+                          handles=[], share=0.0, share_total=0.0, last=False, since=None, busy=0.0,
+                          in_backward=True)
         model.grad_hook = self._on_grads
 
     def begin_micro(self, share: float, last: bool) -> None:
         """Before a micro-batch's backward: its share of the global batch, and whether it is the step's last."""
-        self._step.update(share=share, last=last)
+        self._step.update(share=share, last=last, share_total=self._step["share_total"] + share)
+
+    @property
+    def step_share(self) -> float:
+        """This rank's share of the current step's global batch (its micro-batches' together)."""
+        return self._step["share_total"] if self._step is not None else 0.0
 
     def _on_grads(self, lname: str, layer) -> None:
         """Graph.grad_hook: ``layer`` has just written its gradients."""
@@ -350,18 +365,23 @@ class DataParallel:
             "bucket_bytes": self.bucket_bytes, "steps": self.steps, "epochs": len(recs),
             "final_accuracy": recs[-1].test_acc if recs else None,
             "grad_bytes_per_step": self.bytes_sent / steps,
-            "dense_grad_bytes_per_step": allreduce_bytes(self.buckets.grad.nbytes, self.size) if self.buckets else 0,
+            "dense_grad_bytes_per_step": self.report_dense_bytes(),
             "comm_seconds": self.comm_seconds, "exposed_comm_seconds": self.exposed_seconds,
             "overlap_fraction": self.overlap_fraction(),
             "images_per_s": sum(r.images_per_s * r.seconds for r in recs) / seconds if seconds > 0 else 0.0,
         }
+
+    def report_dense_bytes(self) -> int:
+        """Bytes one rank would send per step with the dense allreduce (2 (N - 1) / N of the gradient)."""
+        return allreduce_bytes(self.buckets.grad.nbytes, self.size) if self.buckets else 0
 
     def describe(self) -> str:
         sizes = self.buckets.sizes() if self.buckets else []
         k = f", {self.accumulate} micro-batches per step" if self.accumulate > 1 else ""
         return (f"data parallel over {self.size} rank(s) ({self.comm.name}), {len(sizes)} gradient bucket(s) of "
                 f"<= {self.bucket_bytes / 2**20:g} MiB ({sum(sizes):,} bytes per step), allreduce "
-                f"{'overlapped with' if self.overlap else 'after'} backward{k}")
+                f"{'overlapped with' if self.overlap else 'after'} backward{k}"
+                + ("" if self.hook.name == "dense" else f", gradients compressed by {self.hook.name}"))
 
 
 def run_data_parallel(cfg, comm: Communicator | None = None, bucket_mb: float = DEFAULT_BUCKET_MB,

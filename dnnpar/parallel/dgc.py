@@ -7,8 +7,8 @@ out later, so no gradient is lost, only delayed. As in the paper (section 3):
 - **Momentum correction.** The accumulator holds momentum-SGD velocities, not raw gradients:
   ``u = m u + g``, ``v = v + u`` on each rank; the ranks' sparse ``v`` are summed and the weights
   take a plain step ``p -= lr * sum``. The optimizer applies neither momentum nor weight decay to
-  those parameters again (:attr:`DGC.sparse_names`; weight decay enters ``g`` on each rank, in
-  proportion to its share of the batch, so the ranks' shares add up to one ``wd * p``).
+  those parameters again (:meth:`DGC.sparse_names`; weight decay enters ``g`` on each rank as
+  ``wd * p / N``, so the N ranks add up to one ``wd * p``).
 - **Momentum factor masking.** Where an entry was sent, its ``u`` is zeroed with its ``v``, so
   stale momentum of a long-delayed entry does not push it further (``mask_momentum``).
 - **Local gradient clipping** (``clip_norm``): each rank clips its own gradient to
@@ -36,10 +36,11 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from .data_parallel import GradHook
 from .flat import ParamLayout
 
 #: bytes per sent entry: int32 index + float32 value
@@ -88,11 +89,11 @@ class DGCConfig:
 
 
 def parse_grad_compression(spec: str) -> tuple[str, float | None]:
-    """``none`` | ``fp16`` | ``bf16`` | ``dgc:DENSITY`` (e.g. ``dgc:0.001``) -> (kind, density)."""
+    """``none`` | ``dgc:DENSITY`` (e.g. ``dgc:0.001``) -> (kind, density)."""
     if not isinstance(spec, str):
         raise ValueError(f"--grad-compression must be a string, got {spec!r}")
     s = spec.strip().lower()
-    if s in ("none", "fp16", "bf16"):
+    if s == "none":
         return s, None
     if s.startswith("dgc:"):
         try:
@@ -102,7 +103,7 @@ def parse_grad_compression(spec: str) -> tuple[str, float | None]:
         if not (0 < d <= 1):
             raise ValueError(f"--grad-compression {spec!r}: DENSITY must be a number in (0, 1], e.g. dgc:0.001")
         return "dgc", d
-    raise ValueError(f"--grad-compression {spec!r}: one of none, fp16, bf16, dgc:DENSITY (e.g. dgc:0.001)")
+    raise ValueError(f"--grad-compression {spec!r}: one of none, dgc:DENSITY (e.g. dgc:0.001)")
 
 
 @dataclass
@@ -187,41 +188,30 @@ class DGC:
         return grad * np.float32(limit / local) if local > limit else grad
 
     # ------------------------------------------------------------------ one step
-    def step(self, grad: np.ndarray, params: np.ndarray, share: float, comm, epoch: int) -> np.ndarray:
-        """This rank's gradient ``grad`` (flat, already scaled by its ``share`` of the global batch)
-        in, the update every rank applies out (flat float32): for the dense parameters the sum of
-        the ranks' scaled gradients (the optimizer adds weight decay and momentum as usual), for
-        the sparse ones the sum of the ranks' sent velocities (a plain step; see the module
-        docstring). ``params``: the flat parameters (weight decay). Collective: every rank calls
-        it with the same epoch."""
-        self.layout._check_vec(grad)
-        if self.world > 1 and comm is None:
-            raise ValueError(f"DGC: a world of {self.world} ranks needs a communicator")
-        cfg, st = self.cfg, self.stats
+    def encode(self, slots, grad: np.ndarray, params, share: float, epoch: int):
+        """Momentum correction, selection and masking for the sparse parameters among ``slots``
+        (their gradients in the flat ``grad``, already scaled by this rank's ``share``; weight
+        decay adds ``wd * p / N`` on each rank, so the N ranks add one ``wd * p``; ``params``:
+        name -> parameter array, or a flat vector). Returns (indices, values) of fixed length
+        sum(ceil(density x size)), flat-vector indices, -1 where a rank found fewer."""
+        cfg = self.cfg
         density = cfg.density_at(epoch)
-        st.steps += 1
-        st.last_density = density
-        st.dense_bytes += 4 * self.layout.size
-        out = np.array(grad, dtype=np.float32, copy=True)
-        if self.sends_dense(epoch):
-            t = time.perf_counter()
-            if self.world > 1:
-                comm.allreduce_sum([out])
-            st.comm_seconds += time.perf_counter() - t
-            st.bytes_sent += 4 * self.layout.size
-            return out
-        t0 = time.perf_counter()
-        grad = self.clip(grad, share)
-        ks = [self.k_of(s.size, density) for s in self.sparse]
-        K = sum(ks)
-        idx = np.full(K, -1, np.int32)
-        val = np.zeros(K, np.float32)
+        sparse = [s for s in slots if s.size >= cfg.min_sparse]
+        if sparse:
+            first, last = min(s.offset for s in sparse), max(s.stop for s in sparse)
+            clipped = self.clip(grad[first:last], share)
+        ks = [self.k_of(s.size, density) for s in sparse]
+        idx = np.full(sum(ks), -1, np.int32)
+        val = np.zeros(sum(ks), np.float32)
         pos = 0
-        m, wd = np.float32(cfg.momentum), np.float32(cfg.weight_decay * share)
-        for s, k in zip(self.sparse, ks):
-            sl = slice(s.offset, s.stop)
-            g = grad[sl] if not wd else grad[sl] + wd * params[sl]
-            u, v = self.u[sl], self.v[sl]
+        m = np.float32(cfg.momentum)
+        wd = np.float32(cfg.weight_decay / self.world)
+        for s, k in zip(sparse, ks):
+            g = clipped[s.offset - first:s.stop - first]
+            if wd:
+                p = params[s.offset:s.stop] if isinstance(params, np.ndarray) else params[s.name].reshape(-1)
+                g = g + wd * p
+            u, v = self.u[s.offset:s.stop], self.v[s.offset:s.stop]
             u *= m
             u += g
             v += u
@@ -232,36 +222,159 @@ class DGC:
             if cfg.mask_momentum:
                 u[sel] = 0
             pos += k
-        st.select_seconds += time.perf_counter() - t0
+        return idx, val
+
+    def scatter_sum(self, all_idx: np.ndarray, all_val: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        """Sum of every rank's pairs (rows of all_idx / all_val) into entries [lo, hi) of the flat
+        vector, in rank-then-position order (the same on every rank: float64 accumulation, one
+        rounding to float32)."""
+        i, w = all_idx.reshape(-1), all_val.reshape(-1)
+        keep = i >= 0
+        return np.bincount(i[keep] - lo, weights=w[keep].astype(np.float64), minlength=hi - lo).astype(np.float32)
+
+    def step(self, grad: np.ndarray, params: np.ndarray, share: float, comm, epoch: int) -> np.ndarray:
+        """The whole vector in one exchange (the one-call form of what :class:`DGCHook` does per
+        bucket): this rank's flat ``grad`` (scaled by its ``share`` of the global batch) in, the
+        update every rank applies out: for the dense parameters the sum of the ranks' scaled
+        gradients (the optimizer adds weight decay and momentum as usual), for the sparse ones
+        the sum of the ranks' sent velocities (a plain step). Collective."""
+        self.layout._check_vec(grad)
+        if self.world > 1 and comm is None:
+            raise ValueError(f"DGC: a world of {self.world} ranks needs a communicator")
+        st = self.stats
+        st.steps += 1
+        st.last_density = self.cfg.density_at(epoch)
+        st.dense_bytes += 4 * self.layout.size
+        out = np.array(grad, dtype=np.float32, copy=True)
         t = time.perf_counter()
-        dense_part = [out[s.offset:s.stop] for s in self.dense]
+        if self.sends_dense(epoch):
+            if self.world > 1:
+                comm.allreduce_sum([out])
+            st.comm_seconds += time.perf_counter() - t
+            st.bytes_sent += 4 * self.layout.size
+            return out
+        idx, val = self.encode(self.layout.slots, grad, params, share, epoch)
+        st.select_seconds += time.perf_counter() - t
+        t = time.perf_counter()
         if self.world > 1:
-            all_idx = np.empty((self.world, K), np.int32)
-            all_val = np.empty((self.world, K), np.float32)
+            all_idx = np.empty((self.world, idx.size), np.int32)
+            all_val = np.empty((self.world, idx.size), np.float32)
             comm.allgather(idx, all_idx)
             comm.allgather(val, all_val)
-            if dense_part:
-                flat = np.concatenate(dense_part)
+            dense = [out[s.offset:s.stop] for s in self.dense]
+            if dense:
+                flat = np.concatenate(dense)
                 comm.allreduce_sum([flat])
                 off = 0
-                for s, d in zip(self.dense, dense_part):
-                    d[...] = flat[off:off + s.size]
-                    off += s.size
+                for d in dense:
+                    d[...] = flat[off:off + d.size]
+                    off += d.size
         else:
             all_idx, all_val = idx[None], val[None]
         st.comm_seconds += time.perf_counter() - t
-        st.bytes_sent += PAIR_BYTES * K + 4 * sum(s.size for s in self.dense)
-        summed = self._scatter_sum(all_idx, all_val)
+        st.bytes_sent += PAIR_BYTES * idx.size + 4 * sum(s.size for s in self.dense)
+        summed = self.scatter_sum(all_idx, all_val, 0, self.layout.size)
         for s in self.sparse:
             out[s.offset:s.stop] = summed[s.offset:s.stop]
         return out
 
-    def _scatter_sum(self, all_idx: np.ndarray, all_val: np.ndarray) -> np.ndarray:
-        """Sum of every rank's pairs into a flat vector, in rank-then-position order (identical on
-        every rank; float64 accumulation, one rounding to float32)."""
-        i, w = all_idx.reshape(-1), all_val.reshape(-1)
-        keep = i >= 0
-        return np.bincount(i[keep], weights=w[keep].astype(np.float64), minlength=self.layout.size).astype(np.float32)
-
     def state(self) -> dict:
         return {"dgc/u": self.u, "dgc/v": self.v}
+
+
+class DGCHook(GradHook):
+    """DGC as :class:`~dnnpar.parallel.data_parallel.DataParallel`'s ``hook``: each bucket, as
+    backward finishes it, is encoded (:meth:`DGC.encode`) and its payload -- the bucket's pairs
+    and its small dense parameters, one int32 buffer -- starts a non-blocking all-gather at once
+    (overlapped with the rest of backward like the dense allreduce); after the wait every rank
+    decodes the same sums into the bucket. Momentum and weight decay are the optimizer's (its
+    ``plain`` set then skips them for the sparse parameters, which DGC updates whole).
+    Host (NumPy) arrays over MPI; not on the cuda backend yet."""
+
+    name = "dgc"
+
+    def __init__(self, cfg: DGCConfig, seed: int = 0):
+        self.cfg, self.seed = cfg, seed
+        self.dgc: DGC | None = None
+        self.epoch = 1
+        self._pending: dict = {}
+        self._sent: dict = {}
+
+    def bind(self, par, model, optimizer) -> None:
+        from ..backend import get_backend
+
+        if get_backend().name == "cuda":
+            raise ValueError("--grad-compression dgc runs on the numpy backend over MPI; the cuda backend "
+                             "(NCCL) is not supported yet")
+        if optimizer is None:
+            raise ValueError("DGC needs the optimizer: it folds momentum and weight decay into the update")
+        if getattr(optimizer, "nesterov", False):
+            raise ValueError("DGC's momentum correction is plain momentum: Nesterov is not supported")
+        cfg = replace(self.cfg, momentum=float(optimizer.momentum), weight_decay=float(optimizer.weight_decay))
+        self.dgc = DGC(par.layout, cfg, par.size, par.rank, self.seed)
+        self.par, self.opt = par, optimizer
+        self.params = {name: p for name, p, _ in model.named_parameters()}
+        self.groups = {id(v): g for v, g in zip(par.buckets.views, par.buckets.groups)}
+
+    @property
+    def stats(self) -> DGCStats:
+        return self.dgc.stats
+
+    def begin_step(self, epoch) -> None:
+        self.epoch = 1 if epoch is None else int(epoch)
+        self.dense_now = self.dgc.sends_dense(self.epoch)
+        self.opt.plain = self.dgc.sparse_names(self.epoch)
+        st = self.dgc.stats
+        st.steps += 1
+        st.last_density = self.cfg.density_at(self.epoch)
+        st.dense_bytes += 4 * self.dgc.layout.size
+
+    def start(self, comm, bucket):
+        if self.dense_now:
+            self._sent[id(bucket)] = None
+            return super().start(comm, bucket)
+        t = time.perf_counter()
+        group = self.groups[id(bucket)]
+        grad = self.par.buckets.grad
+        idx, val = self.dgc.encode(group, grad, self.params, self.par.step_share, self.epoch)
+        dense = [s for s in group if s.size < self.dgc.cfg.min_sparse]
+        k, d = idx.size, sum(s.size for s in dense)
+        payload = np.empty(2 * k + d, np.int32)
+        payload[:k] = idx
+        payload[k:2 * k] = val.view(np.int32)
+        off = 2 * k
+        for s in dense:
+            payload[off:off + s.size] = grad[s.offset:s.stop].view(np.int32)
+            off += s.size
+        out = np.empty((self.par.size, payload.size), np.int32)
+        self.dgc.stats.select_seconds += time.perf_counter() - t
+        self._pending[id(bucket)] = (group, k, dense, out)
+        self._sent[id(bucket)] = payload.nbytes
+        return comm.start_allgather(payload, out)
+
+    def finish(self, bucket) -> None:
+        if id(bucket) not in self._pending:
+            return
+        group, k, dense, out = self._pending.pop(id(bucket))
+        grad = self.par.buckets.grad
+        lo, hi = group[0].offset, group[-1].stop
+        summed = self.dgc.scatter_sum(out[:, :k], out[:, k:2 * k].view(np.float32), lo, hi)
+        for s in group:
+            if s.size >= self.dgc.cfg.min_sparse:
+                grad[s.offset:s.stop] = summed[s.offset - lo:s.stop - lo]
+        vals = out[:, 2 * k:].view(np.float32)
+        total = vals[0].copy()
+        for r in range(1, vals.shape[0]):   # rank order: the same float32 sums on every rank
+            total += vals[r]
+        off = 0
+        for s in dense:
+            grad[s.offset:s.stop] = total[off:off + s.size]
+            off += s.size
+
+    def bytes_sent(self, bucket, ranks: int) -> int:
+        """A ring all-gather: every rank forwards N - 1 payloads of the bucket's size; the
+        dense path: the allreduce's 2 (N - 1) / N."""
+        n = self._sent.get(id(bucket))
+        b = super().bytes_sent(bucket, ranks) if n is None else (ranks - 1) * n
+        self.dgc.stats.bytes_sent += b
+        return b
