@@ -102,9 +102,11 @@ def test_spmm(native, shape, batch, cb, rng):
     assert_row_sums(dp.ops.spmm(csr, X), dense, X, "native spmm")
 
 
-@pytest.mark.parametrize("batch", [2, 7, 8, 9, 16, 24, 31, 64, 65, 128, 130])
+@pytest.mark.parametrize("batch", [2, 7, 8, 9, 16, 24, 31, 64, 65, 128, 130, 1031])
 def test_spmm_every_batch_chunk(native, batch, rng):
-    """Batch widths that hit each vector chunk (64 / 32 / 16 / 8 columns) and the scalar tail."""
+    """Batch widths that hit each vector chunk (64 / 32 / 16 / 8 columns) and the scalar tail;
+    the widest makes X's column blocks 31 columns wide (rows resume in 20 blocks); at the narrow
+    ones the full row's 611 entries overflow the 256-entry decode buffer within one block."""
     csr, dense = make(rng, 37, 611, 0.1, CODEBOOKS["dc32"])
     X = randn(rng, (611, batch))
     assert_row_sums(dp.ops.spmm(csr, X), dense, X, f"native spmm batch {batch}")
