@@ -217,6 +217,9 @@ class CSR:
         from the streams on first use only; on other backends at once."""
         if not 1 <= ncodes <= 256:
             raise ValueError(f"CSR.from_compact: ncodes must be in 1..256, got {ncodes}")
+        if max(compact.shape) >= 2**31 or compact.entries >= 2**31:
+            raise ValueError(f"CSR.from_compact: {compact.shape} with {compact.entries} entries does not fit the "
+                             "kernels' 32-bit indices")
         be = get_backend()
         cb = np.array(compact.codebook[:ncodes], np.float32)
         if be.name == "cuda":
@@ -231,15 +234,11 @@ class CSR:
         self._compact = compact
         return self
 
-    def _plain(self) -> None:
-        """Decode ``data``, ``indices``, ``indptr`` from the compact streams (from_compact)."""
+    def _get(self, name: str):
+        """A plain CSR array, decoded from the compact streams on first use (from_compact)."""
         if self._indptr is None:
             codes, cols, indptr = self._compact.stored()
-            self._data, self._indices, self._indptr = _frozen(codes), _frozen(cols), _frozen(indptr)
-
-    def _get(self, name: str):
-        if self._indptr is None:
-            self._plain()
+            self._data, self._indices, self._indptr = _frozen(codes), _frozen(cols), _frozen(indptr)  # indptr last
         return getattr(self, name)
 
     data = property(lambda self: self._get("_data"), doc="(nnz,) float32 values or uint8 codes (read-only)")
