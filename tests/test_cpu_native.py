@@ -273,6 +273,9 @@ def test_file_streams_run_in_the_kernel_as_they_are(native, monkeypatch, rng):
         np.testing.assert_array_equal(getattr(csr, name), getattr(plain, name), err_msg=name)
     assert csr.nnz == plain.nnz and csr.codebook.shape == (cb.size,)
     np.testing.assert_array_equal(csr.to_dense(), dense.astype(np.float32))
+    monkeypatch.setitem(dp.sparse.NATIVE, "use", False)  # SciPy / NumPy on the decoded arrays
+    assert S.native_form(csr, clean.astype(np.float32)) is None
+    assert_row_sums(dp.ops.spmv(csr, clean.astype(np.float32)), dense, clean, "file streams, fallback")
 
 
 def test_one_encoder_for_the_file_and_the_kernel(rng):
