@@ -5,7 +5,8 @@
 //              entry's column is  col = previous col + gaps[i] + 1,  starting from col = -1;
 //   codes[i] : index into a 256-entry float32 codebook (the matrix's codebook, zero-padded).
 // A run of more than 255 zeros is bridged by filler entries (gap 255, code `filler`, a code no
-// stored entry uses), as in the paper's Figure 3. rowptr (int64, M + 1) says where each row's
+// stored entry uses), as in the paper's Figure 3; a .dnnz layer's streams, read as they are,
+// bridge at their own longest gap (2^index_bits - 1, code 0): nothing here depends on where. rowptr (int64, M + 1) says where each row's
 // entries start. Two bytes per entry instead of SciPy's eight (float32 value + int32 column).
 // A filler contributes exactly nothing: its x value is replaced by 0 before the multiply, so an
 // inf or NaN in x at a filler's column does not turn the row into NaN (0 * inf is NaN); stored
@@ -21,7 +22,8 @@
 //
 // Rows are spread over the threads of dnnpar/cpu/parallel.h's pool. Nothing here checks its input: the Python side
 // (dnnpar.sparse.CSR.compact, dnnpar.backend.cpu_native) builds the streams from a validated
-// CSR, so every column stays below K and every code below 256.
+// CSR, or takes a .dnnz layer's after the reader checked them (CSR.from_compact), so every
+// column stays below K and every code below 256.
 //
 // Plain C++17; built at run time with $CXX -O3 -march=native -fopenmp-simd -pthread (dnnpar/backend/cpu_native.py).
 #include <cstddef>
@@ -111,10 +113,10 @@ constexpr int kDecode = 256;
 // block of X's columns (the X rows their entries read) of about this many bytes each, both
 // L2-resident while a group's rows run over one block; at fc6 batch 64 that is 512 rows x 512
 // columns, and every X row a group touches comes from L3 once per group instead of once per
-// entry (X is 6.4 MB there, its rows random). Measured on fc6 b64, one thread (Zen 3, 512 KB L2):
-// 512 x 512 and 1024 x 512 fastest, 256-row or 256-column blocks 10-20% slower, no blocking 1.8x slower.
+// entry (X is 6.4 MB there, its rows random). Of the sizes tried on a 512 KB L2 (256 .. 1024
+// rows, 256 .. 2048 columns) this one was among the fastest (figures: the commit and README).
 constexpr int64_t kBlockBytes = 128 << 10;
-// X rows prefetched this many stored entries ahead (8 and 16 alike; without, slower).
+// X rows prefetched this many stored entries ahead (no hardware prefetcher can guess them).
 constexpr int kPrefetchAhead = 8;
 
 // 8 * NV columns of one output row, accumulated into y (read and written back: the row's
