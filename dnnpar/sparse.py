@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backend import get_backend
+from .compress.relative_csr import columns as relative_columns, relative_stream, row_gaps
 
 
 #: set "use" to False to run the NumPy fallback even where SciPy is installed (tests)
@@ -14,7 +15,8 @@ SCIPY = {"use": True}
 #: the native CPU kernel builds (tests, benchmarks; DNNPAR_NATIVE=0 does it for a whole process)
 NATIVE = {"use": True}
 
-#: a run of more zeros than this is bridged by filler entries in the compact form
+#: a run of more zeros than this is bridged by filler entries in the compact form (uint8 gaps;
+#: a .dnnz layer of index_bits <= 8 bridges at 2^index_bits - 1, which the kernel reads as well)
 MAX_GAP = 255
 
 
@@ -29,7 +31,8 @@ class CompactCSR:
     codes: (E,) uint8, indices into ``codebook``.
     codebook: (256,) float32, the matrix's codebook padded with zeros, so no code reads past it.
     fillers: how many of the E entries are fillers: a gap of more than 255 zeros is bridged by
-    entries of gap 255 whose code is ``filler_code``, a code no stored entry uses (Deep
+    entries of gap 255 (in a .dnnz layer's streams, which the kernel reads as they are: gap
+    2^index_bits - 1, code 0) whose code is ``filler_code``, a code no stored entry uses (Deep
     Compression's 0 when the codebook starts with 0.0 and no entry points at it; -1 when there are
     no fillers), whose codebook entry is 0.0. The kernel skips fillers: they contribute exactly
     nothing, even where x is inf or NaN, as in SciPy's and the GPU kernels' products, which
@@ -57,38 +60,46 @@ class CompactCSR:
         nnz = self.entries - self.fillers
         return self.nbytes / nnz if nnz else float("nan")
 
+    def stored(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The stored entries decoded to plain CSR (fillers dropped): (codes uint8 (nnz,), absolute
+        columns int32 (nnz,), row starts int32 (M + 1,)). What SciPy and the GPU kernels need."""
+        m, k = self.shape
+        cols = relative_columns(self.rowptr, self.gaps, k)
+        keep = self.codes != self.filler_code if self.fillers else slice(None)
+        counts = np.diff(self.rowptr)
+        if self.fillers:
+            counts = np.bincount(np.repeat(np.arange(m), counts)[keep], minlength=m)
+        indptr = np.zeros(m + 1, np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        return self.codes[keep], cols[keep].astype(np.int32), indptr.astype(np.int32)
+
+
+def padded_codebook(codebook: np.ndarray) -> np.ndarray:
+    """``codebook`` zero-padded to the 256 entries a uint8 code may index (a private copy)."""
+    cb = np.zeros(256, np.float32)
+    cb[:codebook.shape[0]] = codebook
+    return cb
+
 
 def _compact(indptr, indices, codes, codebook, shape) -> CompactCSR | None:
     """The compact form of a validated codebook CSR (host arrays), or None when it has none: a
     column repeated within a row, or fillers needed while every one of the 256 codes is used by
-    a stored entry."""
+    a stored entry. The stream comes from the format's one encoder
+    (:func:`dnnpar.compress.relative_csr.relative_stream`)."""
     m, _ = shape
     ptr = indptr.astype(np.int64)
     cols = indices.astype(np.int64)
-    nnz = cols.shape[0]
-    lengths = np.diff(ptr)
-    starts = ptr[:-1][lengths > 0]
-
-    def gaps_of(cols):
-        prev = np.empty(nnz, np.int64)
-        prev[1:] = cols[:-1]
-        prev[starts] = -1
-        return cols - prev - 1
-
-    gap = gaps_of(cols)
-    if nnz and gap.min() < 0:  # columns out of order within a row: sort each row
-        rows = np.repeat(np.arange(m, dtype=np.int64), lengths)
+    gap = row_gaps(ptr, cols)
+    if cols.shape[0] and gap.min() < 0:  # columns out of order within a row: sort each row
+        rows = np.repeat(np.arange(m, dtype=np.int64), np.diff(ptr))
         order = np.lexsort((cols, rows))
         cols, codes = cols[order], codes[order]
-        gap = gaps_of(cols)
+        gap = row_gaps(ptr, cols)
         if gap.min() < 0:
             return None  # a repeated column: a gap cannot say "the same column again"
-    n_fill = gap // (MAX_GAP + 1)
-    cum = np.zeros(nnz + 1, np.int64)
-    np.cumsum(n_fill, out=cum[1:])
-    fillers = int(cum[-1])
-    cb = np.zeros(256, np.float32)
-    cb[:codebook.shape[0]] = codebook
+    gaps, pos, rowptr = relative_stream(ptr, gap, MAX_GAP, np.uint8)
+    fillers = int(gaps.shape[0] - cols.shape[0])
+    cb = padded_codebook(codebook)
     filler_code = -1
     if fillers:
         # a code no stored entry uses, so the kernel can tell a filler from a stored zero
@@ -98,12 +109,9 @@ def _compact(indptr, indices, codes, codebook, shape) -> CompactCSR | None:
         zero = free[cb[free] == 0.0]
         filler_code = int(zero[0] if zero.size else free[0])
         cb[filler_code] = 0.0  # this private copy's entry is read by fillers only
-    pos = np.arange(nnz, dtype=np.int64) + cum[1:]
-    gaps = np.full(nnz + fillers, MAX_GAP, np.uint8)
-    out_codes = np.full(nnz + fillers, max(filler_code, 0), np.uint8)  # every slot not a filler is overwritten
-    gaps[pos] = gap - n_fill * (MAX_GAP + 1)
+    out_codes = np.full(gaps.shape[0], max(filler_code, 0), np.uint8)  # every slot not a filler is overwritten
     out_codes[pos] = codes
-    return CompactCSR((int(shape[0]), int(shape[1])), _frozen(ptr + cum[ptr]), _frozen(gaps), _frozen(out_codes),
+    return CompactCSR((int(shape[0]), int(shape[1])), _frozen(rowptr), _frozen(gaps), _frozen(out_codes),
                       _frozen(cb), fillers, filler_code)
 
 
@@ -197,9 +205,45 @@ class CSR:
         self._scipy = None
         self._compact = None
 
-    data = property(lambda self: self._data, doc="(nnz,) float32 values or uint8 codes (read-only)")
-    indices = property(lambda self: self._indices, doc="(nnz,) int32 column indices (read-only)")
-    indptr = property(lambda self: self._indptr, doc="(M + 1,) int32 row starts (read-only)")
+    @classmethod
+    def from_compact(cls, compact: CompactCSR, ncodes: int) -> "CSR":
+        """The codebook matrix whose compact form is ``compact``, its streams taken as they are
+        (not copied, not re-encoded): a .dnnz layer's decoded entry streams go to the native
+        kernel this way (:func:`dnnpar.compress.pipeline.load`). ``ncodes``: the codebook's own
+        length (``compact.codebook[:ncodes]`` is :attr:`codebook`). The streams must already
+        be checked (the .dnnz reader does: every row ends before column K, fillers only where
+        the encoder puts them, codes below ``ncodes``). On the numpy backend the absolute
+        columns (``indices``, ``indptr``, ``data``: what SciPy and to_dense use) are decoded
+        from the streams on first use only; on other backends at once."""
+        if not 1 <= ncodes <= 256:
+            raise ValueError(f"CSR.from_compact: ncodes must be in 1..256, got {ncodes}")
+        if max(compact.shape) >= 2**31 or compact.entries >= 2**31:
+            raise ValueError(f"CSR.from_compact: {compact.shape} with {compact.entries} entries does not fit the "
+                             "kernels' 32-bit indices")
+        be = get_backend()
+        cb = np.array(compact.codebook[:ncodes], np.float32)
+        if be.name == "cuda":
+            codes, cols, indptr = compact.stored()
+            return cls(codes, cols, indptr, compact.shape, codebook=cb)
+        self = cls.__new__(cls)
+        self.shape, self.backend = tuple(compact.shape), be.name
+        self.nnz = compact.entries - compact.fillers
+        self._data = self._indices = self._indptr = None
+        self._codebook = _frozen(cb)
+        self._values = self._scipy = None
+        self._compact = compact
+        return self
+
+    def _get(self, name: str):
+        """A plain CSR array, decoded from the compact streams on first use (from_compact)."""
+        if self._indptr is None:
+            codes, cols, indptr = self._compact.stored()
+            self._data, self._indices, self._indptr = _frozen(codes), _frozen(cols), _frozen(indptr)  # indptr last
+        return getattr(self, name)
+
+    data = property(lambda self: self._get("_data"), doc="(nnz,) float32 values or uint8 codes (read-only)")
+    indices = property(lambda self: self._get("_indices"), doc="(nnz,) int32 column indices (read-only)")
+    indptr = property(lambda self: self._get("_indptr"), doc="(M + 1,) int32 row starts (read-only)")
     codebook = property(lambda self: self._codebook, doc="(ncodes,) float32 codebook or None (read-only)")
 
     @classmethod

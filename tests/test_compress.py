@@ -188,6 +188,47 @@ def test_sparse_codebook_inference_equals_the_decoded_dense_model(compressed, sm
     assert acc == pytest.approx(log["final"], abs=1e-9)
 
 
+def test_dnnz_fc_layers_reach_the_kernel_as_the_files_streams(compressed, small, monkeypatch):
+    """A loaded fc layer's kernel form is the reader's entry streams themselves (same buffers),
+    and loading plus inference neither decode absolute columns nor re-encode: they agree with
+    the dense-decoded model."""
+    from dnnpar.backend import cpu_native
+    from dnnpar.compress.pipeline import sparse_weight
+
+    _, _, _, _, path, _ = compressed
+    with dp.use_backend("numpy"):
+        _, layers, _ = read_codes(path)
+        assert sum(c.csr.fillers for c in layers) > 0, "the file should hold fillers"
+        for c in layers:
+            form = sparse_weight(c).compact()
+            assert form.gaps is c.csr.rel and form.codes is c.csr.codes and form.rowptr is c.csr.indptr, c.name
+            assert form.filler_code == (0 if c.csr.fillers else -1)
+        dense = load(path, sparse=False)
+        if cpu_native.library() is None:
+            pytest.skip("no native kernel here: SciPy needs absolute columns")
+        for mod, names in ((relative_csr, ("relative_stream", "columns")),
+                           (dp.sparse, ("relative_stream", "relative_columns", "_compact"))):
+            for name in names:
+                monkeypatch.setattr(mod, name, lambda *a, **kw: pytest.fail("decoded or re-encoded"))
+        sparse = load(path)
+        x = small.x_test[:40]
+        n, depth = longest_sum(dense, len(x))
+        assert_reordered_close(sparse.forward(x), dense.forward(x), n, depth // 2, "SpMM")
+        assert_reordered_close(sparse.forward(x[:1]), dense.forward(x[:1]), n, depth // 2, "SpMV")
+
+
+def test_rows_running_past_the_last_column_are_refused():
+    """The reader's check (row sums of relative indices, no column decoded) and the decoder agree."""
+    indptr = np.array([0, 2, 2, 3], np.int64)
+    ok = np.array([3, 5, 9], np.uint8)  # rows end at columns 9, -, 9 of 10
+    relative_csr.check_spans(indptr, ok, 10)
+    np.testing.assert_array_equal(relative_csr.columns(indptr, ok, 10), [3, 9, 9])
+    bad = np.array([3, 5, 10], np.uint8)  # row 2 ends at column 10
+    for fn in (relative_csr.check_spans, relative_csr.columns):
+        with pytest.raises(ValueError, match="run past column 9"):
+            fn(indptr, bad, 10)
+
+
 def test_corrupt_dnnz_always_fails_cleanly(compressed, tmp_path):
     _, _, _, _, path, _ = compressed
     data = path.read_bytes()

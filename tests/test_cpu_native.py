@@ -15,6 +15,7 @@ import dnnpar as dp
 import dnnpar.ops.sparse as S
 from oracles import assert_sum_close
 from dnnpar.backend import cpu_native, poison_outputs
+from dnnpar.compress import relative_csr
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,9 +102,11 @@ def test_spmm(native, shape, batch, cb, rng):
     assert_row_sums(dp.ops.spmm(csr, X), dense, X, "native spmm")
 
 
-@pytest.mark.parametrize("batch", [2, 7, 8, 9, 16, 24, 31, 64, 65, 128, 130])
+@pytest.mark.parametrize("batch", [2, 7, 8, 9, 16, 24, 31, 64, 65, 128, 130, 1031])
 def test_spmm_every_batch_chunk(native, batch, rng):
-    """Batch widths that hit each vector chunk (64 / 32 / 16 / 8 columns) and the scalar tail."""
+    """Batch widths that hit each vector chunk (64 / 32 / 16 / 8 columns) and the scalar tail;
+    the widest makes X's column blocks 31 columns wide (rows resume in 20 blocks); at the narrow
+    ones the full row's 611 entries overflow the 256-entry decode buffer within one block."""
     csr, dense = make(rng, 37, 611, 0.1, CODEBOOKS["dc32"])
     X = randn(rng, (611, batch))
     assert_row_sums(dp.ops.spmm(csr, X), dense, X, f"native spmm batch {batch}")
@@ -220,6 +223,74 @@ def test_fillers_take_a_code_no_stored_entry_uses(native, rng):
     assert few.compact() is not None and few.compact().fillers == 0 and few.compact().filler_code == -1
     x = randn(rng, 200)
     assert_row_sums(dp.ops.spmv(few, x), dense_b, x, "native, no fillers")
+
+
+def file_streams(rng, m, k, density, bits=5):
+    """A .dnnz layer's entry streams as the reader hands them over (relative indices of ``bits``
+    bits, fillers of code 0 every 2^bits - 1 zeros, as uint8), its codebook and dense oracle;
+    row 1 empty, and every third column never stored (fillers may land there)."""
+    cb = np.concatenate([[0.0], np.linspace(-1.5, 2.0, (1 << bits) - 1)]).astype(np.float32)
+    mask = rng.random((m, k)) < density
+    mask[1] = False
+    mask[:, ::3] = False
+    codes = np.where(mask, rng.integers(1, cb.size, (m, k)), 0).astype(np.uint16)
+    r = relative_csr.encode(codes, bits)
+    return r, cb, cb[codes].astype(np.float64)
+
+
+def test_file_streams_run_in_the_kernel_as_they_are(native, monkeypatch, rng):
+    """CSR.from_compact takes a .dnnz layer's streams (gaps of at most 31, fillers of code 0) as
+    the kernel's form: the products run on those very buffers, never decode an absolute column
+    or call the encoder, skip the fillers where x is NaN, and match the float64 oracle; the plain
+    CSR arrays decoded on demand are the matrix's."""
+    m, k = 37, 997
+    r, cb, dense = file_streams(rng, m, k, 0.01)
+    gaps, codes = r.rel.astype(np.uint8), r.codes.astype(np.uint8)
+    c = dp.sparse.CompactCSR((m, k), r.indptr, gaps, codes, dp.sparse.padded_codebook(cb), r.fillers, 0)
+    assert c.fillers > m, "the matrix must need fillers"
+    csr = dp.sparse.CSR.from_compact(c, cb.size)
+    for name in ("relative_stream", "relative_columns", "_compact"):
+        monkeypatch.setattr(dp.sparse, name, lambda *a, **kw: pytest.fail("decoded or re-encoded"))
+    assert S.native_form(csr, np.zeros(k, np.float32)) is c
+    assert c.gaps is gaps and c.codes is codes and c.rowptr is r.indptr
+    fill_cols = np.unique(relative_csr.columns(r.indptr, r.rel, k)[r.codes == 0])
+    nan_at = fill_cols[fill_cols % 3 == 0]  # where fillers land and nothing is stored
+    assert nan_at.size, "some filler must land on a never-stored column"
+    x = randn(rng, k)
+    x[nan_at] = np.nan
+    y = dp.ops.spmv(csr, x)
+    assert np.isfinite(y).all()
+    clean = np.where(np.isnan(x), 0.0, x)
+    assert_row_sums(y, dense, clean, "file streams, spmv")
+    X = np.repeat(x[:, None], 67, axis=1) * np.linspace(0.5, 1.5, 67, dtype=np.float32)
+    Y = dp.ops.spmm(csr, X)
+    assert np.isfinite(Y).all()
+    assert_row_sums(Y, dense, np.where(np.isnan(X), 0.0, X), "file streams, spmm")
+    assert csr._indptr is None, "the products decoded absolute columns"
+    monkeypatch.undo()
+    plain = dp.sparse.CSR.from_dense(relative_csr.decode(r).astype(np.uint8), codebook=cb)
+    for name in ("indptr", "indices", "data"):
+        np.testing.assert_array_equal(getattr(csr, name), getattr(plain, name), err_msg=name)
+    assert csr.nnz == plain.nnz and csr.codebook.shape == (cb.size,)
+    np.testing.assert_array_equal(csr.to_dense(), dense.astype(np.float32))
+    monkeypatch.setitem(dp.sparse.NATIVE, "use", False)  # SciPy / NumPy on the decoded arrays
+    assert S.native_form(csr, clean.astype(np.float32)) is None
+    assert_row_sums(dp.ops.spmv(csr, clean.astype(np.float32)), dense, clean, "file streams, fallback")
+
+
+def test_one_encoder_for_the_file_and_the_kernel(rng):
+    """The kernel's compact form (gaps up to 255) and the .dnnz writer's stream at 8 index bits
+    are the same stream: one encoder (relative_csr.relative_stream) writes both."""
+    m, k = 29, 2003
+    r, cb, dense = file_streams(rng, m, k, 0.004, bits=5)
+    codes = relative_csr.decode(r)
+    r8 = relative_csr.encode(codes, 8)
+    assert r8.fillers > 0
+    c = dp.sparse.CSR.from_dense(codes.astype(np.uint8), codebook=cb).compact()
+    assert c.filler_code == 0 and c.fillers == r8.fillers
+    np.testing.assert_array_equal(c.rowptr, r8.indptr)
+    np.testing.assert_array_equal(c.gaps, r8.rel)
+    np.testing.assert_array_equal(c.codes, r8.codes)
 
 
 def test_other_operands_and_switch_stay_off_the_native_kernel(native, monkeypatch, rng):

@@ -16,14 +16,14 @@ from ..nn.layers import Linear
 from ..nn.models import MODELS, build
 from ..nn.spec import MAX_PARAMETERS, graph_from_spec
 from ..nn.optim import SGD
-from ..sparse import CSR
+from ..sparse import CSR, CompactCSR, padded_codebook
 from ..train import TrainConfig, evaluate, train
 from ..errors import DnnzError, SpecError
 from . import container, prune, quantize
 from .encode import LayerCode, Report, encode_layer
 from .header import FORMAT, FORMAT_VERSION, GRAPH, check_sections, described_parameters, parse_header
 from .huffman import HuffmanTable
-from .relative_csr import RelativeCSR
+from .relative_csr import RelativeCSR, check_spans
 
 
 @dataclass
@@ -223,9 +223,11 @@ def _decode_layer(m, sections: dict, path) -> LayerCode:
         raise DnnzError(f"row lengths add up to {int(counts.sum(dtype=np.int64))}, not the layer's {m.entries} entries",
                         path, field)
     indptr = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
-    csr = RelativeCSR((m.rows, m.cols), m.index_bits, indptr, r.astype(np.uint16), c.astype(np.uint16))
+    # streams of at most 8 bits are kept as bytes: the native kernel's form takes them as they are
+    csr = RelativeCSR((m.rows, m.cols), m.index_bits, indptr, r.astype(np.uint8 if m.index_bits <= 8 else np.uint16),
+                      c.astype(np.uint8 if m.weight_bits <= 8 else np.uint16))
     try:
-        csr.columns()
+        check_spans(csr.indptr, csr.rel, m.cols)
     except ValueError as e:
         raise DnnzError(str(e), path, field) from None
     # fillers (code 0) stand for the longest gap and only ever precede a stored weight of the
@@ -335,6 +337,26 @@ class CompressedLinear(Layer):
         return self.csr.nnz
 
 
+def sparse_weight(c: LayerCode) -> CSR:
+    """The CSR x codebook matrix of a decoded fully connected layer of at most 8-bit codes. With
+    relative indices of at most 8 bits its compact form (the native CPU kernel's) is the file's
+    entry streams themselves: relative indices as gaps, codes, entry row starts, fillers being
+    code 0 (codebook[0] = 0.0, checked by the reader); no absolute column is decoded and
+    nothing re-encoded (:meth:`CSR.from_compact`). Wider relative indices do not fit the
+    kernel's bytes: those layers are decoded to absolute columns (the kernel's form is then
+    encoded from them on first use)."""
+    r = c.csr
+    if r.rel.dtype == np.uint8:
+        for a in (r.indptr, r.rel, r.codes):
+            a.flags.writeable = False
+        return CSR.from_compact(CompactCSR(tuple(r.shape), r.indptr, r.rel, r.codes, padded_codebook(c.codebook),
+                                           r.fillers, 0 if r.fillers else -1), c.codebook.shape[0])
+    keep = r.codes != 0  # drop fillers: they hold zeros
+    counts = np.bincount(np.repeat(np.arange(r.shape[0]), np.diff(r.indptr))[keep], minlength=r.shape[0])
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    return CSR(r.codes[keep].astype(np.uint8), r.columns()[keep], indptr, r.shape, codebook=c.codebook)
+
+
 def load(path, sparse: bool = True) -> Sequential:
     """A model from a .dnnz: the zoo model or the graph (builder "graph") its header describes,
     every parameter and buffer from the file. With ``sparse`` (default), fully connected layers
@@ -360,11 +382,7 @@ def load(path, sparse: bool = True) -> Sequential:
     for c in codes:
         layer = model[c.name]
         if sparse and isinstance(layer, Linear) and c.weight_bits <= 8:
-            keep = c.csr.codes != 0  # drop fillers: they hold zeros
-            cols = c.csr.columns()[keep]
-            counts = np.bincount(np.repeat(np.arange(c.shape[0]), np.diff(c.csr.indptr))[keep], minlength=c.shape[0])
-            indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-            csr = CSR(c.csr.codes[keep].astype(np.uint8), cols, indptr, c.shape, codebook=c.codebook)
+            csr = sparse_weight(c)
             bias = be.asarray(c.bias) if c.bias is not None else None
             idx = [n for n, _ in model.layers].index(c.name)
             model.layers[idx] = (c.name, CompressedLinear(csr, bias, c.shape[1], c.shape[0]))

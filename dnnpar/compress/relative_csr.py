@@ -6,6 +6,10 @@ A gap longer than 2^index_bits - 1 zeros is bridged by a filler entry whose valu
 of the codebook), exactly as in the paper's Figure 3. Row starts (``indptr``) count entries,
 fillers included. Everything here is exact integer bookkeeping; bits on disk are the container's
 business.
+
+:func:`relative_stream` is the one encoder of this stream in dnnpar: :func:`encode` (the .dnnz
+writer's, from dense codes) and :meth:`dnnpar.sparse.CSR.compact` (the native CPU kernel's form,
+gaps of at most 255) both call it; :func:`columns` is its one decoder.
 """
 from __future__ import annotations
 
@@ -14,13 +18,62 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def row_gaps(indptr: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Zeros skipped before each stored entry of a CSR (int64 ``indptr`` (rows + 1,), int64
+    ``cols`` (nnz,)): the entry's column less the previous entry's of its row (or -1) less one.
+    Negative where a row's columns do not increase (unsorted, or a column repeated)."""
+    nnz = cols.shape[0]
+    lengths = np.diff(indptr)
+    prev = np.empty(nnz, np.int64)
+    prev[1:] = cols[:-1]
+    prev[indptr[:-1][lengths > 0]] = -1
+    return cols - prev - 1
+
+
+def relative_stream(indptr: np.ndarray, gap: np.ndarray, max_gap: int, dtype=np.uint16):
+    """The relative-index stream of stored entries with ``gap`` zeros before each (from
+    :func:`row_gaps`, all >= 0) under row starts ``indptr`` (int64, rows + 1): a gap g > max_gap
+    is bridged by g // (max_gap + 1) filler entries of relative index max_gap, each standing for
+    max_gap zeros and itself. Returns (rel (entries,) ``dtype``, pos (nnz,) int64: where each
+    stored entry sits in the stream (every other position is a filler), entry row starts
+    (rows + 1,) int64, fillers included)."""
+    nnz = gap.shape[0]
+    n_fill = gap // (max_gap + 1)
+    cum = np.zeros(nnz + 1, np.int64)  # fillers before each stored entry, its own included
+    np.cumsum(n_fill, out=cum[1:])
+    pos = np.arange(nnz, dtype=np.int64) + cum[1:]
+    rel = np.full(nnz + int(cum[-1]), max_gap, dtype)
+    rel[pos] = gap - n_fill * (max_gap + 1)
+    return rel, pos, indptr + cum[indptr]
+
+
+def columns(indptr: np.ndarray, rel: np.ndarray, n_cols: int) -> np.ndarray:
+    """Absolute column (int64) of every entry of a relative-index stream (fillers included);
+    ValueError when a row's entries run past column ``n_cols - 1``."""
+    check_spans(indptr, rel, n_cols)
+    row_of = np.repeat(np.arange(indptr.shape[0] - 1), np.diff(indptr))
+    cum = np.concatenate([[0], np.cumsum(rel.astype(np.int64) + 1)])  # positions consumed so far
+    return cum[1:] - cum[indptr[:-1]][row_of] - 1
+
+
+def check_spans(indptr: np.ndarray, rel: np.ndarray, n_cols: int) -> None:
+    """ValueError when some row's entries run past column ``n_cols - 1``: each row's relative
+    indices + 1 must add up to at most ``n_cols`` (checked without decoding a column)."""
+    counts = np.diff(indptr)
+    starts = indptr[:-1][counts > 0]
+    if starts.size:
+        spans = np.add.reduceat(rel.astype(np.int64) + 1, starts)  # columns each non-empty row covers
+        if spans.max() > n_cols:
+            raise ValueError(f"relative indices run past column {n_cols - 1}: corrupt data")
+
+
 @dataclass
 class RelativeCSR:
     shape: tuple            # (rows, cols) of the weight matrix
     index_bits: int
     indptr: np.ndarray      # (rows + 1,) int64, entries (fillers included) per row, cumulated
-    rel: np.ndarray         # (entries,) uint16: zeros skipped before each entry
-    codes: np.ndarray       # (entries,) uint16/uint8: codebook index; 0 = zero (fillers)
+    rel: np.ndarray         # (entries,) uint16 (uint8 as read from a file of index_bits <= 8): zeros skipped before each entry
+    codes: np.ndarray       # (entries,) uint16 (uint8 as read for weight_bits <= 8): codebook index; 0 = zero (fillers)
 
     @property
     def entries(self) -> int:
@@ -32,12 +85,7 @@ class RelativeCSR:
 
     def columns(self) -> np.ndarray:
         """Absolute column index of every entry (int32), for the CSR kernels."""
-        row_of = np.repeat(np.arange(self.shape[0]), np.diff(self.indptr))
-        cum = np.concatenate([[0], np.cumsum(self.rel.astype(np.int64) + 1)])  # positions consumed so far
-        cols = cum[1:] - cum[self.indptr[:-1]][row_of] - 1
-        if self.entries and (cols.max() >= self.shape[1]):
-            raise ValueError(f"relative indices run past column {self.shape[1] - 1}: corrupt data")
-        return cols.astype(np.int32)
+        return columns(self.indptr, self.rel, self.shape[1]).astype(np.int32)
 
 
 def encode(codes_dense: np.ndarray, index_bits: int) -> RelativeCSR:
@@ -46,32 +94,15 @@ def encode(codes_dense: np.ndarray, index_bits: int) -> RelativeCSR:
         raise ValueError(f"index bits must be in 1..16, got {index_bits}")
     if codes_dense.ndim != 2:
         raise ValueError(f"need a 2-D array of codes, got shape {codes_dense.shape}")
-    rows, cols = codes_dense.shape
-    max_gap = (1 << index_bits) - 1
+    rows, _ = codes_dense.shape
     r_idx, c_idx = np.nonzero(codes_dense)
-    vals = codes_dense[r_idx, c_idx]
-    # zeros skipped before each nonzero, counting from its row start
-    prev = np.full(r_idx.size, -1, np.int64)
-    same_row = np.zeros(r_idx.size, bool)
-    same_row[1:] = r_idx[1:] == r_idx[:-1]
-    prev[1:][same_row[1:]] = c_idx[:-1][same_row[1:]]
-    gap = c_idx - prev - 1
-    # a gap g needs g // (max_gap + 1) fillers, each standing for max_gap zeros + itself
-    n_fill = gap // (max_gap + 1)
-    total = r_idx.size + int(n_fill.sum())
-    rel = np.empty(total, np.uint16)
-    codes = np.zeros(total, np.uint16)
-    # position of each nonzero in the output stream: its index + all fillers before and with it
-    pos = np.arange(r_idx.size) + np.cumsum(n_fill)
-    rel[pos] = gap - n_fill * (max_gap + 1)
-    codes[pos] = vals
-    filler = np.ones(total, bool)
-    filler[pos] = False
-    rel[filler] = max_gap
-    per_row = np.bincount(r_idx, weights=1 + n_fill, minlength=rows).astype(np.int64)
     indptr = np.zeros(rows + 1, np.int64)
-    np.cumsum(per_row, out=indptr[1:])
-    return RelativeCSR((rows, cols), index_bits, indptr, rel, codes)
+    np.cumsum(np.bincount(r_idx, minlength=rows), out=indptr[1:])
+    cols = c_idx.astype(np.int64)
+    rel, pos, entry_ptr = relative_stream(indptr, row_gaps(indptr, cols), (1 << index_bits) - 1)
+    codes = np.zeros(rel.size, np.uint16)  # fillers keep code 0
+    codes[pos] = codes_dense[r_idx, c_idx]
+    return RelativeCSR(tuple(codes_dense.shape), index_bits, entry_ptr, rel, codes)
 
 
 def decode(m: RelativeCSR) -> np.ndarray:

@@ -5,7 +5,8 @@
 //              entry's column is  col = previous col + gaps[i] + 1,  starting from col = -1;
 //   codes[i] : index into a 256-entry float32 codebook (the matrix's codebook, zero-padded).
 // A run of more than 255 zeros is bridged by filler entries (gap 255, code `filler`, a code no
-// stored entry uses), as in the paper's Figure 3. rowptr (int64, M + 1) says where each row's
+// stored entry uses), as in the paper's Figure 3; a .dnnz layer's streams, read as they are,
+// bridge at their own longest gap (2^index_bits - 1, code 0): nothing here depends on where. rowptr (int64, M + 1) says where each row's
 // entries start. Two bytes per entry instead of SciPy's eight (float32 value + int32 column).
 // A filler contributes exactly nothing: its x value is replaced by 0 before the multiply, so an
 // inf or NaN in x at a filler's column does not turn the row into NaN (0 * inf is NaN); stored
@@ -14,16 +15,22 @@
 //   y = A x  : dnnpar_csr_cb_spmv, one dot product per row, two rows at a time (x, K floats,
 //              stays in cache)
 //   Y = A X  : dnnpar_csr_cb_spmm, X row-major K x B; every entry adds v * X[col, :] into the
-//              row's B accumulators (batch in the inner dimension, in chunks of 64/32/16/8)
+//              row's B accumulators (batch in the inner dimension, in chunks of 64/32/16/8),
+//              blocked: groups of rows run over blocks of X's columns (each ~128 KB, so both
+//              stay in L2), each row resuming where it stopped (a cursor: position, column);
+//              a row's entries are summed in the same order however it is blocked
 //
 // Rows are spread over the threads of dnnpar/cpu/parallel.h's pool. Nothing here checks its input: the Python side
 // (dnnpar.sparse.CSR.compact, dnnpar.backend.cpu_native) builds the streams from a validated
-// CSR, so every column stays below K and every code below 256.
+// CSR, or takes a .dnnz layer's after the reader checked them (CSR.from_compact), so every
+// column stays below K and every code below 256.
 //
 // Plain C++17; built at run time with $CXX -O3 -march=native -fopenmp-simd -pthread (dnnpar/backend/cpu_native.py).
 #include <cstddef>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "parallel.h"
 
@@ -100,19 +107,32 @@ inline void row_pair_dot(const uint8_t* __restrict g0, const uint8_t* __restrict
 // with SSE, NEON pairs on ARM). X rows are read with memcpy, so no alignment is assumed.
 typedef float f8 __attribute__((vector_size(32)));
 
-// 8 * NV columns of one output row: NV vector accumulators (registers), one axpy per entry.
+// Stored entries decoded at a time by the SpMM (columns and codebook values on the stack).
+constexpr int kDecode = 256;
+// SpMM blocking: a group of output rows (their Y rows, the accumulators between blocks) and a
+// block of X's columns (the X rows their entries read) of about this many bytes each, both
+// L2-resident while a group's rows run over one block; at fc6 batch 64 that is 512 rows x 512
+// columns, and every X row a group touches comes from L3 once per group instead of once per
+// entry (X is 6.4 MB there, its rows random). Of the sizes tried on a 512 KB L2 (256 .. 1024
+// rows, 256 .. 2048 columns) this one was among the fastest (figures: the commit and README).
+constexpr int64_t kBlockBytes = 128 << 10;
+// X rows prefetched this many stored entries ahead (no hardware prefetcher can guess them).
+constexpr int kPrefetchAhead = 8;
+
+// 8 * NV columns of one output row, accumulated into y (read and written back: the row's
+// partial sums between column blocks): one axpy per stored entry, in the entries' order.
 template <int NV>
-inline void row_axpy(const uint8_t* __restrict g, const uint8_t* __restrict c, int64_t n,
-                     const float* __restrict cb, const float* __restrict X, int64_t ldx,
-                     float* __restrict y, int f) {
+inline void axpy_rows(const int64_t* __restrict cols, const float* __restrict vals, int cnt,
+                      const float* __restrict X, int64_t ldx, float* __restrict y) {
     f8 acc[NV];
-    for (int k = 0; k < NV; ++k) acc[k] = f8{};
-    int64_t col = -1;  // the previous entry's column
-    for (int64_t i = 0; i < n; ++i) {
-        col += int64_t(g[i]) + 1;
-        if (int(c[i]) == f) continue;  // a filler: fillers are rare, the branch predictable
-        const float* xr = X + col * ldx;
-        const float v = cb[c[i]];
+    std::memcpy(acc, y, sizeof acc);
+    for (int i = 0; i < cnt; ++i) {
+        if (i + kPrefetchAhead < cnt) {
+            const char* ahead = reinterpret_cast<const char*>(X + cols[i + kPrefetchAhead] * ldx);
+            for (int o = 0; o < NV * 32; o += 64) __builtin_prefetch(ahead + o);
+        }
+        const float* xr = X + cols[i] * ldx;
+        const float v = vals[i];
         for (int k = 0; k < NV; ++k) {
             f8 xv;
             std::memcpy(&xv, xr + 8 * k, sizeof xv);
@@ -123,19 +143,69 @@ inline void row_axpy(const uint8_t* __restrict g, const uint8_t* __restrict c, i
 }
 
 // The last w < 8 columns.
-inline void row_axpy_tail(const uint8_t* __restrict g, const uint8_t* __restrict c, int64_t n,
-                          const float* __restrict cb, const float* __restrict X, int64_t ldx,
-                          float* __restrict y, int w, int f) {
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    int64_t col = -1;
-    for (int64_t i = 0; i < n; ++i) {
-        col += int64_t(g[i]) + 1;
-        if (int(c[i]) == f) continue;
-        const float* xr = X + col * ldx;
-        const float v = cb[c[i]];
-        for (int j = 0; j < w; ++j) acc[j] += v * xr[j];
+inline void axpy_tail(const int64_t* __restrict cols, const float* __restrict vals, int cnt,
+                      const float* __restrict X, int64_t ldx, float* __restrict y, int w) {
+    float acc[8];
+    for (int j = 0; j < w; ++j) acc[j] = y[j];
+    for (int i = 0; i < cnt; ++i) {
+        const float* xr = X + cols[i] * ldx;
+        for (int j = 0; j < w; ++j) acc[j] += vals[i] * xr[j];
     }
     for (int j = 0; j < w; ++j) y[j] = acc[j];
+}
+
+// Every B column of one output row y += the chunk's entries (64 / 32 / 16 / 8 at a time, then the tail).
+inline void axpy_all(const int64_t* cols, const float* vals, int cnt, const float* X, int64_t b, float* y) {
+    int64_t j = 0;
+    for (; j + 64 <= b; j += 64) axpy_rows<8>(cols, vals, cnt, X + j, b, y + j);
+    if (j + 32 <= b) { axpy_rows<4>(cols, vals, cnt, X + j, b, y + j); j += 32; }
+    if (j + 16 <= b) { axpy_rows<2>(cols, vals, cnt, X + j, b, y + j); j += 16; }
+    if (j + 8 <= b) { axpy_rows<1>(cols, vals, cnt, X + j, b, y + j); j += 8; }
+    if (j < b) axpy_tail(cols, vals, cnt, X + j, b, y + j, int(b - j));
+}
+
+// A row's cursor between column blocks: its next entry and the previous entry's column.
+struct Cursor {
+    int64_t pos, col;
+};
+
+// Rows [r0, r1) of Y = A X, column block by column block: each row's entries below column
+// k1 are decoded (up to kDecode at a time; fillers dropped) and added into its Y row.
+inline void spmm_group(int64_t r0, int64_t r1, int64_t b, int64_t kb, const int64_t* rowptr, const uint8_t* gaps,
+                       const uint8_t* codes, const float* cb, int f, const float* X, float* Y) {
+    std::vector<Cursor> cur(size_t(r1 - r0));
+    int64_t left = 0;  // rows with entries still to run
+    for (int64_t r = r0; r < r1; ++r) {
+        const bool some = rowptr[r + 1] > rowptr[r];
+        cur[size_t(r - r0)] = Cursor{rowptr[r], some ? -1 : -2};  // col -2: a row done
+        left += some;
+        std::memset(Y + r * b, 0, size_t(b) * sizeof(float));
+    }
+    int64_t cols[kDecode];
+    float vals[kDecode];
+    for (int64_t k1 = kb; left > 0; k1 += kb) {
+        for (int64_t r = r0; r < r1; ++r) {
+            Cursor& c = cur[size_t(r - r0)];
+            const int64_t end = rowptr[r + 1];
+            while (c.pos < end) {
+                int cnt = 0;
+                for (; c.pos < end && cnt < kDecode; ++c.pos) {
+                    const int64_t next = c.col + int64_t(gaps[c.pos]) + 1;
+                    if (next >= k1) break;
+                    c.col = next;
+                    cols[cnt] = next;  // written always, kept only for a stored entry: no branch
+                    vals[cnt] = cb[codes[c.pos]];
+                    cnt += int(codes[c.pos]) != f;
+                }
+                if (cnt) axpy_all(cols, vals, cnt, X, b, Y + r * b);
+                if (c.pos < end && c.col + int64_t(gaps[c.pos]) + 1 >= k1) break;  // the rest: later blocks
+            }
+            if (c.pos == end && c.col != -2) {
+                c.col = -2;  // counted once
+                --left;
+            }
+        }
+    }
 }
 
 inline int team_size(int threads, int64_t work) {
@@ -183,17 +253,12 @@ void dnnpar_csr_cb_spmm(int64_t m, int64_t b, const int64_t* rowptr, const uint8
                         int threads) {
     const int64_t work = rowptr[m] * b;
     const int team = team_size(threads, work);
-    dnnpar::parallel_for_dynamic(team, m, kRowChunk, [&](int64_t r) {
-        const int64_t lo = rowptr[r], n = rowptr[r + 1] - lo;
-        const uint8_t* g = gaps + lo;
-        const uint8_t* c = codes + lo;
-        float* y = Y + r * b;
-        int64_t j = 0;
-        for (; j + 64 <= b; j += 64) row_axpy<8>(g, c, n, codebook, X + j, b, y + j, filler);
-        if (j + 32 <= b) { row_axpy<4>(g, c, n, codebook, X + j, b, y + j, filler); j += 32; }
-        if (j + 16 <= b) { row_axpy<2>(g, c, n, codebook, X + j, b, y + j, filler); j += 16; }
-        if (j + 8 <= b) { row_axpy<1>(g, c, n, codebook, X + j, b, y + j, filler); j += 8; }
-        if (j < b) row_axpy_tail(g, c, n, codebook, X + j, b, y + j, int(b - j), filler);
+    const int64_t row_bytes = b * int64_t(sizeof(float));
+    const int64_t kb = std::max<int64_t>(8, kBlockBytes / row_bytes);  // X columns per block
+    // rows per group: L2's share, but at least 4 groups per thread where the matrix allows
+    const int64_t rg = std::max<int64_t>(1, std::min(kBlockBytes / row_bytes, (m + 4 * team - 1) / (4 * team)));
+    dnnpar::parallel_for_dynamic(team, (m + rg - 1) / rg, 1, [&](int64_t g) {
+        spmm_group(g * rg, std::min(m, (g + 1) * rg), b, kb, rowptr, gaps, codes, codebook, filler, X, Y);
     });
 }
 
