@@ -146,3 +146,45 @@ def assert_sum_close(got, want, magnitude, terms, what=""):
     if err.size and not np.all(err <= limit):
         i = np.unravel_index(int(np.argmax(err - limit)), err.shape)
         raise AssertionError(f"{what}: error {err[i]:.3e} at {i} beyond the float32 summation bound {limit[i]:.3e}")
+
+
+# --------------------------------------------------------------------------------------------
+# TF32 (tensor-core GEMM, algo="tf32"): operands rounded to 10 mantissa bits, float32 sums.
+
+U_TF32 = 2.0**-11  #: unit roundoff of TF32 rounding to nearest (10 stored mantissa bits)
+U_ACC = 2.0**-23   #: float32 accumulation unit, doubled: tensor cores need not round to nearest
+
+
+def tf32(x):
+    """Nearest TF32 value of each float32 (ties away from zero), in float64, computed from the
+    significand by frexp, independently of the bit trick dnnpar uses: 11 significant bits.
+    Exact for normal float32 values (float32 subnormals keep their absolute grid in the bit trick,
+    so they are not compared against this)."""
+    m, e = np.frexp(np.asarray(x, np.float64))    # x = m 2^e, 0.5 <= |m| < 1
+    s = m * 2.0**11                                # 11 significant bits before the point
+    r = np.sign(s) * np.floor(np.abs(s) + 0.5)     # nearest, ties away from zero
+    return np.ldexp(r, e - 11)
+
+
+def tf32_gemm_bound(magnitude, terms):
+    """Largest error of a TF32 tensor-core product, per element, against the float64 product of
+    the unrounded float32 operands. Each operand is rounded with relative error <= u = 2^-11, so
+    |ab - fl(a) fl(b)| <= (2u + u^2) |a||b|; the TF32 products are exact in float32 and are summed
+    (with C, alpha and beta: K + 2 roundings) with gamma_{K+2} at unit U_ACC, relative to
+    sum |fl(a)||fl(b)| <= (1 + u)^2 sum |a||b|. ``magnitude`` = |op(A)| @ |op(B)| (plus
+    |beta C|), ``terms`` = K."""
+    nu = (np.asarray(terms, np.float64) + 2) * U_ACC
+    gamma = nu / (1 - nu)
+    return ((2 * U_TF32 + U_TF32**2) + gamma * (1 + U_TF32) ** 2) * np.asarray(magnitude, np.float64)
+
+
+def assert_tf32_close(got, want, magnitude, terms, what=""):
+    """``got`` (a TF32 GEMM) within :func:`tf32_gemm_bound` of the float64 ``want``, per element."""
+    got = np.asarray(got)
+    assert got.shape == np.shape(want), f"{what}: shape {got.shape} != {np.shape(want)}"
+    assert np.all(np.isfinite(got)), f"{what}: non-finite output (an element left unwritten?)"
+    err = np.abs(got.astype(np.float64) - want)
+    limit = np.broadcast_to(tf32_gemm_bound(magnitude, terms) + 1e-37, err.shape)
+    if err.size and not np.all(err <= limit):
+        i = np.unravel_index(int(np.argmax(err - limit)), err.shape)
+        raise AssertionError(f"{what}: error {err[i]:.3e} at {i} beyond the TF32 GEMM bound {limit[i]:.3e}")

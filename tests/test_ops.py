@@ -113,6 +113,66 @@ def test_gemm_alpha_beta_accumulates_in_place(backend, algo, rng):
     assert_sum_close(backend.to_numpy(cd), 0.5 * a64 @ b64 - 2.0 * c64, mag, k, "gemm alpha/beta")
 
 
+# TF32 tensor-core GEMM (64 x 64 x 16 block tile): size 1, primes and non-multiples, one tile exactly,
+# K over several pipeline stages with a ragged last one; lda/ldb multiples of 4 (16-byte cp.async) or not
+GEMM_TF32_SIZES = [(1, 1, 1), (17, 33, 45), (128, 128, 32), (129, 67, 100)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("mnk", GEMM_TF32_SIZES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("trans", ["NN", "NT", "TN", "TT"])
+def test_gemm_tf32(backend, mnk, trans, rng):
+    m, n, k = mnk
+    ta, tb = trans[0] == "T", trans[1] == "T"
+    a = randn(rng, (k, m) if ta else (m, k))
+    b = randn(rng, (n, k) if tb else (k, n))
+    ad, bd = put(backend, a, b)
+    c = backend.to_numpy(dp.ops.gemm(ad, bd, trans_a=ta, trans_b=tb, algo="tf32"))
+    a64, b64 = (a.T if ta else a).astype(np.float64), (b.T if tb else b).astype(np.float64)
+    oracles.assert_tf32_close(c, a64 @ b64, np.abs(a64) @ np.abs(b64), k, f"gemm tf32 {trans}")
+    ra, rb = oracles.tf32(a64), oracles.tf32(b64)
+    assert_sum_close(c, ra @ rb, np.abs(ra) @ np.abs(rb), k, f"gemm tf32 {trans} against TF32-rounded operands")
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_gemm_tf32_alpha_beta_accumulates_in_place(backend, rng):
+    m, n, k = 67, 45, 29
+    a, b, c0 = randn(rng, (m, k)), randn(rng, (k, n)), randn(rng, (m, n))
+    ad, bd, cd = put(backend, a, b, c0)
+    out = dp.ops.gemm(ad, bd, alpha=0.5, beta=-2.0, c=cd, algo="tf32")
+    assert out is cd
+    a64, b64, c64 = a.astype(np.float64), b.astype(np.float64), c0.astype(np.float64)
+    oracles.assert_tf32_close(backend.to_numpy(cd), 0.5 * a64 @ b64 - 2.0 * c64,
+                              0.5 * np.abs(a64) @ np.abs(b64) + 2 * np.abs(c64), k, "gemm tf32 alpha/beta")
+
+
+def test_gemm_tf32_takes_float32_only(rng):
+    a = rng.standard_normal((3, 4))
+    with dp.use_backend("numpy"), dp.precision("float64"):
+        with pytest.raises(TypeError, match="tf32.*float32 operands, got float64"):
+            dp.ops.gemm(a, a, trans_b=True, algo="tf32")
+
+
+def test_round_tf32_matches_an_independent_rounding(rng):
+    """dnnpar's bit trick against frexp arithmetic: random normal values, exact ties (13 low bits
+    1000000000000, both signs: away from zero), values that round up to the next binade, and the
+    non-finite ones."""
+    from dnnpar.ops.gemm import round_tf32
+
+    x = (rng.standard_normal(20000) * np.exp2(rng.integers(-100, 100, 20000))).astype(np.float32)
+    exponent = rng.integers(1, 254, 2000, dtype=np.uint32) << np.uint32(23)  # normal, up to 2^126
+    bits = rng.integers(0, 2**23, 2000, dtype=np.uint32) | exponent | (rng.integers(0, 2, 2000, dtype=np.uint32) << np.uint32(31))
+    ties = ((bits & np.uint32(0xFFFFE000)) | np.uint32(0x1000)).view(np.float32)
+    up = ((bits & np.uint32(0xFFFFE000)) | np.uint32(0x007FF000)).view(np.float32)  # mantissa carries out
+    x = np.concatenate([x, ties, -ties, up, -up])
+    np.testing.assert_array_equal(round_tf32(x).astype(np.float64), oracles.tf32(x))
+    fmax = np.finfo(np.float32).max  # past the largest TF32, (2 - 2^-10) 2^127, by more than half an ulp
+    special = np.array([np.inf, -np.inf, np.nan, 0.0, -0.0, fmax, -fmax], np.float32)
+    r = round_tf32(special)
+    assert r[0] == np.inf and r[1] == -np.inf and np.isnan(r[2]) and r[3] == 0 and np.signbit(r[4])
+    assert r[5] == np.inf and r[6] == -np.inf
+
+
 def assert_sparse(got, dense, x, what):
     """A sparse product against float64, within the float32 bound of its longest row's sum."""
     x64 = x.astype(np.float64)

@@ -15,6 +15,22 @@
 // SIGSEGV; the handler, running on its own stack, jumps back to the launch and reports the
 // faulting address, which Python turns into an exception naming the argument and offset.
 // Shared memory is poisoned (0xFF) at the start of every block.
+//
+// Tensor-core and asynchronous-copy instructions (used by sgemm_tf32) have exact models here,
+// under the same names as the inline-PTX wrappers in cuda/gemm.cu:
+//   mma_m16n8k8_tf32  warp-collective: every lane deposits its fragment registers, a warp barrier,
+//                     then each lane computes ITS four d registers from the gathered 16x8 A, 8x8 B
+//                     and 16x8 C laid out as the PTX ISA's mma.m16n8k8 .tf32 fragment tables say
+//                     (so a wrong fragment index in a kernel gives a wrong product here too).
+//                     A .tf32 operand register is read as the hardware reads it: its low 13 bits
+//                     are ignored; products of TF32 values are exact in float32 and are added to c
+//                     in k order with float32 rounding.
+//   cvt_rna_tf32      cvt.rna.tf32.f32: round to nearest, ties away from zero, 10 mantissa bits.
+//   cp_async_4 / _16  cp.async.{ca,cg}.shared.global with src-size: queued, NOT copied; the copy
+//                     (src-size bytes, the rest zero-filled) happens at the cp_async_wait<N> that
+//                     completes its group (wait_group N completes all but the newest N committed
+//                     groups of this thread; copies not yet committed are never completed). A
+//                     kernel that reads shared memory before the matching wait reads poison.
 #pragma once
 #ifndef DNNPAR_EMU
 #define DNNPAR_EMU 1
@@ -88,6 +104,18 @@ struct Fiber {
     int state;
     unsigned mask;  // lanes a warp barrier waits for
     unsigned long long shfl;  // value published for a warp shuffle
+    unsigned frag[10];        // mma operand registers published to the warp (a[4], b[2], c[4])
+};
+
+// One cp.async copy waiting for its group's wait_group.
+struct AsyncCopy {
+    void* dst;
+    const void* src;
+    int bytes, src_bytes, group;
+};
+struct AsyncQueue {
+    std::vector<AsyncCopy> pending;
+    int committed = 0;  // groups committed so far; copies issued now belong to group `committed`
 };
 
 constexpr size_t kStackBytes = 128 * 1024;
@@ -99,6 +127,7 @@ static uint3 g_block_idx{0, 0, 0};
 static dim3 g_block_dim, g_grid_dim;
 static ucontext_t g_sched_ctx;
 static std::vector<Fiber> g_fibers;
+static std::vector<AsyncQueue> g_async;  // per thread of the running block
 static std::vector<char*> g_stacks;   // each: guard page + kStackBytes
 static void (*g_entry)(void**) = nullptr;
 static void** g_args = nullptr;
@@ -107,6 +136,14 @@ static volatile sig_atomic_t g_in_launch = 0;
 static volatile uintptr_t g_fault_addr = 0;
 static volatile int g_fault_sig = 0;
 static char g_err[512];
+static volatile int g_abort = 0;  // set by kernel_error before jumping back to the launch
+
+// A kernel misused an emulated instruction: stop the launch and report `msg` (a ValueError in Python).
+[[noreturn]] inline void kernel_error(const char* msg) {
+    std::snprintf(g_err, sizeof g_err, "%s", msg);
+    g_abort = 1;
+    siglongjmp(g_fault_jmp, 1);
+}
 
 inline size_t page_size() { return (size_t)sysconf(_SC_PAGESIZE); }
 
@@ -277,6 +314,119 @@ template <class T> inline T __shfl_xor_sync(unsigned mask, T v, int lanemask, in
 template <class T> inline T atomicAdd(T* p, T v) { T old = *p; *p = old + v; return old; }
 template <class T> inline T atomicMax(T* p, T v) { T old = *p; *p = old > v ? old : v; return old; }
 
+// ---------------------------------------------------------------- tensor cores and cp.async
+namespace dnnpar_emu {
+
+inline unsigned f32_bits(float v) { unsigned b; std::memcpy(&b, &v, 4); return b; }
+inline float bits_f32(unsigned b) { float v; std::memcpy(&v, &b, 4); return v; }
+
+// Every lane of the warp must be there: mma.sync.aligned and the like are warp-wide.
+inline void require_full_warp(const char* what) {
+    int base = g_cur->linear & ~31;
+    if (base + 32 > (int)g_fibers.size()) {
+        char msg[200];
+        std::snprintf(msg, sizeof msg, "%s needs all 32 lanes of a warp, but the block (%d threads) "
+                      "ends inside this thread's warp", what, (int)g_fibers.size());
+        kernel_error(msg);
+    }
+}
+
+// cvt.rna.tf32.f32: keep 10 mantissa bits, rounding to nearest with ties away from zero (on the
+// magnitude bits, so for both signs); a NaN stays a NaN, overflow past the largest TF32 gives inf.
+inline unsigned tf32_round(float x) {
+    unsigned b = f32_bits(x);
+    if ((b & 0x7F800000u) == 0x7F800000u && (b & 0x007FFFFFu)) return 0x7FFFFFFFu;  // canonical NaN
+    return (b + 0x1000u) & 0xFFFFE000u;
+}
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32: D (16x8) = A (16x8) B (8x8) + C.
+// Fragment layout (PTX ISA, "Matrix fragments for mma.m16n8k8" .tf32; the same as CUTLASS's
+// SM80_16x8x8_F32TF32TF32F32_TN traits): g = lane >> 2, t = lane % 4;
+//   A: a0 (g, t)  a1 (g+8, t)  a2 (g, t+4)  a3 (g+8, t+4)        (row, k)
+//   B: b0 (t, g)  b1 (t+4, g)                                     (k, col)
+//   C, D: c0 (g, 2t)  c1 (g, 2t+1)  c2 (g+8, 2t)  c3 (g+8, 2t+1)  (row, col)
+inline void mma_m16n8k8_tf32(float d[4], const unsigned a[4], const unsigned b[2], const float c[4]) {
+    require_full_warp("mma.sync");
+    Fiber* self = g_cur;
+    for (int i = 0; i < 4; ++i) self->frag[i] = a[i];
+    for (int i = 0; i < 2; ++i) self->frag[4 + i] = b[i];
+    for (int i = 0; i < 4; ++i) self->frag[6 + i] = f32_bits(c[i]);
+    warp_barrier(0xffffffffu);
+    const Fiber* w = &g_fibers[self->linear & ~31];
+    float A[16][8], B[8][8], C[16][8];
+    for (int lane = 0; lane < 32; ++lane) {
+        const unsigned* f = w[lane].frag;
+        int g = lane >> 2, t = lane & 3;
+        // the tensor core reads only the TF32 bits of a .tf32 register
+        A[g][t] = bits_f32(f[0] & 0xFFFFE000u);
+        A[g + 8][t] = bits_f32(f[1] & 0xFFFFE000u);
+        A[g][t + 4] = bits_f32(f[2] & 0xFFFFE000u);
+        A[g + 8][t + 4] = bits_f32(f[3] & 0xFFFFE000u);
+        B[t][g] = bits_f32(f[4] & 0xFFFFE000u);
+        B[t + 4][g] = bits_f32(f[5] & 0xFFFFE000u);
+        C[g][2 * t] = bits_f32(f[6]);
+        C[g][2 * t + 1] = bits_f32(f[7]);
+        C[g + 8][2 * t] = bits_f32(f[8]);
+        C[g + 8][2 * t + 1] = bits_f32(f[9]);
+    }
+    warp_barrier(0xffffffffu);  // nobody republishes before every lane has gathered
+    int lane = self->linear & 31, g = lane >> 2, t = lane & 3;
+    const int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
+    for (int i = 0; i < 4; ++i) {
+        float acc = C[rows[i]][cols[i]];
+        for (int k = 0; k < 8; ++k) {
+            volatile float p = A[rows[i]][k] * B[k][cols[i]];  // exact: 11 x 11 significant bits
+            acc = acc + p;
+        }
+        d[i] = acc;
+    }
+}
+
+inline bool in_shared(const void* p, int bytes) {
+    const char* c = static_cast<const char*>(p);
+    return c >= __start_dnnpar_shared && c + bytes <= __stop_dnnpar_shared;
+}
+
+// cp.async with src-size: queued until the wait_group that completes its group.
+inline void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
+    if (!in_shared(dst, bytes)) kernel_error("cp.async: the destination is not in shared memory");
+    if (((uintptr_t)dst | (uintptr_t)(src_bytes ? src : nullptr)) & (uintptr_t)(bytes - 1))
+        kernel_error("cp.async: source or destination not aligned to the copy size");
+    if (src_bytes < 0 || src_bytes > bytes) kernel_error("cp.async: src-size outside 0..cp-size");
+    AsyncQueue& q = g_async[g_cur->linear];
+    q.pending.push_back(AsyncCopy{dst, src, bytes, src_bytes, q.committed});
+}
+
+inline void cp_async_commit() { ++g_async[g_cur->linear].committed; }
+
+// cp.async.wait_group n: every group but the newest n committed ones is complete.
+inline void cp_async_wait_group(int n) {
+    AsyncQueue& q = g_async[g_cur->linear];
+    size_t keep = 0;
+    for (size_t i = 0; i < q.pending.size(); ++i) {
+        AsyncCopy& c = q.pending[i];
+        if (c.group < q.committed - n) {
+            if (c.src_bytes) std::memcpy(c.dst, c.src, (size_t)c.src_bytes);
+            std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0, (size_t)(c.bytes - c.src_bytes));
+        } else {
+            q.pending[keep++] = c;
+        }
+    }
+    q.pending.resize(keep);
+}
+
+}  // namespace dnnpar_emu
+
+// The names cuda/gemm.cu gives its inline-PTX wrappers (compiled there under #ifndef DNNPAR_EMU).
+inline void mma_m16n8k8_tf32(float d[4], const unsigned a[4], const unsigned b[2], const float c[4]) {
+    ::dnnpar_emu::mma_m16n8k8_tf32(d, a, b, c);
+}
+inline unsigned cvt_rna_tf32(float x) { return ::dnnpar_emu::tf32_round(x); }
+inline void cp_async_4(void* dst, const void* src, int src_bytes) { ::dnnpar_emu::cp_async(dst, src, 4, src_bytes); }
+inline void cp_async_16(void* dst, const void* src, int src_bytes) { ::dnnpar_emu::cp_async(dst, src, 16, src_bytes); }
+inline void cp_async_commit() { ::dnnpar_emu::cp_async_commit(); }
+template <int N> inline void cp_async_wait() { ::dnnpar_emu::cp_async_wait_group(N); }
+
 // ---------------------------------------------------------------- the C ABI used by Python
 namespace dnnpar_emu {
 
@@ -363,6 +513,8 @@ int dnnpar_emu_launch(void (*entry)(void**), void** args, const unsigned* grid, 
         return 3;
     }
     g_fibers.assign(nthreads, Fiber{});
+    g_async.assign(nthreads, AsyncQueue{});
+    g_abort = 0;
     g_entry = entry;
     g_args = args;
     g_block_dim = dim3(block[0], block[1], block[2]);
@@ -390,6 +542,7 @@ int dnnpar_emu_launch(void (*entry)(void**), void** args, const unsigned* grid, 
                     g_block_idx = uint3{bx, by, bz};
                     if (__start_dnnpar_shared != __stop_dnnpar_shared)
                         std::memset(__start_dnnpar_shared, 0xFF, __stop_dnnpar_shared - __start_dnnpar_shared);
+                    for (AsyncQueue& q : g_async) q = AsyncQueue{};  // copies never waited for are dropped
                     size_t pg = page_size();
                     for (int i = 0; i < nthreads; ++i) {
                         Fiber& f = g_fibers[i];
@@ -405,6 +558,8 @@ int dnnpar_emu_launch(void (*entry)(void**), void** args, const unsigned* grid, 
                     }
                     rc = run_block(nthreads, order, rng);
                 }
+    } else if (g_abort) {
+        rc = 3;  // kernel_error wrote the message
     } else {
         rc = 2;
         std::snprintf(g_err, sizeof g_err, "%s at address 0x%llx", g_fault_sig == SIGBUS ? "SIGBUS" : "SIGSEGV",
