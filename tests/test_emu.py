@@ -8,6 +8,7 @@ import pytest
 import dnnpar as dp
 from dnnpar.backend.emu import EmuMemoryError, EmuModule, EmuSchedulingError
 from dnnpar.backend.sources import read_source
+import oracles
 from oracles import assert_sum_close
 
 SCHEDULES = [("forward", 0), ("reverse", 0), ("random", 1), ("random", 2), ("random", 3)]
@@ -157,3 +158,111 @@ def test_launch_arguments_are_checked_against_the_kernel_signature(toy):
         toy.launch("warp_sum", (1,), (2048,), (x, out, np.int32(4)))
     with pytest.raises(ValueError, match="no kernel"):
         toy.launch("nope", (1,), (32,), ())
+
+
+# ---------------------------------------------------------------------------- sgemm_tf32
+# Planted bugs in the tensor-core GEMM, each a string edit of the real source. All variants go
+# into one module (each in its own namespace, the kernel renamed), so the host compiler runs once.
+TF32_SECTION = "// ------------------------------------------------------------------ tensor cores"
+TF32_BUGS = {
+    "no_syncthreads": [("__syncthreads();", "/* removed */")],
+    "no_cp_async_wait": [("cp_async_wait<TC_STAGES - 2>();", "/* removed */")],
+    "cp_async_wait_one_group_short": [("cp_async_wait<TC_STAGES - 2>();", "cp_async_wait<TC_STAGES - 1>();")],
+    # a1 is (g+8, t) and a2 (g, t+4): swapped
+    "a_fragment_a1_a2": [("af[i][1] = cvt_rna_tf32(tc_at(sa, a_k, r + 8, k8 + q));",
+                          "af[i][1] = cvt_rna_tf32(tc_at(sa, a_k, r, k8 + q + 4));"),
+                         ("af[i][2] = cvt_rna_tf32(tc_at(sa, a_k, r, k8 + q + 4));",
+                          "af[i][2] = cvt_rna_tf32(tc_at(sa, a_k, r + 8, k8 + q));")],
+    # b0 is (t, g) and b1 (t+4, g): swapped
+    "b_fragment_b0_b1": [("bf[j][0] = cvt_rna_tf32(tc_at(sb, b_k, c, k8 + q));",
+                          "bf[j][0] = cvt_rna_tf32(tc_at(sb, b_k, c, k8 + q + 4));"),
+                         ("bf[j][1] = cvt_rna_tf32(tc_at(sb, b_k, c, k8 + q + 4));",
+                          "bf[j][1] = cvt_rna_tf32(tc_at(sb, b_k, c, k8 + q));")],
+    # d1 is (g, 2t+1) and d2 (g+8, 2t): swapped in the epilogue
+    "d_fragment_d1_d2": [("g + (e >> 1) * 8, col = n0 + wn + j * 8 + 2 * q + (e & 1);",
+                          "g + (e & 1) * 8, col = n0 + wn + j * 8 + 2 * q + (e >> 1);")],
+}
+
+
+def tf32_variants(code: str) -> str:
+    """gemm.cu followed by one copy of its tensor-core section per planted bug, the kernel
+    renamed sgemm_tf32_<bug> and its helpers in a namespace of their own."""
+    section = code[code.index(TF32_SECTION):]
+    out = [code]
+    for bug, edits in TF32_BUGS.items():
+        v = section
+        for old, new in edits:
+            assert v.count(old) == 1, (bug, old)
+            v = v.replace(old, new)
+        v = v.replace("sgemm_tf32(", f"sgemm_tf32_{bug}(")
+        out.append(f"namespace bug_{bug} {{\n{v}\n}}\nusing namespace bug_{bug};\n")
+    return "\n".join(out)
+
+
+@pytest.fixture(scope="module")
+def tf32_module():
+    with dp.use_backend("emu") as be:
+        return EmuModule(tf32_variants(read_source("gemm.cu")), "gemm_tf32_bugs.cu", be.cxx)
+
+
+def launch_tf32(module, kernel, a, b, order="forward", seed=0):
+    """The launch dp.ops.gemm(a, b, algo="tf32") makes, of `kernel` in `module`; C poisoned."""
+    from dnnpar.ops.gemm import _launch_shape
+
+    (m, k), n = a.shape, b.shape[1]
+    grid, block = _launch_shape("tf32", m, n)
+    c = np.full((m, n), np.nan, np.float32)
+    i32 = np.int32
+    module.launch(kernel, grid, block, (i32(m), i32(n), i32(k), np.float32(1), a, i32(k), i32(0), b, i32(n), i32(0),
+                                        np.float32(0), c, i32(n)), order=order, seed=seed)
+    return c
+
+
+def tf32_fails(c, a, b) -> bool:
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    try:
+        oracles.assert_tf32_close(c, a64 @ b64, np.abs(a64) @ np.abs(b64), a.shape[1], "planted")
+    except AssertionError:
+        return True
+    return False
+
+
+def tf32_case(rng):
+    # 2 x 2 blocks, the last ones partial; K: 6 tiles of 16 (the pipeline wraps twice), ragged; lda, ldb
+    # multiples of 4 (16-byte cp.async)
+    return rng.standard_normal((70, 92)).astype(np.float32), rng.standard_normal((92, 100)).astype(np.float32)
+
+
+def test_sgemm_tf32_is_schedule_independent_and_within_the_bound(tf32_module, rng):
+    a, b = tf32_case(rng)
+    runs = [launch_tf32(tf32_module, "sgemm_tf32", a, b, o, s) for o, s in SCHEDULES]
+    for r in runs:
+        np.testing.assert_array_equal(r, runs[0])
+    assert not tf32_fails(runs[0], a, b)
+
+
+@pytest.mark.parametrize("bug", list(TF32_BUGS))
+def test_sgemm_tf32_planted_bug_is_caught(tf32_module, rng, bug):
+    """A race (missing barrier, missing or short cp.async wait) gives a wrong result under some
+    schedule; a wrong fragment index under every one; the TF32 bound is tight enough to see it."""
+    a, b = tf32_case(rng)
+    caught = []
+    for order, seed in SCHEDULES:
+        try:
+            caught.append(tf32_fails(launch_tf32(tf32_module, f"sgemm_tf32_{bug}", a, b, order, seed), a, b))
+        except EmuSchedulingError:
+            caught.append(True)
+    if bug.endswith(("_a1_a2", "_b0_b1", "_d1_d2")):
+        assert all(caught), f"{bug}: missed under schedules {[s for s, c in zip(SCHEDULES, caught) if not c]}"
+    else:
+        assert any(caught), f"{bug} went unnoticed under every schedule"
+
+
+def test_mma_needs_the_whole_warp(tf32_module, rng):
+    """mma.sync is warp-wide: a block that ends inside a warp is refused, not half-computed."""
+    a, b = tf32_case(rng)
+    c = np.zeros((70, 100), np.float32)
+    i32 = np.int32
+    with pytest.raises(ValueError, match="mma.sync needs all 32 lanes"):
+        tf32_module.launch("sgemm_tf32", (2, 2), (100,), (i32(70), i32(100), i32(92), np.float32(1), a, i32(92), i32(0),
+                                                          b, i32(100), i32(0), np.float32(0), c, i32(100)))
