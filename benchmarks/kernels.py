@@ -37,7 +37,7 @@ from _common import (blas_name, check_text, common_meta, median, optional_torch,
 
 import dnnpar as dp  # noqa: E402  (_common put the checkout on sys.path)
 from dnnpar.backend.cuda import cuda_unavailable_reason  # noqa: E402
-from dnnpar.ops.gemm import ALGOS as GEMM_ALGOS, TF32_ALGOS  # noqa: E402
+from dnnpar.ops.gemm import ALGOS as GEMM_ALGOS, TENSOR_CORE_ALGOS  # noqa: E402
 
 #: Non-tensor-core FP32 peak (TFLOP/s) from NVIDIA's datasheets, matched on the device name.
 #: H200 SXM is the same GH100 die at the same clocks as H100 SXM. PCIe / NVL parts run lower
@@ -643,8 +643,8 @@ class GpuBench(Bench):
             for algo in GEMM_ALGOS:
                 if algo == "naive" and max(m, n, k) > self.NAIVE_MAX:
                     continue
-                if algo in TF32_ALGOS:
-                    continue  # its peer is cuBLAS with TF32 tensor cores, below
+                if algo in TENSOR_CORE_ALGOS:
+                    continue  # their peer is cuBLAS with TF32 tensor cores, below
                 target = TARGET_GEMM if (algo == "regblock_db" and (m, n, k) == self.GEMM_TARGET_SIZE) else None
                 self.measure("gemm", f"sgemm_{algo}", size, lambda: dp.ops.gemm(a, b, algo=algo), flops=flops,
                              roof="flop", peer="cuBLAS", peer_ms=median(peer.runs_ms), target=target,
@@ -654,8 +654,8 @@ class GpuBench(Bench):
                                        lambda: cp.matmul(a, b), flops=flops,
                                        check=check_text(rel_err(cp.matmul(a, b), want)),
                                        note="check: against FP32 cuBLAS (~1e-4 says TF32 was used)")
-            for algo in TF32_ALGOS:
-                target = TARGET_TF32 if (m, n, k) == self.GEMM_TARGET_SIZE else None
+            for algo in TENSOR_CORE_ALGOS:  # bf16 beside the same peer: float32 in and out, no BF16 cuBLAS peer
+                target = TARGET_TF32 if (algo == "tf32" and (m, n, k) == self.GEMM_TARGET_SIZE) else None
                 self.measure("gemm", f"sgemm_{algo}", size, lambda: dp.ops.gemm(a, b, algo=algo), flops=flops,
                              peer="cuBLAS TF32", peer_ms=median(tc_peer.runs_ms), target=target,
                              check=check_text(rel_err(dp.ops.gemm(a, b, algo=algo), want)),

@@ -25,6 +25,8 @@
 //                   otherwise, zero-filled past the edges by src-size); fragments are read with
 //                   plain 32-bit shared loads (ldmatrix moves 16-bit elements: not used).
 //                   block (128), grid (ceil(N/64), ceil(M/64)). On sm_75 it compiles to a trap.
+//   sgemm_bf16      the same pipeline with operands rounded to BF16 (cvt.rn.bf16x2, two per register)
+//                   and one mma.sync m16n8k16 .bf16 per 16-deep slice; float32 accumulation.
 // All variants take any M, N, K >= 1 (partial tiles are zero-filled in shared memory).
 
 #define GEMM_AT(X, ld, t, r, c) ((t) ? (X)[(long long)(c) * (ld) + (r)] : (X)[(long long)(r) * (ld) + (c)])
@@ -264,6 +266,23 @@ __device__ __forceinline__ void mma_m16n8k8_tf32(float d[4], const unsigned a[4]
                    "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
 }
 
+// Two floats rounded to BF16 (nearest, ties to even) in one register: lo in the low half.
+__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));  // the first source goes high
+    return r;
+}
+
+// D = A B + C on one 16x8x16 tile per warp, BF16 operands (two per register), float32 C and D.
+__device__ __forceinline__ void mma_m16n8k16_bf16(float d[4], const unsigned a[4], const unsigned b[2],
+                                                  const float c[4]) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%10, %11, %12, %13};"
+                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]),
+                   "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
+
 // src_bytes < cp-size zero-fills the rest of the destination (0: nothing is read).
 __device__ __forceinline__ void cp_async_4(void* dst, const void* src, int src_bytes) {
     unsigned s = (unsigned)__cvta_generic_to_shared(dst);
@@ -329,14 +348,69 @@ __device__ __forceinline__ void tc_load_tile(float* S, const float* __restrict__
         }
     }
 }
-#endif  // TC_HAVE_MMA
 
-extern "C" __global__ void __launch_bounds__(TC_THREADS)
-sgemm_tf32(int M, int N, int K, float alpha, const float* __restrict__ A, int lda, int ta,
-           const float* __restrict__ B, int ldb, int tb, float beta, float* __restrict__ C, int ldc) {
-#ifdef TC_HAVE_MMA
-    __shared__ __align__(16) float As[TC_STAGES][TC_STAGE_FLOATS];
-    __shared__ __align__(16) float Bs[TC_STAGES][TC_STAGE_FLOATS];
+// One BK = 16 deep slice of the block tile into this warp's 2 x 4 accumulator tiles.
+// TC_TF32: two m16n8k8 steps, each fragment register one TF32 value:
+//   a0 (g, q)  a1 (g+8, q)  a2 (g, q+4)  a3 (g+8, q+4);  b0 (q, g)  b1 (q+4, g)   [(row, k), (k, col)]
+// TC_BF16: one m16n8k16 step, each fragment register a pair of BF16 values (low half first):
+//   a0 (g, 2q..2q+1)  a1 (g+8, 2q..)  a2 (g, 2q+8..)  a3 (g+8, 2q+8..);  b0 (2q..2q+1, g)  b1 (2q+8.., g)
+#define TC_TF32 0
+#define TC_BF16 1
+template <int P>
+__device__ __forceinline__ void tc_multiply(float (&acc)[2][4][4], const float* sa, const float* sb, bool a_k, bool b_k,
+                                            int wm, int wn, int g, int q) {
+    if constexpr (P == TC_TF32) {
+#pragma unroll
+        for (int k8 = 0; k8 < TC_BK; k8 += 8) {
+            unsigned af[2][4], bf[4][2];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                const int r = wm + i * 16 + g;
+                af[i][0] = cvt_rna_tf32(tc_at(sa, a_k, r, k8 + q));
+                af[i][1] = cvt_rna_tf32(tc_at(sa, a_k, r + 8, k8 + q));
+                af[i][2] = cvt_rna_tf32(tc_at(sa, a_k, r, k8 + q + 4));
+                af[i][3] = cvt_rna_tf32(tc_at(sa, a_k, r + 8, k8 + q + 4));
+            }
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int c = wn + j * 8 + g;
+                bf[j][0] = cvt_rna_tf32(tc_at(sb, b_k, c, k8 + q));
+                bf[j][1] = cvt_rna_tf32(tc_at(sb, b_k, c, k8 + q + 4));
+            }
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) mma_m16n8k8_tf32(acc[i][j], af[i], bf[j], acc[i][j]);
+        }
+    } else {
+        unsigned af[2][4], bf[4][2];
+        const int k = 2 * q;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int r = wm + i * 16 + g;
+            af[i][0] = pack_bf16x2(tc_at(sa, a_k, r, k), tc_at(sa, a_k, r, k + 1));
+            af[i][1] = pack_bf16x2(tc_at(sa, a_k, r + 8, k), tc_at(sa, a_k, r + 8, k + 1));
+            af[i][2] = pack_bf16x2(tc_at(sa, a_k, r, k + 8), tc_at(sa, a_k, r, k + 9));
+            af[i][3] = pack_bf16x2(tc_at(sa, a_k, r + 8, k + 8), tc_at(sa, a_k, r + 8, k + 9));
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int c = wn + j * 8 + g;
+            bf[j][0] = pack_bf16x2(tc_at(sb, b_k, c, k), tc_at(sb, b_k, c, k + 1));
+            bf[j][1] = pack_bf16x2(tc_at(sb, b_k, c, k + 8), tc_at(sb, b_k, c, k + 9));
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) mma_m16n8k16_bf16(acc[i][j], af[i], bf[j], acc[i][j]);
+    }
+}
+
+template <int P>
+__device__ __forceinline__ void tc_gemm(int M, int N, int K, float alpha, const float* __restrict__ A, int lda, int ta,
+                                        const float* __restrict__ B, int ldb, int tb, float beta,
+                                        float* __restrict__ C, int ldc, float (*As)[TC_STAGE_FLOATS],
+                                        float (*Bs)[TC_STAGE_FLOATS]) {
     const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
     const int g = lane >> 2, q = lane & 3;               // the mma fragment's groupID, threadID_in_group
     const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;  // this warp's 32 x 32 of the block tile
@@ -365,30 +439,7 @@ sgemm_tf32(int M, int N, int K, float alpha, const float* __restrict__ A, int ld
             tc_load_tile(Bs[next % TC_STAGES], B, ldb, b_k, vec_b, N, K, n0, next * TC_BK, t);
         }
         cp_async_commit();
-        const float* sa = As[kt % TC_STAGES];
-        const float* sb = Bs[kt % TC_STAGES];
-#pragma unroll
-        for (int k8 = 0; k8 < TC_BK; k8 += 8) {
-            unsigned af[2][4], bf[4][2];
-#pragma unroll
-            for (int i = 0; i < 2; ++i) {
-                const int r = wm + i * 16 + g;
-                af[i][0] = cvt_rna_tf32(tc_at(sa, a_k, r, k8 + q));
-                af[i][1] = cvt_rna_tf32(tc_at(sa, a_k, r + 8, k8 + q));
-                af[i][2] = cvt_rna_tf32(tc_at(sa, a_k, r, k8 + q + 4));
-                af[i][3] = cvt_rna_tf32(tc_at(sa, a_k, r + 8, k8 + q + 4));
-            }
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const int c = wn + j * 8 + g;
-                bf[j][0] = cvt_rna_tf32(tc_at(sb, b_k, c, k8 + q));
-                bf[j][1] = cvt_rna_tf32(tc_at(sb, b_k, c, k8 + q + 4));
-            }
-#pragma unroll
-            for (int i = 0; i < 2; ++i)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) mma_m16n8k8_tf32(acc[i][j], af[i], bf[j], acc[i][j]);
-        }
+        tc_multiply<P>(acc, As[kt % TC_STAGES], Bs[kt % TC_STAGES], a_k, b_k, wm, wn, g, q);
     }
     cp_async_wait<0>();  // no copy may still be in flight into shared memory when the block exits
 
@@ -406,7 +457,31 @@ sgemm_tf32(int M, int N, int K, float alpha, const float* __restrict__ A, int ld
                     *c = beta == 0.f ? v : v + beta * *c;
                 }
             }
+}
+#endif  // TC_HAVE_MMA
+
+extern "C" __global__ void __launch_bounds__(TC_THREADS)
+sgemm_tf32(int M, int N, int K, float alpha, const float* __restrict__ A, int lda, int ta,
+           const float* __restrict__ B, int ldb, int tb, float beta, float* __restrict__ C, int ldc) {
+#ifdef TC_HAVE_MMA
+    // in the kernel, not in the template: the emu backend poisons the kernels' __shared__ storage
+    __shared__ __align__(16) float As[TC_STAGES][TC_STAGE_FLOATS];
+    __shared__ __align__(16) float Bs[TC_STAGES][TC_STAGE_FLOATS];
+    tc_gemm<TC_TF32>(M, N, K, alpha, A, lda, ta, B, ldb, tb, beta, C, ldc, As, Bs);
 #else
     __trap();  // mma.sync with .tf32 needs sm_80; the op refuses older devices before launching
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(TC_THREADS)
+sgemm_bf16(int M, int N, int K, float alpha, const float* __restrict__ A, int lda, int ta,
+           const float* __restrict__ B, int ldb, int tb, float beta, float* __restrict__ C, int ldc) {
+#ifdef TC_HAVE_MMA
+    // in the kernel, not in the template: the emu backend poisons the kernels' __shared__ storage
+    __shared__ __align__(16) float As[TC_STAGES][TC_STAGE_FLOATS];
+    __shared__ __align__(16) float Bs[TC_STAGES][TC_STAGE_FLOATS];
+    tc_gemm<TC_BF16>(M, N, K, alpha, A, lda, ta, B, ldb, tb, beta, C, ldc, As, Bs);
+#else
+    __trap();  // mma.sync with .bf16 needs sm_80
 #endif
 }

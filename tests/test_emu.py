@@ -160,11 +160,11 @@ def test_launch_arguments_are_checked_against_the_kernel_signature(toy):
         toy.launch("nope", (1,), (32,), ())
 
 
-# ---------------------------------------------------------------------------- sgemm_tf32
+# ---------------------------------------------------------------------------- sgemm_tf32, sgemm_bf16
 # Planted bugs in the tensor-core GEMM, each a string edit of the real source. All variants go
 # into one module (each in its own namespace, the kernel renamed), so the host compiler runs once.
-TF32_SECTION = "// ------------------------------------------------------------------ tensor cores"
-TF32_BUGS = {
+TC_SECTION = "// ------------------------------------------------------------------ tensor cores"
+TC_BUGS = {
     "no_syncthreads": [("__syncthreads();", "/* removed */")],
     "no_cp_async_wait": [("cp_async_wait<TC_STAGES - 2>();", "/* removed */")],
     "cp_async_wait_one_group_short": [("cp_async_wait<TC_STAGES - 2>();", "cp_async_wait<TC_STAGES - 1>();")],
@@ -178,34 +178,42 @@ TF32_BUGS = {
                           "bf[j][0] = cvt_rna_tf32(tc_at(sb, b_k, c, k8 + q + 4));"),
                          ("bf[j][1] = cvt_rna_tf32(tc_at(sb, b_k, c, k8 + q + 4));",
                           "bf[j][1] = cvt_rna_tf32(tc_at(sb, b_k, c, k8 + q));")],
+    # bf16: a1 is (g+8, 2t..2t+1) and a2 (g, 2t+8..2t+9): swapped (the race bugs above hit both kernels)
+    "bf16_a_fragment_a1_a2": [("af[i][1] = pack_bf16x2(tc_at(sa, a_k, r + 8, k), tc_at(sa, a_k, r + 8, k + 1));",
+                               "af[i][1] = pack_bf16x2(tc_at(sa, a_k, r, k + 8), tc_at(sa, a_k, r, k + 9));"),
+                              ("af[i][2] = pack_bf16x2(tc_at(sa, a_k, r, k + 8), tc_at(sa, a_k, r, k + 9));",
+                               "af[i][2] = pack_bf16x2(tc_at(sa, a_k, r + 8, k), tc_at(sa, a_k, r + 8, k + 1));")],
+    # bf16: the two halves of b0 swapped (k = 2t + 1 in the low half)
+    "bf16_b_fragment_halves": [("bf[j][0] = pack_bf16x2(tc_at(sb, b_k, c, k), tc_at(sb, b_k, c, k + 1));",
+                                "bf[j][0] = pack_bf16x2(tc_at(sb, b_k, c, k + 1), tc_at(sb, b_k, c, k));")],
     # d1 is (g, 2t+1) and d2 (g+8, 2t): swapped in the epilogue
     "d_fragment_d1_d2": [("g + (e >> 1) * 8, col = n0 + wn + j * 8 + 2 * q + (e & 1);",
                           "g + (e & 1) * 8, col = n0 + wn + j * 8 + 2 * q + (e >> 1);")],
 }
 
 
-def tf32_variants(code: str) -> str:
+def tc_variants(code: str) -> str:
     """gemm.cu followed by one copy of its tensor-core section per planted bug, the kernel
     renamed sgemm_tf32_<bug> and its helpers in a namespace of their own."""
-    section = code[code.index(TF32_SECTION):]
+    section = code[code.index(TC_SECTION):]
     out = [code]
-    for bug, edits in TF32_BUGS.items():
+    for bug, edits in TC_BUGS.items():
         v = section
         for old, new in edits:
             assert v.count(old) == 1, (bug, old)
             v = v.replace(old, new)
-        v = v.replace("sgemm_tf32(", f"sgemm_tf32_{bug}(")
+        v = v.replace("sgemm_tf32(", f"sgemm_tf32_{bug}(").replace("sgemm_bf16(", f"sgemm_bf16_{bug}(")
         out.append(f"namespace bug_{bug} {{\n{v}\n}}\nusing namespace bug_{bug};\n")
     return "\n".join(out)
 
 
 @pytest.fixture(scope="module")
-def tf32_module():
+def tc_module():
     with dp.use_backend("emu") as be:
-        return EmuModule(tf32_variants(read_source("gemm.cu")), "gemm_tf32_bugs.cu", be.cxx)
+        return EmuModule(tc_variants(read_source("gemm.cu")), "gemm_tc_bugs.cu", be.cxx)
 
 
-def launch_tf32(module, kernel, a, b, order="forward", seed=0):
+def launch_tc(module, kernel, a, b, order="forward", seed=0):
     """The launch dp.ops.gemm(a, b, algo="tf32") makes, of `kernel` in `module`; C poisoned."""
     from dnnpar.ops.gemm import _launch_shape
 
@@ -218,51 +226,60 @@ def launch_tf32(module, kernel, a, b, order="forward", seed=0):
     return c
 
 
-def tf32_fails(c, a, b) -> bool:
+def tc_fails(c, a, b, precision="tf32") -> bool:
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    check = oracles.assert_tf32_close if precision == "tf32" else oracles.assert_bf16_close
     try:
-        oracles.assert_tf32_close(c, a64 @ b64, np.abs(a64) @ np.abs(b64), a.shape[1], "planted")
+        check(c, a64 @ b64, np.abs(a64) @ np.abs(b64), a.shape[1], "planted")
     except AssertionError:
         return True
     return False
 
 
-def tf32_case(rng):
+def tc_case(rng):
     # 2 x 2 blocks, the last ones partial; K: 6 tiles of 16 (the pipeline wraps twice), ragged; lda, ldb
     # multiples of 4 (16-byte cp.async)
     return rng.standard_normal((70, 92)).astype(np.float32), rng.standard_normal((92, 100)).astype(np.float32)
 
 
-def test_sgemm_tf32_is_schedule_independent_and_within_the_bound(tf32_module, rng):
-    a, b = tf32_case(rng)
-    runs = [launch_tf32(tf32_module, "sgemm_tf32", a, b, o, s) for o, s in SCHEDULES]
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_tensor_core_gemm_is_schedule_independent_and_within_the_bound(tc_module, rng, precision):
+    a, b = tc_case(rng)
+    runs = [launch_tc(tc_module, f"sgemm_{precision}", a, b, o, s) for o, s in SCHEDULES]
     for r in runs:
         np.testing.assert_array_equal(r, runs[0])
-    assert not tf32_fails(runs[0], a, b)
+    assert not tc_fails(runs[0], a, b, precision)
 
 
-@pytest.mark.parametrize("bug", list(TF32_BUGS))
-def test_sgemm_tf32_planted_bug_is_caught(tf32_module, rng, bug):
+# (bug, kernel): the race bugs on both kernels, each fragment bug on the kernel it edits
+TC_CASES = [(bug, "bf16" if bug.startswith("bf16_") else "tf32") for bug in TC_BUGS] + \
+    [(bug, "bf16") for bug in ("no_syncthreads", "no_cp_async_wait", "cp_async_wait_one_group_short")]
+
+
+@pytest.mark.parametrize("bug,precision", TC_CASES)
+def test_tensor_core_gemm_planted_bug_is_caught(tc_module, rng, bug, precision):
     """A race (missing barrier, missing or short cp.async wait) gives a wrong result under some
-    schedule; a wrong fragment index under every one; the TF32 bound is tight enough to see it."""
-    a, b = tf32_case(rng)
+    schedule; a wrong fragment index under every one; the TF32 / BF16 bound is tight enough to
+    see it."""
+    a, b = tc_case(rng)
     caught = []
     for order, seed in SCHEDULES:
         try:
-            caught.append(tf32_fails(launch_tf32(tf32_module, f"sgemm_tf32_{bug}", a, b, order, seed), a, b))
+            caught.append(tc_fails(launch_tc(tc_module, f"sgemm_{precision}_{bug}", a, b, order, seed), a, b,
+                                   precision))
         except EmuSchedulingError:
             caught.append(True)
-    if bug.endswith(("_a1_a2", "_b0_b1", "_d1_d2")):
+    if "fragment" in bug:
         assert all(caught), f"{bug}: missed under schedules {[s for s, c in zip(SCHEDULES, caught) if not c]}"
     else:
         assert any(caught), f"{bug} went unnoticed under every schedule"
 
 
-def test_mma_needs_the_whole_warp(tf32_module, rng):
+def test_mma_needs_the_whole_warp(tc_module, rng):
     """mma.sync is warp-wide: a block that ends inside a warp is refused, not half-computed."""
-    a, b = tf32_case(rng)
+    a, b = tc_case(rng)
     c = np.zeros((70, 100), np.float32)
     i32 = np.int32
     with pytest.raises(ValueError, match="mma.sync needs all 32 lanes"):
-        tf32_module.launch("sgemm_tf32", (2, 2), (100,), (i32(70), i32(100), i32(92), np.float32(1), a, i32(92), i32(0),
+        tc_module.launch("sgemm_tf32", (2, 2), (100,), (i32(70), i32(100), i32(92), np.float32(1), a, i32(92), i32(0),
                                                           b, i32(100), i32(0), np.float32(0), c, i32(100)))

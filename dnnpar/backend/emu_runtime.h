@@ -26,6 +26,8 @@
 //                     are ignored; products of TF32 values are exact in float32 and are added to c
 //                     in k order with float32 rounding.
 //   cvt_rna_tf32      cvt.rna.tf32.f32: round to nearest, ties away from zero, 10 mantissa bits.
+//   mma_m16n8k16_bf16 the same for mma.m16n8k16 .bf16 (two BF16 values per register, low half first);
+//   pack_bf16x2       cvt.rn.bf16x2.f32: two floats to BF16, nearest even, 7 mantissa bits.
 //   cp_async_4 / _16  cp.async.{ca,cg}.shared.global with src-size: queued, NOT copied; the copy
 //                     (src-size bytes, the rest zero-filled) happens at the cp_async_wait<N> that
 //                     completes its group (wait_group N completes all but the newest N committed
@@ -67,6 +69,9 @@
 // lives in one section, which the runtime fills with 0xFF (a float NaN) before every block:
 // shared memory starts undefined on a GPU, and a kernel that reads it before writing it must not
 // get last block's values by luck.
+// (A __shared__ variable inside a template or inline function is a COMDAT object that the
+// linker may keep out of the section: declare shared arrays in the kernel itself. The cp.async
+// model refuses a destination outside the section, so that mistake does not go unseen.)
 #define __shared__ static __attribute__((section("dnnpar_shared"), aligned(16)))
 extern "C" char __start_dnnpar_shared[] __attribute__((weak, visibility("hidden")));
 extern "C" char __stop_dnnpar_shared[] __attribute__((weak, visibility("hidden")));
@@ -382,6 +387,59 @@ inline void mma_m16n8k8_tf32(float d[4], const unsigned a[4], const unsigned b[2
     }
 }
 
+// cvt.rn.bf16.f32: keep 7 mantissa bits, round to nearest, ties to even; NaN stays NaN.
+inline unsigned short bf16_round(float x) {
+    unsigned b = f32_bits(x);
+    if ((b & 0x7F800000u) == 0x7F800000u && (b & 0x007FFFFFu)) return 0x7FC0;
+    return (unsigned short)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+inline float bf16_value(unsigned h) { return bits_f32((h & 0xFFFFu) << 16); }
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32: D (16x8) = A (16x16) B (16x8) + C, every
+// a / b register two BF16 values, the lower-indexed one in the low half. Layout (PTX ISA,
+// "Matrix fragments for mma.m16n8k16" floating point; CUTLASS's SM80_16x8x16_F32BF16BF16F32_TN),
+// g = lane >> 2, t = lane % 4:
+//   A: a0 (g, 2t..2t+1)  a1 (g+8, 2t..2t+1)  a2 (g, 2t+8..2t+9)  a3 (g+8, 2t+8..2t+9)   (row, k)
+//   B: b0 (2t..2t+1, g)  b1 (2t+8..2t+9, g)                                            (k, col)
+//   C, D: as for m16n8k8.
+inline void mma_m16n8k16_bf16(float d[4], const unsigned a[4], const unsigned b[2], const float c[4]) {
+    require_full_warp("mma.sync");
+    Fiber* self = g_cur;
+    for (int i = 0; i < 4; ++i) self->frag[i] = a[i];
+    for (int i = 0; i < 2; ++i) self->frag[4 + i] = b[i];
+    for (int i = 0; i < 4; ++i) self->frag[6 + i] = f32_bits(c[i]);
+    warp_barrier(0xffffffffu);
+    const Fiber* w = &g_fibers[self->linear & ~31];
+    float A[16][16], B[16][8], C[16][8];
+    for (int lane = 0; lane < 32; ++lane) {
+        const unsigned* f = w[lane].frag;
+        int g = lane >> 2, t = lane & 3;
+        for (int h = 0; h < 2; ++h) {  // h: which half of the register, k offset 0 or 1
+            A[g][2 * t + h] = bf16_value(f[0] >> (16 * h));
+            A[g + 8][2 * t + h] = bf16_value(f[1] >> (16 * h));
+            A[g][2 * t + 8 + h] = bf16_value(f[2] >> (16 * h));
+            A[g + 8][2 * t + 8 + h] = bf16_value(f[3] >> (16 * h));
+            B[2 * t + h][g] = bf16_value(f[4] >> (16 * h));
+            B[2 * t + 8 + h][g] = bf16_value(f[5] >> (16 * h));
+        }
+        C[g][2 * t] = bits_f32(f[6]);
+        C[g][2 * t + 1] = bits_f32(f[7]);
+        C[g + 8][2 * t] = bits_f32(f[8]);
+        C[g + 8][2 * t + 1] = bits_f32(f[9]);
+    }
+    warp_barrier(0xffffffffu);
+    int lane = self->linear & 31, g = lane >> 2, t = lane & 3;
+    const int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
+    for (int i = 0; i < 4; ++i) {
+        float acc = C[rows[i]][cols[i]];
+        for (int k = 0; k < 16; ++k) {
+            volatile float p = A[rows[i]][k] * B[k][cols[i]];  // exact: 8 x 8 significant bits
+            acc = acc + p;
+        }
+        d[i] = acc;
+    }
+}
+
 inline bool in_shared(const void* p, int bytes) {
     const char* c = static_cast<const char*>(p);
     return c >= __start_dnnpar_shared && c + bytes <= __stop_dnnpar_shared;
@@ -422,6 +480,12 @@ inline void mma_m16n8k8_tf32(float d[4], const unsigned a[4], const unsigned b[2
     ::dnnpar_emu::mma_m16n8k8_tf32(d, a, b, c);
 }
 inline unsigned cvt_rna_tf32(float x) { return ::dnnpar_emu::tf32_round(x); }
+inline void mma_m16n8k16_bf16(float d[4], const unsigned a[4], const unsigned b[2], const float c[4]) {
+    ::dnnpar_emu::mma_m16n8k16_bf16(d, a, b, c);
+}
+inline unsigned pack_bf16x2(float lo, float hi) {  // cvt.rn.bf16x2.f32 d, hi, lo
+    return (unsigned)::dnnpar_emu::bf16_round(lo) | (unsigned)::dnnpar_emu::bf16_round(hi) << 16;
+}
 inline void cp_async_4(void* dst, const void* src, int src_bytes) { ::dnnpar_emu::cp_async(dst, src, 4, src_bytes); }
 inline void cp_async_16(void* dst, const void* src, int src_bytes) { ::dnnpar_emu::cp_async(dst, src, 16, src_bytes); }
 inline void cp_async_commit() { ::dnnpar_emu::cp_async_commit(); }
