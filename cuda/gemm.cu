@@ -256,14 +256,18 @@ __device__ __forceinline__ unsigned cvt_rna_tf32(float x) {
     return r;
 }
 
-// D = A B + C on one 16x8x8 tile per warp; fragment layout in emu_runtime.h and the PTX ISA.
+// D = A B + C on one tile per warp: four a, two b, four c / d registers per lane for both shapes.
+#define TC_MMA_PTX(shape_and_types, d, a, b, c)                                                               \
+    asm volatile("mma.sync.aligned." shape_and_types " {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "        \
+                 "{%10, %11, %12, %13};"                                                                       \
+                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])                                              \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]),                           \
+                   "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]))
+
+// 16x8x8, TF32 operands; fragment layout in emu_runtime.h and the PTX ISA.
 __device__ __forceinline__ void mma_m16n8k8_tf32(float d[4], const unsigned a[4], const unsigned b[2],
                                                  const float c[4]) {
-    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-                 "{%8, %9}, {%10, %11, %12, %13};"
-                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]),
-                   "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+    TC_MMA_PTX("m16n8k8.row.col.f32.tf32.tf32.f32", d, a, b, c);
 }
 
 // Two floats rounded to BF16 (nearest, ties to even) in one register: lo in the low half.
@@ -273,14 +277,10 @@ __device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
     return r;
 }
 
-// D = A B + C on one 16x8x16 tile per warp, BF16 operands (two per register), float32 C and D.
+// 16x8x16, BF16 operands (two per register), float32 C and D.
 __device__ __forceinline__ void mma_m16n8k16_bf16(float d[4], const unsigned a[4], const unsigned b[2],
                                                   const float c[4]) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-                 "{%8, %9}, {%10, %11, %12, %13};"
-                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]),
-                   "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+    TC_MMA_PTX("m16n8k16.row.col.f32.bf16.bf16.f32", d, a, b, c);
 }
 
 // src_bytes < cp-size zero-fills the rest of the destination (0: nothing is read).

@@ -344,6 +344,44 @@ inline unsigned tf32_round(float x) {
     return (b + 0x1000u) & 0xFFFFE000u;
 }
 
+// The two halves every mma model shares. mma_publish: this lane deposits its a, b, c registers
+// and waits for the warp; returns the warp's first fiber, whose 32 slots the model then reads.
+inline const Fiber* mma_publish(const unsigned a[4], const unsigned b[2], const float c[4]) {
+    require_full_warp("mma.sync");
+    Fiber* self = g_cur;
+    for (int i = 0; i < 4; ++i) self->frag[i] = a[i];
+    for (int i = 0; i < 2; ++i) self->frag[4 + i] = b[i];
+    for (int i = 0; i < 4; ++i) self->frag[6 + i] = f32_bits(c[i]);
+    warp_barrier(0xffffffffu);
+    return &g_fibers[self->linear & ~31];
+}
+
+// mma_finish: C gathered in the c/d layout (c0 (g, 2t), c1 (g, 2t+1), c2 (g+8, 2t), c3 (g+8, 2t+1)),
+// a warp barrier (nobody republishes before every lane has gathered), then this lane's four d
+// registers: c + the K products (exact in float32 for TF32 and BF16 operands) added in k order.
+template <int K> inline void mma_finish(float d[4], const Fiber* w, const float (&A)[16][K], const float (&B)[K][8]) {
+    float C[16][8];
+    for (int lane = 0; lane < 32; ++lane) {
+        const unsigned* f = w[lane].frag;
+        int g = lane >> 2, t = lane & 3;
+        C[g][2 * t] = bits_f32(f[6]);
+        C[g][2 * t + 1] = bits_f32(f[7]);
+        C[g + 8][2 * t] = bits_f32(f[8]);
+        C[g + 8][2 * t + 1] = bits_f32(f[9]);
+    }
+    warp_barrier(0xffffffffu);
+    int lane = g_cur->linear & 31, g = lane >> 2, t = lane & 3;
+    const int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
+    for (int i = 0; i < 4; ++i) {
+        float acc = C[rows[i]][cols[i]];
+        for (int k = 0; k < K; ++k) {
+            volatile float p = A[rows[i]][k] * B[k][cols[i]];  // volatile: no fused multiply-add
+            acc = acc + p;
+        }
+        d[i] = acc;
+    }
+}
+
 // mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32: D (16x8) = A (16x8) B (8x8) + C.
 // Fragment layout (PTX ISA, "Matrix fragments for mma.m16n8k8" .tf32; the same as CUTLASS's
 // SM80_16x8x8_F32TF32TF32F32_TN traits): g = lane >> 2, t = lane % 4;
@@ -351,14 +389,8 @@ inline unsigned tf32_round(float x) {
 //   B: b0 (t, g)  b1 (t+4, g)                                     (k, col)
 //   C, D: c0 (g, 2t)  c1 (g, 2t+1)  c2 (g+8, 2t)  c3 (g+8, 2t+1)  (row, col)
 inline void mma_m16n8k8_tf32(float d[4], const unsigned a[4], const unsigned b[2], const float c[4]) {
-    require_full_warp("mma.sync");
-    Fiber* self = g_cur;
-    for (int i = 0; i < 4; ++i) self->frag[i] = a[i];
-    for (int i = 0; i < 2; ++i) self->frag[4 + i] = b[i];
-    for (int i = 0; i < 4; ++i) self->frag[6 + i] = f32_bits(c[i]);
-    warp_barrier(0xffffffffu);
-    const Fiber* w = &g_fibers[self->linear & ~31];
-    float A[16][8], B[8][8], C[16][8];
+    const Fiber* w = mma_publish(a, b, c);
+    float A[16][8], B[8][8];
     for (int lane = 0; lane < 32; ++lane) {
         const unsigned* f = w[lane].frag;
         int g = lane >> 2, t = lane & 3;
@@ -369,22 +401,8 @@ inline void mma_m16n8k8_tf32(float d[4], const unsigned a[4], const unsigned b[2
         A[g + 8][t + 4] = bits_f32(f[3] & 0xFFFFE000u);
         B[t][g] = bits_f32(f[4] & 0xFFFFE000u);
         B[t + 4][g] = bits_f32(f[5] & 0xFFFFE000u);
-        C[g][2 * t] = bits_f32(f[6]);
-        C[g][2 * t + 1] = bits_f32(f[7]);
-        C[g + 8][2 * t] = bits_f32(f[8]);
-        C[g + 8][2 * t + 1] = bits_f32(f[9]);
     }
-    warp_barrier(0xffffffffu);  // nobody republishes before every lane has gathered
-    int lane = self->linear & 31, g = lane >> 2, t = lane & 3;
-    const int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
-    for (int i = 0; i < 4; ++i) {
-        float acc = C[rows[i]][cols[i]];
-        for (int k = 0; k < 8; ++k) {
-            volatile float p = A[rows[i]][k] * B[k][cols[i]];  // exact: 11 x 11 significant bits
-            acc = acc + p;
-        }
-        d[i] = acc;
-    }
+    mma_finish(d, w, A, B);
 }
 
 // cvt.rn.bf16.f32: keep 7 mantissa bits, round to nearest, ties to even; NaN stays NaN.
@@ -403,14 +421,8 @@ inline float bf16_value(unsigned h) { return bits_f32((h & 0xFFFFu) << 16); }
 //   B: b0 (2t..2t+1, g)  b1 (2t+8..2t+9, g)                                            (k, col)
 //   C, D: as for m16n8k8.
 inline void mma_m16n8k16_bf16(float d[4], const unsigned a[4], const unsigned b[2], const float c[4]) {
-    require_full_warp("mma.sync");
-    Fiber* self = g_cur;
-    for (int i = 0; i < 4; ++i) self->frag[i] = a[i];
-    for (int i = 0; i < 2; ++i) self->frag[4 + i] = b[i];
-    for (int i = 0; i < 4; ++i) self->frag[6 + i] = f32_bits(c[i]);
-    warp_barrier(0xffffffffu);
-    const Fiber* w = &g_fibers[self->linear & ~31];
-    float A[16][16], B[16][8], C[16][8];
+    const Fiber* w = mma_publish(a, b, c);
+    float A[16][16], B[16][8];
     for (int lane = 0; lane < 32; ++lane) {
         const unsigned* f = w[lane].frag;
         int g = lane >> 2, t = lane & 3;
@@ -422,22 +434,8 @@ inline void mma_m16n8k16_bf16(float d[4], const unsigned a[4], const unsigned b[
             B[2 * t + h][g] = bf16_value(f[4] >> (16 * h));
             B[2 * t + 8 + h][g] = bf16_value(f[5] >> (16 * h));
         }
-        C[g][2 * t] = bits_f32(f[6]);
-        C[g][2 * t + 1] = bits_f32(f[7]);
-        C[g + 8][2 * t] = bits_f32(f[8]);
-        C[g + 8][2 * t + 1] = bits_f32(f[9]);
     }
-    warp_barrier(0xffffffffu);
-    int lane = self->linear & 31, g = lane >> 2, t = lane & 3;
-    const int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
-    for (int i = 0; i < 4; ++i) {
-        float acc = C[rows[i]][cols[i]];
-        for (int k = 0; k < 16; ++k) {
-            volatile float p = A[rows[i]][k] * B[k][cols[i]];  // exact: 8 x 8 significant bits
-            acc = acc + p;
-        }
-        d[i] = acc;
-    }
+    mma_finish(d, w, A, B);
 }
 
 inline bool in_shared(const void* p, int bytes) {
