@@ -186,6 +186,9 @@ TC_BUGS = {
     # bf16: the two halves of b0 swapped (k = 2t + 1 in the low half)
     "bf16_b_fragment_halves": [("bf[j][0] = pack_bf16x2(tc_at(sb, b_k, c, k), tc_at(sb, b_k, c, k + 1));",
                                 "bf[j][0] = pack_bf16x2(tc_at(sb, b_k, c, k + 1), tc_at(sb, b_k, c, k));")],
+    # no cvt.rna: the raw float32 bits go to the tensor core, which reads them truncated to TF32
+    "no_tf32_rounding": [(TC_SECTION, TC_SECTION + "\ninline unsigned cvt_rna_tf32(float x) { unsigned u; "
+                          "std::memcpy(&u, &x, 4); return u; }  // shadows the real one in this namespace")],
     # d1 is (g, 2t+1) and d2 (g+8, 2t): swapped in the epilogue
     "d_fragment_d1_d2": [("g + (e >> 1) * 8, col = n0 + wn + j * 8 + 2 * q + (e & 1);",
                           "g + (e & 1) * 8, col = n0 + wn + j * 8 + 2 * q + (e >> 1);")],
@@ -203,7 +206,7 @@ def tc_variants(code: str) -> str:
             assert v.count(old) == 1, (bug, old)
             v = v.replace(old, new)
         v = v.replace("sgemm_tf32(", f"sgemm_tf32_{bug}(").replace("sgemm_bf16(", f"sgemm_bf16_{bug}(")
-        out.append(f"namespace bug_{bug} {{\n{v}\n}}\nusing namespace bug_{bug};\n")
+        out.append(f"namespace bug_{bug} {{\n{v}\n}}\nusing bug_{bug}::sgemm_tf32_{bug};\nusing bug_{bug}::sgemm_bf16_{bug};\n")
     return "\n".join(out)
 
 
@@ -252,7 +255,7 @@ def test_tensor_core_gemm_is_schedule_independent_and_within_the_bound(tc_module
 
 
 # (bug, kernel): the race bugs on both kernels, each fragment bug on the kernel it edits
-TC_CASES = [(bug, "bf16" if bug.startswith("bf16_") else "tf32") for bug in TC_BUGS] + \
+TC_CASES = [(bug, "bf16" if bug.startswith("bf16_") else "tf32") for bug in TC_BUGS if bug != "no_tf32_rounding"] + \
     [(bug, "bf16") for bug in ("no_syncthreads", "no_cp_async_wait", "cp_async_wait_one_group_short")]
 
 
@@ -273,6 +276,19 @@ def test_tensor_core_gemm_planted_bug_is_caught(tc_module, rng, bug, precision):
         assert all(caught), f"{bug}: missed under schedules {[s for s, c in zip(SCHEDULES, caught) if not c]}"
     else:
         assert any(caught), f"{bug} went unnoticed under every schedule"
+
+
+def test_missing_tf32_rounding_is_caught(tc_module, rng):
+    """Without cvt.rna the tensor core truncates the operands (the emulator reads a .tf32 register
+    as the hardware does): the result may still be near the float64 product, but it is not the
+    product of the TF32-rounded operands, which the correct kernel matches to float32 rounding."""
+    a, b = tc_case(rng)
+    ra, rb = oracles.tf32(a), oracles.tf32(b)
+    want, mag = ra @ rb, np.abs(ra) @ np.abs(rb)
+    oracles.assert_sum_close(launch_tc(tc_module, "sgemm_tf32", a, b), want, mag, a.shape[1], "sgemm_tf32")
+    with pytest.raises(AssertionError, match="beyond the float32 summation bound"):
+        oracles.assert_sum_close(launch_tc(tc_module, "sgemm_tf32_no_tf32_rounding", a, b), want, mag, a.shape[1],
+                                 "sgemm_tf32 without cvt.rna")
 
 
 def test_mma_needs_the_whole_warp(tc_module, rng):
