@@ -109,7 +109,8 @@ struct Fiber {
     int state;
     unsigned mask;  // lanes a warp barrier waits for
     unsigned long long shfl;  // value published for a warp shuffle
-    unsigned frag[10];        // mma operand registers published to the warp (a[4], b[2], c[4])
+    unsigned frag[2][10];     // mma operand registers published to the warp (a[4], b[2], c[4]), two sets
+    unsigned mmas;            // mma instructions this thread has issued in this block (picks the set)
 };
 
 // One cp.async copy waiting for its group's wait_group.
@@ -345,31 +346,43 @@ inline unsigned tf32_round(float x) {
 }
 
 // The two halves every mma model shares. mma_publish: this lane deposits its a, b, c registers
-// and waits for the warp; returns the warp's first fiber, whose 32 slots the model then reads.
-inline const Fiber* mma_publish(const unsigned a[4], const unsigned b[2], const float c[4]) {
+// and waits for the warp; returns where the model reads the 32 lanes' registers: lane l's are
+// out[l * stride .. + 10). Consecutive mmas alternate between two register sets, so one barrier
+// per mma suffices: a lane can republish into the other set only after every lane has reached
+// this mma's barrier, i.e. has finished gathering the previous mma's set (mma.sync.aligned: all
+// lanes issue the same mmas).
+struct MmaRegs {
+    const unsigned* base;
+    size_t stride;
+    const unsigned* operator[](int lane) const { return base + lane * stride; }
+};
+static_assert(sizeof(Fiber) % sizeof(unsigned) == 0, "MmaRegs strides over Fibers in units of registers");
+inline MmaRegs mma_publish(const unsigned a[4], const unsigned b[2], const float c[4]) {
     require_full_warp("mma.sync");
     Fiber* self = g_cur;
-    for (int i = 0; i < 4; ++i) self->frag[i] = a[i];
-    for (int i = 0; i < 2; ++i) self->frag[4 + i] = b[i];
-    for (int i = 0; i < 4; ++i) self->frag[6 + i] = f32_bits(c[i]);
+    const unsigned set = self->mmas++ & 1u;
+    unsigned* f = self->frag[set];
+    for (int i = 0; i < 4; ++i) f[i] = a[i];
+    for (int i = 0; i < 2; ++i) f[4 + i] = b[i];
+    for (int i = 0; i < 4; ++i) f[6 + i] = f32_bits(c[i]);
     warp_barrier(0xffffffffu);
-    return &g_fibers[self->linear & ~31];
+    const Fiber* w = &g_fibers[self->linear & ~31];
+    return MmaRegs{w->frag[set], sizeof(Fiber) / sizeof(unsigned)};
 }
 
 // mma_finish: C gathered in the c/d layout (c0 (g, 2t), c1 (g, 2t+1), c2 (g+8, 2t), c3 (g+8, 2t+1)),
-// a warp barrier (nobody republishes before every lane has gathered), then this lane's four d
-// registers: c + the K products (exact in float32 for TF32 and BF16 operands) added in k order.
-template <int K> inline void mma_finish(float d[4], const Fiber* w, const float (&A)[16][K], const float (&B)[K][8]) {
+// then this lane's four d registers: c + the K products (exact in float32 for TF32 and BF16
+// operands) added in k order.
+template <int K> inline void mma_finish(float d[4], const MmaRegs& w, const float (&A)[16][K], const float (&B)[K][8]) {
     float C[16][8];
     for (int lane = 0; lane < 32; ++lane) {
-        const unsigned* f = w[lane].frag;
+        const unsigned* f = w[lane];
         int g = lane >> 2, t = lane & 3;
         C[g][2 * t] = bits_f32(f[6]);
         C[g][2 * t + 1] = bits_f32(f[7]);
         C[g + 8][2 * t] = bits_f32(f[8]);
         C[g + 8][2 * t + 1] = bits_f32(f[9]);
     }
-    warp_barrier(0xffffffffu);
     int lane = g_cur->linear & 31, g = lane >> 2, t = lane & 3;
     const int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
     for (int i = 0; i < 4; ++i) {
@@ -389,10 +402,10 @@ template <int K> inline void mma_finish(float d[4], const Fiber* w, const float 
 //   B: b0 (t, g)  b1 (t+4, g)                                     (k, col)
 //   C, D: c0 (g, 2t)  c1 (g, 2t+1)  c2 (g+8, 2t)  c3 (g+8, 2t+1)  (row, col)
 inline void mma_m16n8k8_tf32(float d[4], const unsigned a[4], const unsigned b[2], const float c[4]) {
-    const Fiber* w = mma_publish(a, b, c);
+    const MmaRegs w = mma_publish(a, b, c);
     float A[16][8], B[8][8];
     for (int lane = 0; lane < 32; ++lane) {
-        const unsigned* f = w[lane].frag;
+        const unsigned* f = w[lane];
         int g = lane >> 2, t = lane & 3;
         // the tensor core reads only the TF32 bits of a .tf32 register
         A[g][t] = bits_f32(f[0] & 0xFFFFE000u);
@@ -421,10 +434,10 @@ inline float bf16_value(unsigned h) { return bits_f32((h & 0xFFFFu) << 16); }
 //   B: b0 (2t..2t+1, g)  b1 (2t+8..2t+9, g)                                            (k, col)
 //   C, D: as for m16n8k8.
 inline void mma_m16n8k16_bf16(float d[4], const unsigned a[4], const unsigned b[2], const float c[4]) {
-    const Fiber* w = mma_publish(a, b, c);
+    const MmaRegs w = mma_publish(a, b, c);
     float A[16][16], B[16][8];
     for (int lane = 0; lane < 32; ++lane) {
-        const unsigned* f = w[lane].frag;
+        const unsigned* f = w[lane];
         int g = lane >> 2, t = lane & 3;
         for (int h = 0; h < 2; ++h) {  // h: which half of the register, k offset 0 or 1
             A[g][2 * t + h] = bf16_value(f[0] >> (16 * h));
@@ -612,6 +625,7 @@ int dnnpar_emu_launch(void (*entry)(void**), void** args, const unsigned* grid, 
                         f.tid = uint3{(unsigned)(i % block[0]), (unsigned)(i / block[0] % block[1]),
                                       (unsigned)(i / (block[0] * block[1]))};
                         f.state = RUNNABLE;
+                        f.mmas = 0;
                         getcontext(&f.ctx);
                         f.ctx.uc_stack.ss_sp = g_stacks[i] + pg;
                         f.ctx.uc_stack.ss_size = kStackBytes;
