@@ -5,7 +5,8 @@
     python benchmarks/kernels.py --backend numpy --quick
     python benchmarks/kernels.py --backend cuda --out bench-out/
 
-cuda:  SGEMM ladder (naive / tiled / regblock / regblock_db) vs cuBLAS (cupy.matmul); CSR SpMV (scalar,
+cuda:  SGEMM ladder (naive / tiled / regblock / regblock_db) vs cuBLAS (cupy.matmul), sgemm_tf32 vs cuBLAS
+       with TF32 tensor cores; CSR SpMV (scalar,
        vector, uint8 codebook) and SpMM vs cuSPARSE (cupyx.scipy.sparse); im2col and depthwise
        conv as GB/s against the device-to-device copy bandwidth measured in the same run; direct
        vs im2col conv. Timed with CUDA events after warm-up; the median of many runs.
@@ -36,7 +37,7 @@ from _common import (blas_name, check_text, common_meta, median, optional_torch,
 
 import dnnpar as dp  # noqa: E402  (_common put the checkout on sys.path)
 from dnnpar.backend.cuda import cuda_unavailable_reason  # noqa: E402
-from dnnpar.ops.gemm import ALGOS as GEMM_ALGOS  # noqa: E402
+from dnnpar.ops.gemm import ALGOS as GEMM_ALGOS, TENSOR_CORE_ALGOS  # noqa: E402
 
 #: Non-tensor-core FP32 peak (TFLOP/s) from NVIDIA's datasheets, matched on the device name.
 #: H200 SXM is the same GH100 die at the same clocks as H100 SXM. PCIe / NVL parts run lower
@@ -46,6 +47,7 @@ FP32_PEAK_EXCLUDE = ("PCIE", "NVL")
 
 #: the issue's targets, printed beside the numbers
 TARGET_GEMM = 75.0     # the default SGEMM (sgemm_regblock_db), % of cuBLAS at 4096^3
+TARGET_TF32 = 80.0     # the tensor-core GEMM (sgemm_tf32), % of cuBLAS with TF32 tensor cores at 4096^3
 TARGET_SPMV = 80.0     # CSR SpMV, % of cuSPARSE on the 1M-row matrix
 TARGET_IM2COL = 70.0   # im2col, % of the measured device bandwidth
 TARGET_DEPTHWISE_RATIO = 1.5  # numpy backend: depthwise (forward, forward + backward) at most 1.5x PyTorch CPU
@@ -221,7 +223,9 @@ class Bench:
                 "FP32 peak (flop) or the measured bandwidth (mem; compulsory bytes, each operand once) "
                 "allows / the time measured. check = max relative error against the peer's result.",
                 f"Targets (the issue, for the cuda backend): the register-blocked SGEMM (sgemm_regblock_db, the default) >= {TARGET_GEMM:.0f}% of cuBLAS at "
-                f"4096^3; CSR SpMV >= {TARGET_SPMV:.0f}% of cuSPARSE on the 1M-row matrix; im2col >= "
+                f"4096^3; the tensor-core GEMM (sgemm_tf32) >= {TARGET_TF32:.0f}% of cuBLAS with TF32 tensor cores at 4096^3 "
+                "(its check is against FP32 cuBLAS: TF32 operands give ~1e-4); "
+                f"CSR SpMV >= {TARGET_SPMV:.0f}% of cuSPARSE on the 1M-row matrix; im2col >= "
                 f"{TARGET_IM2COL:.0f}% of the measured device bandwidth."]
 
     def write(self, out_dir: Path) -> tuple[Path, Path]:
@@ -454,6 +458,20 @@ class CpuBench(Bench):
 
 
 # ---------------------------------------------------------------------------- GPU (cuda backend)
+@contextlib.contextmanager
+def cublas_tf32(cp):
+    """cupy.matmul on float32 with cuBLAS's TF32 compute type (what CUPY_TF32=1 selects at import),
+    switched for this block only."""
+    from cupy._core import _routines_linalg as linalg
+
+    old = linalg.get_compute_type(np.float32)
+    linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32)
+    try:
+        yield
+    finally:
+        linalg.set_compute_type(np.float32, old)
+
+
 SPIN_SRC = r"""
 extern "C" __global__ void bench_spin(long long cycles) {
     long long t0 = clock64();
@@ -625,10 +643,23 @@ class GpuBench(Bench):
             for algo in GEMM_ALGOS:
                 if algo == "naive" and max(m, n, k) > self.NAIVE_MAX:
                     continue
+                if algo in TENSOR_CORE_ALGOS:
+                    continue  # their peer is cuBLAS with TF32 tensor cores, below
                 target = TARGET_GEMM if (algo == "regblock_db" and (m, n, k) == self.GEMM_TARGET_SIZE) else None
                 self.measure("gemm", f"sgemm_{algo}", size, lambda: dp.ops.gemm(a, b, algo=algo), flops=flops,
                              roof="flop", peer="cuBLAS", peer_ms=median(peer.runs_ms), target=target,
                              check=check_text(rel_err(dp.ops.gemm(a, b, algo=algo), want)))
+            with cublas_tf32(cp):
+                tc_peer = self.measure("gemm", "cupy.matmul (cuBLAS, TF32 tensor cores)", size,
+                                       lambda: cp.matmul(a, b), flops=flops,
+                                       check=check_text(rel_err(cp.matmul(a, b), want)),
+                                       note="check: against FP32 cuBLAS (~1e-4 says TF32 was used)")
+            for algo in TENSOR_CORE_ALGOS:  # bf16 beside the same peer: float32 in and out, no BF16 cuBLAS peer
+                target = TARGET_TF32 if (algo == "tf32" and (m, n, k) == self.GEMM_TARGET_SIZE) else None
+                self.measure("gemm", f"sgemm_{algo}", size, lambda: dp.ops.gemm(a, b, algo=algo), flops=flops,
+                             peer="cuBLAS TF32", peer_ms=median(tc_peer.runs_ms), target=target,
+                             check=check_text(rel_err(dp.ops.gemm(a, b, algo=algo), want)),
+                             note="check: against FP32 cuBLAS")
             del a, b, want
             self.release()
 

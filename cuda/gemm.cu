@@ -18,6 +18,15 @@
 //                   shared memory touches 32 distinct banks. block (256), grid (ceil(N/128), ceil(M/128)).
 //   sgemm_regblock_db + two shared-memory stages: the next k-slice is loaded into registers while
 //                   the current one is multiplied, one barrier per slice (the default).
+//   sgemm_tf32      tensor cores (sm_80+): operands rounded to TF32 (cvt.rna), mma.sync m16n8k8
+//                   with float32 accumulation; 64x64x16 block tile, 4 warps of 32x32 (2 x 4 mma
+//                   tiles each); a 3-stage cp.async pipeline stages op(A) and op(B) in shared
+//                   memory in their global memory order (16-byte copies where aligned, 4-byte
+//                   otherwise, zero-filled past the edges by src-size); fragments are read with
+//                   plain 32-bit shared loads (ldmatrix moves 16-bit elements: not used).
+//                   block (128), grid (ceil(N/64), ceil(M/64)). On sm_75 it compiles to a trap.
+//   sgemm_bf16      the same pipeline with operands rounded to BF16 (cvt.rn.bf16x2, two per register)
+//                   and one mma.sync m16n8k16 .bf16 per 16-deep slice; float32 accumulation.
 // All variants take any M, N, K >= 1 (partial tiles are zero-filled in shared memory).
 
 #define GEMM_AT(X, ld, t, r, c) ((t) ? (X)[(long long)(c) * (ld) + (r)] : (X)[(long long)(r) * (ld) + (c)])
@@ -234,4 +243,245 @@ sgemm_regblock_db(int M, int N, int K, float alpha, const float* __restrict__ A,
     }
 
     rb_epilogue(acc, M, N, alpha, beta, C, ldc, m0, n0, tr, tc);
+}
+
+// ------------------------------------------------------------------ tensor cores (sm_80+)
+// Instruction wrappers. The emu backend's runtime (dnnpar/backend/emu_runtime.h) defines the
+// same functions as exact models of these instructions, so this kernel runs there unchanged.
+#if !defined(DNNPAR_EMU) && (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800)
+#define TC_HAVE_MMA 1
+__device__ __forceinline__ unsigned cvt_rna_tf32(float x) {
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return r;
+}
+
+// D = A B + C on one tile per warp: four a, two b, four c / d registers per lane for both shapes.
+#define TC_MMA_PTX(shape_and_types, d, a, b, c)                                                               \
+    asm volatile("mma.sync.aligned." shape_and_types " {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "        \
+                 "{%10, %11, %12, %13};"                                                                       \
+                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])                                              \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]),                           \
+                   "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]))
+
+// 16x8x8, TF32 operands; fragment layout in emu_runtime.h and the PTX ISA.
+__device__ __forceinline__ void mma_m16n8k8_tf32(float d[4], const unsigned a[4], const unsigned b[2],
+                                                 const float c[4]) {
+    TC_MMA_PTX("m16n8k8.row.col.f32.tf32.tf32.f32", d, a, b, c);
+}
+
+// Two floats rounded to BF16 (nearest, ties to even) in one register: lo in the low half.
+__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));  // the first source goes high
+    return r;
+}
+
+// 16x8x16, BF16 operands (two per register), float32 C and D.
+__device__ __forceinline__ void mma_m16n8k16_bf16(float d[4], const unsigned a[4], const unsigned b[2],
+                                                  const float c[4]) {
+    TC_MMA_PTX("m16n8k16.row.col.f32.bf16.bf16.f32", d, a, b, c);
+}
+
+// src_bytes < cp-size zero-fills the rest of the destination (0: nothing is read).
+__device__ __forceinline__ void cp_async_4(void* dst, const void* src, int src_bytes) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(s), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+#elif defined(DNNPAR_EMU)
+#define TC_HAVE_MMA 1
+#endif
+
+#define TC_BM 64
+#define TC_BN 64
+#define TC_BK 16
+#define TC_STAGES 3
+#define TC_THREADS 128
+#define TC_LDK (TC_BK + 4)  // k-contiguous tile row: 20 floats, rows g*20 + t hit 32 distinct banks
+#define TC_LDR (TC_BM + 8)  // row-contiguous tile row: 72 floats, t*72 + g hit 32 distinct banks
+#define TC_STAGE_FLOATS (TC_BM * TC_LDK > TC_BK * TC_LDR ? TC_BM * TC_LDK : TC_BK * TC_LDR)
+
+#ifdef TC_HAVE_MMA
+// Element (r, k) of a 64 x BK operand tile as staged by tc_load_tile.
+__device__ __forceinline__ float tc_at(const float* S, bool along_k, int r, int k) {
+    return along_k ? S[r * TC_LDK + k] : S[k * TC_LDR + r];
+}
+
+// Queue the copy of the 64 x BK tile of op(X) at (base, k0) into S: X's rows run along r and
+// its contiguous index along k (along_k), or the other way round; the tile keeps X's order, so
+// every copy moves 4 consecutive floats (one 16-byte cp.async when `vec`, else four 4-byte ones).
+// Past M / N / K the src-size is cut, so the copy zero-fills.
+__device__ __forceinline__ void tc_load_tile(float* S, const float* __restrict__ X, int ld, bool along_k, bool vec,
+                                             int extent, int K, int base, int k0, int t) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int c = t + h * TC_THREADS;  // 256 quads of 4 floats
+        int r, k, valid;
+        float* dst;
+        const float* src;
+        if (along_k) {
+            r = c >> 2, k = (c & 3) * 4;
+            const int gr = base + r, gk = k0 + k;
+            valid = gr < extent ? min(max(K - gk, 0), 4) : 0;
+            src = X + (long long)gr * ld + gk;
+            dst = S + r * TC_LDK + k;
+        } else {
+            k = c >> 4, r = (c & 15) * 4;
+            const int gk = k0 + k, gr = base + r;
+            valid = gk < K ? min(max(extent - gr, 0), 4) : 0;
+            src = X + (long long)gk * ld + gr;
+            dst = S + k * TC_LDR + r;
+        }
+        if (vec) {
+            cp_async_16(dst, valid ? src : X, valid * 4);
+        } else {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) cp_async_4(dst + j, j < valid ? src + j : X, j < valid ? 4 : 0);
+        }
+    }
+}
+
+// One BK = 16 deep slice of the block tile into this warp's 2 x 4 accumulator tiles.
+// TC_TF32: two m16n8k8 steps, each fragment register one TF32 value:
+//   a0 (g, q)  a1 (g+8, q)  a2 (g, q+4)  a3 (g+8, q+4);  b0 (q, g)  b1 (q+4, g)   [(row, k), (k, col)]
+// TC_BF16: one m16n8k16 step, each fragment register a pair of BF16 values (low half first):
+//   a0 (g, 2q..2q+1)  a1 (g+8, 2q..)  a2 (g, 2q+8..)  a3 (g+8, 2q+8..);  b0 (2q..2q+1, g)  b1 (2q+8.., g)
+#define TC_TF32 0
+#define TC_BF16 1
+template <int P>
+__device__ __forceinline__ void tc_multiply(float (&acc)[2][4][4], const float* sa, const float* sb, bool a_k, bool b_k,
+                                            int wm, int wn, int g, int q) {
+    if constexpr (P == TC_TF32) {
+#pragma unroll
+        for (int k8 = 0; k8 < TC_BK; k8 += 8) {
+            unsigned af[2][4], bf[4][2];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                const int r = wm + i * 16 + g;
+                af[i][0] = cvt_rna_tf32(tc_at(sa, a_k, r, k8 + q));
+                af[i][1] = cvt_rna_tf32(tc_at(sa, a_k, r + 8, k8 + q));
+                af[i][2] = cvt_rna_tf32(tc_at(sa, a_k, r, k8 + q + 4));
+                af[i][3] = cvt_rna_tf32(tc_at(sa, a_k, r + 8, k8 + q + 4));
+            }
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int c = wn + j * 8 + g;
+                bf[j][0] = cvt_rna_tf32(tc_at(sb, b_k, c, k8 + q));
+                bf[j][1] = cvt_rna_tf32(tc_at(sb, b_k, c, k8 + q + 4));
+            }
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) mma_m16n8k8_tf32(acc[i][j], af[i], bf[j], acc[i][j]);
+        }
+    } else {
+        unsigned af[2][4], bf[4][2];
+        const int k = 2 * q;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int r = wm + i * 16 + g;
+            af[i][0] = pack_bf16x2(tc_at(sa, a_k, r, k), tc_at(sa, a_k, r, k + 1));
+            af[i][1] = pack_bf16x2(tc_at(sa, a_k, r + 8, k), tc_at(sa, a_k, r + 8, k + 1));
+            af[i][2] = pack_bf16x2(tc_at(sa, a_k, r, k + 8), tc_at(sa, a_k, r, k + 9));
+            af[i][3] = pack_bf16x2(tc_at(sa, a_k, r + 8, k + 8), tc_at(sa, a_k, r + 8, k + 9));
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int c = wn + j * 8 + g;
+            bf[j][0] = pack_bf16x2(tc_at(sb, b_k, c, k), tc_at(sb, b_k, c, k + 1));
+            bf[j][1] = pack_bf16x2(tc_at(sb, b_k, c, k + 8), tc_at(sb, b_k, c, k + 9));
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) mma_m16n8k16_bf16(acc[i][j], af[i], bf[j], acc[i][j]);
+    }
+}
+
+template <int P>
+__device__ __forceinline__ void tc_gemm(int M, int N, int K, float alpha, const float* __restrict__ A, int lda, int ta,
+                                        const float* __restrict__ B, int ldb, int tb, float beta,
+                                        float* __restrict__ C, int ldc, float (*As)[TC_STAGE_FLOATS],
+                                        float (*Bs)[TC_STAGE_FLOATS]) {
+    const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
+    const int g = lane >> 2, q = lane & 3;               // the mma fragment's groupID, threadID_in_group
+    const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;  // this warp's 32 x 32 of the block tile
+    const int m0 = blockIdx.y * TC_BM, n0 = blockIdx.x * TC_BN;
+    const bool a_k = !ta, b_k = tb;                      // is k the contiguous index of A / B?
+    const bool vec_a = rb_float4_rows(A, lda), vec_b = rb_float4_rows(B, ldb);
+    const int ktiles = (K + TC_BK - 1) / TC_BK;
+
+    float acc[2][4][4] = {};
+
+    // Prologue: the first STAGES - 1 tiles in flight, one commit group each (empty past K).
+#pragma unroll
+    for (int s = 0; s < TC_STAGES - 1; ++s) {
+        if (s < ktiles) {
+            tc_load_tile(As[s], A, lda, a_k, vec_a, M, K, m0, s * TC_BK, t);
+            tc_load_tile(Bs[s], B, ldb, b_k, vec_b, N, K, n0, s * TC_BK, t);
+        }
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < ktiles; ++kt) {
+        cp_async_wait<TC_STAGES - 2>();  // this thread's copies of tile kt have landed ...
+        __syncthreads();                 // ... and everyone's; and stage (kt - 1) % S is no longer read
+        const int next = kt + TC_STAGES - 1;
+        if (next < ktiles) {
+            tc_load_tile(As[next % TC_STAGES], A, lda, a_k, vec_a, M, K, m0, next * TC_BK, t);
+            tc_load_tile(Bs[next % TC_STAGES], B, ldb, b_k, vec_b, N, K, n0, next * TC_BK, t);
+        }
+        cp_async_commit();
+        tc_multiply<P>(acc, As[kt % TC_STAGES], Bs[kt % TC_STAGES], a_k, b_k, wm, wn, g, q);
+    }
+    cp_async_wait<0>();  // no copy may still be in flight into shared memory when the block exits
+
+    // Epilogue: d0 (g, 2q), d1 (g, 2q+1), d2 (g+8, 2q), d3 (g+8, 2q+1) of each 16 x 8 tile.
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int row = m0 + wm + i * 16 + g + (e >> 1) * 8, col = n0 + wn + j * 8 + 2 * q + (e & 1);
+                if (row < M && col < N) {
+                    float* c = C + (long long)row * ldc + col;
+                    const float v = alpha * acc[i][j][e];
+                    *c = beta == 0.f ? v : v + beta * *c;
+                }
+            }
+}
+#endif  // TC_HAVE_MMA
+
+extern "C" __global__ void __launch_bounds__(TC_THREADS)
+sgemm_tf32(int M, int N, int K, float alpha, const float* __restrict__ A, int lda, int ta,
+           const float* __restrict__ B, int ldb, int tb, float beta, float* __restrict__ C, int ldc) {
+#ifdef TC_HAVE_MMA
+    // in the kernel, not in the template: the emu backend poisons the kernels' __shared__ storage
+    __shared__ __align__(16) float As[TC_STAGES][TC_STAGE_FLOATS];
+    __shared__ __align__(16) float Bs[TC_STAGES][TC_STAGE_FLOATS];
+    tc_gemm<TC_TF32>(M, N, K, alpha, A, lda, ta, B, ldb, tb, beta, C, ldc, As, Bs);
+#else
+    __trap();  // mma.sync with .tf32 needs sm_80; the op refuses older devices before launching
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(TC_THREADS)
+sgemm_bf16(int M, int N, int K, float alpha, const float* __restrict__ A, int lda, int ta,
+           const float* __restrict__ B, int ldb, int tb, float beta, float* __restrict__ C, int ldc) {
+#ifdef TC_HAVE_MMA
+    // in the kernel, not in the template: the emu backend poisons the kernels' __shared__ storage
+    __shared__ __align__(16) float As[TC_STAGES][TC_STAGE_FLOATS];
+    __shared__ __align__(16) float Bs[TC_STAGES][TC_STAGE_FLOATS];
+    tc_gemm<TC_BF16>(M, N, K, alpha, A, lda, ta, B, ldb, tb, beta, C, ldc, As, Bs);
+#else
+    __trap();  // mma.sync with .bf16 needs sm_80
+#endif
 }

@@ -132,17 +132,80 @@ def worst_sum_bound(magnitude, terms):
     return nu / (1 - nu) * np.asarray(magnitude, np.float64)
 
 
-def assert_sum_close(got, want, magnitude, terms, what=""):
+def assert_sum_close(got, want, magnitude, terms, what="", bound=None, bound_name="float32 summation bound"):
     """``got`` (computed in float32) within :func:`worst_sum_bound` of the float64 ``want``,
     element by element. ``magnitude``: the same sum over |terms| (e.g. |A| @ |B|); ``terms``: the number of
     products each element sums (a scalar or per element). An element that cancels to near zero
-    cannot fail by rounding alone; a wrong index, a missing term or an unwritten element does."""
+    cannot fail by rounding alone; a wrong index, a missing term or an unwritten element does.
+    ``bound(magnitude, terms)``: another error bound in place of :func:`worst_sum_bound`."""
     got = np.asarray(got)
     assert got.shape == np.shape(want), f"{what}: shape {got.shape} != {np.shape(want)}"
     assert np.all(np.isfinite(got)), f"{what}: non-finite output (an element left unwritten?)"
     err = np.abs(got.astype(np.float64) - want)
     # + 1e-37: products in float32's subnormal range round absolutely, not relatively
-    limit = np.broadcast_to(worst_sum_bound(magnitude, terms) + 1e-37, err.shape)
+    limit = np.broadcast_to((bound or worst_sum_bound)(magnitude, terms) + 1e-37, err.shape)
     if err.size and not np.all(err <= limit):
         i = np.unravel_index(int(np.argmax(err - limit)), err.shape)
-        raise AssertionError(f"{what}: error {err[i]:.3e} at {i} beyond the float32 summation bound {limit[i]:.3e}")
+        raise AssertionError(f"{what}: error {err[i]:.3e} at {i} beyond the {bound_name} {limit[i]:.3e}")
+
+
+# --------------------------------------------------------------------------------------------
+# TF32 (tensor-core GEMM, algo="tf32"): operands rounded to 10 mantissa bits, float32 sums.
+
+U_TF32 = 2.0**-11  #: unit roundoff of TF32 rounding to nearest (10 stored mantissa bits)
+U_BF16 = 2.0**-8   #: unit roundoff of BF16 rounding to nearest (7 stored mantissa bits)
+U_ACC = 2.0**-23   #: float32 accumulation unit, doubled: tensor cores need not round to nearest
+
+
+def tf32(x):
+    """Nearest TF32 value of each float32 (ties away from zero), in float64, computed from the
+    significand by frexp, independently of the bit trick dnnpar uses: 11 significant bits.
+    Exact for normal float32 values (float32 subnormals keep their absolute grid in the bit trick,
+    so they are not compared against this)."""
+    m, e = np.frexp(np.asarray(x, np.float64))    # x = m 2^e, 0.5 <= |m| < 1
+    s = m * 2.0**11                                # 11 significant bits before the point
+    r = np.sign(s) * np.floor(np.abs(s) + 0.5)     # nearest, ties away from zero
+    return np.ldexp(r, e - 11)
+
+
+def tensor_core_gemm_bound(magnitude, terms, u):
+    """Largest error of a tensor-core product whose operands are rounded with unit roundoff ``u``
+    (TF32: 2^-11, BF16: 2^-8), per element, against the float64 product of the unrounded float32
+    operands. Each operand is rounded with relative error <= u, so |ab - fl(a) fl(b)| <=
+    (2u + u^2) |a||b|; the rounded products are exact in float32 (11 x 11 or 8 x 8 significant
+    bits) and are summed (with C, alpha and beta: K + 2 roundings) with gamma_{K+2} at unit U_ACC,
+    relative to sum |fl(a)||fl(b)| <= (1 + u)^2 sum |a||b|. ``magnitude`` = |op(A)| @ |op(B)|
+    (plus |beta C|), ``terms`` = K."""
+    nu = (np.asarray(terms, np.float64) + 2) * U_ACC
+    gamma = nu / (1 - nu)
+    return ((2 * u + u**2) + gamma * (1 + u) ** 2) * np.asarray(magnitude, np.float64)
+
+
+def tf32_gemm_bound(magnitude, terms):
+    """:func:`tensor_core_gemm_bound` for TF32 operands."""
+    return tensor_core_gemm_bound(magnitude, terms, U_TF32)
+
+
+def bf16_gemm_bound(magnitude, terms):
+    """:func:`tensor_core_gemm_bound` for BF16 operands."""
+    return tensor_core_gemm_bound(magnitude, terms, U_BF16)
+
+
+def assert_tf32_close(got, want, magnitude, terms, what=""):
+    """``got`` (a TF32 GEMM) within :func:`tf32_gemm_bound` of the float64 ``want``, per element."""
+    assert_sum_close(got, want, magnitude, terms, what, bound=tf32_gemm_bound, bound_name="TF32 GEMM bound")
+
+
+def assert_bf16_close(got, want, magnitude, terms, what=""):
+    """``got`` (a BF16 GEMM) within :func:`bf16_gemm_bound` of the float64 ``want``, per element."""
+    assert_sum_close(got, want, magnitude, terms, what, bound=bf16_gemm_bound, bound_name="BF16 GEMM bound")
+
+
+def bf16(x):
+    """Nearest BF16 value of each float32 (ties to even), in float64, from the significand by
+    frexp (8 significant bits), independently of dnnpar's bit trick; exact for normal values."""
+    m, e = np.frexp(np.asarray(x, np.float64))
+    s = np.abs(m) * 2.0**8
+    f = np.floor(s)
+    r = np.where(s - f > 0.5, f + 1, np.where(s - f < 0.5, f, f + (f % 2)))  # ties to the even one
+    return np.sign(m) * np.ldexp(r, e - 8)

@@ -8,6 +8,7 @@ import pytest
 import dnnpar as dp
 from dnnpar.backend.emu import EmuMemoryError, EmuModule, EmuSchedulingError
 from dnnpar.backend.sources import read_source
+import oracles
 from oracles import assert_sum_close
 
 SCHEDULES = [("forward", 0), ("reverse", 0), ("random", 1), ("random", 2), ("random", 3)]
@@ -157,3 +158,144 @@ def test_launch_arguments_are_checked_against_the_kernel_signature(toy):
         toy.launch("warp_sum", (1,), (2048,), (x, out, np.int32(4)))
     with pytest.raises(ValueError, match="no kernel"):
         toy.launch("nope", (1,), (32,), ())
+
+
+# ---------------------------------------------------------------------------- sgemm_tf32, sgemm_bf16
+# Planted bugs in the tensor-core GEMM, each a string edit of the real source. All variants go
+# into one module (each in its own namespace, the kernel renamed), so the host compiler runs once.
+TC_SECTION = "// ------------------------------------------------------------------ tensor cores"
+TC_BUGS = {
+    "no_syncthreads": [("__syncthreads();", "/* removed */")],
+    "no_cp_async_wait": [("cp_async_wait<TC_STAGES - 2>();", "/* removed */")],
+    "cp_async_wait_one_group_short": [("cp_async_wait<TC_STAGES - 2>();", "cp_async_wait<TC_STAGES - 1>();")],
+    # a1 is (g+8, t) and a2 (g, t+4): swapped
+    "a_fragment_a1_a2": [("af[i][1] = cvt_rna_tf32(tc_at(sa, a_k, r + 8, k8 + q));",
+                          "af[i][1] = cvt_rna_tf32(tc_at(sa, a_k, r, k8 + q + 4));"),
+                         ("af[i][2] = cvt_rna_tf32(tc_at(sa, a_k, r, k8 + q + 4));",
+                          "af[i][2] = cvt_rna_tf32(tc_at(sa, a_k, r + 8, k8 + q));")],
+    # b0 is (t, g) and b1 (t+4, g): swapped
+    "b_fragment_b0_b1": [("bf[j][0] = cvt_rna_tf32(tc_at(sb, b_k, c, k8 + q));",
+                          "bf[j][0] = cvt_rna_tf32(tc_at(sb, b_k, c, k8 + q + 4));"),
+                         ("bf[j][1] = cvt_rna_tf32(tc_at(sb, b_k, c, k8 + q + 4));",
+                          "bf[j][1] = cvt_rna_tf32(tc_at(sb, b_k, c, k8 + q));")],
+    # bf16: a1 is (g+8, 2t..2t+1) and a2 (g, 2t+8..2t+9): swapped (the race bugs above hit both kernels)
+    "bf16_a_fragment_a1_a2": [("af[i][1] = pack_bf16x2(tc_at(sa, a_k, r + 8, k), tc_at(sa, a_k, r + 8, k + 1));",
+                               "af[i][1] = pack_bf16x2(tc_at(sa, a_k, r, k + 8), tc_at(sa, a_k, r, k + 9));"),
+                              ("af[i][2] = pack_bf16x2(tc_at(sa, a_k, r, k + 8), tc_at(sa, a_k, r, k + 9));",
+                               "af[i][2] = pack_bf16x2(tc_at(sa, a_k, r + 8, k), tc_at(sa, a_k, r + 8, k + 1));")],
+    # bf16: the two halves of b0 swapped (k = 2t + 1 in the low half)
+    "bf16_b_fragment_halves": [("bf[j][0] = pack_bf16x2(tc_at(sb, b_k, c, k), tc_at(sb, b_k, c, k + 1));",
+                                "bf[j][0] = pack_bf16x2(tc_at(sb, b_k, c, k + 1), tc_at(sb, b_k, c, k));")],
+    # no cvt.rna: the raw float32 bits go to the tensor core, which reads them truncated to TF32
+    "no_tf32_rounding": [(TC_SECTION, TC_SECTION + "\ninline unsigned cvt_rna_tf32(float x) { unsigned u; "
+                          "std::memcpy(&u, &x, 4); return u; }  // shadows the real one in this namespace")],
+    # d1 is (g, 2t+1) and d2 (g+8, 2t): swapped in the epilogue
+    "d_fragment_d1_d2": [("g + (e >> 1) * 8, col = n0 + wn + j * 8 + 2 * q + (e & 1);",
+                          "g + (e & 1) * 8, col = n0 + wn + j * 8 + 2 * q + (e >> 1);")],
+}
+
+
+def tc_variants(code: str) -> str:
+    """gemm.cu followed by one copy of its tensor-core section per planted bug, the kernel
+    renamed sgemm_tf32_<bug> and its helpers in a namespace of their own."""
+    section = code[code.index(TC_SECTION):]
+    out = [code]
+    for bug, edits in TC_BUGS.items():
+        v = section
+        for old, new in edits:
+            assert v.count(old) == 1, (bug, old)
+            v = v.replace(old, new)
+        v = v.replace("sgemm_tf32(", f"sgemm_tf32_{bug}(").replace("sgemm_bf16(", f"sgemm_bf16_{bug}(")
+        out.append(f"namespace bug_{bug} {{\n{v}\n}}\nusing bug_{bug}::sgemm_tf32_{bug};\nusing bug_{bug}::sgemm_bf16_{bug};\n")
+    return "\n".join(out)
+
+
+@pytest.fixture(scope="module")
+def tc_module():
+    with dp.use_backend("emu") as be:
+        return EmuModule(tc_variants(read_source("gemm.cu")), "gemm_tc_bugs.cu", be.cxx)
+
+
+def launch_tc(module, kernel, a, b, order="forward", seed=0):
+    """The launch dp.ops.gemm(a, b, algo="tf32") makes, of `kernel` in `module`; C poisoned."""
+    from dnnpar.ops.gemm import _launch_shape
+
+    (m, k), n = a.shape, b.shape[1]
+    grid, block = _launch_shape("tf32", m, n)
+    c = np.full((m, n), np.nan, np.float32)
+    i32 = np.int32
+    module.launch(kernel, grid, block, (i32(m), i32(n), i32(k), np.float32(1), a, i32(k), i32(0), b, i32(n), i32(0),
+                                        np.float32(0), c, i32(n)), order=order, seed=seed)
+    return c
+
+
+def tc_fails(c, a, b, precision="tf32") -> bool:
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    check = oracles.assert_tf32_close if precision == "tf32" else oracles.assert_bf16_close
+    try:
+        check(c, a64 @ b64, np.abs(a64) @ np.abs(b64), a.shape[1], "planted")
+    except AssertionError:
+        return True
+    return False
+
+
+def tc_case(rng):
+    # 2 x 2 blocks, the last ones partial; K: 6 tiles of 16 (the pipeline wraps twice), ragged; lda, ldb
+    # multiples of 4 (16-byte cp.async)
+    return rng.standard_normal((70, 92)).astype(np.float32), rng.standard_normal((92, 100)).astype(np.float32)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_tensor_core_gemm_is_schedule_independent_and_within_the_bound(tc_module, rng, precision):
+    a, b = tc_case(rng)
+    runs = [launch_tc(tc_module, f"sgemm_{precision}", a, b, o, s) for o, s in SCHEDULES]
+    for r in runs:
+        np.testing.assert_array_equal(r, runs[0])
+    assert not tc_fails(runs[0], a, b, precision)
+
+
+# (bug, kernel): the race bugs on both kernels, each fragment bug on the kernel it edits
+TC_CASES = [(bug, "bf16" if bug.startswith("bf16_") else "tf32") for bug in TC_BUGS if bug != "no_tf32_rounding"] + \
+    [(bug, "bf16") for bug in ("no_syncthreads", "no_cp_async_wait", "cp_async_wait_one_group_short")]
+
+
+@pytest.mark.parametrize("bug,precision", TC_CASES)
+def test_tensor_core_gemm_planted_bug_is_caught(tc_module, rng, bug, precision):
+    """A race (missing barrier, missing or short cp.async wait) gives a wrong result under some
+    schedule; a wrong fragment index under every one; the TF32 / BF16 bound is tight enough to
+    see it."""
+    a, b = tc_case(rng)
+    caught = []
+    for order, seed in SCHEDULES:
+        try:
+            caught.append(tc_fails(launch_tc(tc_module, f"sgemm_{precision}_{bug}", a, b, order, seed), a, b,
+                                   precision))
+        except EmuSchedulingError:
+            caught.append(True)
+    if "fragment" in bug:
+        assert all(caught), f"{bug}: missed under schedules {[s for s, c in zip(SCHEDULES, caught) if not c]}"
+    else:
+        assert any(caught), f"{bug} went unnoticed under every schedule"
+
+
+def test_missing_tf32_rounding_is_caught(tc_module, rng):
+    """Without cvt.rna the tensor core truncates the operands (the emulator reads a .tf32 register
+    as the hardware does): the result may still be near the float64 product, but it is not the
+    product of the TF32-rounded operands, which the correct kernel matches to float32 rounding."""
+    a, b = tc_case(rng)
+    ra, rb = oracles.tf32(a), oracles.tf32(b)
+    want, mag = ra @ rb, np.abs(ra) @ np.abs(rb)
+    oracles.assert_sum_close(launch_tc(tc_module, "sgemm_tf32", a, b), want, mag, a.shape[1], "sgemm_tf32")
+    with pytest.raises(AssertionError, match="beyond the float32 summation bound"):
+        oracles.assert_sum_close(launch_tc(tc_module, "sgemm_tf32_no_tf32_rounding", a, b), want, mag, a.shape[1],
+                                 "sgemm_tf32 without cvt.rna")
+
+
+def test_mma_needs_the_whole_warp(tc_module, rng):
+    """mma.sync is warp-wide: a block that ends inside a warp is refused, not half-computed."""
+    a, b = tc_case(rng)
+    c = np.zeros((70, 100), np.float32)
+    i32 = np.int32
+    with pytest.raises(ValueError, match="mma.sync needs all 32 lanes"):
+        tc_module.launch("sgemm_tf32", (2, 2), (100,), (i32(70), i32(100), i32(92), np.float32(1), a, i32(92), i32(0),
+                                                          b, i32(100), i32(0), np.float32(0), c, i32(100)))

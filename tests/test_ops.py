@@ -101,7 +101,7 @@ def test_gemm(backend, algo, mnk, trans, rng):
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
-@pytest.mark.parametrize("algo", ["naive", "tiled", "regblock", "regblock_db"])
+@pytest.mark.parametrize("algo", ["naive", "tiled", "regblock", "regblock_db", "tf32", "bf16"])
 def test_gemm_alpha_beta_accumulates_in_place(backend, algo, rng):
     m, n, k = 67, 45, 29
     a, b, c0 = randn(rng, (m, k)), randn(rng, (k, n)), randn(rng, (m, n))
@@ -110,7 +110,81 @@ def test_gemm_alpha_beta_accumulates_in_place(backend, algo, rng):
     assert out is cd
     a64, b64, c64 = a.astype(np.float64), b.astype(np.float64), c0.astype(np.float64)
     mag = 0.5 * np.abs(a64) @ np.abs(b64) + 2 * np.abs(c64)
-    assert_sum_close(backend.to_numpy(cd), 0.5 * a64 @ b64 - 2.0 * c64, mag, k, "gemm alpha/beta")
+    check = TENSOR_CORE[algo][0] if algo in TENSOR_CORE else assert_sum_close
+    check(backend.to_numpy(cd), 0.5 * a64 @ b64 - 2.0 * c64, mag, k, f"gemm {algo} alpha/beta")
+
+
+# TF32 tensor-core GEMM (64 x 64 x 16 block tile): size 1, primes and non-multiples, one tile exactly,
+# K over several pipeline stages with a ragged last one; lda/ldb multiples of 4 (16-byte cp.async) or not
+GEMM_TF32_SIZES = [(1, 1, 1), (17, 33, 45), (128, 128, 32), (129, 67, 100)]
+
+
+#: tensor-core algo -> (its error-bound assertion, the independent rounding of its operands)
+TENSOR_CORE = {"tf32": (oracles.assert_tf32_close, oracles.tf32), "bf16": (oracles.assert_bf16_close, oracles.bf16)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("algo", list(TENSOR_CORE))
+@pytest.mark.parametrize("mnk", GEMM_TF32_SIZES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("trans", ["NN", "NT", "TN", "TT"])
+def test_gemm_tensor_cores(backend, algo, mnk, trans, rng):
+    """Within the algo's bound of the float64 product of the float32 operands, and within the
+    plain float32 summation bound of the product of their independently rounded values (so each
+    backend rounds the operands exactly as cvt.rna.tf32 / cvt.rn.bf16x2 do)."""
+    m, n, k = mnk
+    ta, tb = trans[0] == "T", trans[1] == "T"
+    a = randn(rng, (k, m) if ta else (m, k))
+    b = randn(rng, (n, k) if tb else (k, n))
+    ad, bd = put(backend, a, b)
+    c = backend.to_numpy(dp.ops.gemm(ad, bd, trans_a=ta, trans_b=tb, algo=algo))
+    a64, b64 = (a.T if ta else a).astype(np.float64), (b.T if tb else b).astype(np.float64)
+    assert_bound, rounding = TENSOR_CORE[algo]
+    assert_bound(c, a64 @ b64, np.abs(a64) @ np.abs(b64), k, f"gemm {algo} {trans}")
+    ra, rb = rounding(a64), rounding(b64)
+    assert_sum_close(c, ra @ rb, np.abs(ra) @ np.abs(rb), k, f"gemm {algo} {trans} against rounded operands")
+
+
+@pytest.mark.parametrize("algo", list(TENSOR_CORE))
+def test_gemm_tensor_cores_take_float32_only(rng, algo):
+    a = rng.standard_normal((3, 4))
+    with dp.use_backend("numpy"), dp.precision("float64"):
+        with pytest.raises(TypeError, match=f"{algo}.*float32 operands, got float64"):
+            dp.ops.gemm(a, a, trans_b=True, algo=algo)
+
+
+def test_round_tf32_matches_an_independent_rounding(rng):
+    """dnnpar's bit trick against frexp arithmetic: random normal values, exact ties (13 low bits
+    1000000000000, both signs: away from zero), values that round up to the next binade, and the
+    non-finite ones."""
+    from dnnpar.ops.gemm import round_tf32
+
+    x = (rng.standard_normal(20000) * np.exp2(rng.integers(-100, 100, 20000))).astype(np.float32)
+    exponent = rng.integers(1, 254, 2000, dtype=np.uint32) << np.uint32(23)  # normal, up to 2^126
+    bits = rng.integers(0, 2**23, 2000, dtype=np.uint32) | exponent | (rng.integers(0, 2, 2000, dtype=np.uint32) << np.uint32(31))
+    ties = ((bits & np.uint32(0xFFFFE000)) | np.uint32(0x1000)).view(np.float32)
+    up = ((bits & np.uint32(0xFFFFE000)) | np.uint32(0x007FF000)).view(np.float32)  # mantissa carries out
+    x = np.concatenate([x, ties, -ties, up, -up])
+    np.testing.assert_array_equal(round_tf32(x).astype(np.float64), oracles.tf32(x))
+    fmax = np.finfo(np.float32).max  # past the largest TF32, (2 - 2^-10) 2^127, by more than half an ulp
+    special = np.array([np.inf, -np.inf, np.nan, 0.0, -0.0, fmax, -fmax], np.float32)
+    r = round_tf32(special)
+    assert r[0] == np.inf and r[1] == -np.inf and np.isnan(r[2]) and r[3] == 0 and np.signbit(r[4])
+    assert r[5] == np.inf and r[6] == -np.inf
+
+
+def test_round_bf16_matches_an_independent_rounding(rng):
+    """As for TF32, with BF16's ties to even: 16 low bits 0x8000 go to the even neighbour."""
+    from dnnpar.ops.gemm import round_bf16
+
+    x = (rng.standard_normal(20000) * np.exp2(rng.integers(-100, 100, 20000))).astype(np.float32)
+    exponent = rng.integers(1, 254, 2000, dtype=np.uint32) << np.uint32(23)
+    bits = rng.integers(0, 2**23, 2000, dtype=np.uint32) | exponent | (rng.integers(0, 2, 2000, dtype=np.uint32) << np.uint32(31))
+    ties = ((bits & np.uint32(0xFFFF0000)) | np.uint32(0x8000)).view(np.float32)
+    up = ((bits & np.uint32(0xFFFF0000)) | np.uint32(0x007FC000)).view(np.float32)
+    x = np.concatenate([x, ties, up])
+    np.testing.assert_array_equal(round_bf16(x).astype(np.float64), oracles.bf16(x))
+    r = round_bf16(np.array([np.inf, -np.inf, np.nan, -0.0], np.float32))
+    assert r[0] == np.inf and r[1] == -np.inf and np.isnan(r[2]) and np.signbit(r[3])
 
 
 def assert_sparse(got, dense, x, what):

@@ -38,7 +38,7 @@ def test_every_kernel_compiles_for_every_target(reports):
 
 
 @needs_nvcc
-@pytest.mark.parametrize("kernel", ["sgemm_regblock", "sgemm_regblock_db", "sgemm_tiled", "csr_spmv_scalar", "csr_spmv_vector",
+@pytest.mark.parametrize("kernel", ["sgemm_regblock", "sgemm_regblock_db", "sgemm_tiled", "sgemm_tf32", "sgemm_bf16", "csr_spmv_scalar", "csr_spmv_vector",
                                     "csr_spmv_scalar_cb", "csr_spmv_vector_cb", "csr_spmm", "csr_spmm_cb"])
 def test_no_spills_on_sm90(reports, kernel):
     (r,) = [r for r in reports if r.kernel == kernel and r.arch == "90"]
@@ -56,6 +56,20 @@ def test_regblock_keeps_its_tile_in_registers_and_shared_memory(reports, kernel,
     assert r.smem == stages * 2 * 8 * 132 * 4
     assert r.spill_stores == 0 and r.spill_loads == 0 and r.stack == 0
     assert r.barriers >= 1
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", ["80", "90"])
+@pytest.mark.parametrize("kernel", ["sgemm_tf32", "sgemm_bf16"])
+def test_tensor_core_gemm_keeps_its_pipeline_in_shared_memory_without_spills(reports, kernel, arch):
+    """sgemm_tf32 / sgemm_bf16 on tensor-core targets: 3 stages x (A + B) x 1280 floats of shared
+    memory, 32 accumulators + 16 fragment registers per thread in registers, no spills, one
+    barrier. sm_75 is skipped on purpose: mma.sync .tf32 / .bf16 and cp.async need sm_80, so there
+    the kernels are compiled to a trap (the op refuses such devices before launching)."""
+    (r,) = [r for r in reports if r.kernel == kernel and r.arch == arch]
+    assert r.smem == 3 * 2 * 64 * 20 * 4
+    assert r.spill_stores == 0 and r.spill_loads == 0 and r.stack == 0, r
+    assert 48 <= r.registers <= 255 and r.barriers == 1
 
 
 @needs_nvcc
@@ -111,3 +125,13 @@ def test_sass_shows_the_optimisations_the_source_claims(tmp_path):
     _, spmv_sass = kernels.compile_source("spmv.cu", "90", NVCC, sass=True)
     smix = kernels.instruction_mix(spmv_sass)
     assert smix["csr_spmv_vector"]["SHFL"] >= 1 and smix["csr_spmv_scalar"]["SHFL"] == 0
+    # tensor cores: 2 k-steps x 2 x 4 mma tiles = 16 HMMA per 16-deep tile; asynchronous zero-filling
+    # 16-byte global->shared copies (and the 4-byte ones for unaligned operands); no FFMA main loop
+    # (bf16: one m16n8k16 step, 8 HMMA per tile)
+    for name, hmma in (("sgemm_tf32", 16), ("sgemm_bf16", 8)):
+        tc = mix[name]
+        assert tc["HMMA"] >= hmma and tc["LDGSTS.E.BYPASS.128"] >= 4 and tc["LDGSTS"] >= 16 and tc["FFMA"] < 64, tc
+    assert "HMMA.1688.F32.TF32" in gemm_sass and "HMMA.16816.F32.BF16" in gemm_sass
+    _, sm75 = kernels.compile_source("gemm.cu", "75", NVCC, sass=True)
+    mix75 = kernels.instruction_mix(sm75)
+    assert mix75["sgemm_tf32"]["HMMA"] == 0 and mix75["sgemm_bf16"]["HMMA"] == 0  # the trap stubs

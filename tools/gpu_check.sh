@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything dnnpar checks on a real GPU, in one go (a few minutes on an H100):
 #   bash tools/gpu_check.sh [OUTDIR] [STEP ...]
-# STEP is any of: info tests bench sparse train memcheck racecheck controls (default: info tests bench sparse train).
+# STEP is any of: info tests bench sparse train memcheck racecheck controls tc (default: info tests bench sparse train).
+# tc: the tensor-core GEMMs alone (their gpu tests, racecheck on them, the gemm benchmark rows), for a short session.
 # Uses the CuPy already installed (PYTHONPATH=. when dnnpar is not installed). Each step is
 # time-limited and its log lands in OUTDIR; a step's failure does not stop the next one.
 set -u
@@ -29,6 +30,10 @@ for s in $STEPS; do case $s in
   controls)  # planted bugs: the sanitizer must flag both, else its clean reports above prove nothing
     step control-oob 60 compute-sanitizer --tool memcheck --error-exitcode 9 $PY tools/sanitizer_control.py oob
     step control-race 60 compute-sanitizer --tool racecheck --error-exitcode 9 $PY tools/sanitizer_control.py race ;;
+  tc) step tc-tests 120 $PY -m pytest -m gpu -q -rfE -p no:cacheprovider tests/test_ops.py -k "tensor_cores"
+      step tc-racecheck 200 compute-sanitizer --tool racecheck --racecheck-report analysis --error-exitcode 9 \
+           $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_ops.py -k "tensor_cores and 129x67x100"
+      step tc-bench 160 $PY benchmarks/kernels.py --backend cuda --only gemm --out "$OUTDIR/bench-tc" ;;
   *) echo "unknown step $s"; exit 2 ;;
 esac; done
 cat "$OUTDIR/status.txt"

@@ -15,6 +15,24 @@
 // SIGSEGV; the handler, running on its own stack, jumps back to the launch and reports the
 // faulting address, which Python turns into an exception naming the argument and offset.
 // Shared memory is poisoned (0xFF) at the start of every block.
+//
+// Tensor-core and asynchronous-copy instructions (used by sgemm_tf32) have exact models here,
+// under the same names as the inline-PTX wrappers in cuda/gemm.cu:
+//   mma_m16n8k8_tf32  warp-collective: every lane deposits its fragment registers, a warp barrier,
+//                     then each lane computes ITS four d registers from the gathered 16x8 A, 8x8 B
+//                     and 16x8 C laid out as the PTX ISA's mma.m16n8k8 .tf32 fragment tables say
+//                     (so a wrong fragment index in a kernel gives a wrong product here too).
+//                     A .tf32 operand register is read as the hardware reads it: its low 13 bits
+//                     are ignored; products of TF32 values are exact in float32 and are added to c
+//                     in k order with float32 rounding.
+//   cvt_rna_tf32      cvt.rna.tf32.f32: round to nearest, ties away from zero, 10 mantissa bits.
+//   mma_m16n8k16_bf16 the same for mma.m16n8k16 .bf16 (two BF16 values per register, low half first);
+//   pack_bf16x2       cvt.rn.bf16x2.f32: two floats to BF16, nearest even, 7 mantissa bits.
+//   cp_async_4 / _16  cp.async.{ca,cg}.shared.global with src-size: queued, NOT copied; the copy
+//                     (src-size bytes, the rest zero-filled) happens at the cp_async_wait<N> that
+//                     completes its group (wait_group N completes all but the newest N committed
+//                     groups of this thread; copies not yet committed are never completed). A
+//                     kernel that reads shared memory before the matching wait reads poison.
 #pragma once
 #ifndef DNNPAR_EMU
 #define DNNPAR_EMU 1
@@ -51,6 +69,9 @@
 // lives in one section, which the runtime fills with 0xFF (a float NaN) before every block:
 // shared memory starts undefined on a GPU, and a kernel that reads it before writing it must not
 // get last block's values by luck.
+// (A __shared__ variable inside a template or inline function is a COMDAT object that the
+// linker may keep out of the section: declare shared arrays in the kernel itself. The cp.async
+// model refuses a destination outside the section, so that mistake does not go unseen.)
 #define __shared__ static __attribute__((section("dnnpar_shared"), aligned(16)))
 extern "C" char __start_dnnpar_shared[] __attribute__((weak, visibility("hidden")));
 extern "C" char __stop_dnnpar_shared[] __attribute__((weak, visibility("hidden")));
@@ -88,6 +109,19 @@ struct Fiber {
     int state;
     unsigned mask;  // lanes a warp barrier waits for
     unsigned long long shfl;  // value published for a warp shuffle
+    unsigned frag[2][10];     // mma operand registers published to the warp (a[4], b[2], c[4]), two sets
+    unsigned mmas;            // mma instructions this thread has issued in this block (picks the set)
+};
+
+// One cp.async copy waiting for its group's wait_group.
+struct AsyncCopy {
+    void* dst;
+    const void* src;
+    int bytes, src_bytes, group;
+};
+struct AsyncQueue {
+    std::vector<AsyncCopy> pending;
+    int committed = 0;  // groups committed so far; copies issued now belong to group `committed`
 };
 
 constexpr size_t kStackBytes = 128 * 1024;
@@ -99,6 +133,7 @@ static uint3 g_block_idx{0, 0, 0};
 static dim3 g_block_dim, g_grid_dim;
 static ucontext_t g_sched_ctx;
 static std::vector<Fiber> g_fibers;
+static std::vector<AsyncQueue> g_async;  // per thread of the running block
 static std::vector<char*> g_stacks;   // each: guard page + kStackBytes
 static void (*g_entry)(void**) = nullptr;
 static void** g_args = nullptr;
@@ -107,6 +142,14 @@ static volatile sig_atomic_t g_in_launch = 0;
 static volatile uintptr_t g_fault_addr = 0;
 static volatile int g_fault_sig = 0;
 static char g_err[512];
+static volatile int g_abort = 0;  // set by kernel_error before jumping back to the launch
+
+// A kernel misused an emulated instruction: stop the launch and report `msg` (a ValueError in Python).
+[[noreturn]] inline void kernel_error(const char* msg) {
+    std::snprintf(g_err, sizeof g_err, "%s", msg);
+    g_abort = 1;
+    siglongjmp(g_fault_jmp, 1);
+}
 
 inline size_t page_size() { return (size_t)sysconf(_SC_PAGESIZE); }
 
@@ -277,6 +320,188 @@ template <class T> inline T __shfl_xor_sync(unsigned mask, T v, int lanemask, in
 template <class T> inline T atomicAdd(T* p, T v) { T old = *p; *p = old + v; return old; }
 template <class T> inline T atomicMax(T* p, T v) { T old = *p; *p = old > v ? old : v; return old; }
 
+// ---------------------------------------------------------------- tensor cores and cp.async
+namespace dnnpar_emu {
+
+inline unsigned f32_bits(float v) { unsigned b; std::memcpy(&b, &v, 4); return b; }
+inline float bits_f32(unsigned b) { float v; std::memcpy(&v, &b, 4); return v; }
+
+// Every lane of the warp must be there: mma.sync.aligned and the like are warp-wide.
+inline void require_full_warp(const char* what) {
+    int base = g_cur->linear & ~31;
+    if (base + 32 > (int)g_fibers.size()) {
+        char msg[200];
+        std::snprintf(msg, sizeof msg, "%s needs all 32 lanes of a warp, but the block (%d threads) "
+                      "ends inside this thread's warp", what, (int)g_fibers.size());
+        kernel_error(msg);
+    }
+}
+
+// cvt.rna.tf32.f32: keep 10 mantissa bits, rounding to nearest with ties away from zero (on the
+// magnitude bits, so for both signs); a NaN stays a NaN, overflow past the largest TF32 gives inf.
+inline unsigned tf32_round(float x) {
+    unsigned b = f32_bits(x);
+    if ((b & 0x7F800000u) == 0x7F800000u && (b & 0x007FFFFFu)) return 0x7FFFFFFFu;  // canonical NaN
+    return (b + 0x1000u) & 0xFFFFE000u;
+}
+
+// The two halves every mma model shares. mma_publish: this lane deposits its a, b, c registers
+// and waits for the warp; returns where the model reads the 32 lanes' registers: lane l's are
+// out[l * stride .. + 10). Consecutive mmas alternate between two register sets, so one barrier
+// per mma suffices: a lane can republish into the other set only after every lane has reached
+// this mma's barrier, i.e. has finished gathering the previous mma's set (mma.sync.aligned: all
+// lanes issue the same mmas).
+struct MmaRegs {
+    const unsigned* base;
+    size_t stride;
+    const unsigned* operator[](int lane) const { return base + lane * stride; }
+};
+static_assert(sizeof(Fiber) % sizeof(unsigned) == 0, "MmaRegs strides over Fibers in units of registers");
+inline MmaRegs mma_publish(const unsigned a[4], const unsigned b[2], const float c[4]) {
+    require_full_warp("mma.sync");
+    Fiber* self = g_cur;
+    const unsigned set = self->mmas++ & 1u;
+    unsigned* f = self->frag[set];
+    for (int i = 0; i < 4; ++i) f[i] = a[i];
+    for (int i = 0; i < 2; ++i) f[4 + i] = b[i];
+    for (int i = 0; i < 4; ++i) f[6 + i] = f32_bits(c[i]);
+    warp_barrier(0xffffffffu);
+    const Fiber* w = &g_fibers[self->linear & ~31];
+    return MmaRegs{w->frag[set], sizeof(Fiber) / sizeof(unsigned)};
+}
+
+// mma_finish: C gathered in the c/d layout (c0 (g, 2t), c1 (g, 2t+1), c2 (g+8, 2t), c3 (g+8, 2t+1)),
+// then this lane's four d registers: c + the K products (exact in float32 for TF32 and BF16
+// operands) added in k order.
+template <int K> inline void mma_finish(float d[4], const MmaRegs& w, const float (&A)[16][K], const float (&B)[K][8]) {
+    float C[16][8];
+    for (int lane = 0; lane < 32; ++lane) {
+        const unsigned* f = w[lane];
+        int g = lane >> 2, t = lane & 3;
+        C[g][2 * t] = bits_f32(f[6]);
+        C[g][2 * t + 1] = bits_f32(f[7]);
+        C[g + 8][2 * t] = bits_f32(f[8]);
+        C[g + 8][2 * t + 1] = bits_f32(f[9]);
+    }
+    int lane = g_cur->linear & 31, g = lane >> 2, t = lane & 3;
+    const int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
+    for (int i = 0; i < 4; ++i) {
+        float acc = C[rows[i]][cols[i]];
+        for (int k = 0; k < K; ++k) {
+            volatile float p = A[rows[i]][k] * B[k][cols[i]];  // volatile: no fused multiply-add
+            acc = acc + p;
+        }
+        d[i] = acc;
+    }
+}
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32: D (16x8) = A (16x8) B (8x8) + C.
+// Fragment layout (PTX ISA, "Matrix fragments for mma.m16n8k8" .tf32; the same as CUTLASS's
+// SM80_16x8x8_F32TF32TF32F32_TN traits): g = lane >> 2, t = lane % 4;
+//   A: a0 (g, t)  a1 (g+8, t)  a2 (g, t+4)  a3 (g+8, t+4)        (row, k)
+//   B: b0 (t, g)  b1 (t+4, g)                                     (k, col)
+//   C, D: c0 (g, 2t)  c1 (g, 2t+1)  c2 (g+8, 2t)  c3 (g+8, 2t+1)  (row, col)
+inline void mma_m16n8k8_tf32(float d[4], const unsigned a[4], const unsigned b[2], const float c[4]) {
+    const MmaRegs w = mma_publish(a, b, c);
+    float A[16][8], B[8][8];
+    for (int lane = 0; lane < 32; ++lane) {
+        const unsigned* f = w[lane];
+        int g = lane >> 2, t = lane & 3;
+        // the tensor core reads only the TF32 bits of a .tf32 register
+        A[g][t] = bits_f32(f[0] & 0xFFFFE000u);
+        A[g + 8][t] = bits_f32(f[1] & 0xFFFFE000u);
+        A[g][t + 4] = bits_f32(f[2] & 0xFFFFE000u);
+        A[g + 8][t + 4] = bits_f32(f[3] & 0xFFFFE000u);
+        B[t][g] = bits_f32(f[4] & 0xFFFFE000u);
+        B[t + 4][g] = bits_f32(f[5] & 0xFFFFE000u);
+    }
+    mma_finish(d, w, A, B);
+}
+
+// cvt.rn.bf16.f32: keep 7 mantissa bits, round to nearest, ties to even; NaN stays NaN.
+inline unsigned short bf16_round(float x) {
+    unsigned b = f32_bits(x);
+    if ((b & 0x7F800000u) == 0x7F800000u && (b & 0x007FFFFFu)) return 0x7FC0;
+    return (unsigned short)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+inline float bf16_value(unsigned h) { return bits_f32((h & 0xFFFFu) << 16); }
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32: D (16x8) = A (16x16) B (16x8) + C, every
+// a / b register two BF16 values, the lower-indexed one in the low half. Layout (PTX ISA,
+// "Matrix fragments for mma.m16n8k16" floating point; CUTLASS's SM80_16x8x16_F32BF16BF16F32_TN),
+// g = lane >> 2, t = lane % 4:
+//   A: a0 (g, 2t..2t+1)  a1 (g+8, 2t..2t+1)  a2 (g, 2t+8..2t+9)  a3 (g+8, 2t+8..2t+9)   (row, k)
+//   B: b0 (2t..2t+1, g)  b1 (2t+8..2t+9, g)                                            (k, col)
+//   C, D: as for m16n8k8.
+inline void mma_m16n8k16_bf16(float d[4], const unsigned a[4], const unsigned b[2], const float c[4]) {
+    const MmaRegs w = mma_publish(a, b, c);
+    float A[16][16], B[16][8];
+    for (int lane = 0; lane < 32; ++lane) {
+        const unsigned* f = w[lane];
+        int g = lane >> 2, t = lane & 3;
+        for (int h = 0; h < 2; ++h) {  // h: which half of the register, k offset 0 or 1
+            A[g][2 * t + h] = bf16_value(f[0] >> (16 * h));
+            A[g + 8][2 * t + h] = bf16_value(f[1] >> (16 * h));
+            A[g][2 * t + 8 + h] = bf16_value(f[2] >> (16 * h));
+            A[g + 8][2 * t + 8 + h] = bf16_value(f[3] >> (16 * h));
+            B[2 * t + h][g] = bf16_value(f[4] >> (16 * h));
+            B[2 * t + 8 + h][g] = bf16_value(f[5] >> (16 * h));
+        }
+    }
+    mma_finish(d, w, A, B);
+}
+
+inline bool in_shared(const void* p, int bytes) {
+    const char* c = static_cast<const char*>(p);
+    return c >= __start_dnnpar_shared && c + bytes <= __stop_dnnpar_shared;
+}
+
+// cp.async with src-size: queued until the wait_group that completes its group.
+inline void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
+    if (!in_shared(dst, bytes)) kernel_error("cp.async: the destination is not in shared memory");
+    if (((uintptr_t)dst | (uintptr_t)(src_bytes ? src : nullptr)) & (uintptr_t)(bytes - 1))
+        kernel_error("cp.async: source or destination not aligned to the copy size");
+    if (src_bytes < 0 || src_bytes > bytes) kernel_error("cp.async: src-size outside 0..cp-size");
+    AsyncQueue& q = g_async[g_cur->linear];
+    q.pending.push_back(AsyncCopy{dst, src, bytes, src_bytes, q.committed});
+}
+
+inline void cp_async_commit() { ++g_async[g_cur->linear].committed; }
+
+// cp.async.wait_group n: every group but the newest n committed ones is complete.
+inline void cp_async_wait_group(int n) {
+    AsyncQueue& q = g_async[g_cur->linear];
+    size_t keep = 0;
+    for (size_t i = 0; i < q.pending.size(); ++i) {
+        AsyncCopy& c = q.pending[i];
+        if (c.group < q.committed - n) {
+            if (c.src_bytes) std::memcpy(c.dst, c.src, (size_t)c.src_bytes);
+            std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0, (size_t)(c.bytes - c.src_bytes));
+        } else {
+            q.pending[keep++] = c;
+        }
+    }
+    q.pending.resize(keep);
+}
+
+}  // namespace dnnpar_emu
+
+// The names cuda/gemm.cu gives its inline-PTX wrappers (compiled there under #ifndef DNNPAR_EMU).
+inline void mma_m16n8k8_tf32(float d[4], const unsigned a[4], const unsigned b[2], const float c[4]) {
+    ::dnnpar_emu::mma_m16n8k8_tf32(d, a, b, c);
+}
+inline unsigned cvt_rna_tf32(float x) { return ::dnnpar_emu::tf32_round(x); }
+inline void mma_m16n8k16_bf16(float d[4], const unsigned a[4], const unsigned b[2], const float c[4]) {
+    ::dnnpar_emu::mma_m16n8k16_bf16(d, a, b, c);
+}
+inline unsigned pack_bf16x2(float lo, float hi) {  // cvt.rn.bf16x2.f32 d, hi, lo
+    return (unsigned)::dnnpar_emu::bf16_round(lo) | (unsigned)::dnnpar_emu::bf16_round(hi) << 16;
+}
+inline void cp_async_4(void* dst, const void* src, int src_bytes) { ::dnnpar_emu::cp_async(dst, src, 4, src_bytes); }
+inline void cp_async_16(void* dst, const void* src, int src_bytes) { ::dnnpar_emu::cp_async(dst, src, 16, src_bytes); }
+inline void cp_async_commit() { ::dnnpar_emu::cp_async_commit(); }
+template <int N> inline void cp_async_wait() { ::dnnpar_emu::cp_async_wait_group(N); }
+
 // ---------------------------------------------------------------- the C ABI used by Python
 namespace dnnpar_emu {
 
@@ -363,6 +588,8 @@ int dnnpar_emu_launch(void (*entry)(void**), void** args, const unsigned* grid, 
         return 3;
     }
     g_fibers.assign(nthreads, Fiber{});
+    g_async.assign(nthreads, AsyncQueue{});
+    g_abort = 0;
     g_entry = entry;
     g_args = args;
     g_block_dim = dim3(block[0], block[1], block[2]);
@@ -390,6 +617,7 @@ int dnnpar_emu_launch(void (*entry)(void**), void** args, const unsigned* grid, 
                     g_block_idx = uint3{bx, by, bz};
                     if (__start_dnnpar_shared != __stop_dnnpar_shared)
                         std::memset(__start_dnnpar_shared, 0xFF, __stop_dnnpar_shared - __start_dnnpar_shared);
+                    for (AsyncQueue& q : g_async) q = AsyncQueue{};  // copies never waited for are dropped
                     size_t pg = page_size();
                     for (int i = 0; i < nthreads; ++i) {
                         Fiber& f = g_fibers[i];
@@ -397,6 +625,7 @@ int dnnpar_emu_launch(void (*entry)(void**), void** args, const unsigned* grid, 
                         f.tid = uint3{(unsigned)(i % block[0]), (unsigned)(i / block[0] % block[1]),
                                       (unsigned)(i / (block[0] * block[1]))};
                         f.state = RUNNABLE;
+                        f.mmas = 0;
                         getcontext(&f.ctx);
                         f.ctx.uc_stack.ss_sp = g_stacks[i] + pg;
                         f.ctx.uc_stack.ss_size = kStackBytes;
@@ -405,6 +634,8 @@ int dnnpar_emu_launch(void (*entry)(void**), void** args, const unsigned* grid, 
                     }
                     rc = run_block(nthreads, order, rng);
                 }
+    } else if (g_abort) {
+        rc = 3;  // kernel_error wrote the message
     } else {
         rc = 2;
         std::snprintf(g_err, sizeof g_err, "%s at address 0x%llx", g_fault_sig == SIGBUS ? "SIGBUS" : "SIGSEGV",

@@ -9,8 +9,34 @@ from ..nvtx import ranged
 from ._common import check_array, check_count, check_same_dtype, check_writable, i32
 
 #: kernel variants, slowest first (see the ladder in cuda/gemm.cu); value: block tile (rows, cols)
-ALGOS = {"naive": (16, 16), "tiled": (32, 32), "regblock": (128, 128), "regblock_db": (128, 128)}
+ALGOS = {"naive": (16, 16), "tiled": (32, 32), "regblock": (128, 128), "regblock_db": (128, 128), "tf32": (64, 64),
+         "bf16": (64, 64)}
 DEFAULT_ALGO = "regblock_db"
+#: threads per block of the one-dimensional launches (the 2-D ones use the block tile)
+_THREADS = {"regblock": 256, "regblock_db": 256, "tf32": 128, "bf16": 128}
+
+
+def round_tf32(x: np.ndarray) -> np.ndarray:
+    """float32 -> the nearest TF32 value (10 mantissa bits, ties away from zero), as float32:
+    what ``cvt.rna.tf32.f32`` gives on the GPU and the emu backend. NaN stays NaN; a value past
+    the largest TF32 (about 3.4e38) becomes inf, as there."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    r = ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+    return np.where(np.isnan(x), np.float32(np.nan), r)
+
+
+def round_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> the nearest BF16 value (7 mantissa bits, ties to even), as float32: what
+    ``cvt.rn.bf16x2.f32`` gives on the GPU and the emu backend. NaN stays NaN."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    lsb = (bits >> np.uint32(16)) & np.uint32(1)
+    r = ((bits + np.uint32(0x7FFF) + lsb) & np.uint32(0xFFFF0000)).view(np.float32)
+    return np.where(np.isnan(x), np.float32(np.nan), r)
+
+
+#: tensor-core algos: how each rounds both operands (on every backend, the numpy one before BLAS)
+#: and that rounding's unit roundoff u (error bound: tests/oracles.py tensor_core_gemm_bound)
+TENSOR_CORE_ALGOS = {"tf32": (round_tf32, 2.0**-11), "bf16": (round_bf16, 2.0**-8)}
 
 
 def gemm_numpy(a, b, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, c=None):
@@ -28,7 +54,7 @@ def _launch_shape(algo: str, m: int, n: int):
     grid = ((n + tn - 1) // tn, (m + tm - 1) // tm)
     if grid[1] > 65535:
         raise ValueError(f"gemm: M={m} needs {grid[1]} block rows; CUDA allows 65535 (use a larger tile)")
-    block = (256,) if algo.startswith("regblock") else (tn, tm)
+    block = (_THREADS[algo],) if algo in _THREADS else (tn, tm)
     return grid, block
 
 
@@ -43,7 +69,15 @@ def gemm(a, b, trans_a: bool = False, trans_b: bool = False, alpha: float = 1.0,
     updated in place and returned, so it must be writeable (a read-only array is a ValueError on
     every backend) and must not overlap a or b. a and b are never written (read-only arrays,
     ``np.load(..., mmap_mode="r")`` among them, are fine). ``algo`` picks the kernel ("naive" |
-    "tiled" | "regblock" | "regblock_db", the default); the numpy backend always uses BLAS.
+    "tiled" | "regblock" | "regblock_db", the default | "tf32" | "bf16"); the numpy backend always uses BLAS.
+
+    ``algo="tf32"`` and ``algo="bf16"`` (float32 operands only) multiply on tensor cores (mma.sync,
+    sm_80 or newer on the cuda backend) with both operands rounded to TF32 (:func:`round_tf32`) or
+    BF16 (:func:`round_bf16`) and float32 accumulation; the numpy backend rounds the operands the
+    same way before BLAS, so every backend has one error model: per element,
+    |C - exact| <= ((2u + u^2) + gamma_{K+2}(2^-23) (1+u)^2) (|op(a)| @ |op(b)|) with u = 2^-11 (tf32)
+    or 2^-8 (bf16) (tests/oracles.py ``tensor_core_gemm_bound``; the accumulation unit is taken as
+    2^-23 because tensor cores need not round their additions to nearest).
     """
     be = get_backend()
     if algo not in ALGOS:
@@ -74,7 +108,14 @@ def gemm(a, b, trans_a: bool = False, trans_b: bool = False, alpha: float = 1.0,
     else:
         check_count("gemm", "result (M, N)", (m, n))
     check_same_dtype("gemm", a=a, b=b, c=c if beta != 0.0 else None)
+    if algo in TENSOR_CORE_ALGOS:
+        if a.dtype != np.float32:
+            raise TypeError(f"gemm: algo={algo!r} takes float32 operands, got {a.dtype}")
+        _check_tensor_cores(be, algo)
     if not be.runs_kernels:
+        if algo in TENSOR_CORE_ALGOS:
+            rounding = TENSOR_CORE_ALGOS[algo][0]
+            a, b = rounding(a), rounding(b)
         r = gemm_numpy(a, b, trans_a, trans_b, alpha, beta, c).astype(a.dtype, copy=False)
         if c is not None and beta != 0.0:
             c[...] = r
@@ -86,3 +127,14 @@ def gemm(a, b, trans_a: bool = False, trans_b: bool = False, alpha: float = 1.0,
               (i32(m), i32(n), i32(k), np.float32(alpha), a, i32(a.shape[1]), i32(trans_a), b, i32(b.shape[1]),
                i32(trans_b), np.float32(beta), out, i32(n)))
     return out
+
+
+def _check_tensor_cores(be, algo: str) -> None:
+    """The cuda backend's device must have TF32 / BF16 tensor cores (compute capability 8.0 or
+    newer): on older ones the kernel is compiled to a trap."""
+    if be.name != "cuda":
+        return
+    cc = int(be.cupy.cuda.Device().compute_capability)
+    if cc < 80:
+        raise ValueError(f"gemm: algo={algo!r} needs tensor cores (compute capability 8.0 or newer); "
+                         f"this device is {cc // 10}.{cc % 10}")
