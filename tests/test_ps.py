@@ -189,12 +189,14 @@ def test_worker_sigkill_training_finishes_with_the_others(local_ray, data):
     assert any("worker 1 died" in line for line in said)
     assert len(hurt.history.records) == 6
     assert hurt.max_staleness == 0                        # BSP stopped waiting for the dead worker
-    # Within 1 point of the run without failures. Scored on all 7,000 embedded images: on the
-    # 1,000 test images alone two equally good runs differ by up to 1.5 points (sampling noise,
-    # measured over seeds), which would make the check a coin toss.
+    # Scored on all 7,000 embedded images. Two models of the same true accuracy p differ on n
+    # images by a binomial amount, sd <= sqrt(2 p (1 - p) / n) (shared errors make it smaller):
+    # within 4 of those (n = 7,000, p ~ 0.88: 2.2 points) -- a fixed 1 point failed in CI at 1.1.
+    # A dead worker whose shard or updates were mishandled lands far lower.
     x, y = np.concatenate([data.x_train, data.x_test]), np.concatenate([data.y_train, data.y_test])
     a_clean, a_hurt = evaluate(clean_model, x, y), evaluate(hurt_model, x, y)
-    assert abs(a_hurt - a_clean) <= 0.01, (a_hurt, a_clean)
+    tol = 4 * np.sqrt(2 * a_clean * (1 - a_clean) / len(y))
+    assert abs(a_hurt - a_clean) <= tol, (a_hurt, a_clean, tol)
 
 
 def test_server_sigkill_restarts_from_its_checkpoint(local_ray, data):
