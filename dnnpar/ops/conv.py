@@ -17,6 +17,7 @@ from ..backend import get_backend
 from ..nvtx import ranged
 from ._common import (ConvGeometry, check_array, check_count, check_same_dtype, grid_stride_blocks, i32,
                       plane_grid)
+from .activation import activate_, check_activation
 from .gemm import gemm
 
 ALGOS = ("im2col", "direct")
@@ -224,7 +225,8 @@ def check_bias(op, bias, channels, be):
 
 
 @ranged("dnnpar.conv2d")
-def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, algo: str = "im2col", return_cols: bool = False):
+def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, algo: str = "im2col", return_cols: bool = False,
+           activation: str | None = None):
     """2-D convolution (cross-correlation, as in every DL framework).
 
     x (N, C, H, W), w (O, C, KH, KW), bias (O,) or None -> (N, O, OH, OW), all float32 on every
@@ -234,10 +236,14 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, algo: str = "im2col
     algo: "im2col" (im2col + one GEMM for the whole batch) or "direct" (the plain loop).
     return_cols: return (y, cols), cols being the im2col matrix of x when this call built one
     (else None), for :func:`conv2d_backward` to reuse.
+    activation: None, "relu" or "relu6", applied to the biased output as a fused epilogue
+    (:mod:`dnnpar.ops.activation`); its gradient is ``activation_grad(dy, y)`` before
+    :func:`conv2d_backward`.
     """
-    if return_cols:
-        return _conv2d(x, w, bias, stride, padding, dilation, algo)
-    return _conv2d(x, w, bias, stride, padding, dilation, algo)[0]
+    check_activation("conv2d", activation)
+    y, cols = _conv2d(x, w, bias, stride, padding, dilation, algo)
+    activate_(get_backend().xp, y, activation)
+    return (y, cols) if return_cols else y
 
 
 def _conv2d(x, w, bias, stride, padding, dilation, algo):
