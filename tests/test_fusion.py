@@ -83,3 +83,18 @@ def test_conv2d_activation(rng, act):
     np.testing.assert_array_equal(fused, activate_(np, plain.copy(), act))
     with pytest.raises(ValueError, match="activation"):
         ops.conv2d(x, w, b, activation="tanh")
+
+
+def test_a_swapped_layer_is_planned_again(fusion, rng):
+    """Compression swaps layers in place (CompressedLinear for Linear): the fusion plan follows."""
+    model = Sequential(("fc1", Linear(5, 4, seed=1)), ("relu", ReLU()), ("fc2", Linear(4, 3, seed=2)), input_shape=(5,))
+    x = rng.standard_normal((6, 5)).astype(np.float32)
+    want = model.forward(x).copy()
+    assert model.fused_pairs() == [("fc1", "relu")]
+
+    class Plain(Linear):  # the same maths, but it cannot apply the ReLU itself
+        absorbs = ()
+    swapped = Plain(5, 4, seed=1)
+    model.layers[0] = ("fc1", swapped)
+    assert model.fused_pairs() == []
+    np.testing.assert_array_equal(model.forward(x), want)

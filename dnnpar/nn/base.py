@@ -201,13 +201,22 @@ class Graph(Layer):
                 self._fused[lname] = (by_name[p], kind)
         absorbed = {id(prod): kind for prod, kind in self._fused.values()}
         self._absorbers = [(layer, absorbed.get(id(layer))) for _, layer in self.layers if layer.absorbs]
+        self._planned = [layer for _, layer in self.layers]
+
+    def _replan_if_changed(self):
+        """Plan again when a layer was swapped in ``layers`` (compression puts CompressedLinear in
+        a Linear's place): the fusion and gradient plan belong to the layers they were made for."""
+        if len(self._planned) != len(self.layers) or any(a is not b for a, (_, b) in zip(self._planned, self.layers)):
+            self._plan()
 
     def fused_pairs(self) -> list[tuple[str, str]]:
         """(producer node, activation node) pairs that :data:`FUSION` runs as one layer."""
+        self._replan_if_changed()
         return [(self.inputs_of[a][0], a) for a in self._fused] if FUSION else []
 
     def forward(self, x):
         x = self.check_input(x)
+        self._replan_if_changed()
         env = {self.input_name: x}
         fused = self._step_fused = self._fused if FUSION else {}  # backward follows this forward
         for layer, kind in self._absorbers:
