@@ -179,7 +179,9 @@ def test_bad_groups_and_activation(backend):
         dp.ops.conv2d(x, w, groups=3, algo="implicit_gemm")
     with pytest.raises(ValueError, match="groups=0"):
         dp.ops.conv2d(x, w, groups=0)
-    with pytest.raises(ValueError, match=r"C/groups = 4 input channels"):
+    with pytest.raises(ValueError, match=r"C/groups = 1 input channels"):
+        dp.ops.conv2d(x, backend.asarray(np.ones((8, 2, 3, 3), np.float32)), groups=4, algo="implicit_gemm")
+    with pytest.raises(ValueError, match=r"x has 4 channels but w expects 2"):
         dp.ops.conv2d(x, w, groups=1, algo="implicit_gemm")
     with pytest.raises(TypeError, match="groups must be an int"):
         dp.ops.conv2d(x, w, groups=2.0)

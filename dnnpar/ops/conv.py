@@ -241,6 +241,8 @@ def check_groups(op, groups, c, w_shape, weight_name="w"):
                          f"output channels O={o}")
     if groups > MAX_GRID_YZ:
         raise ValueError(f"{op}: groups={groups} exceeds {MAX_GRID_YZ}, the kernels' grid limit")
+    if w_shape[1] != c // groups and groups == 1:
+        raise ValueError(f"{op}: x has {c} channels but w expects {w_shape[1]} (w shape {tuple(w_shape)})")
     if w_shape[1] != c // groups:
         raise ValueError(f"{op}: x has {c} channels in {groups} group(s), so {weight_name} must have C/groups = "
                          f"{c // groups} input channels, got shape {tuple(w_shape)}")
