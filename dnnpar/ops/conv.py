@@ -321,7 +321,7 @@ def _conv2d(x, w, bias, stride, padding, dilation, algo, groups=1, activation=No
         return out, None
     if groups == 1:
         y, cols = _conv2d_single(x, w, bias, g, algo, be)
-        return apply_activation(y, activation, be.xp), cols
+        return apply_activation(y, activation, be.xp), None if algo == "implicit_gemm" else cols
     cg, og = g.c // groups, o // groups
     xp = be.xp
     parts = [_conv2d_single(xp.ascontiguousarray(x[:, k * cg:(k + 1) * cg]), w[k * og:(k + 1) * og],
