@@ -257,7 +257,8 @@ conv2d_igemm_dw(const float* __restrict__ x, const float* __restrict__ dy, float
     const int g = blockIdx.z % G, split = blockIdx.z / G, cg = C / G, og = O / G, khw = KH * KW;
     const int m0 = blockIdx.y * IG_BM, n0 = blockIdx.x * IG_BN;
     const int ncols = cg * khw, ohw = OH * OW, K = N * ohw;
-    const int k_begin = split * chunk, k_end = min(K, k_begin + chunk);
+    const int k_begin = split * chunk;
+    const int k_end = (int)min((long long)K, (long long)k_begin + chunk);  // no int overflow near 2^31
 
     const IgGradRows la{dy + (long long)(g * og + m0) * ohw, og - m0, ohw, (long long)O * ohw};
     IgImageRows lb{nullptr, (long long)C * H * W, 0, 0, H, W, OH, OW, sh, sw};
