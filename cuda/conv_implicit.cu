@@ -13,7 +13,7 @@
 // 32-bit GEMM coordinates (the host requires every extent < 2^31), 64-bit memory offsets.
 //
 //   conv2d_igemm     y[n, o, oh, ow] = act(bias[o] + sum_k W[o, k] X[k, (n, oh, ow)]),
-//                    M = O/G, N = N*OH*OW, K = C/G*KH*KW; act 0 none, 1 ReLU, 2 ReLU6 (fused).
+//                    M = O/G, N = N*OH*OW, K = C/G*KH*KW; act 0 none, 1 ReLU, 2 ReLU6 (fused; NaN kept).
 //   conv2d_igemm_dx  dx[n, c, h, w] = sum_(o, i, j) w[o, c, i, j] dy[n, o, (h+ph-i*dh)/sh, ...]
 //                    over the taps that divide evenly and land in dy (gather: every dx element
 //                    written once, no atomics). M = C/G, N = N*H*W, K = O/G*KH*KW. With stride s
@@ -203,8 +203,9 @@ conv2d_igemm(const float* __restrict__ x, const float* __restrict__ w, const flo
         for (int j = 0; j < 4; ++j) {
             if (out_col[j] < 0) continue;
             float v = acc[i][j] + b;
-            if (act >= 1) v = fmaxf(v, 0.f);
-            if (act == 2) v = fminf(v, 6.f);
+            // comparisons, not fmaxf / fminf: a NaN stays NaN, as in ops.activation.activate_
+            if (act >= 1 && v < 0.f) v = 0.f;
+            if (act == 2 && v > 6.f) v = 6.f;
             y[out_col[j] + (long long)o * ohw] = v;
         }
     }

@@ -171,6 +171,24 @@ def test_tile_sizes_come_from_the_kernel_source():
     assert conv_ops.igemm_tile() == (64, 64, 8, 256)
 
 
+def test_every_activation_has_a_kernel_code():
+    from dnnpar.ops.activation import ACTIVATIONS
+
+    assert set(conv_ops.ACT_CODES) == {None, *ACTIVATIONS}
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS, indirect=True)
+def test_fused_epilogue_keeps_nan_like_the_unfused_activation(backend):
+    """A NaN input reaches every output it feeds as NaN through ReLU and ReLU6 (as activate_ does)."""
+    x = np.ones((1, 1, 3, 3), np.float32)
+    x[0, 0, 1, 1] = np.nan
+    w = np.ones((2, 1, 1, 1), np.float32)
+    for activation in ("relu", "relu6"):
+        y = backend.to_numpy(dp.ops.conv2d(backend.asarray(x), backend.asarray(w), algo="implicit_gemm",
+                                           activation=activation))
+        assert np.isnan(y[0, :, 1, 1]).all() and np.isfinite(np.delete(y.reshape(2, 9), 4, axis=1)).all()
+
+
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_bad_groups_and_activation(backend):
     x = backend.asarray(np.ones((1, 4, 5, 5), np.float32))
@@ -185,7 +203,7 @@ def test_bad_groups_and_activation(backend):
         dp.ops.conv2d(x, w, groups=1, algo="implicit_gemm")
     with pytest.raises(TypeError, match="groups must be an int"):
         dp.ops.conv2d(x, w, groups=2.0)
-    with pytest.raises(ValueError, match="unknown activation 'gelu'"):
+    with pytest.raises(ValueError, match="activation must be None or one of 'relu', 'relu6', got 'gelu'"):
         dp.ops.conv2d(x, w, groups=2, activation="gelu")
     with pytest.raises(ValueError, match="unknown algo"):
         dp.ops.conv2d_backward(x, w, backend.asarray(np.ones((1, 6, 3, 3), np.float32)), groups=2, algo="fft")

@@ -21,11 +21,12 @@ from ..backend.sources import read_source
 from ..nvtx import ranged
 from ._common import (ConvGeometry, as_int, check_array, check_count, check_same_dtype, grid_stride_blocks, i32,
                       plane_grid)
+from .activation import activate_, check_activation
 from .gemm import gemm
 
 ALGOS = ("im2col", "direct", "implicit_gemm")
-#: fused epilogue codes of conv2d_igemm (cuda/conv_implicit.cu); the other paths apply the same after bias
-ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2}
+#: the `act` argument of conv2d_igemm (cuda/conv_implicit.cu) for each activation of ops.activation
+ACT_CODES = {None: 0, "relu": 1, "relu6": 2}
 IGEMM_TARGET_BLOCKS = 264  # dw splits its reduction until about this many blocks (2 per SM of a 132-SM GPU)
 IGEMM_MIN_CHUNK = 256      # ... but never into ranges shorter than this (partial buffers cost memory traffic)
 MAX_GRID_YZ = 65535
@@ -249,21 +250,6 @@ def check_groups(op, groups, c, w_shape, weight_name="w"):
     return groups
 
 
-def activation_code(op, activation) -> int:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"{op}: unknown activation {activation!r}: one of None, 'relu', 'relu6'")
-    return ACTIVATIONS[activation]
-
-
-def apply_activation(y, activation, xp):
-    """The fused epilogue's activation, in place, for the paths that do not fuse it."""
-    if activation == "relu":
-        xp.maximum(y, 0, out=y)
-    elif activation == "relu6":
-        xp.clip(y, 0, 6, out=y)
-    return y
-
-
 def igemm_tile() -> tuple[int, int, int, int]:
     """(BM, BN, BK, threads) as cuda/conv_implicit.cu #defines them: Python never restates them."""
     code = read_source("conv_implicit.cu")
@@ -280,7 +266,7 @@ def _igemm_grid(op, ncols, rows, z):
 
 @ranged("dnnpar.conv2d")
 def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, algo: str = "im2col", return_cols: bool = False,
-           groups: int = 1, activation=None):
+           activation: str | None = None, groups: int = 1):
     """2-D convolution (cross-correlation, as in every DL framework).
 
     x (N, C, H, W), w (O, C/groups, KH, KW), bias (O,) or None -> (N, O, OH, OW), all float32 on every
@@ -292,9 +278,12 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, algo: str = "im2col
     memory, nothing materialised; the numpy backend computes it with its im2col / blocked path).
     groups: C and O split into ``groups`` independent convolutions (groups = C: depthwise);
     implicit_gemm takes them in one launch, the other algos loop over the groups.
-    activation: None, "relu" or "relu6", applied after the bias (fused into implicit_gemm's epilogue).
+    activation: None, "relu" or "relu6", applied to the biased output (:func:`activation.activate_`;
+    fused into implicit_gemm's epilogue on a kernel backend, with the same NaN behaviour).
     return_cols: return (y, cols), cols being the im2col matrix of x when this call built one
     (else None: implicit_gemm and groups > 1 never keep one), for :func:`conv2d_backward` to reuse.
+    Its gradient is ``activation_grad(dy, y)`` (:mod:`dnnpar.ops.activation`) before
+    :func:`conv2d_backward`.
     """
     out = _conv2d(x, w, bias, stride, padding, dilation, algo, groups, activation)
     return out if return_cols else out[0]
@@ -304,7 +293,7 @@ def _conv2d(x, w, bias, stride, padding, dilation, algo, groups=1, activation=No
     be = get_backend()
     if algo not in ALGOS:
         raise ValueError(f"conv2d: unknown algo {algo!r}: one of {', '.join(ALGOS)}")
-    act = activation_code("conv2d", activation)
+    act = ACT_CODES[check_activation("conv2d", activation)]
     w = check_array("conv2d", "w", w, ndim=4, backend=be)
     x, g = geometry_for_x("conv2d", x, w.shape[2], w.shape[3], stride, padding, dilation, be)
     groups = check_groups("conv2d", groups, g.c, w.shape)
@@ -321,7 +310,7 @@ def _conv2d(x, w, bias, stride, padding, dilation, algo, groups=1, activation=No
         return out, None
     if groups == 1:
         y, cols = _conv2d_single(x, w, bias, g, algo, be)
-        return apply_activation(y, activation, be.xp), None if algo == "implicit_gemm" else cols
+        return activate_(be.xp, y, activation), None if algo == "implicit_gemm" else cols
     cg, og = g.c // groups, o // groups
     xp = be.xp
     parts = [_conv2d_single(xp.ascontiguousarray(x[:, k * cg:(k + 1) * cg]), w[k * og:(k + 1) * og],
@@ -329,7 +318,7 @@ def _conv2d(x, w, bias, stride, padding, dilation, algo, groups=1, activation=No
                             ConvGeometry.make("conv2d", (g.n, cg, g.h, g.w), g.kh, g.kw, g.stride, g.padding,
                                               g.dilation), algo, be)[0]
              for k in range(groups)]
-    return apply_activation(xp.concatenate(parts, axis=1), activation, xp), None
+    return activate_(xp, xp.concatenate(parts, axis=1), activation), None
 
 
 def _igemm_args(g: ConvGeometry, o: int, groups: int):
