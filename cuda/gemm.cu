@@ -30,7 +30,8 @@
 //                   landed float32 stage is converted once into BF16 tiles (A: 64 rows x 16 k, B:
 //                   16 k x 64 columns, each row padded by 8 elements = 16 bytes, so the 8 row
 //                   addresses of one ldmatrix phase hit 8 disjoint 4-bank groups: conflict-free),
-//                   then fragments are loaded with ldmatrix.x4 (A) and ldmatrix.x4.trans (B).
+//                   then fragments are loaded with ldmatrix.x4 (A) and ldmatrix.x4.trans (B); one
+//                   more __syncthreads per k-tile (between the conversion and the ldmatrix loads).
 // All variants take any M, N, K >= 1 (partial tiles are zero-filled in shared memory).
 
 #define GEMM_AT(X, ld, t, r, c) ((t) ? (X)[(long long)(c) * (ld) + (r)] : (X)[(long long)(r) * (ld) + (c)])
