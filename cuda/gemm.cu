@@ -23,10 +23,15 @@
 //                   tiles each); a 3-stage cp.async pipeline stages op(A) and op(B) in shared
 //                   memory in their global memory order (16-byte copies where aligned, 4-byte
 //                   otherwise, zero-filled past the edges by src-size); fragments are read with
-//                   plain 32-bit shared loads (ldmatrix moves 16-bit elements: not used).
+//                   plain 32-bit shared loads (ldmatrix moves 16-bit elements: not used here).
 //                   block (128), grid (ceil(N/64), ceil(M/64)). On sm_75 it compiles to a trap.
 //   sgemm_bf16      the same pipeline with operands rounded to BF16 (cvt.rn.bf16x2, two per register)
-//                   and one mma.sync m16n8k16 .bf16 per 16-deep slice; float32 accumulation.
+//                   and one mma.sync m16n8k16 .bf16 per 16-deep slice; float32 accumulation. Each
+//                   landed float32 stage is converted once into BF16 tiles (A: 64 rows x 16 k, B:
+//                   16 k x 64 columns, each row padded by 8 elements = 16 bytes, so the 8 row
+//                   addresses of one ldmatrix phase hit 8 disjoint 4-bank groups: conflict-free),
+//                   then fragments are loaded with ldmatrix.x4 (A) and ldmatrix.x4.trans (B); one
+//                   more __syncthreads per k-tile (between the conversion and the ldmatrix loads).
 // All variants take any M, N, K >= 1 (partial tiles are zero-filled in shared memory).
 
 #define GEMM_AT(X, ld, t, r, c) ((t) ? (X)[(long long)(c) * (ld) + (r)] : (X)[(long long)(r) * (ld) + (c)])
@@ -296,6 +301,18 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: four 8x8 b16 matrices; lane t gives the
+// (16-byte aligned) address of row t % 8 of matrix t / 8; lane i gets in r[j] the elements
+// (i / 4, 2 (i % 4)) and (i / 4, 2 (i % 4) + 1) of matrix j (.trans: of its transpose), the first
+// in the low half. Exact model in emu_runtime.h.
+#define TC_LDMATRIX_PTX(variant, r, p)                                                                        \
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4" variant ".shared.b16 {%0, %1, %2, %3}, [%4];"               \
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])                                              \
+                 : "r"((unsigned)__cvta_generic_to_shared(p))                                                  \
+                 : "memory")
+__device__ __forceinline__ void ldmatrix_x4(unsigned r[4], const void* p) { TC_LDMATRIX_PTX("", r, p); }
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned r[4], const void* p) { TC_LDMATRIX_PTX(".trans", r, p); }
 #elif defined(DNNPAR_EMU)
 #define TC_HAVE_MMA 1
 #endif
@@ -308,6 +325,13 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 #define TC_LDK (TC_BK + 4)  // k-contiguous tile row: 20 floats, rows g*20 + t hit 32 distinct banks
 #define TC_LDR (TC_BM + 8)  // row-contiguous tile row: 72 floats, t*72 + g hit 32 distinct banks
 #define TC_STAGE_FLOATS (TC_BM * TC_LDK > TC_BK * TC_LDR ? TC_BM * TC_LDK : TC_BK * TC_LDR)
+// BF16 tiles for ldmatrix, in 32-bit words (two BF16 each). A: 64 rows x (16 + 8) k; row r at
+// word 12 r, so ldmatrix rows r..r+7 start in banks 12 r mod 32 = 0, 12, 24, 4, 16, 28, 8, 20.
+// B: 16 k rows x (64 + 8) columns; row k at word 36 k: banks 4 k mod 32 = 0, 4, ..., 28.
+#define TC_LDHA (TC_BK + 8)
+#define TC_LDHB (TC_BN + 8)
+#define TC_AH_WORDS (TC_BM * TC_LDHA / 2)
+#define TC_BH_WORDS (TC_BK * TC_LDHB / 2)
 
 #ifdef TC_HAVE_MMA
 // Element (r, k) of a 64 x BK operand tile as staged by tc_load_tile.
@@ -383,21 +407,21 @@ __device__ __forceinline__ void tc_multiply(float (&acc)[2][4][4], const float* 
                 for (int j = 0; j < 4; ++j) mma_m16n8k8_tf32(acc[i][j], af[i], bf[j], acc[i][j]);
         }
     } else {
+        // ah / bh: the BF16 tiles tc_to_bf16 wrote (sa / sb unused). A: matrices (rows 0-7 | 8-15) x
+        // (k 0-7 | 8-15) give a0..a3; lane l points at row l % 8 of matrix l / 8. B (k-major, .trans):
+        // matrices (k 0-7 | 8-15) x (columns j*8 | (j+1)*8) give b0, b1 of tiles j and j + 1.
+        const unsigned short* ah = reinterpret_cast<const unsigned short*>(sa);
+        const unsigned short* bh = reinterpret_cast<const unsigned short*>(sb);
+        const int lane = g * 4 + q, mi = lane >> 3, row = lane & 7;
         unsigned af[2][4], bf[4][2];
-        const int k = 2 * q;
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            const int r = wm + i * 16 + g;
-            af[i][0] = pack_bf16x2(tc_at(sa, a_k, r, k), tc_at(sa, a_k, r, k + 1));
-            af[i][1] = pack_bf16x2(tc_at(sa, a_k, r + 8, k), tc_at(sa, a_k, r + 8, k + 1));
-            af[i][2] = pack_bf16x2(tc_at(sa, a_k, r, k + 8), tc_at(sa, a_k, r, k + 9));
-            af[i][3] = pack_bf16x2(tc_at(sa, a_k, r + 8, k + 8), tc_at(sa, a_k, r + 8, k + 9));
-        }
+        for (int i = 0; i < 2; ++i)
+            ldmatrix_x4(af[i], ah + (wm + i * 16 + (mi & 1) * 8 + row) * TC_LDHA + (mi >> 1) * 8);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int c = wn + j * 8 + g;
-            bf[j][0] = pack_bf16x2(tc_at(sb, b_k, c, k), tc_at(sb, b_k, c, k + 1));
-            bf[j][1] = pack_bf16x2(tc_at(sb, b_k, c, k + 8), tc_at(sb, b_k, c, k + 9));
+        for (int j = 0; j < 4; j += 2) {
+            unsigned r[4];
+            ldmatrix_x4_trans(r, bh + ((mi & 1) * 8 + row) * TC_LDHB + wn + (j + (mi >> 1)) * 8);
+            bf[j][0] = r[0], bf[j][1] = r[1], bf[j + 1][0] = r[2], bf[j + 1][1] = r[3];
         }
 #pragma unroll
         for (int i = 0; i < 2; ++i)
@@ -406,11 +430,26 @@ __device__ __forceinline__ void tc_multiply(float (&acc)[2][4][4], const float* 
     }
 }
 
+// The landed float32 stage (sa, sb) rounded once to BF16 into ah (64 rows x 16 k, k contiguous)
+// and bh (16 k x 64 columns, columns contiguous), each 32-bit word a pair along the contiguous
+// index (lower index in the low half). 512 pairs per operand, 4 per thread.
+__device__ __forceinline__ void tc_to_bf16(unsigned* ah, unsigned* bh, const float* sa, const float* sb, bool a_k,
+                                           bool b_k, int t) {
+#pragma unroll
+    for (int h = 0; h < 4; ++h) {
+        const int p = t + h * TC_THREADS;
+        const int r = p >> 3, k = (p & 7) * 2;    // A: row r, k pair
+        ah[r * (TC_LDHA / 2) + (p & 7)] = pack_bf16x2(tc_at(sa, a_k, r, k), tc_at(sa, a_k, r, k + 1));
+        const int kb = p >> 5, c = (p & 31) * 2;  // B: k row kb, column pair
+        bh[kb * (TC_LDHB / 2) + (p & 31)] = pack_bf16x2(tc_at(sb, b_k, c, kb), tc_at(sb, b_k, c + 1, kb));
+    }
+}
+
 template <int P>
 __device__ __forceinline__ void tc_gemm(int M, int N, int K, float alpha, const float* __restrict__ A, int lda, int ta,
                                         const float* __restrict__ B, int ldb, int tb, float beta,
                                         float* __restrict__ C, int ldc, float (*As)[TC_STAGE_FLOATS],
-                                        float (*Bs)[TC_STAGE_FLOATS]) {
+                                        float (*Bs)[TC_STAGE_FLOATS], unsigned* Ah, unsigned* Bh) {
     const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
     const int g = lane >> 2, q = lane & 3;               // the mma fragment's groupID, threadID_in_group
     const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;  // this warp's 32 x 32 of the block tile
@@ -439,7 +478,14 @@ __device__ __forceinline__ void tc_gemm(int M, int N, int K, float alpha, const 
             tc_load_tile(Bs[next % TC_STAGES], B, ldb, b_k, vec_b, N, K, n0, next * TC_BK, t);
         }
         cp_async_commit();
-        tc_multiply<P>(acc, As[kt % TC_STAGES], Bs[kt % TC_STAGES], a_k, b_k, wm, wn, g, q);
+        if constexpr (P == TC_BF16) {  // Ah / Bh: no warp still reads them (the barrier above)
+            tc_to_bf16(Ah, Bh, As[kt % TC_STAGES], Bs[kt % TC_STAGES], a_k, b_k, t);
+            __syncthreads();  // the BF16 tiles are complete before any warp ldmatrix-loads them
+            tc_multiply<P>(acc, reinterpret_cast<const float*>(Ah), reinterpret_cast<const float*>(Bh), a_k, b_k, wm,
+                           wn, g, q);
+        } else {
+            tc_multiply<P>(acc, As[kt % TC_STAGES], Bs[kt % TC_STAGES], a_k, b_k, wm, wn, g, q);
+        }
     }
     cp_async_wait<0>();  // no copy may still be in flight into shared memory when the block exits
 
@@ -467,7 +513,7 @@ sgemm_tf32(int M, int N, int K, float alpha, const float* __restrict__ A, int ld
     // in the kernel, not in the template: the emu backend poisons the kernels' __shared__ storage
     __shared__ __align__(16) float As[TC_STAGES][TC_STAGE_FLOATS];
     __shared__ __align__(16) float Bs[TC_STAGES][TC_STAGE_FLOATS];
-    tc_gemm<TC_TF32>(M, N, K, alpha, A, lda, ta, B, ldb, tb, beta, C, ldc, As, Bs);
+    tc_gemm<TC_TF32>(M, N, K, alpha, A, lda, ta, B, ldb, tb, beta, C, ldc, As, Bs, nullptr, nullptr);
 #else
     __trap();  // mma.sync with .tf32 needs sm_80; the op refuses older devices before launching
 #endif
@@ -480,7 +526,9 @@ sgemm_bf16(int M, int N, int K, float alpha, const float* __restrict__ A, int ld
     // in the kernel, not in the template: the emu backend poisons the kernels' __shared__ storage
     __shared__ __align__(16) float As[TC_STAGES][TC_STAGE_FLOATS];
     __shared__ __align__(16) float Bs[TC_STAGES][TC_STAGE_FLOATS];
-    tc_gemm<TC_BF16>(M, N, K, alpha, A, lda, ta, B, ldb, tb, beta, C, ldc, As, Bs);
+    __shared__ __align__(16) unsigned Ah[TC_AH_WORDS];
+    __shared__ __align__(16) unsigned Bh[TC_BH_WORDS];
+    tc_gemm<TC_BF16>(M, N, K, alpha, A, lda, ta, B, ldb, tb, beta, C, ldc, As, Bs, Ah, Bh);
 #else
     __trap();  // mma.sync with .bf16 needs sm_80
 #endif

@@ -126,8 +126,8 @@ def disassemble(cubin: Path) -> str:
 _FUNC = re.compile(r"Function : (\w+)")
 _OP = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)")
 #: instruction classes worth reading when judging a kernel
-MIX = ("FFMA", "HMMA", "LDG.E.128", "LDG.E", "LDGSTS.E.BYPASS.128", "LDGSTS", "LDS.128", "LDS", "STS.128", "STS",
-       "STG.E.128", "STG.E", "SHFL", "BAR")
+MIX = ("FFMA", "HMMA", "LDG.E.128", "LDG.E", "LDGSTS.E.BYPASS.128", "LDGSTS", "LDS.128", "LDS", "LDSM.16.MT88.4",
+       "LDSM", "STS.128", "STS", "STG.E.128", "STG.E", "SHFL", "BAR")
 
 
 def instruction_mix(sass: str) -> dict[str, dict[str, int]]:

@@ -160,12 +160,90 @@ def test_launch_arguments_are_checked_against_the_kernel_signature(toy):
         toy.launch("nope", (1,), (32,), ())
 
 
+
+# ---------------------------------------------------------------------------- ldmatrix
+LDM_LD = 24  # b16 elements per shared row: 16 + 8 of padding, rows 48 bytes apart (16-byte aligned)
+LDM = r"""
+#define LD 24
+// 32 rows of LD b16 elements are staged in shared memory; lane t points at row rows[t], element
+// cols[t] (0 or 8); every lane writes the four registers ldmatrix (.trans when trans) gave it.
+extern "C" __global__ void ldm_probe(const unsigned* src, const int* rows, const int* cols, unsigned* out, int trans,
+                                     int misalign) {
+    __shared__ __align__(16) unsigned S[32 * LD / 2];
+    const int t = threadIdx.x;
+    for (int i = t; i < 32 * LD / 2; i += blockDim.x) S[i] = src[i];
+    __syncthreads();
+    const unsigned short* p = reinterpret_cast<const unsigned short*>(S) + rows[t] * LD + cols[t] + misalign;
+    unsigned r[4];
+    if (trans) ldmatrix_x4_trans(r, p);
+    else ldmatrix_x4(r, p);
+    for (int j = 0; j < 4; ++j) out[4 * t + j] = r[j];
+}
+extern "C" __global__ void ldm_global(const unsigned* src, unsigned* out) {
+    unsigned r[4];
+    ldmatrix_x4(r, src + 4 * threadIdx.x);
+    out[threadIdx.x] = r[0];
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def ldm():
+    with dp.use_backend("emu") as be:
+        return EmuModule(LDM, "ldm.cu", be.cxx)
+
+
+def ldmatrix_isa(buf: np.ndarray, rows: np.ndarray, cols: np.ndarray, trans: bool) -> np.ndarray:
+    """The PTX ISA's ldmatrix .x4 layout, computed independently: matrix j's row k is the 8
+    elements at lane 8j+k's address; lane i's register j holds elements (i/4, 2(i%4)) and
+    (i/4, 2(i%4)+1) of matrix j (of its transpose for .trans), the first in the low half."""
+    mats = np.empty((4, 8, 8), np.uint32)
+    for j in range(4):
+        for k in range(8):
+            lane = 8 * j + k
+            mats[j, k] = buf[rows[lane], cols[lane]:cols[lane] + 8]
+    if trans:
+        mats = mats.transpose(0, 2, 1)
+    want = np.empty((32, 4), np.uint32)
+    for i in range(32):
+        for j in range(4):
+            want[i, j] = mats[j, i // 4, 2 * (i % 4)] | mats[j, i // 4, 2 * (i % 4) + 1] << 16
+    return want
+
+
+@pytest.mark.parametrize("trans", [0, 1])
+def test_ldmatrix_model_follows_the_isa_layout(ldm, rng, trans):
+    """Fresh random b16 contents and a random row address per lane (a permutation of 32 rows,
+    each at column 0 or 8), poisoned output: every lane's four registers are what the ISA says."""
+    buf = rng.integers(0, 1 << 16, size=(32, LDM_LD), dtype=np.uint32)
+    src = (buf[:, 0::2] | buf[:, 1::2] << 16).astype(np.uint32).ravel()  # little-endian b16 pairs
+    rows = rng.permutation(32).astype(np.int32)
+    cols = (8 * rng.integers(0, 2, size=32)).astype(np.int32)
+    out = np.full(128, 0xDEADBEEF, np.uint32)
+    ldm.launch("ldm_probe", (1,), (32,), (src, rows, cols, out, np.int32(trans), np.int32(0)), order="random", seed=3)
+    got = out.reshape(32, 4)
+    np.testing.assert_array_equal(got, ldmatrix_isa(buf, rows, cols, bool(trans)))
+    # the control: the other variant's layout differs, so the comparison above can fail
+    assert not np.array_equal(got, ldmatrix_isa(buf, rows, cols, not trans))
+
+
+def test_ldmatrix_checks_its_addresses_and_the_warp(ldm, rng):
+    src = np.zeros(32 * LDM_LD // 2, np.uint32)
+    rows, cols = np.arange(32, dtype=np.int32), np.zeros(32, np.int32)
+    out = np.zeros(128, np.uint32)
+    with pytest.raises(ValueError, match="not 16-byte aligned"):
+        ldm.launch("ldm_probe", (1,), (32,), (src, rows, cols, out, np.int32(0), np.int32(1)))
+    with pytest.raises(ValueError, match="ldmatrix needs all 32 lanes"):
+        ldm.launch("ldm_probe", (1,), (16,), (src, rows, cols, out, np.int32(0), np.int32(0)))
+    with pytest.raises(ValueError, match="not in shared memory"):
+        ldm.launch("ldm_global", (1,), (32,), (np.zeros(128, np.uint32), np.zeros(32, np.uint32)))
+
 # ---------------------------------------------------------------------------- sgemm_tf32, sgemm_bf16
 # Planted bugs in the tensor-core GEMM, each a string edit of the real source. All variants go
 # into one module (each in its own namespace, the kernel renamed), so the host compiler runs once.
 TC_SECTION = "// ------------------------------------------------------------------ tensor cores"
 TC_BUGS = {
-    "no_syncthreads": [("__syncthreads();", "/* removed */")],
+    "no_syncthreads": [("__syncthreads();                 // ... and everyone's", "// ... and everyone's")],
     "no_cp_async_wait": [("cp_async_wait<TC_STAGES - 2>();", "/* removed */")],
     "cp_async_wait_one_group_short": [("cp_async_wait<TC_STAGES - 2>();", "cp_async_wait<TC_STAGES - 1>();")],
     # a1 is (g+8, t) and a2 (g, t+4): swapped
@@ -178,14 +256,12 @@ TC_BUGS = {
                           "bf[j][0] = cvt_rna_tf32(tc_at(sb, b_k, c, k8 + q + 4));"),
                          ("bf[j][1] = cvt_rna_tf32(tc_at(sb, b_k, c, k8 + q + 4));",
                           "bf[j][1] = cvt_rna_tf32(tc_at(sb, b_k, c, k8 + q));")],
-    # bf16: a1 is (g+8, 2t..2t+1) and a2 (g, 2t+8..2t+9): swapped (the race bugs above hit both kernels)
-    "bf16_a_fragment_a1_a2": [("af[i][1] = pack_bf16x2(tc_at(sa, a_k, r + 8, k), tc_at(sa, a_k, r + 8, k + 1));",
-                               "af[i][1] = pack_bf16x2(tc_at(sa, a_k, r, k + 8), tc_at(sa, a_k, r, k + 9));"),
-                              ("af[i][2] = pack_bf16x2(tc_at(sa, a_k, r, k + 8), tc_at(sa, a_k, r, k + 9));",
-                               "af[i][2] = pack_bf16x2(tc_at(sa, a_k, r + 8, k), tc_at(sa, a_k, r + 8, k + 1));")],
-    # bf16: the two halves of b0 swapped (k = 2t + 1 in the low half)
-    "bf16_b_fragment_halves": [("bf[j][0] = pack_bf16x2(tc_at(sb, b_k, c, k), tc_at(sb, b_k, c, k + 1));",
-                                "bf[j][0] = pack_bf16x2(tc_at(sb, b_k, c, k + 1), tc_at(sb, b_k, c, k));")],
+    # bf16 ldmatrix row addresses: lane l must point at matrix l / 8, row l % 8; here lanes 8..15
+    # and 16..23 swap roles for A (matrix 1 gets rows k 8.., matrix 2 rows 8..: a1 and a2 swapped)
+    "bf16_ldmatrix_a_lane_mapping": [("ah + (wm + i * 16 + (mi & 1) * 8 + row) * TC_LDHA + (mi >> 1) * 8",
+                                      "ah + (wm + i * 16 + (mi >> 1) * 8 + row) * TC_LDHA + (mi & 1) * 8")],
+    # bf16: B is stored k-major, so its fragments need ldmatrix .trans; without it b0 gets (g, 2t..)
+    "bf16_ldmatrix_b_missing_trans": [("ldmatrix_x4_trans(r, bh", "ldmatrix_x4(r, bh")],
     # no cvt.rna: the raw float32 bits go to the tensor core, which reads them truncated to TF32
     "no_tf32_rounding": [(TC_SECTION, TC_SECTION + "\ninline unsigned cvt_rna_tf32(float x) { unsigned u; "
                           "std::memcpy(&u, &x, 4); return u; }  // shadows the real one in this namespace")],
@@ -272,7 +348,7 @@ def test_tensor_core_gemm_planted_bug_is_caught(tc_module, rng, bug, precision):
                                    precision))
         except EmuSchedulingError:
             caught.append(True)
-    if "fragment" in bug:
+    if "fragment" in bug or "ldmatrix" in bug:
         assert all(caught), f"{bug}: missed under schedules {[s for s, c in zip(SCHEDULES, caught) if not c]}"
     else:
         assert any(caught), f"{bug} went unnoticed under every schedule"

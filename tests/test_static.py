@@ -76,11 +76,13 @@ def test_implicit_gemm_conv_keeps_two_stages_in_shared_memory(reports, kernel, a
 @pytest.mark.parametrize("kernel", ["sgemm_tf32", "sgemm_bf16"])
 def test_tensor_core_gemm_keeps_its_pipeline_in_shared_memory_without_spills(reports, kernel, arch):
     """sgemm_tf32 / sgemm_bf16 on tensor-core targets: 3 stages x (A + B) x 1280 floats of shared
-    memory, 32 accumulators + 16 fragment registers per thread in registers, no spills, one
-    barrier. sm_75 is skipped on purpose: mma.sync .tf32 / .bf16 and cp.async need sm_80, so there
+    memory (sgemm_bf16 also its ldmatrix tiles: A 64 x (16 + 8) and B 16 x (64 + 8) BF16), 32
+    accumulators + 16 fragment registers per thread in registers, no spills, one barrier.
+    sm_75 is skipped on purpose: mma.sync .tf32 / .bf16 and cp.async need sm_80, so there
     the kernels are compiled to a trap (the op refuses such devices before launching)."""
     (r,) = [r for r in reports if r.kernel == kernel and r.arch == arch]
-    assert r.smem == 3 * 2 * 64 * 20 * 4
+    bf16_tiles = (64 * (16 + 8) + 16 * (64 + 8)) * 2 if kernel == "sgemm_bf16" else 0
+    assert r.smem == 3 * 2 * 64 * 20 * 4 + bf16_tiles
     assert r.spill_stores == 0 and r.spill_loads == 0 and r.stack == 0, r
     assert 48 <= r.registers <= 255 and r.barriers == 1
 
@@ -145,6 +147,10 @@ def test_sass_shows_the_optimisations_the_source_claims(tmp_path):
         tc = mix[name]
         assert tc["HMMA"] >= hmma and tc["LDGSTS.E.BYPASS.128"] >= 4 and tc["LDGSTS"] >= 16 and tc["FFMA"] < 64, tc
     assert "HMMA.1688.F32.TF32" in gemm_sass and "HMMA.16816.F32.BF16" in gemm_sass
+    # bf16 fragments by ldmatrix: per tile 2 x4 loads for A, 2 x4 .trans loads for B; tf32 uses none
+    bf = mix["sgemm_bf16"]
+    assert bf["LDSM"] >= 2 and bf["LDSM.16.MT88.4"] >= 2, bf
+    assert mix["sgemm_tf32"]["LDSM"] == 0 and mix["sgemm_tf32"]["LDSM.16.MT88.4"] == 0
     _, sm75 = kernels.compile_source("gemm.cu", "75", NVCC, sass=True)
     mix75 = kernels.instruction_mix(sm75)
     assert mix75["sgemm_tf32"]["HMMA"] == 0 and mix75["sgemm_bf16"]["HMMA"] == 0  # the trap stubs

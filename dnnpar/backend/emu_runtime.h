@@ -28,6 +28,14 @@
 //   cvt_rna_tf32      cvt.rna.tf32.f32: round to nearest, ties away from zero, 10 mantissa bits.
 //   mma_m16n8k16_bf16 the same for mma.m16n8k16 .bf16 (two BF16 values per register, low half first);
 //   pack_bf16x2       cvt.rn.bf16x2.f32: two floats to BF16, nearest even, 7 mantissa bits.
+//   ldmatrix_x4       ldmatrix.sync.aligned.m8n8.x4.shared.b16 (and ldmatrix_x4_trans, .trans):
+//                     warp-collective: every lane deposits its row address (checked: in shared
+//                     memory, 16-byte aligned), a warp barrier, then each lane reads the 32 rows
+//                     (8 b16 each) and takes, in register j, the elements (i/4, 2(i%4)) and
+//                     (i/4, 2(i%4)+1) of matrix j (rows from lanes 8j..8j+7; .trans: of the
+//                     transposed matrix), low half first; a second barrier keeps any lane from
+//                     writing shared memory before every lane has read (the load is one warp-wide
+//                     instruction on the GPU).
 //   cp_async_4 / _16  cp.async.{ca,cg}.shared.global with src-size: queued, NOT copied; the copy
 //                     (src-size bytes, the rest zero-filled) happens at the cp_async_wait<N> that
 //                     completes its group (wait_group N completes all but the newest N committed
@@ -109,8 +117,8 @@ struct Fiber {
     int state;
     unsigned mask;  // lanes a warp barrier waits for
     unsigned long long shfl;  // value published for a warp shuffle
-    unsigned frag[2][10];     // mma operand registers published to the warp (a[4], b[2], c[4]), two sets
-    unsigned mmas;            // mma instructions this thread has issued in this block (picks the set)
+    unsigned frag[2][10];     // registers published to the warp by a collective (mma: a[4], b[2], c[4]), two sets
+    unsigned collectives;     // warp collectives (mma, ldmatrix) this thread has issued in this block (picks the set)
 };
 
 // One cp.async copy waiting for its group's wait_group.
@@ -345,29 +353,35 @@ inline unsigned tf32_round(float x) {
     return (b + 0x1000u) & 0xFFFFE000u;
 }
 
-// The two halves every mma model shares. mma_publish: this lane deposits its a, b, c registers
-// and waits for the warp; returns where the model reads the 32 lanes' registers: lane l's are
-// out[l * stride .. + 10). Consecutive mmas alternate between two register sets, so one barrier
-// per mma suffices: a lane can republish into the other set only after every lane has reached
-// this mma's barrier, i.e. has finished gathering the previous mma's set (mma.sync.aligned: all
-// lanes issue the same mmas).
+// The gather every warp-collective model shares. warp_publish: this lane deposits n (<= 10)
+// registers and waits for the warp; returns where the model reads the 32 lanes' registers: lane
+// l's are out[l * stride .. + n). Consecutive collectives (mma, ldmatrix) alternate between two
+// register sets, so one barrier per collective suffices: a lane can republish into the other set
+// only after every lane has reached this collective's barrier, i.e. has finished gathering the
+// previous one's set (.sync.aligned: all lanes issue the same collectives in the same order).
 struct MmaRegs {
     const unsigned* base;
     size_t stride;
     const unsigned* operator[](int lane) const { return base + lane * stride; }
 };
 static_assert(sizeof(Fiber) % sizeof(unsigned) == 0, "MmaRegs strides over Fibers in units of registers");
-inline MmaRegs mma_publish(const unsigned a[4], const unsigned b[2], const float c[4]) {
-    require_full_warp("mma.sync");
+inline MmaRegs warp_publish(const unsigned* regs, int n, const char* what) {
+    require_full_warp(what);
     Fiber* self = g_cur;
-    const unsigned set = self->mmas++ & 1u;
+    const unsigned set = self->collectives++ & 1u;
     unsigned* f = self->frag[set];
-    for (int i = 0; i < 4; ++i) f[i] = a[i];
-    for (int i = 0; i < 2; ++i) f[4 + i] = b[i];
-    for (int i = 0; i < 4; ++i) f[6 + i] = f32_bits(c[i]);
+    for (int i = 0; i < n; ++i) f[i] = regs[i];
     warp_barrier(0xffffffffu);
     const Fiber* w = &g_fibers[self->linear & ~31];
     return MmaRegs{w->frag[set], sizeof(Fiber) / sizeof(unsigned)};
+}
+// The mma half: this lane's a, b, c registers.
+inline MmaRegs mma_publish(const unsigned a[4], const unsigned b[2], const float c[4]) {
+    unsigned f[10];
+    for (int i = 0; i < 4; ++i) f[i] = a[i];
+    for (int i = 0; i < 2; ++i) f[4 + i] = b[i];
+    for (int i = 0; i < 4; ++i) f[6 + i] = f32_bits(c[i]);
+    return warp_publish(f, 10, "mma.sync");
 }
 
 // mma_finish: C gathered in the c/d layout (c0 (g, 2t), c1 (g, 2t+1), c2 (g+8, 2t), c3 (g+8, 2t+1)),
@@ -456,6 +470,32 @@ inline bool in_shared(const void* p, int bytes) {
     return c >= __start_dnnpar_shared && c + bytes <= __stop_dnnpar_shared;
 }
 
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16 (PTX ISA, "Warp-level matrix load instruction:
+// ldmatrix"): lane t supplies the address of row t % 8 of matrix t / 8 (16 bytes: 8 b16 elements);
+// lane i receives in r[j] the elements (i / 4, 2 (i % 4)) and (i / 4, 2 (i % 4) + 1) of matrix j, or
+// with .trans those of its transpose, i.e. (2 (i % 4), i / 4) and (2 (i % 4) + 1, i / 4); the first
+// element of each pair in the low half.
+template <bool Trans> inline void ldmatrix_x4(unsigned r[4], const void* p) {
+    const uintptr_t a = (uintptr_t)p;
+    const unsigned addr[2] = {(unsigned)a, (unsigned)((unsigned long long)a >> 32)};
+    const MmaRegs w = warp_publish(addr, 2, "ldmatrix");
+    if (!in_shared(p, 16)) kernel_error("ldmatrix: a row address is not in shared memory");
+    if (a & 15) kernel_error("ldmatrix: a row address is not 16-byte aligned");
+    unsigned short rows[32][8];  // rows[8 j + k]: row k of matrix j
+    for (int lane = 0; lane < 32; ++lane) {
+        const unsigned* f = w[lane];
+        const uintptr_t src = (uintptr_t)((unsigned long long)f[0] | (unsigned long long)f[1] << 32);
+        std::memcpy(rows[lane], (const void*)src, 16);  // every lane's address was checked by its own lane
+    }
+    warp_barrier(0xffffffffu);  // everyone has read before anyone goes on (and may write shared memory)
+    const int i = g_cur->linear & 31, g = i >> 2, c = 2 * (i & 3);
+    for (int j = 0; j < 4; ++j) {
+        const unsigned lo = Trans ? rows[8 * j + c][g] : rows[8 * j + g][c];
+        const unsigned hi = Trans ? rows[8 * j + c + 1][g] : rows[8 * j + g][c + 1];
+        r[j] = lo | hi << 16;
+    }
+}
+
 // cp.async with src-size: queued until the wait_group that completes its group.
 inline void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
     if (!in_shared(dst, bytes)) kernel_error("cp.async: the destination is not in shared memory");
@@ -497,6 +537,8 @@ inline void mma_m16n8k16_bf16(float d[4], const unsigned a[4], const unsigned b[
 inline unsigned pack_bf16x2(float lo, float hi) {  // cvt.rn.bf16x2.f32 d, hi, lo
     return (unsigned)::dnnpar_emu::bf16_round(lo) | (unsigned)::dnnpar_emu::bf16_round(hi) << 16;
 }
+inline void ldmatrix_x4(unsigned r[4], const void* p) { ::dnnpar_emu::ldmatrix_x4<false>(r, p); }
+inline void ldmatrix_x4_trans(unsigned r[4], const void* p) { ::dnnpar_emu::ldmatrix_x4<true>(r, p); }
 inline void cp_async_4(void* dst, const void* src, int src_bytes) { ::dnnpar_emu::cp_async(dst, src, 4, src_bytes); }
 inline void cp_async_16(void* dst, const void* src, int src_bytes) { ::dnnpar_emu::cp_async(dst, src, 16, src_bytes); }
 inline void cp_async_commit() { ::dnnpar_emu::cp_async_commit(); }
@@ -625,7 +667,7 @@ int dnnpar_emu_launch(void (*entry)(void**), void** args, const unsigned* grid, 
                         f.tid = uint3{(unsigned)(i % block[0]), (unsigned)(i / block[0] % block[1]),
                                       (unsigned)(i / (block[0] * block[1]))};
                         f.state = RUNNABLE;
-                        f.mmas = 0;
+                        f.collectives = 0;
                         getcontext(&f.ctx);
                         f.ctx.uc_stack.ss_sp = g_stacks[i] + pg;
                         f.ctx.uc_stack.ss_size = kStackBytes;
