@@ -53,8 +53,9 @@ def _exists(name: str) -> bool:
 
 
 def test_two_workers_match_synchronous_sgd(data, two_workers):
-    _, rep = two_workers
-    _, hist = train(CFG, data=data, **QUIET)
+    rep = two_workers.details
+    result = train(CFG, data=data, **QUIET)
+    hist = result.history
     sync = hist.records[-1].test_acc
     assert len(rep.history.records) == CFG.epochs
     assert rep.workers == 2 and len(rep.steps_per_worker) == 2
@@ -75,7 +76,7 @@ def test_two_workers_match_synchronous_sgd(data, two_workers):
 def test_workers_update_the_shared_vector(data, two_workers):
     """The parent never writes to the vector during training, and it evaluates through views of
     it: a moving vector and a trained model can only come from the workers' writes."""
-    model, rep = two_workers
+    model, rep = two_workers.model, two_workers.details
     assert all(c > 0 for c in rep.param_change), rep.param_change
     assert rep.history.records[0].test_acc > 0.5   # after one epoch, read by the parent from shared memory
     from dnnpar.nn.models import build

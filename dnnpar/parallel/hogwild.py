@@ -1,6 +1,7 @@
 """Hogwild (Niu, Recht, Ré and Wright 2011): lock-free asynchronous SGD inside one machine.
 
-    model, report = run_hogwild(TrainConfig(model="lenet300", subset="embedded", epochs=3), workers=2)
+    result = run_hogwild(TrainConfig(model="lenet300", subset="embedded", epochs=3), workers=2)
+    result.model, result.history, result.details   # the trained model, the epochs, a HogwildReport
 
 One float32 parameter vector lives in ``multiprocessing.shared_memory``; every worker process
 makes its model's parameters views into it (:meth:`ParamLayout.bind` with ``copy_in=False``),
@@ -58,7 +59,14 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
+from .. import backend as _backend
+from ..data import fashion_mnist
 from ..errors import ParallelError
+from ..nn import SoftmaxCrossEntropy
+from ..nn.optim import SGD, make_schedule
+from ..reporting import CommStats, EpochRecord, History, ProgressBar, RunResult
+from ..steps import TrainConfig, build_model, evaluate, forward_backward
+from .flat import ParamLayout
 
 #: the environment every worker is spawned with: one BLAS / OpenMP thread
 ONE_THREAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
@@ -151,12 +159,6 @@ def _spawn_env(env: dict):
 def _worker(rank: int, args: dict, commands, results) -> None:
     """One Hogwild worker (a spawned process). Commands: ("epoch", e, lr) or None (stop)."""
     try:
-        from .. import backend as _backend
-        from ..nn import SoftmaxCrossEntropy
-        from ..nn.optim import SGD
-        from ..train import TrainConfig, build_model, forward_backward
-        from .flat import ParamLayout
-
         _backend.set_backend("numpy")
         params = SharedArray.attach(args["params"])
         xs, ys = SharedArray.attach(args["x"]), SharedArray.attach(args["y"])
@@ -301,8 +303,12 @@ def _describe_exit(code: int) -> str:
 
 def run_hogwild(cfg, workers: int, out=print, data=None, progress: bool = True, fail: dict | None = None,
                 start_timeout: float = 300.0):
-    """Train ``cfg.model`` on Fashion-MNIST with ``workers`` Hogwild processes; returns
-    ``(model, HogwildReport)``. The model holds a copy of the final shared parameters.
+    """Train ``cfg.model`` on Fashion-MNIST with ``workers`` Hogwild processes; returns a
+    :class:`~dnnpar.reporting.RunResult` whose ``model`` holds a copy of the final shared
+    parameters and whose ``details`` is the :class:`HogwildReport`. The workers send no messages
+    (they update the shared vector in place), so its gradient bytes and communication seconds are
+    0; the report's ``shared_update_bytes_per_step`` is what one step writes there (4 bytes per
+    parameter).
 
     ``cfg``: a :class:`dnnpar.train.TrainConfig`; ``cfg.batch_size`` is each worker's batch, and
     one epoch is every worker going once through its shard (so the whole set is seen once, in
@@ -310,12 +316,6 @@ def run_hogwild(cfg, workers: int, out=print, data=None, progress: bool = True, 
     Dataset (default ``cfg.subset`` through ``cfg.data_dir``). ``fail``: fault injection (module
     docstring). Raises ValueError for ``workers < 1``, a non-numpy backend, a model with buffers
     or too little data; ParallelError (a RuntimeError) when a worker dies or raises."""
-    from .. import backend as _backend
-    from ..data import fashion_mnist
-    from ..nn.optim import make_schedule
-    from ..train import EpochRecord, History, ProgressBar, build_model, evaluate
-    from .flat import ParamLayout
-
     cfg.validate()
     if not isinstance(workers, (int, np.integer)) or isinstance(workers, bool) or workers < 1:
         raise ValueError(f"hogwild needs at least 1 worker (an int), got {workers!r}")
@@ -401,6 +401,8 @@ def run_hogwild(cfg, workers: int, out=print, data=None, progress: bool = True, 
     layout.scatter_params(model, final)
     report = HogwildReport(workers, history, train_images / max(train_s, 1e-9), time.perf_counter() - t_start,
                            startup_s, steps, changes)
-    return model, report
+    return RunResult(model, history, "hogwild", CommStats(steps=int(np.mean(steps)) if steps else 0),
+                     report.wall_s, report, {"workers": workers, "shared_update_bytes_per_step": 4 * layout.size,
+                                             "startup_s": startup_s})
 
 
