@@ -134,3 +134,21 @@ def test_bad_inputs(data):
         run_hogwild(replace(CFG, batch_size=4000), 2, data=data, **QUIET)
     with pytest.raises(ValueError, match="epochs"):
         run_hogwild(replace(CFG, epochs=0), 2, data=data, **QUIET)
+
+
+def test_hogwild_report_says_what_the_workers_wrote(two_workers, tmp_path):
+    """Hogwild's workers send no messages (they write the shared vector in place): 0 gradient
+    bytes and 0 communication seconds; one step writes 4 bytes per parameter there."""
+    import json
+
+    from dnnpar.reporting import REPORT_KEYS
+
+    path = tmp_path / "r.json"
+    two_workers.write_report(path)
+    rep = json.loads(path.read_text())
+    assert set(REPORT_KEYS) <= set(rep) and rep["strategy"] == "hogwild" and rep["workers"] == 2
+    assert rep["grad_bytes_per_step"] == 0 and rep["comm_seconds"] == 0 and rep["overlap_fraction"] == 0
+    assert rep["shared_update_bytes_per_step"] == 4 * two_workers.model.num_parameters()
+    assert rep["steps"] == int(np.mean(two_workers.details.steps_per_worker)) > 0
+    assert 0 <= rep["final_accuracy"] <= 1 and rep["final_accuracy"] == two_workers.details.final_accuracy
+    assert rep["images_per_s"] > 0
