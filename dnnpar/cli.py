@@ -238,25 +238,17 @@ def _train(args) -> int:
         _say(note)
     if args.lr is None and args.parallel != "none":
         _say(f"learning rate {lr:g} (the --parallel {args.parallel} default; --lr sets another)")
+    files = dict(checkpoint=checkpoint, plot=args.plot, progress=not args.quiet)   # the engine writes them all
     if args.parallel == "hogwild":
         from .parallel.hogwild import run_hogwild
-        result = run_hogwild(cfg, workers=args.workers, progress=not args.quiet)
+        result = run_hogwild(cfg, workers=args.workers, **files)
     elif args.parallel == "ps":
         from .parallel.ps import run_parameter_server
         result = run_parameter_server(cfg, workers=args.workers, servers=args.servers,
                                       consistency=args.consistency, address=args.address,
-                                      checkpoint_every=args.ps_checkpoint_every, progress=not args.quiet,
-                                      on_cluster_loss=_exit_with)
+                                      checkpoint_every=args.ps_checkpoint_every, on_cluster_loss=_exit_with, **files)
     else:
-        result = train(cfg, checkpoint=checkpoint, resume=args.resume, plot=args.plot, progress=not args.quiet,
-                       data=data, model=model)
-    if args.parallel in ("hogwild", "ps"):   # their epochs run in workers: the final model is written once
-        from .checkpoint import save_training
-        save_training(checkpoint, result.model, None, cfg, cfg.epochs, result.history)
-        if args.plot:
-            from .reporting import plot_history
-            plot_history(result.history, args.plot)
-            print(f"curves written to {args.plot}")
+        result = train(cfg, resume=args.resume, data=data, model=model, **files)
     if args.report:
         result.write_report(args.report)
     print(f"checkpoint: {checkpoint}" + (f"; report: {args.report}" if args.report else ""))

@@ -16,9 +16,9 @@ one epoch's gradients are computed and applied:
 The protocol, in call order: ``check(cfg)`` (before any data is read), ``prepare(cfg, model,
 data)`` (sizes, before any large allocation), ``make_optimizer(cfg, model)``, ``start(model,
 optimizer, start_epoch, out)`` (returns the epoch to start from), ``describe()``,
-``steps_per_epoch()``, then per epoch ``train_epoch(epoch, lr, bar) -> EpochStats`` and
-``evaluate(model, x, y)``; ``finish(model)`` returns the final model, ``comm_stats()`` the
-communication figures, ``details()`` the strategy's own report; ``close()`` always runs.
+then per epoch ``steps_per_epoch()``, ``train_epoch(epoch, lr, bar) -> EpochStats``,
+``evaluate(model, x, y)`` and ``end_epoch(epoch)``; ``finish(model)`` returns the final model, ``comm_stats()`` the
+communication figures, ``details(history)`` the strategy's own report; ``close()`` always runs.
 """
 from __future__ import annotations
 
@@ -97,7 +97,11 @@ class Strategy:
     def comm_stats(self) -> CommStats:
         return CommStats()
 
-    def details(self):
+    def end_epoch(self, epoch: int) -> None:
+        """After the epoch's record is printed (the parameter server stops here when no worker is left)."""
+
+    def details(self, history):
+        """The strategy's own report of the run (RunResult.details)."""
         return None
 
     def report_extra(self) -> dict:
@@ -200,8 +204,8 @@ def _run(strategy, cfg, checkpoint, resume, plot, progress, out, data, model, op
     data = data or fashion_mnist.load(cfg.data_dir, cfg.subset)
     if model is None:
         model = build_model(cfg)
-    model.check_input(be.asarray(data.x_train[:1]))
     strategy.prepare(cfg, model, data)
+    model.check_input(be.asarray(data.x_train[:1]))
     if isinstance(strategy, Local):
         strategy.bind(cfg, data)
     opt = optimizer or strategy.make_optimizer(cfg, model)
@@ -224,24 +228,25 @@ def _run(strategy, cfg, checkpoint, resume, plot, progress, out, data, model, op
         out(history.table_header())
         for r in history.records:
             out(history.row(r))
-        steps = strategy.steps_per_epoch()
         for epoch in range(start_epoch, cfg.epochs + 1):
             lr = schedule(epoch - 1)
-            bar = ProgressBar(steps, f"epoch {epoch}/{cfg.epochs}", enabled=progress)
+            bar = ProgressBar(strategy.steps_per_epoch(), f"epoch {epoch}/{cfg.epochs}", enabled=progress)
             t0 = time.perf_counter()
             stats = strategy.train_epoch(epoch, lr, bar)
             seconds = time.perf_counter() - t0
-            bar.update(steps, stats.loss)
-            if not np.isfinite(stats.loss):
-                raise FloatingPointError(f"the mean loss of epoch {epoch} is {stats.loss} (lr {lr:g}): training "
+            seen = max(stats.seen, 1)   # 0 only when every parameter-server worker died (end_epoch says so)
+            loss = stats.loss_sum / seen
+            bar.update(bar.total, loss)
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"the mean loss of epoch {epoch} is {loss} (lr {lr:g}): training "
                                          "diverged; lower the learning rate")
             test_acc = strategy.evaluate(model, data.x_test, data.y_test)
-            rec = EpochRecord(epoch, lr, stats.loss, stats.correct / stats.seen, test_acc, stats.seen / seconds,
-                              seconds)
+            rec = EpochRecord(epoch, lr, loss, stats.correct / seen, test_acc, stats.seen / seconds, seconds)
             history.records.append(rec)
             out(history.row(rec))
             if checkpoint is not None:
                 save_training(checkpoint, model, optimizer=opt, cfg=cfg, epoch=epoch, history=history)
+            strategy.end_epoch(epoch)
         model = strategy.finish(model)
     finally:
         strategy.close()
@@ -249,4 +254,4 @@ def _run(strategy, cfg, checkpoint, resume, plot, progress, out, data, model, op
         plot_history(history, plot)
         out(f"curves written to {plot}")
     return RunResult(model, history, strategy.name, strategy.comm_stats(), time.perf_counter() - t_start,
-                     strategy.details(), strategy.report_extra())
+                     strategy.details(history), strategy.report_extra())

@@ -94,12 +94,21 @@ def test_local_strategy_is_train_and_reports_no_communication(small, tmp_path):
     assert 0 <= rep["final_accuracy"] <= 1 and rep["images_per_s"] > 0 and rep["epochs"] == 1
 
 
-def test_cli_report_for_local_training(tmp_path):
-    rep = tmp_path / "r.json"
-    p = subprocess.run([sys.executable, "-m", "dnnpar.cli", "train", "--subset", "embedded", "--epochs", "1",
-                        "--model", "lenet300", "--lr", "0.05", "--quiet", "--report", str(rep)],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+@pytest.mark.parametrize("parallel,strategy", [("none", "local"), ("hogwild", "hogwild")])
+def test_cli_report_and_checkpoint_for_every_local_strategy(parallel, strategy, tmp_path):
+    """--report for --parallel none and hogwild (data: tests/test_parallel.py, ps: tests/test_ps.py);
+    the engine writes the checkpoint of each, with one record per epoch."""
+    from dnnpar.checkpoint import read_meta
+
+    rep, ck = tmp_path / "r.json", tmp_path / "c.npz"
+    p = subprocess.run([sys.executable, "-m", "dnnpar.cli", "train", "--subset", "embedded", "--epochs", "2",
+                        "--model", "lenet300", "--lr", "0.05", "--quiet", "--parallel", parallel, "--report", str(rep),
+                        "--checkpoint", str(ck)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert p.returncode == 0, p.stderr
     got = json.loads(rep.read_text())
-    assert set(REPORT_KEYS) <= set(got) and got["strategy"] == "local" and 0 <= got["final_accuracy"] <= 1
+    assert set(REPORT_KEYS) <= set(got) and got["strategy"] == strategy and got["epochs"] == 2
+    assert 0 <= got["final_accuracy"] <= 1 and got["images_per_s"] > 0 and got["grad_bytes_per_step"] == 0
     assert f"report: {rep}" in p.stdout
+    meta = read_meta(ck)
+    assert meta.epoch == 2 and [r["epoch"] for r in meta.history] == [1, 2]
+    assert meta.history[-1]["test_acc"] == got["final_accuracy"]

@@ -180,7 +180,7 @@ class DataParallel(Local):
         return CommStats(self.bytes_sent / max(self.steps, 1), self.report_dense_bytes(), self.comm_seconds,
                          self.exposed_seconds, self.steps)
 
-    def details(self):
+    def details(self, history):
         return self
 
     def report_extra(self) -> dict:

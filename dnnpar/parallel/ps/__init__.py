@@ -70,13 +70,13 @@ The package, by concern: :mod:`.consistency` (modes, shard bounds, histograms), 
 (:class:`ShardServer`), :mod:`.worker` (:class:`PSWorker`), :mod:`.cluster` (Ray: connect,
 retrying calls, the raylet watch) and :mod:`.driver` (:func:`run_parameter_server`, :class:`PSReport`).
 """
-from .cluster import (CONNECT_TIMEOUT, MAX_RAY_TEMP_DIR, RETRY_SECONDS, _call_server, _import_ray, check_address,
-                      connect, ray_temp_dir)
+from .cluster import (CONNECT_TIMEOUT, MAX_RAY_TEMP_DIR, RETRY_SECONDS, _call_server, _import_ray,  # noqa: F401
+                      check_address, connect, ray_temp_dir)
 from .consistency import Consistency, parse_consistency, render_histogram, shard_bounds
-from .driver import STALL_SECONDS, PSReport, run_parameter_server
+from .driver import STALL_SECONDS, ParameterServer, PSReport, run_parameter_server
 from .server import ShardServer
 from .worker import PSWorker
 
-__all__ = ["CONNECT_TIMEOUT", "MAX_RAY_TEMP_DIR", "RETRY_SECONDS", "STALL_SECONDS", "Consistency", "PSReport",
+__all__ = ["CONNECT_TIMEOUT", "MAX_RAY_TEMP_DIR", "RETRY_SECONDS", "STALL_SECONDS", "Consistency", "ParameterServer", "PSReport",
            "PSWorker", "ShardServer", "check_address", "connect", "parse_consistency", "ray_temp_dir",
            "render_histogram", "run_parameter_server", "shard_bounds"]
