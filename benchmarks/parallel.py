@@ -91,7 +91,7 @@ def worker(argv) -> int:
         result = run_data_parallel(cfg, comm, bucket_mb=a.bucket_mb or DEFAULT_BUCKET_MB,
                                    accumulate=a.accumulate, overlap=bool(a.overlap), progress=False,
                                    out=lambda *x: None)
-        _, hist, par = result.model, result.history, result.details
+        par = result.details
         wall = time.perf_counter() - t0
         if comm.rank == 0:
             rep = result.report()
