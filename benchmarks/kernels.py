@@ -777,6 +777,17 @@ class GpuBench(Bench):
         self.measure("conv", "conv2d direct", size, lambda: dp.ops.conv2d(x, w, padding=1, algo="direct"),
                      flops=flops, roof="flop", peer="conv2d im2col", peer_ms=median(conv.runs_ms),
                      check=check_text(rel_err(dp.ops.conv2d(x, w, padding=1, algo="direct"), want)))
+        igemm = self.measure("conv", "conv2d implicit_gemm (conv2d_igemm, no im2col buffer)", size,
+                             lambda: dp.ops.conv2d(x, w, padding=1, algo="implicit_gemm"), flops=flops, roof="flop",
+                             peer="conv2d im2col", peer_ms=median(conv.runs_ms),
+                             check=check_text(rel_err(dp.ops.conv2d(x, w, padding=1, algo="implicit_gemm"), want)))
+        dy = self.dev(rand(self.rng, want.shape))
+        self.measure("conv", "conv2d_backward implicit_gemm (dx gather + split dw)", size,
+                     lambda: dp.ops.conv2d_backward(x, w, dy, padding=1, algo="implicit_gemm"), flops=2 * flops,
+                     roof="flop", peer="backward im2col",
+                     peer_ms=median(self.measure("conv", "conv2d_backward im2col (GEMMs + col2im)", size,
+                                                 lambda: dp.ops.conv2d_backward(x, w, dy, padding=1),
+                                                 flops=2 * flops, roof="flop").runs_ms))
         if self.torch is not None:
             def torch_conv():
                 run, result = self._torch_conv(x, w, padding=1)
@@ -785,8 +796,9 @@ class GpuBench(Bench):
 
             t = self.torch_peer("conv", torch_conv)
             if t is not None:
-                self.add(Row("conv", "conv2d im2col vs cuDNN", size, conv.runs_ms, flops=flops, roof="flop",
-                             peer="cuDNN", peer_ms=median(t.runs_ms), host_us=conv.host_us))
+                for label, mine in (("im2col", conv), ("implicit_gemm", igemm)):
+                    self.add(Row("conv", f"conv2d {label} vs cuDNN", size, mine.runs_ms, flops=flops, roof="flop",
+                                 peer="cuDNN", peer_ms=median(t.runs_ms), host_us=mine.host_us))
 
     def depthwise(self) -> None:
         """MobileNet layer: memory bound, so GB/s against the copy bandwidth."""

@@ -73,6 +73,8 @@ def worker(argv) -> int:
     ap.add_argument("--overlap", type=int, default=1, help="data: 1 start buckets from backward, 0 after it")
     ap.add_argument("--accumulate", type=int, default=1)
     ap.add_argument("--bucket-mb", type=float, default=None)
+    ap.add_argument("--grad-compression", default="none", help="data: none | fp16 | bf16 | dgc:DENSITY")
+    ap.add_argument("--dgc-warmup", type=int, default=0)
     a = ap.parse_args(argv)
     import dnnpar as dp
     from dnnpar.parallel.comm import MPICommunicator
@@ -85,12 +87,13 @@ def worker(argv) -> int:
 
         cfg = TrainConfig(model=a.model, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, subset=a.subset,
                           data_dir=a.data_dir, schedule="constant")
-        from dnnpar.parallel.data_parallel import DEFAULT_BUCKET_MB
+        from dnnpar.parallel.data_parallel import DEFAULT_BUCKET_MB, make_grad_hook, parse_grad_compression
 
+        hook = make_grad_hook(*parse_grad_compression(a.grad_compression), warmup_epochs=a.dgc_warmup)
         t0 = time.perf_counter()
         result = run_data_parallel(cfg, comm, bucket_mb=a.bucket_mb or DEFAULT_BUCKET_MB,
                                    accumulate=a.accumulate, overlap=bool(a.overlap), progress=False,
-                                   out=lambda *x: None)
+                                   hook=hook, out=lambda *x: None)
         par = result.details
         wall = time.perf_counter() - t0
         if comm.rank == 0:
@@ -99,7 +102,9 @@ def worker(argv) -> int:
                                        "wall_s": wall, "comm_s": par.comm_seconds, "exposed_s": par.exposed_seconds,
                                        "overlap_fraction": rep["overlap_fraction"], "steps": par.steps,
                                        "buckets": rep["buckets"],
-                                       "bytes_per_step": par.bytes_reduced / max(par.steps, 1)}), flush=True)
+                                       "bytes_per_step": par.bytes_reduced / max(par.steps, 1),
+                                       "sent_per_step": rep["grad_bytes_per_step"],
+                                       "dense_sent_per_step": rep["dense_grad_bytes_per_step"]}), flush=True)
         return 0
     # split: AlexNet (two columns, dropout off), one forward + backward per step
     from dnnpar.nn import SoftmaxCrossEntropy
@@ -203,10 +208,14 @@ class ParallelBench:
 
     def measure(self, strategy: str, n: int, common: list[str]) -> dict:
         a = self.args
-        if strategy == "sync (MPI allreduce)":
-            r = _run_worker(n, ["data", *common])
+        if strategy in SYNC_VARIANTS:
+            r = _run_worker(n, ["data", *common, *SYNC_VARIANTS[strategy]])
+            sent, dense = r["sent_per_step"], r["dense_sent_per_step"]
             return {"strategy": strategy, "workers": n, "images_s": r["images_s"], "test_acc": r["test_acc"],
-                    "comm": f"{r['comm_s']:.1f} s allreduce, {r['bytes_per_step'] / 1e6:.2f} MB/step"}
+                    "sent_per_step": sent, "dense_sent_per_step": dense,
+                    "comm": (f"{r['comm_s']:.1f} s in flight, {100 * r['overlap_fraction']:.0f}% hidden; sends "
+                             f"{sent / 1e3:,.1f} kB/step" + (f" ({dense / sent:,.0f}x fewer than dense)"
+                                                            if sent > 0 and dense > sent * 1.01 else ""))}
         from dnnpar.train import TrainConfig
 
         cfg = TrainConfig(model=a.model, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, subset=a.subset,
@@ -238,6 +247,10 @@ class ParallelBench:
         self.meta["split workload"] = f"AlexNet at {size}x{size}, batch {batch}, forward + backward, dropout off"
 
     def finish(self):
+        dense = {r["workers"]: r["test_acc"] for r in self.rows if r["strategy"] == STRATEGIES["sync"] and "test_acc" in r}
+        for r in self.rows:
+            if r["strategy"] in SYNC_VARIANTS and "test_acc" in r and r["workers"] in dense:
+                r["acc_vs_dense"] = r["test_acc"] - dense[r["workers"]]
         base = {}
         for r in self.rows:
             if "images_s" in r and r["workers"] == min(self.args.workers):
@@ -252,13 +265,16 @@ class ParallelBench:
         out = []
         for r in self.rows:
             if "error" in r:
-                out.append([r["strategy"], str(r["workers"]), "-", "-", "-", "-", r["error"]])
+                out.append([r["strategy"], str(r["workers"]), "-", "-", "-", "-", "-", r["error"]])
                 continue
+            d = r.get("acc_vs_dense")
             out.append([r["strategy"], str(r["workers"]), f"{r['images_s']:,.0f}", f"{r.get('speedup', 0):.2f}x",
-                         f"{100 * r.get('efficiency', 0):.0f}%", f"{100 * r['test_acc']:.2f}%", r["comm"]])
+                         f"{100 * r.get('efficiency', 0):.0f}%", f"{100 * r['test_acc']:.2f}%",
+                         "-" if d is None else f"{100 * d:+.2f}", r["comm"]])
         return out
 
-    COLUMNS = ("strategy", "workers", "images/s", "speedup", "efficiency", "test acc", "communication")
+    COLUMNS = ("strategy", "workers", "images/s", "speedup", "efficiency", "test acc", "vs dense sync (points)",
+               "communication")
 
     def header(self):
         return ["dnnpar parallel training benchmark (CPU)"] + [f"{k}: {v}" for k, v in self.meta.items()]
@@ -289,10 +305,10 @@ class ParallelBench:
         return notes
 
     def text(self):
-        return C.render_text(self.header(), self.COLUMNS, self.cells(), {1, 2, 3, 4, 5}, self.footnotes())
+        return C.render_text(self.header(), self.COLUMNS, self.cells(), {1, 2, 3, 4, 5, 6}, self.footnotes())
 
     def write(self, out_dir: Path):
-        md = C.render_markdown(self.header(), self.COLUMNS, self.cells(), {1, 2, 3, 4, 5}, self.footnotes())
+        md = C.render_markdown(self.header(), self.COLUMNS, self.cells(), {1, 2, 3, 4, 5, 6}, self.footnotes())
         return C.write_report(out_dir, "parallel", md, {"meta": self.meta, "rows": self.rows,
                                                         "split": getattr(self, "split_rows", None),
                                                         "overlap": getattr(self, "overlap_rows", None),
@@ -300,7 +316,15 @@ class ParallelBench:
 
 
 #: --strategies name -> the row label
-STRATEGIES = {"sync": "sync (MPI allreduce)", "hogwild": "hogwild", "ps": "parameter server (Ray, ASP)"}
+STRATEGIES = {"sync": "sync (MPI allreduce)", "sync-no-overlap": "sync, allreduce after backward",
+              "fp16": "sync, fp16 gradients", "bf16": "sync, bf16 gradients",
+              "dgc1": "sync, DGC 1%", "dgc01": "sync, DGC 0.1%",
+              "hogwild": "hogwild", "ps": "parameter server (Ray, ASP)"}
+#: row label -> the data-parallel worker's extra options (DGC: warm-up over the first epoch, as --dgc-warmup)
+SYNC_VARIANTS = {STRATEGIES["sync"]: [], STRATEGIES["sync-no-overlap"]: ["--overlap", "0"],
+                 STRATEGIES["fp16"]: ["--grad-compression", "fp16"], STRATEGIES["bf16"]: ["--grad-compression", "bf16"],
+                 STRATEGIES["dgc1"]: ["--grad-compression", "dgc:0.01", "--dgc-warmup", "1"],
+                 STRATEGIES["dgc01"]: ["--grad-compression", "dgc:0.001", "--dgc-warmup", "1"]}
 
 
 def main(argv=None) -> int:

@@ -258,7 +258,7 @@ def _train(args) -> int:
 def _train_data_parallel(args, cfg, model, data) -> int:
     """One rank of `mpiexec -n N dnnpar train --parallel data`: any failure ends the whole job."""
     from .parallel.comm import DEFAULT_TIMEOUT, launched_by_mpiexec, make_communicator
-    from .parallel.data_parallel import DEFAULT_BUCKET_MB, run_data_parallel
+    from .parallel.data_parallel import DEFAULT_BUCKET_MB, make_grad_hook, run_data_parallel
 
     if cfg.backend:  # before the communicator: "auto" picks NCCL for the cuda backend
         from .backend import set_backend
@@ -271,15 +271,12 @@ def _train_data_parallel(args, cfg, model, data) -> int:
         if note:
             _say(note)
     bucket_mb = DEFAULT_BUCKET_MB if args.bucket_mb is None else args.bucket_mb
-    hook = None
-    if args.grad_compression[0] == "dgc":
-        from .parallel.dgc import DGCConfig, DGCHook
-        hook = DGCHook(DGCConfig(density=args.grad_compression[1], warmup_epochs=args.dgc_warmup), seed=cfg.seed)
+    hook = make_grad_hook(*args.grad_compression, warmup_epochs=args.dgc_warmup, seed=cfg.seed)
     par = run_data_parallel(cfg, comm, bucket_mb=bucket_mb, accumulate=args.accumulate, overlap=args.overlap,
                                   hook=hook, report=args.report, checkpoint=checkpoint, resume=args.resume,
                                   plot=args.plot, progress=not args.quiet, model=model, data=data).details
     if par.is_root:
-        sent = (f"DGC sent {par.bytes_sent / max(par.steps, 1):,.0f} bytes per step per rank (the dense allreduce: "
+        sent = (f"{hook.name.upper()} sent {par.bytes_sent / max(par.steps, 1):,.0f} bytes per step per rank (the dense allreduce: "
                 f"{par.report_dense_bytes():,.0f})" if hook is not None
                 else f"allreduce: {par.bytes_reduced / 2**20:,.1f} MiB")
         print(f"checkpoint: {checkpoint}; {sent} in {par.steps} steps, "
@@ -596,8 +593,9 @@ def build_parser() -> ArgumentParser:
                      help="every strategy: write final_accuracy, grad_bytes_per_step (what one rank / worker "
                           "sends per step, indices included), dense_grad_bytes_per_step, comm_seconds, "
                           "overlap_fraction, images_per_s (data: rank 0's) as JSON")
-    par.add_argument("--grad-compression", type=_grad_compression, default=("none", None), metavar="none|dgc:DENSITY",
-                     help="data: what each rank sends -- none (dense allreduce) or Deep Gradient Compression at "
+    par.add_argument("--grad-compression", type=_grad_compression, default=("none", None), metavar="none|fp16|bf16|dgc:DENSITY",
+                     help="data: what each rank sends -- none (dense float32 allreduce), fp16 / bf16 (16-bit values, "
+                          "each addition of the allreduce rounded to 16 bits: half the bytes) or Deep Gradient Compression at "
                           "DENSITY (dgc:0.001: the top 0.1%% of the accumulated gradient as index/value pairs, "
                           "warm-up from 25%% over the first 4 epochs; momentum correction and masking)")
     par.add_argument("--dgc-warmup", type=ck.int_range(0, 1000), default=4, metavar="EPOCHS",
@@ -705,7 +703,7 @@ def build_parser() -> ArgumentParser:
 
 def _grad_compression(text: str):
     """--grad-compression: none | dgc:DENSITY (argparse type; one line on a bad value)."""
-    from .parallel.dgc import parse_grad_compression
+    from .parallel.data_parallel import parse_grad_compression
     try:
         return parse_grad_compression(text)
     except ValueError as e:

@@ -11,7 +11,8 @@ from dnnpar.data import fashion_mnist
 from dnnpar.nn import SoftmaxCrossEntropy
 from dnnpar.nn.models import build
 from dnnpar.nn.optim import SGD
-from dnnpar.parallel.dgc import DGC, DGCConfig, parse_grad_compression
+from dnnpar.parallel.data_parallel import parse_grad_compression
+from dnnpar.parallel.dgc import DGC, DGCConfig
 from dnnpar.parallel.flat import ParamLayout
 
 
@@ -28,13 +29,14 @@ def test_warmup_schedule_is_the_papers():
 
 
 @pytest.mark.parametrize("spec,want", [("none", ("none", None)), ("NONE", ("none", None)),
-                                       ("dgc:0.001", ("dgc", 0.001)), ("dgc:1", ("dgc", 1.0))])
+                                       ("dgc:0.001", ("dgc", 0.001)), ("dgc:1", ("dgc", 1.0)),
+                                       ("fp16", ("fp16", None)), ("BF16", ("bf16", None))])
 def test_parse_grad_compression(spec, want):
     assert parse_grad_compression(spec) == want
 
 
 @pytest.mark.parametrize("spec", ["dgc", "dgc:", "dgc:0", "dgc:-1", "dgc:1.5", "dgc:nan", "dgc:x", "topk:0.1", "",
-                                  "fp16"])
+                                  "fp8", "fp16:0.1"])
 def test_parse_grad_compression_refuses(spec):
     with pytest.raises(ValueError, match="grad-compression"):
         parse_grad_compression(spec)

@@ -15,6 +15,8 @@ def make_layers():
         ("conv_s2_dil", lambda: nn.Conv2d(2, 3, (3, 2), stride=2, padding=(2, 1), dilation=(2, 1), seed=2), (2, 2, 9, 7)),
         ("conv_direct", lambda: nn.Conv2d(2, 3, 3, padding=1, algo="direct", seed=3), (1, 2, 5, 5)),
         ("conv_groups", lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2, seed=4), (2, 4, 5, 6)),
+        ("conv_igemm_groups", lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, algo="implicit_gemm", seed=9),
+         (2, 4, 7, 6)),
         ("pointwise", lambda: nn.PointwiseConv2d(5, 3, seed=5), (2, 5, 4, 3)),
         ("depthwise", lambda: nn.DepthwiseConv2d(3, 3, stride=2, padding=1, seed=6), (2, 3, 7, 6)),
         ("linear", lambda: nn.Linear(7, 5, seed=7), (3, 7)),

@@ -45,6 +45,9 @@ WORKER = textwrap.dedent('''
     if "dgc" in opts:
         from dnnpar.parallel.dgc import DGCConfig, DGCHook
         hook = DGCHook(DGCConfig(**opts["dgc"]), seed=3)
+    if "half" in opts:
+        from dnnpar.parallel.data_parallel import HalfPrecisionHook
+        hook = HalfPrecisionHook(opts["half"])
     result = run_data_parallel(cfg, comm, bucket_mb=0.05, fail=opts.get("fail"), accumulate=k,
                                overlap=opts.get("overlap", True), hook=hook, data=d, progress=False,
                                out=lambda *a: None)
@@ -53,6 +56,8 @@ WORKER = textwrap.dedent('''
         np.savez(out, **{k: v for k, v in m.state_dict().items()}, loss=hist.records[-1].loss,
                  buckets=len(par.buckets), bytes_sent=par.bytes_sent, steps=par.steps,
                  dense_bytes=par.report_dense_bytes())
+    if opts.get("every_rank"):
+        np.savez(out + f".rank{comm.rank}.npz", **m.state_dict())
 ''')
 
 
@@ -181,6 +186,44 @@ def test_dgc_sends_a_hundred_times_fewer_bytes_and_still_learns(tmp_path):
     assert rep["hook"] == "dgc" and rep["final_accuracy"] > 0.5, rep
     assert rep["grad_bytes_per_step"] * 100 <= rep["dense_grad_bytes_per_step"], rep
     assert "DGC sent" in r.stdout
+
+
+def test_cli_fp16_report(tmp_path):
+    """``--grad-compression fp16`` through the CLI: the report names the hook and half the bytes."""
+    report = tmp_path / "r.json"
+    r = subprocess.run(mpiexec(2) + [sys.executable, "-m", "dnnpar.cli", "train", "--parallel", "data", "--model",
+                                     "lenet300", "--subset", "embedded", "--epochs", "1", "--batch-size", "64",
+                                     "--grad-compression", "fp16", "--report", str(report),
+                                     "--quiet", "--checkpoint", str(tmp_path / "c.npz")],
+                       env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(report.read_text())
+    assert rep["hook"] == "fp16" and rep["final_accuracy"] > 0.3, rep
+    assert rep["grad_bytes_per_step"] == pytest.approx(rep["dense_grad_bytes_per_step"] / 2, abs=rep["buckets"]), rep
+    assert "FP16 sent" in r.stdout
+
+
+@pytest.mark.parametrize("model,kind,nranks", [("lenet300", "fp16", 2), ("lenet5", "bf16", 3)])
+def test_16_bit_allreduce_keeps_replicas_identical_and_halves_the_bytes(tmp_path, model, kind, nranks):
+    """--grad-compression fp16 / bf16: every rank decodes the same 16-bit sums (the replicas stay
+    bit-identical), each rank sends exactly half the dense allreduce's bytes, and training still
+    lowers the loss (the sums' error bound is tests/test_half.py's)."""
+    batch, steps = 8, 6
+    out = tmp_path / "params.npz"
+    r, _ = _run(tmp_path, nranks, [model, batch, steps, 3, out, json.dumps({"half": kind, "every_rank": True})])
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = np.load(out)
+    ranks = [np.load(f"{out}.rank{i}.npz") for i in range(nranks)]
+    for k in ranks[0].files:
+        for other in ranks[1:]:
+            np.testing.assert_array_equal(ranks[0][k], other[k], err_msg=k)
+    # 2 (N - 1) / N of 2 bytes per value, against 4: half, up to each bucket's rounding to whole bytes
+    assert abs(int(got["bytes_sent"]) * 2 - int(got["dense_bytes"]) * int(got["steps"])) \
+        <= 2 * int(got["steps"]) * int(got["buckets"])
+    with dp.use_backend("numpy"):
+        start = build(model, seed=3).state_dict()
+    assert max(float(np.abs(got[k] - start[k]).max()) for k in start) > 1e-3
+    assert np.isfinite(float(got["loss"]))
 
 
 # A residual Graph (a skip connection joined by Add, so one tensor fans out and its gradients

@@ -39,7 +39,8 @@ def test_every_kernel_compiles_for_every_target(reports):
 
 @needs_nvcc
 @pytest.mark.parametrize("kernel", ["sgemm_regblock", "sgemm_regblock_db", "sgemm_tiled", "sgemm_tf32", "sgemm_bf16", "csr_spmv_scalar", "csr_spmv_vector",
-                                    "csr_spmv_scalar_cb", "csr_spmv_vector_cb", "csr_spmm", "csr_spmm_cb"])
+                                    "csr_spmv_scalar_cb", "csr_spmv_vector_cb", "csr_spmm", "csr_spmm_cb",
+                                    "conv2d_igemm", "conv2d_igemm_dx", "conv2d_igemm_dw", "conv_sum_splits"])
 def test_no_spills_on_sm90(reports, kernel):
     (r,) = [r for r in reports if r.kernel == kernel and r.arch == "90"]
     assert r.spill_stores == 0 and r.spill_loads == 0 and r.stack == 0, r
@@ -56,6 +57,18 @@ def test_regblock_keeps_its_tile_in_registers_and_shared_memory(reports, kernel,
     assert r.smem == stages * 2 * 8 * 132 * 4
     assert r.spill_stores == 0 and r.spill_loads == 0 and r.stack == 0
     assert r.barriers >= 1
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", ["75", "80", "90"])
+@pytest.mark.parametrize("kernel", ["conv2d_igemm", "conv2d_igemm_dx", "conv2d_igemm_dw"])
+def test_implicit_gemm_conv_keeps_two_stages_in_shared_memory(reports, kernel, arch):
+    """cuda/conv_implicit.cu: two stages of A (8 x 68 floats, padded) and B (8 x 64 floats), 16
+    accumulators per thread in registers without spills under __launch_bounds__(256), one barrier."""
+    (r,) = [r for r in reports if r.kernel == kernel and r.arch == arch]
+    assert r.smem == 2 * (8 * 68 + 8 * 64) * 4
+    assert r.spill_stores == 0 and r.spill_loads == 0 and r.stack == 0, r
+    assert 16 < r.registers <= 255 and r.barriers == 1
 
 
 @needs_nvcc

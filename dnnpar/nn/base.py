@@ -21,8 +21,25 @@ from ..backend import compute_dtype, get_backend
 from ..errors import CheckpointError
 
 
+#: Graph fuses an activation node (a layer with an ``activation_kind``: ReLU, ReLU6) into the
+#: node before it when that node is its only reader's producer and its layer can apply the
+#: activation itself (``kind in layer.absorbs``: Linear, Conv2d, BatchNorm2d ...); the activation
+#: node then passes its input through, forward and backward. False: every layer runs alone
+#: (A/B benchmarks, debugging). Read at every forward (the backward after it follows that forward).
+FUSION = True
+
+
 class Layer:
-    """Base class. Subclasses fill ``params`` (name -> array) in ``__init__``."""
+    """Base class. Subclasses fill ``params`` (name -> array) in ``__init__``.
+
+    ``absorbs``: the activation kinds (:data:`dnnpar.ops.activation.ACTIVATIONS`) this layer can
+    apply to its own output; a :class:`Graph` then sets ``layer.activation`` before each forward
+    (None when it runs alone) and the layer's backward takes the activation's gradient itself.
+    ``activation_kind``: on an activation layer, the kind it computes (else None)."""
+
+    absorbs: tuple = ()
+    activation = None
+    activation_kind = None
 
     def __init__(self):
         self.params: dict[str, object] = {}
@@ -111,7 +128,10 @@ class Graph(Layer):
     layer)`` in order: parameters, buffers, checkpoints and compression work on it.
 
     ``grad_hook``: None, or ``fn(name, layer)`` called by ``backward`` as soon as a layer with
-    parameters has written its ``grads`` (data parallel starts a bucket's allreduce there)."""
+    parameters has written its ``grads`` (data parallel starts a bucket's allreduce there).
+
+    Activation nodes whose producer can apply them are fused into it (:data:`FUSION`,
+    :meth:`fused_pairs`); the model's layers, parameters and results stay those of the graph."""
 
     grad_hook = None
 
@@ -164,16 +184,46 @@ class Graph(Layer):
         self._on_grad_path = trainable_at
         # the last node that reads each tensor: forward frees it afterwards
         self._last_use = {}
+        readers = {}
         for lname, _ in self.layers:
             for i in self.inputs_of[lname]:
                 self._last_use[i] = lname
+                readers[i] = readers.get(i, 0) + 1
+        # activation fusion (see FUSION): activation node -> kind, and each absorbing layer's setting
+        by_name = dict(self.layers)
+        self._fused = {}
+        for lname, layer in self.layers:
+            kind, ins = layer.activation_kind, self.inputs_of[lname]
+            if kind is None or len(ins) != 1 or ins[0] == self.input_name:
+                continue
+            p = ins[0]
+            if p != self.output and readers[p] == 1 and kind in by_name[p].absorbs:
+                self._fused[lname] = (by_name[p], kind)
+        absorbed = {id(prod): kind for prod, kind in self._fused.values()}
+        self._absorbers = [(layer, absorbed.get(id(layer))) for _, layer in self.layers if layer.absorbs]
+        self._planned = [layer for _, layer in self.layers]
+
+    def _replan_if_changed(self):
+        """Plan again when a layer was swapped in ``layers`` (compression puts CompressedLinear in
+        a Linear's place): the fusion and gradient plan belong to the layers they were made for."""
+        if len(self._planned) != len(self.layers) or any(a is not b for a, (_, b) in zip(self._planned, self.layers)):
+            self._plan()
+
+    def fused_pairs(self) -> list[tuple[str, str]]:
+        """(producer node, activation node) pairs that :data:`FUSION` runs as one layer."""
+        self._replan_if_changed()
+        return [(self.inputs_of[a][0], a) for a in self._fused] if FUSION else []
 
     def forward(self, x):
         x = self.check_input(x)
+        self._replan_if_changed()
         env = {self.input_name: x}
+        fused = self._step_fused = self._fused if FUSION else {}  # backward follows this forward
+        for layer, kind in self._absorbers:
+            layer.activation = kind if FUSION else None
         for lname, layer in self.layers:
             ins = self.inputs_of[lname]
-            env[lname] = layer.forward(*[env[i] for i in ins])
+            env[lname] = env[ins[0]] if lname in fused else layer.forward(*[env[i] for i in ins])
             for i in set(ins):  # a node may read one tensor twice (Add(x, x))
                 if self._last_use.get(i) == lname and i != self.output:
                     del env[i]
@@ -183,11 +233,12 @@ class Graph(Layer):
         """Back-propagate dL/d(output): fills every layer's grads, summing the gradient of each
         tensor over the nodes that read it. Returns None (the input gets no gradient)."""
         grads = {self.output: dy}
+        fused = getattr(self, "_step_fused", {})
         for lname, layer in reversed(self.layers):
             g = grads.pop(lname, None)
             if g is None or not self._on_grad_path[lname]:
                 continue
-            dxs = layer.backward(g)
+            dxs = g if lname in fused else layer.backward(g)  # a fused activation's producer masks g
             if self.grad_hook is not None and layer.params:
                 self.grad_hook(lname, layer)
             ins = self.inputs_of[lname]

@@ -31,8 +31,8 @@ class Conv2d(Layer):
     (input and output channels must divide by it). ``groups == in_channels`` is a depthwise
     convolution with O / C filters per channel (output channel o reads input channel
     o // (O / C)); without dilation it runs on the depthwise kernel, other groupings as one
-    convolution per group. ``algo``: "im2col" or "direct" (forward); the backward pass is always
-    GEMM + col2im."""
+    convolution per group. ``algo``: "im2col" or "direct" (forward; the backward pass is GEMM +
+    col2im) or "implicit_gemm" (forward and backward as implicit GEMMs, all groups in one launch)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, algo: str = "im2col", seed: int = 0):
@@ -54,10 +54,6 @@ class Conv2d(Layer):
         if bias:
             self.params["bias"] = be.xp.zeros(out_channels, dtype=np.float32)
 
-    def _group_slices(self):
-        ci, co = self.in_channels // self.groups, self.out_channels // self.groups
-        return [(slice(g * ci, (g + 1) * ci), slice(g * co, (g + 1) * co)) for g in range(self.groups)]
-
     @property
     def _depthwise(self) -> bool:
         """Runs on the depthwise kernel: one group per input channel, no dilation."""
@@ -75,16 +71,11 @@ class Conv2d(Layer):
         w, b = self.params["weight"], self.params.get("bias")
         if self._depthwise:
             return ops.depthwise_conv2d(self._spread(x), w, b, self.stride, self.padding)
-        kw = dict(stride=self.stride, padding=self.padding, dilation=self.dilation, algo=self.algo)
-        if self.groups == 1:
-            y, cols = ops.conv2d(x, w, b, return_cols=True, **kw)
-            if cols is not None and cols.nbytes <= KEEP_COLS_BYTES and self.training:
-                self.cols = cols  # the backward pass's dW GEMM reuses it instead of a second im2col
-            return y
-        xp = get_backend().xp
-        outs = [ops.conv2d(xp.ascontiguousarray(x[:, si]), w[so], None if b is None else b[so], **kw)
-                for si, so in self._group_slices()]
-        return xp.concatenate(outs, axis=1)
+        y, cols = ops.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.algo, return_cols=True,
+                             groups=self.groups)
+        if cols is not None and cols.nbytes <= KEEP_COLS_BYTES and self.training:
+            self.cols = cols  # the backward pass's dW GEMM reuses it instead of a second im2col
+        return y
 
     def backward(self, dy):
         x, w = self.x, self.params["weight"]
@@ -96,16 +87,9 @@ class Conv2d(Layer):
             if dx is not None and m > 1:  # each input channel fed m filters: sum their gradients
                 n, _, h, wd = x.shape
                 dx = dx.reshape(n, self.in_channels, m, h, wd).sum(axis=2)
-        elif self.groups == 1:
-            dx, dw, db = ops.conv2d_backward(x, w, dy, need_dx=self.need_dx, cols=self.cols, **kw)
-        else:
-            xp = get_backend().xp
-            parts = [ops.conv2d_backward(xp.ascontiguousarray(x[:, si]), w[so], xp.ascontiguousarray(dy[:, so]),
-                                         need_dx=self.need_dx, **kw)
-                     for si, so in self._group_slices()]
-            dx = xp.concatenate([p[0] for p in parts], axis=1) if self.need_dx else None
-            dw = xp.concatenate([p[1] for p in parts], axis=0)
-            db = xp.concatenate([p[2] for p in parts], axis=0)
+        else:  # ops loop over groups (im2col / direct) or take them in one launch (implicit_gemm)
+            dx, dw, db = ops.conv2d_backward(x, w, dy, need_dx=self.need_dx, cols=self.cols, groups=self.groups,
+                                             algo=self.algo, **kw)
         self._set_grads(dw, db)
         self.x = self.cols = None
         return dx

@@ -6,6 +6,7 @@ import numpy as np
 from .. import ops
 from ..backend import get_backend
 from ..ops._common import as_int, conv_out_size, pair
+from ..ops.activation import activate_, activation_grad
 from ..ops.conv import ConvGeometry
 from .base import Layer, he_normal
 
@@ -37,7 +38,10 @@ def sample_shape(layer, in_shape, ndim: int, what: str) -> tuple:
 
 
 class Linear(Layer):
-    """y = x W^T + b, x (N, in), W (out, in) — one GEMM (NT) forward, two backward."""
+    """y = x W^T + b, x (N, in), W (out, in) — one GEMM (NT) forward, two backward. A following
+    ReLU / ReLU6 is applied in place on y when a Graph fuses it (``absorbs``)."""
+
+    absorbs = ("relu", "relu6")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, seed: int = 0):
         super().__init__()
@@ -55,9 +59,13 @@ class Linear(Layer):
         y = ops.gemm(x, self.params["weight"], trans_b=True)
         if "bias" in self.params:
             y += self.params["bias"]
+        self.y = activate_(get_backend().xp, y, self.activation) if self.activation else None
         return y
 
     def backward(self, dy):
+        if self.activation:
+            dy = activation_grad(get_backend().xp, dy, self.y, self.activation)
+            self.y = None
         self._set_grads(ops.gemm(dy, self.x, trans_a=True), dy.sum(axis=0))
         self.x = None
         return ops.gemm(dy, self.params["weight"]) if self.need_dx else None
@@ -76,6 +84,8 @@ class Linear(Layer):
 
 class ReLU(Layer):
     """max(x, 0); NaN stays NaN and -inf gives 0 (x * mask would make it NaN), as in ONNX and PyTorch."""
+
+    activation_kind = "relu"
 
     def forward(self, x):
         self.mask = x > 0
@@ -416,6 +426,11 @@ class Clip(Layer):
         if self.min_value is not None and self.max_value is not None and self.min_value > self.max_value:
             raise ValueError(f"{type(self).__name__}: min_value {self.min_value} exceeds max_value {self.max_value}")
 
+    @property
+    def activation_kind(self):
+        """"relu6" for Clip(0, 6) and "relu" for Clip(0, None) (fusable), else None."""
+        return {(0.0, 6.0): "relu6", (0.0, None): "relu"}.get((self.min_value, self.max_value))
+
     def forward(self, x):
         xp, t = get_backend().xp, x.dtype.type
         lo, hi = self.min_value, self.max_value
@@ -430,7 +445,8 @@ class Clip(Layer):
         return x if lo is not None or hi is not None else x.copy()
 
     def backward(self, dy):
-        dx = dy if self.mask is None else dy * self.mask
+        # where, not dy * mask: a NaN gradient outside the bounds gives 0, as PyTorch's hardtanh
+        dx = dy if self.mask is None else get_backend().xp.where(self.mask, dy, dy.dtype.type(0))
         self.mask = None
         return dx
 

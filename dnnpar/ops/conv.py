@@ -1,5 +1,6 @@
-"""Convolution ops: im2col / col2im (``cuda/im2col.cu``), conv2d as im2col + GEMM or as the
-direct loop (``cuda/conv_direct.cu``), and its backward pass (GEMMs + col2im).
+"""Convolution ops: im2col / col2im (``cuda/im2col.cu``), conv2d as im2col + GEMM, as the
+direct loop (``cuda/conv_direct.cu``) or as an implicit GEMM (``cuda/conv_implicit.cu``), and its
+backward pass (GEMMs + col2im, or implicit GEMMs).
 
 Layouts: x is NCHW, w is OIHW; im2col's matrix is
 (C*KH*KW, N*OH*OW), rows (c, kh, kw), columns (n, oh, ow).
@@ -10,16 +11,25 @@ padded copy of x is made whatever the padding.
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from ..backend import get_backend
+from ..backend.sources import read_source
 from ..nvtx import ranged
-from ._common import (ConvGeometry, check_array, check_count, check_same_dtype, grid_stride_blocks, i32,
+from ._common import (ConvGeometry, as_int, check_array, check_count, check_same_dtype, grid_stride_blocks, i32,
                       plane_grid)
+from .activation import activate_, check_activation
 from .gemm import gemm
 
-ALGOS = ("im2col", "direct")
+ALGOS = ("im2col", "direct", "implicit_gemm")
+#: the `act` argument of conv2d_igemm (cuda/conv_implicit.cu) for each activation of ops.activation
+ACT_CODES = {None: 0, "relu": 1, "relu6": 2}
+IGEMM_TARGET_BLOCKS = 264  # dw splits its reduction until about this many blocks (2 per SM of a 132-SM GPU)
+IGEMM_MIN_CHUNK = 256      # ... but never into ranges shorter than this (partial buffers cost memory traffic)
+MAX_GRID_YZ = 65535
 
 
 # ---------------------------------------------------------------- NumPy references
@@ -223,35 +233,102 @@ def check_bias(op, bias, channels, be):
     return bias
 
 
+def check_groups(op, groups, c, w_shape, weight_name="w"):
+    """groups as an int dividing C and O, with w (O, C/groups, KH, KW); returns it."""
+    groups = as_int(groups, "groups", op)
+    o = w_shape[0]
+    if groups < 1 or c % groups or o % groups:
+        raise ValueError(f"{op}: groups={groups} must be >= 1 and divide both the input channels C={c} and the "
+                         f"output channels O={o}")
+    if groups > MAX_GRID_YZ:
+        raise ValueError(f"{op}: groups={groups} exceeds {MAX_GRID_YZ}, the kernels' grid limit")
+    if w_shape[1] != c // groups and groups == 1:
+        raise ValueError(f"{op}: x has {c} channels but w expects {w_shape[1]} (w shape {tuple(w_shape)})")
+    if w_shape[1] != c // groups:
+        raise ValueError(f"{op}: x has {c} channels in {groups} group(s), so {weight_name} must have C/groups = "
+                         f"{c // groups} input channels, got shape {tuple(w_shape)}")
+    return groups
+
+
+def igemm_tile() -> tuple[int, int, int, int]:
+    """(BM, BN, BK, threads) as cuda/conv_implicit.cu #defines them: Python never restates them."""
+    code = read_source("conv_implicit.cu")
+    return tuple(int(re.search(rf"#define IG_{k}\s+(\d+)", code).group(1)) for k in ("BM", "BN", "BK", "THREADS"))
+
+
+def _igemm_grid(op, ncols, rows, z):
+    bm, bn, _, _ = igemm_tile()
+    gy = -(-rows // bm)
+    if gy > MAX_GRID_YZ or z > MAX_GRID_YZ:
+        raise ValueError(f"{op}: implicit_gemm needs a grid of {gy} x {z} blocks along y and z, beyond {MAX_GRID_YZ}")
+    return (max(1, -(-ncols // bn)), gy, z)
+
+
 @ranged("dnnpar.conv2d")
-def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, algo: str = "im2col", return_cols: bool = False):
+def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, algo: str = "im2col", return_cols: bool = False,
+           activation: str | None = None, groups: int = 1):
     """2-D convolution (cross-correlation, as in every DL framework).
 
-    x (N, C, H, W), w (O, C, KH, KW), bias (O,) or None -> (N, O, OH, OW), all float32 on every
+    x (N, C, H, W), w (O, C/groups, KH, KW), bias (O,) or None -> (N, O, OH, OW), all float32 on every
     backend (float64 only inside ``dp.precision("float64")`` on the numpy backend).
     stride, padding, dilation: an int or an (h, w) pair of ints; sizes whose index arithmetic
     does not fit 32 bits are a ValueError before anything is allocated.
-    algo: "im2col" (im2col + one GEMM for the whole batch) or "direct" (the plain loop).
+    algo: "im2col" (im2col + one GEMM for the whole batch), "direct" (the plain loop) or
+    "implicit_gemm" (cuda/conv_implicit.cu: tiled GEMM whose im2col tiles are gathered into shared
+    memory, nothing materialised; the numpy backend computes it with its im2col / blocked path).
+    groups: C and O split into ``groups`` independent convolutions (groups = C: depthwise);
+    implicit_gemm takes them in one launch, the other algos loop over the groups.
+    activation: None, "relu" or "relu6", applied to the biased output (:func:`activation.activate_`;
+    fused into implicit_gemm's epilogue on a kernel backend, with the same NaN behaviour).
     return_cols: return (y, cols), cols being the im2col matrix of x when this call built one
-    (else None), for :func:`conv2d_backward` to reuse.
+    (else None: implicit_gemm and groups > 1 never keep one), for :func:`conv2d_backward` to reuse.
+    Its gradient is ``activation_grad(dy, y)`` (:mod:`dnnpar.ops.activation`) before
+    :func:`conv2d_backward`.
     """
-    if return_cols:
-        return _conv2d(x, w, bias, stride, padding, dilation, algo)
-    return _conv2d(x, w, bias, stride, padding, dilation, algo)[0]
+    out = _conv2d(x, w, bias, stride, padding, dilation, algo, groups, activation)
+    return out if return_cols else out[0]
 
 
-def _conv2d(x, w, bias, stride, padding, dilation, algo):
+def _conv2d(x, w, bias, stride, padding, dilation, algo, groups=1, activation=None):
     be = get_backend()
     if algo not in ALGOS:
         raise ValueError(f"conv2d: unknown algo {algo!r}: one of {', '.join(ALGOS)}")
+    act = ACT_CODES[check_activation("conv2d", activation)]
     w = check_array("conv2d", "w", w, ndim=4, backend=be)
     x, g = geometry_for_x("conv2d", x, w.shape[2], w.shape[3], stride, padding, dilation, be)
-    if w.shape[1] != g.c:
-        raise ValueError(f"conv2d: x has {g.c} channels but w expects {w.shape[1]} (w shape {tuple(w.shape)})")
+    groups = check_groups("conv2d", groups, g.c, w.shape)
     o = w.shape[0]
     bias = check_bias("conv2d", bias, o, be)
     check_same_dtype("conv2d", x=x, w=w, bias=bias)
     check_count("conv2d", "output (N, O, OH, OW)", (g.n, o, g.oh, g.ow))
+    if algo == "implicit_gemm" and be.runs_kernels:
+        grid = _igemm_grid("conv2d", g.n * g.oh * g.ow, o // groups, groups)
+        out = be.empty((g.n, o, g.oh, g.ow))
+        b = bias if bias is not None else be.xp.zeros(1, np.float32)  # not read: has_bias = 0
+        be.launch("conv_implicit.cu", "conv2d_igemm", grid, (igemm_tile()[3],),
+                  (x, w, b, i32(bias is not None), i32(act), out, *_igemm_args(g, o, groups)))
+        return out, None
+    if groups == 1:
+        y, cols = _conv2d_single(x, w, bias, g, algo, be)
+        return activate_(be.xp, y, activation), None if algo == "implicit_gemm" else cols
+    cg, og = g.c // groups, o // groups
+    xp = be.xp
+    parts = [_conv2d_single(xp.ascontiguousarray(x[:, k * cg:(k + 1) * cg]), w[k * og:(k + 1) * og],
+                            None if bias is None else bias[k * og:(k + 1) * og],
+                            ConvGeometry.make("conv2d", (g.n, cg, g.h, g.w), g.kh, g.kw, g.stride, g.padding,
+                                              g.dilation), algo, be)[0]
+             for k in range(groups)]
+    return activate_(xp, xp.concatenate(parts, axis=1), activation), None
+
+
+def _igemm_args(g: ConvGeometry, o: int, groups: int):
+    return tuple(i32(v) for v in (g.n, g.c, g.h, g.w, o, g.kh, g.kw, g.oh, g.ow, *g.stride, *g.padding,
+                                  *g.dilation, groups))
+
+
+def _conv2d_single(x, w, bias, g: ConvGeometry, algo, be):
+    """One group: (y, cols or None)."""
+    o = w.shape[0]
     if algo == "im2col":
         g.check_cols("conv2d")  # on every backend, though the numpy fast path never builds it
     if algo == "direct":
@@ -281,22 +358,75 @@ def _check_dy(op, dy, want, be):
 
 
 @ranged("dnnpar.conv2d_backward")
-def conv2d_backward(x, w, dy, stride=1, padding=0, dilation=1, need_dx: bool = True, cols=None):
-    """Gradients of :func:`conv2d`: returns (dx or None, dw, db) for x (N, C, H, W), w (O, C, KH, KW)
-    and dy (N, O, OH, OW). dw = dY @ cols^T and dcols = W^T @ dY are two GEMMs (NT and TN); dx is
-    col2im(dcols) (numpy backend, C >= 8: one GEMM per tap added into NHWC windows instead).
+def conv2d_backward(x, w, dy, stride=1, padding=0, dilation=1, need_dx: bool = True, cols=None, groups: int = 1,
+                    algo: str = "im2col"):
+    """Gradients of :func:`conv2d`: returns (dx or None, dw, db) for x (N, C, H, W), w (O, C/groups, KH, KW)
+    and dy (N, O, OH, OW) (the gradient after any activation has been applied to it by the caller).
+    algo "im2col" / "direct": dw = dY @ cols^T and dcols = W^T @ dY are two GEMMs (NT and TN); dx is
+    col2im(dcols) (numpy backend, C >= 8: one GEMM per tap added into NHWC windows instead); groups > 1
+    loop over the groups. algo "implicit_gemm" on a kernel backend: dx and dw are implicit GEMMs of
+    cuda/conv_implicit.cu (dx a gather, dw a split reduction summed in a fixed order: deterministic),
+    all groups in one launch; on the numpy backend it takes the im2col path.
     db is dy summed over n, oh, ow. ``cols``: x's im2col matrix kept from the forward pass
-    (``conv2d(..., return_cols=True)``), else it is rebuilt."""
+    (``conv2d(..., return_cols=True)``, groups = 1 only), else it is rebuilt."""
     be = get_backend()
+    if algo not in ALGOS:
+        raise ValueError(f"conv2d_backward: unknown algo {algo!r}: one of {', '.join(ALGOS)}")
     w = check_array("conv2d_backward", "w", w, ndim=4, backend=be)
     x, g = geometry_for_x("conv2d_backward", x, w.shape[2], w.shape[3], stride, padding, dilation, be)
-    if w.shape[1] != g.c:
-        raise ValueError(f"conv2d_backward: x has {g.c} channels but w expects {w.shape[1]}")
+    groups = check_groups("conv2d_backward", groups, g.c, w.shape)
     o = w.shape[0]
     dy = _check_dy("conv2d_backward", dy, (g.n, o, g.oh, g.ow), be)
-    g.check_cols("conv2d_backward")
     check_same_dtype("conv2d_backward", x=x, w=w, dy=dy)
+    if cols is not None and (groups > 1 or algo == "implicit_gemm"):
+        raise ValueError("conv2d_backward: cols can be reused only with groups=1 and algo 'im2col' or 'direct'")
     xp = be.xp
+    if algo == "implicit_gemm" and be.runs_kernels:
+        dx, dw = _backward_igemm(x, w, dy, g, groups, need_dx, be)
+        return dx, dw, dy.sum(axis=(0, 2, 3))
+    if groups == 1:
+        g.check_cols("conv2d_backward")
+        return _backward_single(x, w, dy, g, need_dx, cols, be)
+    cg, og = g.c // groups, o // groups
+    gg = ConvGeometry.make("conv2d_backward", (g.n, cg, g.h, g.w), g.kh, g.kw, g.stride, g.padding, g.dilation)
+    gg.check_cols("conv2d_backward")
+    parts = [_backward_single(xp.ascontiguousarray(x[:, k * cg:(k + 1) * cg]), w[k * og:(k + 1) * og],
+                              xp.ascontiguousarray(dy[:, k * og:(k + 1) * og]), gg, need_dx, None, be)
+             for k in range(groups)]
+    dx = xp.concatenate([p[0] for p in parts], axis=1) if need_dx else None
+    return dx, xp.concatenate([p[1] for p in parts]), xp.concatenate([p[2] for p in parts])
+
+
+def _backward_igemm(x, w, dy, g: ConvGeometry, groups, need_dx, be):
+    o = w.shape[0]
+    cg, og = g.c // groups, o // groups
+    bk, threads = igemm_tile()[2:]
+    args = _igemm_args(g, o, groups)
+    dx = None
+    if need_dx:
+        grid = _igemm_grid("conv2d_backward", g.n * g.h * g.w, cg, groups)
+        dx = be.empty((g.n, g.c, g.h, g.w))
+        be.launch("conv_implicit.cu", "conv2d_igemm_dx", grid, (threads,), (w, dy, dx, *args))
+    ncols, k = cg * g.kh * g.kw, g.n * g.oh * g.ow
+    gx, gy, _ = _igemm_grid("conv2d_backward", ncols, og, groups)
+    want = max(1, min(-(-IGEMM_TARGET_BLOCKS // (gx * gy * groups)), -(-k // IGEMM_MIN_CHUNK), MAX_GRID_YZ // groups))
+    chunk = -(-(-(-k // want)) // bk) * bk  # whole BK slices per split
+    splits = -(-k // chunk)
+    dw = be.empty(w.shape)
+    partial = dw if splits == 1 else be.empty(check_count("conv2d_backward", "dw partial sums",
+                                                          (splits, o, ncols)))
+    be.launch("conv_implicit.cu", "conv2d_igemm_dw", (gx, gy, groups * splits), (threads,),
+              (x, dy, partial, i32(chunk), *args))
+    if splits > 1:
+        be.launch("conv_implicit.cu", "conv_sum_splits", (grid_stride_blocks(w.size),), (256,),
+                  (partial, dw, i32(splits), np.int64(w.size)))
+    return dx, dw
+
+
+def _backward_single(x, w, dy, g: ConvGeometry, need_dx, cols, be):
+    """One group's (dx or None, dw, db) by GEMMs (+ col2im)."""
+    xp = be.xp
+    o = w.shape[0]
     if cols is not None:
         cols = check_array("conv2d_backward", "cols", cols, ndim=2, backend=be)
         if tuple(cols.shape) != g.cols_shape:

@@ -85,6 +85,12 @@ class Communicator:
         """Begin :meth:`allgather`; a handle for :meth:`test` / :meth:`wait` (host arrays)."""
         raise NotImplementedError(f"{type(self).__name__} has no non-blocking allgather")
 
+    def start_allreduce_sum16(self, bits: np.ndarray, kind: str):
+        """Begin summing a host uint16 vector of ``kind`` ("fp16" | "bf16") bit patterns over the
+        ranks, in place, each addition rounded to 16 bits (:mod:`dnnpar.parallel.half`); a handle
+        for :meth:`test` / :meth:`wait`."""
+        raise NotImplementedError(f"{type(self).__name__} has no 16-bit allreduce")
+
     def reduce_scatter(self, send: np.ndarray, recv: np.ndarray) -> None:
         """``recv = sum over ranks of send[rank]`` (host arrays)."""
         raise NotImplementedError
@@ -192,6 +198,22 @@ class MPICommunicator(Communicator):
             raise ValueError(f"allgather: out must be C-contiguous {(self.size,) + local.shape} {local.dtype}, "
                              f"got {out.shape} {out.dtype}")
         return MPIPending(self.comm.Iallgather(local, out), out, None)
+
+    _ops16: dict = {}  # kind -> MPI.Op, created once per process (after MPI_Init)
+
+    def start_allreduce_sum16(self, bits: np.ndarray, kind: str) -> MPIPending:
+        from . import half
+
+        if kind not in half.FORMATS:
+            raise ValueError(f"allreduce_sum16: unknown format {kind!r}: one of {', '.join(half.FORMATS)}")
+        if not (isinstance(bits, np.ndarray) and bits.dtype == np.uint16 and bits.flags.c_contiguous):
+            raise ValueError("allreduce_sum16: bits must be a C-contiguous host uint16 array")
+        op = MPICommunicator._ops16.get(kind)
+        if op is None:  # MPI's reduction calls it with (in, inout) raw buffers of the uint16 payload
+            def reduce16(a, b, _datatype, kind=kind):
+                half.add_into(np.frombuffer(a, np.uint16), np.frombuffer(b, np.uint16), kind)
+            op = MPICommunicator._ops16[kind] = self.MPI.Op.Create(reduce16, commute=True)
+        return MPIPending(self.comm.Iallreduce(self.MPI.IN_PLACE, [bits, self.MPI.UINT16_T], op=op), bits, None)
 
     def test(self, handles) -> bool:
         return bool(self.MPI.Request.Testall([h.request for h in handles])) if handles else True

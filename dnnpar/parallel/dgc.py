@@ -88,24 +88,6 @@ class DGCConfig:
         return self.warmup_density * (self.density / self.warmup_density) ** ((max(epoch, 1) - 1) / self.warmup_epochs)
 
 
-def parse_grad_compression(spec: str) -> tuple[str, float | None]:
-    """``none`` | ``dgc:DENSITY`` (e.g. ``dgc:0.001``) -> (kind, density)."""
-    if not isinstance(spec, str):
-        raise ValueError(f"--grad-compression must be a string, got {spec!r}")
-    s = spec.strip().lower()
-    if s == "none":
-        return s, None
-    if s.startswith("dgc:"):
-        try:
-            d = float(s[4:])
-        except ValueError:
-            d = float("nan")
-        if not (0 < d <= 1):
-            raise ValueError(f"--grad-compression {spec!r}: DENSITY must be a number in (0, 1], e.g. dgc:0.001")
-        return "dgc", d
-    raise ValueError(f"--grad-compression {spec!r}: one of none, dgc:DENSITY (e.g. dgc:0.001)")
-
-
 @dataclass
 class DGCStats:
     steps: int = 0

@@ -1,0 +1,45 @@
+"""Activations a producing op applies to its own output (a fused epilogue): conv + bias + ReLU,
+Linear + ReLU, BatchNorm + ReLU6. One definition of each kind, used by every op and layer that
+fuses one, so a fused chain computes exactly what the separate ReLU / ReLU6 layer would.
+
+Both are piecewise-linear in x with the gradient passing where the output lies strictly inside
+the activation's range, so the backward mask is read from the output y: y > 0 (ReLU), 0 < y < 6
+(ReLU6) -- the same as PyTorch's masks on x. NaN stays NaN forward and gets a zero gradient,
+as in the unfused layers.
+"""
+from __future__ import annotations
+
+#: kind -> (low, high) clip bounds; None: unbounded
+ACTIVATIONS = {"relu": (0.0, None), "relu6": (0.0, 6.0)}
+
+
+def check_activation(op: str, activation):
+    """None or one of :data:`ACTIVATIONS`; anything else is a ValueError naming the choices."""
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"{op}: activation must be None or one of {', '.join(map(repr, ACTIVATIONS))}, "
+                         f"got {activation!r}")
+    return activation
+
+
+def activate_(xp, y, activation):
+    """Apply ``activation`` to y in place (y is returned); None leaves y as it is."""
+    if activation is None:
+        return y
+    lo, hi = ACTIVATIONS[activation]
+    t = y.dtype.type
+    xp.maximum(y, t(lo), out=y)
+    if hi is not None:
+        xp.minimum(y, t(hi), out=y)
+    return y
+
+
+def activation_grad(xp, dy, y, activation):
+    """dL/d(pre-activation) from dL/dy and the activated output y (dy itself for None)."""
+    if activation is None:
+        return dy
+    lo, hi = ACTIVATIONS[activation]
+    t = y.dtype.type
+    mask = y > t(lo)
+    if hi is not None:
+        mask &= y < t(hi)
+    return xp.where(mask, dy, dy.dtype.type(0))
