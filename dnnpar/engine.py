@@ -143,6 +143,9 @@ class Local(Strategy):
     def reduce_stats(self, *values) -> list:
         return list(values)
 
+    def comm_stats(self) -> CommStats:
+        return CommStats(steps=getattr(self, "optimizer_steps", 0))   # one process sends nothing
+
     # -- the epoch
     def steps_per_epoch(self) -> int:
         return -(-len(self.data.y_train) // self.global_batch(self.cfg.batch_size))
@@ -167,6 +170,7 @@ class Local(Strategy):
                     loss_sum += loss * len(y)
             self.finish_step()   # data parallel: a rank with no samples adds zeros
             opt.step()
+            self.optimizer_steps = getattr(self, "optimizer_steps", 0) + 1
             bar.update(i, loss_sum / max(seen, 1))
         be.synchronize()
         seen, loss_sum, correct = self.reduce_stats(seen, loss_sum, correct)

@@ -92,6 +92,7 @@ def test_local_strategy_is_train_and_reports_no_communication(small, tmp_path):
     assert set(REPORT_KEYS) <= set(rep) and rep["strategy"] == "local" and rep["model"] == "lenet300"
     assert rep["grad_bytes_per_step"] == rep["dense_grad_bytes_per_step"] == 0 and rep["overlap_fraction"] == 0
     assert 0 <= rep["final_accuracy"] <= 1 and rep["images_per_s"] > 0 and rep["epochs"] == 1
+    assert rep["steps"] == -(-600 // 37) and rep["final_accuracy"] == a.history.records[-1].test_acc
 
 
 @pytest.mark.parametrize("parallel,strategy", [("none", "local"), ("hogwild", "hogwild")])
