@@ -154,6 +154,8 @@ class ParallelBench:
         self.meta["workload"] = (f"{args.model} on the {args.subset} Fashion-MNIST, {args.epochs} epoch(s), batch "
                                  f"{args.batch_size} per worker, lr {args.lr}")
         self.meta["threads"] = "one BLAS thread per worker process"
+        self.meta["DGC"] = (f"warm-up over {args.dgc_warmup} epoch(s) from 25%; bytes per step are the whole run's "
+                            "mean, warm-up included")
         self.rows = []  # dicts
 
     def add(self, **row):
@@ -209,7 +211,8 @@ class ParallelBench:
     def measure(self, strategy: str, n: int, common: list[str]) -> dict:
         a = self.args
         if strategy in SYNC_VARIANTS:
-            r = _run_worker(n, ["data", *common, *SYNC_VARIANTS[strategy]])
+            extra = SYNC_VARIANTS[strategy] + (["--dgc-warmup", str(a.dgc_warmup)] if strategy.startswith("sync, DGC") else [])
+            r = _run_worker(n, ["data", *common, *extra])
             sent, dense = r["sent_per_step"], r["dense_sent_per_step"]
             return {"strategy": strategy, "workers": n, "images_s": r["images_s"], "test_acc": r["test_acc"],
                     "sent_per_step": sent, "dense_sent_per_step": dense,
@@ -320,11 +323,11 @@ STRATEGIES = {"sync": "sync (MPI allreduce)", "sync-no-overlap": "sync, allreduc
               "fp16": "sync, fp16 gradients", "bf16": "sync, bf16 gradients",
               "dgc1": "sync, DGC 1%", "dgc01": "sync, DGC 0.1%",
               "hogwild": "hogwild", "ps": "parameter server (Ray, ASP)"}
-#: row label -> the data-parallel worker's extra options (DGC: warm-up over the first epoch, as --dgc-warmup)
+#: row label -> the data-parallel worker's extra options (DGC rows add --dgc-warmup)
 SYNC_VARIANTS = {STRATEGIES["sync"]: [], STRATEGIES["sync-no-overlap"]: ["--overlap", "0"],
                  STRATEGIES["fp16"]: ["--grad-compression", "fp16"], STRATEGIES["bf16"]: ["--grad-compression", "bf16"],
-                 STRATEGIES["dgc1"]: ["--grad-compression", "dgc:0.01", "--dgc-warmup", "1"],
-                 STRATEGIES["dgc01"]: ["--grad-compression", "dgc:0.001", "--dgc-warmup", "1"]}
+                 STRATEGIES["dgc1"]: ["--grad-compression", "dgc:0.01"],
+                 STRATEGIES["dgc01"]: ["--grad-compression", "dgc:0.001"]}
 
 
 def main(argv=None) -> int:
@@ -345,6 +348,8 @@ def main(argv=None) -> int:
     ap.add_argument("--overlap-ab", type=int, default=0, metavar="PAIRS",
                     help="also time sync data parallel on 2 ranks with the allreduce overlapped with backward "
                          "against after it, PAIRS interleaved runs each")
+    ap.add_argument("--dgc-warmup", type=int, default=1, metavar="EPOCHS",
+                    help="DGC rows: epochs over which the density falls from 25%% to DENSITY")
     ap.add_argument("--ab-bucket-mb", type=float, default=0.25, help="bucket size for --overlap-ab")
     ap.add_argument("--quick", action="store_true", help="1 epoch, 1 and 2 workers, the small AlexNet")
     ap.add_argument("--out", default="bench-out")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 #: kernel families, one .cu file each
-SOURCES = ("im2col.cu", "gemm.cu", "spmv.cu", "depthwise.cu", "conv_direct.cu", "conv_implicit.cu")
+SOURCES = ("im2col.cu", "gemm.cu", "spmv.cu", "depthwise.cu", "conv_direct.cu", "conv_implicit.cu", "softmax_ce.cu")
 
 _LB = r"(?:__launch_bounds__\s*\([^)]*\)\s*)?"
 _KERNEL_RE = re.compile(r'extern\s+"C"\s+__global__\s+' + _LB + r"void\s+" + _LB + r"(\w+)\s*\(")

@@ -39,13 +39,21 @@ def sample_shape(layer, in_shape, ndim: int, what: str) -> tuple:
 
 class Linear(Layer):
     """y = x W^T + b, x (N, in), W (out, in) — one GEMM (NT) forward, two backward. A following
-    ReLU / ReLU6 is applied in place on y when a Graph fuses it (``absorbs``)."""
+    ReLU / ReLU6 is applied in place on y when a Graph fuses it (``absorbs``).
+
+    ``precision``: "fp32" (default), or "tf32" / "bf16": all three GEMMs (forward and both
+    gradients) on tensor cores with operands rounded to TF32 / BF16 and float32 accumulation
+    (:func:`dnnpar.ops.gemm.precision_algo`; on the numpy backend the operands are rounded the
+    same way before BLAS, so CPU runs show the GPU's rounding)."""
 
     absorbs = ("relu", "relu6")
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, seed: int = 0):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, seed: int = 0,
+                 precision: str = "fp32"):
         super().__init__()
         check_sizes("Linear", in_features=in_features, out_features=out_features)
+        self._algo = ops.gemm_precision_algo("Linear", precision)
+        self.precision = precision
         self.in_features, self.out_features, self.bias = in_features, out_features, _check_bool("Linear", "bias", bias)
         be = get_backend()
         self.params["weight"] = be.asarray(he_normal(np.random.default_rng(seed), (out_features, in_features), in_features))
@@ -56,7 +64,7 @@ class Linear(Layer):
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"Linear expects (N, {self.in_features}) input, got {tuple(x.shape)}")
         self.x = x
-        y = ops.gemm(x, self.params["weight"], trans_b=True)
+        y = ops.gemm(x, self.params["weight"], trans_b=True, algo=self._algo)
         if "bias" in self.params:
             y += self.params["bias"]
         self.y = activate_(get_backend().xp, y, self.activation) if self.activation else None
@@ -66,9 +74,9 @@ class Linear(Layer):
         if self.activation:
             dy = activation_grad(get_backend().xp, dy, self.y, self.activation)
             self.y = None
-        self._set_grads(ops.gemm(dy, self.x, trans_a=True), dy.sum(axis=0))
+        self._set_grads(ops.gemm(dy, self.x, trans_a=True, algo=self._algo), dy.sum(axis=0))
         self.x = None
-        return ops.gemm(dy, self.params["weight"]) if self.need_dx else None
+        return ops.gemm(dy, self.params["weight"], algo=self._algo) if self.need_dx else None
 
     def output_shape(self, in_shape):
         if tuple(in_shape) != (self.in_features,):
@@ -79,7 +87,8 @@ class Linear(Layer):
         return self.in_features * self.out_features
 
     def extra_repr(self):
-        return f"{self.in_features}, {self.out_features}" + ("" if "bias" in self.params else ", bias=False")
+        return (f"{self.in_features}, {self.out_features}" + ("" if "bias" in self.params else ", bias=False")
+                + ("" if self.precision == "fp32" else f", precision={self.precision!r}"))
 
 
 class ReLU(Layer):
@@ -362,28 +371,19 @@ class BatchNorm2d(Layer):
 
 
 class SoftmaxCrossEntropy:
-    """Mean cross-entropy of softmax(logits) against integer labels; ``backward`` gives dL/dlogits."""
+    """Mean cross-entropy of softmax(logits) against integer labels; ``backward`` gives dL/dlogits.
+    Forward and backward are one op (:func:`dnnpar.ops.softmax_cross_entropy`: the gradient is
+    written in the loss's pass; one fused kernel on the cuda / emu backends). The loss is a 0-d
+    backend array: ``float(loss)`` reads it (a device synchronisation on the GPU)."""
 
     def forward(self, logits, labels):
-        xp = get_backend().xp
-        if logits.ndim != 2:
-            raise ValueError(f"SoftmaxCrossEntropy expects (N, classes) logits, got {tuple(logits.shape)}")
-        if labels.shape != (logits.shape[0],) or labels.dtype.kind not in "iu":
-            raise ValueError(f"labels must be ({logits.shape[0]},) integers, got {labels.dtype} {tuple(labels.shape)}")
-        if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]):
-            raise ValueError(f"labels must lie in [0, {logits.shape[1]})")
-        z = logits - logits.max(axis=1, keepdims=True)
-        logp = z - xp.log(xp.exp(z).sum(axis=1, keepdims=True))
-        self.p, self.labels = xp.exp(logp), labels
-        return -logp[xp.arange(labels.shape[0]), labels].mean()
+        loss, self.d = ops.softmax_cross_entropy(logits, labels)
+        return loss
 
     __call__ = forward
 
     def backward(self):
-        xp = get_backend().xp
-        d = self.p.copy()
-        d[xp.arange(self.labels.shape[0]), self.labels] -= 1
-        return d / d.dtype.type(self.labels.shape[0])
+        return self.d
 
 
 # ---------------------------------------------------------------- activations and shape layers

@@ -20,6 +20,7 @@ import numpy as np
 
 from .. import ops
 from ..ops._common import as_int
+from ..ops.gemm import PRECISIONS
 from ..errors import SpecError
 from ..schema import Fields, check_int, loads_json
 from .base import Graph, constructor_args
@@ -109,7 +110,10 @@ _CHECKS = {
     "shape": _reshape_shape,
     "op": lambda f, k: f.str(k, choices=CONSTANT_OPS),
     "value": _constant_value,
+    "precision": lambda f, k: f.str(k, choices=tuple(PRECISIONS), default="fp32"),
 }
+#: arguments added after files were first written: a config without them takes this default
+_OPTIONAL = {"precision"}
 #: pooling windows default their stride to the window (null)
 _POOL_CHECKS = {"stride": _int_or_pair(1, MAX_WINDOW, nullable=True)}
 
@@ -179,7 +183,7 @@ def _check_node(f: Fields, seen: set) -> tuple:
             raise f.fail(f"{str(i)[:80]!r} is neither the graph input nor an earlier node", f"inputs[{j}]")
     cf = f.sub("config")
     args = constructor_args(cls)
-    missing = [a for a in args if a not in cf.obj]
+    missing = [a for a in args if a not in cf.obj and a not in _OPTIONAL]
     if missing:
         raise cf.fail(f"missing (a {tname} config holds {', '.join(args) or 'nothing'})", missing[0])
     cf.only(args)

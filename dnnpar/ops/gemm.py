@@ -34,6 +34,20 @@ def round_bf16(x: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(x), np.float32(np.nan), r)
 
 
+#: a layer's ``precision`` -> the gemm algo its products run with (None: the default FP32 kernel)
+PRECISIONS = {"fp32": None, "tf32": "tf32", "bf16": "bf16"}
+
+
+def precision_algo(op: str, precision) -> str:
+    """The :func:`gemm` algo of a layer ``precision`` ("fp32" | "tf32" | "bf16"); ValueError otherwise.
+    Error bounds: FP32 the float32 summation bound; TF32 / BF16 each operand rounded with unit
+    roundoff 2^-11 / 2^-8, products accumulated in float32 (``tests/oracles.py``
+    tensor_core_gemm_bound)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"{op}: precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
+    return PRECISIONS[precision] or DEFAULT_ALGO
+
+
 #: tensor-core algos: how each rounds both operands (on every backend, the numpy one before BLAS)
 #: and that rounding's unit roundoff u (error bound: tests/oracles.py tensor_core_gemm_bound)
 TENSOR_CORE_ALGOS = {"tf32": (round_tf32, 2.0**-11), "bf16": (round_bf16, 2.0**-8)}
