@@ -91,12 +91,13 @@ def worker(argv) -> int:
 
         hook = make_grad_hook(*parse_grad_compression(a.grad_compression), warmup_epochs=a.dgc_warmup)
         t0 = time.perf_counter()
-        _, hist, par = run_data_parallel(cfg, comm, bucket_mb=a.bucket_mb or DEFAULT_BUCKET_MB,
-                                         accumulate=a.accumulate, overlap=bool(a.overlap), progress=False,
-                                         hook=hook, out=lambda *x: None)
+        result = run_data_parallel(cfg, comm, bucket_mb=a.bucket_mb or DEFAULT_BUCKET_MB,
+                                   accumulate=a.accumulate, overlap=bool(a.overlap), progress=False,
+                                   hook=hook, out=lambda *x: None)
+        par = result.details
         wall = time.perf_counter() - t0
         if comm.rank == 0:
-            rep = par.report(hist)
+            rep = result.report()
             print(RESULT + json.dumps({"images_s": rep["images_per_s"], "test_acc": rep["final_accuracy"],
                                        "wall_s": wall, "comm_s": par.comm_seconds, "exposed_s": par.exposed_seconds,
                                        "overlap_fraction": rep["overlap_fraction"], "steps": par.steps,
@@ -224,13 +225,15 @@ class ParallelBench:
                           data_dir=a.data_dir, schedule="constant", backend="numpy")
         if strategy == "hogwild":
             from dnnpar.parallel.hogwild import run_hogwild
-            _, rep = run_hogwild(cfg, workers=n, progress=False, out=lambda *x: None)
+            result = run_hogwild(cfg, workers=n, progress=False, out=lambda *x: None)
+            rep = result.details
             return {"strategy": strategy, "workers": n, "images_s": rep.images_per_s, "test_acc": rep.final_accuracy,
                     "comm": "shared memory, no locks"}
         if strategy.startswith("parameter server"):
             from dnnpar.parallel.ps import run_parameter_server
-            _, rep = run_parameter_server(cfg, workers=n, servers=1, consistency="asp", progress=False,
+            result = run_parameter_server(cfg, workers=n, servers=1, consistency="asp", progress=False,
                                           out=lambda *x: None)
+            rep = result.details
             return {"strategy": strategy, "workers": n, "images_s": rep.images_per_s, "test_acc": rep.final_accuracy,
                     "comm": f"staleness max {rep.max_staleness}"}
         raise ValueError(strategy)

@@ -13,13 +13,15 @@ graph's name, any non-empty string. :func:`build_model_from` builds either kind.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from .errors import CheckpointError
 from .nn.base import check_model_members, load_npz
+from .reporting import EpochRecord, History
 from .schema import Fields, loads_json
+from .steps import TrainConfig
 
 CHECKPOINT_VERSION = 1
 
@@ -84,7 +86,7 @@ def _check_meta(meta, path=None) -> CheckpointMeta:
         raise cfg.fail("must be a non-empty name of at most 256 characters", "model")
     for k in cfg.obj:
         schema[k](cfg, k)
-    from .train import TrainConfig  # the ranges training enforces are the ones a checkpoint must meet
+    # the ranges training enforces (TrainConfig.validate) are the ones a checkpoint must meet
     try:
         TrainConfig(**cfg.obj).validate()
     except (TypeError, ValueError) as e:
@@ -238,3 +240,17 @@ def build_model_from(path):
         model = build(name) if name in ("lenet300", "lenet5") else build(name, num_classes=10)
     model.load(path)
     return model
+
+
+def save_training(path, model, optimizer, cfg: TrainConfig, epoch: int, history: History) -> None:
+    """A training checkpoint after ``epoch``: model, momentum (``optimizer.state()``; None: no
+    optimizer state, as Hogwild's and the parameter server's live in their workers), config and history."""
+    save_checkpoint(path, model, asdict(cfg), epoch, [asdict(r) for r in history.records],
+                    optimizer.state() if optimizer is not None else None)
+
+
+def load_training(path, model, optimizer, cfg: TrainConfig) -> tuple[int, History]:
+    """Restore model and optimizer for ``--resume``; returns (next epoch, history). Refuses a
+    checkpoint of another model or a corrupt file with a CheckpointError naming it."""
+    meta = load_checkpoint(path, model, optimizer, expect_model=cfg.model)
+    return meta.epoch + 1, History([EpochRecord(**r) for r in meta.history])

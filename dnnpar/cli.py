@@ -209,9 +209,8 @@ def _train(args) -> int:
         # their workers start from the model's initialisation: refuse rather than ignore
         raise ValueError(f"--resume is not supported with --parallel {args.parallel} (it continues a "
                          "single-process or --parallel data run)")
-    if args.parallel != "data" and (args.accumulate != 1 or not args.overlap or args.report
-                                    or args.grad_compression[0] != "none"):
-        raise ValueError(f"--accumulate, --no-overlap, --report and --grad-compression are options of --parallel data, "
+    if args.parallel != "data" and (args.accumulate != 1 or not args.overlap or args.grad_compression[0] != "none"):
+        raise ValueError(f"--accumulate, --no-overlap and --grad-compression are options of --parallel data, "
                          f"not of --parallel {args.parallel}")
     if args.parallel in ("hogwild", "ps") and (args.onnx or args.data):
         raise ValueError(f"--parallel {args.parallel} trains zoo models on Fashion-MNIST: --onnx and --data train "
@@ -239,29 +238,20 @@ def _train(args) -> int:
         _say(note)
     if args.lr is None and args.parallel != "none":
         _say(f"learning rate {lr:g} (the --parallel {args.parallel} default; --lr sets another)")
-    if args.parallel in ("hogwild", "ps"):
-        if args.parallel == "hogwild":
-            from .parallel.hogwild import run_hogwild
-            model, report = run_hogwild(cfg, workers=args.workers, progress=not args.quiet)
-        else:
-            from .parallel.ps import run_parameter_server
-            model, report = run_parameter_server(cfg, workers=args.workers, servers=args.servers,
-                                                 consistency=args.consistency, address=args.address,
-                                                 checkpoint_every=args.ps_checkpoint_every, progress=not args.quiet,
-                                                 on_cluster_loss=_exit_with)
-        from dataclasses import asdict
-
-        from .checkpoint import save_checkpoint
-        save_checkpoint(checkpoint, model, asdict(cfg), cfg.epochs, [asdict(r) for r in report.history.records])
-        print(f"final model: {checkpoint}")
-        if args.plot:
-            from .train import plot_history
-            plot_history(report.history, args.plot)
-            print(f"curves written to {args.plot}")
-        return 0
-    train(cfg, checkpoint=checkpoint, resume=args.resume, plot=args.plot, progress=not args.quiet, data=data,
-          model=model)
-    print(f"checkpoint: {checkpoint}")
+    files = dict(checkpoint=checkpoint, plot=args.plot, progress=not args.quiet)   # the engine writes them all
+    if args.parallel == "hogwild":
+        from .parallel.hogwild import run_hogwild
+        result = run_hogwild(cfg, workers=args.workers, **files)
+    elif args.parallel == "ps":
+        from .parallel.ps import run_parameter_server
+        result = run_parameter_server(cfg, workers=args.workers, servers=args.servers,
+                                      consistency=args.consistency, address=args.address,
+                                      checkpoint_every=args.ps_checkpoint_every, on_cluster_loss=_exit_with, **files)
+    else:
+        result = train(cfg, resume=args.resume, data=data, model=model, **files)
+    if args.report:
+        result.write_report(args.report)
+    print(f"checkpoint: {checkpoint}" + (f"; report: {args.report}" if args.report else ""))
     return 0
 
 
@@ -282,9 +272,9 @@ def _train_data_parallel(args, cfg, model, data) -> int:
             _say(note)
     bucket_mb = DEFAULT_BUCKET_MB if args.bucket_mb is None else args.bucket_mb
     hook = make_grad_hook(*args.grad_compression, warmup_epochs=args.dgc_warmup, seed=cfg.seed)
-    _, _, par = run_data_parallel(cfg, comm, bucket_mb=bucket_mb, accumulate=args.accumulate, overlap=args.overlap,
+    par = run_data_parallel(cfg, comm, bucket_mb=bucket_mb, accumulate=args.accumulate, overlap=args.overlap,
                                   hook=hook, report=args.report, checkpoint=checkpoint, resume=args.resume,
-                                  plot=args.plot, progress=not args.quiet, model=model, data=data)
+                                  plot=args.plot, progress=not args.quiet, model=model, data=data).details
     if par.is_root:
         sent = (f"{hook.name.upper()} sent {par.bytes_sent / max(par.steps, 1):,.0f} bytes per step per rank (the dense allreduce: "
                 f"{par.report_dense_bytes():,.0f})" if hook is not None
@@ -600,8 +590,9 @@ def build_parser() -> ArgumentParser:
                      help="data: start each gradient bucket's allreduce as soon as backward has written it "
                           "(--no-overlap: all of them after backward)")
     par.add_argument("--report", type=ck.writable_file, default=None, metavar="FILE.json",
-                     help="data: write final_accuracy, grad_bytes_per_step, dense_grad_bytes_per_step, "
-                          "comm_seconds, overlap_fraction, images_per_s (rank 0's) as JSON")
+                     help="every strategy: write final_accuracy, grad_bytes_per_step (what one rank / worker "
+                          "sends per step, indices included), dense_grad_bytes_per_step, comm_seconds, "
+                          "overlap_fraction, images_per_s (data: rank 0's) as JSON")
     par.add_argument("--grad-compression", type=_grad_compression, default=("none", None), metavar="none|fp16|bf16|dgc:DENSITY",
                      help="data: what each rank sends -- none (dense float32 allreduce), fp16 / bf16 (16-bit values, "
                           "each addition of the allreduce rounded to 16 bits: half the bytes) or Deep Gradient Compression at "

@@ -66,7 +66,8 @@ def training_demo(backend: str | None = None, epochs: int = 4, seed: int = 0) ->
                       backend=backend)
     print(summary(lenet5(), cfg.batch_size).table())
     print()
-    model, history = train(cfg)
+    result = train(cfg)
+    model, history = result.model, result.history
     last = history.records[-1]
     print(f"\nLeNet-5 after {epochs} epochs on the embedded sample (6,000 training images): "
           f"test accuracy {100 * last.test_acc:.2f}% on its 1,000 test images")

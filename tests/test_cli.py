@@ -62,14 +62,14 @@ def test_resume_is_refused_where_it_cannot_apply(strategy, capsys):
 
 
 @pytest.mark.parametrize("strategy,flag", [("none", ["--accumulate", "2"]), ("hogwild", ["--no-overlap"]),
-                                           ("ps", ["--report", "r.json"]), ("none", ["--grad-compression", "dgc:0.01"])])
+                                           ("ps", ["--accumulate", "2"]), ("none", ["--grad-compression", "dgc:0.01"])])
 def test_data_parallel_options_are_refused_elsewhere(strategy, flag, capsys, tmp_path, monkeypatch):
     from dnnpar.cli import main
 
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--subset", "embedded", "--epochs", "1", "--parallel", strategy, *flag]) == 2
     err = capsys.readouterr().err
-    assert (f"--accumulate, --no-overlap, --report and --grad-compression are options of --parallel data, not of "
+    assert (f"--accumulate, --no-overlap and --grad-compression are options of --parallel data, not of "
             f"--parallel {strategy}" in err and "Traceback" not in err)
     assert not (tmp_path / "r.json").exists()
 

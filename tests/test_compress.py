@@ -141,7 +141,8 @@ def small():
 @pytest.fixture(scope="module")
 def compressed(small, tmp_path_factory):
     with dp.use_backend("numpy"):
-        m, _ = train(TrainConfig(model="lenet300", epochs=2, lr=0.05), data=small, progress=False, out=lambda s: None)
+        result = train(TrainConfig(model="lenet300", epochs=2, lr=0.05), data=small, progress=False, out=lambda s: None)
+        m = result.model
         dense_pred = predict(m, small.x_test)
         codes, report, log = compress(m, small, CompressConfig(quality={"fc1": 1.5, "fc2": 1.3, "fc3": 0.8},
                                                                cycles=2, retrain_epochs=1, finetune_epochs=1),

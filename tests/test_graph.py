@@ -131,7 +131,8 @@ def test_a_graph_trains(rng):
             ("relu2", nn.ReLU(), ["add"]), ("pool", nn.MaxPool2d(4), ["relu2"]), ("flat", nn.Flatten(), ["pool"]),
             ("fc", nn.Linear(8 * 7 * 7, 10, seed=3), ["flat"])], input_shape=(1, 28, 28), name="res")
         cfg = TrainConfig(model="lenet5", epochs=2, batch_size=32, lr=0.02, schedule="constant", seed=1)
-        _, hist = train(cfg, data=d, model=model, progress=False, out=lambda *a: None)
+        result = train(cfg, data=d, model=model, progress=False, out=lambda *a: None)
+        hist = result.history
     assert hist.records[-1].loss < hist.records[0].loss
     assert hist.records[-1].test_acc > 0.5
 

@@ -53,8 +53,9 @@ def _exists(name: str) -> bool:
 
 
 def test_two_workers_match_synchronous_sgd(data, two_workers):
-    _, rep = two_workers
-    _, hist = train(CFG, data=data, **QUIET)
+    rep = two_workers.details
+    result = train(CFG, data=data, **QUIET)
+    hist = result.history
     sync = hist.records[-1].test_acc
     assert len(rep.history.records) == CFG.epochs
     assert rep.workers == 2 and len(rep.steps_per_worker) == 2
@@ -75,7 +76,7 @@ def test_two_workers_match_synchronous_sgd(data, two_workers):
 def test_workers_update_the_shared_vector(data, two_workers):
     """The parent never writes to the vector during training, and it evaluates through views of
     it: a moving vector and a trained model can only come from the workers' writes."""
-    model, rep = two_workers
+    model, rep = two_workers.model, two_workers.details
     assert all(c > 0 for c in rep.param_change), rep.param_change
     assert rep.history.records[0].test_acc > 0.5   # after one epoch, read by the parent from shared memory
     from dnnpar.nn.models import build
@@ -133,3 +134,21 @@ def test_bad_inputs(data):
         run_hogwild(replace(CFG, batch_size=4000), 2, data=data, **QUIET)
     with pytest.raises(ValueError, match="epochs"):
         run_hogwild(replace(CFG, epochs=0), 2, data=data, **QUIET)
+
+
+def test_hogwild_report_says_what_the_workers_wrote(two_workers, tmp_path):
+    """Hogwild's workers send no messages (they write the shared vector in place): 0 gradient
+    bytes and 0 communication seconds; one step writes 4 bytes per parameter there."""
+    import json
+
+    from dnnpar.reporting import REPORT_KEYS
+
+    path = tmp_path / "r.json"
+    two_workers.write_report(path)
+    rep = json.loads(path.read_text())
+    assert set(REPORT_KEYS) <= set(rep) and rep["strategy"] == "hogwild" and rep["workers"] == 2
+    assert rep["grad_bytes_per_step"] == 0 and rep["comm_seconds"] == 0 and rep["overlap_fraction"] == 0
+    assert rep["shared_update_bytes_per_step"] == 4 * two_workers.model.num_parameters()
+    assert rep["steps"] == int(np.mean(two_workers.details.steps_per_worker)) > 0
+    assert 0 <= rep["final_accuracy"] <= 1 and rep["final_accuracy"] == two_workers.details.final_accuracy
+    assert rep["images_per_s"] > 0

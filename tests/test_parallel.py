@@ -48,9 +48,10 @@ WORKER = textwrap.dedent('''
     if "half" in opts:
         from dnnpar.parallel.data_parallel import HalfPrecisionHook
         hook = HalfPrecisionHook(opts["half"])
-    m, hist, par = run_data_parallel(cfg, comm, bucket_mb=0.05, fail=opts.get("fail"), accumulate=k,
-                                     overlap=opts.get("overlap", True), hook=hook, data=d, progress=False,
-                                     out=lambda *a: None)
+    result = run_data_parallel(cfg, comm, bucket_mb=0.05, fail=opts.get("fail"), accumulate=k,
+                               overlap=opts.get("overlap", True), hook=hook, data=d, progress=False,
+                               out=lambda *a: None)
+    m, hist, par = result.model, result.history, result.details
     if comm.rank == 0:
         np.savez(out, **{k: v for k, v in m.state_dict().items()}, loss=hist.records[-1].loss,
                  buckets=len(par.buckets), bytes_sent=par.bytes_sent, steps=par.steps,
@@ -104,7 +105,8 @@ def _single(model, batch, steps, extra, nranks, accumulate=1, extra_depth=0):
     with dp.use_backend("numpy"):
         m = build_model(cfg)
         opt = _RecordingSGD(m, cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay)
-        m, hist = train(cfg, data=d, model=m, optimizer=opt, progress=False, out=lambda *a: None)
+        result = train(cfg, data=d, model=m, optimizer=opt, progress=False, out=lambda *a: None)
+        m, hist = result.model, result.history
     sums, depth = longest_sum(m, batch * nranks)
     # + 1: the allreduce's sum over ranks; + 1 more: the sum over micro-batches
     tol = reorder_tolerance(sums, depth + 1 + (accumulate > 1) + extra_depth)
@@ -263,8 +265,9 @@ GRAPH_WORKER = RESIDUAL_NET + textwrap.dedent('''
     cfg = TrainConfig(model="lenet300", epochs=1, batch_size=batch, lr=0.01, momentum=0.9, weight_decay=5e-4,
                       schedule="constant", seed=3)
     # each rank builds the net from another seed: the run must start from rank 0's parameters
-    m, hist, par = run_data_parallel(cfg, comm, bucket_mb=0.002, data=d, progress=False, out=lambda *a: None,
-                                     model=residual_net(3 + 10 * comm.rank))
+    result = run_data_parallel(cfg, comm, bucket_mb=0.002, data=d, progress=False, out=lambda *a: None,
+                               model=residual_net(3 + 10 * comm.rank))
+    m, hist, par = result.model, result.history, result.details
     if comm.rank == 0:
         np.savez(out, **m.state_dict(), loss=hist.records[-1].loss, buckets=len(par.buckets))
 ''')
@@ -296,7 +299,8 @@ def test_graph_n_ranks_at_batch_b_equal_one_rank_at_batch_nb(tmp_path):
         m = ns["residual_net"](3)
         start = m.state_dict()
         opt = _RecordingSGD(m, cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay)
-        m, hist = train(cfg, data=d, model=m, optimizer=opt, progress=False, out=lambda *a: None)
+        result = train(cfg, data=d, model=m, optimizer=opt, progress=False, out=lambda *a: None)
+        m, hist = result.model, result.history
     want = m.state_dict()
     sums, depth = longest_sum(m, batch * nranks)
     tol = reorder_tolerance(sums, depth + 1)  # + 1: the allreduce's sum over ranks
@@ -324,8 +328,9 @@ RESUME_WORKER = textwrap.dedent('''
                       schedule="constant", seed=3)  # a schedule over `epochs` would differ between 2 and 3
     # only rank 0 is given the real checkpoint path: the others must get everything from it
     path = ckpt if comm.rank == 0 else ckpt + f".rank{comm.rank}-has-no-file"
-    m, hist, par = run_data_parallel(cfg, comm, bucket_mb=0.05, data=d, progress=False, out=lambda *a: None,
-                                     checkpoint=path, resume=resume)
+    result = run_data_parallel(cfg, comm, bucket_mb=0.05, data=d, progress=False, out=lambda *a: None,
+                               checkpoint=path, resume=resume)
+    m, hist, par = result.model, result.history, result.details
     if comm.rank == 0:
         np.savez(out, **m.state_dict(), epochs=len(hist.records))
 ''')
@@ -388,8 +393,9 @@ OVERLAP_WORKER = textwrap.dedent('''
                       schedule="constant", seed=3)
     saved = {}
     for overlap in (True, False):
-        m, hist, par = run_data_parallel(cfg, comm, bucket_mb=0.01, accumulate=k, overlap=overlap, data=d,
-                                         progress=False, out=lambda *a: None)
+        result = run_data_parallel(cfg, comm, bucket_mb=0.01, accumulate=k, overlap=overlap, data=d,
+                                   progress=False, out=lambda *a: None)
+        m, hist, par = result.model, result.history, result.details
         tag = "on" if overlap else "off"
         saved.update({f"{tag}/{name}": v for name, v in m.state_dict().items()})
         saved.update({f"{tag}:started_in_backward": par.started_in_backward, f"{tag}:steps": par.steps,

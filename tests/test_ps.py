@@ -1,5 +1,6 @@
 """The Ray parameter server: BSP / SSP / ASP training, staleness bounds, worker and server faults,
 bad input. One local Ray for the module; lenet300 on the embedded subset, a few seconds a run."""
+import json
 import os
 import re
 import subprocess
@@ -150,7 +151,7 @@ def bsp_run(local_ray, data):
 
 
 def test_bsp_trains_with_zero_staleness(bsp_run, data):
-    model, report = bsp_run
+    model, report = bsp_run.model, bsp_run.details
     steps = steps_per_worker(data, 3, 3)
     assert report.final_accuracy > 0.70
     assert report.staleness == {0: 2 * 3 * steps}            # every gradient, on both shards, staleness 0
@@ -162,15 +163,31 @@ def test_bsp_trains_with_zero_staleness(bsp_run, data):
     assert not os.path.exists(report.run_dir)                 # checkpoints are removed when the run ends
 
 
+def test_ps_report_counts_each_workers_pushes(bsp_run, data, tmp_path):
+    """The --report of a parameter-server run: every worker pushes its whole dense float32 gradient
+    each step (slices to the shards, no indices), so both byte counts are 4 bytes per parameter;
+    pull / push time is communication nothing overlaps."""
+    path = tmp_path / "r.json"
+    bsp_run.write_report(path)
+    rep = json.loads(path.read_text())
+    n = bsp_run.model.num_parameters()
+    assert rep["strategy"] == "ps" and rep["workers"] == 3 and rep["servers"] == 2 and rep["consistency"] == "bsp"
+    assert rep["grad_bytes_per_step"] == rep["dense_grad_bytes_per_step"] == 4 * n > 0
+    assert rep["steps"] == steps_per_worker(data, 3, 3)     # clocks per worker over the 3 epochs
+    assert 0 <= rep["final_accuracy"] <= 1 and rep["final_accuracy"] == bsp_run.details.final_accuracy
+    assert rep["comm_seconds"] > 0 and rep["exposed_comm_seconds"] == rep["comm_seconds"]
+    assert rep["overlap_fraction"] == 0.0 and rep["images_per_s"] > 0
+
+
 def test_ssp_never_exceeds_its_bound(local_ray, data):
-    _, report = run(data, 3, 2, "ssp:1", epochs=3)
+    report = run(data, 3, 2, "ssp:1", epochs=3).details
     assert report.max_staleness <= 1
     assert sum(report.staleness.values()) == sum(report.updates_per_shard)
     assert report.final_accuracy > 0.70
 
 
 def test_asp_trains_and_counts_every_gradient(local_ray, data):
-    _, report = run(data, 3, 1, "asp", epochs=3)
+    report = run(data, 3, 1, "asp", epochs=3).details
     assert report.final_accuracy > 0.70
     assert sum(report.staleness.values()) == report.updates_per_shard[0] == 3 * steps_per_worker(data, 3, 3)
     assert report.staleness_text().splitlines()[0].split() == ["staleness", "count", "share"]
@@ -181,10 +198,11 @@ def test_asp_trains_and_counts_every_gradient(local_ray, data):
 
 def test_worker_sigkill_training_finishes_with_the_others(local_ray, data):
     kw = dict(epochs=6)  # near convergence: at 4 epochs the lost part of an epoch can still cost a point
-    clean_model, clean = run(data, 3, 2, "bsp", **kw)
+    clean_model = run(data, 3, 2, "bsp", **kw).model
     said = []
-    hurt_model, hurt = ps.run_parameter_server(config(6), 3, 2, "bsp", data=data, out=said.append, progress=False,
-                                               fail={"worker": 1, "after_steps": 20})
+    result = ps.run_parameter_server(config(6), 3, 2, "bsp", data=data, out=said.append, progress=False,
+                                     fail={"worker": 1, "after_steps": 20})
+    hurt_model, hurt = result.model, result.details
     assert hurt.dead_workers == [1] and hurt.lost_updates == [None, None]
     assert any("worker 1 died" in line for line in said)
     assert len(hurt.history.records) == 6
@@ -202,8 +220,9 @@ def test_worker_sigkill_training_finishes_with_the_others(local_ray, data):
 def test_server_sigkill_restarts_from_its_checkpoint(local_ray, data):
     every = 25
     said = []
-    _, report = ps.run_parameter_server(config(2), 3, 2, "bsp", data=data, out=said.append, progress=False,
-                                        fail={"server": 1, "after_updates": 30}, checkpoint_every=every)
+    result = ps.run_parameter_server(config(2), 3, 2, "bsp", data=data, out=said.append, progress=False,
+                                     fail={"server": 1, "after_updates": 30}, checkpoint_every=every)
+    report = result.details
     assert report.server_restarts == [0, 1]
     assert 0 <= report.lost_updates[1] < every and report.lost_updates[0] == 0
     total = 3 * steps_per_worker(data, 3, 2)

@@ -127,14 +127,16 @@ def test_corrupt_dataset_file_is_named(tmp_path):
 def test_training_learns_and_resume_is_exact(small_data, tmp_path):
     cfg = TrainConfig(model="lenet5", epochs=2, batch_size=32, lr=0.01, backend="numpy")
     logs = []
-    straight, hist = train(cfg, checkpoint=tmp_path / "a.npz", progress=False, out=logs.append, data=small_data)
+    result = train(cfg, checkpoint=tmp_path / "a.npz", progress=False, out=logs.append, data=small_data)
+    straight, hist = result.model, result.history
     assert hist.records[-1].loss < hist.records[0].loss and hist.records[-1].test_acc > 0.5
     assert any("train acc" in line for line in logs)
     # one epoch, stop, resume for the second: the same parameters to the bit
     one = TrainConfig(**{**cfg.__dict__, "epochs": 1})
     train(one, checkpoint=tmp_path / "b.npz", progress=False, out=lambda s: None, data=small_data)
-    resumed, hist2 = train(cfg, checkpoint=tmp_path / "b.npz", resume=True, progress=False, out=lambda s: None,
-                           data=small_data)
+    result = train(cfg, checkpoint=tmp_path / "b.npz", resume=True, progress=False, out=lambda s: None,
+                   data=small_data)
+    resumed, hist2 = result.model, result.history
     assert [r.epoch for r in hist2.records] == [1, 2]
     for (n, p, _), (_, q, _) in zip(straight.named_parameters(), resumed.named_parameters()):
         np.testing.assert_array_equal(p, q, err_msg=n)

@@ -32,9 +32,10 @@ some bucket was in flight (observed at layer boundaries and in the wait), ``expo
 the part spent waiting after backward, and ``overlap_fraction`` = 1 - exposed / comm, the share
 of communication hidden behind backward (0 without overlap).
 
-The training loop itself is :func:`dnnpar.train.train`, given a :class:`DataParallel` as
-``parallel``: it shards each batch into micro-batches, opens and finishes each step through it,
-and only rank 0 prints, evaluates and writes checkpoints.
+The training loop itself is the engine's (:func:`dnnpar.engine.run`; :func:`dnnpar.train.train`
+given a :class:`DataParallel` as ``parallel``): a DataParallel is a :class:`~dnnpar.engine.Local`
+strategy whose step hooks shard each batch into micro-batches and open and finish each step, and
+only rank 0 prints, evaluates and writes checkpoints.
 
 Run it with ``mpiexec -n N dnnpar train --parallel data ...``. Fault injection for the tests:
 ``fail={"rank": r, "step": k, "how": "kill" | "hang" | "hang-in-backward"}`` makes rank r die
@@ -46,15 +47,16 @@ is aborted with that message.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
-from pathlib import Path
 
 import numpy as np
 
 from ..backend import get_backend
+from ..engine import Local, run
+from ..reporting import CommStats
+from ..steps import evaluate
 from .comm import Communicator, make_communicator
 from .flat import ParamLayout
 
@@ -199,8 +201,9 @@ def make_grad_hook(kind: str, density: float | None = None, warmup_epochs: int =
     raise ValueError(f"unknown gradient compression {kind!r}: one of {GRAD_COMPRESSIONS}")
 
 
-class DataParallel:
-    """The per-step collective work of synchronous data parallelism, for :func:`dnnpar.train.train`.
+class DataParallel(Local):
+    """The per-step collective work of synchronous data parallelism: the engine's strategy
+    ``"data"`` (:func:`dnnpar.train.train` with ``parallel=``).
 
     ``accumulate``: micro-batches per step (K; one reduction each step). ``overlap``: start each
     bucket's allreduce from backward (default) or all of them after it. ``hook``: the
@@ -231,6 +234,28 @@ class DataParallel:
         self.bytes_reduced = 0           # gradient payload summed (bytes per rank, all steps)
         self.bytes_sent = 0              # what this rank sent for it (GradHook.bytes_sent)
         self._step = None
+
+    name = "data"
+
+    # ------------------------------------------------------------------ the engine's strategy protocol
+    def prepare(self, cfg, model, data) -> None:
+        self.check_data(len(data.y_train), cfg.batch_size)
+
+    def start(self, model, optimizer, start_epoch: int, out) -> int:
+        """Every rank starts from rank 0's parameters, momentum and epoch (:meth:`setup`)."""
+        super().start(model, optimizer, start_epoch, out)
+        return self.setup(model, optimizer, start_epoch)
+
+    def comm_stats(self) -> CommStats:
+        return CommStats(self.bytes_sent / max(self.steps, 1), self.report_dense_bytes(), self.comm_seconds,
+                         self.exposed_seconds, self.steps)
+
+    def details(self, history):
+        return self
+
+    def report_extra(self) -> dict:
+        return {"ranks": self.size, "comm": self.comm.name, "hook": self.hook.name, "accumulate": self.accumulate,
+                "overlap": self.overlap, "buckets": len(self.buckets or []), "bucket_bytes": self.bucket_bytes}
 
     # ------------------------------------------------------------------ setup
     def check_data(self, n_train: int, batch_size: int) -> None:
@@ -398,8 +423,6 @@ class DataParallel:
     def evaluate(self, model, x, y) -> float:
         """Test accuracy with the test set split over the ranks (every rank holds the same
         parameters): the ranks stay in step, so none waits on a collective while rank 0 scores."""
-        from ..train import evaluate
-
         n = len(y)
         lo, hi = n * self.rank // self.size, n * (self.rank + 1) // self.size
         correct = evaluate(model, x[lo:hi], y[lo:hi]) * (hi - lo) if hi > lo else 0.0
@@ -422,25 +445,6 @@ class DataParallel:
         """The share of communication time hidden behind backward: 1 - exposed / in flight."""
         return max(0.0, 1.0 - self.exposed_seconds / self.comm_seconds) if self.comm_seconds > 0 else 0.0
 
-    def report(self, history) -> dict:
-        """The run's figures (``--report``; this rank's timings). Bytes per step are what one rank
-        sends (:func:`allreduce_bytes`: 2 (N - 1) / N of the payload; the dense hook's payload is
-        the whole gradient, so both byte counts agree until a compressing hook sends less)."""
-        recs = history.records
-        seconds = sum(r.seconds for r in recs)
-        steps = max(self.steps, 1)
-        return {
-            "strategy": "data", "ranks": self.size, "comm": self.comm.name, "hook": self.hook.name,
-            "accumulate": self.accumulate, "overlap": self.overlap, "buckets": len(self.buckets or []),
-            "bucket_bytes": self.bucket_bytes, "steps": self.steps, "epochs": len(recs),
-            "final_accuracy": recs[-1].test_acc if recs else None,
-            "grad_bytes_per_step": self.bytes_sent / steps,
-            "dense_grad_bytes_per_step": self.report_dense_bytes(),
-            "comm_seconds": self.comm_seconds, "exposed_comm_seconds": self.exposed_seconds,
-            "overlap_fraction": self.overlap_fraction(),
-            "images_per_s": sum(r.images_per_s * r.seconds for r in recs) / seconds if seconds > 0 else 0.0,
-        }
-
     def report_dense_bytes(self) -> int:
         """Bytes one rank would send per step with the dense allreduce (2 (N - 1) / N of the gradient)."""
         return allreduce_bytes(self.buckets.grad.nbytes, self.size) if self.buckets else 0
@@ -451,28 +455,29 @@ class DataParallel:
         return (f"data parallel over {self.size} rank(s) ({self.comm.name}), {len(sizes)} gradient bucket(s) of "
                 f"<= {self.bucket_bytes / 2**20:g} MiB ({sum(sizes):,} bytes per step), allreduce "
                 f"{'overlapped with' if self.overlap else 'after'} backward{k}"
-                + ("" if self.hook.name == "dense" else f", gradients compressed by {self.hook.name}"))
+                + ("" if self.hook.name == "dense" else f", gradients compressed by {self.hook.name}")
+                + (f"; batch {self.cfg.batch_size} per rank, {self.global_batch(self.cfg.batch_size)} per step"
+                   if getattr(self, "cfg", None) is not None else ""))
 
 
 def run_data_parallel(cfg, comm: Communicator | None = None, bucket_mb: float = DEFAULT_BUCKET_MB,
                       fail: dict | None = None, accumulate: int = 1, overlap: bool = True,
                       hook: GradHook | None = None, report=None, **train_kwargs):
-    """One rank of a data-parallel run: :func:`dnnpar.train.train` with a :class:`DataParallel`
+    """One rank of a data-parallel run: the engine with a :class:`DataParallel` strategy
     (``accumulate``, ``overlap``, ``hook``: see there). ``report``: a path where rank 0 writes
-    :meth:`DataParallel.report` as JSON after training. Any exception on any rank (a
-    :class:`CommTimeoutError` included) aborts the whole MPI job with its message, so the other
-    ranks never wait for it. Returns (model, history, parallel); only rank 0's history holds the
-    epochs before a resume (it alone reads the checkpoint)."""
-    from ..train import train
-
+    :meth:`RunResult.report <dnnpar.reporting.RunResult.report>` as JSON after training. Any
+    exception on any rank (a :class:`CommTimeoutError` included) aborts the whole MPI job with its
+    message, so the other ranks never wait for it. Returns a :class:`~dnnpar.reporting.RunResult`
+    (``details``: the DataParallel); only rank 0's history holds the epochs before a resume (it
+    alone reads the checkpoint)."""
     par = DataParallel(comm, bucket_mb=bucket_mb, fail=fail, accumulate=accumulate, overlap=overlap, hook=hook)
     try:
-        model, history = train(cfg, parallel=par, **train_kwargs)
+        result = run(par, cfg, **train_kwargs)
         if report is not None and par.is_root:
-            Path(report).write_text(json.dumps(par.report(history), indent=1) + "\n")
+            result.write_report(report)
     except BaseException as e:  # noqa: BLE001 - a rank that stops must take the job down, not hang it
         par.abandon_step()
         if par.size > 1:
             par.comm.abort(f"{type(e).__name__}: {e}; aborting all {par.size} ranks")
         raise
-    return model, history, par
+    return result

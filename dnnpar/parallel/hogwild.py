@@ -1,6 +1,7 @@
 """Hogwild (Niu, Recht, Ré and Wright 2011): lock-free asynchronous SGD inside one machine.
 
-    model, report = run_hogwild(TrainConfig(model="lenet300", subset="embedded", epochs=3), workers=2)
+    result = run_hogwild(TrainConfig(model="lenet300", subset="embedded", epochs=3), workers=2)
+    result.model, result.history, result.details   # the trained model, the epochs, a HogwildReport
 
 One float32 parameter vector lives in ``multiprocessing.shared_memory``; every worker process
 makes its model's parameters views into it (:meth:`ParamLayout.bind` with ``copy_in=False``),
@@ -58,7 +59,14 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
+from .. import backend as _backend
 from ..errors import ParallelError
+from ..nn import SoftmaxCrossEntropy
+from ..nn.optim import SGD
+from ..engine import EpochStats, Strategy, run
+from ..reporting import CommStats, ProgressBar, RunResult
+from ..steps import TrainConfig, build_model, forward_backward
+from .flat import ParamLayout
 
 #: the environment every worker is spawned with: one BLAS / OpenMP thread
 ONE_THREAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
@@ -70,9 +78,9 @@ _POLL_S = 0.1
 @dataclass
 class HogwildReport:
     workers: int
-    history: object                                     # dnnpar.train.History (per-epoch records)
+    history: object                                     # dnnpar.reporting.History (per-epoch records)
     images_per_s: float = 0.0                            # all workers, training time only
-    wall_s: float = 0.0                                  # the whole run: start-up, epochs, evaluation
+    wall_s: float = 0.0                                  # the whole run: data, start-up, epochs, evaluation
     startup_s: float = 0.0                               # spawning the workers until all are ready
     steps_per_worker: list = field(default_factory=list)
     param_change: list = field(default_factory=list)     # per epoch: ||vec_after - vec_before||_2
@@ -151,12 +159,6 @@ def _spawn_env(env: dict):
 def _worker(rank: int, args: dict, commands, results) -> None:
     """One Hogwild worker (a spawned process). Commands: ("epoch", e, lr) or None (stop)."""
     try:
-        from .. import backend as _backend
-        from ..nn import SoftmaxCrossEntropy
-        from ..nn.optim import SGD
-        from ..train import TrainConfig, build_model, forward_backward
-        from .flat import ParamLayout
-
         _backend.set_backend("numpy")
         params = SharedArray.attach(args["params"])
         xs, ys = SharedArray.attach(args["x"]), SharedArray.attach(args["y"])
@@ -299,10 +301,120 @@ def _describe_exit(code: int) -> str:
     return ""
 
 
+class Hogwild(Strategy):
+    """The engine's strategy ``"hogwild"``: ``workers`` spawned processes train each epoch on
+    the parameter vector in shared memory; the parent (the driver) only sets each epoch's
+    learning rate, waits, and evaluates through views of the vector (module docstring)."""
+
+    name = "hogwild"
+    backend = "numpy"       # the workers share host memory
+    resumable = False       # the workers' momentum lives (and dies) in them
+
+    def __init__(self, workers: int, fail: dict | None = None, start_timeout: float = 300.0):
+        if not isinstance(workers, (int, np.integer)) or isinstance(workers, bool) or workers < 1:
+            raise ValueError(f"hogwild needs at least 1 worker (an int), got {workers!r}")
+        self.workers, self.fail, self.start_timeout = int(workers), fail, start_timeout
+        self.blocks, self.pool, self.final = [], None, None
+        self.changes, self.steps, self.startup_s = [], [], 0.0
+
+    def prepare(self, cfg, model, data) -> None:
+        buffers = [n for n, _ in model.named_buffers()]
+        if buffers:
+            raise ValueError(f"hogwild shares parameters only, and {cfg.model} has buffers "
+                             f"({', '.join(buffers[:3])}{'...' if len(buffers) > 3 else ''}) that would stay "
+                             "private to each worker")
+        n = len(data.y_train)
+        if n // self.workers < cfg.batch_size:
+            raise ValueError(f"{self.workers} workers with batch {cfg.batch_size} need at least "
+                             f"{self.workers * cfg.batch_size} training images; got {n}")
+        self.cfg, self.data, self.n_train = cfg, data, n
+
+    def make_optimizer(self, cfg, model):
+        return None   # each worker runs its own SGD on its views
+
+    def _block(self, shape, dtype) -> SharedArray:
+        b = SharedArray(shape, dtype)
+        self.blocks.append(b)
+        return b
+
+    def start(self, model, optimizer, start_epoch: int, out) -> int:
+        cfg, data, workers = self.cfg, self.data, self.workers
+        t0 = time.perf_counter()
+        self.layout = ParamLayout(model)
+        self.params = self._block((self.layout.size,), np.float32)
+        xs, ys = self._block(data.x_train.shape, np.float32), self._block(data.y_train.shape, np.int64)
+        self.prog = self._block((workers,), np.int64)
+        xs.array[...] = data.x_train
+        ys.array[...] = data.y_train
+        self.prog.array[...] = 0
+        self.layout.gather_params(model, out=self.params.array)
+        self.layout.bind(model, self.params.array, copy_in=False)   # the parent reads (evaluates) through views
+        perm = np.random.default_rng([cfg.seed, 12345]).permutation(self.n_train)
+        shards = np.array_split(perm, workers)
+        args = {"params": self.params.spec(), "x": xs.spec(), "y": ys.spec(), "progress": self.prog.spec(),
+                "model": cfg.model, "seed": cfg.seed, "lr": cfg.lr, "momentum": cfg.momentum,
+                "nesterov": cfg.nesterov, "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size,
+                "shards": shards, "fail": self.fail}
+        self.pool = _Pool(mp.get_context("spawn"), workers, args)
+        self.pool.wait("ready", timeout=self.start_timeout)
+        self.startup_s = time.perf_counter() - t0
+        self.steps_per_epoch_ = sum(len(sh) // cfg.batch_size for sh in shards)
+        self.model_name = model.name
+        return start_epoch
+
+    def describe(self) -> str:
+        return (f"hogwild: {self.workers} worker process(es), 1 BLAS thread each, {self.model_name} "
+                f"({self.layout.size:,} parameters in shared memory); batch {self.cfg.batch_size} per worker")
+
+    def steps_per_epoch(self) -> int:
+        return self.steps_per_epoch_
+
+    def train_epoch(self, epoch: int, lr: float, bar: ProgressBar) -> EpochStats:
+        total = self.steps_per_epoch_
+        before, base = self.params.array.copy(), int(self.prog.array.sum())
+        self.pool.send(("epoch", epoch, lr))
+        res = self.pool.wait("epoch", on_tick=lambda: bar.update(min(int(self.prog.array.sum()) - base, total)))
+        self.changes.append(float(np.linalg.norm(self.params.array - before)))
+        self.steps = [res[r]["steps"] for r in range(self.workers)]
+        return EpochStats(sum(r["seen"] for r in res.values()), sum(r["loss_sum"] for r in res.values()),
+                          sum(r["correct"] for r in res.values()))
+
+    def finish(self, model):
+        """A model of its own holding the final shared parameters (the shared block is freed)."""
+        self.final = self.params.array.copy()
+        model = build_model(self.cfg)
+        self.layout.scatter_params(model, self.final)
+        return model
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
+        for b in self.blocks:
+            b.close()
+            b.unlink()
+        self.blocks = []
+
+    def comm_stats(self) -> CommStats:
+        return CommStats(steps=int(np.mean(self.steps)) if self.steps else 0)
+
+    def details(self, history):
+        return HogwildReport(self.workers, history, history.images_per_s(), 0.0, self.startup_s, self.steps,
+                             self.changes)
+
+    def report_extra(self) -> dict:
+        return {"workers": self.workers, "shared_update_bytes_per_step": 4 * self.layout.size,
+                "startup_s": self.startup_s}
+
+
 def run_hogwild(cfg, workers: int, out=print, data=None, progress: bool = True, fail: dict | None = None,
-                start_timeout: float = 300.0):
-    """Train ``cfg.model`` on Fashion-MNIST with ``workers`` Hogwild processes; returns
-    ``(model, HogwildReport)``. The model holds a copy of the final shared parameters.
+                start_timeout: float = 300.0, **run_kwargs) -> RunResult:
+    """Train ``cfg.model`` on Fashion-MNIST with ``workers`` Hogwild processes; returns a
+    :class:`~dnnpar.reporting.RunResult` whose ``model`` holds a copy of the final shared
+    parameters and whose ``details`` is the :class:`HogwildReport`. The workers send no messages
+    (they update the shared vector in place), so its gradient bytes and communication seconds are
+    0; the report's ``shared_update_bytes_per_step`` is what one step writes there (4 bytes per
+    parameter).
 
     ``cfg``: a :class:`dnnpar.train.TrainConfig`; ``cfg.batch_size`` is each worker's batch, and
     one epoch is every worker going once through its shard (so the whole set is seen once, in
@@ -310,97 +422,6 @@ def run_hogwild(cfg, workers: int, out=print, data=None, progress: bool = True, 
     Dataset (default ``cfg.subset`` through ``cfg.data_dir``). ``fail``: fault injection (module
     docstring). Raises ValueError for ``workers < 1``, a non-numpy backend, a model with buffers
     or too little data; ParallelError (a RuntimeError) when a worker dies or raises."""
-    from .. import backend as _backend
-    from ..data import fashion_mnist
-    from ..nn.optim import make_schedule
-    from ..train import EpochRecord, History, ProgressBar, build_model, evaluate
-    from .flat import ParamLayout
-
-    cfg.validate()
-    if not isinstance(workers, (int, np.integer)) or isinstance(workers, bool) or workers < 1:
-        raise ValueError(f"hogwild needs at least 1 worker (an int), got {workers!r}")
-    workers = int(workers)
-    if cfg.backend not in (None, "numpy"):
-        raise ValueError(f"hogwild trains on the numpy backend (its workers share host memory); "
-                         f"got backend {cfg.backend!r}")
-    with _backend.use_backend("numpy"):
-        model = build_model(cfg)
-    buffers = [n for n, _ in model.named_buffers()]
-    if buffers:
-        raise ValueError(f"hogwild shares parameters only, and {cfg.model} has buffers ({', '.join(buffers[:3])}"
-                         f"{'...' if len(buffers) > 3 else ''}) that would stay private to each worker")
-    data = data or fashion_mnist.load(cfg.data_dir, cfg.subset)
-    n = len(data.y_train)
-    if n // workers < cfg.batch_size:
-        raise ValueError(f"{workers} workers with batch {cfg.batch_size} need at least "
-                         f"{workers * cfg.batch_size} training images; got {n}")
-    layout = ParamLayout(model)
-    schedule = make_schedule(cfg.schedule, cfg.lr, cfg.epochs)
-    t_start = time.perf_counter()
-    blocks, pool = [], None
-    try:
-        params = SharedArray((layout.size,), np.float32)
-        blocks.append(params)
-        xs = SharedArray(data.x_train.shape, np.float32)
-        blocks.append(xs)
-        ys = SharedArray(data.y_train.shape, np.int64)
-        blocks.append(ys)
-        prog = SharedArray((workers,), np.int64)
-        blocks.append(prog)
-        xs.array[...] = data.x_train
-        ys.array[...] = data.y_train
-        prog.array[...] = 0
-        layout.gather_params(model, out=params.array)
-        layout.bind(model, params.array, copy_in=False)   # the parent reads (evaluates) through views
-        perm = np.random.default_rng([cfg.seed, 12345]).permutation(n)
-        args = {"params": params.spec(), "x": xs.spec(), "y": ys.spec(), "progress": prog.spec(),
-                "model": cfg.model, "seed": cfg.seed, "lr": schedule(0), "momentum": cfg.momentum,
-                "nesterov": cfg.nesterov, "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size,
-                "shards": np.array_split(perm, workers), "fail": fail}
-        pool = _Pool(mp.get_context("spawn"), workers, args)
-        pool.wait("ready", timeout=start_timeout)
-        startup_s = time.perf_counter() - t_start
-        out(f"hogwild: {workers} worker process(es), 1 BLAS thread each, {model.name} "
-            f"({layout.size:,} parameters in shared memory) on {data!r}; batch {cfg.batch_size} per worker")
-        history = History()
-        out(history.table_header())
-        steps_per_epoch = sum(len(s) // cfg.batch_size for s in args["shards"])
-        train_s, train_images, changes, steps = 0.0, 0, [], []
-        for epoch in range(1, cfg.epochs + 1):
-            lr = schedule(epoch - 1)
-            before = params.array.copy()
-            base = int(prog.array.sum())
-            bar = ProgressBar(steps_per_epoch, f"epoch {epoch}/{cfg.epochs}", enabled=progress)
-            t0 = time.perf_counter()
-            pool.send(("epoch", epoch, lr))
-            res = pool.wait("epoch", on_tick=lambda: bar.update(min(int(prog.array.sum()) - base,
-                                                                    steps_per_epoch)))
-            seconds = time.perf_counter() - t0
-            seen = sum(r["seen"] for r in res.values())
-            loss = sum(r["loss_sum"] for r in res.values()) / max(seen, 1)
-            bar.update(steps_per_epoch, loss)
-            train_s, train_images = train_s + seconds, train_images + seen
-            changes.append(float(np.linalg.norm(params.array - before)))
-            steps = [res[r]["steps"] for r in range(workers)]
-            with _backend.use_backend("numpy"):
-                test_acc = evaluate(model, data.x_test, data.y_test)
-            rec = EpochRecord(epoch, lr, loss, sum(r["correct"] for r in res.values()) / max(seen, 1), test_acc,
-                              seen / seconds, seconds)
-            history.records.append(rec)
-            out(history.row(rec))
-        final = params.array.copy()
-    finally:
-        if pool is not None:
-            pool.shutdown()
-        model = None   # drop the views into the shared block before closing it
-        for b in blocks:
-            b.close()
-            b.unlink()
-    with _backend.use_backend("numpy"):
-        model = build_model(cfg)
-    layout.scatter_params(model, final)
-    report = HogwildReport(workers, history, train_images / max(train_s, 1e-9), time.perf_counter() - t_start,
-                           startup_s, steps, changes)
-    return model, report
-
-
+    result = run(Hogwild(workers, fail, start_timeout), cfg, out=out, data=data, progress=progress, **run_kwargs)
+    result.details.wall_s = result.wall_s
+    return result
