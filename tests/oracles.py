@@ -209,3 +209,47 @@ def bf16(x):
     f = np.floor(s)
     r = np.where(s - f > 0.5, f + 1, np.where(s - f < 0.5, f, f + (f % 2)))  # ties to the even one
     return np.sign(m) * np.ldexp(r, e - 8)
+
+
+# --------------------------------------------------------------------------------------------
+# BatchNorm2d (training: batch statistics, biased variance; eval: given statistics), float64.
+
+def batch_norm(x, gamma, beta, eps, mean=None, var=None):
+    """(pre-activation y, mean, var, inv) per channel of x (N, C, H, W), all float64; mean / var
+    given: eval, else the batch's."""
+    x = np.asarray(x, np.float64)
+    if mean is None:
+        mean, var = x.mean(axis=(0, 2, 3)), x.var(axis=(0, 2, 3))
+    mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
+    inv = 1.0 / np.sqrt(var + eps)
+    c = (None, slice(None), None, None)
+    y = (x - mean[c]) * (np.asarray(gamma, np.float64) * inv)[c] + np.asarray(beta, np.float64)[c]
+    return y, mean, var, inv
+
+
+def batch_norm_backward(x, g, gamma, mean, inv, training):
+    """(dx, dgamma, dbeta) in float64 for g = dL/d(pre-activation y) of :func:`batch_norm`."""
+    x, g = np.asarray(x, np.float64), np.asarray(g, np.float64)
+    c = (None, slice(None), None, None)
+    xhat = (x - mean[c]) * inv[c]
+    dgamma, dbeta = (g * xhat).sum(axis=(0, 2, 3)), g.sum(axis=(0, 2, 3))
+    k1 = np.asarray(gamma, np.float64) * inv
+    if not training:
+        return g * k1[c], dgamma, dbeta
+    m = x.size // x.shape[1]
+    return k1[c] * (g - dbeta[c] / m - xhat * dgamma[c] / m), dgamma, dbeta
+
+
+def activation(y, kind):
+    """ReLU / ReLU6 (None: identity) of a float64 array; NaN stays NaN."""
+    if kind is None:
+        return y
+    y = np.where(y < 0, 0.0, y)
+    return np.where(y > 6, 6.0, y) if kind == "relu6" else y
+
+
+def activation_mask(y, kind):
+    """Where the gradient passes, read from the activated output y (dnnpar.ops.activation)."""
+    if kind is None:
+        return np.ones(np.shape(y), bool)
+    return (y > 0) & (y < 6) if kind == "relu6" else y > 0

@@ -299,7 +299,11 @@ MIN_BN_EPS = 1e-12
 
 class BatchNorm2d(Layer):
     """Per-channel normalisation. Training: batch statistics (biased variance), running averages
-    updated with ``momentum`` (unbiased variance, as PyTorch). Eval: the running averages."""
+    updated with ``momentum`` (unbiased variance, as PyTorch). Eval: the running averages. A
+    following ReLU / ReLU6 is applied inside the op (``absorbs``: the native kernel's epilogue on
+    the numpy backend), its gradient mask inside the backward (:func:`dnnpar.ops.batch_norm`)."""
+
+    absorbs = ("relu", "relu6")
 
     def __init__(self, channels: int, eps: float = 1e-5, momentum: float = 0.1):
         super().__init__()
@@ -326,35 +330,25 @@ class BatchNorm2d(Layer):
             raise ValueError(f"BatchNorm2d expects (N, {self.channels}, H, W) input, got {tuple(x.shape)}")
         gamma, beta = self.params["weight"].astype(x.dtype), self.params["bias"].astype(x.dtype)
         if self.training:
-            mean = x.mean(axis=(0, 2, 3))
-            var = x.var(axis=(0, 2, 3))
+            y, st = ops.batch_norm(x, gamma, beta, eps=self.eps, training=True, activation=self.activation)
             m = x.size // self.channels
             rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
             rm *= 1 - self.momentum
-            rm += (self.momentum * mean).astype(rm.dtype)
+            rm += (self.momentum * st.mean).astype(rm.dtype)
             rv *= 1 - self.momentum
-            rv += (self.momentum * var * m / max(m - 1, 1)).astype(rv.dtype)
+            rv += (self.momentum * st.var * m / max(m - 1, 1)).astype(rv.dtype)
         else:
-            mean = self.buffers["running_mean"].astype(x.dtype)
-            var = self.buffers["running_var"].astype(x.dtype)
-        inv = 1.0 / (var + self.eps) ** 0.5
-        xhat = (x - mean[None, :, None, None]) * inv[None, :, None, None]
-        self.xhat, self.inv = xhat, inv
-        return xhat * gamma[None, :, None, None] + beta[None, :, None, None]
+            y, st = ops.batch_norm(x, gamma, beta, self.buffers["running_mean"], self.buffers["running_var"],
+                                   eps=self.eps, training=False, activation=self.activation)
+        self.saved = (x, y if self.activation else None, st, self.training, self.activation)
+        return y
 
     def backward(self, dy):
-        xhat, inv = self.xhat, self.inv
-        gamma = self.params["weight"].astype(dy.dtype)
-        self.grads["weight"] = (dy * xhat).sum(axis=(0, 2, 3)).astype(self.params["weight"].dtype)
-        self.grads["bias"] = dy.sum(axis=(0, 2, 3)).astype(self.params["bias"].dtype)
-        dxhat = dy * gamma[None, :, None, None]
-        if not self.training:  # statistics are constants in eval mode
-            return dxhat * inv[None, :, None, None]
-        m = dy.size // self.channels
-        s1 = dxhat.sum(axis=(0, 2, 3))[None, :, None, None]
-        s2 = (dxhat * xhat).sum(axis=(0, 2, 3))[None, :, None, None]
-        dx = (dxhat - s1 / m - xhat * s2 / m) * inv[None, :, None, None]
-        self.xhat = None
+        x, y, st, training, activation = self.saved
+        self.saved = None
+        dx, dw, db = ops.batch_norm_backward(x, y, dy, self.params["weight"].astype(dy.dtype), st, training,
+                                             activation, need_dx=self.need_dx)
+        self._set_grads(dw.astype(self.params["weight"].dtype), db.astype(self.params["bias"].dtype))
         return dx
 
     def extra_repr(self):
