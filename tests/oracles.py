@@ -253,3 +253,35 @@ def activation_mask(y, kind):
     if kind is None:
         return np.ones(np.shape(y), bool)
     return (y > 0) & (y < 6) if kind == "relu6" else y > 0
+
+
+# --------------------------------------------------------------------------------------------
+# MaxPool2d / AvgPool2d (floor output size; padding: -inf for max, 0 for mean), float64.
+
+def pool_windows(x, k, s, p, pad_value):
+    """(N, C, OH, OW, KH*KW) float64 windows of x, taps in row-major order."""
+    x = np.asarray(x, np.float64)
+    (kh, kw), (sh, sw), (ph, pw) = k, s, p
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=pad_value)
+    oh, ow = out_size(x.shape[2], kh, sh, ph, 1), out_size(x.shape[3], kw, sw, pw, 1)
+    taps = [xp[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw] for i in range(kh) for j in range(kw)]
+    return np.stack(taps, axis=-1)
+
+
+def pool_divisor(x_shape, k, s, p, count_include_pad):
+    """AvgPool2d's divisor per output pixel (1, 1, OH, OW)."""
+    if count_include_pad:
+        return np.float64(k[0] * k[1])
+    return pool_windows(np.ones((1, 1) + tuple(x_shape[2:])), k, s, p, 0.0).sum(axis=-1)
+
+
+def pool_scatter(x_shape, k, s, p, contrib):
+    """dx (float64) from per-window tap contributions (N, C, OH, OW, KH*KW): the adjoint of pool_windows."""
+    (kh, kw), (sh, sw), (ph, pw) = k, s, p
+    n, c, h, w = x_shape
+    oh, ow = contrib.shape[2:4]
+    dx = np.zeros((n, c, h + 2 * ph, w + 2 * pw))
+    for t in range(kh * kw):
+        i, j = divmod(t, kw)
+        dx[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw] += contrib[..., t]
+    return dx[:, :, ph:ph + h, pw:pw + w]

@@ -5,7 +5,8 @@ One shared library per source, listed in :data:`NATIVE_SOURCES`:
 - ``csr_codebook.cpp``: the CSR x codebook products (SpMV and SpMM) straight from Deep
   Compression's storage format, 2 bytes per stored entry (see :meth:`dnnpar.sparse.CSR.compact`);
 - ``depthwise.cpp``: depthwise convolution forward and backward (dx, dw), float32 NCHW;
-- ``norm.cpp``: BatchNorm2d training / eval forward and backward with a fused ReLU / ReLU6.
+- ``norm.cpp``: BatchNorm2d training / eval forward and backward with a fused ReLU / ReLU6;
+- ``pool.cpp``: MaxPool2d and AvgPool2d forward and backward.
 
 Every source goes through the same path: ``$CXX`` (default ``g++``) with ``-O3 -march=native
 -fopenmp-simd -pthread`` and ``dnnpar/cpu`` on the include path, cached under
@@ -89,6 +90,12 @@ NATIVE_SOURCES = {s.stem: s for s in (
     NativeSource("norm", 1, "BatchNorm2d (+ ReLU / ReLU6)", "NumPy", {
         "dnnpar_bn_forward": [_P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_double, _I32, _I32, _I32],
         "dnnpar_bn_backward": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I32, _I32, _I32],
+    }),
+    NativeSource("pool", 1, "MaxPool2d / AvgPool2d", "NumPy", {
+        "dnnpar_maxpool_forward": [_P, _P, _P, _I32],
+        "dnnpar_maxpool_backward": [_P, _P, _P, _P, _P, _I32],
+        "dnnpar_avgpool_forward": [_P, _P, _P, _I32, _I32],
+        "dnnpar_avgpool_backward": [_P, _P, _P, _I32, _I32],
     }),
 )}
 
@@ -416,3 +423,44 @@ def batch_norm_backward(x, y, dy, gamma, mean, inv, dx, dgamma, dbeta, training:
                                        _ptr(dbeta), _ptr(geo), int(bool(training)), _ACT_CODES[activation],
                                        _threads_arg(threads))
     return dx, dgamma, dbeta
+
+
+def _pool_arrays(op, geo, *named):
+    g = _depthwise_geo(geo)
+    n, c, h, wd, _, _, oh, ow = (int(v) for v in g[:8])
+    shapes = {"x": (n, c, h, wd), "dx": (n, c, h, wd), "y": (n, c, oh, ow), "dy": (n, c, oh, ow)}
+    for what, a, out in named:
+        _check_f32(what, a, shapes[what], out=out, op=op)
+    return g
+
+
+def max_pool_forward(x, y, geo, threads: int | None = None):
+    """``y[:] =`` the max over each window of x (padding reads -inf; NaN propagates); ``geo`` as
+    :func:`depthwise_forward`'s (KH, KW the window). Returns y."""
+    g = _pool_arrays("max_pool2d", geo, ("x", x, False), ("y", y, True))
+    _loaded("pool").dnnpar_maxpool_forward(_ptr(x), _ptr(y), _ptr(g), _threads_arg(threads))
+    return y
+
+
+def max_pool_backward(x, y, dy, dx, geo, threads: int | None = None):
+    """``dx[:] =`` the gradient of :func:`max_pool_forward` (to each window's first maximum). Returns dx."""
+    g = _pool_arrays("max_pool2d_backward", geo, ("x", x, False), ("y", y, False), ("dy", dy, False),
+                     ("dx", dx, True))
+    _loaded("pool").dnnpar_maxpool_backward(_ptr(x), _ptr(y), _ptr(dy), _ptr(dx), _ptr(g), _threads_arg(threads))
+    return dx
+
+
+def avg_pool_forward(x, y, geo, count_include_pad: bool, threads: int | None = None):
+    """``y[:] =`` the mean over each window of x (AvgPool2d's divisor rule). Returns y."""
+    g = _pool_arrays("avg_pool2d", geo, ("x", x, False), ("y", y, True))
+    _loaded("pool").dnnpar_avgpool_forward(_ptr(x), _ptr(y), _ptr(g), int(bool(count_include_pad)),
+                                           _threads_arg(threads))
+    return y
+
+
+def avg_pool_backward(dy, dx, geo, count_include_pad: bool, threads: int | None = None):
+    """``dx[:] =`` the gradient of :func:`avg_pool_forward` for dy. Returns dx."""
+    g = _pool_arrays("avg_pool2d_backward", geo, ("dy", dy, False), ("dx", dx, True))
+    _loaded("pool").dnnpar_avgpool_backward(_ptr(dy), _ptr(dx), _ptr(g), int(bool(count_include_pad)),
+                                            _threads_arg(threads))
+    return dx

@@ -164,60 +164,25 @@ class _Pool(Layer):
     def macs(self, in_shape):
         return 0  # comparisons / additions, no multiply-accumulates
 
-    def _padded(self, x, g, value):
-        ph, pw = g.padding
-        if not (ph or pw):
-            return x
-        xp = get_backend().xp
-        return xp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=value)
-
     def extra_repr(self):
         return f"kernel={self.kernel_size}, stride={self.stride}" + (f", padding={self.padding}" if any(self.padding) else "")
 
 
 class MaxPool2d(_Pool):
     """Max over each window; the gradient goes to the first maximum of its window (taps in
-    row-major order). Forward keeps the padded input and recovers the argmax in backward, which
-    costs one comparison per tap instead of carrying an index array through forward."""
+    row-major order). Forward keeps the input and recovers the argmax in backward, which costs
+    one comparison per tap instead of carrying an index array through forward (:mod:`dnnpar.ops.pool`:
+    the native kernel on the numpy backend)."""
 
     def forward(self, x):
-        g = self.geometry(x.shape)
-        xp = get_backend().xp
-        xpad = self._padded(x, g, -np.inf)
-        out = None
-        for i in range(g.kh):
-            for j in range(g.kw):
-                v = xpad[g.tap_slices(i, j)]
-                out = v.copy() if out is None else xp.maximum(out, v, out=out)
-        self.g, self.xpad, self.out = g, xpad, out
-        return out
+        self.g = self.geometry(x.shape)
+        self.out, self.saved = ops.max_pool2d(x, self.g)
+        return self.out
 
     def backward(self, dy):
-        g, xp = self.g, get_backend().xp
-        (ph, pw), (sh, sw) = g.padding, g.stride
-        disjoint = sh >= g.kh and sw >= g.kw  # each input in at most one window: store, don't add
-        tiled = disjoint and (g.kh, g.kw) == (sh, sw) and (g.h + 2 * ph, g.w + 2 * pw) == (g.oh * sh, g.ow * sw)
-        dx = (xp.empty if tiled else xp.zeros)((g.n, g.c, g.h + 2 * ph, g.w + 2 * pw), dtype=dy.dtype)
-        hit, free = xp.empty(self.out.shape, dtype=bool), xp.empty(self.out.shape, dtype=bool)
-        taken = None
-        last = (g.kh - 1, g.kw - 1)
-        for i in range(g.kh):
-            for j in range(g.kw):
-                sl = g.tap_slices(i, j)
-                xp.equal(self.xpad[sl], self.out, out=hit)
-                if taken is None:
-                    taken = hit.copy()
-                else:  # only the first maximum of a window (taps in row-major order) gets the gradient
-                    xp.logical_not(taken, out=free)
-                    hit &= free
-                    if (i, j) != last:
-                        taken |= hit
-                if disjoint:
-                    xp.multiply(dy, hit, out=dx[sl])
-                else:
-                    dx[sl] += dy * hit
-        self.xpad = self.out = None
-        return xp.ascontiguousarray(dx[:, :, ph:ph + g.h, pw:pw + g.w])
+        dx = ops.max_pool2d_backward(self.saved, self.out, dy, self.g)
+        self.saved = self.out = None
+        return dx
 
 
 class AvgPool2d(_Pool):
@@ -229,39 +194,12 @@ class AvgPool2d(_Pool):
         super().__init__(kernel_size, stride, padding)
         self.count_include_pad = _check_bool("AvgPool2d", "count_include_pad", count_include_pad)
 
-    def _scale(self, g, dtype):
-        """1 / divisor: a scalar, or per output pixel (1, 1, OH, OW) when padding is left out."""
-        if self.count_include_pad or not any(g.padding):
-            return dtype.type(1.0 / (g.kh * g.kw))
-        xp = get_backend().xp
-        ph, pw = g.padding
-        inside = xp.zeros((1, 1, g.h + 2 * ph, g.w + 2 * pw), dtype=dtype)
-        inside[:, :, ph:ph + g.h, pw:pw + g.w] = 1
-        count = sum(inside[g.tap_slices(i, j)] for i in range(g.kh) for j in range(g.kw))
-        return (1.0 / count).astype(dtype)  # every window overlaps the image: count >= 1
-
     def forward(self, x):
-        g = self.geometry(x.shape)
-        xpad = self._padded(x, g, 0.0)
-        out = None
-        for i in range(g.kh):
-            for j in range(g.kw):
-                v = xpad[g.tap_slices(i, j)]
-                out = v.copy() if out is None else out + v
-        self.g = g
-        self.scale = self._scale(g, x.dtype)
-        return out * self.scale
+        self.g = self.geometry(x.shape)
+        return ops.avg_pool2d(x, self.g, self.count_include_pad)
 
     def backward(self, dy):
-        g, xp = self.g, get_backend().xp
-        ph, pw = g.padding
-        dx = xp.zeros((g.n, g.c, g.h + 2 * ph, g.w + 2 * pw), dtype=dy.dtype)
-        share = dy * self.scale
-        for i in range(g.kh):
-            for j in range(g.kw):
-                dx[g.tap_slices(i, j)] += share
-        self.scale = None
-        return xp.ascontiguousarray(dx[:, :, ph:ph + g.h, pw:pw + g.w])
+        return ops.avg_pool2d_backward(dy, self.g, self.count_include_pad)
 
     def extra_repr(self):
         return super().extra_repr() + ("" if self.count_include_pad else ", count_include_pad=False")
