@@ -282,6 +282,83 @@ class CpuBench(Bench):
         self.section("sparse", self.sparse)
         self.section("conv", self.conv)
         self.section("depthwise", self.depthwise)
+        self.section("norm_pool", self.norm_pool)
+
+    #: BatchNorm2d + ReLU (MobileNet v1 a0.5 96, batch 16: C, H=W) and pooling (N, C, H=W, window,
+    #: stride: VGG-16 at 32^2's first pool, LeNet-5's, a 3x3/2 overlapping one)
+    BN_SHAPES = ((16, 48), (64, 24), (128, 12), (512, 3))
+    POOL_SHAPES = ((16, 64, 32, 2, 2), (64, 6, 28, 2, 2), (16, 64, 56, 3, 2))
+
+    def norm_pool(self) -> None:
+        """BatchNorm2d training forward + fused ReLU, and its backward; MaxPool2d / AvgPool2d
+        forward + backward; beside PyTorch's CPU batch_norm + relu / max_pool2d / avg_pool2d with
+        autograd at the same thread count. GB/s counts compulsory traffic: BN forward reads x,
+        writes y (statistics pass reads x twice more), backward reads x, y, dy twice and writes dx."""
+        from dnnpar.backend import cpu_native
+
+        threads = cpu_native.threads("norm") or 1
+        torch = self.torch
+        if torch is not None:
+            torch.set_num_threads(threads)
+        self.meta["norm/pool threads"] = f"dnnpar {threads}, torch {threads if torch is not None else '-'}"
+        n = self.DEPTHWISE_N
+        for c, hw in self.BN_SHAPES[:2] if self.quick else self.BN_SHAPES:
+            x, dy = rand(self.rng, (n, c, hw, hw)), rand(self.rng, (n, c, hw, hw))
+            gamma, beta = rand(self.rng, (c,)), rand(self.rng, (c,))
+
+            def step():
+                y, st = dp.ops.batch_norm(x, gamma, beta, activation="relu")
+                return dp.ops.batch_norm_backward(x, y, dy, gamma, st, True, "relu")
+
+            runs = self.time(step)
+            dgamma = self.last[1]
+            row = dict(bytes=float(x.nbytes) * (4 + 7), unit="GB/s", roof="mem")
+            size = f"N{n} {c}ch {hw}x{hw}"
+            if torch is None:
+                self.add(Row("norm_pool", "dp batch_norm+relu fwd+bwd", size, runs, **row))
+                continue
+            xg = torch.from_numpy(x).clone().requires_grad_()
+            gg, bg = torch.from_numpy(gamma).clone().requires_grad_(), torch.from_numpy(beta).clone().requires_grad_()
+            dyt = torch.from_numpy(dy)
+
+            def torch_step():
+                out = torch.relu(torch.nn.functional.batch_norm(xg, None, None, gg, bg, training=True, eps=1e-5))
+                return torch.autograd.grad(out, (xg, gg, bg), dyt)
+
+            t_t = self.time(torch_step)
+            self.add(Row("norm_pool", "dp batch_norm+relu fwd+bwd", size, runs, peer="torch (CPU)",
+                         peer_ms=median(t_t), check=check_text(rel_err(dgamma, self.last[1].numpy())),
+                         note=f"dp/torch {median(runs) / median(t_t):.2f}x", **row))
+        for pn, c, hw, k, st in self.POOL_SHAPES:
+            x = rand(self.rng, (pn, c, hw, hw))
+            for name, layer, tfn in (("max", dp.nn.MaxPool2d(k, st), "max_pool2d"),
+                                     ("avg", dp.nn.AvgPool2d(k, st), "avg_pool2d")):
+                oh = layer.output_shape((c, hw, hw))[1]
+                dy = rand(self.rng, (pn, c, oh, oh))
+
+                def step():
+                    layer.forward(x)
+                    return layer.backward(dy)
+
+                runs = self.time(step)
+                dx = self.last
+                # forward reads x, writes y; backward reads dy (and x, y for max), writes dx
+                row = dict(bytes=float(x.nbytes) * (2 + (2 if name == "max" else 1)) + float(dy.nbytes) * 2,
+                           unit="GB/s", roof="mem")
+                size = f"N{pn} {c}ch {hw}x{hw} k{k}s{st}"
+                if torch is None:
+                    self.add(Row("norm_pool", f"dp {name}_pool2d fwd+bwd", size, runs, **row))
+                    continue
+                xg, dyt = torch.from_numpy(x).clone().requires_grad_(), torch.from_numpy(dy)
+                f = getattr(torch.nn.functional, tfn)
+
+                def torch_step():
+                    return torch.autograd.grad(f(xg, k, st), (xg,), dyt)[0]
+
+                t_t = self.time(torch_step)
+                self.add(Row("norm_pool", f"dp {name}_pool2d fwd+bwd", size, runs, peer="torch (CPU)",
+                             peer_ms=median(t_t), check=check_text(rel_err(dx, self.last.numpy())),
+                             note=f"dp/torch {median(runs) / median(t_t):.2f}x", **row))
 
     def memory(self) -> None:
         n = self.COPY_MIB * 2**20 // 4

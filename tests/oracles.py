@@ -209,3 +209,79 @@ def bf16(x):
     f = np.floor(s)
     r = np.where(s - f > 0.5, f + 1, np.where(s - f < 0.5, f, f + (f % 2)))  # ties to the even one
     return np.sign(m) * np.ldexp(r, e - 8)
+
+
+# --------------------------------------------------------------------------------------------
+# BatchNorm2d (training: batch statistics, biased variance; eval: given statistics), float64.
+
+def batch_norm(x, gamma, beta, eps, mean=None, var=None):
+    """(pre-activation y, mean, var, inv) per channel of x (N, C, H, W), all float64; mean / var
+    given: eval, else the batch's."""
+    x = np.asarray(x, np.float64)
+    if mean is None:
+        mean, var = x.mean(axis=(0, 2, 3)), x.var(axis=(0, 2, 3))
+    mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
+    inv = 1.0 / np.sqrt(var + eps)
+    c = (None, slice(None), None, None)
+    y = (x - mean[c]) * (np.asarray(gamma, np.float64) * inv)[c] + np.asarray(beta, np.float64)[c]
+    return y, mean, var, inv
+
+
+def batch_norm_backward(x, g, gamma, mean, inv, training):
+    """(dx, dgamma, dbeta) in float64 for g = dL/d(pre-activation y) of :func:`batch_norm`."""
+    x, g = np.asarray(x, np.float64), np.asarray(g, np.float64)
+    c = (None, slice(None), None, None)
+    xhat = (x - mean[c]) * inv[c]
+    dgamma, dbeta = (g * xhat).sum(axis=(0, 2, 3)), g.sum(axis=(0, 2, 3))
+    k1 = np.asarray(gamma, np.float64) * inv
+    if not training:
+        return g * k1[c], dgamma, dbeta
+    m = x.size // x.shape[1]
+    return k1[c] * (g - dbeta[c] / m - xhat * dgamma[c] / m), dgamma, dbeta
+
+
+def activation(y, kind):
+    """ReLU / ReLU6 (None: identity) of a float64 array; NaN stays NaN."""
+    if kind is None:
+        return y
+    y = np.where(y < 0, 0.0, y)
+    return np.where(y > 6, 6.0, y) if kind == "relu6" else y
+
+
+def activation_mask(y, kind):
+    """Where the gradient passes, read from the activated output y (dnnpar.ops.activation)."""
+    if kind is None:
+        return np.ones(np.shape(y), bool)
+    return (y > 0) & (y < 6) if kind == "relu6" else y > 0
+
+
+# --------------------------------------------------------------------------------------------
+# MaxPool2d / AvgPool2d (floor output size; padding: -inf for max, 0 for mean), float64.
+
+def pool_windows(x, k, s, p, pad_value):
+    """(N, C, OH, OW, KH*KW) float64 windows of x, taps in row-major order."""
+    x = np.asarray(x, np.float64)
+    (kh, kw), (sh, sw), (ph, pw) = k, s, p
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=pad_value)
+    oh, ow = out_size(x.shape[2], kh, sh, ph, 1), out_size(x.shape[3], kw, sw, pw, 1)
+    taps = [xp[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw] for i in range(kh) for j in range(kw)]
+    return np.stack(taps, axis=-1)
+
+
+def pool_divisor(x_shape, k, s, p, count_include_pad):
+    """AvgPool2d's divisor per output pixel (1, 1, OH, OW)."""
+    if count_include_pad:
+        return np.float64(k[0] * k[1])
+    return pool_windows(np.ones((1, 1) + tuple(x_shape[2:])), k, s, p, 0.0).sum(axis=-1)
+
+
+def pool_scatter(x_shape, k, s, p, contrib):
+    """dx (float64) from per-window tap contributions (N, C, OH, OW, KH*KW): the adjoint of pool_windows."""
+    (kh, kw), (sh, sw), (ph, pw) = k, s, p
+    n, c, h, w = x_shape
+    oh, ow = contrib.shape[2:4]
+    dx = np.zeros((n, c, h + 2 * ph, w + 2 * pw))
+    for t in range(kh * kw):
+        i, j = divmod(t, kw)
+        dx[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw] += contrib[..., t]
+    return dx[:, :, ph:ph + h, pw:pw + w]

@@ -4,7 +4,9 @@ One shared library per source, listed in :data:`NATIVE_SOURCES`:
 
 - ``csr_codebook.cpp``: the CSR x codebook products (SpMV and SpMM) straight from Deep
   Compression's storage format, 2 bytes per stored entry (see :meth:`dnnpar.sparse.CSR.compact`);
-- ``depthwise.cpp``: depthwise convolution forward and backward (dx, dw), float32 NCHW.
+- ``depthwise.cpp``: depthwise convolution forward and backward (dx, dw), float32 NCHW;
+- ``norm.cpp``: BatchNorm2d training / eval forward and backward with a fused ReLU / ReLU6;
+- ``pool.cpp``: MaxPool2d and AvgPool2d forward and backward.
 
 Every source goes through the same path: ``$CXX`` (default ``g++``) with ``-O3 -march=native
 -fopenmp-simd -pthread`` and ``dnnpar/cpu`` on the include path, cached under
@@ -85,6 +87,16 @@ NATIVE_SOURCES = {s.stem: s for s in (
         "dnnpar_depthwise_forward": [_P, _P, _P, _P, _P, _I32, _I32],
         "dnnpar_depthwise_backward": [_P, _P, _P, _P, _P, _P, _I32, _I32],
     }, {"dnnpar_depthwise_fast": ([_P], ctypes.c_int)}),
+    NativeSource("norm", 1, "BatchNorm2d (+ ReLU / ReLU6)", "NumPy", {
+        "dnnpar_bn_forward": [_P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_double, _I32, _I32, _I32],
+        "dnnpar_bn_backward": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I32, _I32, _I32],
+    }),
+    NativeSource("pool", 1, "MaxPool2d / AvgPool2d", "NumPy", {
+        "dnnpar_maxpool_forward": [_P, _P, _P, _I32],
+        "dnnpar_maxpool_backward": [_P, _P, _P, _P, _P, _I32],
+        "dnnpar_avgpool_forward": [_P, _P, _P, _I32, _I32],
+        "dnnpar_avgpool_backward": [_P, _P, _P, _I32, _I32],
+    }),
 )}
 
 _lock = threading.Lock()
@@ -237,6 +249,15 @@ def _loaded(name: str = "csr_codebook"):
     return lib
 
 
+def takes(name: str, use: bool, *arrays):
+    """The library of ``name`` when it takes a numpy-backend call on these operands (``use`` on --
+    the op family's NATIVE["use"] switch --, every operand None or a NumPy float32 array, the
+    library built here), else None."""
+    if not use or not all(a is None or (isinstance(a, np.ndarray) and a.dtype == np.float32) for a in arrays):
+        return None
+    return library(name)
+
+
 def _ptr(a: np.ndarray) -> int:
     return a.ctypes.data
 
@@ -287,13 +308,13 @@ def spmm(compact, X: np.ndarray, out: np.ndarray, threads: int | None = None) ->
     return out
 
 
-def _check_f32(what: str, a, shape, out: bool = False) -> None:
-    """The native kernels' own guard: a C-contiguous float32 array of ``shape`` (writeable for an output)."""
-    if not (isinstance(a, np.ndarray) and a.dtype == np.float32 and a.shape == tuple(shape) and a.flags.c_contiguous
+def _check_f32(what: str, a, shape, out: bool = False, op: str = "depthwise", dtype=np.float32) -> None:
+    """The native kernels' own guard: a C-contiguous ``dtype`` array of ``shape`` (writeable for an output)."""
+    if not (isinstance(a, np.ndarray) and a.dtype == dtype and a.shape == tuple(shape) and a.flags.c_contiguous
             and (a.flags.writeable or not out)):
         got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
-        raise ValueError(f"native depthwise: {what} must be a {'writeable ' if out else ''}C-contiguous float32 "
-                         f"array of shape {tuple(shape)}, got {got}")
+        raise ValueError(f"native {op}: {what} must be a {'writeable ' if out else ''}C-contiguous "
+                         f"{np.dtype(dtype).name} array of shape {tuple(shape)}, got {got}")
 
 
 def _depthwise_geo(geo) -> np.ndarray:
@@ -343,3 +364,103 @@ def depthwise_backward(x, w, dy, dx, dw, geo, generic: bool = False, threads: in
     _loaded("depthwise").dnnpar_depthwise_backward(_ptr(x), _ptr(w), _ptr(dy), None if dx is None else _ptr(dx),
                                                    _ptr(dw), _ptr(g), int(bool(generic)), _threads_arg(threads))
     return dx, dw
+
+
+#: the activation codes of norm.cpp
+_ACT_CODES = {None: 0, "relu": 1, "relu6": 2}
+
+
+def _bn_shape(x):
+    if not (isinstance(x, np.ndarray) and x.ndim == 4):
+        raise ValueError(f"native batch_norm: x must be an (N, C, H, W) array, got {getattr(x, 'shape', type(x))}")
+    n, c, h, w = x.shape
+    return n, c, h * w
+
+
+def batch_norm_forward(x, gamma, beta, mean, var, inv, y, eps: float, training: bool, activation=None,
+                       threads: int | None = None) -> np.ndarray:
+    """``y[:] = act(gamma (x - mean) inv + beta)`` for x, y (N, C, H, W) float32, gamma, beta (C,)
+    float32; mean, var, inv (C,) float64: training writes the batch statistics into mean and var,
+    eval reads them; inv = 1 / sqrt(var + eps) is written. ``activation``: None, "relu", "relu6".
+    Returns y."""
+    n, c, hw = _bn_shape(x)
+    op = "batch_norm"
+    _check_f32("x", x, x.shape, op=op)
+    _check_f32("y", y, x.shape, out=True, op=op)
+    for what, a in (("gamma", gamma), ("beta", beta)):
+        _check_f32(what, a, (c,), op=op)
+    for what, a in (("mean", mean), ("var", var), ("inv", inv)):
+        _check_f32(what, a, (c,), out=True, op=op, dtype=np.float64)
+    geo = np.array([n, c, hw], np.int64)
+    _loaded("norm").dnnpar_bn_forward(_ptr(x), _ptr(gamma), _ptr(beta), _ptr(mean), _ptr(var), _ptr(inv), _ptr(y),
+                                      _ptr(geo), float(eps), int(bool(training)), _ACT_CODES[activation],
+                                      _threads_arg(threads))
+    return y
+
+
+def batch_norm_backward(x, y, dy, gamma, mean, inv, dx, dgamma, dbeta, training: bool, activation=None,
+                        threads: int | None = None):
+    """The gradients of :func:`batch_norm_forward` for dy: ``dgamma[:]``, ``dbeta[:]`` (C,) and,
+    unless dx is None, ``dx[:]`` (N, C, H, W); y (the forward's output) is read only with an
+    activation (its mask). Each channel is summed by one thread in a fixed order (the bits do not
+    depend on ``threads``). Returns (dx, dgamma, dbeta)."""
+    n, c, hw = _bn_shape(x)
+    op = "batch_norm_backward"
+    _check_f32("x", x, x.shape, op=op)
+    _check_f32("dy", dy, x.shape, op=op)
+    if activation is not None:
+        _check_f32("y", y, x.shape, op=op)
+    if dx is not None:
+        _check_f32("dx", dx, x.shape, out=True, op=op)
+    _check_f32("gamma", gamma, (c,), op=op)
+    _check_f32("dgamma", dgamma, (c,), out=True, op=op)
+    _check_f32("dbeta", dbeta, (c,), out=True, op=op)
+    for what, a in (("mean", mean), ("inv", inv)):
+        _check_f32(what, a, (c,), op=op, dtype=np.float64)
+    geo = np.array([n, c, hw], np.int64)
+    _loaded("norm").dnnpar_bn_backward(_ptr(x), None if activation is None else _ptr(y), _ptr(dy), _ptr(gamma),
+                                       _ptr(mean), _ptr(inv), None if dx is None else _ptr(dx), _ptr(dgamma),
+                                       _ptr(dbeta), _ptr(geo), int(bool(training)), _ACT_CODES[activation],
+                                       _threads_arg(threads))
+    return dx, dgamma, dbeta
+
+
+def _pool_arrays(op, geo, *named):
+    g = _depthwise_geo(geo)
+    n, c, h, wd, _, _, oh, ow = (int(v) for v in g[:8])
+    shapes = {"x": (n, c, h, wd), "dx": (n, c, h, wd), "y": (n, c, oh, ow), "dy": (n, c, oh, ow)}
+    for what, a, out in named:
+        _check_f32(what, a, shapes[what], out=out, op=op)
+    return g
+
+
+def max_pool_forward(x, y, geo, threads: int | None = None):
+    """``y[:] =`` the max over each window of x (padding reads -inf; NaN propagates); ``geo`` as
+    :func:`depthwise_forward`'s (KH, KW the window). Returns y."""
+    g = _pool_arrays("max_pool2d", geo, ("x", x, False), ("y", y, True))
+    _loaded("pool").dnnpar_maxpool_forward(_ptr(x), _ptr(y), _ptr(g), _threads_arg(threads))
+    return y
+
+
+def max_pool_backward(x, y, dy, dx, geo, threads: int | None = None):
+    """``dx[:] =`` the gradient of :func:`max_pool_forward` (to each window's first maximum). Returns dx."""
+    g = _pool_arrays("max_pool2d_backward", geo, ("x", x, False), ("y", y, False), ("dy", dy, False),
+                     ("dx", dx, True))
+    _loaded("pool").dnnpar_maxpool_backward(_ptr(x), _ptr(y), _ptr(dy), _ptr(dx), _ptr(g), _threads_arg(threads))
+    return dx
+
+
+def avg_pool_forward(x, y, geo, count_include_pad: bool, threads: int | None = None):
+    """``y[:] =`` the mean over each window of x (AvgPool2d's divisor rule). Returns y."""
+    g = _pool_arrays("avg_pool2d", geo, ("x", x, False), ("y", y, True))
+    _loaded("pool").dnnpar_avgpool_forward(_ptr(x), _ptr(y), _ptr(g), int(bool(count_include_pad)),
+                                           _threads_arg(threads))
+    return y
+
+
+def avg_pool_backward(dy, dx, geo, count_include_pad: bool, threads: int | None = None):
+    """``dx[:] =`` the gradient of :func:`avg_pool_forward` for dy. Returns dx."""
+    g = _pool_arrays("avg_pool2d_backward", geo, ("dy", dy, False), ("dx", dx, True))
+    _loaded("pool").dnnpar_avgpool_backward(_ptr(dy), _ptr(dx), _ptr(g), int(bool(count_include_pad)),
+                                            _threads_arg(threads))
+    return dx

@@ -173,60 +173,25 @@ class _Pool(Layer):
     def macs(self, in_shape):
         return 0  # comparisons / additions, no multiply-accumulates
 
-    def _padded(self, x, g, value):
-        ph, pw = g.padding
-        if not (ph or pw):
-            return x
-        xp = get_backend().xp
-        return xp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=value)
-
     def extra_repr(self):
         return f"kernel={self.kernel_size}, stride={self.stride}" + (f", padding={self.padding}" if any(self.padding) else "")
 
 
 class MaxPool2d(_Pool):
     """Max over each window; the gradient goes to the first maximum of its window (taps in
-    row-major order). Forward keeps the padded input and recovers the argmax in backward, which
-    costs one comparison per tap instead of carrying an index array through forward."""
+    row-major order). Forward keeps the input and recovers the argmax in backward, which costs
+    one comparison per tap instead of carrying an index array through forward (:mod:`dnnpar.ops.pool`:
+    the native kernel on the numpy backend)."""
 
     def forward(self, x):
-        g = self.geometry(x.shape)
-        xp = get_backend().xp
-        xpad = self._padded(x, g, -np.inf)
-        out = None
-        for i in range(g.kh):
-            for j in range(g.kw):
-                v = xpad[g.tap_slices(i, j)]
-                out = v.copy() if out is None else xp.maximum(out, v, out=out)
-        self.g, self.xpad, self.out = g, xpad, out
-        return out
+        self.g = self.geometry(x.shape)
+        self.out, self.saved = ops.max_pool2d(x, self.g)
+        return self.out
 
     def backward(self, dy):
-        g, xp = self.g, get_backend().xp
-        (ph, pw), (sh, sw) = g.padding, g.stride
-        disjoint = sh >= g.kh and sw >= g.kw  # each input in at most one window: store, don't add
-        tiled = disjoint and (g.kh, g.kw) == (sh, sw) and (g.h + 2 * ph, g.w + 2 * pw) == (g.oh * sh, g.ow * sw)
-        dx = (xp.empty if tiled else xp.zeros)((g.n, g.c, g.h + 2 * ph, g.w + 2 * pw), dtype=dy.dtype)
-        hit, free = xp.empty(self.out.shape, dtype=bool), xp.empty(self.out.shape, dtype=bool)
-        taken = None
-        last = (g.kh - 1, g.kw - 1)
-        for i in range(g.kh):
-            for j in range(g.kw):
-                sl = g.tap_slices(i, j)
-                xp.equal(self.xpad[sl], self.out, out=hit)
-                if taken is None:
-                    taken = hit.copy()
-                else:  # only the first maximum of a window (taps in row-major order) gets the gradient
-                    xp.logical_not(taken, out=free)
-                    hit &= free
-                    if (i, j) != last:
-                        taken |= hit
-                if disjoint:
-                    xp.multiply(dy, hit, out=dx[sl])
-                else:
-                    dx[sl] += dy * hit
-        self.xpad = self.out = None
-        return xp.ascontiguousarray(dx[:, :, ph:ph + g.h, pw:pw + g.w])
+        dx = ops.max_pool2d_backward(self.saved, self.out, dy, self.g)
+        self.saved = self.out = None
+        return dx
 
 
 class AvgPool2d(_Pool):
@@ -238,39 +203,12 @@ class AvgPool2d(_Pool):
         super().__init__(kernel_size, stride, padding)
         self.count_include_pad = _check_bool("AvgPool2d", "count_include_pad", count_include_pad)
 
-    def _scale(self, g, dtype):
-        """1 / divisor: a scalar, or per output pixel (1, 1, OH, OW) when padding is left out."""
-        if self.count_include_pad or not any(g.padding):
-            return dtype.type(1.0 / (g.kh * g.kw))
-        xp = get_backend().xp
-        ph, pw = g.padding
-        inside = xp.zeros((1, 1, g.h + 2 * ph, g.w + 2 * pw), dtype=dtype)
-        inside[:, :, ph:ph + g.h, pw:pw + g.w] = 1
-        count = sum(inside[g.tap_slices(i, j)] for i in range(g.kh) for j in range(g.kw))
-        return (1.0 / count).astype(dtype)  # every window overlaps the image: count >= 1
-
     def forward(self, x):
-        g = self.geometry(x.shape)
-        xpad = self._padded(x, g, 0.0)
-        out = None
-        for i in range(g.kh):
-            for j in range(g.kw):
-                v = xpad[g.tap_slices(i, j)]
-                out = v.copy() if out is None else out + v
-        self.g = g
-        self.scale = self._scale(g, x.dtype)
-        return out * self.scale
+        self.g = self.geometry(x.shape)
+        return ops.avg_pool2d(x, self.g, self.count_include_pad)
 
     def backward(self, dy):
-        g, xp = self.g, get_backend().xp
-        ph, pw = g.padding
-        dx = xp.zeros((g.n, g.c, g.h + 2 * ph, g.w + 2 * pw), dtype=dy.dtype)
-        share = dy * self.scale
-        for i in range(g.kh):
-            for j in range(g.kw):
-                dx[g.tap_slices(i, j)] += share
-        self.scale = None
-        return xp.ascontiguousarray(dx[:, :, ph:ph + g.h, pw:pw + g.w])
+        return ops.avg_pool2d_backward(dy, self.g, self.count_include_pad)
 
     def extra_repr(self):
         return super().extra_repr() + ("" if self.count_include_pad else ", count_include_pad=False")
@@ -308,7 +246,11 @@ MIN_BN_EPS = 1e-12
 
 class BatchNorm2d(Layer):
     """Per-channel normalisation. Training: batch statistics (biased variance), running averages
-    updated with ``momentum`` (unbiased variance, as PyTorch). Eval: the running averages."""
+    updated with ``momentum`` (unbiased variance, as PyTorch). Eval: the running averages. A
+    following ReLU / ReLU6 is applied inside the op (``absorbs``: the native kernel's epilogue on
+    the numpy backend), its gradient mask inside the backward (:func:`dnnpar.ops.batch_norm`)."""
+
+    absorbs = ("relu", "relu6")
 
     def __init__(self, channels: int, eps: float = 1e-5, momentum: float = 0.1):
         super().__init__()
@@ -335,35 +277,25 @@ class BatchNorm2d(Layer):
             raise ValueError(f"BatchNorm2d expects (N, {self.channels}, H, W) input, got {tuple(x.shape)}")
         gamma, beta = self.params["weight"].astype(x.dtype), self.params["bias"].astype(x.dtype)
         if self.training:
-            mean = x.mean(axis=(0, 2, 3))
-            var = x.var(axis=(0, 2, 3))
+            y, st = ops.batch_norm(x, gamma, beta, eps=self.eps, training=True, activation=self.activation)
             m = x.size // self.channels
             rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
             rm *= 1 - self.momentum
-            rm += (self.momentum * mean).astype(rm.dtype)
+            rm += (self.momentum * st.mean).astype(rm.dtype)
             rv *= 1 - self.momentum
-            rv += (self.momentum * var * m / max(m - 1, 1)).astype(rv.dtype)
+            rv += (self.momentum * st.var * m / max(m - 1, 1)).astype(rv.dtype)
         else:
-            mean = self.buffers["running_mean"].astype(x.dtype)
-            var = self.buffers["running_var"].astype(x.dtype)
-        inv = 1.0 / (var + self.eps) ** 0.5
-        xhat = (x - mean[None, :, None, None]) * inv[None, :, None, None]
-        self.xhat, self.inv = xhat, inv
-        return xhat * gamma[None, :, None, None] + beta[None, :, None, None]
+            y, st = ops.batch_norm(x, gamma, beta, self.buffers["running_mean"], self.buffers["running_var"],
+                                   eps=self.eps, training=False, activation=self.activation)
+        self.saved = (x, y if self.activation else None, st, self.training, self.activation)
+        return y
 
     def backward(self, dy):
-        xhat, inv = self.xhat, self.inv
-        gamma = self.params["weight"].astype(dy.dtype)
-        self.grads["weight"] = (dy * xhat).sum(axis=(0, 2, 3)).astype(self.params["weight"].dtype)
-        self.grads["bias"] = dy.sum(axis=(0, 2, 3)).astype(self.params["bias"].dtype)
-        dxhat = dy * gamma[None, :, None, None]
-        if not self.training:  # statistics are constants in eval mode
-            return dxhat * inv[None, :, None, None]
-        m = dy.size // self.channels
-        s1 = dxhat.sum(axis=(0, 2, 3))[None, :, None, None]
-        s2 = (dxhat * xhat).sum(axis=(0, 2, 3))[None, :, None, None]
-        dx = (dxhat - s1 / m - xhat * s2 / m) * inv[None, :, None, None]
-        self.xhat = None
+        x, y, st, training, activation = self.saved
+        self.saved = None
+        dx, dw, db = ops.batch_norm_backward(x, y, dy, self.params["weight"].astype(dy.dtype), st, training,
+                                             activation, need_dx=self.need_dx)
+        self._set_grads(dw.astype(self.params["weight"].dtype), db.astype(self.params["bias"].dtype))
         return dx
 
     def extra_repr(self):

@@ -1,0 +1,121 @@
+"""MaxPool2d / AvgPool2d on the native kernel dnnpar/cpu/pool.cpp and the NumPy fallback
+(dnnpar.ops.pool) against float64 oracles (tests/oracles.py), through the layers."""
+import numpy as np
+import pytest
+
+import dnnpar as dp
+import dnnpar.ops.pool as P
+import oracles
+from oracles import assert_sum_close
+from dnnpar import nn
+from dnnpar.backend import cpu_native
+
+# (N, C, H, W), kernel, stride, padding: size 1, primes, overlapping / disjoint / gapped windows,
+# padding up to window - 1, MobileNet's and LeNet's shapes; the last ones run on several threads
+CASES = [((1, 1, 1, 1), 1, 1, 0), ((1, 1, 2, 2), 2, 2, 1), ((2, 3, 7, 5), 3, 2, 1), ((1, 5, 13, 11), 2, 2, 0),
+         ((3, 2, 9, 9), 3, 1, 2), ((2, 7, 8, 12), (2, 3), (3, 1), (1, 2)), ((1, 3, 11, 7), 5, 4, 0),
+         ((16, 6, 28, 28), 2, 2, 0), ((4, 17, 31, 29), 3, 2, 1)]
+IDS = [f"{'x'.join(map(str, s))}-k{k}s{st}p{p}" for s, k, st, p in CASES]
+
+
+def pr(v):
+    return (v, v) if isinstance(v, int) else v
+
+
+@pytest.fixture(params=["native", "fallback"])
+def path(request, monkeypatch):
+    if request.param == "native":
+        if cpu_native.library("pool") is None:
+            pytest.skip(f"native pool kernel unavailable: {cpu_native.unavailable_reason('pool')}")
+    else:
+        monkeypatch.setitem(P.NATIVE, "use", False)
+        for f in ("max_pool_forward", "max_pool_backward", "avg_pool_forward", "avg_pool_backward"):
+            monkeypatch.setattr(cpu_native, f, lambda *a, **k: pytest.fail("native kernel ran with NATIVE off"))
+    with dp.use_backend("numpy"):
+        yield request.param
+
+
+def data(rng, shape, ties):
+    x = rng.standard_normal(shape).astype(np.float32)
+    if ties:  # few distinct values: windows with several maxima (the first one gets the gradient)
+        x = np.round(x).astype(np.float32)
+    return x
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+@pytest.mark.parametrize("shape, k, s, p", CASES, ids=IDS)
+def test_max_pool(path, shape, k, s, p, ties, rng):
+    k, s, p = pr(k), pr(s), pr(p)
+    x = data(rng, shape, ties)
+    layer = nn.MaxPool2d(k, s, p)
+    y = layer.forward(x)
+    win = oracles.pool_windows(x, k, s, p, -np.inf)
+    assert np.array_equal(y, win.max(axis=-1)), "the max is exact"
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    first = np.argmax(win == win.max(axis=-1, keepdims=True), axis=-1)
+    hit = np.arange(win.shape[-1]) == first[..., None]
+    want = oracles.pool_scatter(shape, k, s, p, dy[..., None] * hit)
+    mag = oracles.pool_scatter(shape, k, s, p, np.abs(dy)[..., None] * hit)
+    assert_sum_close(layer.backward(dy), want, mag, k[0] * k[1], "dx")  # <= KH*KW windows meet at an input
+
+
+@pytest.mark.parametrize("include_pad", [True, False], ids=["incl", "excl"])
+@pytest.mark.parametrize("shape, k, s, p", CASES, ids=IDS)
+def test_avg_pool(path, shape, k, s, p, include_pad, rng):
+    k, s, p = pr(k), pr(s), pr(p)
+    x = data(rng, shape, False)
+    layer = nn.AvgPool2d(k, s, p, count_include_pad=include_pad)
+    y = layer.forward(x)
+    win = oracles.pool_windows(x, k, s, p, 0.0)
+    div = oracles.pool_divisor(shape, k, s, p, include_pad)
+    taps = k[0] * k[1]  # a sum of <= KH*KW terms, then the float32 scale (two roundings in the bound)
+    assert_sum_close(y, win.sum(axis=-1) / div, np.abs(win).sum(axis=-1) / div, taps, "y")
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    share = np.broadcast_to((dy / div)[..., None], win.shape)
+    inside = oracles.pool_windows(np.ones(shape), k, s, p, 0.0)  # padding taps write nothing
+    want = oracles.pool_scatter(shape, k, s, p, share * inside)
+    mag = oracles.pool_scatter(shape, k, s, p, np.abs(share) * inside)
+    assert_sum_close(layer.backward(dy), want, mag, taps, "dx")
+
+
+def test_max_pool_nan(path):
+    """A NaN in a window gives NaN (np.maximum); its window sends no gradient to the others
+    (none equals NaN), and a NaN dy spreads over its window as dy * mask does."""
+    x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+    x[0, 0, 0, 1] = np.nan
+    layer = nn.MaxPool2d(2)
+    y = layer.forward(x)
+    assert np.isnan(y[0, 0, 0, 0]) and y[0, 0, 1, 1] == 15
+    dy = np.ones_like(y)
+    dy[0, 0, 1, 1] = np.nan
+    dx = layer.backward(dy)
+    assert np.all(dx[0, 0, :2, :2] == 0) and np.all(np.isnan(dx[0, 0, 2:, 2:]))
+    assert dx[0, 0, 1, 3] == 1 and dx[0, 0, 3, 1] == 1 and dx.sum(where=~np.isnan(dx)) == 2
+
+
+def test_native_does_not_depend_on_threads(rng):
+    if cpu_native.library("pool") is None:
+        pytest.skip("native pool kernel unavailable")
+    x = rng.standard_normal((8, 16, 33, 31)).astype(np.float32)
+    geo = (8, 16, 33, 31, 3, 3, 16, 15, 2, 2, 0, 0)
+    runs = []
+    for t in (1, 2, 3):
+        y = cpu_native.max_pool_forward(x, np.full((8, 16, 16, 15), np.nan, np.float32), geo, threads=t)
+        dy = np.ones_like(y)
+        dx = cpu_native.max_pool_backward(x, y, dy, np.full_like(x, np.nan), geo, threads=t)
+        a = cpu_native.avg_pool_forward(x, np.full_like(y, np.nan), geo, False, threads=t)
+        da = cpu_native.avg_pool_backward(dy, np.full_like(x, np.nan), geo, False, threads=t)
+        runs.append((y, dx, a, da))
+    assert all(np.array_equal(u, v) for r in runs[1:] for u, v in zip(runs[0], r))
+
+
+def test_native_guards():
+    if cpu_native.library("pool") is None:
+        pytest.skip("native pool kernel unavailable")
+    x = np.zeros((1, 1, 4, 4), np.float32)
+    with pytest.raises(ValueError, match="native max_pool2d: y must be a writeable C-contiguous float32"):
+        cpu_native.max_pool_forward(x, np.zeros((1, 1, 3, 3), np.float32), (1, 1, 4, 4, 2, 2, 2, 2, 2, 2, 0, 0))
+    with pytest.raises(ValueError, match="avg_pool2d: expected an array of shape"):
+        g = nn.AvgPool2d(2).geometry((1, 1, 4, 4))
+        with dp.use_backend("numpy"):
+            P.avg_pool2d(np.zeros((1, 2, 4, 4), np.float32), g)
