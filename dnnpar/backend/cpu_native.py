@@ -4,7 +4,9 @@ One shared library per source, listed in :data:`NATIVE_SOURCES`:
 
 - ``csr_codebook.cpp``: the CSR x codebook products (SpMV and SpMM) straight from Deep
   Compression's storage format, 2 bytes per stored entry (see :meth:`dnnpar.sparse.CSR.compact`);
-- ``depthwise.cpp``: depthwise convolution forward and backward (dx, dw), float32 NCHW.
+- ``depthwise.cpp``: depthwise convolution forward and backward (dx, dw), float32 NCHW;
+- ``conv.cpp``: the im2col + GEMM convolution's glue: im2col, col2im, and the epilogues (GEMM
+  output -> NCHW with bias + ReLU / ReLU6; dy -> GEMM layout with the activation's mask and db).
 
 Every source goes through the same path: ``$CXX`` (default ``g++``) with ``-O3 -march=native
 -fopenmp-simd -pthread`` and ``dnnpar/cpu`` on the include path, cached under
@@ -85,6 +87,12 @@ NATIVE_SOURCES = {s.stem: s for s in (
         "dnnpar_depthwise_forward": [_P, _P, _P, _P, _P, _I32, _I32],
         "dnnpar_depthwise_backward": [_P, _P, _P, _P, _P, _P, _I32, _I32],
     }, {"dnnpar_depthwise_fast": ([_P], ctypes.c_int)}),
+    NativeSource("conv", 1, "convolution packing (im2col / col2im / epilogues)", "NumPy", {
+        "dnnpar_conv_im2col": [_P, _P, _P, _I32],
+        "dnnpar_conv_col2im": [_P, _P, _P, _I32],
+        "dnnpar_conv_epilogue": [_P, _P, _P, _I64, _I64, _I64, _I32, _I32],
+        "dnnpar_conv_epilogue_backward": [_P, _P, _P, _P, _I64, _I64, _I64, _I32, _I32],
+    }),
 )}
 
 _lock = threading.Lock()
@@ -218,6 +226,14 @@ def library(name: str = "csr_codebook"):
     return state["lib"]
 
 
+def library_for(name: str, use: bool, arrays):
+    """The library of ``name`` when it takes a numpy-backend call on ``arrays`` (None entries
+    allowed, the rest NumPy float32 arrays) and the op family's switch ``use`` is on, else None."""
+    if not use or not all(a is None or (isinstance(a, np.ndarray) and a.dtype == np.float32) for a in arrays):
+        return None
+    return library(name)
+
+
 def unavailable_reason(name: str = "csr_codebook") -> str | None:
     """None when :func:`library` loaded the kernels of ``name``, else why not (tries to load them first)."""
     library(name)
@@ -287,12 +303,12 @@ def spmm(compact, X: np.ndarray, out: np.ndarray, threads: int | None = None) ->
     return out
 
 
-def _check_f32(what: str, a, shape, out: bool = False) -> None:
+def _check_f32(what: str, a, shape, out: bool = False, op: str = "native depthwise") -> None:
     """The native kernels' own guard: a C-contiguous float32 array of ``shape`` (writeable for an output)."""
     if not (isinstance(a, np.ndarray) and a.dtype == np.float32 and a.shape == tuple(shape) and a.flags.c_contiguous
             and (a.flags.writeable or not out)):
         got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
-        raise ValueError(f"native depthwise: {what} must be a {'writeable ' if out else ''}C-contiguous float32 "
+        raise ValueError(f"{op}: {what} must be a {'writeable ' if out else ''}C-contiguous float32 "
                          f"array of shape {tuple(shape)}, got {got}")
 
 
@@ -343,3 +359,78 @@ def depthwise_backward(x, w, dy, dx, dw, geo, generic: bool = False, threads: in
     _loaded("depthwise").dnnpar_depthwise_backward(_ptr(x), _ptr(w), _ptr(dy), None if dx is None else _ptr(dx),
                                                    _ptr(dw), _ptr(g), int(bool(generic)), _threads_arg(threads))
     return dx, dw
+
+
+#: activation -> the conv kernels' code (ops/activation.py's kinds)
+CONV_ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2}
+
+
+def _conv_geo(geo) -> np.ndarray:
+    """(N, C, H, W, KH, KW, OH, OW, SH, SW, PH, PW, DH, DW) as the kernel reads it."""
+    g = np.asarray(geo, np.int64)
+    if g.shape != (14,) or g[:10].min() < 1 or g[10:12].min() < 0 or g[12:].min() < 1:
+        raise ValueError(f"native conv: geometry must be 14 sizes (N, C, H, W, KH, KW, OH, OW, SH, SW, PH, PW, DH, DW), "
+                         f"got {tuple(geo)!r}")
+    return g
+
+
+def conv_im2col(x, cols, geo, threads: int | None = None) -> np.ndarray:
+    """``cols[:] =`` im2col of x (N, C, H, W): (C*KH*KW, N*OH*OW), zero where a tap reads padding;
+    ``geo`` as :func:`_conv_geo`, already validated (the op layer's ConvGeometry). Returns cols."""
+    g = _conv_geo(geo)
+    n, c, h, wd, kh, kw, oh, ow = (int(v) for v in g[:8])
+    _check_f32("x", x, (n, c, h, wd), op="native conv")
+    _check_f32("cols", cols, (c * kh * kw, n * oh * ow), out=True, op="native conv")
+    _loaded("conv").dnnpar_conv_im2col(_ptr(x), _ptr(cols), _ptr(g), _threads_arg(threads))
+    return cols
+
+
+def conv_col2im(cols, dx, geo, threads: int | None = None) -> np.ndarray:
+    """``dx[:] =`` col2im of cols (the adjoint of :func:`conv_im2col`); each dx plane is summed by
+    one thread in the fixed tap order (the bits do not depend on ``threads``). Returns dx."""
+    g = _conv_geo(geo)
+    n, c, h, wd, kh, kw, oh, ow = (int(v) for v in g[:8])
+    _check_f32("cols", cols, (c * kh * kw, n * oh * ow), op="native conv")
+    _check_f32("dx", dx, (n, c, h, wd), out=True, op="native conv")
+    _loaded("conv").dnnpar_conv_col2im(_ptr(cols), _ptr(dx), _ptr(g), _threads_arg(threads))
+    return dx
+
+
+def _conv_act(activation) -> int:
+    try:
+        return CONV_ACTIVATIONS[activation]
+    except KeyError:
+        raise ValueError(f"native conv: activation must be one of {list(CONV_ACTIVATIONS)}, got {activation!r}") from None
+
+
+def conv_epilogue(ym, bias, y, activation=None, threads: int | None = None) -> np.ndarray:
+    """``y[:] = activation(ym + bias)`` laid out NCHW: ym (O, N*P) the GEMM's output, bias (O,)
+    or None, y (N, O, OH, OW) with P = OH*OW. Returns y."""
+    if not isinstance(y, np.ndarray) or y.ndim != 4:
+        raise ValueError(f"native conv: y must be an (N, O, OH, OW) array, got {getattr(y, 'shape', type(y))}")
+    n, o, oh, ow = y.shape
+    _check_f32("ym", ym, (o, n * oh * ow), op="native conv")
+    if bias is not None:
+        _check_f32("bias", bias, (o,), op="native conv")
+    _check_f32("y", y, (n, o, oh, ow), out=True, op="native conv")
+    _loaded("conv").dnnpar_conv_epilogue(_ptr(ym), None if bias is None else _ptr(bias), _ptr(y), n, o, oh * ow,
+                                         _conv_act(activation), _threads_arg(threads))
+    return y
+
+
+def conv_epilogue_backward(dy, y, dym, db, activation=None, threads: int | None = None):
+    """``dym[:]`` (O, N*P) = dy (N, O, OH, OW) masked by the activation's gradient at the activated
+    output y (same shape; None for no activation), and ``db[:]`` (O,) its sum over n and p, one
+    thread per channel in a fixed order. Returns (dym, db)."""
+    if not isinstance(dy, np.ndarray) or dy.ndim != 4:
+        raise ValueError(f"native conv: dy must be an (N, O, OH, OW) array, got {getattr(dy, 'shape', type(dy))}")
+    n, o, oh, ow = dy.shape
+    act = _conv_act(activation)
+    _check_f32("dy", dy, dy.shape, op="native conv")
+    if act:
+        _check_f32("y", y, dy.shape, op="native conv")
+    _check_f32("dym", dym, (o, n * oh * ow), out=True, op="native conv")
+    _check_f32("db", db, (o,), out=True, op="native conv")
+    _loaded("conv").dnnpar_conv_epilogue_backward(_ptr(dy), _ptr(y) if act else None, _ptr(dym), _ptr(db), n, o,
+                                                  oh * ow, act, _threads_arg(threads))
+    return dym, db

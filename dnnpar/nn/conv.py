@@ -7,6 +7,7 @@ import numpy as np
 from .. import ops
 from ..backend import get_backend
 from ..ops._common import conv_out_size
+from ..ops.activation import activate_, activation_grad
 from .base import Layer, he_normal
 from .layers import _check_bool, check_sizes, window_args
 
@@ -32,7 +33,11 @@ class Conv2d(Layer):
     convolution with O / C filters per channel (output channel o reads input channel
     o // (O / C)); without dilation it runs on the depthwise kernel, other groupings as one
     convolution per group. ``algo``: "im2col" or "direct" (forward); the backward pass is always
-    GEMM + col2im."""
+    GEMM + col2im. A following ReLU / ReLU6 is absorbed when a Graph fuses it (``absorbs``): on the
+    numpy backend it runs in the native epilogue with the bias, and its backward mask in the pass
+    that lays dy out for the GEMMs (:func:`dnnpar.ops.conv2d`, :func:`dnnpar.ops.conv2d_backward`)."""
+
+    absorbs = ("relu", "relu6")
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, algo: str = "im2col", seed: int = 0):
@@ -72,23 +77,34 @@ class Conv2d(Layer):
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"Conv2d expects (N, {self.in_channels}, H, W) input, got {tuple(x.shape)}")
         self.x, self.cols = x, None
+        y = self._forward(x)
+        self.y = y if self.activation else None  # the backward's mask is read from it
+        return y
+
+    def _forward(self, x):
         w, b = self.params["weight"], self.params.get("bias")
+        xp = get_backend().xp
         if self._depthwise:
-            return ops.depthwise_conv2d(self._spread(x), w, b, self.stride, self.padding)
+            return activate_(xp, ops.depthwise_conv2d(self._spread(x), w, b, self.stride, self.padding),
+                             self.activation)
         kw = dict(stride=self.stride, padding=self.padding, dilation=self.dilation, algo=self.algo)
         if self.groups == 1:
-            y, cols = ops.conv2d(x, w, b, return_cols=True, **kw)
+            y, cols = ops.conv2d(x, w, b, return_cols=True, activation=self.activation, **kw)
             if cols is not None and cols.nbytes <= KEEP_COLS_BYTES and self.training:
                 self.cols = cols  # the backward pass's dW GEMM reuses it instead of a second im2col
             return y
-        xp = get_backend().xp
-        outs = [ops.conv2d(xp.ascontiguousarray(x[:, si]), w[so], None if b is None else b[so], **kw)
+        outs = [ops.conv2d(xp.ascontiguousarray(x[:, si]), w[so], None if b is None else b[so],
+                           activation=self.activation, **kw)
                 for si, so in self._group_slices()]
         return xp.concatenate(outs, axis=1)
 
     def backward(self, dy):
         x, w = self.x, self.params["weight"]
         kw = dict(stride=self.stride, padding=self.padding, dilation=self.dilation)
+        act, y = self.activation, self.y
+        self.y = None
+        if act and self.groups > 1:  # groups == 1: conv2d_backward masks dy
+            dy, act = activation_grad(get_backend().xp, dy, y, act), None
         if self._depthwise:
             dx, dw, db = ops.depthwise_conv2d_backward(self._spread(x), w, dy, self.stride, self.padding,
                                                        need_dx=self.need_dx)
@@ -97,7 +113,8 @@ class Conv2d(Layer):
                 n, _, h, wd = x.shape
                 dx = dx.reshape(n, self.in_channels, m, h, wd).sum(axis=2)
         elif self.groups == 1:
-            dx, dw, db = ops.conv2d_backward(x, w, dy, need_dx=self.need_dx, cols=self.cols, **kw)
+            dx, dw, db = ops.conv2d_backward(x, w, dy, need_dx=self.need_dx, cols=self.cols, activation=act, y=y,
+                                             **kw)
         else:
             xp = get_backend().xp
             parts = [ops.conv2d_backward(xp.ascontiguousarray(x[:, si]), w[so], xp.ascontiguousarray(dy[:, so]),
@@ -139,13 +156,18 @@ class PointwiseConv2d(Conv2d):
         y = ops.gemm(self.params["weight"].reshape(self.out_channels, c), xm)
         if "bias" in self.params:
             y += self.params["bias"][:, None]
-        return xp.ascontiguousarray(y.reshape(self.out_channels, n, h, w).transpose(1, 0, 2, 3))
+        y = activate_(xp, xp.ascontiguousarray(y.reshape(self.out_channels, n, h, w).transpose(1, 0, 2, 3)),
+                      self.activation)
+        self.y = y if self.activation else None
+        return y
 
     def backward(self, dy):
         xp = get_backend().xp
         x = self.x
         n, c, h, w = x.shape
         o = self.out_channels
+        if self.activation:
+            dy, self.y = activation_grad(xp, dy, self.y, self.activation), None
         xm = xp.ascontiguousarray(x.transpose(1, 0, 2, 3)).reshape(c, n * h * w)
         dym = xp.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(o, n * h * w)
         wm = self.params["weight"].reshape(o, c)
