@@ -8,7 +8,7 @@
 //             (read from the activated output y) applied and db summed in the same pass
 //
 // Thread mapping (dnnpar/cpu/parallel.h's pool), each a static split:
-//   im2col: items (row, n), one item writes the OH*OW consecutive entries of one row for image n;
+//   im2col: items are rows (c, i, j) of cols, each written whole (every image in turn);
 //   col2im: items (n, c), one item owns one dx plane and sums its taps in the fixed (i, j) order;
 //   epilogue: items (n, o), one contiguous P-stretch in and out;
 //   epilogue_backward: items o, one thread per output channel walks the batch in order, so db
@@ -63,27 +63,32 @@ extern "C" void dnnpar_conv_im2col(const float* x, float* cols, const int64_t* g
     const Geo g = read_geo(geo);
     const int64_t rows = g.c * g.kh * g.kw, plane = g.oh * g.ow, ncols = g.n * plane;
     const int team = dnnpar::team_size(threads, rows * ncols);
-    dnnpar::parallel_for(team, rows * g.n, [&](int64_t item) {
-        const int64_t r = item / g.n, n = item % g.n;
+    // plain loops, no memcpy / fill calls: at VGG's 2x2 and 4x4 planes a row of one image is a
+    // few floats, and a library call per row cost 7x NumPy's strided copy
+    dnnpar::parallel_for(team, rows, [&](int64_t r) {
         const int64_t c = r / (g.kh * g.kw), i = r / g.kw % g.kh, j = r % g.kw;
-        const float* xc = x + (n * g.c + c) * g.h * g.w;
-        float* out = cols + r * ncols + n * plane;
         int64_t olo, ohi, wlo, whi;
         tap_range(i * g.dh - g.ph, g.sh, g.h, g.oh, olo, ohi);
         tap_range(j * g.dw - g.pw, g.sw, g.w, g.ow, wlo, whi);
-        std::memset(out, 0, sizeof(float) * olo * g.ow);
-        for (int64_t oh = olo; oh < ohi; ++oh) {
-            float* o = out + oh * g.ow;
-            const float* xr = xc + (oh * g.sh - g.ph + i * g.dh) * g.w + (j * g.dw - g.pw);
-            std::fill(o, o + wlo, 0.0f);
-            if (g.sw == 1) {
-                std::memcpy(o + wlo, xr + wlo, sizeof(float) * (whi - wlo));
-            } else {
-                for (int64_t ow = wlo; ow < whi; ++ow) o[ow] = xr[ow * g.sw];
+        const int64_t x0 = j * g.dw - g.pw, ow_ = g.ow, sw = g.sw;
+        for (int64_t n = 0; n < g.n; ++n) {
+            const float* xc = x + (n * g.c + c) * g.h * g.w;
+            float* out = cols + r * ncols + n * plane;
+            for (int64_t q = 0; q < olo * ow_; ++q) out[q] = 0.0f;
+            for (int64_t oh = olo; oh < ohi; ++oh) {
+                float* o = out + oh * ow_;
+                const float* xr = xc + (oh * g.sh - g.ph + i * g.dh) * g.w + x0;
+                for (int64_t ow = 0; ow < wlo; ++ow) o[ow] = 0.0f;
+                if (sw == 1) {
+#pragma omp simd
+                    for (int64_t ow = wlo; ow < whi; ++ow) o[ow] = xr[ow];
+                } else {
+                    for (int64_t ow = wlo; ow < whi; ++ow) o[ow] = xr[ow * sw];
+                }
+                for (int64_t ow = whi; ow < ow_; ++ow) o[ow] = 0.0f;
             }
-            std::fill(o + whi, o + g.ow, 0.0f);
+            for (int64_t q = ohi * ow_; q < plane; ++q) out[q] = 0.0f;
         }
-        std::memset(out + ohi * g.ow, 0, sizeof(float) * (g.oh - ohi) * g.ow);
     });
 }
 
@@ -94,7 +99,7 @@ extern "C" void dnnpar_conv_col2im(const float* cols, float* dx, const int64_t* 
     dnnpar::parallel_for(team, g.n * g.c, [&](int64_t item) {
         const int64_t n = item / g.c, c = item % g.c;
         float* d = dx + item * g.h * g.w;
-        std::memset(d, 0, sizeof(float) * g.h * g.w);
+        for (int64_t q = 0; q < g.h * g.w; ++q) d[q] = 0.0f;
         for (int64_t i = 0; i < g.kh; ++i) {
             for (int64_t j = 0; j < g.kw; ++j) {
                 const float* src = cols + ((c * g.kh + i) * g.kw + j) * ncols + n * plane;
@@ -145,21 +150,18 @@ extern "C" void dnnpar_conv_epilogue_backward(const float* dy, const float* y, f
             const float* s = dy + (b * o + k) * p;
             const float* yy = y ? y + (b * o + k) * p : nullptr;
             float* d = dym + k * n * p + b * p;
-            float part = 0.0f;
             if (act == kNone) {
-#pragma omp simd reduction(+ : part)
-                for (int64_t q = 0; q < p; ++q) {
-                    d[q] = s[q];
-                    part += s[q];
-                }
+#pragma omp simd
+                for (int64_t q = 0; q < p; ++q) d[q] = s[q];
             } else {
-#pragma omp simd reduction(+ : part)
-                for (int64_t q = 0; q < p; ++q) {
-                    const float v = act_backward(s[q], yy[q], act);
-                    d[q] = v;
-                    part += v;
-                }
+#pragma omp simd
+                for (int64_t q = 0; q < p; ++q) d[q] = act_backward(s[q], yy[q], act);
             }
+            // one reduction loop for every activation: db has the same bits whether the mask was
+            // applied here or by a separate ReLU layer before (fused == unfused exactly)
+            float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+            for (int64_t q = 0; q < p; ++q) part += d[q];
             sum += part;
         }
         db[k] = float(sum);

@@ -37,6 +37,11 @@ def native_library(*arrays):
     return cpu_native.library_for("conv", NATIVE["use"], arrays)
 
 
+#: narrowest output rows the native im2col / col2im take: below them a row of one image is a few
+#: floats and NumPy's whole-tap strided copies win (``benchmarks/conv_fusion.py`` prints both paths)
+NATIVE_MIN_OW = {"im2col": 16, "col2im": 8}
+
+
 def _native_geo(g: ConvGeometry):
     return (g.n, g.c, g.h, g.w, g.kh, g.kw, g.oh, g.ow, *g.stride, *g.padding, *g.dilation)
 
@@ -207,7 +212,7 @@ def im2col(x, kh: int, kw: int, stride=1, padding=0, dilation=1):
     x, g = geometry_for_x("im2col", x, kh, kw, stride, padding, dilation, be)
     g.check_cols("im2col")
     if not be.runs_kernels:
-        if native_library(x) is None:
+        if g.ow < NATIVE_MIN_OW["im2col"] or native_library(x) is None:
             return im2col_numpy(x, g)
         return cpu_native.conv_im2col(x, be.empty(g.cols_shape, x.dtype), _native_geo(g))
     ncols = g.n * g.oh * g.ow  # the kernel's "plane" is one input channel over the whole batch
@@ -227,7 +232,7 @@ def col2im(cols, x_shape, kh: int, kw: int, stride=1, padding=0, dilation=1):
         raise ValueError(f"col2im: cols must have shape {g.cols_shape} for x_shape {tuple(x_shape)}, "
                          f"got {tuple(cols.shape)}")
     if not be.runs_kernels:
-        if native_library(cols) is None:
+        if g.ow < NATIVE_MIN_OW["col2im"] or native_library(cols) is None:
             return col2im_numpy(cols, g)
         return cpu_native.conv_col2im(cols, be.empty((g.n, g.c, g.h, g.w), cols.dtype), _native_geo(g))
     grid = plane_grid("col2im", g.h * g.w, g.n * g.c)
