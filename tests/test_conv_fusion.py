@@ -246,3 +246,96 @@ def test_fallback_without_compiler(tmp_path):
     assert_sum_close(np.array(out["y"], np.float32), np.maximum(want, 0), mag, 27, "fallback conv2d")
     on = (np.array(out["y"]) > 0).sum(axis=(0, 2, 3))  # dy = 1 where the activated output passes
     np.testing.assert_array_equal(out["db"], on)
+
+
+# ---------------------------------------------------------------- eval-mode BatchNorm folding (nn/fusion.py)
+from dnnpar.nn.base import Graph  # noqa: E402
+from dnnpar.nn.fusion import fold_batchnorm, foldable_pairs  # noqa: E402
+from dnnpar.nn.layers import BatchNorm2d  # noqa: E402
+
+U = 2.0**-24
+
+
+def _random_bn(bn, rng):
+    c = bn.channels
+    bn.params["weight"][:] = rng.uniform(-2, 2, c)
+    bn.params["bias"][:] = rng.standard_normal(c)
+    bn.buffers["running_mean"][:] = rng.standard_normal(c)
+    bn.buffers["running_var"][:] = rng.uniform(0.05, 3, c)
+    return bn
+
+
+@pytest.mark.parametrize("conv_kw", [dict(padding=1), dict(stride=2, padding=(2, 0), dilation=(1, 2), bias=False),
+                                     dict(groups=3, padding=1)])
+def test_fold_single_block_within_bound(rng, conv_kw):
+    """Conv2d -> BN -> ReLU folded: both the folded and the unfolded float32 outputs lie within
+    their derived bounds of the float64 value, so they differ by at most the sum. Folded: the
+    conv's float32 sum (n + 1 terms) plus one rounding of each folded weight (one more term's u).
+    Unfolded: the same sum scaled by |s|, then BN's float32 subtract, inverse square root (<= 3 u),
+    two products and an add (<= 8 u of the magnitude in all)."""
+    c, o = 3, 6
+    conv = Conv2d(c, o, 3, seed=5, **conv_kw)
+    if "bias" in conv.params:
+        conv.params["bias"][:] = rng.standard_normal(o)
+    bn = _random_bn(BatchNorm2d(o), rng)
+    model = Sequential(("conv", conv), ("bn", bn), ("relu", ReLU()), input_shape=(c, 11, 9)).eval()
+    before = {k: v.copy() for k, v in model.state_dict().items()}
+    folded = fold_batchnorm(model)
+    assert foldable_pairs(model) == [("conv", "bn")] and [n for n, _ in folded.layers] == ["conv", "relu"]
+    assert folded.fused_pairs() == [("conv", "relu")]  # the ReLU now fuses into the folded conv
+    x = rng.standard_normal((2, c, 11, 9)).astype(np.float32)
+    yf, yu = folded.forward(x), model.forward(x)
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=f"{k} changed")
+    g = dp.ops._common.ConvGeometry.make("t", x.shape, 3, 3, conv.stride, conv.padding, conv.dilation)
+    w64 = conv.params["weight"].astype(np.float64)
+    b64 = conv.params["bias"].astype(np.float64) if "bias" in conv.params else np.zeros(o)
+    gi = conv.groups
+    ci, co = c // gi, o // gi
+
+    def conv64(xx, ww, bb):
+        return np.concatenate([oracles.conv2d(xx[:, k * ci:(k + 1) * ci], ww[k * co:(k + 1) * co],
+                                              bb[k * co:(k + 1) * co], *_pairs(g)) for k in range(gi)], axis=1)
+
+    s = bn.params["weight"].astype(np.float64) / np.sqrt(bn.buffers["running_var"].astype(np.float64) + bn.eps)
+    mean, beta = bn.buffers["running_mean"].astype(np.float64), bn.params["bias"].astype(np.float64)
+    per = (slice(None), slice(None), None, None)
+    exact = np.maximum((conv64(x.astype(np.float64), w64, b64) - mean[per[1:]]) * s[per[1:]] + beta[per[1:]], 0)
+    mag = (conv64(np.abs(x).astype(np.float64), np.abs(w64), np.abs(b64)) + np.abs(mean)[per[1:]]) \
+        * np.abs(s)[per[1:]] + np.abs(beta)[per[1:]]
+    n = ci * 9 + 1
+    bound_f = oracles.worst_sum_bound(mag, n + 1)
+    bound_u = oracles.worst_sum_bound(mag, n) + 8 * U * mag
+    assert np.all(np.abs(yf - exact) <= bound_f + 1e-37), "folded"
+    assert np.all(np.abs(yu - exact) <= bound_u + 1e-37), "unfolded"
+    assert np.all(np.abs(yf.astype(np.float64) - yu) <= bound_f + bound_u + 1e-37)
+
+
+def test_fold_rules_and_errors(rng):
+    conv, bn = Conv2d(2, 4, 3, padding=1), _random_bn(BatchNorm2d(4), rng)
+    conv2, bn2 = Conv2d(4, 4, 1), _random_bn(BatchNorm2d(4), rng)
+    g = Graph([("c1", conv, ["input"]), ("b1", bn, ["c1"]), ("r1", ReLU(), ["b1"]),
+               ("c2", conv2, ["r1"]), ("b2", bn2, ["c2"]), ("side", ReLU(), ["c2"]),  # c2 read twice: kept
+               ("flat", Flatten(), ["b2"])], input_shape=(2, 5, 5))
+    with pytest.raises(ValueError, match="training mode"):
+        fold_batchnorm(g)
+    g.eval()
+    assert foldable_pairs(g) == [("c1", "b1")]
+    f = fold_batchnorm(g)
+    assert [n for n, _ in f.layers] == ["c1", "r1", "c2", "b2", "side", "flat"] and f.inputs_of["r1"] == ["c1"]
+    assert f["c2"] is conv2 and f["c1"] is not conv and g["c1"] is conv  # unfolded layers shared, folded copied
+    lone = Sequential(("c", Conv2d(2, 2, 1)), input_shape=(2, 3, 3)).eval()
+    assert fold_batchnorm(lone) is lone
+    with pytest.raises(TypeError, match="Graph"):
+        fold_batchnorm(conv)
+    # predict folds: same classes as the unfolded model on well-separated logits
+    x = rng.standard_normal((4, 2, 5, 5)).astype(np.float32)
+    from dnnpar.train import predict
+    seq = Sequential(("c", Conv2d(2, 3, 3, seed=2)), ("b", _random_bn(BatchNorm2d(3), rng)), ("flat", Flatten()),
+                     ("fc", Linear(27, 4, seed=3)), input_shape=(2, 5, 5))
+    logits = seq.eval().forward(x)
+    seq.train()
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    keep = top2[:, 1] - top2[:, 0] > 1e-3 * np.abs(logits).max()
+    np.testing.assert_array_equal(predict(seq, x)[keep], logits.argmax(axis=1)[keep])
+    assert seq.training  # mode restored
