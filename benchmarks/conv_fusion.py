@@ -11,7 +11,7 @@ Rows: LeNet-5 (batch 64) and VGG-16 at 32x32 (batch 16) training steps; ResNet-s
 (batch 1 and 64). The hardware bound beside each row: the GFLOP/s the step reaches against
 NumPy's SGEMM measured in the same run. The other load on the machine during the run is printed.
 
-    python benchmarks/conv_fusion.py [--rounds 7] [--quick]
+    python benchmarks/conv_fusion.py [--rounds 7] [--quick] [--threads N]
 """
 from __future__ import annotations
 
@@ -62,7 +62,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="LeNet-5 only, 3 rounds")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="BLAS, native-kernel and torch threads (threadpoolctl; default: BLAS's own count)")
     args = ap.parse_args(argv)
+    if args.threads is not None:
+        from threadpoolctl import threadpool_limits
+        with threadpool_limits(args.threads):
+            return run(args)
+    return run(args)
+
+
+def run(args) -> int:
     rounds = 3 if args.quick else args.rounds
     torch = optional_torch()
     if torch is not None:
@@ -103,7 +113,7 @@ def main(argv=None) -> int:
                     fns["torch"] = tfwd
                 rows.append(("ResNet-style 32x32 inference", batch, 2.0 * macs * batch, interleaved(fns, rounds)))
     set_config("fused")
-    print(f"dnnpar conv fusion, numpy backend; NumPy SGEMM {peak:,.0f} GFLOP/s measured in this run "
+    print(f"dnnpar conv fusion, numpy backend, {cpu_native.blas_threads()} thread(s); NumPy SGEMM {peak:,.0f} GFLOP/s measured in this run "
           f"(the bound each row's GFLOP/s is read against); median of {rounds} interleaved rounds")
     head = f"{'row':<30} {'batch':>5} {'unfused ms':>11} {'fused ms':>9} {'speedup':>8} {'torch ms':>9} " \
            f"{'fused/torch':>11} {'fused GFLOP/s':>13} {'% SGEMM':>8}"
