@@ -22,8 +22,7 @@ import numpy as np
 from _common import (OtherLoad, dnnpar_train_step, median, optional_torch, sgemm_peak_gflops, torch_train_step,
                      training_flops)
 
-import dnnpar as dp  # noqa: E402  (_common put the checkout on sys.path)
-import dnnpar.nn.base as base
+import dnnpar.nn.base as base  # noqa: E402  (_common put the checkout on sys.path)
 from dnnpar.backend import cpu_native
 from dnnpar.nn.fusion import fold_batchnorm
 from dnnpar.nn.models import build
