@@ -362,12 +362,7 @@ class BatchNorm2d(Layer):
 
 
 class SoftmaxCrossEntropy:
-    """Mean cross-entropy of softmax(logits) against integer labels; ``backward`` gives dL/dlogits.
-
-    One buffer per call: the shifted logits z = x - max become exp(z), then the softmax p, then
-    the gradient (p - onehot) / N in place, and the loss -mean(z[label] - log sum exp z) is read
-    from the same row sums (the label's z is gathered before the exp). The gradient is written
-    once, in ``forward``; ``backward`` hands it over."""
+    """Mean cross-entropy of softmax(logits) against integer labels; ``backward`` gives dL/dlogits."""
 
     def forward(self, logits, labels):
         xp = get_backend().xp
@@ -377,22 +372,18 @@ class SoftmaxCrossEntropy:
             raise ValueError(f"labels must be ({logits.shape[0]},) integers, got {labels.dtype} {tuple(labels.shape)}")
         if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]):
             raise ValueError(f"labels must lie in [0, {logits.shape[1]})")
-        rows = xp.arange(labels.shape[0])
-        d = logits - logits.max(axis=1, keepdims=True)   # z, then exp(z), p, and the gradient
-        z_label = d[rows, labels]
-        xp.exp(d, out=d)
-        total = d.sum(axis=1, keepdims=True)
-        loss = -(z_label - xp.log(total[:, 0])).mean()
-        d /= total
-        d[rows, labels] -= 1
-        d /= d.dtype.type(labels.shape[0])
-        self.grad = d
-        return loss
+        z = logits - logits.max(axis=1, keepdims=True)
+        logp = z - xp.log(xp.exp(z).sum(axis=1, keepdims=True))
+        self.p, self.labels = xp.exp(logp), labels
+        return -logp[xp.arange(labels.shape[0]), labels].mean()
 
     __call__ = forward
 
     def backward(self):
-        return self.grad
+        xp = get_backend().xp
+        d = self.p.copy()
+        d[xp.arange(self.labels.shape[0]), self.labels] -= 1
+        return d / d.dtype.type(self.labels.shape[0])
 
 
 # ---------------------------------------------------------------- activations and shape layers
