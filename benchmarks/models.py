@@ -42,6 +42,7 @@ from _common import (OtherLoad, blas_name, common_meta, cpu_cores, dnnpar_train_
                      sgemm_peak_gflops, time_runs, torch_train_step, training_flops, write_report)
 
 import dnnpar as dp  # noqa: E402  (_common put the checkout on sys.path)
+from dnnpar.nn.fusion import fold_batchnorm  # noqa: E402
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
 INFER_BATCHES, TRAIN_BATCHES = (1, 64), (16, 64)
@@ -404,7 +405,8 @@ class ModelsBench:
             self.rows.append(row)
             x, _ = batch_of(self.rng, cfg["in_shape"], batch)
             model.eval()
-            got = self.time(row, "dnnpar", lambda: model.forward(x))
+            folded = fold_batchnorm(model)  # BN folded into its conv: an inference copy
+            got = self.time(row, "dnnpar", lambda: folded.forward(x))
             checks = []
             if tm is not None:
                 tm.eval()

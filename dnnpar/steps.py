@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import backend as _backend
+from .nn.base import Graph
+from .nn.fusion import fold_batchnorm
 from .nn.models import build
 
 @dataclass
@@ -77,12 +79,15 @@ def forward_backward(model, loss_fn, xb, yb, where: str = ""):
 
 
 def predict(model, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
-    """Class predictions (NumPy int64) in eval mode; the model's mode is restored afterwards."""
+    """Class predictions (NumPy int64) in eval mode, Conv2d -> BatchNorm2d pairs folded into one
+    convolution (:func:`dnnpar.nn.fusion.fold_batchnorm`, an inference copy); the model's mode is
+    restored afterwards."""
     be = _backend.get_backend()
     was_training = model.training
     model.eval()
     try:
-        return np.concatenate([be.to_numpy(model.forward(be.asarray(x[s:s + batch_size]))).argmax(axis=1)
+        fwd = fold_batchnorm(model) if isinstance(model, Graph) else model
+        return np.concatenate([be.to_numpy(fwd.forward(be.asarray(x[s:s + batch_size]))).argmax(axis=1)
                                for s in range(0, len(x), batch_size)]) if len(x) else np.zeros(0, np.int64)
     finally:
         model.train(was_training)

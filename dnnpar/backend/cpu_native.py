@@ -7,6 +7,8 @@ One shared library per source, listed in :data:`NATIVE_SOURCES`:
 - ``depthwise.cpp``: depthwise convolution forward and backward (dx, dw), float32 NCHW;
 - ``norm.cpp``: BatchNorm2d training / eval forward and backward with a fused ReLU / ReLU6;
 - ``pool.cpp``: MaxPool2d and AvgPool2d forward and backward.
+- ``conv.cpp``: the im2col + GEMM convolution's glue: im2col, col2im, and the epilogues (GEMM
+  output -> NCHW with bias + ReLU / ReLU6; dy -> GEMM layout with the activation's mask and db).
 
 Every source goes through the same path: ``$CXX`` (default ``g++``) with ``-O3 -march=native
 -fopenmp-simd -pthread`` and ``dnnpar/cpu`` on the include path, cached under
@@ -96,6 +98,12 @@ NATIVE_SOURCES = {s.stem: s for s in (
         "dnnpar_maxpool_backward": [_P, _P, _P, _P, _P, _I32],
         "dnnpar_avgpool_forward": [_P, _P, _P, _I32, _I32],
         "dnnpar_avgpool_backward": [_P, _P, _P, _I32, _I32],
+    }),
+    NativeSource("conv", 1, "convolution packing (im2col / col2im / epilogues)", "NumPy", {
+        "dnnpar_conv_im2col": [_P, _P, _P, _I32],
+        "dnnpar_conv_col2im": [_P, _P, _P, _I32],
+        "dnnpar_conv_epilogue": [_P, _P, _P, _I64, _I64, _I64, _I32, _I32],
+        "dnnpar_conv_epilogue_backward": [_P, _P, _P, _P, _I64, _I64, _I64, _I32, _I32],
     }),
 )}
 
@@ -366,8 +374,8 @@ def depthwise_backward(x, w, dy, dx, dw, geo, generic: bool = False, threads: in
     return dx, dw
 
 
-#: the activation codes of norm.cpp
-_ACT_CODES = {None: 0, "relu": 1, "relu6": 2}
+#: activation (ops/activation.py's kinds) -> the code norm.cpp and conv.cpp read
+ACTIVATION_CODES = {None: 0, "relu": 1, "relu6": 2}
 
 
 def _bn_shape(x):
@@ -393,7 +401,7 @@ def batch_norm_forward(x, gamma, beta, mean, var, inv, y, eps: float, training: 
         _check_f32(what, a, (c,), out=True, op=op, dtype=np.float64)
     geo = np.array([n, c, hw], np.int64)
     _loaded("norm").dnnpar_bn_forward(_ptr(x), _ptr(gamma), _ptr(beta), _ptr(mean), _ptr(var), _ptr(inv), _ptr(y),
-                                      _ptr(geo), float(eps), int(bool(training)), _ACT_CODES[activation],
+                                      _ptr(geo), float(eps), int(bool(training)), ACTIVATION_CODES[activation],
                                       _threads_arg(threads))
     return y
 
@@ -420,7 +428,7 @@ def batch_norm_backward(x, y, dy, gamma, mean, inv, dx, dgamma, dbeta, training:
     geo = np.array([n, c, hw], np.int64)
     _loaded("norm").dnnpar_bn_backward(_ptr(x), None if activation is None else _ptr(y), _ptr(dy), _ptr(gamma),
                                        _ptr(mean), _ptr(inv), None if dx is None else _ptr(dx), _ptr(dgamma),
-                                       _ptr(dbeta), _ptr(geo), int(bool(training)), _ACT_CODES[activation],
+                                       _ptr(dbeta), _ptr(geo), int(bool(training)), ACTIVATION_CODES[activation],
                                        _threads_arg(threads))
     return dx, dgamma, dbeta
 
@@ -464,3 +472,76 @@ def avg_pool_backward(dy, dx, geo, count_include_pad: bool, threads: int | None 
     _loaded("pool").dnnpar_avgpool_backward(_ptr(dy), _ptr(dx), _ptr(g), int(bool(count_include_pad)),
                                             _threads_arg(threads))
     return dx
+
+
+
+
+def _conv_geo(geo) -> np.ndarray:
+    """(N, C, H, W, KH, KW, OH, OW, SH, SW, PH, PW, DH, DW) as the kernel reads it."""
+    g = np.asarray(geo, np.int64)
+    if g.shape != (14,) or g[:10].min() < 1 or g[10:12].min() < 0 or g[12:].min() < 1:
+        raise ValueError(f"native conv: geometry must be 14 sizes (N, C, H, W, KH, KW, OH, OW, SH, SW, PH, PW, DH, DW), "
+                         f"got {tuple(geo)!r}")
+    return g
+
+
+def conv_im2col(x, cols, geo, threads: int | None = None) -> np.ndarray:
+    """``cols[:] =`` im2col of x (N, C, H, W): (C*KH*KW, N*OH*OW), zero where a tap reads padding;
+    ``geo`` as :func:`_conv_geo`, already validated (the op layer's ConvGeometry). Returns cols."""
+    g = _conv_geo(geo)
+    n, c, h, wd, kh, kw, oh, ow = (int(v) for v in g[:8])
+    _check_f32("x", x, (n, c, h, wd), op="conv")
+    _check_f32("cols", cols, (c * kh * kw, n * oh * ow), out=True, op="conv")
+    _loaded("conv").dnnpar_conv_im2col(_ptr(x), _ptr(cols), _ptr(g), _threads_arg(threads))
+    return cols
+
+
+def conv_col2im(cols, dx, geo, threads: int | None = None) -> np.ndarray:
+    """``dx[:] =`` col2im of cols (the adjoint of :func:`conv_im2col`); each dx plane is summed by
+    one thread in the fixed tap order (the bits do not depend on ``threads``). Returns dx."""
+    g = _conv_geo(geo)
+    n, c, h, wd, kh, kw, oh, ow = (int(v) for v in g[:8])
+    _check_f32("cols", cols, (c * kh * kw, n * oh * ow), op="conv")
+    _check_f32("dx", dx, (n, c, h, wd), out=True, op="conv")
+    _loaded("conv").dnnpar_conv_col2im(_ptr(cols), _ptr(dx), _ptr(g), _threads_arg(threads))
+    return dx
+
+
+def _conv_act(activation) -> int:
+    try:
+        return ACTIVATION_CODES[activation]
+    except KeyError:
+        raise ValueError(f"native conv: activation must be one of {list(ACTIVATION_CODES)}, got {activation!r}") from None
+
+
+def conv_epilogue(ym, bias, y, activation=None, threads: int | None = None) -> np.ndarray:
+    """``y[:] = activation(ym + bias)`` laid out NCHW: ym (O, N*P) the GEMM's output, bias (O,)
+    or None, y (N, O, OH, OW) with P = OH*OW. Returns y."""
+    if not isinstance(y, np.ndarray) or y.ndim != 4:
+        raise ValueError(f"native conv: y must be an (N, O, OH, OW) array, got {getattr(y, 'shape', type(y))}")
+    n, o, oh, ow = y.shape
+    _check_f32("ym", ym, (o, n * oh * ow), op="conv")
+    if bias is not None:
+        _check_f32("bias", bias, (o,), op="conv")
+    _check_f32("y", y, (n, o, oh, ow), out=True, op="conv")
+    _loaded("conv").dnnpar_conv_epilogue(_ptr(ym), None if bias is None else _ptr(bias), _ptr(y), n, o, oh * ow,
+                                         _conv_act(activation), _threads_arg(threads))
+    return y
+
+
+def conv_epilogue_backward(dy, y, dym, db, activation=None, threads: int | None = None):
+    """``dym[:]`` (O, N*P) = dy (N, O, OH, OW) masked by the activation's gradient at the activated
+    output y (same shape; None for no activation), and ``db[:]`` (O,) its sum over n and p, one
+    thread per channel in a fixed order. Returns (dym, db)."""
+    if not isinstance(dy, np.ndarray) or dy.ndim != 4:
+        raise ValueError(f"native conv: dy must be an (N, O, OH, OW) array, got {getattr(dy, 'shape', type(dy))}")
+    n, o, oh, ow = dy.shape
+    act = _conv_act(activation)
+    _check_f32("dy", dy, dy.shape, op="conv")
+    if act:
+        _check_f32("y", y, dy.shape, op="conv")
+    _check_f32("dym", dym, (o, n * oh * ow), out=True, op="conv")
+    _check_f32("db", db, (o,), out=True, op="conv")
+    _loaded("conv").dnnpar_conv_epilogue_backward(_ptr(dy), _ptr(y) if act else None, _ptr(dym), _ptr(db), n, o,
+                                                  oh * ow, act, _threads_arg(threads))
+    return dym, db

@@ -7,6 +7,7 @@ import numpy as np
 from .. import ops
 from ..backend import get_backend
 from ..ops._common import conv_out_size
+from ..ops.activation import activate_, activation_grad
 from .base import Layer, he_normal
 from .layers import _check_bool, check_sizes, window_args
 
@@ -32,7 +33,13 @@ class Conv2d(Layer):
     convolution with O / C filters per channel (output channel o reads input channel
     o // (O / C)); without dilation it runs on the depthwise kernel, other groupings as one
     convolution per group. ``algo``: "im2col" or "direct" (forward; the backward pass is GEMM +
-    col2im) or "implicit_gemm" (forward and backward as implicit GEMMs, all groups in one launch)."""
+    col2im) or "implicit_gemm" (forward and backward as implicit GEMMs, all groups in one launch).
+    A following ReLU / ReLU6 is absorbed when a Graph fuses it (``absorbs``): on the numpy backend
+    it runs in the native epilogue with the bias, and its backward mask in the pass that lays dy out
+    for the GEMMs (:func:`dnnpar.ops.conv2d`, :func:`dnnpar.ops.conv2d_backward`); implicit_gemm
+    applies it in its kernel epilogue."""
+
+    absorbs = ("relu", "relu6")
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, algo: str = "im2col", seed: int = 0):
@@ -68,11 +75,18 @@ class Conv2d(Layer):
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"Conv2d expects (N, {self.in_channels}, H, W) input, got {tuple(x.shape)}")
         self.x, self.cols = x, None
+        y = self._forward(x)
+        self.y = y if self.activation else None  # the backward's mask is read from it
+        return y
+
+    def _forward(self, x):
         w, b = self.params["weight"], self.params.get("bias")
+        xp = get_backend().xp
         if self._depthwise:
-            return ops.depthwise_conv2d(self._spread(x), w, b, self.stride, self.padding)
+            return activate_(xp, ops.depthwise_conv2d(self._spread(x), w, b, self.stride, self.padding),
+                             self.activation)
         y, cols = ops.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.algo, return_cols=True,
-                             groups=self.groups)
+                             groups=self.groups, activation=self.activation)
         if cols is not None and cols.nbytes <= KEEP_COLS_BYTES and self.training:
             self.cols = cols  # the backward pass's dW GEMM reuses it instead of a second im2col
         return y
@@ -80,6 +94,10 @@ class Conv2d(Layer):
     def backward(self, dy):
         x, w = self.x, self.params["weight"]
         kw = dict(stride=self.stride, padding=self.padding, dilation=self.dilation)
+        act, y = self.activation, self.y
+        self.y = None
+        if act and self.groups > 1:  # groups == 1: conv2d_backward masks dy
+            dy, act = activation_grad(get_backend().xp, dy, y, act), None
         if self._depthwise:
             dx, dw, db = ops.depthwise_conv2d_backward(self._spread(x), w, dy, self.stride, self.padding,
                                                        need_dx=self.need_dx)
@@ -89,7 +107,7 @@ class Conv2d(Layer):
                 dx = dx.reshape(n, self.in_channels, m, h, wd).sum(axis=2)
         else:  # ops loop over groups (im2col / direct) or take them in one launch (implicit_gemm)
             dx, dw, db = ops.conv2d_backward(x, w, dy, need_dx=self.need_dx, cols=self.cols, groups=self.groups,
-                                             algo=self.algo, **kw)
+                                             algo=self.algo, activation=act, y=y, **kw)
         self._set_grads(dw, db)
         self.x = self.cols = None
         return dx
@@ -123,13 +141,18 @@ class PointwiseConv2d(Conv2d):
         y = ops.gemm(self.params["weight"].reshape(self.out_channels, c), xm)
         if "bias" in self.params:
             y += self.params["bias"][:, None]
-        return xp.ascontiguousarray(y.reshape(self.out_channels, n, h, w).transpose(1, 0, 2, 3))
+        y = activate_(xp, xp.ascontiguousarray(y.reshape(self.out_channels, n, h, w).transpose(1, 0, 2, 3)),
+                      self.activation)
+        self.y = y if self.activation else None
+        return y
 
     def backward(self, dy):
         xp = get_backend().xp
         x = self.x
         n, c, h, w = x.shape
         o = self.out_channels
+        if self.activation:
+            dy, self.y = activation_grad(xp, dy, self.y, self.activation), None
         xm = xp.ascontiguousarray(x.transpose(1, 0, 2, 3)).reshape(c, n * h * w)
         dym = xp.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(o, n * h * w)
         wm = self.params["weight"].reshape(o, c)

@@ -8,6 +8,12 @@ The ``*_numpy`` references beside each launcher are the numpy backend's implemen
 dtype-generic (float64 inputs, inside ``dp.precision("float64")``, give a float64 result). They
 read each kernel tap's window of the unpadded input (:meth:`ConvGeometry.tap_window`), so no
 padded copy of x is made whatever the padding.
+
+On the numpy backend, float32 im2col / col2im and the GEMM's epilogues (bias + ReLU / ReLU6 ->
+NCHW forward; dy -> GEMM layout with the activation's mask and db backward) run natively
+(``dnnpar/cpu/conv.cpp``, built at first use, see :mod:`dnnpar.backend.cpu_native`); the NumPy
+code is the fallback without a compiler, the float64 path, and what ``NATIVE["use"] = False`` (or
+``DNNPAR_NATIVE=0``) selects.
 """
 from __future__ import annotations
 
@@ -16,12 +22,12 @@ import re
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from ..backend import get_backend
+from ..backend import cpu_native, get_backend
 from ..backend.sources import read_source
 from ..nvtx import ranged
 from ._common import (ConvGeometry, as_int, check_array, check_count, check_same_dtype, grid_stride_blocks, i32,
                       plane_grid)
-from .activation import activate_, check_activation
+from .activation import activate_, activation_grad, check_activation
 from .gemm import gemm
 
 ALGOS = ("im2col", "direct", "implicit_gemm")
@@ -30,6 +36,23 @@ ACT_CODES = {None: 0, "relu": 1, "relu6": 2}
 IGEMM_TARGET_BLOCKS = 264  # dw splits its reduction until about this many blocks (2 per SM of a 132-SM GPU)
 IGEMM_MIN_CHUNK = 256      # ... but never into ranges shorter than this (partial buffers cost memory traffic)
 MAX_GRID_YZ = 65535
+#: the native glue's switch (tests, benchmarks): False keeps the numpy backend on NumPy
+NATIVE = {"use": True}
+
+
+def native_library(*arrays):
+    """The native conv library when it takes a numpy-backend call on these operands (NumPy
+    float32 arrays, NATIVE["use"] on, the library built here), else None."""
+    return cpu_native.takes("conv", NATIVE["use"], *arrays)
+
+
+#: narrowest output rows the native im2col / col2im take: below them a row of one image is a few
+#: floats and NumPy's whole-tap strided copies win (``benchmarks/conv_fusion.py`` prints both paths)
+NATIVE_MIN_OW = {"im2col": 16, "col2im": 8}
+
+
+def _native_geo(g: ConvGeometry):
+    return (g.n, g.c, g.h, g.w, g.kh, g.kw, g.oh, g.ow, *g.stride, *g.padding, *g.dilation)
 
 
 # ---------------------------------------------------------------- NumPy references
@@ -48,14 +71,13 @@ def col2im_numpy(cols, g: ConvGeometry):
     return dx
 
 
-def conv2d_dx_numpy(w, dy, g: ConvGeometry):
-    """dx of a convolution without the dcols matrix and col2im: for each kernel tap one GEMM
-    (N*OH*OW, O) @ (O, C), added into the tap's strided window of an NHWC gradient.
+def conv2d_dx_numpy(w, dyt, g: ConvGeometry):
+    """dx of a convolution without the dcols matrix and col2im, from dy as (N*OH*OW, O) rows (the
+    transposed view of the (O, N*OH*OW) GEMM layout: BLAS reads it transposed): for each kernel
+    tap one GEMM (N*OH*OW, O) @ (O, C), added into the tap's strided window of an NHWC gradient.
     About twice as fast as dcols + col2im on LeNet-sized layers (contiguous adds, no 6-D transpose)."""
-    o = w.shape[0]
-    dyt = np.ascontiguousarray(dy.transpose(0, 2, 3, 1)).reshape(-1, o)      # (N*OH*OW, O)
     wt = np.ascontiguousarray(w.transpose(2, 3, 0, 1))                       # (KH, KW, O, C)
-    dxh = np.zeros((g.n, g.h, g.w, g.c), dtype=np.result_type(w, dy))
+    dxh = np.zeros((g.n, g.h, g.w, g.c), dtype=np.result_type(w, dyt))
     for i, j, (oh, ow), (ih, iw) in g.taps():
         dxh[:, ih, iw] += (dyt @ wt[i, j]).reshape(g.n, g.oh, g.ow, g.c)[:, oh, ow]
     return np.ascontiguousarray(dxh.transpose(0, 3, 1, 2))
@@ -199,7 +221,9 @@ def im2col(x, kh: int, kw: int, stride=1, padding=0, dilation=1):
     x, g = geometry_for_x("im2col", x, kh, kw, stride, padding, dilation, be)
     g.check_cols("im2col")
     if not be.runs_kernels:
-        return im2col_numpy(x, g)
+        if g.ow < NATIVE_MIN_OW["im2col"] or native_library(x) is None:
+            return im2col_numpy(x, g)
+        return cpu_native.conv_im2col(x, be.empty(g.cols_shape, x.dtype), _native_geo(g))
     ncols = g.n * g.oh * g.ow  # the kernel's "plane" is one input channel over the whole batch
     grid = plane_grid("im2col", ncols, g.c)
     cols = be.empty(g.cols_shape, x.dtype)
@@ -217,7 +241,9 @@ def col2im(cols, x_shape, kh: int, kw: int, stride=1, padding=0, dilation=1):
         raise ValueError(f"col2im: cols must have shape {g.cols_shape} for x_shape {tuple(x_shape)}, "
                          f"got {tuple(cols.shape)}")
     if not be.runs_kernels:
-        return col2im_numpy(cols, g)
+        if g.ow < NATIVE_MIN_OW["col2im"] or native_library(cols) is None:
+            return col2im_numpy(cols, g)
+        return cpu_native.conv_col2im(cols, be.empty((g.n, g.c, g.h, g.w), cols.dtype), _native_geo(g))
     grid = plane_grid("col2im", g.h * g.w, g.n * g.c)
     x = be.empty((g.n, g.c, g.h, g.w), cols.dtype)
     be.launch("im2col.cu", "col2im", grid, (256,), (cols, x, *g.kernel_args()))
@@ -282,8 +308,8 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, algo: str = "im2col
     fused into implicit_gemm's epilogue on a kernel backend, with the same NaN behaviour).
     return_cols: return (y, cols), cols being the im2col matrix of x when this call built one
     (else None: implicit_gemm and groups > 1 never keep one), for :func:`conv2d_backward` to reuse.
-    Its gradient is ``activation_grad(dy, y)`` (:mod:`dnnpar.ops.activation`) before
-    :func:`conv2d_backward`.
+    The activation's gradient: pass ``activation`` and the output y to :func:`conv2d_backward`
+    (which masks dy as :func:`dnnpar.ops.activation.activation_grad` does).
     """
     out = _conv2d(x, w, bias, stride, padding, dilation, algo, groups, activation)
     return out if return_cols else out[0]
@@ -309,14 +335,14 @@ def _conv2d(x, w, bias, stride, padding, dilation, algo, groups=1, activation=No
                   (x, w, b, i32(bias is not None), i32(act), out, *_igemm_args(g, o, groups)))
         return out, None
     if groups == 1:
-        y, cols = _conv2d_single(x, w, bias, g, algo, be)
-        return activate_(be.xp, y, activation), None if algo == "implicit_gemm" else cols
+        y, cols, applied = _conv2d_single(x, w, bias, g, algo, be, activation)
+        return (y if applied else activate_(be.xp, y, activation)), None if algo == "implicit_gemm" else cols
     cg, og = g.c // groups, o // groups
     xp = be.xp
     parts = [_conv2d_single(xp.ascontiguousarray(x[:, k * cg:(k + 1) * cg]), w[k * og:(k + 1) * og],
                             None if bias is None else bias[k * og:(k + 1) * og],
                             ConvGeometry.make("conv2d", (g.n, cg, g.h, g.w), g.kh, g.kw, g.stride, g.padding,
-                                              g.dilation), algo, be)[0]
+                                              g.dilation), algo, be, None)[0]
              for k in range(groups)]
     return activate_(xp, xp.concatenate(parts, axis=1), activation), None
 
@@ -326,28 +352,30 @@ def _igemm_args(g: ConvGeometry, o: int, groups: int):
                                   *g.dilation, groups))
 
 
-def _conv2d_single(x, w, bias, g: ConvGeometry, algo, be):
-    """One group: (y, cols or None)."""
+def _conv2d_single(x, w, bias, g: ConvGeometry, algo, be, activation=None):
+    """One group: (y, cols or None, whether ``activation`` was applied: the native epilogue's)."""
     o = w.shape[0]
     if algo == "im2col":
         g.check_cols("conv2d")  # on every backend, though the numpy fast path never builds it
     if algo == "direct":
         if not be.runs_kernels:
-            return conv2d_direct_numpy(x, w, bias, g), None
+            return conv2d_direct_numpy(x, w, bias, g), None, False
         out = be.empty((g.n, o, g.oh, g.ow))
         b = bias if bias is not None else be.xp.zeros(1, np.float32)  # not read: has_bias = 0
         be.launch("conv_direct.cu", "conv2d_direct", (grid_stride_blocks(g.n * o * g.oh * g.ow),), (256,),
                   (x, w, b, i32(bias is not None), out,
                    *(i32(v) for v in (g.n, g.c, g.h, g.w, o, g.kh, g.kw, g.oh, g.ow, *g.stride, *g.padding,
                                       *g.dilation))))
-        return out, None
+        return out, None, False
     if not be.runs_kernels and _fast_path_ok(g, x.itemsize):
-        return conv2d_fast_numpy(x, w, bias, g), None
+        return conv2d_fast_numpy(x, w, bias, g), None, False
     cols = im2col(x, g.kh, g.kw, g.stride, g.padding, g.dilation)
     y = gemm(w.reshape(o, -1), cols)  # (O, N*OH*OW)
+    if not be.runs_kernels and native_library(y, bias) is not None:  # bias + activation + NCHW in one pass
+        return cpu_native.conv_epilogue(y, bias, be.empty((g.n, o, g.oh, g.ow)), activation), cols, True
     if bias is not None:
         y += bias[:, None]
-    return be.xp.ascontiguousarray(y.reshape(o, g.n, g.oh, g.ow).transpose(1, 0, 2, 3)), cols
+    return be.xp.ascontiguousarray(y.reshape(o, g.n, g.oh, g.ow).transpose(1, 0, 2, 3)), cols, False
 
 
 def _check_dy(op, dy, want, be):
@@ -359,7 +387,7 @@ def _check_dy(op, dy, want, be):
 
 @ranged("dnnpar.conv2d_backward")
 def conv2d_backward(x, w, dy, stride=1, padding=0, dilation=1, need_dx: bool = True, cols=None, groups: int = 1,
-                    algo: str = "im2col"):
+                    algo: str = "im2col", activation: str | None = None, y=None):
     """Gradients of :func:`conv2d`: returns (dx or None, dw, db) for x (N, C, H, W), w (O, C/groups, KH, KW)
     and dy (N, O, OH, OW) (the gradient after any activation has been applied to it by the caller).
     algo "im2col" / "direct": dw = dY @ cols^T and dcols = W^T @ dY are two GEMMs (NT and TN); dx is
@@ -368,7 +396,10 @@ def conv2d_backward(x, w, dy, stride=1, padding=0, dilation=1, need_dx: bool = T
     cuda/conv_implicit.cu (dx a gather, dw a split reduction summed in a fixed order: deterministic),
     all groups in one launch; on the numpy backend it takes the im2col path.
     db is dy summed over n, oh, ow. ``cols``: x's im2col matrix kept from the forward pass
-    (``conv2d(..., return_cols=True)``, groups = 1 only), else it is rebuilt."""
+    (``conv2d(..., return_cols=True)``, groups = 1 only), else it is rebuilt.
+    activation, y: the forward's fused activation and its activated output (N, O, OH, OW); dy is
+    then the gradient at y and is masked as :func:`dnnpar.ops.activation.activation_grad` does
+    (numpy backend, float32, groups = 1: in the same native pass that lays dy out for the GEMMs)."""
     be = get_backend()
     if algo not in ALGOS:
         raise ValueError(f"conv2d_backward: unknown algo {algo!r}: one of {', '.join(ALGOS)}")
@@ -377,16 +408,23 @@ def conv2d_backward(x, w, dy, stride=1, padding=0, dilation=1, need_dx: bool = T
     groups = check_groups("conv2d_backward", groups, g.c, w.shape)
     o = w.shape[0]
     dy = _check_dy("conv2d_backward", dy, (g.n, o, g.oh, g.ow), be)
-    check_same_dtype("conv2d_backward", x=x, w=w, dy=dy)
+    check_activation("conv2d_backward", activation)
+    if activation is not None:
+        if y is None:
+            raise ValueError(f"conv2d_backward: activation={activation!r} needs the forward's activated output y")
+        y = _check_dy("conv2d_backward", y, dy.shape, be)
+    check_same_dtype("conv2d_backward", x=x, w=w, dy=dy, y=y)
     if cols is not None and (groups > 1 or algo == "implicit_gemm"):
         raise ValueError("conv2d_backward: cols can be reused only with groups=1 and algo 'im2col' or 'direct'")
     xp = be.xp
+    if groups == 1 and not (algo == "implicit_gemm" and be.runs_kernels):
+        g.check_cols("conv2d_backward")
+        return _backward_single(x, w, dy, g, need_dx, cols, be, activation, y)
+    if activation is not None:
+        dy = activation_grad(xp, dy, y, activation)
     if algo == "implicit_gemm" and be.runs_kernels:
         dx, dw = _backward_igemm(x, w, dy, g, groups, need_dx, be)
         return dx, dw, dy.sum(axis=(0, 2, 3))
-    if groups == 1:
-        g.check_cols("conv2d_backward")
-        return _backward_single(x, w, dy, g, need_dx, cols, be)
     cg, og = g.c // groups, o // groups
     gg = ConvGeometry.make("conv2d_backward", (g.n, cg, g.h, g.w), g.kh, g.kw, g.stride, g.padding, g.dilation)
     gg.check_cols("conv2d_backward")
@@ -423,25 +461,33 @@ def _backward_igemm(x, w, dy, g: ConvGeometry, groups, need_dx, be):
     return dx, dw
 
 
-def _backward_single(x, w, dy, g: ConvGeometry, need_dx, cols, be):
-    """One group's (dx or None, dw, db) by GEMMs (+ col2im)."""
+def _backward_single(x, w, dy, g: ConvGeometry, need_dx, cols, be, activation=None, y=None):
+    """One group's (dx or None, dw, db) by GEMMs (+ col2im); dy masked by ``activation`` at y first."""
     xp = be.xp
     o = w.shape[0]
     if cols is not None:
         cols = check_array("conv2d_backward", "cols", cols, ndim=2, backend=be)
         if tuple(cols.shape) != g.cols_shape:
             raise ValueError(f"conv2d_backward: cols must have shape {g.cols_shape}, got {tuple(cols.shape)}")
-    if cols is None and not be.runs_kernels and _backward_fast_ok(g, x.itemsize):
+    fast = cols is None and not be.runs_kernels and _backward_fast_ok(g, x.itemsize)
+    native = not fast and not be.runs_kernels and native_library(dy, y) is not None
+    if activation is not None and not native:
+        dy = activation_grad(xp, dy, y, activation)
+    if fast:
         dx, dw = conv2d_backward_fast_numpy(x, w, dy, g, need_dx)
         return dx, dw, dy.sum(axis=(0, 2, 3))
     if cols is None:
         cols = im2col(x, g.kh, g.kw, g.stride, g.padding, g.dilation)
-    dy2 = xp.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(o, -1)
+    if native:  # mask, (N, O, P) -> (O, N*P) and db in one pass
+        dy2, db = cpu_native.conv_epilogue_backward(dy, y, be.empty((o, g.n * g.oh * g.ow)), be.empty((o,)),
+                                                    activation)
+    else:
+        dy2 = xp.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(o, -1)
+        db = dy2.sum(axis=1)
     dw = gemm(dy2, cols, trans_b=True).reshape(w.shape)
-    db = dy2.sum(axis=1)
     dx = None
     if need_dx and not be.runs_kernels and g.c >= FAST_DX_MIN_CHANNELS:
-        dx = conv2d_dx_numpy(w, dy, g)
+        dx = conv2d_dx_numpy(w, dy2.T, g)
     elif need_dx:
         dcols = gemm(w.reshape(o, -1), dy2, trans_a=True)
         dx = col2im(dcols, x.shape, g.kh, g.kw, g.stride, g.padding, g.dilation)

@@ -1,0 +1,341 @@
+"""The numpy backend's native convolution glue (dnnpar/cpu/conv.cpp: im2col, col2im, the forward
+epilogue with bias + ReLU / ReLU6 and the backward repacking with the activation's mask and db)
+against the float64 oracles of tests/oracles.py, Conv2d's fused activation in a Graph, and the
+NumPy fallback."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import dnnpar as dp
+import dnnpar.nn.base as base
+import oracles
+from dnnpar.backend import cpu_native, poison_outputs
+from dnnpar.nn import Sequential
+from dnnpar.nn.conv import Conv2d
+from dnnpar.nn.layers import Flatten, Linear, ReLU, ReLU6, SoftmaxCrossEntropy
+from dnnpar.ops import conv as C
+from oracles import assert_sum_close
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (x shape, O, kernel, stride, padding, dilation): odd sizes, primes, N = 1, stride 2, dilation,
+# padding wider than the kernel's reach, rows narrower and wider than NATIVE_MIN_OW
+GEOMETRIES = [
+    ((1, 1, 5, 7), 1, (3, 3), 1, 0, 1),
+    ((3, 5, 17, 19), 7, (3, 3), 1, 1, 1),
+    ((2, 3, 23, 29), 4, (5, 3), 2, (2, 1), 1),
+    ((2, 4, 19, 31), 3, (3, 3), (1, 2), 3, 2),
+    ((1, 9, 13, 37), 11, (2, 4), 3, (4, 0), (2, 1)),
+    ((5, 2, 31, 17), 6, (1, 1), 2, 0, 1),
+]
+
+
+@pytest.fixture
+def native_conv(monkeypatch):
+    """The conv kernel library on the numpy backend (skipped, with the reason, where it cannot be
+    built); NATIVE_MIN_OW lowered so every geometry runs natively."""
+    if cpu_native.library("conv") is None:
+        pytest.skip(f"native conv kernel unavailable: {cpu_native.unavailable_reason('conv')}")
+    monkeypatch.setitem(C.NATIVE_MIN_OW, "im2col", 1)
+    monkeypatch.setitem(C.NATIVE_MIN_OW, "col2im", 1)
+    with dp.use_backend("numpy") as be, poison_outputs():
+        yield be
+
+
+@pytest.fixture
+def fusion():
+    saved = base.FUSION
+    yield
+    base.FUSION = saved
+
+
+def _geo(xs, o, k, s, p, d):
+    g = dp.ops._common.ConvGeometry.make("test", xs, k[0], k[1], s, p, d)
+    return g, (g.n, g.c, g.h, g.w, g.kh, g.kw, g.oh, g.ow, *g.stride, *g.padding, *g.dilation)
+
+
+def _pairs(g):
+    return g.stride, g.padding, g.dilation
+
+
+@pytest.mark.parametrize("geom", GEOMETRIES)
+def test_im2col_col2im_exact(native_conv, rng, geom):
+    """im2col copies (equal to the oracle bit for bit, zeros on the padding); col2im sums at most
+    KH*KW taps per pixel (within their float32 summation bound)."""
+    xs, o, k, s, p, d = geom
+    g, _ = _geo(xs, o, k, s, p, d)
+    x = rng.standard_normal(xs).astype(np.float32)
+    cols = dp.ops.im2col(x, *k, s, p, d)
+    np.testing.assert_array_equal(cols, oracles.im2col(x, *k, *_pairs(g)).astype(np.float32))
+    dc = rng.standard_normal(g.cols_shape).astype(np.float32)
+    dx = dp.ops.col2im(dc, xs, *k, s, p, d)
+    assert_sum_close(dx, oracles.col2im(dc.astype(np.float64), xs, *k, *_pairs(g)),
+                     oracles.col2im(np.abs(dc).astype(np.float64), xs, *k, *_pairs(g)), k[0] * k[1], "col2im")
+
+
+@pytest.mark.parametrize("geom", GEOMETRIES)
+@pytest.mark.parametrize("act", [None, "relu", "relu6"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv2d_forward_backward_against_float64(native_conv, rng, geom, act, bias):
+    xs, o, k, s, p, d = geom
+    g, _ = _geo(xs, o, k, s, p, d)
+    x = (rng.standard_normal(xs) * 3).astype(np.float32)
+    w = rng.standard_normal((o, xs[1], *k)).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32) if bias else None
+    y = dp.ops.conv2d(x, w, b, s, p, d, activation=act)
+    pre = oracles.conv2d(x.astype(np.float64), w.astype(np.float64), None if b is None else b.astype(np.float64),
+                         *_pairs(g))
+    mag = oracles.conv2d(np.abs(x).astype(np.float64), np.abs(w).astype(np.float64),
+                         None if b is None else np.abs(b).astype(np.float64), *_pairs(g))
+    terms = xs[1] * k[0] * k[1] + bias
+    want = pre if act is None else np.clip(pre, 0, 6 if act == "relu6" else None)
+    assert_sum_close(y, want, mag, terms, f"conv2d {act}")  # clipping only shrinks the error
+    # backward at the activated output: the mask is the activation's, dy is poisoned-free random
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx, dw, db = dp.ops.conv2d_backward(x, w, dy, s, p, d, activation=act, y=y)
+    mask = np.ones(y.shape, bool) if act is None else (y > 0) & ((y < 6) if act == "relu6" else True)
+    dyo = np.where(mask, dy, 0).astype(np.float64)
+    n_pos = g.n * g.oh * g.ow
+    cols64 = oracles.im2col(x.astype(np.float64), *k, *_pairs(g))
+    dym = dyo.transpose(1, 0, 2, 3).reshape(o, -1)
+    assert_sum_close(dw, (dym @ cols64.T).reshape(w.shape), (np.abs(dym) @ np.abs(cols64).T).reshape(w.shape),
+                     n_pos, "dw")
+    assert_sum_close(db, dym.sum(axis=1), np.abs(dym).sum(axis=1), n_pos, "db")
+    wm = w.reshape(o, -1).astype(np.float64)
+    assert_sum_close(dx, oracles.col2im(wm.T @ dym, xs, *k, *_pairs(g)),
+                     oracles.col2im(np.abs(wm).T @ np.abs(dym), xs, *k, *_pairs(g)), o * k[0] * k[1], "dx")
+
+
+def test_native_kernels_bit_identical_over_threads(native_conv, rng):
+    xs, o, k, s, p, d = GEOMETRIES[3]
+    g, geo = _geo(xs, o, k, s, p, d)
+    x = rng.standard_normal(xs).astype(np.float32)
+    cols = rng.standard_normal(g.cols_shape).astype(np.float32)
+    ym = rng.standard_normal((o, g.n * g.oh * g.ow)).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32)
+    dy = rng.standard_normal((g.n, o, g.oh, g.ow)).astype(np.float32)
+    runs = []
+    for t in (1, 2, 3):
+        y = cpu_native.conv_epilogue(ym, b, np.full(dy.shape, np.nan, np.float32), "relu6", threads=t)
+        runs.append([cpu_native.conv_im2col(x, np.full(g.cols_shape, np.nan, np.float32), geo, threads=t),
+                     cpu_native.conv_col2im(cols, np.full(xs, np.nan, np.float32), geo, threads=t), y,
+                     *cpu_native.conv_epilogue_backward(dy, y, np.full(ym.shape, np.nan, np.float32),
+                                                        np.full(o, np.nan, np.float32), "relu6", threads=t)])
+    for r in runs[1:]:
+        for a, b_ in zip(runs[0], r):
+            np.testing.assert_array_equal(a, b_)
+
+
+def test_epilogue_activation_semantics(native_conv):
+    """NaN passes forward, is masked to 0 backward (even a NaN dy), the ReLU6 mask is 0 < y < 6."""
+    ym = np.array([[-np.inf, -1.0, 0.0, 0.5, 6.0, 7.0, np.nan]], np.float32)
+    y = cpu_native.conv_epilogue(ym, None, np.empty((1, 1, 1, 7), np.float32), "relu6")
+    np.testing.assert_array_equal(y.ravel(), [0, 0, 0, 0.5, 6, 6, np.nan])
+    dy = np.array([1, 1, 1, 1, 1, 1, np.nan], np.float32).reshape(1, 1, 1, 7)
+    dym, db = cpu_native.conv_epilogue_backward(dy, y, np.empty((1, 7), np.float32), np.empty(1, np.float32), "relu6")
+    np.testing.assert_array_equal(dym.ravel(), [0, 0, 0, 1, 0, 0, 0])
+    assert db[0] == 1
+    with pytest.raises(ValueError, match="activation"):
+        cpu_native.conv_epilogue(ym, None, np.empty((1, 1, 1, 7), np.float32), "gelu")
+    with pytest.raises(ValueError, match="float32"):
+        cpu_native.conv_im2col(ym.astype(np.float64).reshape(1, 1, 1, 7), np.empty((1, 7), np.float32),
+                               (1, 1, 1, 7, 1, 1, 1, 7, 1, 1, 0, 0, 1, 1))
+
+
+def test_backward_needs_y_with_activation(native_conv, rng):
+    x = rng.standard_normal((1, 2, 5, 5)).astype(np.float32)
+    w = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
+    dy = np.ones((1, 3, 3, 3), np.float32)
+    with pytest.raises(ValueError, match="activated output y"):
+        dp.ops.conv2d_backward(x, w, dy, activation="relu")
+    with pytest.raises(ValueError, match="shape"):
+        dp.ops.conv2d_backward(x, w, dy, activation="relu", y=np.ones((1, 3, 3, 2), np.float32))
+
+
+@pytest.mark.parametrize("geom", GEOMETRIES[1:4])
+@pytest.mark.parametrize("act", ["relu", "relu6"])
+def test_native_equals_fallback(native_conv, monkeypatch, rng, geom, act):
+    """The NumPy fallback (NATIVE["use"] = False) gives the same forward bits and gradients within
+    the reordering of db's and col2im's sums."""
+    xs, o, k, s, p, d = geom
+    x = (rng.standard_normal(xs) * 3).astype(np.float32)
+    w = rng.standard_normal((o, xs[1], *k)).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32)
+    outs = []
+    for use in (True, False):
+        monkeypatch.setitem(C.NATIVE, "use", use)
+        y = dp.ops.conv2d(x, w, b, s, p, d, activation=act)
+        dy = np.ones_like(y) if not outs else outs[0][1]
+        outs.append((y, dy, dp.ops.conv2d_backward(x, w, dy, s, p, d, activation=act, y=y)))
+    np.testing.assert_array_equal(outs[0][0], outs[1][0])
+    g, _ = _geo(xs, o, k, s, p, d)
+    for a, c, name, terms in zip(outs[0][2], outs[1][2], "dx dw db".split(),
+                                 (o * k[0] * k[1], g.n * g.oh * g.ow, g.n * g.oh * g.ow)):
+        # both float32 sums of the same products: each within the bound of the exact value
+        bound = 2 * oracles.worst_sum_bound(np.abs(a).max() * terms, terms)
+        assert np.max(np.abs(a - c)) <= bound, name
+
+
+def _lenet_like(act):
+    return Sequential(("c1", Conv2d(1, 4, 5, padding=2, seed=1)), ("a1", act()),
+                      ("c2", Conv2d(4, 6, 3, stride=2, seed=2)), ("a2", act()),
+                      ("c3", Conv2d(6, 6, 3, padding=2, dilation=2, groups=2, seed=3)), ("a3", act()),
+                      ("flat", Flatten()), ("fc", Linear(6 * 6 * 6, 5, seed=4)), input_shape=(1, 13, 13))
+
+
+@pytest.mark.parametrize("act", [ReLU, ReLU6])
+def test_fused_graph_equals_unfused(fusion, rng, act):
+    """Conv2d absorbs ReLU / ReLU6 (grouped too): the forward is the same bits, the gradients the
+    same bits too (the mask and db come from the same values in the same order)."""
+    model = _lenet_like(act)
+    assert [a for _, a in model.fused_pairs()] == ["a1", "a2", "a3"]
+    x = (rng.standard_normal((3, 1, 13, 13)) * 4).astype(np.float32)
+    labels = rng.integers(0, 5, 3)
+    res = []
+    for f in (True, False):
+        base.FUSION = f
+        loss = SoftmaxCrossEntropy()
+        out = model.forward(x)
+        loss.forward(out, labels)
+        model.backward(loss.backward())
+        res.append((out.copy(), {n: g.copy() for n, _, g in model.named_parameters()}))
+    np.testing.assert_array_equal(res[0][0], res[1][0])
+    for k in res[1][1]:
+        np.testing.assert_array_equal(res[0][1][k], res[1][1][k], err_msg=k)
+
+
+FALLBACK = """
+import json, warnings, numpy as np
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as caught:
+    import dnnpar as dp
+    from dnnpar.backend import cpu_native
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 20, 21)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    y = dp.ops.conv2d(x, w, padding=1, activation="relu")
+    dx, dw, db = dp.ops.conv2d_backward(x, w, np.ones_like(y), padding=1, activation="relu", y=y)
+print(json.dumps({"lib": cpu_native.library("conv") is not None, "reason": cpu_native.unavailable_reason("conv"),
+                  "y": y.tolist(), "db": db.tolist(),
+                  "warnings": [str(c.message) for c in caught if issubclass(c.category, RuntimeWarning)]}))
+"""
+
+
+def test_fallback_without_compiler(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "DNNPAR_NATIVE"}
+    env.update(DNNPAR_CACHE=str(tmp_path / "cache"), CXX=str(tmp_path / "no-such-c++"),
+               PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+    p = subprocess.run([sys.executable, "-c", FALLBACK], capture_output=True, text=True, env=env, cwd=tmp_path,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert not out["lib"] and "not on PATH" in out["reason"]
+    assert any("convolution packing" in w and "uses NumPy" in w for w in out["warnings"]), out["warnings"]
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 20, 21))
+    w = rng.standard_normal((4, 3, 3, 3))
+    want = oracles.conv2d(x.astype(np.float32).astype(np.float64), w.astype(np.float32).astype(np.float64), None,
+                          (1, 1), (1, 1), (1, 1))
+    mag = oracles.conv2d(np.abs(x.astype(np.float32)).astype(np.float64),
+                         np.abs(w.astype(np.float32)).astype(np.float64), None, (1, 1), (1, 1), (1, 1))
+    assert_sum_close(np.array(out["y"], np.float32), np.maximum(want, 0), mag, 27, "fallback conv2d")
+    on = (np.array(out["y"]) > 0).sum(axis=(0, 2, 3))  # dy = 1 where the activated output passes
+    np.testing.assert_array_equal(out["db"], on)
+
+
+# ---------------------------------------------------------------- eval-mode BatchNorm folding (nn/fusion.py)
+from dnnpar.nn.base import Graph  # noqa: E402
+from dnnpar.nn.fusion import fold_batchnorm, foldable_pairs  # noqa: E402
+from dnnpar.nn.layers import BatchNorm2d  # noqa: E402
+
+U = 2.0**-24
+
+
+def _random_bn(bn, rng):
+    c = bn.channels
+    bn.params["weight"][:] = rng.uniform(-2, 2, c)
+    bn.params["bias"][:] = rng.standard_normal(c)
+    bn.buffers["running_mean"][:] = rng.standard_normal(c)
+    bn.buffers["running_var"][:] = rng.uniform(0.05, 3, c)
+    return bn
+
+
+@pytest.mark.parametrize("conv_kw", [dict(padding=1), dict(stride=2, padding=(2, 0), dilation=(1, 2), bias=False),
+                                     dict(groups=3, padding=1)])
+def test_fold_single_block_within_bound(rng, conv_kw):
+    """Conv2d -> BN -> ReLU folded: both the folded and the unfolded float32 outputs lie within
+    their derived bounds of the float64 value, so they differ by at most the sum. Folded: the
+    conv's float32 sum (n + 1 terms) plus one rounding of each folded weight (one more term's u).
+    Unfolded: the same sum scaled by |s|, then BN's float32 subtract, inverse square root (<= 3 u),
+    two products and an add (<= 8 u of the magnitude in all)."""
+    c, o = 3, 6
+    conv = Conv2d(c, o, 3, seed=5, **conv_kw)
+    if "bias" in conv.params:
+        conv.params["bias"][:] = rng.standard_normal(o)
+    bn = _random_bn(BatchNorm2d(o), rng)
+    model = Sequential(("conv", conv), ("bn", bn), ("relu", ReLU()), input_shape=(c, 11, 9)).eval()
+    before = {k: v.copy() for k, v in model.state_dict().items()}
+    folded = fold_batchnorm(model)
+    assert foldable_pairs(model) == [("conv", "bn")] and [n for n, _ in folded.layers] == ["conv", "relu"]
+    assert folded.fused_pairs() == [("conv", "relu")]  # the ReLU now fuses into the folded conv
+    x = rng.standard_normal((2, c, 11, 9)).astype(np.float32)
+    yf, yu = folded.forward(x), model.forward(x)
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=f"{k} changed")
+    g = dp.ops._common.ConvGeometry.make("t", x.shape, 3, 3, conv.stride, conv.padding, conv.dilation)
+    w64 = conv.params["weight"].astype(np.float64)
+    b64 = conv.params["bias"].astype(np.float64) if "bias" in conv.params else np.zeros(o)
+    gi = conv.groups
+    ci, co = c // gi, o // gi
+
+    def conv64(xx, ww, bb):
+        return np.concatenate([oracles.conv2d(xx[:, k * ci:(k + 1) * ci], ww[k * co:(k + 1) * co],
+                                              bb[k * co:(k + 1) * co], *_pairs(g)) for k in range(gi)], axis=1)
+
+    s = bn.params["weight"].astype(np.float64) / np.sqrt(bn.buffers["running_var"].astype(np.float64) + bn.eps)
+    mean, beta = bn.buffers["running_mean"].astype(np.float64), bn.params["bias"].astype(np.float64)
+    per = (slice(None), slice(None), None, None)
+    exact = np.maximum((conv64(x.astype(np.float64), w64, b64) - mean[per[1:]]) * s[per[1:]] + beta[per[1:]], 0)
+    mag = (conv64(np.abs(x).astype(np.float64), np.abs(w64), np.abs(b64)) + np.abs(mean)[per[1:]]) \
+        * np.abs(s)[per[1:]] + np.abs(beta)[per[1:]]
+    n = ci * 9 + 1
+    bound_f = oracles.worst_sum_bound(mag, n + 1)
+    bound_u = oracles.worst_sum_bound(mag, n) + 8 * U * mag
+    assert np.all(np.abs(yf - exact) <= bound_f + 1e-37), "folded"
+    assert np.all(np.abs(yu - exact) <= bound_u + 1e-37), "unfolded"
+    assert np.all(np.abs(yf.astype(np.float64) - yu) <= bound_f + bound_u + 1e-37)
+
+
+def test_fold_rules_and_errors(rng):
+    conv, bn = Conv2d(2, 4, 3, padding=1), _random_bn(BatchNorm2d(4), rng)
+    conv2, bn2 = Conv2d(4, 4, 1), _random_bn(BatchNorm2d(4), rng)
+    g = Graph([("c1", conv, ["input"]), ("b1", bn, ["c1"]), ("r1", ReLU(), ["b1"]),
+               ("c2", conv2, ["r1"]), ("b2", bn2, ["c2"]), ("side", ReLU(), ["c2"]),  # c2 read twice: kept
+               ("flat", Flatten(), ["b2"])], input_shape=(2, 5, 5))
+    with pytest.raises(ValueError, match="training mode"):
+        fold_batchnorm(g)
+    g.eval()
+    assert foldable_pairs(g) == [("c1", "b1")]
+    f = fold_batchnorm(g)
+    assert [n for n, _ in f.layers] == ["c1", "r1", "c2", "b2", "side", "flat"] and f.inputs_of["r1"] == ["c1"]
+    assert f["c2"] is conv2 and f["c1"] is not conv and g["c1"] is conv  # unfolded layers shared, folded copied
+    lone = Sequential(("c", Conv2d(2, 2, 1)), input_shape=(2, 3, 3)).eval()
+    assert fold_batchnorm(lone) is lone
+    with pytest.raises(TypeError, match="Graph"):
+        fold_batchnorm(conv)
+    # predict folds: same classes as the unfolded model on well-separated logits
+    x = rng.standard_normal((4, 2, 5, 5)).astype(np.float32)
+    from dnnpar.train import predict
+    seq = Sequential(("c", Conv2d(2, 3, 3, seed=2)), ("b", _random_bn(BatchNorm2d(3), rng)), ("flat", Flatten()),
+                     ("fc", Linear(27, 4, seed=3)), input_shape=(2, 5, 5))
+    logits = seq.eval().forward(x)
+    seq.train()
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    keep = top2[:, 1] - top2[:, 0] > 1e-3 * np.abs(logits).max()
+    np.testing.assert_array_equal(predict(seq, x)[keep], logits.argmax(axis=1)[keep])
+    assert seq.training  # mode restored
