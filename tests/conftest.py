@@ -87,3 +87,33 @@ def assert_close(got, want, tol=1e-5, what=""):
     scale = max(float(np.max(np.abs(want))), 1e-30) if want.size else 1.0
     err = float(np.max(np.abs(got.astype(np.float64) - want))) / scale if want.size else 0.0
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+def run_json_script(tmp_path, script: str, **env) -> dict:
+    """Run ``script`` in a fresh Python with the project importable, its own kernel cache and
+    ``env`` on top (no DNNPAR_NATIVE / thread-count overrides); returns the JSON of its last
+    stdout line (the no-compiler fallback tests)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    full = {k: v for k, v in os.environ.items()
+            if k not in ("DNNPAR_NATIVE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+    full.update(DNNPAR_CACHE=str(tmp_path / "cache"), **env)
+    full["PYTHONPATH"] = os.pathsep.join([str(root), full.get("PYTHONPATH", "")])
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=full, cwd=tmp_path,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def native_backend(name: str):
+    """The numpy backend (a context manager) for tests of the native library ``name``; the test is
+    skipped, with the reason, where that library cannot be built."""
+    from dnnpar.backend import cpu_native
+
+    if cpu_native.library(name) is None:
+        pytest.skip(f"native {name} kernel unavailable: {cpu_native.unavailable_reason(name)}")
+    return dp.use_backend("numpy")

@@ -2,11 +2,6 @@
 epilogue with bias + ReLU / ReLU6 and the backward repacking with the activation's mask and db)
 against the float64 oracles of tests/oracles.py, Conv2d's fused activation in a Graph, and the
 NumPy fallback."""
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,9 +14,9 @@ from dnnpar.nn import Sequential
 from dnnpar.nn.conv import Conv2d
 from dnnpar.nn.layers import Flatten, Linear, ReLU, ReLU6, SoftmaxCrossEntropy
 from dnnpar.ops import conv as C
+from conftest import run_json_script
 from oracles import assert_sum_close
 
-ROOT = Path(__file__).resolve().parent.parent
 
 # (x shape, O, kernel, stride, padding, dilation): odd sizes, primes, N = 1, stride 2, dilation,
 # padding wider than the kernel's reach, rows narrower and wider than NATIVE_MIN_OW
@@ -227,13 +222,7 @@ print(json.dumps({"lib": cpu_native.library("conv") is not None, "reason": cpu_n
 
 
 def test_fallback_without_compiler(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "DNNPAR_NATIVE"}
-    env.update(DNNPAR_CACHE=str(tmp_path / "cache"), CXX=str(tmp_path / "no-such-c++"),
-               PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
-    p = subprocess.run([sys.executable, "-c", FALLBACK], capture_output=True, text=True, env=env, cwd=tmp_path,
-                       timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    out = json.loads(p.stdout.strip().splitlines()[-1])
+    out = run_json_script(tmp_path, FALLBACK, CXX=str(tmp_path / "no-such-c++"))
     assert not out["lib"] and "not on PATH" in out["reason"]
     assert any("convolution packing" in w and "uses NumPy" in w for w in out["warnings"]), out["warnings"]
     rng = np.random.default_rng(3)

@@ -1,23 +1,18 @@
 """The numpy backend's native CSR x codebook kernel (dnnpar/cpu/csr_codebook.cpp) against float64
 oracles, the compact format it reads (uint8 gaps with fillers, uint8 codes), and the fallback to
 SciPy / NumPy when no C++ compiler can build it."""
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import dnnpar as dp
 import dnnpar.ops.sparse as S
+from conftest import native_backend, run_json_script
 from oracles import assert_sum_close
 from dnnpar.backend import cpu_native, poison_outputs
 from dnnpar.compress import relative_csr
 
-ROOT = Path(__file__).resolve().parent.parent
 
 # (M, K, density): size 1, primes, empty rows, dense rows, and rows whose gaps exceed 255 (fillers)
 SHAPES = [(1, 1, 1.0), (7, 13, 0.4), (131, 257, 0.05), (64, 300, 0.5), (33, 1000, 0.01), (5, 2003, 0.002),
@@ -358,14 +353,7 @@ FALLBACK_SCRIPT = textwrap.dedent("""
 
 
 def run_fallback(tmp_path, **env):
-    full = {k: v for k, v in os.environ.items()
-            if k not in ("DNNPAR_NATIVE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
-    full.update(DNNPAR_CACHE=str(tmp_path / "cache"), **env)
-    full["PYTHONPATH"] = os.pathsep.join([str(ROOT), full.get("PYTHONPATH", "")])
-    p = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], capture_output=True, text=True, env=full,
-                       cwd=tmp_path, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return run_json_script(tmp_path, FALLBACK_SCRIPT, **env)
 
 
 def test_fallback_without_compiler(tmp_path):
@@ -492,9 +480,7 @@ import dnnpar.ops.depthwise as D  # noqa: E402
 @pytest.fixture
 def native_dw():
     """The depthwise kernel library on the numpy backend; skipped (with the reason) where it cannot be built."""
-    if cpu_native.library("depthwise") is None:
-        pytest.skip(f"native depthwise kernel unavailable: {cpu_native.unavailable_reason('depthwise')}")
-    with dp.use_backend("numpy") as be:
+    with native_backend("depthwise") as be:
         yield be
 
 

@@ -1,11 +1,6 @@
 """BatchNorm2d (+ fused ReLU / ReLU6): the native kernel dnnpar/cpu/norm.cpp and its NumPy
 fallback (dnnpar.ops.norm) against float64 oracles, with the error bounds derived in norm.cpp's
 header; the layer's fusion in Graph; the fallback when no compiler can build the kernel."""
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,11 +9,11 @@ import dnnpar as dp
 import dnnpar.nn.base as base
 import dnnpar.ops.norm as N
 import oracles
+from conftest import native_backend, run_json_script
 from oracles import U32, assert_reordered_close, assert_sum_close
 from dnnpar import nn, ops
 from dnnpar.backend import cpu_native
 
-ROOT = Path(__file__).resolve().parent.parent
 C_ = (None, slice(None), None, None)
 
 # N = 1, H*W = 1, prime channels, sizes off any vector width; the last two run on several threads
@@ -29,9 +24,7 @@ ACTS = [None, "relu", "relu6"]
 
 @pytest.fixture
 def native():
-    if cpu_native.library("norm") is None:
-        pytest.skip(f"native norm kernel unavailable: {cpu_native.unavailable_reason('norm')}")
-    with dp.use_backend("numpy") as be:
+    with native_backend("norm") as be:
         yield be
 
 
@@ -275,13 +268,7 @@ print(json.dumps({"library": cpu_native.library("norm") is not None, "reason": c
 
 def test_fallback_without_compiler(tmp_path):
     """No compiler: a warning names the BatchNorm kernel, and the layer runs on NumPy."""
-    env = {k: v for k, v in os.environ.items() if k != "DNNPAR_NATIVE"}
-    env.update(DNNPAR_CACHE=str(tmp_path / "cache"), CXX=str(tmp_path / "no-such-c++"),
-               PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
-    p = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], capture_output=True, text=True, env=env, cwd=tmp_path,
-                       timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    out = json.loads(p.stdout.strip().splitlines()[-1])
+    out = run_json_script(tmp_path, FALLBACK_SCRIPT, CXX=str(tmp_path / "no-such-c++"))
     assert not out["library"] and "not on PATH" in out["reason"]
     assert any("BatchNorm2d" in w and "uses NumPy" in w for w in out["warnings"]), out["warnings"]
     assert out["std"] < 1e-3  # normalised: unit standard deviation per channel (eps = 1e-5 of variance ~1)
