@@ -38,6 +38,7 @@ def native_conv(monkeypatch):
         pytest.skip(f"native conv kernel unavailable: {cpu_native.unavailable_reason('conv')}")
     monkeypatch.setitem(C.NATIVE_MIN_OW, "im2col", 1)
     monkeypatch.setitem(C.NATIVE_MIN_OW, "col2im", 1)
+    monkeypatch.setitem(C.NATIVE_MIN_EPILOGUE, "size", 1)
     with dp.use_backend("numpy") as be, poison_outputs():
         yield be
 

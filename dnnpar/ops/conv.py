@@ -49,6 +49,10 @@ def native_library(*arrays):
 #: narrowest output rows the native im2col / col2im take: below them a row of one image is a few
 #: floats and NumPy's whole-tap strided copies win (``benchmarks/conv_fusion.py`` prints both paths)
 NATIVE_MIN_OW = {"im2col": 16, "col2im": 8}
+#: smallest output (elements) the native epilogues take: a call costs ~10 us of fixed overhead
+#: (ctypes, the thread team), more than NumPy's whole epilogue below this (measured on 2 cores:
+#: 512 x 4 outputs 11 against 7 us, 512 x 16 even, 128 x 256 12 against 22 us)
+NATIVE_MIN_EPILOGUE = {"size": 8192}
 
 
 def _native_geo(g: ConvGeometry):
@@ -371,7 +375,8 @@ def _conv2d_single(x, w, bias, g: ConvGeometry, algo, be, activation=None):
         return conv2d_fast_numpy(x, w, bias, g), None, False
     cols = im2col(x, g.kh, g.kw, g.stride, g.padding, g.dilation)
     y = gemm(w.reshape(o, -1), cols)  # (O, N*OH*OW)
-    if not be.runs_kernels and native_library(y, bias) is not None:  # bias + activation + NCHW in one pass
+    if (not be.runs_kernels and y.size >= NATIVE_MIN_EPILOGUE["size"]
+            and native_library(y, bias) is not None):  # bias + activation + NCHW in one pass
         return cpu_native.conv_epilogue(y, bias, be.empty((g.n, o, g.oh, g.ow)), activation), cols, True
     if bias is not None:
         y += bias[:, None]
@@ -470,7 +475,8 @@ def _backward_single(x, w, dy, g: ConvGeometry, need_dx, cols, be, activation=No
         if tuple(cols.shape) != g.cols_shape:
             raise ValueError(f"conv2d_backward: cols must have shape {g.cols_shape}, got {tuple(cols.shape)}")
     fast = cols is None and not be.runs_kernels and _backward_fast_ok(g, x.itemsize)
-    native = not fast and not be.runs_kernels and native_library(dy, y) is not None
+    native = (not fast and not be.runs_kernels and dy.size >= NATIVE_MIN_EPILOGUE["size"]
+              and native_library(dy, y) is not None)
     if activation is not None and not native:
         dy = activation_grad(xp, dy, y, activation)
     if fast:
