@@ -374,7 +374,7 @@ def depthwise_backward(x, w, dy, dx, dw, geo, generic: bool = False, threads: in
     return dx, dw
 
 
-#: activation (ops/activation.py's kinds) -> the code norm.cpp and conv.cpp read
+#: activation (ops/activation.py's kinds) -> the code norm.cpp, conv.cpp and cuda/conv_implicit.cu read
 ACTIVATION_CODES = {None: 0, "relu": 1, "relu6": 2}
 
 

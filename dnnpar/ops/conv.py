@@ -31,8 +31,6 @@ from .activation import activate_, activation_grad, check_activation
 from .gemm import gemm
 
 ALGOS = ("im2col", "direct", "implicit_gemm")
-#: the `act` argument of conv2d_igemm (cuda/conv_implicit.cu) for each activation of ops.activation
-ACT_CODES = {None: 0, "relu": 1, "relu6": 2}
 IGEMM_TARGET_BLOCKS = 264  # dw splits its reduction until about this many blocks (2 per SM of a 132-SM GPU)
 IGEMM_MIN_CHUNK = 256      # ... but never into ranges shorter than this (partial buffers cost memory traffic)
 MAX_GRID_YZ = 65535
@@ -323,7 +321,8 @@ def _conv2d(x, w, bias, stride, padding, dilation, algo, groups=1, activation=No
     be = get_backend()
     if algo not in ALGOS:
         raise ValueError(f"conv2d: unknown algo {algo!r}: one of {', '.join(ALGOS)}")
-    act = ACT_CODES[check_activation("conv2d", activation)]
+    # the `act` argument of conv2d_igemm: the same codes as the native CPU kernels'
+    act = cpu_native.ACTIVATION_CODES[check_activation("conv2d", activation)]
     w = check_array("conv2d", "w", w, ndim=4, backend=be)
     x, g = geometry_for_x("conv2d", x, w.shape[2], w.shape[3], stride, padding, dilation, be)
     groups = check_groups("conv2d", groups, g.c, w.shape)

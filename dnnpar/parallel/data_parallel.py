@@ -57,6 +57,7 @@ from ..backend import get_backend
 from ..engine import Local, run
 from ..reporting import CommStats
 from ..steps import evaluate
+from . import half
 from .comm import Communicator, make_communicator
 from .flat import ParamLayout
 
@@ -139,7 +140,6 @@ class HalfPrecisionHook(GradHook):
     decodes the same sums, so the replicas stay identical."""
 
     def __init__(self, kind: str):
-        from . import half
         if kind not in half.FORMATS:
             raise ValueError(f"HalfPrecisionHook: kind must be one of {', '.join(half.FORMATS)}, got {kind!r}")
         self.name = self.kind = kind
@@ -149,13 +149,11 @@ class HalfPrecisionHook(GradHook):
         self._bits = {id(v): np.empty(v.size, np.uint16) for v in par.buckets.views}
 
     def start(self, comm: Communicator, bucket):
-        from . import half
         bits = self._bits[id(bucket)]
         half.encode(get_backend().to_numpy(bucket).reshape(-1), self.kind, out=bits)
         return comm.start_allreduce_sum16(bits, self.kind)
 
     def finish(self, bucket) -> None:
-        from . import half
         be = get_backend()
         summed = half.decode(self._bits[id(bucket)], self.kind)
         if isinstance(bucket, np.ndarray):
