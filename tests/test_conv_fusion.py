@@ -30,17 +30,33 @@ GEOMETRIES = [
 ]
 
 
-@pytest.fixture
-def native_conv(monkeypatch):
-    """The conv kernel library on the numpy backend (skipped, with the reason, where it cannot be
-    built); NATIVE_MIN_OW lowered so every geometry runs natively."""
+def _native_conv(monkeypatch, tiled: bool):
     if cpu_native.library("conv") is None:
         pytest.skip(f"native conv kernel unavailable: {cpu_native.unavailable_reason('conv')}")
     monkeypatch.setitem(C.NATIVE_MIN_OW, "im2col", 1)
     monkeypatch.setitem(C.NATIVE_MIN_OW, "col2im", 1)
     monkeypatch.setitem(C.NATIVE_MIN_EPILOGUE, "size", 1)
-    with dp.use_backend("numpy") as be, poison_outputs():
+    monkeypatch.setitem(C.TILED, "use", tiled)
+    for key, every in (("min_efficiency", 0.0), ("max_k", 1 << 30), ("min_plane_1x1", 0), ("min_positions_backward", 0)):
+        monkeypatch.setitem(C.TILED, key, every)
+    return dp.use_backend("numpy")
+
+
+@pytest.fixture
+def native_conv(monkeypatch):
+    """The conv glue library on the numpy backend (im2col / col2im / epilogues around BLAS; skipped,
+    with the reason, where it cannot be built); NATIVE_MIN_OW lowered so every geometry runs
+    natively, the tiled kernels off."""
+    with _native_conv(monkeypatch, False) as be, poison_outputs():
         yield be
+
+
+@pytest.fixture(params=["glue", "tiled"])
+def either_conv(request, monkeypatch):
+    """Both native paths in turn: the glue around BLAS and the register-tiled direct kernels (taken
+    at every geometry)."""
+    with _native_conv(monkeypatch, request.param == "tiled") as be, poison_outputs():
+        yield request.param
 
 
 @pytest.fixture
@@ -77,7 +93,7 @@ def test_im2col_col2im_exact(native_conv, rng, geom):
 @pytest.mark.parametrize("geom", GEOMETRIES)
 @pytest.mark.parametrize("act", [None, "relu", "relu6"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_conv2d_forward_backward_against_float64(native_conv, rng, geom, act, bias):
+def test_conv2d_forward_backward_against_float64(either_conv, rng, geom, act, bias):
     xs, o, k, s, p, d = geom
     g, _ = _geo(xs, o, k, s, p, d)
     x = (rng.standard_normal(xs) * 3).astype(np.float32)
@@ -225,7 +241,7 @@ print(json.dumps({"lib": cpu_native.library("conv") is not None, "reason": cpu_n
 def test_fallback_without_compiler(tmp_path):
     out = run_json_script(tmp_path, FALLBACK, CXX=str(tmp_path / "no-such-c++"))
     assert not out["lib"] and "not on PATH" in out["reason"]
-    assert any("convolution packing" in w and "uses NumPy" in w for w in out["warnings"]), out["warnings"]
+    assert any("convolution" in w and "uses NumPy" in w for w in out["warnings"]), out["warnings"]
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 3, 20, 21))
     w = rng.standard_normal((4, 3, 3, 3))
@@ -329,3 +345,88 @@ def test_fold_rules_and_errors(rng):
     keep = top2[:, 1] - top2[:, 0] > 1e-3 * np.abs(logits).max()
     np.testing.assert_array_equal(predict(seq, x)[keep], logits.argmax(axis=1)[keep])
     assert seq.training  # mode restored
+
+
+# ---------------------------------------------------------------- the register-tiled direct kernels
+# channel counts that are not multiples of any tile (FMR, WMR, WNT), N = 1, primes, a plane wide
+# enough for the per-image rows and one small enough to run tiles across images, stride 2 both ways
+TILED_GEOMETRIES = [
+    ((1, 13, 11, 7), 19, (3, 3), 2, 1, 1),
+    ((2, 17, 9, 23), 9, (3, 1), 1, (1, 0), 1),
+    ((3, 2, 41, 37), 5, (5, 5), 1, 2, 1),
+    ((5, 7, 3, 3), 11, (3, 3), 1, 1, 1),
+]
+
+
+def _tiled_case(rng, geom):
+    xs, o, k, s, p, d = geom
+    g, geo = _geo(xs, o, k, s, p, d)
+    x = (rng.standard_normal(xs) * 3).astype(np.float32)
+    w = rng.standard_normal((o, xs[1], *k)).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32)
+    dy = rng.standard_normal((g.n, o, g.oh, g.ow)).astype(np.float32)
+    return g, geo, x, w, b, dy
+
+
+@pytest.mark.parametrize("geom", TILED_GEOMETRIES)
+def test_tiled_kernels_against_float64(native_conv, rng, geom):
+    """The tiled forward (bias, ReLU6) and dW / db straight from the kernels, on NaN-filled outputs,
+    each within its float32 summation bound of the float64 oracle."""
+    g, geo, x, w, b, dy = _tiled_case(rng, geom)
+    y = cpu_native.conv_tiled_forward(x, w, b, np.full(dy.shape, np.nan, np.float32), geo, "relu6")
+    pre = oracles.conv2d(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), *_pairs(g))
+    mag = oracles.conv2d(np.abs(x).astype(np.float64), np.abs(w).astype(np.float64), np.abs(b).astype(np.float64),
+                         *_pairs(g))
+    assert_sum_close(y, np.clip(pre, 0, 6), mag, w[0].size + 1, "tiled forward")
+    dw, db, dym = cpu_native.conv_tiled_dw(x, dy, y, np.full(w.shape, np.nan, np.float32),
+                                           np.full(w.shape[0], np.nan, np.float32),
+                                           np.full(dy.shape, np.nan, np.float32), "relu6", geo=geo)
+    masked = np.where((y > 0) & (y < 6), dy, 0)
+    np.testing.assert_array_equal(dym, masked)
+    dm = masked.astype(np.float64).transpose(1, 0, 2, 3).reshape(w.shape[0], -1)
+    cols = oracles.im2col(x.astype(np.float64), *w.shape[2:], *_pairs(g))
+    n_pos = g.n * g.oh * g.ow
+    assert_sum_close(dw, (dm @ cols.T).reshape(w.shape), (np.abs(dm) @ np.abs(cols).T).reshape(w.shape), n_pos, "dw")
+    assert_sum_close(db, dm.sum(axis=1), np.abs(dm).sum(axis=1), n_pos, "db")
+
+
+def test_tiled_kernels_bit_identical_over_threads(native_conv, rng):
+    g, geo, x, w, b, dy = _tiled_case(rng, TILED_GEOMETRIES[0])
+    runs = []
+    for t in (1, 2, 3):
+        y = cpu_native.conv_tiled_forward(x, w, b, np.full(dy.shape, np.nan, np.float32), geo, "relu", threads=t)
+        dw, db, _ = cpu_native.conv_tiled_dw(x, dy, y, np.full(w.shape, np.nan, np.float32),
+                                             np.full(w.shape[0], np.nan, np.float32), None, "relu", threads=t,
+                                             geo=geo)
+        runs.append((y, dw, db))
+    for r in runs[1:]:
+        for a, c in zip(runs[0], r):
+            np.testing.assert_array_equal(a, c)
+
+
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+def test_tiled_nonfinite_input_poisons_only_its_taps(native_conv, rng, bad):
+    """A dropped grid position (the padded row's extra columns) reads real inputs; with an inf or
+    NaN there, 0 * inf would poison dW entries that never touch it. They must stay finite and
+    right: the non-finite entries are exactly the float64 oracle's."""
+    xs, o, k, s, p, d = (2, 3, 9, 10), 4, (3, 3), 1, 1, 1
+    g, geo = _geo(xs, o, k, s, p, d)
+    x = rng.standard_normal(xs).astype(np.float32)
+    x[1, 2, 4, 9] = bad  # the last column: dropped positions of the row above read it
+    w = rng.standard_normal((o, xs[1], *k)).astype(np.float32)
+    dy = rng.standard_normal((g.n, o, g.oh, g.ow)).astype(np.float32)
+    y = cpu_native.conv_tiled_forward(x, w, None, np.full(dy.shape, np.nan, np.float32), geo)
+    want = oracles.conv2d(x.astype(np.float64), w.astype(np.float64), None, *_pairs(g))
+    np.testing.assert_array_equal(np.isfinite(y), np.isfinite(want))
+    dw, _, _ = cpu_native.conv_tiled_dw(x, dy, None, np.full(w.shape, np.nan, np.float32),
+                                        np.full(o, np.nan, np.float32), geo=geo)
+    dm = dy.astype(np.float64).transpose(1, 0, 2, 3).reshape(o, -1)
+    cols = oracles.im2col(x.astype(np.float64), *k, *_pairs(g))
+    with np.errstate(invalid="ignore"):
+        ref = (dm @ cols.T).reshape(w.shape)
+        mag = (np.abs(dm) @ np.abs(cols).T).reshape(w.shape)
+    np.testing.assert_array_equal(np.isfinite(dw), np.isfinite(ref))
+    fin = np.isfinite(ref)
+    assert fin[:, 2, :, 0].all()  # input column 9 is read by no j = 0 tap (only by dropped positions)
+    assert fin.sum() >= w.size - 9 * o
+    assert_sum_close(dw[fin], ref[fin], mag[fin], g.n * g.oh * g.ow, "dw beside a non-finite input")

@@ -99,11 +99,14 @@ NATIVE_SOURCES = {s.stem: s for s in (
         "dnnpar_avgpool_forward": [_P, _P, _P, _I32, _I32],
         "dnnpar_avgpool_backward": [_P, _P, _P, _I32, _I32],
     }),
-    NativeSource("conv", 1, "convolution packing (im2col / col2im / epilogues)", "NumPy", {
+    NativeSource("conv", 2, "convolution (tiled direct kernels, im2col / col2im, epilogues)", "NumPy", {
         "dnnpar_conv_im2col": [_P, _P, _P, _I32],
         "dnnpar_conv_col2im": [_P, _P, _P, _I32],
         "dnnpar_conv_epilogue": [_P, _P, _P, _I64, _I64, _I64, _I32, _I32],
         "dnnpar_conv_epilogue_backward": [_P, _P, _P, _P, _I64, _I64, _I64, _I32, _I32],
+        "dnnpar_conv_tiled_shape": [_P],
+        "dnnpar_conv_tiled_forward": [_P, _P, _P, _P, _P, _I64, _I32, _I32],
+        "dnnpar_conv_tiled_dw": [_P, _P, _P, _P, _P, _P, _P, _I64, _I32, _I32],
     }),
 )}
 
@@ -545,3 +548,54 @@ def conv_epilogue_backward(dy, y, dym, db, activation=None, threads: int | None 
     _loaded("conv").dnnpar_conv_epilogue_backward(_ptr(dy), _ptr(y) if act else None, _ptr(dym), _ptr(db), n, o,
                                                   oh * ow, act, _threads_arg(threads))
     return dym, db
+
+
+def conv_tiled_shape() -> dict:
+    """The tiled kernels' tile sizes in this build: VL (floats per vector), FMR x FNV (forward:
+    output channels x vectors of grid positions), WMR x WNT (dW: output channels x (c, i, j))."""
+    out = np.zeros(5, np.int32)
+    _loaded("conv").dnnpar_conv_tiled_shape(_ptr(out))
+    return dict(zip(("vl", "fmr", "fnv", "wmr", "wnt"), (int(v) for v in out)))
+
+
+def conv_tiled_forward(x, w, bias, y, geo, activation=None, threads: int | None = None) -> np.ndarray:
+    """``y[:] = activation(conv(x, w) + bias)`` by the register-tiled direct kernel: x (N, C, H, W),
+    w (O, C, KH, KW), bias (O,) or None, y (N, O, OH, OW), one group; ``geo`` as :func:`_conv_geo`,
+    already validated. Each output is summed by one thread in the fixed (c, i, j) order. Returns y."""
+    g = _conv_geo(geo)
+    n, c, h, wd, kh, kw, oh, ow = (int(v) for v in g[:8])
+    _check_f32("x", x, (n, c, h, wd), op="conv")
+    if not isinstance(w, np.ndarray) or w.ndim != 4:
+        raise ValueError(f"native conv: w must be an (O, C, KH, KW) array, got {getattr(w, 'shape', type(w))}")
+    o = w.shape[0]
+    _check_f32("w", w, (o, c, kh, kw), op="conv")
+    if bias is not None:
+        _check_f32("bias", bias, (o,), op="conv")
+    _check_f32("y", y, (n, o, oh, ow), out=True, op="conv")
+    _loaded("conv").dnnpar_conv_tiled_forward(_ptr(x), _ptr(w), None if bias is None else _ptr(bias), _ptr(y),
+                                              _ptr(g), o, _conv_act(activation), _threads_arg(threads))
+    return y
+
+
+def conv_tiled_dw(x, dy, y, dw, db, dym=None, activation=None, threads: int | None = None, geo=None):
+    """``dw[:]`` (O, C, KH, KW) and ``db[:]`` (O,) for dy (N, O, OH, OW) masked by the activation's
+    gradient at the activated output y (None without an activation); ``dym`` (dy's shape) or None:
+    receives the masked dy. Each tile of dw is summed by one thread (images in order, lanes by a
+    fixed tree), db per channel in order: the bits do not depend on ``threads``. Returns (dw, db, dym)."""
+    g = _conv_geo(geo)
+    n, c, h, wd, kh, kw, oh, ow = (int(v) for v in g[:8])
+    act = _conv_act(activation)
+    _check_f32("x", x, (n, c, h, wd), op="conv")
+    if not isinstance(dy, np.ndarray) or dy.ndim != 4:
+        raise ValueError(f"native conv: dy must be an (N, O, OH, OW) array, got {getattr(dy, 'shape', type(dy))}")
+    o = dy.shape[1]
+    _check_f32("dy", dy, (n, o, oh, ow), op="conv")
+    if act:
+        _check_f32("y", y, dy.shape, op="conv")
+    _check_f32("dw", dw, (o, c, kh, kw), out=True, op="conv")
+    _check_f32("db", db, (o,), out=True, op="conv")
+    if dym is not None:
+        _check_f32("dym", dym, dy.shape, out=True, op="conv")
+    _loaded("conv").dnnpar_conv_tiled_dw(_ptr(x), _ptr(dy), _ptr(y) if act else None, _ptr(dw), _ptr(db),
+                                         None if dym is None else _ptr(dym), _ptr(g), o, act, _threads_arg(threads))
+    return dw, db, dym

@@ -21,6 +21,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <vector>
 
 #include "parallel.h"
 
@@ -168,4 +170,382 @@ extern "C" void dnnpar_conv_epilogue_backward(const float* dy, const float* y, f
     });
 }
 
-DNNPAR_CPU_COMMON_EXPORTS(1)
+
+// ------------------------------------------------------------------------------------------
+// Register-tiled direct convolution (float32 NCHW, one group): no im2col matrix, no BLAS.
+//
+// Layout. Each input plane is zero-padded and split into SH*SW phase planes (row r, column q of
+// the padded plane go to phase (r % SH, q % SW) at (r / SH, q / SW)), each Hq rows of Wq
+// columns (Hq = ceil(Hp / SH), Wq = ceil(Wp / SW)), stored
+// xq[c][phase][n][plane]: within a channel and phase the images follow each other, PLANE floats
+// apart. Output (n, oh, ow) is grid position m = n * PLANE + oh * Wq + ow, and its tap (i, j)
+// reads phase ((i*DH) % SH, (j*DW) % SW) at m + ((i*DH) / SH) * Wq + (j*DW) / SW: for a run of
+// consecutive m (across images too), every tap is one contiguous vector load, whatever the stride
+// or dilation. Positions with ow >= OW or oh >= OH are computed and dropped. Valid positions
+// read inside their own image's phase plane ((oh + (i*DH)/SH) <= Hq - 1 and
+// ow + (j*DW)/SW <= Wq - 1, from OH's and OW's definitions); dropped ones may read anything in
+// the buffer (another image's plane, or the zero slack at its end).
+//
+// Forward tile: FMR output channels (weights broadcast) x FNV vectors of VL grid positions
+// (inputs loaded), FMR * FNV accumulators in registers, summed over (c, i, j) in that order,
+// then bias + activation on the way out to y. Only output rows oh < OH are computed where an
+// image's OH * Wq positions fill several tiles; small planes run tiles across images, dropped
+// rows included. Items (row chunk, channel block), split statically
+// over the team: each output is written by one thread, in one order (the bits do not depend on
+// the thread count).
+// dW tile: WMR output channels x WNT (c, i, j) columns, each accumulator a vector of VL lanes
+// over grid positions (dy laid on the same grid, zero on dropped positions), positions in order
+// in chunks that stay in cache; the lanes are summed at the end in a fixed tree order. Each thread
+// owns whole tiles (deterministic). Where x holds inf or NaN, a dropped position's 0 * inf would
+// poison a sum: that call masks the loaded x lanes of dropped positions to 0 (found while
+// packing x, so finite inputs pay nothing).
+// dx (stride 1) is the forward kernel on dy with the flipped, transposed kernel (ops/conv.py).
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int VL = 16, FMR = 8, FNV = 3, WMR = 4, WNT = 6;
+#elif defined(__AVX__)
+constexpr int VL = 8, FMR = 4, FNV = 3, WMR = 3, WNT = 4;
+#else
+constexpr int VL = 4, FMR = 4, FNV = 2, WMR = 2, WNT = 4;
+#endif
+constexpr int TILE = FNV * VL;
+constexpr int64_t kChunkPositions = 1536;   // forward: grid positions per item (about)
+constexpr int64_t kDwChunkBytes = 256 << 10;  // dW: x + dy of one position chunk, for L2
+
+typedef float vf __attribute__((vector_size(VL * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(VL * sizeof(int32_t))));
+
+inline vf loadu(const float* p) {
+    vf v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+inline void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+// a broadcast the FMA can take from memory (vf{} + s would add 0.0f first: it is not an identity
+// for -0.0f, so the compiler keeps the add)
+inline vf bcast(const float* p) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_set1_ps(*p);
+#elif defined(__AVX__)
+    return (vf)_mm256_set1_ps(*p);
+#else
+    vf v;
+    for (int l = 0; l < VL; ++l) v[l] = *p;
+    return v;
+#endif
+}
+
+struct Phased {
+    int64_t n, sh, sw, hq, wq, plane, phase, cstride, total, slack;
+    explicit Phased(const Geo& g)
+        : n(g.n), sh(g.sh), sw(g.sw), hq((g.h + 2 * g.ph + g.sh - 1) / g.sh), wq((g.w + 2 * g.pw + g.sw - 1) / g.sw) {
+        plane = hq * wq;
+        phase = n * plane;                // one phase of one channel, every image
+        cstride = sh * sw * phase;        // one channel
+        total = n * plane;                // grid positions
+        slack = plane + 2 * TILE;
+    }
+    int64_t tap(const Geo& g, int64_t i, int64_t j) const {
+        const int64_t a = i * g.dh, b = j * g.dw;
+        return ((a % sh) * sw + b % sw) * phase + (a / sh) * wq + b / sw;
+    }
+    int64_t floats(const Geo& g) const { return g.c * cstride + slack; }
+    bool valid(const Geo& g, int64_t m) const {
+        const int64_t r = m % plane;
+        return m < total && r / wq < g.oh && r % wq < g.ow;
+    }
+};
+
+// x (N, C, H, W) -> the phase planes (zero padding); returns whether any value is inf or NaN.
+bool pack_phases(const float* x, float* xq, const Geo& g, const Phased& q, int threads) {
+    const int team = dnnpar::team_size(threads, g.c * q.cstride);
+    const int64_t items = g.n * g.c;
+    std::vector<char> bad(size_t(std::max(team, 1)), 0);
+    dnnpar::parallel(int(std::max<int64_t>(1, std::min<int64_t>(team, items))), [&](int tid, int nt) {
+        const dnnpar::Range r = dnnpar::split(items, tid, nt);
+        bool any = false;
+        for (int64_t item = r.lo; item < r.hi; ++item) {
+            const int64_t n = item / g.c, c = item % g.c;
+            const float* s = x + item * g.h * g.w;
+            for (int64_t pr = 0; pr < q.sh; ++pr) {
+                for (int64_t pc = 0; pc < q.sw; ++pc) {
+                    float* d = xq + c * q.cstride + (pr * q.sw + pc) * q.phase + n * q.plane;
+                    // phase column k holds padded column k*SW + pc, input column k*SW + pc - PW
+                    const int64_t off = pc - g.pw;
+                    const int64_t klo = off >= 0 ? 0 : (-off + q.sw - 1) / q.sw;
+                    const int64_t khi = std::max(klo, std::min(q.wq, (g.w - 1 - off) / q.sw + 1));
+                    for (int64_t rr = 0; rr < q.hq; ++rr) {
+                        float* row = d + rr * q.wq;
+                        const int64_t ih = rr * q.sh + pr - g.ph;
+                        if (ih < 0 || ih >= g.h || g.w - 1 - off < 0) {
+                            for (int64_t k = 0; k < q.wq; ++k) row[k] = 0.0f;
+                            continue;
+                        }
+                        const float* sr = s + ih * g.w + off;
+                        for (int64_t k = 0; k < klo; ++k) row[k] = 0.0f;
+                        if (q.sw == 1) {
+#pragma omp simd
+                            for (int64_t k = klo; k < khi; ++k) row[k] = sr[k];
+                        } else {
+                            for (int64_t k = klo; k < khi; ++k) row[k] = sr[k * q.sw];
+                        }
+                        for (int64_t k = khi; k < q.wq; ++k) row[k] = 0.0f;
+                    }
+                }
+            }
+            float probe = 0.0f;
+#pragma omp simd reduction(+ : probe)
+            for (int64_t k = 0; k < g.h * g.w; ++k) probe += s[k] * 0.0f;  // NaN iff an inf or NaN
+            any |= probe != probe;
+        }
+        bad[size_t(tid)] = any;
+    });
+    float* tail = xq + g.c * q.cstride;
+    for (int64_t k = 0; k < q.slack; ++k) tail[k] = 0.0f;
+    return std::any_of(bad.begin(), bad.end(), [](char b) { return b != 0; });
+}
+
+template <int MR, int NV>
+inline void forward_tile(const float* x0, int64_t cstride, const int64_t* off, int64_t kk, const float* wb, int64_t c_n,
+                         float* out, int64_t ldo) {
+    vf acc[MR][NV];
+#pragma GCC unroll 32
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[r][v] = vf{};
+    for (int64_t c = 0; c < c_n; ++c) {
+        const float* xc = x0 + c * cstride;
+        const float* wc = wb + c * kk * MR;
+        for (int64_t t = 0; t < kk; ++t) {
+            const float* xt = xc + off[t];
+            vf xv[NV];
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; ++v) xv[v] = loadu(xt + v * VL);
+#pragma GCC unroll 32
+            for (int r = 0; r < MR; ++r) {
+                const vf wv = bcast(wc + t * MR + r);
+#pragma GCC unroll 8
+                for (int v = 0; v < NV; ++v) acc[r][v] += wv * xv[v];
+            }
+        }
+    }
+#pragma GCC unroll 32
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) storeu(out + r * ldo + v * VL, acc[r][v]);
+}
+
+template <int MR, int NT, bool SAFE>
+inline void dw_tile(const float* dy0, int64_t dy_stride, const float* x0, const int64_t* koff, const vi* valid,
+                    int64_t vectors, vf* acc_io) {
+    vf acc[MR][NT];
+#pragma GCC unroll 32
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+        for (int k = 0; k < NT; ++k) acc[r][k] = acc_io[r * NT + k];
+    for (int64_t mv = 0; mv < vectors; ++mv) {
+        vf xv[NT], dv[MR];
+#pragma GCC unroll 8
+        for (int k = 0; k < NT; ++k) {
+            xv[k] = loadu(x0 + koff[k] + mv * VL);
+            if (SAFE) xv[k] = valid[mv] ? xv[k] : vf{};
+        }
+#pragma GCC unroll 32
+        for (int r = 0; r < MR; ++r) dv[r] = loadu(dy0 + r * dy_stride + mv * VL);
+#pragma GCC unroll 32
+        for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+            for (int k = 0; k < NT; ++k) acc[r][k] += dv[r] * xv[k];
+    }
+#pragma GCC unroll 32
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+        for (int k = 0; k < NT; ++k) acc_io[r * NT + k] = acc[r][k];
+}
+
+inline float lane_sum(vf v) {  // a fixed pairwise tree over the lanes
+    float l[VL];
+    std::memcpy(l, &v, sizeof l);
+    for (int width = VL / 2; width >= 1; width /= 2)
+        for (int k = 0; k < width; ++k) l[k] += l[k + width];
+    return l[0];
+}
+
+std::unique_ptr<float[]> scratch(int64_t floats) { return std::unique_ptr<float[]>(new float[size_t(floats)]); }
+
+std::vector<int64_t> tap_offsets(const Geo& g, const Phased& q) {
+    std::vector<int64_t> off(static_cast<size_t>(g.kh * g.kw));
+    for (int64_t i = 0; i < g.kh; ++i)
+        for (int64_t j = 0; j < g.kw; ++j) off[size_t(i * g.kw + j)] = q.tap(g, i, j);
+    return off;
+}
+
+}  // namespace
+
+// The tile sizes this build uses: (VL, FMR, FNV, WMR, WNT) -- ops/conv.py's waste rule reads them.
+extern "C" void dnnpar_conv_tiled_shape(int* out) {
+    out[0] = VL;
+    out[1] = FMR;
+    out[2] = FNV;
+    out[3] = WMR;
+    out[4] = WNT;
+}
+
+// y (N, O, OH, OW) = act(conv(x, w) + bias); w (O, C, KH, KW); bias (O) or null.
+extern "C" void dnnpar_conv_tiled_forward(const float* x, const float* w, const float* bias, float* y,
+                                          const int64_t* geo, int64_t o_n, int act, int threads) {
+    const Geo g = read_geo(geo);
+    const Phased q(g);
+    const int64_t kk = g.kh * g.kw, nob = (o_n + FMR - 1) / FMR;
+    auto xq = scratch(q.floats(g));
+    pack_phases(x, xq.get(), g, q, threads);
+    // weights as [block][c][tap][FMR], zero past O
+    std::vector<float> wp(size_t(nob * g.c * kk * FMR), 0.0f);
+    for (int64_t o = 0; o < o_n; ++o)
+        for (int64_t c = 0; c < g.c; ++c)
+            for (int64_t t = 0; t < kk; ++t)
+                wp[size_t(((o / FMR * g.c + c) * kk + t) * FMR + o % FMR)] = w[(o * g.c + c) * kk + t];
+    const std::vector<int64_t> off = tap_offsets(g, q);
+    const int team = dnnpar::team_size(threads, g.n * o_n * g.oh * g.ow * g.c * kk);
+    // items: chunks of whole grid rows by channel blocks, enough for every thread to have several.
+    // Per image (only its OH valid rows) when those fill several tiles, else across images
+    // (rows never straddle images: PLANE is a multiple of Wq)
+    const bool per_image = g.oh * q.wq >= 4 * TILE;
+    const int64_t span = per_image ? g.oh : g.n * q.hq;  // rows of one run
+    const int64_t runs = per_image ? g.n : 1;
+    int64_t rows = std::max<int64_t>(1, std::min(span, kChunkPositions / q.wq));
+    const int64_t want = 4 * int64_t(team);
+    if (runs * ((span + rows - 1) / rows) * nob < want)
+        rows = std::max<int64_t>(1, std::min(rows, span * runs * nob / want));
+    const int64_t per_run = (span + rows - 1) / rows, chunks = runs * per_run, items = chunks * nob;
+    const int64_t ld = (rows * q.wq + TILE - 1) / TILE * TILE;
+    dnnpar::parallel(int(std::max<int64_t>(1, std::min<int64_t>(team, items))), [&](int tid, int nt) {
+        const dnnpar::Range rg = dnnpar::split(items, tid, nt);
+        std::vector<float> local(static_cast<size_t>(FMR * ld));
+        for (int64_t item = rg.lo; item < rg.hi; ++item) {
+            const int64_t ch = item / nob, ob = item % nob, run = ch / per_run;
+            const int64_t r0 = ch % per_run * rows, r1 = std::min(span, r0 + rows);
+            const int64_t m0 = run * q.plane + r0 * q.wq, mlen = (r1 - r0) * q.wq;
+            const float* xm = xq.get() + m0;
+            const float* wb = wp.data() + ob * g.c * kk * FMR;
+            for (int64_t m = 0; m < mlen; m += TILE)
+                forward_tile<FMR, FNV>(xm + m, q.cstride, off.data(), kk, wb, g.c, local.data() + m, ld);
+            for (int64_t gr = r0; gr < r1; ++gr) {
+                const int64_t n = per_image ? run : gr / q.hq, oh = per_image ? gr : gr % q.hq;
+                if (oh >= g.oh) continue;
+                for (int r = 0; r < FMR; ++r) {
+                    const int64_t o = ob * FMR + r;
+                    if (o >= o_n) break;
+                    const float add = bias ? bias[o] : 0.0f;
+                    const float* s = local.data() + r * ld + (gr - r0) * q.wq;
+                    float* d = y + ((n * o_n + o) * g.oh + oh) * g.ow;
+#pragma omp simd
+                    for (int64_t ow = 0; ow < g.ow; ++ow) d[ow] = act_forward(s[ow] + add, act);
+                }
+            }
+        }
+    });
+}
+
+// dw (O, C, KH, KW) and db (O) of the convolution for dy (N, O, OH, OW), masked by the activation's
+// gradient at the activated output yact (null with act 0); dym (N, O, OH, OW) or null: the masked dy
+// written out (for dx).
+extern "C" void dnnpar_conv_tiled_dw(const float* x, const float* dy, const float* yact, float* dw, float* db,
+                                     float* dym, const int64_t* geo, int64_t o_n, int act, int threads) {
+    const Geo g = read_geo(geo);
+    const Phased q(g);
+    const int64_t kk = g.kh * g.kw, k_n = g.c * kk, mr = (q.total + VL - 1) / VL * VL, vectors = mr / VL;
+    const int64_t nob = (o_n + WMR - 1) / WMR, nkb = (k_n + WNT - 1) / WNT, o_pad = nob * WMR;
+    auto xq = scratch(q.floats(g) + mr);
+    const bool nonfinite = pack_phases(x, xq.get(), g, q, threads);
+    // dy on the grid [o][n][plane], zero on dropped positions and on the rows past O; db per
+    // channel, images in order
+    auto dyg = scratch(o_pad * mr);
+    const int64_t plane = g.oh * g.ow;
+    dnnpar::parallel_for(dnnpar::team_size(threads, g.n * o_n * plane), o_pad, [&](int64_t o) {
+        float* d = dyg.get() + o * mr;
+        for (int64_t m = 0; m < mr; ++m) d[m] = 0.0f;
+        if (o >= o_n) return;
+        double sum = 0.0;
+        for (int64_t n = 0; n < g.n; ++n) {
+            float* dn = d + n * q.plane;
+            const float* s = dy + (n * o_n + o) * plane;
+            const float* yy = yact ? yact + (n * o_n + o) * plane : nullptr;
+            float* wm = dym ? dym + (n * o_n + o) * plane : nullptr;
+            for (int64_t oh = 0; oh < g.oh; ++oh) {
+                float* dr = dn + oh * q.wq;
+                const float* sr = s + oh * g.ow;
+                if (act == kNone) {
+#pragma omp simd
+                    for (int64_t ow = 0; ow < g.ow; ++ow) dr[ow] = sr[ow];
+                } else {
+                    const float* yr = yy + oh * g.ow;
+#pragma omp simd
+                    for (int64_t ow = 0; ow < g.ow; ++ow) dr[ow] = act_backward(sr[ow], yr[ow], act);
+                }
+                if (wm) {
+#pragma omp simd
+                    for (int64_t ow = 0; ow < g.ow; ++ow) wm[oh * g.ow + ow] = dr[ow];
+                }
+            }
+            // dropped positions hold exact zeros: one float sum per (n, o) plane, added in double
+            float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+            for (int64_t m = 0; m < q.plane; ++m) part += dn[m];
+            sum += part;
+        }
+        db[o] = float(sum);
+    });
+    std::vector<int64_t> koff(size_t(nkb * WNT));
+    const std::vector<int64_t> off = tap_offsets(g, q);
+    for (int64_t k = 0; k < nkb * WNT; ++k) {
+        const int64_t kc = std::min(k, k_n - 1);
+        koff[size_t(k)] = kc / kk * q.cstride + off[size_t(kc % kk)];
+    }
+    std::vector<vi> valid;
+    if (nonfinite) {
+        valid.resize(size_t(vectors));
+        for (int64_t mv = 0; mv < vectors; ++mv)
+            for (int l = 0; l < VL; ++l) valid[size_t(mv)][l] = q.valid(g, mv * VL + l) ? -1 : 0;
+    }
+    // position chunks whose x and dy stay in cache while every tile of a thread passes over them
+    const int64_t chunk = std::max<int64_t>(
+        std::min<int64_t>(vectors, 32), std::min(vectors, kDwChunkBytes / int64_t(sizeof(float) * VL * (o_pad + g.c * q.sh * q.sw))));
+    const int64_t tiles = nob * nkb;
+    const int team = int(std::max<int64_t>(1, std::min<int64_t>(dnnpar::team_size(threads, g.n * o_n * plane * k_n),
+                                                                 tiles)));
+    dnnpar::parallel(team, [&](int tid, int nt) {
+        const dnnpar::Range rg = dnnpar::split(tiles, tid, nt);
+        std::vector<vf> acc(size_t((rg.hi - rg.lo) * WMR * WNT), vf{});
+        for (int64_t v0 = 0; v0 < vectors; v0 += chunk) {
+            const int64_t nv = std::min(chunk, vectors - v0);
+            for (int64_t tl = rg.lo; tl < rg.hi; ++tl) {
+                const int64_t ob = tl / nkb, kb = tl % nkb;
+                const float* d0 = dyg.get() + ob * WMR * mr + v0 * VL;
+                vf* a = acc.data() + (tl - rg.lo) * WMR * WNT;
+                if (nonfinite)
+                    dw_tile<WMR, WNT, true>(d0, mr, xq.get() + v0 * VL, koff.data() + kb * WNT, valid.data() + v0, nv,
+                                            a);
+                else
+                    dw_tile<WMR, WNT, false>(d0, mr, xq.get() + v0 * VL, koff.data() + kb * WNT, nullptr, nv, a);
+            }
+        }
+        for (int64_t tl = rg.lo; tl < rg.hi; ++tl) {
+            const int64_t ob = tl / nkb, kb = tl % nkb;
+            const vf* a = acc.data() + (tl - rg.lo) * WMR * WNT;
+            for (int r = 0; r < WMR; ++r) {
+                const int64_t o = ob * WMR + r;
+                if (o >= o_n) break;
+                for (int k = 0; k < WNT; ++k) {
+                    const int64_t kc = kb * WNT + k;
+                    if (kc >= k_n) break;
+                    dw[o * k_n + kc] = lane_sum(a[r * WNT + k]);
+                }
+            }
+        }
+    });
+}
+
+DNNPAR_CPU_COMMON_EXPORTS(2)

@@ -126,42 +126,12 @@ class Conv2d(Layer):
 
 
 class PointwiseConv2d(Conv2d):
-    """1x1 convolution: per image one GEMM W (O, C) @ x (C, H*W); no im2col copy is needed."""
+    """1x1 convolution (MobileNet's pointwise layers): a Conv2d with a 1x1 kernel, computed by the
+    same op (:func:`dnnpar.ops.conv2d`: on the numpy backend the tiled direct kernel, one GEMM-like
+    pass with no im2col copy), so an imported 1x1 Conv2d gives the same bits."""
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True, seed: int = 0):
         super().__init__(in_channels, out_channels, 1, bias=bias, seed=seed)
-
-    def forward(self, x):
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"PointwiseConv2d expects (N, {self.in_channels}, H, W) input, got {tuple(x.shape)}")
-        xp = get_backend().xp
-        n, c, h, w = x.shape
-        self.x = x
-        xm = xp.ascontiguousarray(x.transpose(1, 0, 2, 3)).reshape(c, n * h * w)  # (C, N*H*W)
-        y = ops.gemm(self.params["weight"].reshape(self.out_channels, c), xm)
-        if "bias" in self.params:
-            y += self.params["bias"][:, None]
-        y = activate_(xp, xp.ascontiguousarray(y.reshape(self.out_channels, n, h, w).transpose(1, 0, 2, 3)),
-                      self.activation)
-        self.y = y if self.activation else None
-        return y
-
-    def backward(self, dy):
-        xp = get_backend().xp
-        x = self.x
-        n, c, h, w = x.shape
-        o = self.out_channels
-        if self.activation:
-            dy, self.y = activation_grad(xp, dy, self.y, self.activation), None
-        xm = xp.ascontiguousarray(x.transpose(1, 0, 2, 3)).reshape(c, n * h * w)
-        dym = xp.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(o, n * h * w)
-        wm = self.params["weight"].reshape(o, c)
-        self._set_grads(ops.gemm(dym, xm, trans_b=True).reshape(self.params["weight"].shape), dym.sum(axis=1))
-        self.x = None
-        if not self.need_dx:
-            return None
-        dx = ops.gemm(wm, dym, trans_a=True)  # (C, N*H*W)
-        return xp.ascontiguousarray(dx.reshape(c, n, h, w).transpose(1, 0, 2, 3))
 
 
 class DepthwiseConv2d(Layer):

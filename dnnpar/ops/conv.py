@@ -53,6 +53,48 @@ NATIVE_MIN_OW = {"im2col": 16, "col2im": 8}
 NATIVE_MIN_EPILOGUE = {"size": 8192}
 
 
+#: the register-tiled direct kernels (dnnpar/cpu/conv.cpp) on the numpy backend, and where they
+#: beat BLAS on im2col (measured on 2 AVX-512 cores, ``benchmarks/kernels.py --only conv`` prints
+#: both paths): "use" False keeps the BLAS paths. "min_efficiency": the smallest share of the
+#: computed grid positions that are real outputs (a padded row computes Wq - OW dropped columns,
+#: small planes their dropped rows too); "max_k": the largest reduction C*KH*KW (beyond it BLAS's
+#: larger blocks win: 128 -> 256 channels at 8x8 ran 2.1x slower tiled); "min_plane_1x1": a 1x1
+#: kernel only on planes of at least this many outputs (on 3x3 .. 12x12 planes one GEMM over the
+#: batch is 1.1-2x faster); "min_positions_backward": dW reduces over N*OH*OW positions, too few
+#: of them per tile cost more than BLAS (a 64-channel 8x8 layer at batch 1 took 2x longer)
+TILED = {"use": True, "min_efficiency": 0.6, "max_k": 600, "min_plane_1x1": 256, "min_positions_backward": 1024}
+
+
+def tiled_efficiency(g: ConvGeometry, tile: int) -> float:
+    """The share of the tiled forward kernel's computed grid positions that are outputs of ``g``
+    (see dnnpar/cpu/conv.cpp: rows of Wq = ceil((W + 2 PW) / SW) positions, OW of them kept;
+    an image's OH rows rounded up to whole tiles of ``tile`` positions, or, where those are fewer
+    than 4 tiles, its Hq = ceil((H + 2 PH) / SH) rows run across images)."""
+    hq = -(-(g.h + 2 * g.padding[0]) // g.stride[0])
+    wq = -(-(g.w + 2 * g.padding[1]) // g.stride[1])
+    run = g.oh * wq
+    computed = -(-run // tile) * tile if run >= 4 * tile else hq * wq
+    return g.oh * g.ow / computed
+
+
+def tiled_library(g: ConvGeometry, *arrays, backward: bool = False):
+    """The native conv library when the tiled direct kernels take this one-group geometry on
+    these operands (C-contiguous float32 NumPy arrays; TILED and NATIVE on; TILED's limits; not a
+    1x1 kernel with a stride, which reads a quarter of the padded input it packs), else None.
+    ``backward``: for dW (and dx), which needs TILED["min_positions_backward"] too."""
+    taps = g.kh * g.kw
+    if (not TILED["use"] or g.c * taps > TILED["max_k"]
+            or (taps == 1 and (g.stride != (1, 1) or g.oh * g.ow < TILED["min_plane_1x1"]))
+            or (backward and g.n * g.oh * g.ow < TILED["min_positions_backward"])
+            or not all(a is None or (isinstance(a, np.ndarray) and a.flags.c_contiguous) for a in arrays)):
+        return None
+    lib = native_library(*arrays)
+    if lib is None:
+        return None
+    shape = cpu_native.conv_tiled_shape()
+    return lib if tiled_efficiency(g, shape["fnv"] * shape["vl"]) >= TILED["min_efficiency"] else None
+
+
 def _native_geo(g: ConvGeometry):
     return (g.n, g.c, g.h, g.w, g.kh, g.kw, g.oh, g.ow, *g.stride, *g.padding, *g.dilation)
 
@@ -370,6 +412,9 @@ def _conv2d_single(x, w, bias, g: ConvGeometry, algo, be, activation=None):
                    *(i32(v) for v in (g.n, g.c, g.h, g.w, o, g.kh, g.kw, g.oh, g.ow, *g.stride, *g.padding,
                                       *g.dilation))))
         return out, None, False
+    if not be.runs_kernels and tiled_library(g, x, w, bias) is not None:
+        return cpu_native.conv_tiled_forward(x, w, bias, be.empty((g.n, o, g.oh, g.ow)), _native_geo(g),
+                                             activation), None, True
     if not be.runs_kernels and _fast_path_ok(g, x.itemsize):
         return conv2d_fast_numpy(x, w, bias, g), None, False
     cols = im2col(x, g.kh, g.kw, g.stride, g.padding, g.dilation)
@@ -473,6 +518,8 @@ def _backward_single(x, w, dy, g: ConvGeometry, need_dx, cols, be, activation=No
         cols = check_array("conv2d_backward", "cols", cols, ndim=2, backend=be)
         if tuple(cols.shape) != g.cols_shape:
             raise ValueError(f"conv2d_backward: cols must have shape {g.cols_shape}, got {tuple(cols.shape)}")
+    if cols is None and not be.runs_kernels and tiled_library(g, x, w, dy, y, backward=True) is not None:
+        return _backward_tiled(x, w, dy, g, need_dx, be, activation, y)
     fast = cols is None and not be.runs_kernels and _backward_fast_ok(g, x.itemsize)
     native = (not fast and not be.runs_kernels and dy.size >= NATIVE_MIN_EPILOGUE["size"]
               and native_library(dy, y) is not None)
@@ -496,4 +543,39 @@ def _backward_single(x, w, dy, g: ConvGeometry, need_dx, cols, be, activation=No
     elif need_dx:
         dcols = gemm(w.reshape(o, -1), dy2, trans_a=True)
         dx = col2im(dcols, x.shape, g.kh, g.kw, g.stride, g.padding, g.dilation)
+    return dx, dw, db
+
+
+def _dx_geometry(dy_shape, g: ConvGeometry):
+    """dx of a stride-1 convolution as the stride-1 convolution of dy with the flipped, transposed
+    kernel (full correlation, padding DH*(KH-1) - PH), or None where that padding is negative."""
+    (dh, dw), (ph, pw) = g.dilation, g.padding
+    if g.stride != (1, 1) or ph > dh * (g.kh - 1) or pw > dw * (g.kw - 1):
+        return None
+    return ConvGeometry.make("conv2d_backward", dy_shape, g.kh, g.kw, 1,
+                             (dh * (g.kh - 1) - ph, dw * (g.kw - 1) - pw), g.dilation)
+
+
+def _backward_tiled(x, w, dy, g: ConvGeometry, need_dx, be, activation, y):
+    """(dx or None, dw, db) by the tiled kernels: dW and db in one pass that masks dy (kept for dx
+    when there is an activation); dx, at stride 1, by the tiled forward kernel on the masked dy,
+    else by the BLAS path on it."""
+    o = w.shape[0]
+    dw, db = be.empty(w.shape), be.empty((o,))
+    dym = be.empty(dy.shape) if activation is not None and need_dx else None
+    cpu_native.conv_tiled_dw(x, dy, y, dw, db, dym, activation, geo=_native_geo(g))
+    if not need_dx:
+        return None, dw, db
+    dyx = dym if dym is not None else dy
+    gb = _dx_geometry(dy.shape, g)
+    wflip = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+    if gb is not None and tiled_library(gb, dyx, wflip) is not None:
+        dx = cpu_native.conv_tiled_forward(dyx, wflip, None, be.empty((g.n, g.c, g.h, g.w)), _native_geo(gb))
+    else:
+        dy2 = np.ascontiguousarray(dyx.transpose(1, 0, 2, 3)).reshape(o, -1)
+        if g.c >= FAST_DX_MIN_CHANNELS:
+            dx = conv2d_dx_numpy(w, dy2.T, g)
+        else:
+            dx = col2im(gemm(w.reshape(o, -1), dy2, trans_a=True), x.shape, g.kh, g.kw, g.stride, g.padding,
+                        g.dilation)
     return dx, dw, db
