@@ -21,7 +21,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <vector>
 
 #include "parallel.h"
@@ -211,8 +210,11 @@ constexpr int VL = 8, FMR = 4, FNV = 3, WMR = 3, WNT = 4;
 constexpr int VL = 4, FMR = 4, FNV = 2, WMR = 2, WNT = 4;
 #endif
 constexpr int TILE = FNV * VL;
+#ifndef DWCHUNK
+#define DWCHUNK 256
+#endif
 constexpr int64_t kChunkPositions = 1536;   // forward: grid positions per item (about)
-constexpr int64_t kDwChunkBytes = 256 << 10;  // dW: x + dy of one position chunk, for L2
+constexpr int64_t kDwChunkBytes = DWCHUNK << 10;  // dW: x + dy of one position chunk, for L2
 
 typedef float vf __attribute__((vector_size(VL * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(VL * sizeof(int32_t))));
@@ -346,18 +348,19 @@ inline void dw_tile(const float* dy0, int64_t dy_stride, const float* x0, const 
 #pragma GCC unroll 8
         for (int k = 0; k < NT; ++k) acc[r][k] = acc_io[r * NT + k];
     for (int64_t mv = 0; mv < vectors; ++mv) {
-        vf xv[NT], dv[MR];
+        vf xv[NT];
 #pragma GCC unroll 8
         for (int k = 0; k < NT; ++k) {
             xv[k] = loadu(x0 + koff[k] + mv * VL);
             if (SAFE) xv[k] = valid[mv] ? xv[k] : vf{};
         }
+        // one dy vector live at a time: MR * NT accumulators + NT inputs + 1 fit the registers
 #pragma GCC unroll 32
-        for (int r = 0; r < MR; ++r) dv[r] = loadu(dy0 + r * dy_stride + mv * VL);
-#pragma GCC unroll 32
-        for (int r = 0; r < MR; ++r)
+        for (int r = 0; r < MR; ++r) {
+            const vf dv = loadu(dy0 + r * dy_stride + mv * VL);
 #pragma GCC unroll 8
-            for (int k = 0; k < NT; ++k) acc[r][k] += dv[r] * xv[k];
+            for (int k = 0; k < NT; ++k) acc[r][k] += dv * xv[k];
+        }
     }
 #pragma GCC unroll 32
     for (int r = 0; r < MR; ++r)
@@ -373,7 +376,23 @@ inline float lane_sum(vf v) {  // a fixed pairwise tree over the lanes
     return l[0];
 }
 
-std::unique_ptr<float[]> scratch(int64_t floats) { return std::unique_ptr<float[]>(new float[size_t(floats)]); }
+// The calling thread's scratch buffers (packed x, dy on the grid), kept between calls and only
+// grown: a fresh allocation of a few MB is mapped anew by the kernel each call, and its page
+// faults cost more than the packing itself (370 us for a 16-channel 32x32 batch of 16).
+// 64-byte aligned: dy's grid rows (whole vectors long) are then whole cache lines, and its loads
+// never split across two.
+float* scratch(int slot, int64_t floats) {
+    thread_local std::vector<float> buffers[2];
+    std::vector<float>& b = buffers[slot];
+    const int64_t want = floats + 16;
+    if (int64_t(b.size()) < want) {
+        b.clear();
+        b.shrink_to_fit();
+        b.resize(size_t(want));
+    }
+    const uintptr_t p = reinterpret_cast<uintptr_t>(b.data());
+    return reinterpret_cast<float*>((p + 63) & ~uintptr_t(63));
+}
 
 std::vector<int64_t> tap_offsets(const Geo& g, const Phased& q) {
     std::vector<int64_t> off(static_cast<size_t>(g.kh * g.kw));
@@ -399,8 +418,8 @@ extern "C" void dnnpar_conv_tiled_forward(const float* x, const float* w, const 
     const Geo g = read_geo(geo);
     const Phased q(g);
     const int64_t kk = g.kh * g.kw, nob = (o_n + FMR - 1) / FMR;
-    auto xq = scratch(q.floats(g));
-    pack_phases(x, xq.get(), g, q, threads);
+    float* const xq = scratch(0, q.floats(g));
+    pack_phases(x, xq, g, q, threads);
     // weights as [block][c][tap][FMR], zero past O
     std::vector<float> wp(size_t(nob * g.c * kk * FMR), 0.0f);
     for (int64_t o = 0; o < o_n; ++o)
@@ -420,6 +439,7 @@ extern "C" void dnnpar_conv_tiled_forward(const float* x, const float* w, const 
     if (runs * ((span + rows - 1) / rows) * nob < want)
         rows = std::max<int64_t>(1, std::min(rows, span * runs * nob / want));
     const int64_t per_run = (span + rows - 1) / rows, chunks = runs * per_run, items = chunks * nob;
+    rows = (span + per_run - 1) / per_run;  // chunks of equal size: a short last one unbalances the split
     const int64_t ld = (rows * q.wq + TILE - 1) / TILE * TILE;
     dnnpar::parallel(int(std::max<int64_t>(1, std::min<int64_t>(team, items))), [&](int tid, int nt) {
         const dnnpar::Range rg = dnnpar::split(items, tid, nt);
@@ -428,7 +448,7 @@ extern "C" void dnnpar_conv_tiled_forward(const float* x, const float* w, const 
             const int64_t ch = item / nob, ob = item % nob, run = ch / per_run;
             const int64_t r0 = ch % per_run * rows, r1 = std::min(span, r0 + rows);
             const int64_t m0 = run * q.plane + r0 * q.wq, mlen = (r1 - r0) * q.wq;
-            const float* xm = xq.get() + m0;
+            const float* xm = xq + m0;
             const float* wb = wp.data() + ob * g.c * kk * FMR;
             for (int64_t m = 0; m < mlen; m += TILE)
                 forward_tile<FMR, FNV>(xm + m, q.cstride, off.data(), kk, wb, g.c, local.data() + m, ld);
@@ -458,14 +478,14 @@ extern "C" void dnnpar_conv_tiled_dw(const float* x, const float* dy, const floa
     const Phased q(g);
     const int64_t kk = g.kh * g.kw, k_n = g.c * kk, mr = (q.total + VL - 1) / VL * VL, vectors = mr / VL;
     const int64_t nob = (o_n + WMR - 1) / WMR, nkb = (k_n + WNT - 1) / WNT, o_pad = nob * WMR;
-    auto xq = scratch(q.floats(g) + mr);
-    const bool nonfinite = pack_phases(x, xq.get(), g, q, threads);
+    float* const xq = scratch(0, q.floats(g) + mr);
+    const bool nonfinite = pack_phases(x, xq, g, q, threads);
     // dy on the grid [o][n][plane], zero on dropped positions and on the rows past O; db per
     // channel, images in order
-    auto dyg = scratch(o_pad * mr);
+    float* const dyg = scratch(1, o_pad * mr);
     const int64_t plane = g.oh * g.ow;
     dnnpar::parallel_for(dnnpar::team_size(threads, g.n * o_n * plane), o_pad, [&](int64_t o) {
-        float* d = dyg.get() + o * mr;
+        float* d = dyg + o * mr;
         for (int64_t m = 0; m < mr; ++m) d[m] = 0.0f;
         if (o >= o_n) return;
         double sum = 0.0;
@@ -523,13 +543,13 @@ extern "C" void dnnpar_conv_tiled_dw(const float* x, const float* dy, const floa
             const int64_t nv = std::min(chunk, vectors - v0);
             for (int64_t tl = rg.lo; tl < rg.hi; ++tl) {
                 const int64_t ob = tl / nkb, kb = tl % nkb;
-                const float* d0 = dyg.get() + ob * WMR * mr + v0 * VL;
+                const float* d0 = dyg + ob * WMR * mr + v0 * VL;
                 vf* a = acc.data() + (tl - rg.lo) * WMR * WNT;
                 if (nonfinite)
-                    dw_tile<WMR, WNT, true>(d0, mr, xq.get() + v0 * VL, koff.data() + kb * WNT, valid.data() + v0, nv,
+                    dw_tile<WMR, WNT, true>(d0, mr, xq + v0 * VL, koff.data() + kb * WNT, valid.data() + v0, nv,
                                             a);
                 else
-                    dw_tile<WMR, WNT, false>(d0, mr, xq.get() + v0 * VL, koff.data() + kb * WNT, nullptr, nv, a);
+                    dw_tile<WMR, WNT, false>(d0, mr, xq + v0 * VL, koff.data() + kb * WNT, nullptr, nv, a);
             }
         }
         for (int64_t tl = rg.lo; tl < rg.hi; ++tl) {
