@@ -237,6 +237,27 @@ class Bench:
 
 
 # ---------------------------------------------------------------------------- CPU (numpy backend)
+def conv_path(x, w, stride, padding) -> str:
+    """Which numpy-backend path dp.ops.conv2d takes for this layer: "tiled" (the register-tiled
+    direct kernels of dnnpar/cpu/conv.cpp) or "BLAS" (im2col + GEMM, or the blocked NHWC GEMMs)."""
+    from dnnpar.ops import conv as C
+    from dnnpar.ops._common import ConvGeometry
+
+    g = ConvGeometry.make("conv2d", x.shape, w.shape[2], w.shape[3], stride, padding, 1)
+    return "tiled" if C.tiled_library(g, x, w) is not None else "BLAS"
+
+
+@contextlib.contextmanager
+def temporarily(table: dict, **values):
+    """``table`` with ``values`` set inside the block, restored after."""
+    saved = {k: table[k] for k in values}
+    table.update(values)
+    try:
+        yield
+    finally:
+        table.update(saved)
+
+
 class CpuBench(Bench):
     """The numpy backend against NumPy / SciPy (and torch's CPU conv when importable)."""
 
@@ -281,6 +302,7 @@ class CpuBench(Bench):
         self.section("gemm", self.gemm)
         self.section("sparse", self.sparse)
         self.section("conv", self.conv)
+        self.section("conv_layers", self.conv_layers)
         self.section("depthwise", self.depthwise)
         self.section("norm_pool", self.norm_pool)
 
@@ -459,14 +481,58 @@ class CpuBench(Bench):
             self.add(Row("conv", "torch conv2d (CPU)", size, t_torch, flops=flops, roof="flop",
                          check=check_text(rel_err(peer_out, want))))
             peer, peer_ms = "torch conv2d", median(t_torch)
-        self.add(Row("conv", "dp.ops.conv2d im2col", size, t_im2col, flops=flops, roof="flop", peer=peer,
-                     peer_ms=peer_ms, check=check_text(rel_err(want, peer_out)) if peer_out is not None else ""))
+        self.add(Row("conv", f"dp.ops.conv2d ({conv_path(x, w, 1, 1)})", size, t_im2col, flops=flops, roof="flop",
+                     peer=peer, peer_ms=peer_ms,
+                     check=check_text(rel_err(want, peer_out)) if peer_out is not None else ""))
         t_direct = self.time(lambda: dp.ops.conv2d(x, w, padding=1, algo="direct"))
         self.add(Row("conv", "dp.ops.conv2d direct", size, t_direct, flops=flops, roof="flop",
                      peer="dp conv2d im2col", peer_ms=median(t_im2col), check=check_text(rel_err(self.last, want))))
         cols_bytes = 4.0 * c * kk * kk * n * hw * hw
         self.add(Row("conv", "dp.ops.im2col", size, self.time(lambda: dp.ops.im2col(x, kk, kk, padding=1)),
                      bytes=x.nbytes + cols_bytes, unit="GB/s", roof="mem"))
+
+    #: the zoo's and the interop graphs' convolution layers (N, C, O, H=W, K, stride; padding K // 2)
+    CONV_LAYERS = ((16, 16, 16, 32, 3, 1), (16, 16, 32, 32, 3, 2), (16, 64, 64, 8, 3, 1), (64, 6, 16, 14, 5, 1),
+                   (16, 64, 64, 32, 3, 1), (16, 128, 128, 16, 3, 1), (16, 256, 256, 8, 3, 1),
+                   (16, 512, 512, 4, 3, 1), (16, 32, 64, 48, 1, 1), (16, 256, 256, 6, 1, 1))
+    CONV_LAYERS_QUICK = CONV_LAYERS[:3] + CONV_LAYERS[6:7] + CONV_LAYERS[8:9]
+
+    def conv_layers(self) -> None:
+        """Each layer's forward and forward + backward (dx, dW, db) by the path dp.ops.conv2d takes
+        (the tiled direct kernels or BLAS on im2col, by ops.conv.TILED's rules), by the BLAS path
+        alone (TILED off, the reference for the rules), and by PyTorch's CPU conv2d with autograd."""
+        from dnnpar.ops import conv as C
+
+        for n, c, o, hw, k, stride in (self.CONV_LAYERS_QUICK if self.quick else self.CONV_LAYERS):
+            x, w = rand(self.rng, (n, c, hw, hw)), rand(self.rng, (o, c, k, k)) * 0.05
+            pad = k // 2
+            y = dp.ops.conv2d(x, w, None, stride, pad)
+            dy = rand(self.rng, y.shape)
+            size = f"N{n} {c}->{o} {hw}x{hw} {k}x{k} s{stride}"
+            fwd = 2.0 * y.size * c * k * k
+            step = {"fwd": (fwd, lambda: dp.ops.conv2d(x, w, None, stride, pad)),
+                    "fwd+bwd": (3 * fwd, lambda: (dp.ops.conv2d(x, w, None, stride, pad),
+                                                  dp.ops.conv2d_backward(x, w, dy, stride, pad)))}
+            peer = {}
+            if self.torch is not None:
+                torch = self.torch
+                xt, wt, dyt = torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(dy)
+
+                def torch_both():
+                    xg, wg = xt.detach().requires_grad_(), wt.detach().requires_grad_()
+                    torch.nn.functional.conv2d(xg, wg, None, stride, pad).backward(dyt)
+                with torch.inference_mode():
+                    peer["fwd"] = self.time(lambda: torch.nn.functional.conv2d(xt, wt, None, stride, pad))
+                peer["fwd+bwd"] = self.time(torch_both)
+            path = conv_path(x, w, stride, pad)
+            for what, (flops, fn) in step.items():
+                ref = median(peer[what]) if what in peer else None
+                self.add(Row("conv_layers", f"conv2d {what} ({path})", size, self.time(fn), flops=flops, roof="flop",
+                             peer="torch" if ref else "", peer_ms=ref))
+                if path == "tiled":
+                    with temporarily(C.TILED, use=False):
+                        self.add(Row("conv_layers", f"conv2d {what} (BLAS, tiled off)", size, self.time(fn),
+                                     flops=flops, roof="flop", peer="torch" if ref else "", peer_ms=ref))
 
     def depthwise(self) -> None:
         """MobileNet v1's depthwise layers (3x3, pad 1), forward and forward + backward (dx, dw),

@@ -310,7 +310,47 @@ class ParallelBench:
     def text(self):
         return C.render_text(self.header(), self.COLUMNS, self.cells(), {1, 2, 3, 4, 5, 6}, self.footnotes())
 
+    def plot(self, path: Path):
+        """The scaling figure: images/s against workers per strategy (beside linear scaling from
+        each one's fewest-worker row), gradient bytes each rank sends per step (log scale), and
+        test accuracy against dense sync. Needs matplotlib (the [plot] extra); returns the path
+        written, or None without it."""
+        try:
+            from matplotlib.figure import Figure
+        except ImportError:
+            return None
+        rows = [r for r in self.rows if "images_s" in r]
+        strategies = list(dict.fromkeys(r["strategy"] for r in rows))
+        fig = Figure(figsize=(15, 4.6), layout="constrained")
+        ax_s, ax_b, ax_a = fig.subplots(1, 3)
+        for k, name in enumerate(strategies):
+            mine = sorted((r for r in rows if r["strategy"] == name), key=lambda r: r["workers"])
+            n = [r["workers"] for r in mine]
+            color = f"C{k % 10}"
+            ax_s.plot(n, [r["images_s"] for r in mine], "o-", color=color, label=name)
+            ax_s.plot(n, [mine[0]["images_s"] * w / n[0] for w in n], ":", color=color, alpha=0.5)
+            if any(r.get("sent_per_step") for r in mine):
+                ax_b.plot(n, [r["sent_per_step"] for r in mine], "o-", color=color, label=name)
+            if any("acc_vs_dense" in r for r in mine):
+                ax_a.plot(n, [100 * r.get("acc_vs_dense", float("nan")) for r in mine], "o-", color=color, label=name)
+        ax_s.set(title="throughput (dotted: linear scaling)", xlabel="workers", ylabel="images / s")
+        ax_b.set(title="gradient bytes one rank sends per step", xlabel="workers", ylabel="bytes", yscale="log")
+        ax_a.set(title="test accuracy - dense sync", xlabel="workers", ylabel="points")
+        ax_a.axhline(0, color="k", lw=0.8)
+        for ax in (ax_s, ax_b, ax_a):
+            ax.set_xticks(sorted({r["workers"] for r in rows}))
+            ax.grid(alpha=0.3)
+        ax_s.legend(fontsize=7)
+        ax_b.legend(fontsize=7)
+        fig.suptitle(f"dnnpar parallel training, {self.meta['workload']}; {C.cpu_cores()} cores", fontsize=9)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+        return path
+
     def write(self, out_dir: Path):
+        plot = self.plot(Path(out_dir) / "parallel-scaling.svg")
+        if plot is not None:
+            print(f"wrote {plot}")
         md = C.render_markdown(self.header(), self.COLUMNS, self.cells(), {1, 2, 3, 4, 5, 6}, self.footnotes())
         return C.write_report(out_dir, "parallel", md, {"meta": self.meta, "rows": self.rows,
                                                         "split": getattr(self, "split_rows", None),

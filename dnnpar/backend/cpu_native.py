@@ -7,8 +7,10 @@ One shared library per source, listed in :data:`NATIVE_SOURCES`:
 - ``depthwise.cpp``: depthwise convolution forward and backward (dx, dw), float32 NCHW;
 - ``norm.cpp``: BatchNorm2d training / eval forward and backward with a fused ReLU / ReLU6;
 - ``pool.cpp``: MaxPool2d and AvgPool2d forward and backward.
-- ``conv.cpp``: the im2col + GEMM convolution's glue: im2col, col2im, and the epilogues (GEMM
-  output -> NCHW with bias + ReLU / ReLU6; dy -> GEMM layout with the activation's mask and db).
+- ``conv.cpp``: the register-tiled direct convolution (forward, dW / db, dx as a forward), and
+  the im2col + GEMM path's glue: im2col, col2im, and the epilogues (GEMM output -> NCHW with
+  bias + ReLU / ReLU6; dy -> GEMM layout with the activation's mask and db);
+- ``half.cpp``: float32 <-> fp16 / bf16 bit patterns and their rounded sum (gradient compression).
 
 Every source goes through the same path: ``$CXX`` (default ``g++``) with ``-O3 -march=native
 -fopenmp-simd -pthread`` and ``dnnpar/cpu`` on the include path, cached under
@@ -98,6 +100,11 @@ NATIVE_SOURCES = {s.stem: s for s in (
         "dnnpar_maxpool_backward": [_P, _P, _P, _P, _P, _I32],
         "dnnpar_avgpool_forward": [_P, _P, _P, _I32, _I32],
         "dnnpar_avgpool_backward": [_P, _P, _P, _I32, _I32],
+    }),
+    NativeSource("half", 1, "16-bit gradient encodings", "NumPy", {
+        "dnnpar_half_encode": [_P, _P, _I64, _I32, _I32],
+        "dnnpar_half_decode": [_P, _P, _I64, _I32, _I32],
+        "dnnpar_half_add_into": [_P, _P, _I64, _I32, _I32],
     }),
     NativeSource("conv", 2, "convolution (tiled direct kernels, im2col / col2im, epilogues)", "NumPy", {
         "dnnpar_conv_im2col": [_P, _P, _P, _I32],
@@ -599,3 +606,39 @@ def conv_tiled_dw(x, dy, y, dw, db, dym=None, activation=None, threads: int | No
     _loaded("conv").dnnpar_conv_tiled_dw(_ptr(x), _ptr(dy), _ptr(y) if act else None, _ptr(dw), _ptr(db),
                                          None if dym is None else _ptr(dym), _ptr(g), o, act, _threads_arg(threads))
     return dw, db, dym
+
+
+#: 16-bit format -> the code half.cpp reads
+HALF_CODES = {"fp16": 0, "bf16": 1}
+
+
+def _half_check(what, a, dtype, n=None, out=False):
+    if not (isinstance(a, np.ndarray) and a.dtype == dtype and a.ndim == 1 and a.flags.c_contiguous
+            and (a.flags.writeable or not out) and (n is None or a.size == n)):
+        got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+        raise ValueError(f"native half: {what} must be a {'writeable ' if out else ''}C-contiguous {np.dtype(dtype).name} "
+                         f"vector{'' if n is None else f' of {n}'}, got {got}")
+
+
+def half_encode(x, out, kind: str, threads: int | None = None):
+    """``out[:]`` = the uint16 bit patterns of float32 ``x`` rounded to ``kind`` (dnnpar/cpu/half.cpp)."""
+    _half_check("x", x, np.float32)
+    _half_check("out", out, np.uint16, x.size, out=True)
+    _loaded("half").dnnpar_half_encode(_ptr(x), _ptr(out), x.size, HALF_CODES[kind], _threads_arg(threads))
+    return out
+
+
+def half_decode(bits, out, kind: str, threads: int | None = None):
+    """``out[:]`` = float32 values of ``kind`` bit patterns ``bits`` (exact)."""
+    _half_check("bits", bits, np.uint16)
+    _half_check("out", out, np.float32, bits.size, out=True)
+    _loaded("half").dnnpar_half_decode(_ptr(bits), _ptr(out), bits.size, HALF_CODES[kind], _threads_arg(threads))
+    return out
+
+
+def half_add_into(a, b, kind: str, threads: int | None = None):
+    """``b[:]`` = round16(decode(a) + decode(b)) on uint16 vectors of ``kind``."""
+    _half_check("a", a, np.uint16)
+    _half_check("b", b, np.uint16, a.size, out=True)
+    _loaded("half").dnnpar_half_add_into(_ptr(a), _ptr(b), a.size, HALF_CODES[kind], _threads_arg(threads))
+    return b
