@@ -18,7 +18,7 @@ C_ = (None, slice(None), None, None)
 
 # N = 1, H*W = 1, prime channels, sizes off any vector width; the last two run on several threads
 SHAPES = [(1, 1, 1, 1), (1, 5, 1, 1), (4, 3, 1, 1), (1, 7, 5, 3), (3, 1, 11, 13), (5, 13, 7, 7), (16, 17, 12, 12),
-          (8, 31, 19, 17)]
+          (8, 31, 19, 17), (2, 3, 29, 37)]  # the last: planes of 1,073 values, past the kernel's 512-value chunks
 ACTS = [None, "relu", "relu6"]
 
 
@@ -144,6 +144,22 @@ def test_native_does_not_depend_on_threads(native, act, training, rng):
         assert all(np.array_equal(a, b) for a, b in zip(runs[0], r))
     check_native(x, gamma, beta, dy, *runs[0][:1], N.BatchStats(runs[0][1], runs[0][2], None), *runs[0][3:], act,
                  training, None if training else mean, None if training else var)
+
+
+@pytest.mark.parametrize("act", ["relu", "relu6"])
+def test_native_fused_mask_equals_masking_first(native, act, rng):
+    """The backward with a fused activation gives the bits of the backward without one on dy
+    masked beforehand (what a separate ReLU layer hands it), on planes of several chunks."""
+    x, gamma, beta, dy = inputs(rng, (3, 4, 33, 47))
+    st = N.BatchStats(np.empty(4), np.empty(4), np.empty(4))
+    y = cpu_native.batch_norm_forward(x, gamma, beta, st.mean, st.var, st.inv, np.empty_like(x), 1e-5, True, act)
+    out = []
+    for a, g in ((act, dy), (None, np.ascontiguousarray(dy * oracles.activation_mask(y, act), np.float32))):
+        out.append(cpu_native.batch_norm_backward(x, y, g, gamma, st.mean, st.inv, np.full_like(x, np.nan),
+                                                  np.full(4, np.nan, np.float32), np.full(4, np.nan, np.float32),
+                                                  True, a))
+    for fused, unfused in zip(*out):
+        np.testing.assert_array_equal(fused, unfused)
 
 
 @pytest.mark.parametrize("act", ACTS, ids=str)
