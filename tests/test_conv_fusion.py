@@ -55,7 +55,7 @@ def native_conv(monkeypatch):
 def either_conv(request, monkeypatch):
     """Both native paths in turn: the glue around BLAS and the register-tiled direct kernels (taken
     at every geometry)."""
-    with _native_conv(monkeypatch, request.param == "tiled") as be, poison_outputs():
+    with _native_conv(monkeypatch, request.param == "tiled"), poison_outputs():
         yield request.param
 
 

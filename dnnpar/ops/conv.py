@@ -537,13 +537,16 @@ def _backward_single(x, w, dy, g: ConvGeometry, need_dx, cols, be, activation=No
         dy2 = xp.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(o, -1)
         db = dy2.sum(axis=1)
     dw = gemm(dy2, cols, trans_b=True).reshape(w.shape)
-    dx = None
-    if need_dx and not be.runs_kernels and g.c >= FAST_DX_MIN_CHANNELS:
-        dx = conv2d_dx_numpy(w, dy2.T, g)
-    elif need_dx:
-        dcols = gemm(w.reshape(o, -1), dy2, trans_a=True)
-        dx = col2im(dcols, x.shape, g.kh, g.kw, g.stride, g.padding, g.dilation)
-    return dx, dw, db
+    return (_dx_gemm(w, dy2, g, be) if need_dx else None), dw, db
+
+
+def _dx_gemm(w, dy2, g: ConvGeometry, be):
+    """dx from dy in the GEMM layout (O, N*OH*OW): on the numpy backend with C >= 8 one GEMM per
+    kernel tap added into NHWC windows, else dcols = W^T dY and col2im."""
+    if not be.runs_kernels and g.c >= FAST_DX_MIN_CHANNELS:
+        return conv2d_dx_numpy(w, dy2.T, g)
+    dcols = gemm(w.reshape(w.shape[0], -1), dy2, trans_a=True)
+    return col2im(dcols, (g.n, g.c, g.h, g.w), g.kh, g.kw, g.stride, g.padding, g.dilation)
 
 
 def _dx_geometry(dy_shape, g: ConvGeometry):
@@ -558,8 +561,9 @@ def _dx_geometry(dy_shape, g: ConvGeometry):
 
 def _backward_tiled(x, w, dy, g: ConvGeometry, need_dx, be, activation, y):
     """(dx or None, dw, db) by the tiled kernels: dW and db in one pass that masks dy (kept for dx
-    when there is an activation); dx, at stride 1, by the tiled forward kernel on the masked dy,
-    else by the BLAS path on it."""
+    when there is an activation); dx by the tiled forward kernel on the masked dy -- at stride 1
+    one full correlation with the flipped kernel, else one per stride phase -- or, where TILED's
+    rules turn those down, by the GEMM path on it."""
     o = w.shape[0]
     dw, db = be.empty(w.shape), be.empty((o,))
     dym = be.empty(dy.shape) if activation is not None and need_dx else None
@@ -568,28 +572,24 @@ def _backward_tiled(x, w, dy, g: ConvGeometry, need_dx, be, activation, y):
         return None, dw, db
     dyx = dym if dym is not None else dy
     gb = _dx_geometry(dy.shape, g)
-    wflip = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-    phases = _dx_phases(g, o) if gb is None else None
-    if gb is not None and tiled_library(gb, dyx, wflip) is not None:
-        dx = cpu_native.conv_tiled_forward(dyx, wflip, None, be.empty((g.n, g.c, g.h, g.w)), _native_geo(gb))
-    elif phases is not None and all(ph_g is None or tiled_library(ph_g, dyx, w) is not None
-                                    for *_, ph_g in phases):
-        dx = _dx_by_phases(dyx, w, g, phases, be)
+    if gb is not None:
+        wflip = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+        if tiled_library(gb, dyx, wflip) is not None:
+            return cpu_native.conv_tiled_forward(dyx, wflip, None, be.empty((g.n, g.c, g.h, g.w)),
+                                                 _native_geo(gb)), dw, db
     else:
-        dy2 = np.ascontiguousarray(dyx.transpose(1, 0, 2, 3)).reshape(o, -1)
-        if g.c >= FAST_DX_MIN_CHANNELS:
-            dx = conv2d_dx_numpy(w, dy2.T, g)
-        else:
-            dx = col2im(gemm(w.reshape(o, -1), dy2, trans_a=True), x.shape, g.kh, g.kw, g.stride, g.padding,
-                        g.dilation)
-    return dx, dw, db
+        phases = _dx_phases(g, o)
+        if all(ph_g is None or tiled_library(ph_g, dyx, w) is not None for *_, ph_g in phases):
+            return _dx_by_phases(dyx, w, g, phases, be), dw, db
+    return _dx_gemm(w, np.ascontiguousarray(dyx.transpose(1, 0, 2, 3)).reshape(o, -1), g, be), dw, db
 
 
-def _phase_taps(a: int, s: int, p: int, d: int, k: int, out: int, size: int):
+def _phase_taps(a: int, s: int, p: int, d: int, k: int, size: int):
     """One axis of a strided convolution's input gradient, for the inputs a, a + s, a + 2s, ...
-    (T of them, below ``size``): with i + p = o*s + tap*d, the taps that reach that phase, in
-    reverse order (tap list), the gap between their dy offsets (the stride-1 dilation), and the
-    window of dy rows [lo, lo + T + (m - 1) * gap) they read (partly outside [0, out): zeros)."""
+    (T of them, below ``size``): with i + p = o*s + tap*d, None where no tap reaches that phase,
+    else (its m taps in reverse order, the gap between their dy offsets -- the stride-1
+    dilation --, lo, the window length T + (m - 1) * gap, T): the window of dy rows
+    [lo, lo + length) they read, zero outside dy."""
     t_n = -(-(size - a) // s)
     taps = [i for i in range(k) if (a + p - i * d) % s == 0]
     if not taps or t_n <= 0:
@@ -607,9 +607,9 @@ def _dx_phases(g: ConvGeometry, o: int):
     (None: no tap reaches the phase, its gradient is 0)."""
     out = []
     for a in range(min(g.stride[0], g.h)):
-        rows = _phase_taps(a, g.stride[0], g.padding[0], g.dilation[0], g.kh, g.oh, g.h)
+        rows = _phase_taps(a, g.stride[0], g.padding[0], g.dilation[0], g.kh, g.h)
         for b in range(min(g.stride[1], g.w)):
-            cols = _phase_taps(b, g.stride[1], g.padding[1], g.dilation[1], g.kw, g.ow, g.w)
+            cols = _phase_taps(b, g.stride[1], g.padding[1], g.dilation[1], g.kw, g.w)
             geo = None
             if rows is not None and cols is not None:
                 geo = ConvGeometry.make("conv2d_backward", (g.n, o, rows[3], cols[3]), len(rows[0]), len(cols[0]), 1,
