@@ -430,3 +430,33 @@ def test_tiled_nonfinite_input_poisons_only_its_taps(native_conv, rng, bad):
     assert fin[:, 2, :, 0].all()  # input column 9 is read by no j = 0 tap (only by dropped positions)
     assert fin.sum() >= w.size - 9 * o
     assert_sum_close(dw[fin], ref[fin], mag[fin], g.n * g.oh * g.ow, "dw beside a non-finite input")
+
+
+def test_huge_padding_stays_off_the_packed_planes(either_conv, rng):
+    """Padding 2**20 with dilation 2**20 around one pixel is a valid 1x1-output convolution (the
+    fuzz tests draw such cases): the tiled kernels would pack 4e12 padded floats, so the rules
+    send it to the path that reads only the taps' windows -- a result, not an abort."""
+    x = rng.standard_normal((1, 1, 1, 1)).astype(np.float32)
+    w = rng.standard_normal((2, 1, 3, 3)).astype(np.float32)
+    big = 1 << 20
+    g = dp.ops._common.ConvGeometry.make("test", x.shape, 3, 3, 1, big, big)
+    assert C.tiled_library(g, x, w) is None
+    y = dp.ops.conv2d(x, w, None, 1, big, big)
+    np.testing.assert_array_equal(y, (w[:, 0, 1, 1] * x[0, 0, 0, 0]).reshape(1, 2, 1, 1))
+    dx, dw, db = dp.ops.conv2d_backward(x, w, np.ones_like(y), 1, big, big)
+    np.testing.assert_array_equal(dx, w[:, 0, 1, 1].sum(dtype=np.float32).reshape(1, 1, 1, 1))
+
+
+def test_native_im2col_tap_reading_only_padding(rng):
+    """A kernel row that reads nothing but padding (padding 2**20, dilation 2**20; a row of 17
+    outputs, so the default native im2col takes it): its zero fill stops at the output row. It
+    wrote 2**20 rows past the buffer before (a segfault)."""
+    if cpu_native.library("conv") is None:
+        pytest.skip(f"native conv kernel unavailable: {cpu_native.unavailable_reason('conv')}")
+    x = rng.standard_normal((2, 3, 1, 17)).astype(np.float32)
+    big = 1 << 20
+    with dp.use_backend("numpy"), poison_outputs():
+        cols = dp.ops.im2col(x, 3, 1, 1, (big, 0), (big, 1))
+        dx = dp.ops.col2im(np.ones_like(cols), x.shape, 3, 1, 1, (big, 0), (big, 1))
+    np.testing.assert_array_equal(cols, oracles.im2col(x, 3, 1, (1, 1), (big, 0), (big, 1)).astype(np.float32))
+    np.testing.assert_array_equal(dx, np.ones_like(x))  # only the middle tap reads x, once per pixel

@@ -106,15 +106,14 @@ NATIVE_SOURCES = {s.stem: s for s in (
         "dnnpar_half_decode": [_P, _P, _I64, _I32, _I32],
         "dnnpar_half_add_into": [_P, _P, _I64, _I32, _I32],
     }),
-    NativeSource("conv", 2, "convolution (tiled direct kernels, im2col / col2im, epilogues)", "NumPy", {
+    NativeSource("conv", 3, "convolution (tiled direct kernels, im2col / col2im, epilogues)", "NumPy", {
         "dnnpar_conv_im2col": [_P, _P, _P, _I32],
         "dnnpar_conv_col2im": [_P, _P, _P, _I32],
         "dnnpar_conv_epilogue": [_P, _P, _P, _I64, _I64, _I64, _I32, _I32],
         "dnnpar_conv_epilogue_backward": [_P, _P, _P, _P, _I64, _I64, _I64, _I32, _I32],
         "dnnpar_conv_tiled_shape": [_P],
-        "dnnpar_conv_tiled_forward": [_P, _P, _P, _P, _P, _I64, _I32, _I32],
-        "dnnpar_conv_tiled_dw": [_P, _P, _P, _P, _P, _P, _P, _I64, _I32, _I32],
-    }),
+    }, {"dnnpar_conv_tiled_forward": ([_P, _P, _P, _P, _P, _I64, _I32, _I32], ctypes.c_int),
+        "dnnpar_conv_tiled_dw": ([_P, _P, _P, _P, _P, _P, _P, _I64, _I32, _I32], ctypes.c_int)}),
 )}
 
 _lock = threading.Lock()
@@ -579,8 +578,9 @@ def conv_tiled_forward(x, w, bias, y, geo, activation=None, threads: int | None 
     if bias is not None:
         _check_f32("bias", bias, (o,), op="conv")
     _check_f32("y", y, (n, o, oh, ow), out=True, op="conv")
-    _loaded("conv").dnnpar_conv_tiled_forward(_ptr(x), _ptr(w), None if bias is None else _ptr(bias), _ptr(y),
-                                              _ptr(g), o, _conv_act(activation), _threads_arg(threads))
+    if _loaded("conv").dnnpar_conv_tiled_forward(_ptr(x), _ptr(w), None if bias is None else _ptr(bias), _ptr(y),
+                                                 _ptr(g), o, _conv_act(activation), _threads_arg(threads)):
+        raise MemoryError(f"native conv: no memory for the packed input of an {tuple(x.shape)} convolution")
     return y
 
 
@@ -603,8 +603,9 @@ def conv_tiled_dw(x, dy, y, dw, db, dym=None, activation=None, threads: int | No
     _check_f32("db", db, (o,), out=True, op="conv")
     if dym is not None:
         _check_f32("dym", dym, dy.shape, out=True, op="conv")
-    _loaded("conv").dnnpar_conv_tiled_dw(_ptr(x), _ptr(dy), _ptr(y) if act else None, _ptr(dw), _ptr(db),
-                                         None if dym is None else _ptr(dym), _ptr(g), o, act, _threads_arg(threads))
+    if _loaded("conv").dnnpar_conv_tiled_dw(_ptr(x), _ptr(dy), _ptr(y) if act else None, _ptr(dw), _ptr(db),
+                                            None if dym is None else _ptr(dym), _ptr(g), o, act, _threads_arg(threads)):
+        raise MemoryError(f"native conv: no memory for the packed operands of an {tuple(x.shape)} weight gradient")
     return dw, db, dym
 
 

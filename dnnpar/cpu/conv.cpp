@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <new>
 #include <vector>
 
 #include "parallel.h"
@@ -37,7 +38,9 @@ Geo read_geo(const int64_t* g) {
 
 // Output positions [lo, hi) along one axis whose tap at offset t (= i*D - P) reads inside [0, size).
 inline void tap_range(int64_t t, int64_t s, int64_t size, int64_t out, int64_t& lo, int64_t& hi) {
-    lo = t >= 0 ? 0 : (-t + s - 1) / s;
+    // clamped to [0, out]: a tap that only ever reads padding (padding wider than the input) has
+    // an empty range, and its zero fill covers the output row exactly, never past it
+    lo = t >= 0 ? 0 : std::min(out, (-t + s - 1) / s);
     hi = t >= size ? 0 : std::min(out, (size - 1 - t) / s + 1);
     if (hi < lo) hi = lo;
 }
@@ -382,7 +385,7 @@ inline float lane_sum(vf v) {  // a fixed pairwise tree over the lanes
 // 64-byte aligned: dy's grid rows (whole vectors long) are then whole cache lines, and its loads
 // never split across two.
 float* scratch(int slot, int64_t floats) {
-    thread_local std::vector<float> buffers[2];
+    thread_local std::vector<float> buffers[3];
     std::vector<float>& b = buffers[slot];
     const int64_t want = floats + 16;
     if (int64_t(b.size()) < want) {
@@ -412,9 +415,11 @@ extern "C" void dnnpar_conv_tiled_shape(int* out) {
     out[4] = WNT;
 }
 
-// y (N, O, OH, OW) = act(conv(x, w) + bias); w (O, C, KH, KW); bias (O) or null.
-extern "C" void dnnpar_conv_tiled_forward(const float* x, const float* w, const float* bias, float* y,
-                                          const int64_t* geo, int64_t o_n, int act, int threads) {
+// y (N, O, OH, OW) = act(conv(x, w) + bias); w (O, C, KH, KW); bias (O) or null. Returns 0, or 1
+// when its buffers could not be allocated (nothing written then). Every allocation is made on the
+// calling thread, before the team starts: no exception can leave a worker.
+extern "C" int dnnpar_conv_tiled_forward(const float* x, const float* w, const float* bias, float* y,
+                                         const int64_t* geo, int64_t o_n, int act, int threads) try {
     const Geo g = read_geo(geo);
     const Phased q(g);
     const int64_t kk = g.kh * g.kw, nob = (o_n + FMR - 1) / FMR;
@@ -441,9 +446,11 @@ extern "C" void dnnpar_conv_tiled_forward(const float* x, const float* w, const 
     const int64_t per_run = (span + rows - 1) / rows, chunks = runs * per_run, items = chunks * nob;
     rows = (span + per_run - 1) / per_run;  // chunks of equal size: a short last one unbalances the split
     const int64_t ld = (rows * q.wq + TILE - 1) / TILE * TILE;
-    dnnpar::parallel(int(std::max<int64_t>(1, std::min<int64_t>(team, items))), [&](int tid, int nt) {
+    const int members = int(std::max<int64_t>(1, std::min<int64_t>(team, items)));
+    float* const locals = scratch(2, members * FMR * ld);
+    dnnpar::parallel(members, [&](int tid, int nt) {
         const dnnpar::Range rg = dnnpar::split(items, tid, nt);
-        std::vector<float> local(static_cast<size_t>(FMR * ld));
+        float* const local = locals + tid * FMR * ld;
         for (int64_t item = rg.lo; item < rg.hi; ++item) {
             const int64_t ch = item / nob, ob = item % nob, run = ch / per_run;
             const int64_t r0 = ch % per_run * rows, r1 = std::min(span, r0 + rows);
@@ -451,7 +458,7 @@ extern "C" void dnnpar_conv_tiled_forward(const float* x, const float* w, const 
             const float* xm = xq + m0;
             const float* wb = wp.data() + ob * g.c * kk * FMR;
             for (int64_t m = 0; m < mlen; m += TILE)
-                forward_tile<FMR, FNV>(xm + m, q.cstride, off.data(), kk, wb, g.c, local.data() + m, ld);
+                forward_tile<FMR, FNV>(xm + m, q.cstride, off.data(), kk, wb, g.c, local + m, ld);
             for (int64_t gr = r0; gr < r1; ++gr) {
                 const int64_t n = per_image ? run : gr / q.hq, oh = per_image ? gr : gr % q.hq;
                 if (oh >= g.oh) continue;
@@ -459,7 +466,7 @@ extern "C" void dnnpar_conv_tiled_forward(const float* x, const float* w, const 
                     const int64_t o = ob * FMR + r;
                     if (o >= o_n) break;
                     const float add = bias ? bias[o] : 0.0f;
-                    const float* s = local.data() + r * ld + (gr - r0) * q.wq;
+                    const float* s = local + r * ld + (gr - r0) * q.wq;
                     float* d = y + ((n * o_n + o) * g.oh + oh) * g.ow;
 #pragma omp simd
                     for (int64_t ow = 0; ow < g.ow; ++ow) d[ow] = act_forward(s[ow] + add, act);
@@ -467,13 +474,16 @@ extern "C" void dnnpar_conv_tiled_forward(const float* x, const float* w, const 
             }
         }
     });
+    return 0;
+} catch (const std::bad_alloc&) {
+    return 1;
 }
 
 // dw (O, C, KH, KW) and db (O) of the convolution for dy (N, O, OH, OW), masked by the activation's
 // gradient at the activated output yact (null with act 0); dym (N, O, OH, OW) or null: the masked dy
-// written out (for dx).
-extern "C" void dnnpar_conv_tiled_dw(const float* x, const float* dy, const float* yact, float* dw, float* db,
-                                     float* dym, const int64_t* geo, int64_t o_n, int act, int threads) {
+// written out (for dx). Returns 0, or 1 when its buffers could not be allocated.
+extern "C" int dnnpar_conv_tiled_dw(const float* x, const float* dy, const float* yact, float* dw, float* db,
+                                    float* dym, const int64_t* geo, int64_t o_n, int act, int threads) try {
     const Geo g = read_geo(geo);
     const Phased q(g);
     const int64_t kk = g.kh * g.kw, k_n = g.c * kk, mr = (q.total + VL - 1) / VL * VL, vectors = mr / VL;
@@ -536,15 +546,18 @@ extern "C" void dnnpar_conv_tiled_dw(const float* x, const float* dy, const floa
     const int64_t tiles = nob * nkb;
     const int team = int(std::max<int64_t>(1, std::min<int64_t>(dnnpar::team_size(threads, g.n * o_n * plane * k_n),
                                                                  tiles)));
+    // every tile's lane sums, zeroed (tile tl's at tl * WMR * WNT vectors)
+    vf* const accs = reinterpret_cast<vf*>(scratch(2, tiles * WMR * WNT * VL));
+    for (int64_t k = 0; k < tiles * WMR * WNT; ++k) accs[k] = vf{};
     dnnpar::parallel(team, [&](int tid, int nt) {
         const dnnpar::Range rg = dnnpar::split(tiles, tid, nt);
-        std::vector<vf> acc(size_t((rg.hi - rg.lo) * WMR * WNT), vf{});
+        vf* const acc = accs + rg.lo * WMR * WNT;
         for (int64_t v0 = 0; v0 < vectors; v0 += chunk) {
             const int64_t nv = std::min(chunk, vectors - v0);
             for (int64_t tl = rg.lo; tl < rg.hi; ++tl) {
                 const int64_t ob = tl / nkb, kb = tl % nkb;
                 const float* d0 = dyg + ob * WMR * mr + v0 * VL;
-                vf* a = acc.data() + (tl - rg.lo) * WMR * WNT;
+                vf* a = acc + (tl - rg.lo) * WMR * WNT;
                 if (nonfinite)
                     dw_tile<WMR, WNT, true>(d0, mr, xq + v0 * VL, koff.data() + kb * WNT, valid.data() + v0, nv,
                                             a);
@@ -554,7 +567,7 @@ extern "C" void dnnpar_conv_tiled_dw(const float* x, const float* dy, const floa
         }
         for (int64_t tl = rg.lo; tl < rg.hi; ++tl) {
             const int64_t ob = tl / nkb, kb = tl % nkb;
-            const vf* a = acc.data() + (tl - rg.lo) * WMR * WNT;
+            const vf* a = acc + (tl - rg.lo) * WMR * WNT;
             for (int r = 0; r < WMR; ++r) {
                 const int64_t o = ob * WMR + r;
                 if (o >= o_n) break;
@@ -566,6 +579,9 @@ extern "C" void dnnpar_conv_tiled_dw(const float* x, const float* dy, const floa
             }
         }
     });
+    return 0;
+} catch (const std::bad_alloc&) {
+    return 1;
 }
 
-DNNPAR_CPU_COMMON_EXPORTS(2)
+DNNPAR_CPU_COMMON_EXPORTS(3)

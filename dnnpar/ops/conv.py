@@ -79,11 +79,17 @@ def tiled_efficiency(g: ConvGeometry, tile: int) -> float:
 
 def tiled_library(g: ConvGeometry, *arrays, backward: bool = False):
     """The native conv library when the tiled direct kernels take this one-group geometry on
-    these operands (C-contiguous float32 NumPy arrays; TILED and NATIVE on; TILED's limits; not a
-    1x1 kernel with a stride, which reads a quarter of the padded input it packs), else None.
+    these operands (C-contiguous float32 NumPy arrays; TILED and NATIVE on; TILED's limits; padded
+    planes within twice the input plus the im2col matrix; not a 1x1 kernel with a stride, which
+    reads a quarter of the padded input it packs), else None.
     ``backward``: for dW (and dx), which needs TILED["min_positions_backward"] too."""
     taps = g.kh * g.kw
+    (sh, sw), (ph, pw) = g.stride, g.padding
+    grid = g.n * (-(-(g.h + 2 * ph) // sh) * sh) * (-(-(g.w + 2 * pw) // sw) * sw)  # packed floats per channel
     if (not TILED["use"] or g.c * taps > TILED["max_k"]
+            # the packed planes hold the padding: never far beyond the input or the im2col matrix
+            # BLAS would build (padding 2**30 around one pixel is valid, and BLAS's path is cheap)
+            or grid > 2 * g.n * g.h * g.w + taps * g.n * g.oh * g.ow + (1 << 16)
             or (taps == 1 and (g.stride != (1, 1) or g.oh * g.ow < TILED["min_plane_1x1"]))
             or (backward and g.n * g.oh * g.ow < TILED["min_positions_backward"])
             or not all(a is None or (isinstance(a, np.ndarray) and a.flags.c_contiguous) for a in arrays)):
