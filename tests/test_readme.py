@@ -143,6 +143,16 @@ def test_every_skip_has_a_reason():
         assert any("[plot]" in ln or "[dev]" in ln for ln in skipped), "a block uses --plot: an install must bring it"
 
 
+def test_every_linked_figure_and_file_exists():
+    """A relative link or image in the README names a file of the repository (a moved figure
+    would otherwise show as a broken image)."""
+    links = re.findall(r"\]\(([^)#\s]+)\)", README.read_text())
+    local = [ln for ln in links if "://" not in ln and not ln.startswith("mailto:")]
+    assert any(ln.endswith(".svg") for ln in local), "the README shows the scaling figure"
+    missing = [ln for ln in local if not (ROOT / ln).exists()]
+    assert not missing, f"README links to files that do not exist: {missing}"
+
+
 def test_readme_commands_run_as_written(tmp_path):
     """All runnable lines in order, in one folder: exit 0, and training well above chance."""
     pytest.importorskip("matplotlib")   # the README installs the [plot] extra before its --plot lines
