@@ -90,8 +90,8 @@ def assert_close(got, want, tol=1e-5, what=""):
 
 
 def run_json_script(tmp_path, script: str, **env) -> dict:
-    """Run ``script`` in a fresh Python with the project importable, its own kernel cache and
-    ``env`` on top (no DNNPAR_NATIVE / thread-count overrides); returns the JSON of its last
+    """Run ``script`` in a fresh Python with the project importable, its own kernel cache (unless
+    ``env`` names a DNNPAR_CACHE) and ``env`` on top (no DNNPAR_NATIVE / thread-count overrides); returns the JSON of its last
     stdout line (the no-compiler fallback tests)."""
     import json
     import subprocess
@@ -101,12 +101,24 @@ def run_json_script(tmp_path, script: str, **env) -> dict:
     root = Path(__file__).resolve().parents[1]
     full = {k: v for k, v in os.environ.items()
             if k not in ("DNNPAR_NATIVE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
-    full.update(DNNPAR_CACHE=str(tmp_path / "cache"), **env)
+    full.update({"DNNPAR_CACHE": str(tmp_path / "cache"), **env})
     full["PYTHONPATH"] = os.pathsep.join([str(root), full.get("PYTHONPATH", "")])
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=full, cwd=tmp_path,
                        timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def run_in_threads(body, n: int = 4, timeout: float = 120, what: str = "a native call") -> None:
+    """body(i) on n Python threads at once; fails when one is still running after ``timeout`` s."""
+    import threading
+
+    workers = [threading.Thread(target=body, args=(i,)) for i in range(n)]
+    for th in workers:
+        th.start()
+    for th in workers:
+        th.join(timeout=timeout)
+    assert not any(th.is_alive() for th in workers), f"{what} hung"
 
 
 def native_backend(name: str):

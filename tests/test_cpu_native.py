@@ -8,7 +8,7 @@ import pytest
 
 import dnnpar as dp
 import dnnpar.ops.sparse as S
-from conftest import native_backend, run_json_script
+from conftest import native_backend, run_in_threads, run_json_script
 from oracles import assert_sum_close
 from dnnpar.backend import cpu_native, poison_outputs
 from dnnpar.compress import relative_csr
@@ -392,14 +392,15 @@ def test_disabled_by_environment(tmp_path):
 @pytest.mark.skipif(cpu_native.library() is None, reason="no C++ compiler here")
 def test_builds_into_a_fresh_cache(tmp_path):
     """A fresh cache directory: each source's library is compiled there, atomically (no stray
-    files), no OpenMP runtime comes into the process (the threads are dnnpar/cpu/parallel.h's own
+    files), no OpenMP runtime comes into the process (the threads are dnnpar/cpu/runtime.cpp's own
     pool), and the thread count is BLAS's (the thread rule of cpu_native)."""
     out = run_fallback(tmp_path)
     assert out["library"] and out["native_form"] and out["reason"] is None and out["err"] <= 1
     assert out["dw_library"] and out["dw_reason"] is None and out["dw_err"] <= 1
     assert not out["openmp_mapped"], "the native kernels must not load an OpenMP runtime"
     files = sorted(p.name for p in (tmp_path / "cache" / "cpu").iterdir())
-    assert len(files) == 2 and files[0].startswith("csr_codebook-") and files[1].startswith("depthwise-"), files
+    # the two kernel libraries and the runtime they share (its one thread pool)
+    assert [f.split("-")[0] for f in files] == ["csr_codebook", "depthwise", "runtime"], files
     assert all(f.endswith(".so") for f in files), files
     if out["blas"] is not None:
         assert out["threads"] == out["blas"] and "BLAS" in out["threads_rule"], out
@@ -427,13 +428,11 @@ def test_threadpool_limits_limits_the_kernels_at_each_call():
 
 @pytest.mark.skipif(cpu_native.library("depthwise") is None, reason="no C++ compiler here")
 def test_the_pool_under_team_changes_and_concurrent_callers(rng):
-    """parallel.h's pool: teams of 1..5 threads in every order (more than this machine's cores,
+    """runtime.cpp's pool: teams of 1..5 threads in every order (more than this machine's cores,
     workers that slept through calls they had no part in), and four Python threads calling at
     once (ctypes drops the GIL; a caller that finds the pool busy runs the same partition on its
     own thread) -- every result bit-identical to a one-thread run, no call lost or run twice
     (the output is poisoned before each call)."""
-    import threading
-
     geo = (3, 37, 29, 31, 3, 3, 29, 31, 1, 1, 1, 1)
     x = rng.standard_normal(geo[:4], dtype=np.float32)
     w = rng.standard_normal((37, 1, 3, 3), dtype=np.float32)
@@ -460,12 +459,7 @@ def test_the_pool_under_team_changes_and_concurrent_callers(rng):
             t = 1 + (i + k) % 4
             if not np.array_equal(fwd(t), want_y) or not np.array_equal(bwd(t)[1], want_dw):
                 bad.append((i, k, t))
-    workers = [threading.Thread(target=hammer, args=(i,)) for i in range(4)]
-    for th in workers:
-        th.start()
-    for th in workers:
-        th.join(timeout=120)
-    assert not any(th.is_alive() for th in workers), "a native call hung"
+    run_in_threads(hammer, what="a native call")
     assert not bad, bad
 
 

@@ -2,6 +2,8 @@
 
 One shared library per source, listed in :data:`NATIVE_SOURCES`:
 
+- ``runtime.cpp``: the one thread pool every other library runs on (loaded first; each kernel
+  library gets its entry points through ``dnnpar_cpu_attach``);
 - ``csr_codebook.cpp``: the CSR x codebook products (SpMV and SpMM) straight from Deep
   Compression's storage format, 2 bytes per stored entry (see :meth:`dnnpar.sparse.CSR.compact`);
 - ``depthwise.cpp``: depthwise convolution forward and backward (dx, dw), float32 NCHW;
@@ -10,7 +12,9 @@ One shared library per source, listed in :data:`NATIVE_SOURCES`:
 - ``conv.cpp``: the register-tiled direct convolution (forward, dW / db, dx as a forward), and
   the im2col + GEMM path's glue: im2col, col2im, and the epilogues (GEMM output -> NCHW with
   bias + ReLU / ReLU6; dy -> GEMM layout with the activation's mask and db);
-- ``half.cpp``: float32 <-> fp16 / bf16 bit patterns and their rounded sum (gradient compression).
+- ``half.cpp``: float32 <-> fp16 / bf16 bit patterns and their rounded sum (gradient compression);
+- ``blas.cpp``: SGEMM on the pool, each thread's block of C computed by NumPy's OpenBLAS
+  single-threaded (:func:`sgemm`; bound to OpenBLAS's entry points by :func:`blas_library`).
 
 Every source goes through the same path: ``$CXX`` (default ``g++``) with ``-O3 -march=native
 -fopenmp-simd -pthread`` and ``dnnpar/cpu`` on the include path, cached under
@@ -22,18 +26,21 @@ machine through a shared cache), renamed into place atomically, loaded with ctyp
 Nothing here is required: without a compiler, or when it fails, :func:`library` returns None
 (a RuntimeWarning says why, once per source and process) and the numpy backend stays on its
 SciPy / NumPy code. ``DNNPAR_NATIVE=0`` in the environment turns every native kernel off;
-``dnnpar.sparse.NATIVE["use"] = False`` and ``dnnpar.ops.depthwise.NATIVE["use"] = False`` turn
-one family off.
+``dnnpar.sparse.NATIVE["use"] = False``, ``dnnpar.ops.depthwise.NATIVE["use"] = False`` and
+``dnnpar.ops.gemm.NATIVE["use"] = False`` (the GEMMs) turn one family off.
 
-Threads -- the one rule: native kernels and BLAS share the cores, never stacking one pool on top
-of the other. A kernel's threads come from ``dnnpar/cpu/parallel.h``'s own pool, not from an
-OpenMP runtime (a process holds one libgomp, and PyTorch's, loaded first, spins its idle threads
-for milliseconds after every call, into the next BLAS call's cores). By default a call runs on as
-many threads as BLAS has at that moment (threadpoolctl reads it, so
-``threadpoolctl.threadpool_limits(n)`` limits both, and ``OPENBLAS_NUM_THREADS`` as well);
-``threads=`` overrides it per call. BLAS and the kernels never run at once (an op calls one or
-the other), so the process never has more busy threads than BLAS alone would. Idle pool
-workers spin a few microseconds, then sleep.
+Threads -- the one rule: one pool for the whole numpy backend. Every native kernel and every
+large float32 GEMM (:func:`dnnpar.ops.gemm.gemm_numpy`) runs on ``dnnpar/cpu/runtime.cpp``'s
+pool; OpenBLAS is set to one thread for the blocks it computes there, so its own threads stay
+asleep. Two pools on the same cores fight: OpenBLAS's idle threads yield-spin for about 0.1 s
+after every multi-threaded call, and a step alternates GEMMs and kernels every few tens of
+microseconds; on a 2-core machine the ResNet-style training step ran faster with one thread
+(36.6 ms) than with both pools on two (38.3 ms), and 21-24 ms with the one pool. Not an OpenMP
+runtime either (a process holds one libgomp, and PyTorch's, loaded first, spins its idle threads
+for milliseconds after every call). By default a call runs on as many threads as BLAS has at
+that moment (threadpoolctl reads it, so ``threadpoolctl.threadpool_limits(n)`` limits both, and
+``OPENBLAS_NUM_THREADS`` as well); ``threads=`` overrides it per call. Idle pool workers spin
+about 200 us (the Python between two kernels of a step), then sleep.
 """
 from __future__ import annotations
 
@@ -83,30 +90,38 @@ class NativeSource:
 
 
 NATIVE_SOURCES = {s.stem: s for s in (
-    NativeSource("csr_codebook", 4, "CSR x codebook products", "SciPy / NumPy", {
+    NativeSource("runtime", 1, "the thread pool every native kernel runs on", "NumPy", {
+        "dnnpar_pool_set_threads": [_I32],
+    }, {"dnnpar_pool_threads": ([], ctypes.c_int)}),
+    NativeSource("csr_codebook", 5, "CSR x codebook products", "SciPy / NumPy", {
         "dnnpar_csr_cb_spmv": [_I64, _P, _P, _P, _P, _I32, _P, _P, _I32],
         "dnnpar_csr_cb_spmm": [_I64, _I64, _P, _P, _P, _P, _I32, _P, _P, _I32],
     }),
-    NativeSource("depthwise", 2, "depthwise convolution", "NumPy", {
+    NativeSource("depthwise", 3, "depthwise convolution", "NumPy", {
         "dnnpar_depthwise_forward": [_P, _P, _P, _P, _P, _I32, _I32],
         "dnnpar_depthwise_backward": [_P, _P, _P, _P, _P, _P, _I32, _I32],
     }, {"dnnpar_depthwise_fast": ([_P], ctypes.c_int)}),
-    NativeSource("norm", 1, "BatchNorm2d (+ ReLU / ReLU6)", "NumPy", {
+    NativeSource("norm", 2, "BatchNorm2d (+ ReLU / ReLU6)", "NumPy", {
         "dnnpar_bn_forward": [_P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_double, _I32, _I32, _I32],
         "dnnpar_bn_backward": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I32, _I32, _I32],
     }),
-    NativeSource("pool", 1, "MaxPool2d / AvgPool2d", "NumPy", {
+    NativeSource("pool", 2, "MaxPool2d / AvgPool2d", "NumPy", {
         "dnnpar_maxpool_forward": [_P, _P, _P, _I32],
         "dnnpar_maxpool_backward": [_P, _P, _P, _P, _P, _I32],
         "dnnpar_avgpool_forward": [_P, _P, _P, _I32, _I32],
         "dnnpar_avgpool_backward": [_P, _P, _P, _I32, _I32],
     }),
-    NativeSource("half", 1, "16-bit gradient encodings", "NumPy", {
+    NativeSource("half", 2, "16-bit gradient encodings", "NumPy", {
         "dnnpar_half_encode": [_P, _P, _I64, _I32, _I32],
         "dnnpar_half_decode": [_P, _P, _I64, _I32, _I32],
         "dnnpar_half_add_into": [_P, _P, _I64, _I32, _I32],
     }),
-    NativeSource("conv", 3, "convolution (tiled direct kernels, im2col / col2im, epilogues)", "NumPy", {
+    NativeSource("blas", 1, "SGEMM on dnnpar's thread pool", "NumPy's matmul", {}, {
+        "dnnpar_blas_bind": ([_P, _P, _P, _I32], ctypes.c_int),
+        "dnnpar_blas_sgemm": ([_I32, _I32, _I64, _I64, _I64, ctypes.c_float, _P, _I64, _P, _I64, ctypes.c_float,
+                               _P, _I64, _I32], ctypes.c_int),
+    }),
+    NativeSource("conv", 4, "convolution (tiled direct kernels, im2col / col2im, epilogues)", "NumPy", {
         "dnnpar_conv_im2col": [_P, _P, _P, _I32],
         "dnnpar_conv_col2im": [_P, _P, _P, _I32],
         "dnnpar_conv_epilogue": [_P, _P, _P, _I64, _I64, _I64, _I32, _I32],
@@ -116,7 +131,7 @@ NATIVE_SOURCES = {s.stem: s for s in (
         "dnnpar_conv_tiled_dw": ([_P, _P, _P, _P, _P, _P, _P, _I64, _I32, _I32], ctypes.c_int)}),
 )}
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # reentrant: loading a kernel library loads the runtime first
 _states: dict = {stem: {"tried": False, "lib": None, "reason": None, "warned": False} for stem in NATIVE_SOURCES}
 #: the BLAS thread count's reader (threadpoolctl's controller of NumPy's BLAS), found once
 _blas: dict = {"found": False, "controller": None}
@@ -197,14 +212,19 @@ def _compile(src: NativeSource, cxx: str) -> ctypes.CDLL:
     lib.dnnpar_cpu_abi.restype = ctypes.c_int
     if lib.dnnpar_cpu_abi() != src.abi:
         raise NativeBuildError(f"{so} reports ABI {lib.dnnpar_cpu_abi()}, expected {src.abi}")
-    lib.dnnpar_cpu_threads.restype = ctypes.c_int
-    lib.dnnpar_cpu_set_threads.restype, lib.dnnpar_cpu_set_threads.argtypes = None, [_I32]
     for name, argtypes in src.functions.items():
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = None, argtypes
     for name, (argtypes, restype) in (src.returning or {}).items():
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = restype, argtypes
+    if src.stem != "runtime":  # every kernel library runs on the runtime's one pool
+        runtime = library("runtime")
+        if runtime is None:
+            raise NativeBuildError(f"the thread pool's library is unavailable: {unavailable_reason('runtime')}")
+        lib.dnnpar_cpu_attach.restype, lib.dnnpar_cpu_attach.argtypes = None, [_P, _P]
+        lib.dnnpar_cpu_attach(ctypes.cast(runtime.dnnpar_pool_threads, _P).value,
+                              ctypes.cast(runtime.dnnpar_pool_run, _P).value)
     return lib
 
 
@@ -286,7 +306,8 @@ def _threads_arg(threads, lib=None) -> int:
         n = blas_threads()
         if n is not None:
             return n
-        return int(lib.dnnpar_cpu_threads()) if lib is not None else 0
+        runtime = library("runtime") if lib is not None else None
+        return int(runtime.dnnpar_pool_threads()) if runtime is not None else 0
     if not isinstance(threads, (int, np.integer)) or threads < 1:
         raise ValueError(f"threads must be a positive int or None (BLAS's thread count), got {threads!r}")
     return int(threads)
@@ -643,3 +664,97 @@ def half_add_into(a, b, kind: str, threads: int | None = None):
     _half_check("b", b, np.uint16, a.size, out=True)
     _loaded("half").dnnpar_half_add_into(_ptr(a), _ptr(b), a.size, HALF_CODES[kind], _threads_arg(threads))
     return b
+
+
+# ---------------------------------------------------------------------------- SGEMM on the pool
+_openblas: dict = {"tried": False, "lib": None, "reason": None}
+
+
+def _openblas_entry_points(ctl):
+    """(cblas_sgemm, openblas_get_num_threads, openblas_set_num_threads, ilp64) of threadpoolctl's
+    BLAS controller ``ctl`` as addresses, or a str saying why not."""
+    if ctl is None:
+        return "threadpoolctl found no BLAS"
+    if getattr(ctl, "internal_api", None) != "openblas":
+        return f"NumPy's BLAS is {getattr(ctl, 'internal_api', '?')}, not OpenBLAS"
+    if getattr(ctl, "threading_layer", None) != "pthreads":
+        return f"OpenBLAS uses the {getattr(ctl, 'threading_layer', '?')} threading layer, not pthreads"
+    dll = ctypes.CDLL(ctl.filepath)  # already loaded by NumPy: the same handle
+    for prefix in ("", "scipy_"):
+        for suffix in ("", "64_", "_64"):
+            names = (f"{prefix}cblas_sgemm{suffix}", f"{prefix}openblas_get_num_threads{suffix}",
+                     f"{prefix}openblas_set_num_threads{suffix}")
+            if all(hasattr(dll, n) for n in names):
+                ilp64 = bool(suffix)
+                if not suffix and hasattr(dll, f"{prefix}openblas_get_config"):
+                    cfg = getattr(dll, f"{prefix}openblas_get_config")
+                    cfg.restype = ctypes.c_char_p
+                    ilp64 = b"USE64BITINT" in (cfg() or b"")
+                return tuple(ctypes.cast(getattr(dll, n), ctypes.c_void_p).value for n in names) + (ilp64,)
+    return f"{ctl.filepath} exports no cblas_sgemm / openblas_set_num_threads this code knows"
+
+
+def blas_library():
+    """The ``blas`` library bound to NumPy's OpenBLAS, or None (see :func:`blas_unavailable_reason`)."""
+    if not _openblas["tried"]:
+        built = library("blas")  # takes _lock itself
+        with _lock:
+            if not _openblas["tried"]:
+                lib, reason = built, None
+                if lib is None:
+                    reason = unavailable_reason("blas")
+                else:
+                    found = _openblas_entry_points(_blas_controller())
+                    if isinstance(found, str):
+                        lib, reason = None, found
+                    else:
+                        lib.dnnpar_blas_bind(*found[:3], int(found[3]))
+                _openblas.update(tried=True, lib=lib, reason=reason)
+    return _openblas["lib"]
+
+
+def blas_unavailable_reason() -> str | None:
+    """None when :func:`sgemm` runs on the pool here, else why NumPy's matmul stays."""
+    blas_library()
+    return _openblas["reason"]
+
+
+def _blas_operand(x):
+    """(transposed, leading dimension) of a 2-D float32 array as BLAS reads it, or None when
+    neither its rows nor its columns are unit-stride."""
+    if not (isinstance(x, np.ndarray) and x.ndim == 2 and x.dtype == np.float32):
+        return None
+    r, c = x.shape
+    s0, s1 = x.strides
+    if (s1 == 4 or c == 1) and s0 % 4 == 0 and s0 >= 4 * c:
+        return False, max(1, s0 // 4, c)
+    if (s0 == 4 or r == 1) and s1 % 4 == 0 and s1 >= 4 * r:
+        return True, max(1, s1 // 4, r)
+    return None
+
+
+def sgemm(a, b, out, trans_a: bool = False, trans_b: bool = False, alpha: float = 1.0, beta: float = 0.0,
+          threads: int | None = None):
+    """``out[:] = alpha op(a) op(b) + beta out`` for float32 2-D arrays on dnnpar's pool, NumPy's
+    OpenBLAS computing each thread's block single-threaded (dnnpar/cpu/blas.cpp). ``out`` must
+    be C-contiguous and share no memory with a or b; a and b may be any unit-stride 2-D views.
+    Returns out, or None (nothing written) when the pool path is unavailable or an operand is not
+    a unit-stride view: the caller then uses NumPy."""
+    lib = blas_library()
+    if lib is None:
+        return None
+    pa, pb = _blas_operand(a), _blas_operand(b)
+    if pa is None or pb is None or not (isinstance(out, np.ndarray) and out.dtype == np.float32 and out.ndim == 2
+                                        and out.flags.c_contiguous and out.flags.writeable):
+        return None
+    m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
+    kb, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
+    if k != kb or out.shape != (m, n):
+        raise ValueError(f"native sgemm: op(a) {m}x{k}, op(b) {kb}x{n}, out {out.shape} do not match")
+    if k == 0:
+        return None
+    ta, lda = pa[0] != trans_a, pa[1]
+    tb, ldb = pb[0] != trans_b, pb[1]
+    rc = lib.dnnpar_blas_sgemm(int(ta), int(tb), m, n, k, float(alpha), _ptr(a), lda, _ptr(b), ldb, float(beta),
+                               _ptr(out), max(1, n), _threads_arg(threads))
+    return out if rc == 0 else None

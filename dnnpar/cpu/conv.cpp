@@ -584,4 +584,4 @@ extern "C" int dnnpar_conv_tiled_dw(const float* x, const float* dy, const float
     return 1;
 }
 
-DNNPAR_CPU_COMMON_EXPORTS(3)
+DNNPAR_CPU_COMMON_EXPORTS(4)

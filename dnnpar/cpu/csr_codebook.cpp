@@ -231,7 +231,7 @@ void spmv_rows(int64_t m, const int64_t* rowptr, const uint8_t* gaps, const uint
 
 }  // namespace
 
-DNNPAR_CPU_COMMON_EXPORTS(4)
+DNNPAR_CPU_COMMON_EXPORTS(5)
 
 extern "C" {
 

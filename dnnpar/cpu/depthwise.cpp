@@ -333,7 +333,7 @@ void backward_generic(const float* x, const float* w, const float* dy, float* dx
 
 }  // namespace
 
-DNNPAR_CPU_COMMON_EXPORTS(2)
+DNNPAR_CPU_COMMON_EXPORTS(3)
 
 extern "C" {
 

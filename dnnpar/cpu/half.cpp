@@ -102,4 +102,4 @@ void dnnpar_half_add_into(const uint16_t* a, uint16_t* b, int64_t n, int kind, i
 
 }  // extern "C"
 
-DNNPAR_CPU_COMMON_EXPORTS(1)
+DNNPAR_CPU_COMMON_EXPORTS(2)

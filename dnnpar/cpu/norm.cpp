@@ -180,7 +180,7 @@ int team_for(int threads, int64_t work, int64_t c) {
 
 }  // namespace
 
-DNNPAR_CPU_COMMON_EXPORTS(1)
+DNNPAR_CPU_COMMON_EXPORTS(2)
 
 extern "C" {
 

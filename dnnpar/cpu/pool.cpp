@@ -124,7 +124,7 @@ void avg_backward_plane(const float* dy, float* dx, const Geo& g, bool include_p
 
 }  // namespace
 
-DNNPAR_CPU_COMMON_EXPORTS(1)
+DNNPAR_CPU_COMMON_EXPORTS(2)
 
 extern "C" {
 

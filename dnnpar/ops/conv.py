@@ -28,7 +28,7 @@ from ..nvtx import ranged
 from ._common import (ConvGeometry, as_int, check_array, check_count, check_same_dtype, grid_stride_blocks, i32,
                       plane_grid)
 from .activation import activate_, activation_grad, check_activation
-from .gemm import gemm
+from .gemm import gemm, gemm_numpy
 
 ALGOS = ("im2col", "direct", "implicit_gemm")
 IGEMM_TARGET_BLOCKS = 264  # dw splits its reduction until about this many blocks (2 per SM of a 132-SM GPU)
@@ -129,7 +129,7 @@ def conv2d_dx_numpy(w, dyt, g: ConvGeometry):
     wt = np.ascontiguousarray(w.transpose(2, 3, 0, 1))                       # (KH, KW, O, C)
     dxh = np.zeros((g.n, g.h, g.w, g.c), dtype=np.result_type(w, dyt))
     for i, j, (oh, ow), (ih, iw) in g.taps():
-        dxh[:, ih, iw] += (dyt @ wt[i, j]).reshape(g.n, g.oh, g.ow, g.c)[:, oh, ow]
+        dxh[:, ih, iw] += gemm_numpy(dyt, wt[i, j]).reshape(g.n, g.oh, g.ow, g.c)[:, oh, ow]
     return np.ascontiguousarray(dxh.transpose(0, 3, 1, 2))
 
 
@@ -225,7 +225,7 @@ def conv2d_fast_numpy(x, w, bias, g: ConvGeometry):
     wm = np.ascontiguousarray(w.transpose(2, 3, 1, 0)).reshape(rows.width, w.shape[0])  # rows (i, j, c)
     y = np.zeros((rows.total, w.shape[0]), dtype=np.result_type(x, w))
     for a, n, block in rows.blocks():
-        np.matmul(block, wm, out=y[a:a + n])
+        gemm_numpy(block, wm, out=y[a:a + n])
     if bias is not None:
         y += bias
     return rows.to_output(y)
@@ -238,7 +238,7 @@ def conv2d_backward_fast_numpy(x, w, dy, g: ConvGeometry, need_dx: bool):
     dyg = rows.from_output(dy)
     dwm = np.zeros((rows.width, w.shape[0]), dtype=np.result_type(x, dy))
     for a, n, block in rows.blocks():
-        dwm += block.T @ dyg[a:a + n]
+        gemm_numpy(block, dyg[a:a + n], trans_a=True, beta=1.0, c=dwm, out=dwm)
     dw = np.ascontiguousarray(dwm.reshape(g.kh, g.kw, g.c, w.shape[0]).transpose(3, 2, 0, 1))
     dx = None
     if need_dx:

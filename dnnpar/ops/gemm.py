@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import get_backend
+from ..backend import cpu_native, get_backend
 from ..nvtx import ranged
 from ._common import check_array, check_count, check_same_dtype, check_writable, i32
 
@@ -53,13 +53,40 @@ def precision_algo(op: str, precision) -> str:
 TENSOR_CORE_ALGOS = {"tf32": (round_tf32, 2.0**-11), "bf16": (round_bf16, 2.0**-8)}
 
 
-def gemm_numpy(a, b, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, c=None):
-    """Reference: BLAS through NumPy; dtype follows the inputs (float64 gives an oracle)."""
+#: ``NATIVE["use"] = False`` keeps the numpy backend's float32 products on NumPy's matmul (and
+#: OpenBLAS's own threads) instead of dnnpar's pool (dnnpar/cpu/blas.cpp)
+NATIVE = {"use": True}
+#: below this many multiply-adds a product stays on NumPy: one thread either way (OpenBLAS's own
+#: threading threshold), and NumPy's call costs less
+POOL_MIN_WORK = 1 << 18
+
+
+def gemm_numpy(a, b, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, c=None, out=None):
+    """``alpha op(a) op(b) + beta c`` through BLAS; dtype follows the inputs (float64 gives an
+    oracle). ``out``: a C-contiguous array the result is written into and returned (it may be
+    ``c`` itself: C updated in place; it must not overlap a or b). The numpy backend's one entry
+    to BLAS: large float32 products run on dnnpar's thread pool
+    (:func:`dnnpar.backend.cpu_native.sgemm`), each thread's block by OpenBLAS single-threaded, so
+    GEMMs and native kernels share one pool and OpenBLAS's own threads stay asleep."""
+    m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
+    n = b.shape[0] if trans_b else b.shape[1]
+    if (NATIVE["use"] and a.dtype == np.float32 and b.dtype == np.float32 and m * n * k >= POOL_MIN_WORK
+            and (beta == 0.0 or c.dtype == np.float32)):
+        dst = out if out is not None and out.dtype == np.float32 and out.flags.c_contiguous else np.empty((m, n), np.float32)
+        if beta != 0.0 and dst is not c:
+            dst[...] = c
+        if cpu_native.sgemm(a, b, dst, trans_a, trans_b, alpha, beta) is not None:
+            if out is not None and dst is not out:
+                out[...] = dst
+            return out if out is not None else dst
     r = np.matmul(a.T if trans_a else a, b.T if trans_b else b)
     if alpha != 1.0:
         r *= r.dtype.type(alpha)
     if beta != 0.0:
         r += r.dtype.type(beta) * c
+    if out is not None:
+        out[...] = r
+        return out
     return r
 
 
