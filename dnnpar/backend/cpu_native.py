@@ -13,6 +13,7 @@ One shared library per source, listed in :data:`NATIVE_SOURCES`:
   the im2col + GEMM path's glue: im2col, col2im, and the epilogues (GEMM output -> NCHW with
   bias + ReLU / ReLU6; dy -> GEMM layout with the activation's mask and db);
 - ``half.cpp``: float32 <-> fp16 / bf16 bit patterns and their rounded sum (gradient compression);
+- ``optim.cpp``: SGD's parameter update (weight decay, momentum, Nesterov, mask) in one pass;
 - ``blas.cpp``: SGEMM on the pool, each thread's block of C computed by NumPy's OpenBLAS
   single-threaded (:func:`sgemm`; bound to OpenBLAS's entry points by :func:`blas_library`).
 
@@ -27,7 +28,8 @@ Nothing here is required: without a compiler, or when it fails, :func:`library` 
 (a RuntimeWarning says why, once per source and process) and the numpy backend stays on its
 SciPy / NumPy code. ``DNNPAR_NATIVE=0`` in the environment turns every native kernel off;
 ``dnnpar.sparse.NATIVE["use"] = False``, ``dnnpar.ops.depthwise.NATIVE["use"] = False`` and
-``dnnpar.ops.gemm.NATIVE["use"] = False`` (the GEMMs) turn one family off.
+``dnnpar.ops.gemm.NATIVE["use"] = False`` (the GEMMs) and ``dnnpar.nn.optim.NATIVE["use"] =
+False`` (SGD's update) turn one family off.
 
 Threads -- the one rule: one pool for the whole numpy backend. Every native kernel and every
 large float32 GEMM (:func:`dnnpar.ops.gemm.gemm_numpy`) runs on ``dnnpar/cpu/runtime.cpp``'s
@@ -120,6 +122,9 @@ NATIVE_SOURCES = {s.stem: s for s in (
         "dnnpar_blas_bind": ([_P, _P, _P, _I32], ctypes.c_int),
         "dnnpar_blas_sgemm": ([_I32, _I32, _I64, _I64, _I64, ctypes.c_float, _P, _I64, _P, _I64, ctypes.c_float,
                                _P, _I64, _I32], ctypes.c_int),
+    }),
+    NativeSource("optim", 1, "SGD's one-pass parameter update", "NumPy", {
+        "dnnpar_sgd_step": [_P, _P, _P, _P, _I64, ctypes.c_float, ctypes.c_float, ctypes.c_float, _I32, _I32],
     }),
     NativeSource("conv", 4, "convolution (tiled direct kernels, im2col / col2im, epilogues)", "NumPy", {
         "dnnpar_conv_im2col": [_P, _P, _P, _I32],
@@ -758,3 +763,24 @@ def sgemm(a, b, out, trans_a: bool = False, trans_b: bool = False, alpha: float 
     rc = lib.dnnpar_blas_sgemm(int(ta), int(tb), m, n, k, float(alpha), _ptr(a), lda, _ptr(b), ldb, float(beta),
                                _ptr(out), max(1, n), _threads_arg(threads))
     return out if rc == 0 else None
+
+
+# ---------------------------------------------------------------------------- SGD's update
+def sgd_step(p, g, v, mask, lr: float, momentum: float, weight_decay: float, nesterov: bool = False,
+             first: bool = False, plain: bool = False, threads: int | None = None) -> bool:
+    """One SGD update of parameter ``p`` in place (dnnpar/cpu/optim.cpp; the order of operations
+    of :meth:`dnnpar.nn.optim.SGD.step`): gradient ``g``, velocity ``v`` (None without momentum;
+    written, and with ``first`` set to the gradient), ``mask`` (None, or multiplied in after the
+    update), ``plain``: ``p -= lr g`` only. All float32 C-contiguous NumPy arrays of p's shape.
+    Returns False (nothing written) when the library is unavailable or an array does not qualify:
+    the caller runs NumPy."""
+    lib = library("optim")
+    arrays = [a for a in (p, g, v, mask) if a is not None]
+    if lib is None or not all(isinstance(a, np.ndarray) and a.dtype == np.float32 and a.shape == p.shape
+                              and a.flags.c_contiguous for a in arrays) or not p.flags.writeable \
+            or (v is not None and not v.flags.writeable):
+        return False
+    flags = (1 if nesterov else 0) | (2 if first else 0) | (4 if plain else 0)
+    lib.dnnpar_sgd_step(_ptr(p), _ptr(g), None if v is None else _ptr(v), None if mask is None else _ptr(mask),
+                        p.size, float(lr), float(momentum), float(weight_decay), flags, _threads_arg(threads))
+    return True

@@ -74,10 +74,10 @@ int dnnpar_blas_sgemm(int ta, int tb, int64_t m, int64_t n, int64_t k, float alp
     if (m <= 0 || n <= 0) return 0;
     const int blas = g_get();
     if (blas != 1) g_set(1);
-    const bool rows = m >= n;
+    int nt = m * n * k < kGemmParallelMin ? 1 : (team > 0 ? team : dnnpar::pool_threads());
+    const bool rows = m >= int64_t(nt) * kAlign * 4 || m >= n;
     const int64_t extent = rows ? m : n;
     const int64_t units = (extent + kAlign - 1) / kAlign;
-    int nt = m * n * k < kGemmParallelMin ? 1 : (team > 0 ? team : dnnpar::pool_threads());
     nt = int(std::max<int64_t>(1, std::min<int64_t>(nt, units)));
     dnnpar::parallel(nt, [&](int tid, int t) {
         const dnnpar::Range r = dnnpar::split(units, tid, t);

@@ -49,22 +49,13 @@ inline float bf16_to_f32(uint16_t b) {
     return x;
 }
 
-template <class F>
-void elementwise(int64_t n, int threads, F&& f) {
-    const int team = dnnpar::team_size(threads, n);
-    dnnpar::parallel(team, [&](int tid, int nt) {
-        const dnnpar::Range r = dnnpar::split(n, tid, nt);
-        f(r.lo, r.hi);
-    });
-}
-
 }  // namespace
 
 extern "C" {
 
 // kind: 0 fp16, 1 bf16
 void dnnpar_half_encode(const float* x, uint16_t* out, int64_t n, int kind, int threads) {
-    elementwise(n, threads, [&](int64_t lo, int64_t hi) {
+    dnnpar::elementwise(n, threads, [&](int64_t lo, int64_t hi) {
         if (kind == 0) {
 #pragma omp simd
             for (int64_t i = lo; i < hi; ++i) out[i] = f32_to_f16(x[i]);
@@ -76,7 +67,7 @@ void dnnpar_half_encode(const float* x, uint16_t* out, int64_t n, int kind, int 
 }
 
 void dnnpar_half_decode(const uint16_t* bits, float* out, int64_t n, int kind, int threads) {
-    elementwise(n, threads, [&](int64_t lo, int64_t hi) {
+    dnnpar::elementwise(n, threads, [&](int64_t lo, int64_t hi) {
         if (kind == 0) {
 #pragma omp simd
             for (int64_t i = lo; i < hi; ++i) out[i] = f16_to_f32(bits[i]);
@@ -89,7 +80,7 @@ void dnnpar_half_decode(const uint16_t* bits, float* out, int64_t n, int kind, i
 
 // b = round16(decode(a) + decode(b))
 void dnnpar_half_add_into(const uint16_t* a, uint16_t* b, int64_t n, int kind, int threads) {
-    elementwise(n, threads, [&](int64_t lo, int64_t hi) {
+    dnnpar::elementwise(n, threads, [&](int64_t lo, int64_t hi) {
         if (kind == 0) {
 #pragma omp simd
             for (int64_t i = lo; i < hi; ++i) b[i] = f32_to_f16(f16_to_f32(a[i]) + f16_to_f32(b[i]));

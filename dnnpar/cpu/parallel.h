@@ -78,6 +78,16 @@ inline void parallel_for(int team, int64_t n, F&& body) {
     });
 }
 
+// f(lo, hi) on each thread's contiguous share of n elements (one thread below
+// kParallelMinWork; `threads` <= 0: the pool's default): elementwise, order-free kernels.
+template <class F>
+inline void elementwise(int64_t n, int threads, F&& f) {
+    parallel(team_size(threads, n), [&](int tid, int nt) {
+        const Range r = split(n, tid, nt);
+        f(r.lo, r.hi);
+    });
+}
+
 // for (i in [0, n)) body(i), in chunks of `chunk` taken in turn by `team` threads (rows of
 // uneven cost: sparse rows).
 template <class F>

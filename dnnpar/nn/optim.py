@@ -3,7 +3,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
+from ..backend import cpu_native
 from .base import Sequential
+
+#: ``NATIVE["use"] = False`` keeps the numpy backend's update on NumPy expressions instead of the
+#: one-pass native kernel (dnnpar/cpu/optim.cpp; the same order of operations)
+NATIVE = {"use": True}
 
 
 class SGD:
@@ -28,6 +35,8 @@ class SGD:
         for name, p, g in self.model.named_parameters():
             if g is None:
                 continue
+            if NATIVE["use"] and isinstance(p, np.ndarray) and self._native(name, p, g):
+                continue
             if name in self.plain:
                 p -= p.dtype.type(self.lr) * g
                 if name in self.masks:
@@ -46,6 +55,20 @@ class SGD:
             p -= p.dtype.type(self.lr) * g
             if name in self.masks:
                 p *= self.masks[name]
+
+    def _native(self, name, p, g) -> bool:
+        """The update of one parameter by the native kernel; False when it cannot take it."""
+        plain, v, first = name in self.plain, None, False
+        if self.momentum and not plain:
+            v = self.velocity.get(name)
+            if v is None:
+                v, first = np.empty_like(p), True
+        if not cpu_native.sgd_step(p, g, v, self.masks.get(name), self.lr, self.momentum, self.weight_decay,
+                                   self.nesterov, first, plain):
+            return False
+        if first:
+            self.velocity[name] = v
+        return True
 
     def state(self) -> dict:
         return {f"velocity/{k}": v for k, v in self.velocity.items()}
