@@ -191,3 +191,37 @@ def test_other_blas_libraries_keep_numpy():
     assert "threadpoolctl found no BLAS" in cpu_native._openblas_entry_points(None)
     assert "mkl" in cpu_native._openblas_entry_points(NS(internal_api="mkl", threading_layer="intel"))
     assert "openmp" in cpu_native._openblas_entry_points(NS(internal_api="openblas", threading_layer="openmp"))
+
+
+FORK_SCRIPT = textwrap.dedent("""
+    import json, os, signal
+    import numpy as np
+    from dnnpar.backend import cpu_native as cn
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((400, 400), dtype=np.float32)
+    x = rng.standard_normal((4, 32, 40, 40), dtype=np.float32)
+    w = rng.standard_normal((32, 1, 3, 3), dtype=np.float32)
+    geo = (4, 32, 40, 40, 3, 3, 40, 40, 1, 1, 1, 1)
+    want_c = cn.sgemm(a, a, np.empty_like(a), threads=2)       # the parent's workers exist now
+    want_y = cn.depthwise_forward(x, w, None, np.empty_like(x), geo, threads=2)
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(60)                                          # a hang ends the child, not the test
+        c = cn.sgemm(a, a, np.full_like(a, np.nan), threads=2)
+        y = cn.depthwise_forward(x, w, None, np.full_like(x, np.nan), geo, threads=2)
+        os._exit(0 if np.array_equal(c, want_c) and np.array_equal(y, want_y) else 3)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps({"child": os.waitstatus_to_exitcode(status)}))
+""")
+
+
+def test_a_forked_child_gets_a_pool_of_its_own(tmp_path):
+    """fork() after the pool has workers (multiprocessing's default on Linux): the child's
+    parallel GEMM and kernel run on new workers and give the parent's bits, instead of waiting
+    forever for the parent's workers, which the child does not have."""
+    if cpu_native.library("depthwise") is None:
+        pytest.skip("native kernels unavailable")
+    from dnnpar.backend.sources import cache_dir
+    out = run_json_script(tmp_path, FORK_SCRIPT, DNNPAR_CACHE=str(cache_dir("cpu").parent))
+    assert out["child"] == 0, out

@@ -18,14 +18,23 @@
 //
 // A second caller while the pool is busy (two Python threads; ctypes drops the GIL) runs its body
 // for every tid in turn on its own thread: the same partition, the same result, no sharing.
+//
+// fork(): the child has only the thread that forked, so the pool forgets the parent's workers
+// (their std::thread objects are leaked, never joined) and every lock they may have held, and
+// starts new workers on its first parallel call (without this, the child's first parallel call
+// waited forever for workers that do not exist -- multiprocessing's default start method on
+// Linux is fork).
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
+#include <new>
 #include <thread>
 #include <vector>
+
+#include <pthread.h>
 
 #include "parallel.h"
 
@@ -50,6 +59,17 @@ public:
     Pool() {
         unsigned hw = std::thread::hardware_concurrency();
         threads_.store(hw ? int(std::min<unsigned>(hw, kMaxThreads)) : 1);
+    }
+
+    // In a forked child (pthread_atfork): the only thread is the one that forked.
+    void forget_workers() {
+        workers_ = new std::vector<std::thread>;  // the parent's are leaked: no thread to join
+        new (&busy_) std::mutex;                  // a lock a vanished thread held stays held
+        new (&sleep_) std::mutex;
+        new (&wake_) std::condition_variable;
+        pending_.store(0, std::memory_order_relaxed);
+        body_ = nullptr;
+        ctx_ = nullptr;
     }
 
     int threads() const { return threads_.load(std::memory_order_relaxed); }
@@ -84,12 +104,12 @@ public:
 
 private:
     void grow(int n) {  // under busy_: at least n workers
-        while (int(workers_.size()) < n) {
+        while (int(workers_->size()) < n) {
             // the generation before this call is published: a worker that starts late still
             // takes this call's job
-            const int id = int(workers_.size()) + 1;
+            const int id = int(workers_->size()) + 1;
             const uint64_t seen = state_.load(std::memory_order_relaxed) >> 16;
-            workers_.emplace_back([this, id, seen] { loop(id, seen); });
+            workers_->emplace_back([this, id, seen] { loop(id, seen); });
         }
     }
 
@@ -126,13 +146,17 @@ private:
     std::atomic<int> pending_{0};
     Body body_ = nullptr;
     void* ctx_ = nullptr;
-    std::vector<std::thread> workers_;
+    std::vector<std::thread>* workers_ = new std::vector<std::thread>;  // never destroyed, as the pool
 };
 
 // never destroyed: its workers (started on the first parallel call) sleep until the process
 // ends, and no exit-time join can hang
 Pool& pool() {
-    static Pool* p = new Pool;
+    static Pool* p = [] {
+        Pool* created = new Pool;
+        pthread_atfork(nullptr, nullptr, [] { pool().forget_workers(); });
+        return created;
+    }();
     return *p;
 }
 
