@@ -557,3 +557,20 @@ def test_dtype_and_read_only_fuzz_numpy(case):
 def test_dtype_and_read_only_fuzz_emu(case):
     with dp.use_backend("emu") as be:
         check_dtype_case(be, case)
+
+
+def test_remembered_geometries_are_the_validated_ones():
+    """ConvGeometry.make remembers what passed (plain-int arguments): the same geometry as a
+    fresh check, and a bad geometry still raises on every call (failures are never remembered;
+    bools and NumPy ints are checked afresh each time)."""
+    from dnnpar.ops._common import ConvGeometry
+    args = ("conv2d", (2, 3, 17, 11), 3, 5, (2, 1), (1, 2), (1, 3))
+    g = ConvGeometry.make(*args)
+    assert ConvGeometry.make(*args) is g and g == ConvGeometry._make(*args)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="smaller than the dilated kernel"):
+            ConvGeometry.make("conv2d", (1, 1, 2, 2), 3, 3, 1, 0, 1)
+        with pytest.raises(TypeError):
+            ConvGeometry.make("conv2d", (1, 1, 8, 8), True, 3, 1, 0, 1)
+    h = ConvGeometry.make("conv2d", (np.int64(2), 3, 17, 11), 3, 5, (2, 1), (1, 2), (1, 3))
+    assert h == g and h is not g
