@@ -182,3 +182,41 @@ def test_lenet300_bytes_per_step_at_one_in_a_thousand(data):
     assert dgc.stats.bytes_per_step == 8 * (236 + 30 + 1 + 1) + 4 * (100 + 10)
     assert dgc.stats.dense_bytes_per_step == 4 * layout.size == 4 * 266_610
     assert dgc.stats.ratio > 100
+
+
+@pytest.mark.parametrize("wd", [0.0, 5e-4], ids=["no-decay", "decay"])
+def test_native_accumulation_is_numpys_bit_for_bit(rng, wd):
+    """dnnpar/cpu/optim.cpp's one-pass momentum correction gives NumPy's bits for u, v and |v|
+    (sizes 1, a prime, several threads); it declines arrays it cannot take."""
+    from dnnpar.backend import cpu_native
+    if cpu_native.library("optim") is None:
+        pytest.skip(f"native kernels unavailable: {cpu_native.unavailable_reason('optim')}")
+    m, w = np.float32(0.9), np.float32(wd)
+    for n in (1, 4099, 100_003):
+        u0, v0, g, p = (rng.standard_normal(n).astype(np.float32) for _ in range(4))
+        u, v, mag = u0.copy(), v0.copy(), np.full(n, np.nan, np.float32)
+        assert cpu_native.dgc_accumulate(u, v, g, p if wd else None, m, w, mag)
+        U, V = u0.copy(), v0.copy()
+        G = g + w * p if wd else g
+        U *= m
+        U += G
+        V += U
+        for got, want in ((u, U), (v, V), (mag, np.abs(V))):
+            np.testing.assert_array_equal(got, want)
+    assert not cpu_native.dgc_accumulate(u, v, g, None, m, np.float32(1e-3))       # decay needs p
+    assert not cpu_native.dgc_accumulate(u.astype(np.float64), v, g, p, m, w)
+
+
+def test_scatter_sum_equals_the_full_length_bincount(rng):
+    """The sum over distinct indices is the full-length float64 bincount's, bit for bit: pairs
+    repeated across ranks, -1 padding, a sub-range [lo, hi)."""
+    dgc = one_slot_dgc(1000, density=0.05)
+    lo, hi, ranks, k = 200, 900, 3, 40
+    idx = rng.integers(lo, hi, (ranks, k)).astype(np.int32)
+    idx[1, :10] = idx[0, :10]                  # the same entries sent by two ranks
+    idx[2, -5:] = -1                           # a rank that found fewer
+    val = rng.standard_normal((ranks, k)).astype(np.float32)
+    keep = idx.reshape(-1) >= 0
+    want = np.bincount(idx.reshape(-1)[keep] - lo, weights=val.reshape(-1)[keep].astype(np.float64),
+                       minlength=hi - lo).astype(np.float32)
+    np.testing.assert_array_equal(dgc.scatter_sum(idx, val, lo, hi), want)

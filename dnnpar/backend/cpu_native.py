@@ -13,7 +13,8 @@ One shared library per source, listed in :data:`NATIVE_SOURCES`:
   the im2col + GEMM path's glue: im2col, col2im, and the epilogues (GEMM output -> NCHW with
   bias + ReLU / ReLU6; dy -> GEMM layout with the activation's mask and db);
 - ``half.cpp``: float32 <-> fp16 / bf16 bit patterns and their rounded sum (gradient compression);
-- ``optim.cpp``: SGD's parameter update (weight decay, momentum, Nesterov, mask) in one pass;
+- ``optim.cpp``: SGD's parameter update (weight decay, momentum, Nesterov, mask) and DGC's
+  momentum correction, each in one pass;
 - ``blas.cpp``: SGEMM on the pool, each thread's block of C computed by NumPy's OpenBLAS
   single-threaded (:func:`sgemm`; bound to OpenBLAS's entry points by :func:`blas_library`).
 
@@ -123,8 +124,9 @@ NATIVE_SOURCES = {s.stem: s for s in (
         "dnnpar_blas_sgemm": ([_I32, _I32, _I64, _I64, _I64, ctypes.c_float, _P, _I64, _P, _I64, ctypes.c_float,
                                _P, _I64, _I32], ctypes.c_int),
     }),
-    NativeSource("optim", 1, "SGD's one-pass parameter update", "NumPy", {
+    NativeSource("optim", 1, "SGD's and DGC's one-pass updates", "NumPy", {
         "dnnpar_sgd_step": [_P, _P, _P, _P, _I64, ctypes.c_float, ctypes.c_float, ctypes.c_float, _I32, _I32],
+        "dnnpar_dgc_accumulate": [_P, _P, _P, _P, _P, _I64, ctypes.c_float, ctypes.c_float, _I32],
     }),
     NativeSource("conv", 4, "convolution (tiled direct kernels, im2col / col2im, epilogues)", "NumPy", {
         "dnnpar_conv_im2col": [_P, _P, _P, _I32],
@@ -783,4 +785,21 @@ def sgd_step(p, g, v, mask, lr: float, momentum: float, weight_decay: float, nes
     flags = (1 if nesterov else 0) | (2 if first else 0) | (4 if plain else 0)
     lib.dnnpar_sgd_step(_ptr(p), _ptr(g), None if v is None else _ptr(v), None if mask is None else _ptr(mask),
                         p.size, float(lr), float(momentum), float(weight_decay), flags, _threads_arg(threads))
+    return True
+
+
+def dgc_accumulate(u, v, g, p, momentum: float, weight_decay: float, mag=None, threads: int | None = None) -> bool:
+    """Deep Gradient Compression's ``u = m u + (g + wd p); v += u`` in place, and ``mag[:] = |v|``
+    when ``mag`` is given (dnnpar/cpu/optim.cpp, NumPy's order bit for bit; ``p`` may be None when
+    ``weight_decay`` is 0). All float32 C-contiguous 1-D NumPy arrays of one size. Returns False
+    (nothing written) when the library is unavailable or an array does not qualify."""
+    lib = library("optim")
+    arrays = [a for a in (u, v, g, p, mag) if a is not None]
+    if lib is None or (p is None and weight_decay) or not all(
+            isinstance(a, np.ndarray) and a.dtype == np.float32 and a.ndim == 1 and a.size == u.size
+            and a.flags.c_contiguous for a in arrays) or not all(a.flags.writeable for a in (u, v, mag) if a is not None):
+        return False
+    lib.dnnpar_dgc_accumulate(_ptr(u), _ptr(v), None if mag is None else _ptr(mag), _ptr(g),
+                              None if p is None else _ptr(p), u.size, float(momentum), float(weight_decay),
+                              _threads_arg(threads))
     return True

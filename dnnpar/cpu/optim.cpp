@@ -56,6 +56,26 @@ void dnnpar_sgd_step(float* p, const float* g, float* v, const float* mask, int6
     });
 }
 
+// Deep Gradient Compression's momentum correction and accumulation (dnnpar/parallel/dgc.py,
+// DGC.encode), one pass in NumPy's order, bit for bit:
+//   g' = g + wd p (wd = 0: g);  u = m u + g';  v = v + u;  mag = |v| (when mag is given)
+// p may be null when wd == 0; mag feeds the top-k selection (no |v| temporary there).
+void dnnpar_dgc_accumulate(float* u, float* v, float* mag, const float* g, const float* p, int64_t n, float m,
+                           float wd, int threads) {
+    const bool decay = wd != 0.0f && p != nullptr;
+    dnnpar::elementwise(n, threads, [&](int64_t lo, int64_t hi) {
+#pragma omp simd
+        for (int64_t i = lo; i < hi; ++i) {
+            const float gd = decay ? g[i] + wd * p[i] : g[i];
+            const float ui = m * u[i] + gd;
+            const float vi = v[i] + ui;
+            u[i] = ui;
+            v[i] = vi;
+            if (mag) mag[i] = vi < 0.0f ? -vi : vi;
+        }
+    });
+}
+
 }  // extern "C"
 
 DNNPAR_CPU_COMMON_EXPORTS(1)

@@ -40,6 +40,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ..backend import cpu_native
 from .data_parallel import GradHook
 from .flat import ParamLayout
 
@@ -121,6 +122,7 @@ class DGC:
         self.dense = [s for s in layout.slots if s.size < cfg.min_sparse]
         self.u = np.zeros(layout.size, np.float32)   # momentum (velocity) per entry
         self.v = np.zeros(layout.size, np.float32)   # accumulated, not yet sent
+        self._mag = np.empty(layout.size, np.float32)  # |v|, scratch for the selection
         self.rng = np.random.default_rng([seed, rank, 0xD6C])
         self.stats = DGCStats()
 
@@ -141,13 +143,14 @@ class DGC:
         return min(size, max(1, math.ceil(density * size)))
 
     # ------------------------------------------------------------------ selection
-    def select(self, a: np.ndarray, k: int) -> np.ndarray:
+    def select(self, a: np.ndarray, k: int, mag: np.ndarray | None = None) -> np.ndarray:
         """Indices of (about) the k largest |a|, sorted: a sampled threshold, then the k largest of
-        the entries above it. Never more than k; fewer only when the sample overestimates."""
+        the entries above it. Never more than k; fewer only when the sample overestimates.
+        ``mag``: |a| when the caller has it already."""
         n = a.size
         if k >= n:
             return np.arange(n, dtype=np.int64)
-        mag = np.abs(a)
+        mag = np.abs(a) if mag is None else mag
         s = min(n, max(self.cfg.min_sample, math.ceil(self.cfg.sample_fraction * n)))
         if s >= n:
             cand = np.argpartition(mag, n - k)[n - k:]
@@ -190,14 +193,18 @@ class DGC:
         wd = np.float32(cfg.weight_decay / self.world)
         for s, k in zip(sparse, ks):
             g = clipped[s.offset - first:s.stop - first]
+            p = None
             if wd:
                 p = params[s.offset:s.stop] if isinstance(params, np.ndarray) else params[s.name].reshape(-1)
-                g = g + wd * p
-            u, v = self.u[s.offset:s.stop], self.v[s.offset:s.stop]
-            u *= m
-            u += g
-            v += u
-            sel = self.select(v, k)
+            u, v, mag = self.u[s.offset:s.stop], self.v[s.offset:s.stop], self._mag[s.offset:s.stop]
+            if not cpu_native.dgc_accumulate(u, v, g, p, m, wd, mag):  # NumPy: the same bits
+                if wd:
+                    g = g + wd * p
+                u *= m
+                u += g
+                v += u
+                mag = None
+            sel = self.select(v, k, mag)
             idx[pos:pos + sel.size] = sel + s.offset
             val[pos:pos + sel.size] = v[sel]
             v[sel] = 0
@@ -212,7 +219,12 @@ class DGC:
         rounding to float32)."""
         i, w = all_idx.reshape(-1), all_val.reshape(-1)
         keep = i >= 0
-        return np.bincount(i[keep] - lo, weights=w[keep].astype(np.float64), minlength=hi - lo).astype(np.float32)
+        # summed over the distinct indices only (a few per cent of the range): bincount adds in
+        # input order, so each sum is the one a full-length bincount would give
+        where, slot = np.unique(i[keep] - lo, return_inverse=True)
+        out = np.zeros(hi - lo, np.float32)
+        out[where] = np.bincount(slot, weights=w[keep].astype(np.float64), minlength=where.size)
+        return out
 
     def step(self, grad: np.ndarray, params: np.ndarray, share: float, comm, epoch: int) -> np.ndarray:
         """The whole vector in one exchange (the one-call form of what :class:`DGCHook` does per
