@@ -203,6 +203,7 @@ def test_native_accumulation_is_numpys_bit_for_bit(rng, wd):
         V += U
         for got, want in ((u, U), (v, V), (mag, np.abs(V))):
             np.testing.assert_array_equal(got, want)
+            assert np.array_equal(np.signbit(got), np.signbit(want))   # -0 vs +0 too
     assert not cpu_native.dgc_accumulate(u, v, g, None, m, np.float32(1e-3))       # decay needs p
     assert not cpu_native.dgc_accumulate(u.astype(np.float64), v, g, p, m, w)
 
@@ -220,3 +221,7 @@ def test_scatter_sum_equals_the_full_length_bincount(rng):
     want = np.bincount(idx.reshape(-1)[keep] - lo, weights=val.reshape(-1)[keep].astype(np.float64),
                        minlength=hi - lo).astype(np.float32)
     np.testing.assert_array_equal(dgc.scatter_sum(idx, val, lo, hi), want)
+    for bad in (lo - 1, hi):
+        idx[0, 0] = bad
+        with pytest.raises(ValueError, match="outside the entries"):
+            dgc.scatter_sum(idx, val, lo, hi)

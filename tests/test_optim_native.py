@@ -126,6 +126,9 @@ def test_sgd_class_updates_every_parameter(rng, monkeypatch, native):
     from dnnpar.nn.optim import SGD
 
     monkeypatch.setitem(OPTIM.NATIVE, "use", native)
+    taken = []
+    real = cpu_native.sgd_step
+    monkeypatch.setattr(cpu_native, "sgd_step", lambda *a, **k: taken.append(real(*a, **k)) or taken[-1])
     model = build("lenet300", seed=3)
     lr, mu, wd = 0.05, 0.9, 1e-3
     opt = SGD(model, lr, momentum=mu, nesterov=True, weight_decay=wd)
@@ -152,6 +155,8 @@ def test_sgd_class_updates_every_parameter(rng, monkeypatch, native):
                 else:
                     assert k not in opt.velocity
     assert np.all(model["fc1"].params["weight"][mask == 0] == 0)
+    # the native path took every parameter of every step (NumPy's: none)
+    assert taken == ([True] * 18 if native else []), taken
 
 
 def test_native_is_the_numpy_expression_bit_for_bit(rng, monkeypatch):
@@ -162,10 +167,13 @@ def test_native_is_the_numpy_expression_bit_for_bit(rng, monkeypatch):
     from dnnpar.nn.models import build
     from dnnpar.nn.optim import SGD
 
-    def run(native, nesterov):
+    def run(native, nesterov, wd):
         monkeypatch.setitem(OPTIM.NATIVE, "use", native)
         model = build("lenet300", seed=5)
-        opt = SGD(model, 0.05, momentum=0.9, nesterov=nesterov, weight_decay=5e-4)
+        opt = SGD(model, 0.05, momentum=0.9, nesterov=nesterov, weight_decay=wd)
+        w = model["fc2"].params["weight"]
+        opt.masks["fc2.weight"] = (np.abs(w) > 0.03).astype(np.float32)
+        opt.plain.add("fc1.bias")
         data, lf = np.random.default_rng(11), SoftmaxCrossEntropy()
         with dp.use_backend("numpy"):
             for _ in range(3):
@@ -174,8 +182,9 @@ def test_native_is_the_numpy_expression_bit_for_bit(rng, monkeypatch):
                 opt.step()
         return {k: p for k, p, _ in model.named_parameters()} | {f"v/{k}": v for k, v in opt.velocity.items()}
 
-    for nesterov in (False, True):
-        a, b = run(True, nesterov), run(False, nesterov)
+    for nesterov, wd in ((False, 5e-4), (True, 5e-4), (False, 0.0), (False, 1e-46)):  # 1e-46: 0 in float32
+        a, b = run(True, nesterov, wd), run(False, nesterov, wd)
         assert a.keys() == b.keys()
         for k in a:
-            np.testing.assert_array_equal(a[k], b[k], err_msg=f"{k} nesterov={nesterov}")
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"{k} nesterov={nesterov} wd={wd}")
+            assert np.array_equal(np.signbit(a[k]), np.signbit(b[k])), k

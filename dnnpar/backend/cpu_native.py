@@ -35,7 +35,8 @@ False`` (SGD's update) turn one family off.
 Threads -- the one rule: one pool for the whole numpy backend. Every native kernel and every
 large float32 GEMM (:func:`dnnpar.ops.gemm.gemm_numpy`) runs on ``dnnpar/cpu/runtime.cpp``'s
 pool; OpenBLAS is set to one thread for the blocks it computes there, so its own threads stay
-asleep. Two pools on the same cores fight: OpenBLAS's idle threads yield-spin for about 0.1 s
+asleep (a process-wide setting: a BLAS call from another Python thread during a pool GEMM runs
+single-threaded as well). Two pools on the same cores fight: OpenBLAS's idle threads yield-spin for about 0.1 s
 after every multi-threaded call, and a step alternates GEMMs and kernels every few tens of
 microseconds; on a 2-core machine the ResNet-style training step ran faster with one thread
 (36.6 ms) than with both pools on two (38.3 ms), and 21-24 ms with the one pool. Not an OpenMP
@@ -86,6 +87,8 @@ class NativeSource:
     fallback: str
     functions: dict
     returning: dict = None
+    #: flags appended to CXXFLAGS for this source alone (the later flag wins)
+    flags: tuple = ()
 
     @property
     def path(self) -> Path:
@@ -127,7 +130,7 @@ NATIVE_SOURCES = {s.stem: s for s in (
     NativeSource("optim", 1, "SGD's and DGC's one-pass updates", "NumPy", {
         "dnnpar_sgd_step": [_P, _P, _P, _P, _I64, ctypes.c_float, ctypes.c_float, ctypes.c_float, _I32, _I32],
         "dnnpar_dgc_accumulate": [_P, _P, _P, _P, _P, _I64, ctypes.c_float, ctypes.c_float, _I32],
-    }),
+    }, flags=("-ffp-contract=off",)),  # NumPy's roundings, bit for bit: no FMA (clang ignores the pragma)
     NativeSource("conv", 4, "convolution (tiled direct kernels, im2col / col2im, epilogues)", "NumPy", {
         "dnnpar_conv_im2col": [_P, _P, _P, _I32],
         "dnnpar_conv_col2im": [_P, _P, _P, _I32],
@@ -167,7 +170,7 @@ def _build(src: NativeSource, cxx: str) -> Path:
     headers = "".join(f"{h.name}\n{h.read_text()}" for h in sorted(CPU_DIR.glob("*.h")))
     first_error = None
     for drop in ((),) + FALLBACK_DROPS:
-        flags = [f for f in CXXFLAGS if f not in drop]
+        flags = [f for f in CXXFLAGS if f not in drop] + list(src.flags)
         key = digest(code, headers, cxx, " ".join(flags), _cpu_signature())
         so = cache_dir("cpu") / f"{src.stem}-{key}.so"
         try:
@@ -185,8 +188,10 @@ def _blas_controller():
     if not _blas["found"]:
         try:
             from threadpoolctl import ThreadpoolController
-            ctl = ThreadpoolController().select(user_api="blas")
-            _blas["controller"] = ctl.lib_controllers[0] if ctl.lib_controllers else None
+            ctl = ThreadpoolController().select(user_api="blas").lib_controllers
+            # NumPy's own BLAS when several are loaded (SciPy's or torch's may come first)
+            ours = [c for c in ctl if "numpy" in str(getattr(c, "filepath", "")).lower()]
+            _blas["controller"] = (ours or ctl or [None])[0]
         except ImportError:
             _blas["controller"] = None
         _blas["found"] = True
@@ -674,7 +679,7 @@ def half_add_into(a, b, kind: str, threads: int | None = None):
 
 
 # ---------------------------------------------------------------------------- SGEMM on the pool
-_openblas: dict = {"tried": False, "lib": None, "reason": None}
+_openblas: dict = {"tried": False, "lib": None, "reason": None, "ilp64": False}
 
 
 def _openblas_entry_points(ctl):
@@ -716,6 +721,7 @@ def blas_library():
                         lib, reason = None, found
                     else:
                         lib.dnnpar_blas_bind(*found[:3], int(found[3]))
+                        _openblas["ilp64"] = bool(found[3])
                 _openblas.update(tried=True, lib=lib, reason=reason)
     return _openblas["lib"]
 
@@ -762,6 +768,8 @@ def sgemm(a, b, out, trans_a: bool = False, trans_b: bool = False, alpha: float 
         return None
     ta, lda = pa[0] != trans_a, pa[1]
     tb, ldb = pb[0] != trans_b, pb[1]
+    if not _openblas["ilp64"] and max(m, n, k, lda, ldb) > np.iinfo(np.int32).max:
+        return None  # an LP64 OpenBLAS takes 32-bit sizes and strides
     rc = lib.dnnpar_blas_sgemm(int(ta), int(tb), m, n, k, float(alpha), _ptr(a), lda, _ptr(b), ldb, float(beta),
                                _ptr(out), max(1, n), _threads_arg(threads))
     return out if rc == 0 else None
@@ -782,7 +790,8 @@ def sgd_step(p, g, v, mask, lr: float, momentum: float, weight_decay: float, nes
                               and a.flags.c_contiguous for a in arrays) or not p.flags.writeable \
             or (v is not None and not v.flags.writeable):
         return False
-    flags = (1 if nesterov else 0) | (2 if first else 0) | (4 if plain else 0)
+    # decay as NumPy decides it (a weight decay that rounds to 0 in float32 still adds 0 * p)
+    flags = (1 if nesterov else 0) | (2 if first else 0) | (4 if plain else 0) | (8 if weight_decay else 0)
     lib.dnnpar_sgd_step(_ptr(p), _ptr(g), None if v is None else _ptr(v), None if mask is None else _ptr(mask),
                         p.size, float(lr), float(momentum), float(weight_decay), flags, _threads_arg(threads))
     return True

@@ -14,8 +14,12 @@
 // to one thread for the call, splits C into `team` contiguous blocks -- rows when M >= N (each
 // thread packs all of op(B), so the duplicated packing is the smaller operand's), columns
 // otherwise, block edges on multiples of 16 -- runs one cblas_sgemm per block on the pool, and
-// restores OpenBLAS's thread count. Every element of C is one single-threaded cblas_sgemm's dot
-// product over the full K.
+// restores OpenBLAS's thread count. The bits may depend on the team size (OpenBLAS picks its
+// edge and small-matrix kernels by the block's shape), as np.matmul's depend on OpenBLAS's.
+//
+// OpenBLAS's thread count is a process-wide setting: while a pool GEMM runs, a BLAS call from
+// another Python thread runs single-threaded too, and a second caller that finds the pool busy
+// computes its blocks on its own thread at whatever count is set then (correct, maybe slower).
 #include <cstdint>
 
 #include "parallel.h"

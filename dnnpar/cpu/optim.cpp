@@ -9,10 +9,12 @@
 //   d  = nesterov ? g' + momentum v : v
 //   p  = p - lr d;   p = p * mask                  (mask: pruned weights stay 0)
 // Each operation rounds to float32 once, as NumPy's does, with no multiply-add fused into an FMA
-// (contraction is off in this file, whatever the build flags): the result is NumPy's expression
+// (contraction is off: cpu_native.py builds this file with -ffp-contract=off, and the pragma
+// below says it again): the result is NumPy's expression
 // bit for bit, so a run does not change when the library is missing, and Deep Gradient
 // Compression's own momentum recursion at density 1 still equals this optimizer exactly.
 // Elementwise: the result does not depend on the thread count.
+#include <cmath>
 #include <cstdint>
 
 #include "parallel.h"
@@ -26,13 +28,14 @@
 extern "C" {
 
 // p, g (n floats), v (n floats or null when momentum == 0), mask (n floats or null).
-// flags: 1 nesterov, 2 first step (v = g'), 4 plain (p -= lr g, nothing else but the mask).
+// flags: 1 nesterov, 2 first step (v = g'), 4 plain (p -= lr g, nothing else but the mask),
+// 8 weight decay (g' = g + wd p; without it g' = g, as NumPy's `if weight_decay:`).
 void dnnpar_sgd_step(float* p, const float* g, float* v, const float* mask, int64_t n, float lr, float momentum,
                      float wd, int flags, int threads) {
-    const bool nesterov = flags & 1, first = flags & 2, plain = flags & 4;
+    const bool nesterov = flags & 1, first = flags & 2, plain = flags & 4, decay_flag = flags & 8;
     dnnpar::elementwise(n, threads, [&](int64_t lo, int64_t hi) {
         if (plain || v == nullptr) {
-            const bool decay = !plain && wd != 0.0f;
+            const bool decay = !plain && decay_flag;
 #pragma omp simd
             for (int64_t i = lo; i < hi; ++i) {
                 const float d = decay ? g[i] + wd * p[i] : g[i];
@@ -42,7 +45,7 @@ void dnnpar_sgd_step(float* p, const float* g, float* v, const float* mask, int6
             }
             return;
         }
-        const bool decay = wd != 0.0f;
+        const bool decay = decay_flag;
 #pragma omp simd
         for (int64_t i = lo; i < hi; ++i) {
             const float gd = decay ? g[i] + wd * p[i] : g[i];
@@ -71,7 +74,7 @@ void dnnpar_dgc_accumulate(float* u, float* v, float* mag, const float* g, const
             const float vi = v[i] + ui;
             u[i] = ui;
             v[i] = vi;
-            if (mag) mag[i] = vi < 0.0f ? -vi : vi;
+            if (mag) mag[i] = std::fabs(vi);  // np.abs: -0 gives +0
         }
     });
 }

@@ -222,6 +222,8 @@ class DGC:
         # summed over the distinct indices only (a few per cent of the range): bincount adds in
         # input order, so each sum is the one a full-length bincount would give
         where, slot = np.unique(i[keep] - lo, return_inverse=True)
+        if where.size and (where[0] < 0 or where[-1] >= hi - lo):
+            raise ValueError(f"DGC: a received index lies outside the entries [{lo}, {hi}) being summed")
         out = np.zeros(hi - lo, np.float32)
         out[where] = np.bincount(slot, weights=w[keep].astype(np.float64), minlength=where.size)
         return out
