@@ -96,9 +96,8 @@ class NativeSource:
 
 
 NATIVE_SOURCES = {s.stem: s for s in (
-    NativeSource("runtime", 1, "the thread pool every native kernel runs on", "NumPy", {
-        "dnnpar_pool_set_threads": [_I32],
-    }, {"dnnpar_pool_threads": ([], ctypes.c_int)}),
+    NativeSource("runtime", 1, "the thread pool every native kernel runs on", "NumPy", {},
+                 {"dnnpar_pool_threads": ([], ctypes.c_int)}),
     NativeSource("csr_codebook", 5, "CSR x codebook products", "SciPy / NumPy", {
         "dnnpar_csr_cb_spmv": [_I64, _P, _P, _P, _P, _I32, _P, _P, _I32],
         "dnnpar_csr_cb_spmm": [_I64, _I64, _P, _P, _P, _P, _I32, _P, _P, _I32],
@@ -776,6 +775,15 @@ def sgemm(a, b, out, trans_a: bool = False, trans_b: bool = False, alpha: float 
 
 
 # ---------------------------------------------------------------------------- SGD's update
+def _vectors_ok(shape, inputs, outputs) -> bool:
+    """Every array given (None: absent) a C-contiguous float32 NumPy array of ``shape``, the
+    outputs writeable: what the elementwise kernels of optim.cpp take (else NumPy runs)."""
+    def ok(a, out):
+        return a is None or (isinstance(a, np.ndarray) and a.dtype == np.float32 and a.shape == tuple(shape)
+                             and a.flags.c_contiguous and (a.flags.writeable or not out))
+    return all(ok(a, False) for a in inputs) and all(ok(a, True) for a in outputs)
+
+
 def sgd_step(p, g, v, mask, lr: float, momentum: float, weight_decay: float, nesterov: bool = False,
              first: bool = False, plain: bool = False, threads: int | None = None) -> bool:
     """One SGD update of parameter ``p`` in place (dnnpar/cpu/optim.cpp; the order of operations
@@ -785,10 +793,7 @@ def sgd_step(p, g, v, mask, lr: float, momentum: float, weight_decay: float, nes
     Returns False (nothing written) when the library is unavailable or an array does not qualify:
     the caller runs NumPy."""
     lib = library("optim")
-    arrays = [a for a in (p, g, v, mask) if a is not None]
-    if lib is None or not all(isinstance(a, np.ndarray) and a.dtype == np.float32 and a.shape == p.shape
-                              and a.flags.c_contiguous for a in arrays) or not p.flags.writeable \
-            or (v is not None and not v.flags.writeable):
+    if lib is None or not _vectors_ok(p.shape, (g, mask), (p, v)):
         return False
     # decay as NumPy decides it (a weight decay that rounds to 0 in float32 still adds 0 * p)
     flags = (1 if nesterov else 0) | (2 if first else 0) | (4 if plain else 0) | (8 if weight_decay else 0)
@@ -803,10 +808,7 @@ def dgc_accumulate(u, v, g, p, momentum: float, weight_decay: float, mag=None, t
     ``weight_decay`` is 0). All float32 C-contiguous 1-D NumPy arrays of one size. Returns False
     (nothing written) when the library is unavailable or an array does not qualify."""
     lib = library("optim")
-    arrays = [a for a in (u, v, g, p, mag) if a is not None]
-    if lib is None or (p is None and weight_decay) or not all(
-            isinstance(a, np.ndarray) and a.dtype == np.float32 and a.ndim == 1 and a.size == u.size
-            and a.flags.c_contiguous for a in arrays) or not all(a.flags.writeable for a in (u, v, mag) if a is not None):
+    if lib is None or (p is None and weight_decay) or not (u.ndim == 1 and _vectors_ok(u.shape, (g, p), (u, v, mag))):
         return False
     lib.dnnpar_dgc_accumulate(_ptr(u), _ptr(v), None if mag is None else _ptr(mag), _ptr(g),
                               None if p is None else _ptr(p), u.size, float(momentum), float(weight_decay),

@@ -9,21 +9,14 @@
 //   d  = nesterov ? g' + momentum v : v
 //   p  = p - lr d;   p = p * mask                  (mask: pruned weights stay 0)
 // Each operation rounds to float32 once, as NumPy's does, with no multiply-add fused into an FMA
-// (contraction is off: cpu_native.py builds this file with -ffp-contract=off, and the pragma
-// below says it again): the result is NumPy's expression
-// bit for bit, so a run does not change when the library is missing, and Deep Gradient
+// (cpu_native.py builds this file with -ffp-contract=off): the result is NumPy's expression bit
+// for bit, so a run does not change when the library is missing, and Deep Gradient
 // Compression's own momentum recursion at density 1 still equals this optimizer exactly.
 // Elementwise: the result does not depend on the thread count.
 #include <cmath>
 #include <cstdint>
 
 #include "parallel.h"
-
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
 
 extern "C" {
 

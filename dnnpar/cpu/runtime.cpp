@@ -74,9 +74,6 @@ public:
 
     int threads() const { return threads_.load(std::memory_order_relaxed); }
 
-    // The default team size (from Python: BLAS's thread count, or OMP_NUM_THREADS).
-    void set_threads(int n) { threads_.store(std::max(1, std::min(n, kMaxThreads)), std::memory_order_relaxed); }
-
     void run(int team, Body body, void* ctx) {
         team = std::max(1, std::min(team, kMaxThreads));
         std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
@@ -166,7 +163,6 @@ extern "C" {
 
 int dnnpar_cpu_abi(void) { return 1; }
 int dnnpar_pool_threads(void) { return pool().threads(); }
-void dnnpar_pool_set_threads(int n) { pool().set_threads(n); }
 // body(ctx, tid, team) for tid in [0, team), the caller being tid 0; returns when all are done.
 void dnnpar_pool_run(int team, Body body, void* ctx) { pool().run(team, body, ctx); }
 

@@ -71,14 +71,14 @@ def gemm_numpy(a, b, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, c=None, 
     m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
     n = b.shape[0] if trans_b else b.shape[1]
     if (NATIVE["use"] and a.dtype == np.float32 and b.dtype == np.float32 and m * n * k >= POOL_MIN_WORK
-            and (beta == 0.0 or c.dtype == np.float32) and cpu_native.blas_library() is not None):
-        dst = out if out is not None and out.dtype == np.float32 and out.flags.c_contiguous else np.empty((m, n), np.float32)
+            and (beta == 0.0 or c.dtype == np.float32)
+            and (out is None or (out.dtype == np.float32 and out.flags.c_contiguous))
+            and cpu_native.blas_library() is not None):
+        dst = np.empty((m, n), np.float32) if out is None else out
         if beta != 0.0 and dst is not c:
-            dst[...] = c
+            dst[...] = c  # (c itself is left as it was: a declined call below still reads it)
         if cpu_native.sgemm(a, b, dst, trans_a, trans_b, alpha, beta) is not None:
-            if out is not None and dst is not out:
-                out[...] = dst
-            return out if out is not None else dst
+            return dst
     if out is not None and alpha == 1.0 and beta == 0.0:
         return np.matmul(a.T if trans_a else a, b.T if trans_b else b, out=out)
     r = np.matmul(a.T if trans_a else a, b.T if trans_b else b)
