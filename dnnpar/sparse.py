@@ -1,6 +1,7 @@
 """Compressed sparse row matrices on the active backend, checked once at construction."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +50,12 @@ class CompactCSR:
     @property
     def entries(self) -> int:
         return int(self.gaps.shape[0])
+
+    @functools.cached_property
+    def code_span(self) -> int:
+        """One past the largest code of any entry (fillers included; 0 with no entries): a kernel
+        may hold codebook[:code_span] in registers (fc layers' 5-bit codebooks: 32 entries)."""
+        return int(self.codes.max()) + 1 if self.codes.shape[0] else 0
 
     @property
     def nbytes(self) -> int:

@@ -107,6 +107,39 @@ def test_spmm_every_batch_chunk(native, batch, rng):
     assert_row_sums(dp.ops.spmm(csr, X), dense, X, f"native spmm batch {batch}")
 
 
+@pytest.mark.parametrize("ncodes,k", [(2, 256), (16, 256), (32, 256), (33, 256), (31, 2003), (32, 2003), (255, 2003)])
+def test_spmv_every_row_length_and_codebook_width(native, ncodes, k, rng):
+    """Rows of every length 0..99 (the AVX-512 loop takes 32 entries per turn, 16 per step, the
+    last step masked) and codebooks that fit two vector registers (up to 32 codes: a permute) or
+    not (33 and more: a gather), every code in use; with K = 256 no gap needs a filler, with
+    K = 2003 the short rows' do (a filler takes one more code: 31 + 1 still fits the registers).
+    A code read through the wrong path, a lane of the column prefix sum or the tail mask off by
+    one fails; so does a filler that lets a NaN of x through."""
+    m = 100
+    cb = np.linspace(-2.0, 3.0, ncodes).astype(np.float32)
+    cb[cb == 0.0] = 0.5
+    ptr = np.zeros(m + 1, np.int64)
+    ptr[1:] = np.cumsum(np.arange(m))
+    cols = np.concatenate([np.sort(rng.choice(k, size=r, replace=False)) for r in range(m)]).astype(np.int32)
+    codes = (np.arange(cols.size) % ncodes).astype(np.uint8)
+    csr = dp.sparse.CSR(codes, cols, ptr.astype(np.int32), (m, k), codebook=cb)
+    c = csr.compact()
+    assert (c.fillers > 0) == (k > 256) and c.code_span == ncodes + (c.fillers > 0)
+    dense = np.zeros((m, k))
+    dense[np.repeat(np.arange(m), np.arange(m)), cols] = cb[codes]
+    x = randn(rng, k)
+    assert_row_sums(dp.ops.spmv(csr, x), dense, x, f"spmv, {ncodes} codes")
+    x[::7] = np.nan
+    if c.fillers:  # some filler sits on a NaN of x: it must still add nothing
+        at = relative_csr.columns(c.rowptr, c.gaps, k)[c.codes == c.filler_code]
+        assert np.isnan(x[at]).any()
+    y = dp.ops.spmv(csr, x)
+    reads_nan = (dense != 0) @ np.isnan(x) > 0
+    assert np.array_equal(np.isnan(y), reads_nan)
+    clean = np.where(np.isnan(x), 0.0, x)
+    assert_row_sums(y[~reads_nan], dense[~reads_nan], clean, "rows that read no NaN")
+
+
 def test_result_does_not_depend_on_threads(native, rng):
     """Each row is summed by one thread in a fixed order: 1, 2 or 3 threads give the same bits."""
     csr, _ = make(rng, 400, 3001, 0.05, CODEBOOKS["dc32"])

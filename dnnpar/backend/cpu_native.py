@@ -98,8 +98,8 @@ class NativeSource:
 NATIVE_SOURCES = {s.stem: s for s in (
     NativeSource("runtime", 1, "the thread pool every native kernel runs on", "NumPy", {},
                  {"dnnpar_pool_threads": ([], ctypes.c_int)}),
-    NativeSource("csr_codebook", 5, "CSR x codebook products", "SciPy / NumPy", {
-        "dnnpar_csr_cb_spmv": [_I64, _P, _P, _P, _P, _I32, _P, _P, _I32],
+    NativeSource("csr_codebook", 6, "CSR x codebook products", "SciPy / NumPy", {
+        "dnnpar_csr_cb_spmv": [_I64, _P, _P, _P, _P, _I32, _I32, _P, _P, _I32],
         "dnnpar_csr_cb_spmm": [_I64, _I64, _P, _P, _P, _P, _I32, _P, _P, _I32],
     }),
     NativeSource("depthwise", 3, "depthwise convolution", "NumPy", {
@@ -337,7 +337,7 @@ def spmv(compact, x: np.ndarray, out: np.ndarray, threads: int | None = None) ->
     # the per-entry select is faster (one pass over x is cheap beside the product)
     filler = compact.filler_code if compact.fillers and not np.isfinite(x).all() else -1
     _loaded().dnnpar_csr_cb_spmv(m, _ptr(compact.rowptr), _ptr(compact.gaps), _ptr(compact.codes),
-                                     _ptr(compact.codebook), int(filler), _ptr(x), _ptr(out),
+                                     _ptr(compact.codebook), compact.code_span, int(filler), _ptr(x), _ptr(out),
                                      _threads_arg(threads))
     return out
 

@@ -12,8 +12,10 @@
 // inf or NaN in x at a filler's column does not turn the row into NaN (0 * inf is NaN); stored
 // entries multiply x as it is, as SciPy's and the GPU kernels' products do. filler = -1: none.
 //
-//   y = A x  : dnnpar_csr_cb_spmv, one dot product per row, two rows at a time (x, K floats,
-//              stays in cache)
+//   y = A x  : dnnpar_csr_cb_spmv, one dot product per row (x, K floats, stays in cache): with
+//              AVX-512, sixteen entries per step (columns by an in-register prefix sum, x by
+//              gather, weights by a register permute for codebooks of up to 32 codes); without,
+//              a scalar loop over two rows at a time
 //   Y = A X  : dnnpar_csr_cb_spmm, X row-major K x B; every entry adds v * X[col, :] into the
 //              row's B accumulators (batch in the inner dimension, in chunks of 64/32/16/8),
 //              blocked: groups of rows run over blocks of X's columns (each ~128 KB, so both
@@ -31,6 +33,8 @@
 #include <algorithm>
 #include <cstring>
 #include <vector>
+
+#include <unistd.h>
 
 #include "parallel.h"
 
@@ -103,6 +107,62 @@ inline void row_pair_dot(const uint8_t* __restrict g0, const uint8_t* __restrict
     y[1] = (b0 + b1) + row_dot<Mask>(g1 + i, c1 + i, n1 - i, cb, q, f);
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// AVX-512: sixteen entries per step. Their columns are an inclusive prefix sum of (gap + 1) over
+// the sixteen lanes (four shift-and-add steps) plus the previous step's last column; x is read
+// with one gather, the weights with one two-register permute when every code is below 32 (fc
+// layers' 5-bit codebooks; else a gather from the 256-entry codebook, which stays in L1). The
+// only serial dependency between steps is one vector add (the running column). Lanes past the
+// row's end are masked off in every load, so nothing beyond the row's streams is read.
+// Two accumulators per row, summed at the end: the row's sum is in a fixed order, the same
+// on every thread count (per lane: entries 16t + l in turn; then a fixed lane tree).
+// The gap and code streams prefetched this many bytes ahead: a cold matrix comes from DRAM,
+// and a thread's rows are chunks of a few tens of KB that the hardware prefetcher (which stops
+// at 4 KB pages) would start on afresh. Prefetching past the row is harmless (no fault).
+constexpr int kStreamAhead = 1024;
+
+template <bool Mask, bool Small>
+inline float row_dot16(const uint8_t* __restrict g, const uint8_t* __restrict c, int64_t n,
+                       const float* __restrict cb, const float* __restrict x, int f) {
+    const __m512i zero = _mm512_setzero_si512();
+    const __m512i one = _mm512_set1_epi32(1);
+    const __m512i last = _mm512_set1_epi32(15);
+    const __m512i filler = _mm512_set1_epi32(f);
+    const __m512 cblo = _mm512_loadu_ps(cb), cbhi = _mm512_loadu_ps(cb + 16);
+    __m512i base = _mm512_set1_epi32(-1);  // the previous entry's column, in every lane
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    auto step = [&](__mmask16 live_lanes, int64_t i, __m512& acc) {
+        __m512i s = _mm512_add_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(live_lanes, g + i)), one);
+        s = _mm512_add_epi32(s, _mm512_alignr_epi32(s, zero, 15));
+        s = _mm512_add_epi32(s, _mm512_alignr_epi32(s, zero, 14));
+        s = _mm512_add_epi32(s, _mm512_alignr_epi32(s, zero, 12));
+        s = _mm512_add_epi32(s, _mm512_alignr_epi32(s, zero, 8));
+        const __m512i col = _mm512_add_epi32(base, s);
+        base = _mm512_add_epi32(base, _mm512_permutexvar_epi32(last, s));
+        const __m512i code = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(live_lanes, c + i));
+        __mmask16 use = live_lanes;
+        if (Mask) use &= _mm512_cmpneq_epi32_mask(code, filler);
+        const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), use, col, x, 4);
+        const __m512 w = Small ? _mm512_permutex2var_ps(cblo, code, cbhi)
+                               : _mm512_i32gather_ps(code, cb, 4);
+        acc = _mm512_fmadd_ps(w, xv, acc);
+    };
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        _mm_prefetch(reinterpret_cast<const char*>(g + i) + kStreamAhead, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(c + i) + kStreamAhead, _MM_HINT_T0);
+        step(0xFFFF, i, acc0);
+        step(0xFFFF, i + 16, acc1);
+    }
+    if (i + 16 <= n) {
+        step(0xFFFF, i, acc0);
+        i += 16;
+    }
+    if (i < n) step(__mmask16((1u << (n - i)) - 1), i, acc1);
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+#endif
+
 // Eight floats in one vector register (GCC / Clang vector extension: ymm with AVX, two xmm
 // with SSE, NEON pairs on ARM). X rows are read with memcpy, so no alignment is assumed.
 typedef float f8 __attribute__((vector_size(32)));
@@ -110,12 +170,20 @@ typedef float f8 __attribute__((vector_size(32)));
 // Stored entries decoded at a time by the SpMM (columns and codebook values on the stack).
 constexpr int kDecode = 256;
 // SpMM blocking: a group of output rows (their Y rows, the accumulators between blocks) and a
-// block of X's columns (the X rows their entries read) of about this many bytes each, both
-// L2-resident while a group's rows run over one block; at fc6 batch 64 that is 512 rows x 512
-// columns, and every X row a group touches comes from L3 once per group instead of once per
-// entry (X is 6.4 MB there, its rows random). Of the sizes tried on a 512 KB L2 (256 .. 1024
-// rows, 256 .. 2048 columns) this one was among the fastest (figures: the commit and README).
-constexpr int64_t kBlockBytes = 128 << 10;
+// block of X's columns (the X rows their entries read) of about a quarter of this core's L2 each,
+// both L2-resident while a group's rows run over one block; every X row a group touches comes
+// from L3 once per group instead of once per entry (X is 6.4 MB at fc6 batch 64, its rows
+// random). Measured at fc6 batch 64: on a 512 KB L2 (Zen 4) 128 KB was among the fastest of
+// 64 KB .. 1 MB; on a 2 MB L2 (Xeon, AVX-512), 2 threads, 512 KB ran 8.5-9.2 ms against
+// 9.3 ms at 128 KB in three alternating builds (and 256 KB as 512 KB, 1 MB 6% slower, in one
+// sweep). Unknown L2 (sysconf says 0): 512 KB assumed.
+inline int64_t block_bytes() {
+    static const int64_t bytes = [] {
+        const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+        return std::min<int64_t>(1 << 20, std::max<int64_t>(64 << 10, (l2 > 0 ? l2 : 512 << 10) / 4));
+    }();
+    return bytes;
+}
 // X rows prefetched this many stored entries ahead (no hardware prefetcher can guess them).
 constexpr int kPrefetchAhead = 8;
 
@@ -214,9 +282,23 @@ inline int team_size(int threads, int64_t work) {
 
 template <bool Mask>
 void spmv_rows(int64_t m, const int64_t* rowptr, const uint8_t* gaps, const uint8_t* codes,
-               const float* codebook, int filler, const float* x, float* y, int threads) {
+               const float* codebook, int ncodes, int filler, const float* x, float* y, int threads) {
     const int64_t work = rowptr[m];
     const int team = team_size(threads, work);
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    auto rows16 = [&](auto small) {
+        dnnpar::parallel_for_dynamic(team, m, kRowChunk, [&](int64_t r) {
+            const int64_t lo = rowptr[r];
+            y[r] = row_dot16<Mask, decltype(small)::value>(gaps + lo, codes + lo, rowptr[r + 1] - lo, codebook, x,
+                                                           filler);
+        });
+    };
+    if (ncodes <= 32)
+        rows16(std::true_type{});
+    else
+        rows16(std::false_type{});
+    return;
+#endif
     const int64_t pairs = m / 2;
     dnnpar::parallel_for_dynamic(team, pairs, kRowChunk / 2, [&](int64_t pr) {
         const int64_t r = 2 * pr, lo = rowptr[r], mid = rowptr[r + 1], hi = rowptr[r + 2];
@@ -231,7 +313,7 @@ void spmv_rows(int64_t m, const int64_t* rowptr, const uint8_t* gaps, const uint
 
 }  // namespace
 
-DNNPAR_CPU_COMMON_EXPORTS(5)
+DNNPAR_CPU_COMMON_EXPORTS(6)
 
 extern "C" {
 
@@ -239,11 +321,11 @@ extern "C" {
 // y[M] = A x[K], on `threads` threads (0: the pool's default); rows in pairs; `filler`: the
 // code whose entries are skipped (-1: none; the caller may pass -1 when x is all finite)
 void dnnpar_csr_cb_spmv(int64_t m, const int64_t* rowptr, const uint8_t* gaps, const uint8_t* codes,
-                        const float* codebook, int filler, const float* x, float* y, int threads) {
+                        const float* codebook, int ncodes, int filler, const float* x, float* y, int threads) {
     if (filler >= 0)
-        spmv_rows<true>(m, rowptr, gaps, codes, codebook, filler, x, y, threads);
+        spmv_rows<true>(m, rowptr, gaps, codes, codebook, ncodes, filler, x, y, threads);
     else
-        spmv_rows<false>(m, rowptr, gaps, codes, codebook, filler, x, y, threads);
+        spmv_rows<false>(m, rowptr, gaps, codes, codebook, ncodes, filler, x, y, threads);
 }
 
 // Y[M, B] = A X[K, B], both row-major, on `threads` threads (0: the pool's default); entries of
@@ -254,9 +336,10 @@ void dnnpar_csr_cb_spmm(int64_t m, int64_t b, const int64_t* rowptr, const uint8
     const int64_t work = rowptr[m] * b;
     const int team = team_size(threads, work);
     const int64_t row_bytes = b * int64_t(sizeof(float));
-    const int64_t kb = std::max<int64_t>(8, kBlockBytes / row_bytes);  // X columns per block
+    const int64_t block = block_bytes();
+    const int64_t kb = std::max<int64_t>(8, block / row_bytes);  // X columns per block
     // rows per group: L2's share, but at least 4 groups per thread where the matrix allows
-    const int64_t rg = std::max<int64_t>(1, std::min(kBlockBytes / row_bytes, (m + 4 * team - 1) / (4 * team)));
+    const int64_t rg = std::max<int64_t>(1, std::min(block / row_bytes, (m + 4 * team - 1) / (4 * team)));
     dnnpar::parallel_for_dynamic(team, (m + rg - 1) / rg, 1, [&](int64_t g) {
         spmm_group(g * rg, std::min(m, (g + 1) * rg), b, kb, rowptr, gaps, codes, codebook, filler, X, Y);
     });
