@@ -114,7 +114,7 @@ def test_spmv_every_row_length_and_codebook_width(native, ncodes, k, rng):
     not (33 and more: a gather), every code in use; with K = 256 no gap needs a filler, with
     K = 2003 the short rows' do (a filler takes one more code: 31 + 1 still fits the registers).
     A code read through the wrong path, a lane of the column prefix sum or the tail mask off by
-    one fails; so does a filler that lets a NaN of x through."""
+    one fails; so does a filler that lets a NaN of x through, in the SpMV or the SpMM."""
     m = 100
     cb = np.linspace(-2.0, 3.0, ncodes).astype(np.float32)
     cb[cb == 0.0] = 0.5
@@ -138,6 +138,12 @@ def test_spmv_every_row_length_and_codebook_width(native, ncodes, k, rng):
     assert np.array_equal(np.isnan(y), reads_nan)
     clean = np.where(np.isnan(x), 0.0, x)
     assert_row_sums(y[~reads_nan], dense[~reads_nan], clean, "rows that read no NaN")
+    # the SpMM decodes the same streams (the same two paths) block by block: NaN rows of X too
+    X = randn(rng, (k, 9))
+    X[::7] = np.nan
+    Y = dp.ops.spmm(csr, X)
+    assert np.array_equal(np.isnan(Y).any(axis=1), reads_nan) and np.array_equal(np.isnan(Y).all(axis=1), reads_nan)
+    assert_row_sums(Y[~reads_nan], dense[~reads_nan], np.where(np.isnan(X), 0.0, X), "spmm, rows that read no NaN")
 
 
 def test_result_does_not_depend_on_threads(native, rng):

@@ -100,7 +100,7 @@ NATIVE_SOURCES = {s.stem: s for s in (
                  {"dnnpar_pool_threads": ([], ctypes.c_int)}),
     NativeSource("csr_codebook", 6, "CSR x codebook products", "SciPy / NumPy", {
         "dnnpar_csr_cb_spmv": [_I64, _P, _P, _P, _P, _I32, _I32, _P, _P, _I32],
-        "dnnpar_csr_cb_spmm": [_I64, _I64, _P, _P, _P, _P, _I32, _P, _P, _I32],
+        "dnnpar_csr_cb_spmm": [_I64, _I64, _P, _P, _P, _P, _I32, _I32, _P, _P, _I32],
     }),
     NativeSource("depthwise", 3, "depthwise convolution", "NumPy", {
         "dnnpar_depthwise_forward": [_P, _P, _P, _P, _P, _I32, _I32],
@@ -352,7 +352,8 @@ def spmm(compact, X: np.ndarray, out: np.ndarray, threads: int | None = None) ->
         raise ValueError(f"native spmm: out must be a writeable C-contiguous float32 ({m}, {b}) array")
     if b:
         _loaded().dnnpar_csr_cb_spmm(m, b, _ptr(compact.rowptr), _ptr(compact.gaps), _ptr(compact.codes),
-                                         _ptr(compact.codebook), int(compact.filler_code), _ptr(X), _ptr(out),
+                                         _ptr(compact.codebook), compact.code_span, int(compact.filler_code),
+                                         _ptr(X), _ptr(out),
                                          _threads_arg(threads))
     return out
 
