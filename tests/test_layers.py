@@ -340,3 +340,21 @@ def test_relu_of_infinities_and_nan(backend):
         np.testing.assert_array_equal(y, [[0.0, 0.0, 0.0, 2.0, np.inf, np.nan]])
         dx = be.to_numpy(relu.backward(be.asarray(np.full((1, 6), np.inf, np.float32))))
         np.testing.assert_array_equal(dx, [[0.0, 0.0, 0.0, np.inf, np.inf, 0.0]])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pass_where_is_where_bit_for_bit(dtype, rng):
+    """The backward masks of ReLU / Clip / the fused activations (ops.activation.pass_where, a
+    bitwise AND on NumPy) give np.where's bits: dy where the mask is set, +0.0 elsewhere, also for
+    NaN, +-inf and -0.0 in dy and for a non-contiguous dy."""
+    from dnnpar.ops.activation import pass_where
+    dy = rng.standard_normal((5, 7, 9)).astype(dtype)
+    dy.flat[::11] = np.nan
+    dy.flat[1::13] = np.inf
+    dy.flat[2::17] = -np.inf
+    dy.flat[3::5] = -0.0
+    mask = rng.random(dy.shape) < 0.5
+    for d, m in ((dy, mask), (dy[:, ::2, 1:], mask[:, ::2, 1:]), (dy.transpose(2, 0, 1), mask.transpose(2, 0, 1))):
+        got, want = pass_where(np, m, d), np.where(m, d, d.dtype.type(0))
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got.view(f"u{d.itemsize}"), want.view(f"u{d.itemsize}"))

@@ -6,7 +6,7 @@ import numpy as np
 from .. import ops
 from ..backend import get_backend
 from ..ops._common import as_int, conv_out_size, pair
-from ..ops.activation import activate_, activation_grad
+from ..ops.activation import activate_, activation_grad, pass_where
 from ..ops.conv import ConvGeometry
 from .base import Layer, he_normal
 
@@ -101,7 +101,7 @@ class ReLU(Layer):
         return get_backend().xp.maximum(x, x.dtype.type(0))
 
     def backward(self, dy):
-        dx = get_backend().xp.where(self.mask, dy, dy.dtype.type(0))
+        dx = pass_where(get_backend().xp, self.mask, dy)
         self.mask = None
         return dx
 
@@ -378,7 +378,7 @@ class Clip(Layer):
 
     def backward(self, dy):
         # where, not dy * mask: a NaN gradient outside the bounds gives 0, as PyTorch's hardtanh
-        dx = dy if self.mask is None else get_backend().xp.where(self.mask, dy, dy.dtype.type(0))
+        dx = dy if self.mask is None else pass_where(get_backend().xp, self.mask, dy)
         self.mask = None
         return dx
 
