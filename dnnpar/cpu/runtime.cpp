@@ -21,7 +21,9 @@
 // the caller's own core, therefore costs the call nothing: measured on a 2-core KVM guest, with
 // both threads left on one vCPU, a 57 us product took 260 us on "two" threads (the caller waited
 // while the worker could not run, then the worker spun out its 200 us on the caller's core).
-// For the same reason an idle worker yields its core between looks at the clock.
+// An idle worker does not yield its core while it spins: yielding made it lose the race for
+// its share to the caller whenever another thread yielded on the same vCPU (OpenBLAS's idle
+// threads do), and two-thread GEMMs of ~1 ms ran as slowly as on one thread.
 //
 // A second caller while the pool is busy (two Python threads; ctypes drops the GIL) runs its body
 // for every tid in turn on its own thread: the same partition, the same result, no sharing.
@@ -149,10 +151,7 @@ private:
             const auto until = std::chrono::steady_clock::now() + kSpinTime;
             for (int i = 1; (s = state_.load(std::memory_order_acquire)) >> 16 == seen; ++i) {
                 DNNPAR_CPU_RELAX();
-                if (i % kPausesPerLook == 0) {
-                    if (std::chrono::steady_clock::now() >= until) break;
-                    std::this_thread::yield();  // a thread waiting for this core (the caller) runs
-                }
+                if (i % kPausesPerLook == 0 && std::chrono::steady_clock::now() >= until) break;
             }
             if (s >> 16 == seen) {
                 std::unique_lock<std::mutex> lk(sleep_);
