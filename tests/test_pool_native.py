@@ -119,3 +119,32 @@ def test_native_guards():
         g = nn.AvgPool2d(2).geometry((1, 1, 4, 4))
         with dp.use_backend("numpy"):
             P.avg_pool2d(np.zeros((1, 2, 4, 4), np.float32), g)
+
+
+@pytest.mark.parametrize("k, s, p", [(3, 1, 1), (3, 2, 1), (2, 1, 1), ((2, 3), (1, 2), (1, 1))])
+def test_max_pool_of_minus_infinity_matches_the_fallback(k, s, p, rng):
+    """Windows whose real taps are all -inf: the maximum is -inf and the gradient goes to the first
+    tap equal to it in row-major order, a padding tap (the gradient is dropped) where one comes
+    first. The native row-at-a-time kernel and the NumPy code agree bit for bit (small-integer
+    gradients, whose sums where windows overlap are exact in any order), ties and a NaN included."""
+    if cpu_native.library("pool") is None:
+        pytest.skip("native pool kernel unavailable")
+    k, s, p = pr(k), pr(s), pr(p)
+    x = np.round(rng.standard_normal((2, 3, 9, 10))).astype(np.float32)
+    x[:, :, :4, :5] = -np.inf
+    x[0, 1, 5:, 6:] = -np.inf
+    got = {}
+    for use in (True, False):
+        with dp.use_backend("numpy"):
+            P.NATIVE["use"] = use
+            try:
+                layer = nn.MaxPool2d(k, s, p)
+                y = layer.forward(x)
+                dy = rng.integers(-4, 5, y.shape).astype(np.float32) if use else got[True][2]  # sums exact in any order
+                dy[0, 0, 0, 0] = np.nan
+                got[use] = (y, layer.backward(dy), dy)
+            finally:
+                P.NATIVE["use"] = True
+    assert np.isneginf(got[True][0]).any()
+    for a, b in zip(got[True][:2], got[False][:2]):
+        np.testing.assert_array_equal(a, b)

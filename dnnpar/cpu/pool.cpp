@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 #include "parallel.h"
 
@@ -38,29 +39,56 @@ void planes(const Geo& g, int threads, int64_t per_plane, F&& body) {
     dnnpar::parallel_for(team, p, body);
 }
 
-// The window of output (oh, ow): tap (i, j) reads x[ih0 + i, iw0 + j].
-inline float tap(const float* x, const Geo& g, int64_t ih, int64_t iw, float pad) {
-    return (ih < 0 || ih >= g.h || iw < 0 || iw >= g.w) ? pad : x[ih * g.w + iw];
+// Output columns ow whose tap column ow * sw - pw + j lies inside the image: [lo, hi).
+struct Span {
+    int64_t lo, hi;
+};
+inline Span inside(const Geo& g, int64_t j) {
+    const int64_t a = g.pw - j, b = g.w - 1 + g.pw - j;
+    const int64_t lo = a <= 0 ? 0 : (a + g.sw - 1) / g.sw;
+    const int64_t hi = b < 0 ? 0 : std::min(g.ow, b / g.sw + 1);
+    return Span{lo, std::max(lo, hi)};
 }
 
 inline float max_step(float m, float v) {  // np.maximum: NaN wins
     return (m != m) ? m : ((v != v || v > m) ? v : m);
 }
 
+// Every kernel below runs a whole output row at a time, tap by tap (row-major), over the output
+// columns whose tap is inside the image: a stride-1 row is one contiguous vector loop per tap.
+// Per output, the taps still meet in row-major order, so each result is what a window-at-a-time
+// loop gives (padding taps add 0 or compare with -inf: neither changes a sum that starts at
+// +0.0 or a maximum that starts at -inf).
+
 void max_forward_plane(const float* x, float* y, const Geo& g) {
     for (int64_t oh = 0; oh < g.oh; ++oh) {
+        float* yr = y + oh * g.ow;
+        std::fill(yr, yr + g.ow, kNegInf);
         const int64_t ih0 = oh * g.sh - g.ph;
-        for (int64_t ow = 0; ow < g.ow; ++ow) {
-            const int64_t iw0 = ow * g.sw - g.pw;
-            float m = tap(x, g, ih0, iw0, kNegInf);
-            for (int64_t i = 0; i < g.kh; ++i)
-                for (int64_t j = (i == 0); j < g.kw; ++j) m = max_step(m, tap(x, g, ih0 + i, iw0 + j, kNegInf));
-            y[oh * g.ow + ow] = m;
+        for (int64_t i = std::max<int64_t>(0, -ih0); i < std::min(g.kh, g.h - ih0); ++i) {
+            const float* xr = x + (ih0 + i) * g.w;
+            for (int64_t j = 0; j < g.kw; ++j) {
+                const Span s = inside(g, j);
+                const float* xs = xr - g.pw + j;
+                if (g.sw == 1) {
+#pragma omp simd
+                    for (int64_t ow = s.lo; ow < s.hi; ++ow) yr[ow] = max_step(yr[ow], xs[ow]);
+                } else {
+                    for (int64_t ow = s.lo; ow < s.hi; ++ow) yr[ow] = max_step(yr[ow], xs[ow * g.sw]);
+                }
+            }
         }
     }
 }
 
-void max_backward_plane(const float* x, const float* y, const float* dy, float* dx, const Geo& g) {
+// The window of output (oh, ow): tap (i, j) reads x[ih0 + i, iw0 + j].
+inline float tap(const float* x, const Geo& g, int64_t ih, int64_t iw, float pad) {
+    return (ih < 0 || ih >= g.h || iw < 0 || iw >= g.w) ? pad : x[ih * g.w + iw];
+}
+
+// Strided windows (sw > 1): one window at a time, its taps in row-major order (a strided row loop
+// does not vectorise, and LeNet's 2x2 / 2 pools ran 1.5x slower that way).
+void max_backward_windows(const float* x, const float* y, const float* dy, float* dx, const Geo& g) {
     std::fill(dx, dx + g.h * g.w, 0.f);
     for (int64_t oh = 0; oh < g.oh; ++oh) {
         const int64_t ih0 = oh * g.sh - g.ph;
@@ -81,42 +109,89 @@ void max_backward_plane(const float* x, const float* y, const float* dy, float* 
     }
 }
 
-inline float avg_scale(const Geo& g, bool include_pad, int64_t ih0, int64_t iw0) {
-    if (include_pad || (g.ph == 0 && g.pw == 0)) return float(1.0 / double(g.kh * g.kw));
-    const int64_t rows = std::min(ih0 + g.kh, g.h) - std::max<int64_t>(ih0, 0);
-    const int64_t cols = std::min(iw0 + g.kw, g.w) - std::max<int64_t>(iw0, 0);
-    return 1.f / float(rows * cols);  // >= 1 tap: the window overlaps the image
-}
-
-void avg_forward_plane(const float* x, float* y, const Geo& g, bool include_pad) {
+// Each window's gradient goes to its first tap equal to the maximum, padding taps included
+// (they read -inf, as in the NumPy code); every other in-image tap gets dy * 0. `taken` and the
+// row's maxima / gradients are per output column of the row. Stride-1 rows only (sw > 1:
+// max_backward_windows).
+void max_backward_plane(const float* x, const float* y, const float* dy, float* dx, const Geo& g,
+                        uint8_t* taken) {
+    std::fill(dx, dx + g.h * g.w, 0.f);
     for (int64_t oh = 0; oh < g.oh; ++oh) {
+        const float* m = y + oh * g.ow;
+        const float* d = dy + oh * g.ow;
+        std::fill(taken, taken + g.ow, uint8_t(0));
         const int64_t ih0 = oh * g.sh - g.ph;
-        const int64_t i_lo = std::max<int64_t>(0, -ih0), i_hi = std::min(g.kh, g.h - ih0);
-        for (int64_t ow = 0; ow < g.ow; ++ow) {
-            const int64_t iw0 = ow * g.sw - g.pw;
-            const int64_t j_lo = std::max<int64_t>(0, -iw0), j_hi = std::min(g.kw, g.w - iw0);
-            float s = 0.f;
-            for (int64_t i = i_lo; i < i_hi; ++i) {
-                const float* xr = x + (ih0 + i) * g.w + iw0;
-                for (int64_t j = j_lo; j < j_hi; ++j) s += xr[j];
+        for (int64_t i = 0; i < g.kh; ++i) {
+            const int64_t ih = ih0 + i;
+            const bool row_in = ih >= 0 && ih < g.h;
+            for (int64_t j = 0; j < g.kw; ++j) {
+                const Span s = row_in ? inside(g, j) : Span{0, 0};
+                // padding taps (-inf) before and after the in-image stretch
+                for (int64_t ow = 0; ow < s.lo; ++ow) taken[ow] |= m[ow] == kNegInf;
+                for (int64_t ow = s.hi; ow < g.ow; ++ow) taken[ow] |= m[ow] == kNegInf;
+                if (s.lo >= s.hi) continue;
+                const float* xs = x + ih * g.w - g.pw + j;
+                float* ds = dx + ih * g.w - g.pw + j;
+#pragma omp simd
+                for (int64_t ow = s.lo; ow < s.hi; ++ow) {
+                    const bool hit = !taken[ow] && xs[ow] == m[ow];
+                    taken[ow] |= hit;
+                    ds[ow] += d[ow] * (hit ? 1.f : 0.f);
+                }
             }
-            y[oh * g.ow + ow] = s * avg_scale(g, include_pad, ih0, iw0);
         }
     }
 }
 
-void avg_backward_plane(const float* dy, float* dx, const Geo& g, bool include_pad) {
+// 1 / divisor of output (oh, ow): 1 / (KH*KW) with count_include_pad or no padding, else 1 / the
+// window's taps inside the image (>= 1: every window overlaps the image), rounded to float32.
+inline float avg_scale(const Geo& g, bool include_pad, int64_t ih0, int64_t iw0) {
+    if (include_pad || (g.ph == 0 && g.pw == 0)) return float(1.0 / double(g.kh * g.kw));
+    const int64_t rows = std::min(ih0 + g.kh, g.h) - std::max<int64_t>(ih0, 0);
+    const int64_t cols = std::min(iw0 + g.kw, g.w) - std::max<int64_t>(iw0, 0);
+    return 1.f / float(rows * cols);
+}
+
+void avg_forward_plane(const float* x, float* y, const Geo& g, bool include_pad) {
+    for (int64_t oh = 0; oh < g.oh; ++oh) {
+        float* yr = y + oh * g.ow;
+        std::fill(yr, yr + g.ow, 0.f);
+        const int64_t ih0 = oh * g.sh - g.ph;
+        for (int64_t i = std::max<int64_t>(0, -ih0); i < std::min(g.kh, g.h - ih0); ++i) {
+            const float* xr = x + (ih0 + i) * g.w;
+            for (int64_t j = 0; j < g.kw; ++j) {
+                const Span s = inside(g, j);
+                const float* xs = xr - g.pw + j;
+                if (g.sw == 1) {
+#pragma omp simd
+                    for (int64_t ow = s.lo; ow < s.hi; ++ow) yr[ow] += xs[ow];
+                } else {
+                    for (int64_t ow = s.lo; ow < s.hi; ++ow) yr[ow] += xs[ow * g.sw];
+                }
+            }
+        }
+        for (int64_t ow = 0; ow < g.ow; ++ow) yr[ow] *= avg_scale(g, include_pad, ih0, ow * g.sw - g.pw);
+    }
+}
+
+// dx: every in-image tap of each window gets dy * the window's scale (`share`: one output row's).
+void avg_backward_plane(const float* dy, float* dx, const Geo& g, bool include_pad, float* share) {
     std::fill(dx, dx + g.h * g.w, 0.f);
     for (int64_t oh = 0; oh < g.oh; ++oh) {
         const int64_t ih0 = oh * g.sh - g.ph;
-        const int64_t i_lo = std::max<int64_t>(0, -ih0), i_hi = std::min(g.kh, g.h - ih0);
-        for (int64_t ow = 0; ow < g.ow; ++ow) {
-            const int64_t iw0 = ow * g.sw - g.pw;
-            const int64_t j_lo = std::max<int64_t>(0, -iw0), j_hi = std::min(g.kw, g.w - iw0);
-            const float share = dy[oh * g.ow + ow] * avg_scale(g, include_pad, ih0, iw0);
-            for (int64_t i = i_lo; i < i_hi; ++i) {
-                float* dr = dx + (ih0 + i) * g.w + iw0;
-                for (int64_t j = j_lo; j < j_hi; ++j) dr[j] += share;
+        for (int64_t ow = 0; ow < g.ow; ++ow)
+            share[ow] = dy[oh * g.ow + ow] * avg_scale(g, include_pad, ih0, ow * g.sw - g.pw);
+        for (int64_t i = std::max<int64_t>(0, -ih0); i < std::min(g.kh, g.h - ih0); ++i) {
+            float* dr = dx + (ih0 + i) * g.w;
+            for (int64_t j = 0; j < g.kw; ++j) {
+                const Span s = inside(g, j);
+                float* ds = dr - g.pw + j;
+                if (g.sw == 1) {
+#pragma omp simd
+                    for (int64_t ow = s.lo; ow < s.hi; ++ow) ds[ow] += share[ow];
+                } else {
+                    for (int64_t ow = s.lo; ow < s.hi; ++ow) ds[ow * g.sw] += share[ow];
+                }
             }
         }
     }
@@ -140,7 +215,13 @@ void dnnpar_maxpool_backward(const float* x, const float* y, const float* dy, fl
                              int threads) {
     const Geo g = read_geo(geo);
     planes(g, threads, g.oh * g.ow * g.kh * g.kw, [&](int64_t p) {
-        max_backward_plane(x + p * g.h * g.w, y + p * g.oh * g.ow, dy + p * g.oh * g.ow, dx + p * g.h * g.w, g);
+        if (g.sw != 1) {
+            max_backward_windows(x + p * g.h * g.w, y + p * g.oh * g.ow, dy + p * g.oh * g.ow, dx + p * g.h * g.w, g);
+            return;
+        }
+        std::vector<uint8_t> taken(size_t(g.ow));
+        max_backward_plane(x + p * g.h * g.w, y + p * g.oh * g.ow, dy + p * g.oh * g.ow, dx + p * g.h * g.w, g,
+                           taken.data());
     });
 }
 
@@ -154,7 +235,8 @@ void dnnpar_avgpool_forward(const float* x, float* y, const int64_t* geo, int in
 void dnnpar_avgpool_backward(const float* dy, float* dx, const int64_t* geo, int include_pad, int threads) {
     const Geo g = read_geo(geo);
     planes(g, threads, g.oh * g.ow * g.kh * g.kw, [&](int64_t p) {
-        avg_backward_plane(dy + p * g.oh * g.ow, dx + p * g.h * g.w, g, include_pad != 0);
+        std::vector<float> share(size_t(g.ow));
+        avg_backward_plane(dy + p * g.oh * g.ow, dx + p * g.h * g.w, g, include_pad != 0, share.data());
     });
 }
 
