@@ -60,25 +60,28 @@ inline float max_step(float m, float v) {  // np.maximum: NaN wins
 // loop gives (padding taps add 0 or compare with -inf: neither changes a sum that starts at
 // +0.0 or a maximum that starts at -inf).
 
-void max_forward_plane(const float* x, float* y, const Geo& g) {
-    for (int64_t oh = 0; oh < g.oh; ++oh) {
-        float* yr = y + oh * g.ow;
-        std::fill(yr, yr + g.ow, kNegInf);
-        const int64_t ih0 = oh * g.sh - g.ph;
-        for (int64_t i = std::max<int64_t>(0, -ih0); i < std::min(g.kh, g.h - ih0); ++i) {
-            const float* xr = x + (ih0 + i) * g.w;
-            for (int64_t j = 0; j < g.kw; ++j) {
-                const Span s = inside(g, j);
-                const float* xs = xr - g.pw + j;
-                if (g.sw == 1) {
+// One output row (ih0: its windows' first input row): yr[ow] = step(... step(init, tap 0) ..., last
+// tap) over each window's in-image taps, in row-major order.
+template <class Step>
+inline void reduce_row(const float* x, float* yr, const Geo& g, int64_t ih0, float init, Step step) {
+    std::fill(yr, yr + g.ow, init);
+    for (int64_t i = std::max<int64_t>(0, -ih0); i < std::min(g.kh, g.h - ih0); ++i) {
+        const float* xr = x + (ih0 + i) * g.w;
+        for (int64_t j = 0; j < g.kw; ++j) {
+            const Span s = inside(g, j);
+            const float* xs = xr - g.pw + j;
+            if (g.sw == 1) {
 #pragma omp simd
-                    for (int64_t ow = s.lo; ow < s.hi; ++ow) yr[ow] = max_step(yr[ow], xs[ow]);
-                } else {
-                    for (int64_t ow = s.lo; ow < s.hi; ++ow) yr[ow] = max_step(yr[ow], xs[ow * g.sw]);
-                }
+                for (int64_t ow = s.lo; ow < s.hi; ++ow) yr[ow] = step(yr[ow], xs[ow]);
+            } else {
+                for (int64_t ow = s.lo; ow < s.hi; ++ow) yr[ow] = step(yr[ow], xs[ow * g.sw]);
             }
         }
     }
+}
+
+void max_forward_plane(const float* x, float* y, const Geo& g) {
+    for (int64_t oh = 0; oh < g.oh; ++oh) reduce_row(x, y + oh * g.ow, g, oh * g.sh - g.ph, kNegInf, max_step);
 }
 
 // The window of output (oh, ow): tap (i, j) reads x[ih0 + i, iw0 + j].
@@ -155,21 +158,8 @@ inline float avg_scale(const Geo& g, bool include_pad, int64_t ih0, int64_t iw0)
 void avg_forward_plane(const float* x, float* y, const Geo& g, bool include_pad) {
     for (int64_t oh = 0; oh < g.oh; ++oh) {
         float* yr = y + oh * g.ow;
-        std::fill(yr, yr + g.ow, 0.f);
         const int64_t ih0 = oh * g.sh - g.ph;
-        for (int64_t i = std::max<int64_t>(0, -ih0); i < std::min(g.kh, g.h - ih0); ++i) {
-            const float* xr = x + (ih0 + i) * g.w;
-            for (int64_t j = 0; j < g.kw; ++j) {
-                const Span s = inside(g, j);
-                const float* xs = xr - g.pw + j;
-                if (g.sw == 1) {
-#pragma omp simd
-                    for (int64_t ow = s.lo; ow < s.hi; ++ow) yr[ow] += xs[ow];
-                } else {
-                    for (int64_t ow = s.lo; ow < s.hi; ++ow) yr[ow] += xs[ow * g.sw];
-                }
-            }
-        }
+        reduce_row(x, yr, g, ih0, 0.f, [](float a, float v) { return a + v; });
         for (int64_t ow = 0; ow < g.ow; ++ow) yr[ow] *= avg_scale(g, include_pad, ih0, ow * g.sw - g.pw);
     }
 }
