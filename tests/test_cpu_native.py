@@ -146,6 +146,22 @@ def test_spmv_every_row_length_and_codebook_width(native, ncodes, k, rng):
     assert_row_sums(Y[~reads_nan], dense[~reads_nan], np.where(np.isnan(X), 0.0, X), "spmm, rows that read no NaN")
 
 
+@pytest.mark.parametrize("ncodes", [3, 40])
+def test_an_unused_infinite_code_never_reaches_the_sum(native, ncodes, rng):
+    """Code 0 of the codebook is inf and no entry uses it: the vector loops' lanes past a row's
+    end (which read code 0) must add nothing, by the permute (3 codes) or the gather (40)."""
+    m, k = 37, 200
+    cb = np.linspace(1.0, 2.0, ncodes).astype(np.float32)
+    cb[0] = 0.0  # make() draws codes among the nonzero entries: never code 0
+    plain, dense = make(rng, m, k, 0.3, cb)
+    cb[0] = np.inf
+    csr = dp.sparse.CSR(plain.data, plain.indices, plain.indptr, (m, k), codebook=cb)
+    assert csr.compact().fillers == 0 and not (csr.compact().codes == 0).any()
+    x, X = randn(rng, k), randn(rng, (k, 5))
+    assert_row_sums(dp.ops.spmv(csr, x), dense, x, "spmv")
+    assert_row_sums(dp.ops.spmm(csr, X), dense, X, "spmm")
+
+
 def test_result_does_not_depend_on_threads(native, rng):
     """Each row is summed by one thread in a fixed order: 1, 2 or 3 threads give the same bits."""
     csr, _ = make(rng, 400, 3001, 0.05, CODEBOOKS["dc32"])

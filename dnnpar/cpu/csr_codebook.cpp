@@ -145,7 +145,7 @@ inline float row_dot16(const uint8_t* __restrict g, const uint8_t* __restrict c,
         const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), use, col, x, 4);
         const __m512 w = Small ? _mm512_permutex2var_ps(cblo, code, cbhi)
                                : _mm512_i32gather_ps(code, cb, 4);
-        acc = _mm512_fmadd_ps(w, xv, acc);
+        acc = _mm512_mask3_fmadd_ps(w, xv, acc, use);  // lanes past the row (w: codebook[0]) add nothing
     };
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {
