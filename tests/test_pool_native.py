@@ -14,6 +14,7 @@ from dnnpar.backend import cpu_native
 # padding up to window - 1, MobileNet's and LeNet's shapes; the last ones run on several threads
 CASES = [((1, 1, 1, 1), 1, 1, 0), ((1, 1, 2, 2), 2, 2, 1), ((2, 3, 7, 5), 3, 2, 1), ((1, 5, 13, 11), 2, 2, 0),
          ((3, 2, 9, 9), 3, 1, 2), ((2, 7, 8, 12), (2, 3), (3, 1), (1, 2)), ((1, 3, 11, 7), 5, 4, 0),
+         ((2, 3, 10, 11), 2, 3, 0), ((2, 2, 9, 8), (3, 2), (3, 2), 0),  # disjoint windows: gapped, tiling
          ((16, 6, 28, 28), 2, 2, 0), ((4, 17, 31, 29), 3, 2, 1)]
 IDS = [f"{'x'.join(map(str, s))}-k{k}s{st}p{p}" for s, k, st, p in CASES]
 

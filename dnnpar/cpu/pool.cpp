@@ -91,7 +91,37 @@ inline float tap(const float* x, const Geo& g, int64_t ih, int64_t iw, float pad
 
 // Strided windows (sw > 1): one window at a time, its taps in row-major order (a strided row loop
 // does not vectorise, and LeNet's 2x2 / 2 pools ran 1.5x slower that way).
+// Disjoint windows inside the image (no padding, window <= stride: LeNet's and VGG's 2x2 / 2):
+// each input is in at most one window, so its gradient is stored, not added, and no tap needs
+// a bounds check. KH, KW > 0: the window's size known at compile time (0: g's).
+template <int KH, int KW>
+void max_backward_disjoint(const float* x, const float* y, const float* dy, float* dx, const Geo& g) {
+    const int64_t kh = KH ? KH : g.kh, kw = KW ? KW : g.kw;
+    if (kh < g.sh || kw < g.sw || g.oh * g.sh < g.h || g.ow * g.sw < g.w) std::fill(dx, dx + g.h * g.w, 0.f);
+    for (int64_t oh = 0; oh < g.oh; ++oh) {
+        for (int64_t ow = 0; ow < g.ow; ++ow) {
+            const int64_t at = oh * g.sh * g.w + ow * g.sw;
+            const float m = y[oh * g.ow + ow], d = dy[oh * g.ow + ow];
+            bool taken = false;
+            for (int64_t i = 0; i < kh; ++i) {
+                for (int64_t j = 0; j < kw; ++j) {
+                    const bool hit = !taken && x[at + i * g.w + j] == m;
+                    taken = taken || hit;
+                    dx[at + i * g.w + j] = d * (hit ? 1.f : 0.f);
+                }
+            }
+        }
+    }
+}
+
 void max_backward_windows(const float* x, const float* y, const float* dy, float* dx, const Geo& g) {
+    if (g.ph == 0 && g.pw == 0 && g.kh <= g.sh && g.kw <= g.sw) {
+        if (g.kh == 2 && g.kw == 2)
+            max_backward_disjoint<2, 2>(x, y, dy, dx, g);
+        else
+            max_backward_disjoint<0, 0>(x, y, dy, dx, g);
+        return;
+    }
     std::fill(dx, dx + g.h * g.w, 0.f);
     for (int64_t oh = 0; oh < g.oh; ++oh) {
         const int64_t ih0 = oh * g.sh - g.ph;
