@@ -9,8 +9,9 @@ from oracles import assert_sum_close
 from test_ops import GEO_IDS, GEOMETRIES, DEPTHWISE, put, randn
 
 
-# The numpy backend's dx takes one GEMM per tap from 8 input channels on: the same geometries
-# with 8+ channels (prime counts among them) cover that path with strides, padding and dilation.
+# The numpy backend's dx may take one GEMM per tap from 8 input channels on (where dcols would be
+# large, or without the native col2im): the same geometries with 8+ channels (prime counts among
+# them) cover that path with strides, padding and dilation (test_conv2d_dx_by_taps forces it).
 WIDE = [(n, c + 8, h, w, kh, kw, s, p, d) for n, c, h, w, kh, kw, s, p, d in GEOMETRIES]
 
 
@@ -34,6 +35,26 @@ def conv_gradient_checker(x, wt, dy, s, p, d):
             mag = oracles.col2im(np.abs(w2).T @ np.abs(dy2), x.shape, kh, kw, s, p, d)
             assert_sum_close(dx, want, mag, o * kh * kw + kh * kw, "dx" + what)
     return check
+
+
+@pytest.mark.parametrize("geo", WIDE, ids=[f"wide-{i}" for i in GEO_IDS])
+def test_conv2d_dx_by_taps(monkeypatch, geo, rng):
+    """The numpy backend's dx by one GEMM per kernel tap (conv2d_dx_numpy), forced (dcols limit
+    0) on every wide geometry: the path large layers take, against the float64 oracle."""
+    from dnnpar.ops import conv as C
+    calls = []
+    taps = C.conv2d_dx_numpy
+    monkeypatch.setattr(C, "DX_DCOLS_MAX_BYTES", 0)
+    monkeypatch.setattr(C, "conv2d_dx_numpy", lambda *a: calls.append(1) or taps(*a))
+    monkeypatch.setitem(C.TILED, "use", False)  # the tiled dx kernels would take some layers
+    n, c, h, w, kh, kw, s, p, d = geo
+    x, wt = randn(rng, (n, c, h, w)), randn(rng, (5, c, kh, kw))
+    oh, ow = oracles.out_size(h, kh, s[0], p[0], d[0]), oracles.out_size(w, kw, s[1], p[1], d[1])
+    dy = randn(rng, (n, 5, oh, ow))
+    with dp.use_backend("numpy"):
+        dx, dw, db = dp.ops.conv2d_backward(x, wt, dy, stride=s, padding=p, dilation=d)
+    assert calls, "the per-tap path did not run"
+    conv_gradient_checker(x, wt, dy, s, p, d)(dw, db, dx, " (taps)")
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)

@@ -45,8 +45,11 @@ def native_library(*arrays):
 
 
 #: narrowest output rows the native im2col / col2im take: below them a row of one image is a few
-#: floats and NumPy's whole-tap strided copies win (``benchmarks/conv_fusion.py`` prints both paths)
-NATIVE_MIN_OW = {"im2col": 16, "col2im": 8}
+#: floats and NumPy's whole-tap strided copies win (``benchmarks/conv_fusion.py`` prints both paths).
+#: Measured on 2 AVX-512 cores (December 2026), numpy against native: im2col of LeNet-5's conv2
+#: (64x20x12^2, 5x5, 8 columns) 1.50 / 0.39 ms, 16x128x4^2 3x3 0.25 / 0.16, 16x512x2^2 0.21 / 0.32;
+#: col2im 16x128x4^2 0.61 / 0.14, 16x512x2^2 0.34 / 0.39.
+NATIVE_MIN_OW = {"im2col": 4, "col2im": 4}
 #: smallest output (elements) the native epilogues take: a call costs ~10 us of fixed overhead
 #: (ctypes, the thread team), more than NumPy's whole epilogue below this (measured on 2 cores:
 #: 512 x 4 outputs 11 against 7 us, 512 x 16 even, 128 x 256 12 against 22 us)
@@ -549,16 +552,14 @@ def _backward_single(x, w, dy, g: ConvGeometry, need_dx, cols, be, activation=No
 
 def _dx_gemm(w, dy2, g: ConvGeometry, be):
     """dx from dy in the GEMM layout (O, N*OH*OW): dcols = W^T dY and col2im; on the numpy
-    backend with C >= 8, one GEMM per kernel tap added into NHWC windows instead where the native
-    col2im does not take the layer (rows under NATIVE_MIN_OW, no library) or dcols would pass
-    DX_DCOLS_MAX_BYTES. Measured on 2 AVX-512 cores (December 2026, batch 16 unless said): with
-    the native col2im, dcols + col2im ran 1.65 against 2.74 ms (LeNet-5's conv2 at batch 64),
-    1.19 / 2.15 (16 -> 16 at 32^2), 0.54 / 1.21 (16 -> 32 at 32^2, stride 2), 4.62 / 6.10 (256 ->
-    256 at 8^2), 1.78 / 5.21 (512 -> 512 at 2^2, where NumPy's col2im keeps the small plane); on a
-    4x4 plane without it, 0.51 against 0.31 ms for the taps."""
+    backend with C >= 8, one GEMM per kernel tap added into NHWC windows instead where there is
+    no native col2im or dcols would pass DX_DCOLS_MAX_BYTES. Measured on 2 AVX-512 cores
+    (December 2026, batch 16 unless said), dcols + col2im against the taps: 1.65 / 2.74 ms
+    (LeNet-5's conv2 at batch 64), 1.19 / 2.15 (16 -> 16 at 32^2), 0.54 / 1.21 (16 -> 32 at 32^2,
+    stride 2), 4.62 / 6.10 (256 -> 256 at 8^2), 0.22 / 0.28 (64 -> 64 at 4^2), 1.78 / 5.21 (512 ->
+    512 at 2^2, NumPy's col2im there)."""
     if (not be.runs_kernels and g.c >= FAST_DX_MIN_CHANNELS
-            and (g.ow < NATIVE_MIN_OW["col2im"] or native_library(w, dy2) is None
-                 or _cols_bytes(g, dy2.dtype.itemsize) > DX_DCOLS_MAX_BYTES)):
+            and (native_library(w, dy2) is None or _cols_bytes(g, dy2.dtype.itemsize) > DX_DCOLS_MAX_BYTES)):
         return conv2d_dx_numpy(w, dy2.T, g)
     dcols = gemm(w.reshape(w.shape[0], -1), dy2, trans_a=True)
     return col2im(dcols, (g.n, g.c, g.h, g.w), g.kh, g.kw, g.stride, g.padding, g.dilation)
