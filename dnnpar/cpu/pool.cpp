@@ -69,12 +69,12 @@ inline void reduce_row(const float* x, float* yr, const Geo& g, int64_t ih0, flo
         const float* xr = x + (ih0 + i) * g.w;
         for (int64_t j = 0; j < g.kw; ++j) {
             const Span s = inside(g, j);
-            const float* xs = xr - g.pw + j;
+            const int64_t off = j - g.pw;  // tap column of output ow: ow * sw + off
             if (g.sw == 1) {
 #pragma omp simd
-                for (int64_t ow = s.lo; ow < s.hi; ++ow) yr[ow] = step(yr[ow], xs[ow]);
+                for (int64_t ow = s.lo; ow < s.hi; ++ow) yr[ow] = step(yr[ow], xr[ow + off]);
             } else {
-                for (int64_t ow = s.lo; ow < s.hi; ++ow) yr[ow] = step(yr[ow], xs[ow * g.sw]);
+                for (int64_t ow = s.lo; ow < s.hi; ++ow) yr[ow] = step(yr[ow], xr[ow * g.sw + off]);
             }
         }
     }
@@ -163,13 +163,14 @@ void max_backward_plane(const float* x, const float* y, const float* dy, float* 
                 for (int64_t ow = 0; ow < s.lo; ++ow) taken[ow] |= m[ow] == kNegInf;
                 for (int64_t ow = s.hi; ow < g.ow; ++ow) taken[ow] |= m[ow] == kNegInf;
                 if (s.lo >= s.hi) continue;
-                const float* xs = x + ih * g.w - g.pw + j;
-                float* ds = dx + ih * g.w - g.pw + j;
+                const float* xr = x + ih * g.w;
+                float* dr = dx + ih * g.w;
+                const int64_t off = j - g.pw;
 #pragma omp simd
                 for (int64_t ow = s.lo; ow < s.hi; ++ow) {
-                    const bool hit = !taken[ow] && xs[ow] == m[ow];
+                    const bool hit = !taken[ow] && xr[ow + off] == m[ow];
                     taken[ow] |= hit;
-                    ds[ow] += d[ow] * (hit ? 1.f : 0.f);
+                    dr[ow + off] += d[ow] * (hit ? 1.f : 0.f);
                 }
             }
         }
@@ -205,12 +206,12 @@ void avg_backward_plane(const float* dy, float* dx, const Geo& g, bool include_p
             float* dr = dx + (ih0 + i) * g.w;
             for (int64_t j = 0; j < g.kw; ++j) {
                 const Span s = inside(g, j);
-                float* ds = dr - g.pw + j;
+                const int64_t off = j - g.pw;
                 if (g.sw == 1) {
 #pragma omp simd
-                    for (int64_t ow = s.lo; ow < s.hi; ++ow) ds[ow] += share[ow];
+                    for (int64_t ow = s.lo; ow < s.hi; ++ow) dr[ow + off] += share[ow];
                 } else {
-                    for (int64_t ow = s.lo; ow < s.hi; ++ow) ds[ow * g.sw] += share[ow];
+                    for (int64_t ow = s.lo; ow < s.hi; ++ow) dr[ow * g.sw + off] += share[ow];
                 }
             }
         }
