@@ -378,8 +378,10 @@ DNNPAR_CPU_COMMON_EXPORTS(6)
 extern "C" {
 
 
-// y[M] = A x[K], on `threads` threads (0: the pool's default); rows in pairs; `filler`: the
-// code whose entries are skipped (-1: none; the caller may pass -1 when x is all finite)
+// y[M] = A x[K], on `threads` threads (0: the pool's default); `ncodes`: one past the largest
+// code of any entry (CompactCSR.code_span: up to 32, the AVX-512 loop holds the codebook in two
+// registers); `filler`: the code whose entries are skipped (-1: none; the caller may pass -1
+// when x is all finite)
 void dnnpar_csr_cb_spmv(int64_t m, const int64_t* rowptr, const uint8_t* gaps, const uint8_t* codes,
                         const float* codebook, int ncodes, int filler, const float* x, float* y, int threads) {
     if (filler >= 0)
@@ -388,8 +390,8 @@ void dnnpar_csr_cb_spmv(int64_t m, const int64_t* rowptr, const uint8_t* gaps, c
         spmv_rows<false>(m, rowptr, gaps, codes, codebook, ncodes, filler, x, y, threads);
 }
 
-// Y[M, B] = A X[K, B], both row-major, on `threads` threads (0: the pool's default); entries of
-// code `filler` are skipped (-1: none)
+// Y[M, B] = A X[K, B], both row-major, on `threads` threads (0: the pool's default); `ncodes`
+// as for the SpMV; entries of code `filler` are skipped (-1: none)
 void dnnpar_csr_cb_spmm(int64_t m, int64_t b, const int64_t* rowptr, const uint8_t* gaps,
                         const uint8_t* codes, const float* codebook, int ncodes, int filler, const float* X, float* Y,
                         int threads) {
