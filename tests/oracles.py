@@ -109,12 +109,16 @@ def longest_sum(model, batch: int) -> tuple[int, int]:
     return n, depth
 
 
-def assert_reordered_close(got, want, n: int, depth: int, what: str = "") -> None:
-    """``got`` equals ``want`` up to :func:`reorder_tolerance` (n, depth), normwise."""
+def assert_reordered_close(got, want, n: int, depth: int, what: str = "", scale: float | None = None) -> None:
+    """``got`` equals ``want`` up to :func:`reorder_tolerance` (n, depth), normwise: relative to
+    ``scale``, by default the largest |want|. Where a result may cancel (a sum of terms of both
+    signs, such as BatchNorm's (x - mean) s + beta on one element), pass the largest sum of the
+    terms' magnitudes instead: the roundings scale with the terms, not with what is left of them."""
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
     assert np.all(np.isfinite(got)), f"{what}: non-finite values"
-    scale = float(np.max(np.abs(want))) if want.size else 0.0
+    if scale is None:
+        scale = float(np.max(np.abs(want))) if want.size else 0.0
     err = float(np.max(np.abs(got - want))) if want.size else 0.0
     tol = reorder_tolerance(n, depth)
     assert err <= tol * scale, (f"{what}: max difference {err:.3e} = {err / max(scale, 1e-300):.2e} of the largest "
