@@ -714,3 +714,45 @@ def test_depthwise_property(n, c, h, w, kh, kw, sh, sw, ph, pw, bias, seed):
         dx, dw, _ = dp.ops.depthwise_conv2d_backward(x, wt, dy, stride=s, padding=p)
     check_forward(y, x, wt, b, s, p, "property forward")
     check_backward(dx, dw, x, wt, dy, s, p, "property")
+
+
+GENERIC_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from dnnpar.backend import cpu_native as cn
+    # a build for any x86-64 / ARM CPU: the scalar SpMV and SpMM decode instead of the AVX-512 loops
+    cn.CXXFLAGS = tuple(f for f in cn.CXXFLAGS if f != "-march=native")
+    sys.path.insert(0, sys.argv[1])
+    import dnnpar as dp
+    from test_cpu_native import CODEBOOKS, make
+    rng = np.random.default_rng(7)
+    worst, fillers, nan_cols = 0.0, 0, 0
+    with dp.use_backend("numpy"):
+        for cb in CODEBOOKS.values():
+            for density in (0.3, 0.005):  # long rows (vector-width tails), and gaps bridged by fillers
+                csr, dense = make(rng, 61, 2003, density, cb, long_row=False)
+                fillers += csr.compact().fillers
+                unread = ~(dense != 0).any(axis=0)  # columns no stored entry reads
+                for rhs in (rng.standard_normal(2003), rng.standard_normal((2003, 37))):
+                    rhs = rhs.astype(np.float32)
+                    rhs[unread] = np.nan  # a filler there must add nothing
+                    nan_cols += int(unread.sum())
+                    got = (dp.ops.spmv(csr, rhs) if rhs.ndim == 1 else dp.ops.spmm(csr, rhs)).reshape(61, -1)
+                    clean = np.where(np.isnan(rhs), 0.0, rhs.astype(np.float64)).reshape(2003, -1)
+                    assert np.isfinite(got).all(), "a filler let a NaN of the right-hand side through"
+                    err = np.abs(got - dense @ clean) / np.maximum(np.abs(dense) @ np.abs(clean), 1e-30)
+                    worst = max(worst, float(err.max()))
+    print(json.dumps({"worst": worst, "fillers": fillers, "nan_cols": nan_cols}))
+""")
+
+
+def test_the_generic_build_runs_the_scalar_loops(native, tmp_path):
+    """Built without -march=native (no AVX-512: the scalar SpMV and SpMM decode every CPU without
+    it runs), the products still match float64 within a float32 sum's bound, and NaN in columns
+    that only fillers read adds nothing. Controls: a filler kept in the SpMM decode, a tail entry
+    one column off in the SpMV, each fails it."""
+    from pathlib import Path
+    out = run_json_script(tmp_path, GENERIC_SCRIPT.replace("sys.argv[1]", repr(str(Path(__file__).parent))))
+    assert out["fillers"] > 0 and out["nan_cols"] > 0, out
+    # rows of at most 2003 entries, each term rounded once more by its product: (n + 1) u
+    assert out["worst"] <= (2003 + 1) * 2.0 ** -24, out

@@ -121,22 +121,27 @@ inline void row_pair_dot(const uint8_t* __restrict g0, const uint8_t* __restrict
 // at 4 KB pages) would start on afresh. Prefetching past the row is harmless (no fault).
 constexpr int kStreamAhead = 1024;
 
+// Of sixteen entries (lanes `live`; the rest read as gap 0): the inclusive prefix sum of
+// gap + 1, lane by lane -- add the previous entry's column to get each entry's column.
+inline __m512i gap_offsets16(const uint8_t* g, __mmask16 live) {
+    const __m512i zero = _mm512_setzero_si512();
+    __m512i s = _mm512_add_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(live, g)), _mm512_set1_epi32(1));
+    s = _mm512_add_epi32(s, _mm512_alignr_epi32(s, zero, 15));
+    s = _mm512_add_epi32(s, _mm512_alignr_epi32(s, zero, 14));
+    s = _mm512_add_epi32(s, _mm512_alignr_epi32(s, zero, 12));
+    return _mm512_add_epi32(s, _mm512_alignr_epi32(s, zero, 8));
+}
+
 template <bool Mask, bool Small>
 inline float row_dot16(const uint8_t* __restrict g, const uint8_t* __restrict c, int64_t n,
                        const float* __restrict cb, const float* __restrict x, int f) {
-    const __m512i zero = _mm512_setzero_si512();
-    const __m512i one = _mm512_set1_epi32(1);
     const __m512i last = _mm512_set1_epi32(15);
     const __m512i filler = _mm512_set1_epi32(f);
     const __m512 cblo = _mm512_loadu_ps(cb), cbhi = _mm512_loadu_ps(cb + 16);
     __m512i base = _mm512_set1_epi32(-1);  // the previous entry's column, in every lane
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
     auto step = [&](__mmask16 live_lanes, int64_t i, __m512& acc) {
-        __m512i s = _mm512_add_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(live_lanes, g + i)), one);
-        s = _mm512_add_epi32(s, _mm512_alignr_epi32(s, zero, 15));
-        s = _mm512_add_epi32(s, _mm512_alignr_epi32(s, zero, 14));
-        s = _mm512_add_epi32(s, _mm512_alignr_epi32(s, zero, 12));
-        s = _mm512_add_epi32(s, _mm512_alignr_epi32(s, zero, 8));
+        const __m512i s = gap_offsets16(g + i, live_lanes);
         const __m512i col = _mm512_add_epi32(base, s);
         base = _mm512_add_epi32(base, _mm512_permutexvar_epi32(last, s));
         const __m512i code = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(live_lanes, c + i));
@@ -266,8 +271,6 @@ inline int decode_scalar(Cursor& c, int64_t end, int64_t k0, int64_t k1, const u
 template <bool Small>
 inline int decode16(Cursor& c, int64_t end, int64_t k0, int64_t k1, const uint8_t* gaps, const uint8_t* codes,
                     const float* cb, int f, int32_t* cols, float* vals, bool& crossed) {
-    const __m512i zero = _mm512_setzero_si512();
-    const __m512i one = _mm512_set1_epi32(1);
     const __m512i filler = _mm512_set1_epi32(f);
     const __m512i lim = _mm512_set1_epi32(int32_t(k1 - k0));
     const __m512 cblo = _mm512_loadu_ps(cb), cbhi = _mm512_loadu_ps(cb + 16);
@@ -277,12 +280,7 @@ inline int decode16(Cursor& c, int64_t end, int64_t k0, int64_t k1, const uint8_
     while (c.pos < end && cnt <= kDecode - 16) {
         const int64_t rem = end - c.pos;
         const __mmask16 lv = rem >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rem) - 1);
-        __m512i s = _mm512_add_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lv, gaps + c.pos)), one);
-        s = _mm512_add_epi32(s, _mm512_alignr_epi32(s, zero, 15));
-        s = _mm512_add_epi32(s, _mm512_alignr_epi32(s, zero, 14));
-        s = _mm512_add_epi32(s, _mm512_alignr_epi32(s, zero, 12));
-        s = _mm512_add_epi32(s, _mm512_alignr_epi32(s, zero, 8));
-        const __m512i col = _mm512_add_epi32(base, s);
+        const __m512i col = _mm512_add_epi32(base, gap_offsets16(gaps + c.pos, lv));
         const __mmask16 in = lv & _mm512_cmplt_epi32_mask(col, lim);  // a prefix of lv: columns only grow
         const __m512i code = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(in, codes + c.pos));
         const __mmask16 keep = in & _mm512_cmpneq_epi32_mask(code, filler);
@@ -357,8 +355,8 @@ void spmv_rows(int64_t m, const int64_t* rowptr, const uint8_t* gaps, const uint
         rows16(std::true_type{});
     else
         rows16(std::false_type{});
-    return;
-#endif
+#else
+    (void)ncodes;
     const int64_t pairs = m / 2;
     dnnpar::parallel_for_dynamic(team, pairs, kRowChunk / 2, [&](int64_t pr) {
         const int64_t r = 2 * pr, lo = rowptr[r], mid = rowptr[r + 1], hi = rowptr[r + 2];
@@ -369,6 +367,7 @@ void spmv_rows(int64_t m, const int64_t* rowptr, const uint8_t* gaps, const uint
         const int64_t lo = rowptr[m - 1];
         y[m - 1] = row_dot<Mask>(gaps + lo, codes + lo, rowptr[m] - lo, codebook, x, filler);
     }
+#endif
 }
 
 }  // namespace
