@@ -7,6 +7,7 @@ AlexNet's model-parallel and hybrid splits, measured side by side in one run.
     python benchmarks/parallel.py --quick         # one epoch, fewer sizes (a couple of minutes)
     python benchmarks/parallel.py --model lenet5 --subset full --epochs 2
     python benchmarks/parallel.py --model lenet5 --strategies --no-split --overlap-ab 5   # overlap A/B only
+    python benchmarks/parallel.py --strategies --no-split --dgc-parity 4   # DGC 0.1% against dense, 4 seeds
 
 Every worker process runs with one BLAS thread (OPENBLAS_NUM_THREADS=1 and friends), so the
 scaling measures the parallel strategy and not BLAS threading; the 1-worker row is the same
@@ -57,6 +58,15 @@ def _run_worker(n: int, args: list[str], timeout: float = 1800) -> dict:
     return json.loads(lines[-1][len(RESULT):])
 
 
+def _correct(model, a) -> str:
+    """Which test images ``model`` classifies right, one '1' or '0' per image."""
+    from dnnpar.data import fashion_mnist
+    from dnnpar.steps import predict
+
+    d = fashion_mnist.load(a.data_dir, a.subset)
+    return "".join("01"[int(c)] for c in predict(model, d.x_test) == d.y_test)
+
+
 # ---------------------------------------------------------------------------- workers (under mpiexec)
 def worker(argv) -> int:
     ap = argparse.ArgumentParser()
@@ -75,6 +85,9 @@ def worker(argv) -> int:
     ap.add_argument("--bucket-mb", type=float, default=None)
     ap.add_argument("--grad-compression", default="none", help="data: none | fp16 | bf16 | dgc:DENSITY")
     ap.add_argument("--dgc-warmup", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--schedule", default="constant")
+    ap.add_argument("--predictions", action="store_true", help="data: also report which test images the model gets right")
     a = ap.parse_args(argv)
     import dnnpar as dp
     from dnnpar.parallel.comm import MPICommunicator
@@ -86,10 +99,10 @@ def worker(argv) -> int:
         from dnnpar.train import TrainConfig
 
         cfg = TrainConfig(model=a.model, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, subset=a.subset,
-                          data_dir=a.data_dir, schedule="constant")
+                          data_dir=a.data_dir, schedule=a.schedule, seed=a.seed)
         from dnnpar.parallel.data_parallel import DEFAULT_BUCKET_MB, make_grad_hook, parse_grad_compression
 
-        hook = make_grad_hook(*parse_grad_compression(a.grad_compression), warmup_epochs=a.dgc_warmup)
+        hook = make_grad_hook(*parse_grad_compression(a.grad_compression), warmup_epochs=a.dgc_warmup, seed=a.seed)
         t0 = time.perf_counter()
         result = run_data_parallel(cfg, comm, bucket_mb=a.bucket_mb or DEFAULT_BUCKET_MB,
                                    accumulate=a.accumulate, overlap=bool(a.overlap), progress=False,
@@ -104,7 +117,12 @@ def worker(argv) -> int:
                                        "buckets": rep["buckets"],
                                        "bytes_per_step": par.bytes_reduced / max(par.steps, 1),
                                        "sent_per_step": rep["grad_bytes_per_step"],
-                                       "dense_sent_per_step": rep["dense_grad_bytes_per_step"]}), flush=True)
+                                       "dense_sent_per_step": rep["dense_grad_bytes_per_step"],
+                                       "sent_after_warmup": rep.get("grad_bytes_per_step_after_warmup"),
+                                       "sent_by_epoch": rep.get("grad_bytes_per_step_by_epoch"),
+                                       "acc_by_epoch": [r.test_acc for r in result.history.records],
+                                       "correct": _correct(result.model, a) if a.predictions else None}),
+                  flush=True)
         return 0
     # split: AlexNet (two columns, dropout off), one forward + backward per step
     from dnnpar.nn import SoftmaxCrossEntropy
@@ -146,6 +164,15 @@ def worker(argv) -> int:
     return 0
 
 
+def _save(fig, path: Path) -> Path:
+    """A figure as ``path``, SVG text kept as text and no date (the file diffs only when it changes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    import matplotlib
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "dnnpar"}):
+        fig.savefig(path, metadata={"Date": None} if path.suffix == ".svg" else None)
+    return path
+
+
 # ---------------------------------------------------------------------------- the benchmark
 class ParallelBench:
     def __init__(self, args):
@@ -178,6 +205,59 @@ class ParallelBench:
             self.measure_split()
         if a.overlap_ab:
             self.measure_overlap()
+        if a.dgc_parity:
+            self.measure_dgc_parity()
+
+    def measure_dgc_parity(self):
+        """DGC at 0.1% against dense sync SGD on 2 ranks, seed by seed (the same seed, cosine
+        schedule and epochs for both), long enough for DGC to send each entry of the largest layer
+        a few times: accuracy gap with two standard errors of the paired per-image difference,
+        bytes per step after the warm-up and over the whole run."""
+        a = self.args
+        self.parity_rows, self.parity_curves = [], {}
+        for model in a.parity_models:
+            epochs, lr = PARITY[model]
+            epochs = a.parity_epochs or epochs
+            base = ["data", "--model", model, "--subset", a.subset, "--epochs", str(epochs), "--batch-size",
+                    str(a.batch_size), "--lr", str(lr), "--schedule", "cosine", "--predictions"] + (
+                       ["--data-dir", a.data_dir] if a.data_dir else [])
+            for seed in range(a.dgc_parity):
+                dense = _run_worker(2, base + ["--seed", str(seed)])
+                dgc = _run_worker(2, base + ["--seed", str(seed), "--grad-compression", "dgc:0.001",
+                                             "--dgc-warmup", str(a.parity_warmup)])
+                d = np.array([int(x) for x in dense["correct"]], np.float64) - [int(x) for x in dgc["correct"]]
+                self.parity_rows.append({
+                    "model": model, "epochs": epochs, "lr": lr, "seed": seed, "dense_acc": dense["test_acc"],
+                    "dgc_acc": dgc["test_acc"], "gap": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(d.size)),
+                    "test_images": int(d.size), "dense_sent": dense["sent_per_step"], "sent": dgc["sent_per_step"],
+                    "sent_after_warmup": dgc["sent_after_warmup"]})
+                self.parity_curves.setdefault(model, []).append(
+                    {"dense_acc": dense["acc_by_epoch"], "dgc_acc": dgc["acc_by_epoch"],
+                     "dgc_sent": dgc["sent_by_epoch"], "dense_sent": dense["sent_per_step"]})
+                r = self.parity_rows[-1]
+                print(f"  DGC 0.1% against dense, {model} seed {seed}: {100 * r['dgc_acc']:.1f}% / "
+                      f"{100 * r['dense_acc']:.1f}%", flush=True)
+        self.meta["DGC parity"] = (f"2 ranks, batch {a.batch_size} per rank, cosine schedule, warm-up over "
+                                   f"{a.parity_warmup} epoch(s) from 25%, seeds 0-{a.dgc_parity - 1}")
+
+    def parity_notes(self) -> list[str]:
+        rows = getattr(self, "parity_rows", None)
+        if not rows:
+            return []
+        cells = [[r["model"], str(r["epochs"]), str(r["seed"]), f"{100 * r['dense_acc']:.1f}%",
+                  f"{100 * r['dgc_acc']:.1f}%", f"{100 * r['gap']:+.2f} ± {200 * r['se']:.2f}",
+                  f"{r['sent_after_warmup']:,.0f}", f"{r['dense_sent'] / r['sent_after_warmup']:,.0f}x",
+                  f"{r['dense_sent'] / r['sent']:,.0f}x"] for r in rows]
+        for model in dict.fromkeys(r["model"] for r in rows):
+            gaps = [r["gap"] for r in rows if r["model"] == model]
+            spread = float(np.std(gaps, ddof=1) / np.sqrt(len(gaps))) if len(gaps) > 1 else float("nan")
+            cells.append([model, "", "mean", "", "", f"{100 * np.mean(gaps):+.2f} ± {200 * spread:.2f}", "", "", ""])
+        return ["", "DGC at 0.1% against dense sync SGD (2 ranks, the same seed for both):"] + C.text_table(
+            ("model", "epochs", "seed", "dense", "DGC 0.1%", "gap, points (± 2 SE)", "DGC bytes/step after warm-up",
+             "fewer than dense, after warm-up", "whole run"), cells, {1, 2, 3, 4, 5, 6, 7, 8}) + [
+            "gap: dense accuracy minus DGC's (positive: DGC behind); ± 2 SE: two standard errors of the paired "
+            "per-image difference on the test images (a seed's row), or of the seeds' gaps (the mean row).",
+            "whole run: the bytes over every step, the warm-up's denser epochs included."]
 
     def measure_overlap(self):
         """Sync data parallel on 2 ranks with buckets started from backward against all of them after
@@ -305,7 +385,7 @@ class ParallelBench:
                          f"(min {pr['min']:.3f}, max {pr['max']:.3f}).")
             notes.append("in flight: time some bucket's allreduce was running (seen at layer boundaries and in the "
                          "wait); exposed: waited for after backward; hidden = 1 - exposed / in flight.")
-        return notes
+        return notes + self.parity_notes()
 
     def text(self):
         return C.render_text(self.header(), self.COLUMNS, self.cells(), {1, 2, 3, 4, 5, 6}, self.footnotes())
@@ -342,22 +422,58 @@ class ParallelBench:
         ax_s.legend(fontsize=7)
         ax_b.legend(fontsize=7)
         fig.suptitle(f"dnnpar parallel training, {self.meta['workload']}; {C.cpu_cores()} cores", fontsize=9)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        import matplotlib
-        with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "dnnpar"}):  # text stays text
-            fig.savefig(path, metadata={"Date": None} if path.suffix == ".svg" else None)
-        return path
+        return _save(fig, path)
+
+    def plot_parity(self, path: Path):
+        """DGC against dense, per model: test accuracy per epoch (thin: each seed, thick: their
+        mean), and the bytes one rank sends per step, epoch by epoch (the warm-up's falling
+        density, log scale). Needs matplotlib; returns the path written, or None."""
+        try:
+            from matplotlib.figure import Figure
+            from matplotlib.ticker import MaxNLocator
+        except ImportError:
+            return None
+        curves = self.parity_curves
+        fig = Figure(figsize=(5 * (len(curves) + 1), 4.2), layout="constrained")
+        axes = fig.subplots(1, len(curves) + 1)
+        ax_b = axes[-1]
+        for k, (ax, (model, runs)) in enumerate(zip(axes, curves.items())):
+            for key, label, color in (("dense_acc", "dense sync", "C0"), ("dgc_acc", "DGC 0.1%", "C1")):
+                accs = np.array([r[key] for r in runs]) * 100
+                e = np.arange(1, accs.shape[1] + 1)
+                for acc in accs:
+                    ax.plot(e, acc, color=color, alpha=0.25, lw=0.8)
+                ax.plot(e, accs.mean(axis=0), color=color, lw=2, label=f"{label} (mean of {len(runs)} seeds)")
+            ax.set(title=f"{model}: test accuracy", xlabel="epoch", ylabel="%")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            sent = runs[0]["dgc_sent"]
+            ax_b.plot([e for e, _ in sent], [b for _, b in sent], "o-", ms=3, color=f"C{k + 2}", label=f"{model}, DGC 0.1%")
+            ax_b.axhline(runs[0]["dense_sent"], ls=":", color=f"C{k + 2}", label=f"{model}, dense")
+        for ax in axes:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax_b.set(title="bytes one rank sends per step", xlabel="epoch", ylabel="bytes", yscale="log")
+        ax_b.grid(alpha=0.3)
+        ax_b.legend(fontsize=7)
+        fig.suptitle(f"DGC at 0.1% against dense sync SGD: {self.meta['DGC parity']}", fontsize=9)
+        return _save(fig, path)
 
     def write(self, out_dir: Path):
-        plot = self.plot(Path(out_dir) / "parallel-scaling.svg")
-        if plot is not None:
-            print(f"wrote {plot}")
+        for plot in (self.plot(Path(out_dir) / "parallel-scaling.svg") if self.rows else None,
+                     self.plot_parity(Path(out_dir) / "dgc-parity.svg") if getattr(self, "parity_curves", None) else None):
+            if plot is not None:
+                print(f"wrote {plot}")
         md = C.render_markdown(self.header(), self.COLUMNS, self.cells(), {1, 2, 3, 4, 5, 6}, self.footnotes())
         return C.write_report(out_dir, "parallel", md, {"meta": self.meta, "rows": self.rows,
                                                         "split": getattr(self, "split_rows", None),
                                                         "overlap": getattr(self, "overlap_rows", None),
-                                                        "overlap_pairs": getattr(self, "overlap_pairs", None)})
+                                                        "overlap_pairs": getattr(self, "overlap_pairs", None),
+                                                        "dgc_parity": getattr(self, "parity_rows", None),
+                                                        "dgc_parity_curves": getattr(self, "parity_curves", None)})
 
+
+#: --dgc-parity: model -> (epochs, lr); LeNet-5 diverges at lr 0.05
+PARITY = {"lenet300": (40, 0.05), "lenet5": (20, 0.01)}
 
 #: --strategies name -> the row label
 STRATEGIES = {"sync": "sync (MPI allreduce)", "sync-no-overlap": "sync, allreduce after backward",
@@ -391,6 +507,14 @@ def main(argv=None) -> int:
                          "against after it, PAIRS interleaved runs each")
     ap.add_argument("--dgc-warmup", type=int, default=1, metavar="EPOCHS",
                     help="DGC rows: epochs over which the density falls from 25%% to DENSITY")
+    ap.add_argument("--dgc-parity", type=int, default=0, metavar="SEEDS",
+                    help="also train dense sync and DGC 0.1%% on 2 ranks for SEEDS seeds each (per model: "
+                         + ", ".join(f"{m} {e} epochs at lr {lr}" for m, (e, lr) in PARITY.items())
+                         + ") and compare their test accuracy; writes dgc-parity.svg")
+    ap.add_argument("--parity-models", nargs="+", default=list(PARITY), choices=PARITY)
+    ap.add_argument("--parity-epochs", type=int, default=None, help="--dgc-parity epochs (None: per model, above)")
+    ap.add_argument("--parity-warmup", type=int, default=4, metavar="EPOCHS",
+                    help="--dgc-parity: DGC's warm-up epochs (the paper's 4)")
     ap.add_argument("--ab-bucket-mb", type=float, default=0.25, help="bucket size for --overlap-ab")
     ap.add_argument("--quick", action="store_true", help="1 epoch, 1 and 2 workers, the small AlexNet")
     ap.add_argument("--out", default="bench-out")

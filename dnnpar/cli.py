@@ -276,9 +276,13 @@ def _train_data_parallel(args, cfg, model, data) -> int:
                                   hook=hook, report=args.report, checkpoint=checkpoint, resume=args.resume,
                                   plot=args.plot, progress=not args.quiet, model=model, data=data).details
     if par.is_root:
-        sent = (f"{hook.name.upper()} sent {par.bytes_sent / max(par.steps, 1):,.0f} bytes per step per rank (the dense allreduce: "
-                f"{par.report_dense_bytes():,.0f})" if hook is not None
-                else f"allreduce: {par.bytes_reduced / 2**20:,.1f} MiB")
+        if hook is None:
+            sent = f"allreduce: {par.bytes_reduced / 2**20:,.1f} MiB"
+        else:
+            steady = hook.report_extra().get("grad_bytes_per_step_after_warmup")
+            sent = (f"{hook.name.upper()} sent {par.bytes_sent / max(par.steps, 1):,.0f} bytes per step per rank"
+                    + (f" ({steady:,.0f} after the warm-up; " if steady is not None else " (")
+                    + f"the dense allreduce: {par.report_dense_bytes():,.0f})")
         print(f"checkpoint: {checkpoint}; {sent} in {par.steps} steps, "
               f"{par.comm_seconds:.2f} s in flight on rank 0, {100 * par.overlap_fraction():.0f}% of it hidden "
               "behind backward" + (f"; report: {args.report}" if args.report else ""))

@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 
 import dnnpar as dp
+from dnnpar.checkpoint import build_model_from
+from dnnpar.data import fashion_mnist
 from dnnpar.nn.models import build
+from dnnpar.steps import predict
 from dnnpar.nn.optim import SGD
 from oracles import assert_reordered_close, longest_sum, reorder_tolerance
 
@@ -170,22 +173,42 @@ def test_dgc_at_density_one_equals_dense_momentum_sgd(tmp_path, model, nranks, e
     assert int(got["bytes_sent"]) == int(got["steps"]) * (nranks - 1) * 8 * n_params
 
 
-def test_dgc_sends_a_hundred_times_fewer_bytes_and_still_learns(tmp_path):
-    """LeNet-300-100 on 2 ranks at density 0.1% from the first step (no warm-up): the report's
-    bytes per step are >= 100x below the dense allreduce's, and the model still learns (well above
-    chance; the accuracy figures against dense training are benchmarks/parallel.py's)."""
-    report = tmp_path / "r.json"
-    r = subprocess.run(mpiexec(2) + [sys.executable, "-m", "dnnpar.cli", "train", "--parallel", "data", "--model",
-                                     "lenet300", "--subset", "embedded", "--epochs", "2", "--batch-size", "32",
-                                     "--lr", "0.05", "--grad-compression", "dgc:0.001", "--dgc-warmup", "0",
-                                     "--report", str(report),
-                                     "--quiet", "--checkpoint", str(tmp_path / "c.npz")],
-                       env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rep = json.loads(report.read_text())
-    assert rep["hook"] == "dgc" and rep["final_accuracy"] > 0.5, rep
-    assert rep["grad_bytes_per_step"] * 100 <= rep["dense_grad_bytes_per_step"], rep
-    assert "DGC sent" in r.stdout
+# (model, epochs, lr): long enough for each entry of the largest layer to be sent a few times at
+# 0.1% (94 steps per epoch on the 6,000 embedded images at 2 x 32); LeNet-5 diverges at lr 0.05
+DGC_PARITY = [("lenet300", 40, 0.05), ("lenet5", 20, 0.01)]
+
+
+@pytest.mark.parametrize("model, epochs, lr", DGC_PARITY, ids=[m for m, _, _ in DGC_PARITY])
+def test_dgc_at_a_tenth_of_a_percent_ends_within_half_a_point_of_dense(tmp_path, model, epochs, lr):
+    """DGC at density 0.1% (four warm-up epochs from 25%, the paper's) against dense sync SGD on 2
+    ranks, same seed, schedule and epochs: after the warm-up it sends >= 100x fewer bytes per step,
+    and its test accuracy is not below dense's by more than 0.5 points beyond what the 1,000 test
+    images resolve -- two standard errors of the paired per-image difference (McNemar's), computed
+    from the two models' predictions (about 0.6-0.8 points here)."""
+    test = fashion_mnist.load(None, "embedded")
+    runs = {}
+    for hook in ("none", "dgc:0.001"):
+        report, ckpt = tmp_path / f"{hook[:3]}.json", tmp_path / f"{hook[:3]}.npz"
+        r = subprocess.run(mpiexec(2) + [sys.executable, "-m", "dnnpar.cli", "train", "--parallel", "data",
+                                         "--model", model, "--subset", "embedded", "--epochs", str(epochs),
+                                         "--batch-size", "32", "--lr", str(lr), "--grad-compression", hook,
+                                         "--dgc-warmup", "4", "--report", str(report), "--quiet",
+                                         "--checkpoint", str(ckpt)],
+                           env=_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[hook] = json.loads(report.read_text()), predict(build_model_from(ckpt), test.x_test), r.stdout
+    (dense, p_dense, _), (dgc, p_dgc, out) = runs["none"], runs["dgc:0.001"]
+    assert dgc["hook"] == "dgc" and dgc["steps_after_warmup"] == dgc["steps"] * (epochs - 4) // epochs, dgc
+    assert dgc["grad_bytes_per_step_after_warmup"] * 100 <= dgc["dense_grad_bytes_per_step"], dgc
+    assert dgc["grad_bytes_per_step_after_warmup"] < dgc["grad_bytes_per_step"] < dense["grad_bytes_per_step"]
+    assert "DGC sent" in out and "after the warm-up" in out
+    y = test.y_test
+    for rep, pred in ((dense, p_dense), (dgc, p_dgc)):   # the predictions are the reported models'
+        assert float((pred == y).mean()) == pytest.approx(rep["final_accuracy"], abs=1e-9)
+    d = (p_dense == y).astype(np.float64) - (p_dgc == y)
+    gap, se = d.mean(), d.std(ddof=1) / np.sqrt(d.size)
+    assert gap <= 0.005 + 2 * se, (f"DGC {100 * dgc['final_accuracy']:.1f}% against dense {100 * dense['final_accuracy']:.1f}%: "
+                                   f"{100 * gap:.2f} points behind, beyond 0.5 + 2 x {100 * se:.2f}")
 
 
 def test_cli_fp16_report(tmp_path):

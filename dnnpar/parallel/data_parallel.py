@@ -131,6 +131,10 @@ class GradHook:
     def bytes_sent(self, bucket, ranks: int) -> int:
         return allreduce_bytes(bucket.nbytes, ranks)
 
+    def report_extra(self) -> dict:
+        """The hook's own ``--report`` keys (none for the dense hook)."""
+        return {}
+
 
 class HalfPrecisionHook(GradHook):
     """``--grad-compression fp16 | bf16``: each bucket is sent as 16-bit values (PyTorch DDP's
@@ -253,7 +257,8 @@ class DataParallel(Local):
 
     def report_extra(self) -> dict:
         return {"ranks": self.size, "comm": self.comm.name, "hook": self.hook.name, "accumulate": self.accumulate,
-                "overlap": self.overlap, "buckets": len(self.buckets or []), "bucket_bytes": self.bucket_bytes}
+                "overlap": self.overlap, "buckets": len(self.buckets or []), "bucket_bytes": self.bucket_bytes,
+                **self.hook.report_extra()}
 
     # ------------------------------------------------------------------ setup
     def check_data(self, n_train: int, batch_size: int) -> None:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -97,6 +97,29 @@ class DGCStats:
     comm_seconds: float = 0.0
     select_seconds: float = 0.0
     last_density: float = 1.0
+    steady_steps: int = 0        # steps after the warm-up (at the configured density)
+    steady_bytes: int = 0        # what this rank sent in them
+    steady: bool = False         # whether the step last counted is one of them
+    by_epoch: dict = field(default_factory=dict)   # epoch -> [steps, bytes sent]
+    _current: list | None = field(default=None, repr=False)   # by_epoch's entry for the step last counted
+
+    def count_step(self, cfg: "DGCConfig", epoch: int, dense_bytes: int) -> None:
+        """One more step of ``epoch``: its density, and what dense allreduce would send."""
+        self.steps += 1
+        self.last_density = cfg.density_at(epoch)
+        self.dense_bytes += dense_bytes
+        self.steady = self.last_density == cfg.density
+        self.steady_steps += self.steady
+        self._current = self.by_epoch.setdefault(int(epoch), [0, 0])
+        self._current[0] += 1
+
+    def count_bytes(self, n: int) -> None:
+        """``n`` bytes this rank sent in the step last counted."""
+        self.bytes_sent += n
+        if self.steady:
+            self.steady_bytes += n
+        if self._current is not None:
+            self._current[1] += n
 
     @property
     def bytes_per_step(self) -> float:
@@ -109,6 +132,15 @@ class DGCStats:
     @property
     def ratio(self) -> float:
         return self.dense_bytes / max(self.bytes_sent, 1)
+
+    def bytes_per_step_by_epoch(self) -> dict[int, float]:
+        """Epoch -> mean bytes this rank sent per step in it (the warm-up's falling density)."""
+        return {e: b / max(n, 1) for e, (n, b) in sorted(self.by_epoch.items())}
+
+    @property
+    def steady_bytes_per_step(self) -> float | None:
+        """Bytes per step after the warm-up (what the configured density costs); None before."""
+        return self.steady_bytes / self.steady_steps if self.steady_steps else None
 
 
 class DGC:
@@ -238,16 +270,14 @@ class DGC:
         if self.world > 1 and comm is None:
             raise ValueError(f"DGC: a world of {self.world} ranks needs a communicator")
         st = self.stats
-        st.steps += 1
-        st.last_density = self.cfg.density_at(epoch)
-        st.dense_bytes += 4 * self.layout.size
+        st.count_step(self.cfg, epoch, 4 * self.layout.size)
         out = np.array(grad, dtype=np.float32, copy=True)
         t = time.perf_counter()
         if self.sends_dense(epoch):
             if self.world > 1:
                 comm.allreduce_sum([out])
             st.comm_seconds += time.perf_counter() - t
-            st.bytes_sent += 4 * self.layout.size
+            st.count_bytes(4 * self.layout.size)
             return out
         idx, val = self.encode(self.layout.slots, grad, params, share, epoch)
         st.select_seconds += time.perf_counter() - t
@@ -268,7 +298,7 @@ class DGC:
         else:
             all_idx, all_val = idx[None], val[None]
         st.comm_seconds += time.perf_counter() - t
-        st.bytes_sent += PAIR_BYTES * idx.size + 4 * sum(s.size for s in self.dense)
+        st.count_bytes(PAIR_BYTES * idx.size + 4 * sum(s.size for s in self.dense))
         summed = self.scatter_sum(all_idx, all_val, 0, self.layout.size)
         for s in self.sparse:
             out[s.offset:s.stop] = summed[s.offset:s.stop]
@@ -320,10 +350,7 @@ class DGCHook(GradHook):
         self.epoch = 1 if epoch is None else int(epoch)
         self.dense_now = self.dgc.sends_dense(self.epoch)
         self.opt.plain = self.dgc.sparse_names(self.epoch)
-        st = self.dgc.stats
-        st.steps += 1
-        st.last_density = self.cfg.density_at(self.epoch)
-        st.dense_bytes += 4 * self.dgc.layout.size
+        self.dgc.stats.count_step(self.cfg, self.epoch, 4 * self.dgc.layout.size)
 
     def start(self, comm, bucket):
         if self.dense_now:
@@ -372,5 +399,15 @@ class DGCHook(GradHook):
         dense path: the allreduce's 2 (N - 1) / N."""
         n = self._sent.get(id(bucket))
         b = super().bytes_sent(bucket, ranks) if n is None else (ranks - 1) * n
-        self.dgc.stats.bytes_sent += b
+        self.dgc.stats.count_bytes(b)
         return b
+
+    def report_extra(self) -> dict:
+        """``dgc_density``, ``dgc_warmup_epochs``, and ``grad_bytes_per_step_after_warmup``: bytes
+        per step at the configured density (None when the run ended inside the warm-up), over
+        ``steps_after_warmup`` steps -- the whole run's ``grad_bytes_per_step`` includes the
+        denser warm-up epochs; ``grad_bytes_per_step_by_epoch``, the same per epoch run."""
+        st = self.dgc.stats
+        return {"dgc_density": self.cfg.density, "dgc_warmup_epochs": self.cfg.warmup_epochs,
+                "grad_bytes_per_step_after_warmup": st.steady_bytes_per_step, "steps_after_warmup": st.steady_steps,
+                "grad_bytes_per_step_by_epoch": [[e, b] for e, b in st.bytes_per_step_by_epoch().items()]}
