@@ -380,12 +380,18 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
         np.testing.assert_array_equal(resumed[k], straight[k], err_msg=k)
 
 
-@pytest.mark.parametrize("how,overlap", [("kill", True), ("hang", False), ("hang-in-backward", True)])
-def test_a_dead_or_silent_rank_ends_the_job_with_an_error(tmp_path, how, overlap):
+HOOKS = {"dense": {}, "dgc": {"dgc": {"density": 0.01, "warmup_epochs": 0}}, "fp16": {"half": "fp16"}}
+
+
+@pytest.mark.parametrize("how,overlap,hook", [("kill", True, "dense"), ("hang", False, "dense"),
+                                              ("hang-in-backward", True, "dense"), ("kill", True, "dgc"),
+                                              ("hang-in-backward", True, "dgc"), ("hang-in-backward", True, "fp16")])
+def test_a_dead_or_silent_rank_ends_the_job_with_an_error(tmp_path, how, overlap, hook):
     """Killed, silent before its step, or silent in backward with its first bucket in flight
-    (overlap): the job ends with an error within the communicator's timeout."""
+    (overlap): the job ends with an error within the communicator's timeout -- with the dense
+    allreduce, DGC's all-gathers and the 16-bit allreduce alike."""
     out = tmp_path / "params.npz"
-    opts = {"fail": {"rank": 1, "step": 3, "how": how}, "overlap": overlap}
+    opts = {"fail": {"rank": 1, "step": 3, "how": how}, "overlap": overlap, **HOOKS[hook]}
     r, seconds = _run(tmp_path, 2, ["lenet300", 8, 40, 0, out, json.dumps(opts)], timeout=120,
                       extra_env={"TEST_TIMEOUT": "8"})
     assert r.returncode != 0
