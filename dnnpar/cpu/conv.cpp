@@ -379,13 +379,13 @@ inline float lane_sum(vf v) {  // a fixed pairwise tree over the lanes
     return l[0];
 }
 
-// The calling thread's scratch buffers (packed x, dy on the grid), kept between calls and only
+// The calling thread's scratch buffers (packed x, dy on the grid, packed weights), kept between calls and only
 // grown: a fresh allocation of a few MB is mapped anew by the kernel each call, and its page
 // faults cost more than the packing itself (370 us for a 16-channel 32x32 batch of 16).
 // 64-byte aligned: dy's grid rows (whole vectors long) are then whole cache lines, and its loads
 // never split across two.
 float* scratch(int slot, int64_t floats) {
-    thread_local std::vector<float> buffers[3];
+    thread_local std::vector<float> buffers[4];
     std::vector<float>& b = buffers[slot];
     const int64_t want = floats + 16;
     if (int64_t(b.size()) < want) {
@@ -425,12 +425,20 @@ extern "C" int dnnpar_conv_tiled_forward(const float* x, const float* w, const f
     const int64_t kk = g.kh * g.kw, nob = (o_n + FMR - 1) / FMR;
     float* const xq = scratch(0, q.floats(g));
     pack_phases(x, xq, g, q, threads);
-    // weights as [block][c][tap][FMR], zero past O
-    std::vector<float> wp(size_t(nob * g.c * kk * FMR), 0.0f);
-    for (int64_t o = 0; o < o_n; ++o)
-        for (int64_t c = 0; c < g.c; ++c)
-            for (int64_t t = 0; t < kk; ++t)
-                wp[size_t(((o / FMR * g.c + c) * kk + t) * FMR + o % FMR)] = w[(o * g.c + c) * kk + t];
+    // weights as [block][c][tap][FMR], zero past O, written in order into a buffer kept between
+    // calls (a fresh one each call cost more than the convolution of a small plane: page faults
+    // and scattered stores, ~1.2 ns per weight)
+    float* const wp = scratch(3, nob * g.c * kk * FMR);
+    {
+        float* d = wp;
+        for (int64_t ob = 0; ob < nob; ++ob)
+            for (int64_t c = 0; c < g.c; ++c)
+                for (int64_t t = 0; t < kk; ++t)
+                    for (int r = 0; r < FMR; ++r, ++d) {
+                        const int64_t o = ob * FMR + r;
+                        *d = o < o_n ? w[(o * g.c + c) * kk + t] : 0.0f;
+                    }
+    }
     const std::vector<int64_t> off = tap_offsets(g, q);
     const int team = dnnpar::team_size(threads, g.n * o_n * g.oh * g.ow * g.c * kk);
     // items: chunks of whole grid rows by channel blocks, enough for every thread to have several.
@@ -456,7 +464,7 @@ extern "C" int dnnpar_conv_tiled_forward(const float* x, const float* w, const f
             const int64_t r0 = ch % per_run * rows, r1 = std::min(span, r0 + rows);
             const int64_t m0 = run * q.plane + r0 * q.wq, mlen = (r1 - r0) * q.wq;
             const float* xm = xq + m0;
-            const float* wb = wp.data() + ob * g.c * kk * FMR;
+            const float* wb = wp + ob * g.c * kk * FMR;
             for (int64_t m = 0; m < mlen; m += TILE)
                 forward_tile<FMR, FNV>(xm + m, q.cstride, off.data(), kk, wb, g.c, local + m, ld);
             for (int64_t gr = r0; gr < r1; ++gr) {
