@@ -460,3 +460,86 @@ def test_native_im2col_tap_reading_only_padding(rng):
         dx = dp.ops.col2im(np.ones_like(cols), x.shape, 3, 1, 1, (big, 0), (big, 1))
     np.testing.assert_array_equal(cols, oracles.im2col(x, 3, 1, (1, 1), (big, 0), (big, 1)).astype(np.float32))
     np.testing.assert_array_equal(dx, np.ones_like(x))  # only the middle tap reads x, once per pixel
+
+
+# (x shape, O, kernel, stride, padding, algo, switches) -> the path the forward plan takes
+PLAN_CASES = [
+    ("tiled", (1, 16, 13, 17), 16, 3, 1, 1, "im2col", {}),
+    ("im2col", (3, 16, 31, 29), 32, 1, 2, 0, "im2col", {}),                       # 1x1 stride 2: glue + epilogue
+    ("im2col", (1, 5, 7, 3), 3, 3, 1, 1, "im2col", {"TILED": False}),            # too small for the epilogue
+    ("im2col", (2, 3, 9, 11), 4, 3, 1, 1, "im2col", {"TILED": False, "min_ow": 1000}),  # NumPy's im2col
+    ("fast", (2, 3, 11, 13), 5, 3, 1, 1, "im2col", {"TILED": False, "fast": True}),
+    ("direct", (2, 3, 7, 5), 4, 3, 2, 1, "direct", {}),
+]
+
+
+@pytest.mark.parametrize("path, xs, o, k, s, p, algo, switches", PLAN_CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(PLAN_CASES)])
+@pytest.mark.parametrize("act", [None, "relu"])
+def test_forward_plans_give_the_unplanned_bits(monkeypatch, rng, path, xs, o, k, s, p, algo, switches, act):
+    """A layer's second call with the same shapes runs the plan its first call made (no checks, no
+    choice): the same path and the same bits as checking and choosing again, for every path of
+    the numpy backend; weights changed in place are read anew."""
+    if cpu_native.library("conv") is None:
+        pytest.skip(f"native conv kernel unavailable: {cpu_native.unavailable_reason('conv')}")
+    if "TILED" in switches:
+        monkeypatch.setitem(C.TILED, "use", switches["TILED"])
+    if "min_ow" in switches:
+        monkeypatch.setitem(C.NATIVE_MIN_OW, "im2col", switches["min_ow"])
+    if switches.get("fast"):
+        monkeypatch.setattr(C, "FAST_FORWARD_BYTES", 0)
+    monkeypatch.setattr(C, "_PLANS", {})
+    x = rng.standard_normal(xs).astype(np.float32)
+    w = rng.standard_normal((o, xs[1], k, k)).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32)
+    with dp.use_backend("numpy"), poison_outputs():
+        first = dp.ops.conv2d(x, w, b, s, p, algo=algo, activation=act)
+        (plan,) = C._PLANS.values()
+        assert plan.path == path
+        planned = dp.ops.conv2d(x, w, b, s, p, algo=algo, activation=act)
+        assert len(C._PLANS) == 1
+        monkeypatch.setitem(C.PLAN, "use", False)
+        unplanned = dp.ops.conv2d(x, w, b, s, p, algo=algo, activation=act)
+        monkeypatch.setitem(C.PLAN, "use", True)
+        np.testing.assert_array_equal(planned, unplanned)
+        np.testing.assert_array_equal(first, unplanned)
+        w *= 2
+        b *= 2   # exact: every product and sum doubles
+        np.testing.assert_array_equal(dp.ops.conv2d(x, w, b, s, p, algo=algo, activation=act), 2 * unplanned)
+
+
+def test_a_plan_never_skips_a_check_its_key_does_not_cover(monkeypatch, rng):
+    """After a plan exists for a shape: the same shape non-contiguous, in float64, or with a
+    bias of another length still fails its check; a switch that changes the path makes a new
+    plan; the cache stays within its capacity."""
+    if cpu_native.library("conv") is None:
+        pytest.skip(f"native conv kernel unavailable: {cpu_native.unavailable_reason('conv')}")
+    monkeypatch.setattr(C, "_PLANS", {})
+    x = rng.standard_normal((2, 16, 12, 12)).astype(np.float32)
+    w = rng.standard_normal((8, 16, 3, 3)).astype(np.float32)
+    with dp.use_backend("numpy"):
+        dp.ops.conv2d(x, w, None, 1, 1)
+        assert [p.path for p in C._PLANS.values()] == ["tiled"]
+        wide = np.zeros((2, 16, 12, 24), np.float32)
+        wide[..., ::2] = x
+        dp.ops.conv2d(x, w, None, 1, 1, algo="direct")  # NumPy's loop would take a strided x
+        with pytest.raises(ValueError, match="C-contiguous"):
+            dp.ops.conv2d(wide[..., ::2], w, None, 1, 1, algo="direct")
+        with pytest.raises(ValueError, match="C-contiguous"):
+            dp.ops.conv2d(wide[..., ::2], w, None, 1, 1)
+        with pytest.raises(TypeError, match="float32"):
+            dp.ops.conv2d(x.astype(np.float64), w, None, 1, 1)
+        with pytest.raises(ValueError, match="bias"):
+            dp.ops.conv2d(x, w, np.zeros(7, np.float32), 1, 1)
+        for stride in (True, 1.0):  # equal to 1 as dict keys, refused by the check
+            with pytest.raises(TypeError, match="stride"):
+                dp.ops.conv2d(x, w, None, stride, 1)
+        monkeypatch.setitem(C.TILED, "use", False)
+        blas = dp.ops.conv2d(x, w, None, 1, 1)
+        assert sorted(p.path for p in C._PLANS.values()) == ["direct", "im2col", "tiled"]
+        monkeypatch.setitem(C.PLAN, "use", False)
+        np.testing.assert_array_equal(dp.ops.conv2d(x, w, None, 1, 1), blas)
+        monkeypatch.setitem(C.PLAN, "use", True)
+        monkeypatch.setattr(C, "PLAN_CAPACITY", 3)
+        dp.ops.conv2d(x[:1], w, None, 1, 1)
+        assert len(C._PLANS) <= 3

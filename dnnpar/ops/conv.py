@@ -18,13 +18,14 @@ code is the fallback without a compiler, the float64 path, and what ``NATIVE["us
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from ..backend import cpu_native, get_backend
+from ..backend import compute_dtype, cpu_native, get_backend
 from ..backend.sources import read_source
-from ..nvtx import ranged
+from ..nvtx import annotate_range, ranged
 from ._common import (ConvGeometry, as_int, check_array, check_count, check_same_dtype, grid_stride_blocks, i32,
                       plane_grid)
 from .activation import activate_, activation_grad, check_activation
@@ -369,8 +370,43 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, algo: str = "im2col
     return out if return_cols else out[0]
 
 
+#: the numpy backend's one-group forward plans: the checked geometry and the path that
+#: :func:`_plan_single` chose, by everything checking and choosing read (the operands' types,
+#: shapes, strides and dtypes, the hyper-parameters, the compute dtype, the switches). A layer
+#: that runs the same shapes again (inference, every training step) skips both: ~40 us per call,
+#: as much as a batch-1 layer's arithmetic. Never the arrays' contents, which no check reads.
+_PLANS: dict = {}
+PLAN_CAPACITY = 1024
+#: ``PLAN["use"] = False``: check and choose on every call (tests compare both)
+PLAN = {"use": True}
+
+
+def _plan_key(be, x, w, bias, stride, padding, dilation, algo, groups, activation):
+    """The key of a forward plan, or None where there is none (a kernel backend, an operand that
+    is not a NumPy array, a size that is not a plain int or tuple of them -- True == 1 and
+    1.0 == 1 as keys, but the checks refuse them --, an activation that is not None or a str)."""
+    if (not PLAN["use"] or be.runs_kernels or groups != 1 or type(x) is not np.ndarray or type(w) is not np.ndarray
+            or not (bias is None or type(bias) is np.ndarray) or type(algo) is not str
+            or not (activation is None or type(activation) is str)
+            or not all(_plain_size(v) for v in (stride, padding, dilation))):
+        return None
+    return (be, compute_dtype(be), x.shape, x.strides, x.dtype, w.shape, w.strides, w.dtype,
+            None if bias is None else (bias.shape, bias.strides, bias.dtype), stride, padding, dilation, algo,
+            activation, NATIVE["use"], tuple(TILED.values()), NATIVE_MIN_EPILOGUE["size"], NATIVE_MIN_OW["im2col"],
+            FAST_FORWARD_BYTES, FAST_ROWS)
+
+
+def _plain_size(v) -> bool:
+    return type(v) is int or (type(v) is tuple and all(type(e) is int for e in v))
+
+
 def _conv2d(x, w, bias, stride, padding, dilation, algo, groups=1, activation=None):
     be = get_backend()
+    key = _plan_key(be, x, w, bias, stride, padding, dilation, algo, groups, activation)
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is not None:
+        y, cols, applied = _run_single(plan, x, w, bias, be, activation)
+        return (y if applied else activate_(be.xp, y, activation)), None if algo == "implicit_gemm" else cols
     if algo not in ALGOS:
         raise ValueError(f"conv2d: unknown algo {algo!r}: one of {', '.join(ALGOS)}")
     # the `act` argument of conv2d_igemm: the same codes as the native CPU kernels'
@@ -389,6 +425,12 @@ def _conv2d(x, w, bias, stride, padding, dilation, algo, groups=1, activation=No
         be.launch("conv_implicit.cu", "conv2d_igemm", grid, (igemm_tile()[3],),
                   (x, w, b, i32(bias is not None), i32(act), out, *_igemm_args(g, o, groups)))
         return out, None
+    if groups == 1 and key is not None:
+        if len(_PLANS) >= PLAN_CAPACITY:
+            _PLANS.clear()
+        plan = _PLANS[key] = _plan_single(g, x, w, bias, algo, be)
+        y, cols, applied = _run_single(plan, x, w, bias, be, activation)
+        return (y if applied else activate_(be.xp, y, activation)), None if algo == "implicit_gemm" else cols
     if groups == 1:
         y, cols, applied = _conv2d_single(x, w, bias, g, algo, be, activation)
         return (y if applied else activate_(be.xp, y, activation)), None if algo == "implicit_gemm" else cols
@@ -407,14 +449,64 @@ def _igemm_args(g: ConvGeometry, o: int, groups: int):
                                   *g.dilation, groups))
 
 
-def _conv2d_single(x, w, bias, g: ConvGeometry, algo, be, activation=None):
-    """One group: (y, cols or None, whether ``activation`` was applied: the native epilogue's)."""
+class _Plan(NamedTuple):
+    """How the numpy backend computes one group's forward: ``path`` "direct" (the NumPy loop),
+    "tiled" (the native direct kernel), "fast" (blocked NumPy) or "im2col" (im2col, native or
+    NumPy by ``native_im2col``, then one GEMM and the native epilogue if ``epilogue``)."""
+    path: str
+    g: ConvGeometry
+    o: int
+    native_im2col: bool = False
+    epilogue: bool = False
+
+
+def _plan_single(g: ConvGeometry, x, w, bias, algo, be) -> _Plan:
+    """The numpy backend's path for one group (the choice :func:`_conv2d_single` makes there)."""
     o = w.shape[0]
     if algo == "im2col":
-        g.check_cols("conv2d")  # on every backend, though the numpy fast path never builds it
+        g.check_cols("conv2d")  # though the fast path never builds it
     if algo == "direct":
-        if not be.runs_kernels:
-            return conv2d_direct_numpy(x, w, bias, g), None, False
+        return _Plan("direct", g, o)
+    if tiled_library(g, x, w, bias) is not None:
+        return _Plan("tiled", g, o)
+    if _fast_path_ok(g, x.itemsize):
+        return _Plan("fast", g, o)
+    native_im2col = g.ow >= NATIVE_MIN_OW["im2col"] and native_library(x) is not None
+    epilogue = (o * g.n * g.oh * g.ow >= NATIVE_MIN_EPILOGUE["size"] and x.dtype == np.float32
+                and native_library(x, bias) is not None)
+    return _Plan("im2col", g, o, native_im2col, epilogue)
+
+
+def _run_single(plan: _Plan, x, w, bias, be, activation=None):
+    """Run a :class:`_Plan` on its operands: (y, cols or None, whether ``activation`` was applied)."""
+    g, o = plan.g, plan.o
+    if plan.path == "direct":
+        return conv2d_direct_numpy(x, w, bias, g), None, False
+    if plan.path == "tiled":
+        return cpu_native.conv_tiled_forward(x, w, bias, be.empty((g.n, o, g.oh, g.ow)), _native_geo(g),
+                                             activation), None, True
+    if plan.path == "fast":
+        return conv2d_fast_numpy(x, w, bias, g), None, False
+    with annotate_range("dnnpar.im2col"):  # the ranges the public ops open (Nsight's view)
+        cols = (cpu_native.conv_im2col(x, be.empty(g.cols_shape, x.dtype), _native_geo(g)) if plan.native_im2col
+                else im2col_numpy(x, g))
+    with annotate_range("dnnpar.gemm"):
+        y = gemm_numpy(w.reshape(o, -1), cols)  # (O, N*OH*OW)
+    if plan.epilogue:  # bias + activation + NCHW in one pass
+        return cpu_native.conv_epilogue(y, bias, be.empty((g.n, o, g.oh, g.ow)), activation), cols, True
+    if bias is not None:
+        y += bias[:, None]
+    return be.xp.ascontiguousarray(y.reshape(o, g.n, g.oh, g.ow).transpose(1, 0, 2, 3)), cols, False
+
+
+def _conv2d_single(x, w, bias, g: ConvGeometry, algo, be, activation=None):
+    """One group: (y, cols or None, whether ``activation`` was applied: the native epilogue's)."""
+    if not be.runs_kernels:
+        return _run_single(_plan_single(g, x, w, bias, algo, be), x, w, bias, be, activation)
+    o = w.shape[0]
+    if algo == "im2col":
+        g.check_cols("conv2d")
+    if algo == "direct":
         out = be.empty((g.n, o, g.oh, g.ow))
         b = bias if bias is not None else be.xp.zeros(1, np.float32)  # not read: has_bias = 0
         be.launch("conv_direct.cu", "conv2d_direct", (grid_stride_blocks(g.n * o * g.oh * g.ow),), (256,),
@@ -422,16 +514,8 @@ def _conv2d_single(x, w, bias, g: ConvGeometry, algo, be, activation=None):
                    *(i32(v) for v in (g.n, g.c, g.h, g.w, o, g.kh, g.kw, g.oh, g.ow, *g.stride, *g.padding,
                                       *g.dilation))))
         return out, None, False
-    if not be.runs_kernels and tiled_library(g, x, w, bias) is not None:
-        return cpu_native.conv_tiled_forward(x, w, bias, be.empty((g.n, o, g.oh, g.ow)), _native_geo(g),
-                                             activation), None, True
-    if not be.runs_kernels and _fast_path_ok(g, x.itemsize):
-        return conv2d_fast_numpy(x, w, bias, g), None, False
     cols = im2col(x, g.kh, g.kw, g.stride, g.padding, g.dilation)
     y = gemm(w.reshape(o, -1), cols)  # (O, N*OH*OW)
-    if (not be.runs_kernels and y.size >= NATIVE_MIN_EPILOGUE["size"]
-            and native_library(y, bias) is not None):  # bias + activation + NCHW in one pass
-        return cpu_native.conv_epilogue(y, bias, be.empty((g.n, o, g.oh, g.ow)), activation), cols, True
     if bias is not None:
         y += bias[:, None]
     return be.xp.ascontiguousarray(y.reshape(o, g.n, g.oh, g.ow).transpose(1, 0, 2, 3)), cols, False
