@@ -217,6 +217,7 @@ constexpr int TILE = FNV * VL;
 #define DWCHUNK 256
 #endif
 constexpr int64_t kChunkPositions = 1536;   // forward: grid positions per item (about)
+constexpr int64_t kSmallForwardMacs = 4 << 20;  // forward: one thread below this, if the packing had one
 constexpr int64_t kDwChunkBytes = DWCHUNK << 10;  // dW: x + dy of one position chunk, for L2
 
 typedef float vf __attribute__((vector_size(VL * sizeof(float))));
@@ -263,9 +264,12 @@ struct Phased {
     }
 };
 
+// The threads that pack the phase planes of x.
+int pack_team(const Geo& g, const Phased& q, int threads) { return dnnpar::team_size(threads, g.c * q.cstride); }
+
 // x (N, C, H, W) -> the phase planes (zero padding); returns whether any value is inf or NaN.
 bool pack_phases(const float* x, float* xq, const Geo& g, const Phased& q, int threads) {
-    const int team = dnnpar::team_size(threads, g.c * q.cstride);
+    const int team = pack_team(g, q, threads);
     const int64_t items = g.n * g.c;
     std::vector<char> bad(size_t(std::max(team, 1)), 0);
     dnnpar::parallel(int(std::max<int64_t>(1, std::min<int64_t>(team, items))), [&](int tid, int nt) {
@@ -440,7 +444,13 @@ extern "C" int dnnpar_conv_tiled_forward(const float* x, const float* w, const f
                     }
     }
     const std::vector<int64_t> off = tap_offsets(g, q);
-    const int team = dnnpar::team_size(threads, g.n * o_n * g.oh * g.ow * g.c * kk);
+    // One thread where the packing had one and the work is small: the planes (under 256 KB) sit
+    // in this core's cache, and a second core pulling them across costs more than it saves below
+    // ~4M multiply-adds (2 AVX-512 cores, batch 1: 16 -> 64 channels 1x1 at 32x32 ran 34 us on
+    // one thread, 45 on two; 16 -> 16 3x3 at 32x32 43 against 47; 64 -> 64 3x3 at 8x8, batch 2,
+    // 4.7M, still 121 against 109)
+    const int64_t macs = g.n * o_n * g.oh * g.ow * g.c * kk;
+    const int team = pack_team(g, q, threads) == 1 && macs < kSmallForwardMacs ? 1 : dnnpar::team_size(threads, macs);
     // items: chunks of whole grid rows by channel blocks, enough for every thread to have several.
     // Per image (only its OH valid rows) when those fill several tiles, else across images
     // (rows never straddle images: PLANE is a multiple of Wq)
