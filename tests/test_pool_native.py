@@ -149,3 +149,87 @@ def test_max_pool_of_minus_infinity_matches_the_fallback(k, s, p, rng):
     assert np.isneginf(got[True][0]).any()
     for a, b in zip(got[True][:2], got[False][:2]):
         np.testing.assert_array_equal(a, b)
+
+
+# "same" geometries (stride 1, output the input's size) with rows under 32: the native kernel's
+# flat form (each tap one loop over the whole plane); one 32 wide runs the row form
+SAME = [((3, 4, 8, 8), 3, 1), ((2, 3, 7, 5), 5, 2), ((1, 2, 9, 6), (3, 1), (1, 0)), ((2, 2, 1, 1), 3, 1),
+        ((1, 2, 31, 31), 3, 1), ((1, 2, 5, 32), 3, 1), ((2, 3, 6, 7), (1, 3), (0, 1))]
+
+
+def _avg_scale(shape, k, p, include_pad):
+    """The native kernel's float32 scale of each output: 1 / (KH*KW) rounded once, or 1 / the taps
+    inside the image in float32."""
+    if include_pad or tuple(p) == (0, 0):
+        return np.float32(1.0 / (k[0] * k[1]))
+    return np.float32(1) / oracles.pool_divisor(shape, k, (1, 1), p, False).astype(np.float32)
+
+
+def avg_forward_in_row_order(x, k, p, include_pad):
+    """AvgPool of a "same" stride-1 geometry in float32, each output's in-image taps added in
+    row-major order, then scaled (the native kernel's order and rounding)."""
+    (kh, kw), (ph, pw) = k, p
+    h, w = x.shape[2:]
+    y = np.zeros(x.shape, np.float32)
+    for i in range(kh):
+        for j in range(kw):
+            r0, r1, c0, c1 = max(0, ph - i), min(h, h + ph - i), max(0, pw - j), min(w, w + pw - j)
+            if r0 < r1 and c0 < c1:
+                y[:, :, r0:r1, c0:c1] += x[:, :, r0 - ph + i:r1 - ph + i, c0 - pw + j:c1 - pw + j]
+    return (y * _avg_scale(x.shape, k, p, include_pad)).astype(np.float32)
+
+
+def avg_backward_in_row_order(dy, k, p, include_pad):
+    """AvgPool's dx for a "same" stride-1 geometry in float32, summed in the native row form's
+    order (outputs by row, then taps in row-major order, each a whole row of columns)."""
+    (kh, kw), (ph, pw) = k, p
+    n, c, h, w = dy.shape
+    share = (dy * _avg_scale(dy.shape, k, p, include_pad)).astype(np.float32)
+    dx = np.zeros(dy.shape, np.float32)
+    for oh in range(h):
+        for i in range(kh):
+            ih = oh - ph + i
+            if not 0 <= ih < h:
+                continue
+            for j in range(kw):
+                lo, hi = max(0, pw - j), min(w, w + pw - j)
+                if lo < hi:
+                    dx[:, :, ih, lo - pw + j:hi - pw + j] += share[:, :, oh, lo:hi]
+    return dx
+
+
+@pytest.mark.parametrize("shape, k, p", SAME, ids=[f"{'x'.join(map(str, s))}-k{k}p{p}" for s, k, p in SAME])
+def test_same_size_pooling_bit_for_bit(shape, k, p, rng):
+    """Stride-1 pooling whose output has the input's size: the native kernel (the flat form for
+    rows under 32 columns, the row form at 32) gives MaxPool's bits as the NumPy code does, and
+    AvgPool's forward and dx (padding counted or not) bit for bit as float32 sums in the row
+    form's order (the NumPy code adds and scales in another order), NaN, +-inf and -0.0 in x and
+    dy included."""
+    if cpu_native.library("pool") is None:
+        pytest.skip("native pool kernel unavailable")
+    k, p = pr(k), pr(p)
+    x = rng.standard_normal(shape).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    for a in (x, dy):
+        flat = a.reshape(-1)
+        flat[rng.integers(0, flat.size, 4)] = [np.nan, np.inf, -np.inf, -0.0]
+    got = {}
+    for use in (True, False):
+        with dp.use_backend("numpy"):
+            P.NATIVE["use"] = use
+            try:
+                mx = nn.MaxPool2d(k, 1, p).forward(x)
+                avg = []
+                for include_pad in (True, False):
+                    layer = nn.AvgPool2d(k, 1, p, count_include_pad=include_pad)
+                    avg += [layer.forward(x), layer.backward(dy)]
+                got[use] = [mx, *avg]
+            finally:
+                P.NATIVE["use"] = True
+    assert got[True][0].shape == x.shape
+    np.testing.assert_array_equal(got[True][0], got[False][0], err_msg="max")
+    for n, include_pad in ((1, True), (3, False)):
+        np.testing.assert_array_equal(got[True][n], avg_forward_in_row_order(x, k, p, include_pad),
+                                      err_msg=f"avg, padding counted: {include_pad}")
+        np.testing.assert_array_equal(got[True][n + 1], avg_backward_in_row_order(dy, k, p, include_pad),
+                                      err_msg=f"davg, padding counted: {include_pad}")
