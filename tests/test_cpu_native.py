@@ -581,6 +581,27 @@ DW_GEOMETRIES = [
 DW_IDS = [f"{n}x{c}x{h}x{w}k{k[0]}{k[1]}s{s}p{p}".replace(" ", "") for n, c, h, w, k, s, p in DW_GEOMETRIES]
 
 
+@pytest.mark.parametrize("geo", DW_GEOMETRIES[::3], ids=DW_IDS[::3])
+@pytest.mark.parametrize("body", ["auto", "generic"])
+@pytest.mark.parametrize("act", ["relu", "relu6"])
+def test_depthwise_fused_activation_gives_the_separate_ones_bits(native_dw, geo, body, act, rng):
+    """The kernel's fused ReLU / ReLU6 equals dnnpar.ops.activation.activate_ on its unfused
+    output (both bodies): NaN passes, and channels with zero weights give outputs of exactly
+    -0.0 / +0.0 (bias -0.0) and 6.0 (bias 6). Equal as values: the sign of max(-0.0, 0.0) is
+    NumPy's to choose (+0.0 from its AVX-512 loop, -0.0 from its scalar one); the kernels keep -0.0."""
+    n, c, h, w, (kh, kw), s, p = geo
+    g, tail = geo_of((n, c, h, w), kh, kw, s, p)
+    x, wt, b = randn(rng, (n, c, h, w)) * 4, randn(rng, (c, 1, kh, kw)), randn(rng, c)
+    x.reshape(-1)[rng.integers(0, x.size, 3)] = np.nan
+    for ch, bias in zip(range(c), (-0.0, 6.0)):
+        wt[ch], b[ch] = 0.0, bias
+    generic = body == "generic"
+    plain = cpu_native.depthwise_forward(x, wt, b, nan_like((n, c, g.oh, g.ow)), tail, generic=generic)
+    fused = cpu_native.depthwise_forward(x, wt, b, nan_like(plain.shape), tail, generic=generic, activation=act)
+    want = dp.ops.activation.activate_(np, plain, act)
+    np.testing.assert_array_equal(fused, want)  # NaN where NaN, every other value equal
+
+
 @pytest.mark.parametrize("geo", DW_GEOMETRIES, ids=DW_IDS)
 @pytest.mark.parametrize("body", ["auto", "generic"])
 def test_depthwise_kernel(native_dw, geo, body, rng):

@@ -102,8 +102,8 @@ NATIVE_SOURCES = {s.stem: s for s in (
         "dnnpar_csr_cb_spmv": [_I64, _P, _P, _P, _P, _I32, _I32, _P, _P, _I32],
         "dnnpar_csr_cb_spmm": [_I64, _I64, _P, _P, _P, _P, _I32, _I32, _P, _P, _I32],
     }),
-    NativeSource("depthwise", 3, "depthwise convolution", "NumPy", {
-        "dnnpar_depthwise_forward": [_P, _P, _P, _P, _P, _I32, _I32],
+    NativeSource("depthwise", 4, "depthwise convolution", "NumPy", {
+        "dnnpar_depthwise_forward": [_P, _P, _P, _P, _P, _I32, _I32, _I32],
         "dnnpar_depthwise_backward": [_P, _P, _P, _P, _P, _P, _I32, _I32],
     }, {"dnnpar_depthwise_fast": ([_P], ctypes.c_int)}),
     NativeSource("norm", 2, "BatchNorm2d (+ ReLU / ReLU6)", "NumPy", {
@@ -383,9 +383,11 @@ def depthwise_fast(geo) -> bool:
     return bool(_loaded("depthwise").dnnpar_depthwise_fast(_ptr(_depthwise_geo(geo))))
 
 
-def depthwise_forward(x, w, bias, out, geo, generic: bool = False, threads: int | None = None) -> np.ndarray:
-    """``out[:] =`` depthwise convolution of x (N, C, H, W) with w (C, 1, KH, KW) plus bias (C,)
-    or None; ``geo`` = (N, C, H, W, KH, KW, OH, OW, SH, SW, PH, PW), already validated (the op
+def depthwise_forward(x, w, bias, out, geo, generic: bool = False, threads: int | None = None,
+                      activation=None) -> np.ndarray:
+    """``out[:] = activation(`` depthwise convolution of x (N, C, H, W) with w (C, 1, KH, KW) plus
+    bias (C,) or None ``)``, the activation (None, "relu", "relu6") applied to each plane as it is
+    done; ``geo`` = (N, C, H, W, KH, KW, OH, OW, SH, SW, PH, PW), already validated (the op
     layer's ConvGeometry). ``generic``: skip the fast body (tests). Returns out."""
     g = _depthwise_geo(geo)
     n, c, h, wd, kh, kw, oh, ow = (int(v) for v in g[:8])
@@ -395,7 +397,8 @@ def depthwise_forward(x, w, bias, out, geo, generic: bool = False, threads: int 
         _check_f32("bias", bias, (c,))
     _check_f32("out", out, (n, c, oh, ow), out=True)
     _loaded("depthwise").dnnpar_depthwise_forward(_ptr(x), _ptr(w), None if bias is None else _ptr(bias), _ptr(out),
-                                                  _ptr(g), int(bool(generic)), _threads_arg(threads))
+                                                  _ptr(g), _conv_act(activation), int(bool(generic)),
+                                                  _threads_arg(threads))
     return out
 
 

@@ -24,6 +24,7 @@
 #include <new>
 #include <vector>
 
+#include "activation.h"
 #include "parallel.h"
 
 namespace {
@@ -45,21 +46,9 @@ inline void tap_range(int64_t t, int64_t s, int64_t size, int64_t out, int64_t& 
     if (hi < lo) hi = lo;
 }
 
-enum Act { kNone = 0, kRelu = 1, kRelu6 = 2 };
-
-// NaN-preserving clips (a comparison with NaN is false: the value passes)
-inline float act_forward(float v, int act) {
-    if (act == kNone) return v;
-    if (v < 0.0f) return 0.0f;
-    if (act == kRelu6 && v > 6.0f) return 6.0f;
-    return v;
-}
-
-inline float act_backward(float g, float y, int act) {
-    if (act == kNone) return g;
-    const bool pass = act == kRelu ? (y > 0.0f) : (y > 0.0f && y < 6.0f);
-    return pass ? g : 0.0f;
-}
+using dnnpar::act_backward;
+using dnnpar::act_forward;
+using dnnpar::kNone;
 
 }  // namespace
 

@@ -34,6 +34,7 @@
 #include <utility>
 #include <vector>
 
+#include "activation.h"
 #include "parallel.h"
 
 namespace {
@@ -276,8 +277,19 @@ bool fast_ok(const Geo& g) {
     return g.kh == K && g.kw == K && g.sh == S && g.sw == S && g.ph < K && g.pw < K && FlatPlanes<K, S>::fits(g);
 }
 
+// A plane's fused activation, while the plane is in this core's cache.
+void activate_plane(float* y, int64_t n, int act) {
+    if (act == dnnpar::kRelu) {
+#pragma omp simd
+        for (int64_t q = 0; q < n; ++q) y[q] = dnnpar::activate<dnnpar::kRelu>(y[q]);
+    } else if (act == dnnpar::kRelu6) {
+#pragma omp simd
+        for (int64_t q = 0; q < n; ++q) y[q] = dnnpar::activate<dnnpar::kRelu6>(y[q]);
+    }
+}
+
 template <int K, int S>
-void forward_fast(const float* x, const float* w, const float* b, float* y, const Geo& g, int team) {
+void forward_fast(const float* x, const float* w, const float* b, float* y, const Geo& g, int act, int team) {
     const int64_t planes = g.n * g.c;
     dnnpar::parallel(team, [&](int tid, int nt) {
         FlatPlanes<K, S> fp(g, false);
@@ -285,15 +297,17 @@ void forward_fast(const float* x, const float* w, const float* b, float* y, cons
         for (int64_t p = r.lo; p < r.hi; ++p) {
             const int64_t c = p % g.c;
             forward_plane_fast<K, S>(x + p * g.h * g.w, w + c * K * K, b ? b[c] : 0.f, y + p * g.oh * g.ow, g, fp);
+            activate_plane(y + p * g.oh * g.ow, g.oh * g.ow, act);
         }
     });
 }
 
-void forward_generic(const float* x, const float* w, const float* b, float* y, const Geo& g, int team) {
+void forward_generic(const float* x, const float* w, const float* b, float* y, const Geo& g, int act, int team) {
     const int64_t planes = g.n * g.c;
     dnnpar::parallel_for(team, planes, [&](int64_t p) {
         const int64_t c = p % g.c;
         forward_plane_generic(x + p * g.h * g.w, w + c * g.kh * g.kw, b ? b[c] : 0.f, y + p * g.oh * g.ow, g);
+        activate_plane(y + p * g.oh * g.ow, g.oh * g.ow, act);
     });
 }
 
@@ -333,7 +347,7 @@ void backward_generic(const float* x, const float* w, const float* dy, float* dx
 
 }  // namespace
 
-DNNPAR_CPU_COMMON_EXPORTS(3)
+DNNPAR_CPU_COMMON_EXPORTS(4)
 
 extern "C" {
 
@@ -344,17 +358,18 @@ int dnnpar_depthwise_fast(const int64_t* geo) {
     return fast_ok<3, 1>(g) || fast_ok<3, 2>(g) || fast_ok<5, 1>(g) || fast_ok<5, 2>(g);
 }
 
-// y (N, C, OH, OW) = depthwise(x (N, C, H, W), w (C, KH, KW)) + b (C, or null for none).
-// geo: N, C, H, W, KH, KW, OH, OW, SH, SW, PH, PW. generic != 0 forces the generic body.
+// y (N, C, OH, OW) = act(depthwise(x (N, C, H, W), w (C, KH, KW)) + b (C, or null for none)),
+// act as activation.h (0: none). geo: N, C, H, W, KH, KW, OH, OW, SH, SW, PH, PW. generic != 0
+// forces the generic body.
 void dnnpar_depthwise_forward(const float* x, const float* w, const float* b, float* y, const int64_t* geo,
-                              int generic, int threads) {
+                              int act, int generic, int threads) {
     const Geo g = read_geo(geo);
     const int team = dnnpar::team_size(threads, g.n * g.c * g.oh * g.ow * g.kh * g.kw);
-    if (!generic && fast_ok<3, 1>(g)) return forward_fast<3, 1>(x, w, b, y, g, team);
-    if (!generic && fast_ok<3, 2>(g)) return forward_fast<3, 2>(x, w, b, y, g, team);
-    if (!generic && fast_ok<5, 1>(g)) return forward_fast<5, 1>(x, w, b, y, g, team);
-    if (!generic && fast_ok<5, 2>(g)) return forward_fast<5, 2>(x, w, b, y, g, team);
-    forward_generic(x, w, b, y, g, team);
+    if (!generic && fast_ok<3, 1>(g)) return forward_fast<3, 1>(x, w, b, y, g, act, team);
+    if (!generic && fast_ok<3, 2>(g)) return forward_fast<3, 2>(x, w, b, y, g, act, team);
+    if (!generic && fast_ok<5, 1>(g)) return forward_fast<5, 1>(x, w, b, y, g, act, team);
+    if (!generic && fast_ok<5, 2>(g)) return forward_fast<5, 2>(x, w, b, y, g, act, team);
+    forward_generic(x, w, b, y, g, act, team);
 }
 
 // dw (C, KH, KW) and, unless dx is null, dx (N, C, H, W) for dy (N, C, OH, OW).

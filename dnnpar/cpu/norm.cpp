@@ -33,25 +33,16 @@
 #include <cmath>
 #include <cstdint>
 
+#include "activation.h"
 #include "parallel.h"
 
 namespace {
 
-enum Act { kNone = 0, kRelu = 1, kRelu6 = 2 };
-
-template <int A>
-inline float activate(float v) {
-    if (A != kNone) v = v < 0.f ? 0.f : v;  // NaN stays NaN
-    if (A == kRelu6) v = v > 6.f ? 6.f : v;
-    return v;
-}
-
-template <int A>
-inline bool passes(float y) {
-    if (A == kRelu) return y > 0.f;
-    if (A == kRelu6) return y > 0.f && y < 6.f;
-    return true;
-}
+using dnnpar::activate;
+using dnnpar::kNone;
+using dnnpar::kRelu;
+using dnnpar::kRelu6;
+using dnnpar::passes;
 
 template <int A>
 void normalize_channel(const float* x, float* y, int64_t n, int64_t c, int64_t hw, float mu, float s, float beta) {

@@ -83,8 +83,7 @@ class Conv2d(Layer):
         w, b = self.params["weight"], self.params.get("bias")
         xp = get_backend().xp
         if self._depthwise:
-            return activate_(xp, ops.depthwise_conv2d(self._spread(x), w, b, self.stride, self.padding),
-                             self.activation)
+            return ops.depthwise_conv2d(self._spread(x), w, b, self.stride, self.padding, activation=self.activation)
         y, cols = ops.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.algo, return_cols=True,
                              groups=self.groups, activation=self.activation)
         if cols is not None and cols.nbytes <= KEEP_COLS_BYTES and self.training:

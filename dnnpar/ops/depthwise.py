@@ -14,6 +14,7 @@ import numpy as np
 from ..backend import cpu_native, get_backend
 from ..nvtx import ranged
 from ._common import ConvGeometry, check_array, check_count, check_same_dtype, i32, plane_grid
+from .activation import activate_, check_activation
 from .conv import check_bias, geometry_for_x
 
 #: the native CPU kernel on the numpy backend (tests and benchmarks turn it off to reach the NumPy code)
@@ -64,23 +65,27 @@ def _tail(g: ConvGeometry):
 
 
 @ranged("dnnpar.depthwise_conv2d")
-def depthwise_conv2d(x, w, bias=None, stride=1, padding=0):
+def depthwise_conv2d(x, w, bias=None, stride=1, padding=0, activation=None):
     """Depthwise convolution: x (N, C, H, W), w (C, 1, KH, KW), bias (C,) or None -> (N, C, OH, OW),
-    float32 on every backend (float64 only inside ``dp.precision("float64")`` on numpy)."""
+    float32 on every backend (float64 only inside ``dp.precision("float64")`` on numpy).
+    activation: None, "relu" or "relu6" on the biased output (:func:`activation.activate_`; the
+    native kernel applies it to each plane as it finishes it, with the same NaN behaviour)."""
     be = get_backend()
+    check_activation("depthwise_conv2d", activation)
     x, w, g = _geometry("depthwise_conv2d", x, w, stride, padding, be)
     bias = check_bias("depthwise_conv2d", bias, g.c, be)
     check_same_dtype("depthwise_conv2d", x=x, w=w, bias=bias)
     check_count("depthwise_conv2d", "output (N, C, OH, OW)", (g.n, g.c, g.oh, g.ow))
     if not be.runs_kernels:
         if native_library(x, w, bias) is None:
-            return depthwise_conv2d_numpy(x, w, bias, g)
-        return cpu_native.depthwise_forward(x, w, bias, be.empty((g.n, g.c, g.oh, g.ow)), _native_geo(g))
+            return activate_(be.xp, depthwise_conv2d_numpy(x, w, bias, g), activation)
+        return cpu_native.depthwise_forward(x, w, bias, be.empty((g.n, g.c, g.oh, g.ow)), _native_geo(g),
+                                            activation=activation)
     out = be.empty((g.n, g.c, g.oh, g.ow))
     b = bias if bias is not None else be.xp.zeros(1, np.float32)  # not read: has_bias = 0
     be.launch("depthwise.cu", "depthwise_conv2d", plane_grid("depthwise_conv2d", g.oh * g.ow, g.n * g.c), (256,),
               (x, w, b, i32(bias is not None), out, *_tail(g)))
-    return out
+    return activate_(be.xp, out, activation)
 
 
 @ranged("dnnpar.depthwise_conv2d_backward")
