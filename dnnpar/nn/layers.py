@@ -92,18 +92,20 @@ class Linear(Layer):
 
 
 class ReLU(Layer):
-    """max(x, 0); NaN stays NaN and -inf gives 0 (x * mask would make it NaN), as in ONNX and PyTorch."""
+    """max(x, 0); NaN stays NaN and -inf gives 0 (x * mask would make it NaN), as in ONNX and PyTorch.
+    The gradient passes where y > 0 (where x > 0: the same entries, NaN included); forward keeps
+    y, the array it returns, rather than a mask it would have to build (one pass instead of two,
+    and nothing new held for backward)."""
 
     activation_kind = "relu"
 
     def forward(self, x):
-        self.mask = x > 0
-        return get_backend().xp.maximum(x, x.dtype.type(0))
+        self.y = get_backend().xp.maximum(x, x.dtype.type(0))
+        return self.y
 
     def backward(self, dy):
-        dx = pass_where(get_backend().xp, self.mask, dy)
-        self.mask = None
-        return dx
+        y, self.y = self.y, None
+        return activation_grad(get_backend().xp, dy, y, "relu")
 
 
 class Flatten(Layer):
@@ -366,21 +368,24 @@ class Clip(Layer):
     def forward(self, x):
         xp, t = get_backend().xp, x.dtype.type
         lo, hi = self.min_value, self.max_value
-        self.mask = None
         if lo is not None:
-            self.mask = x > t(lo)
             x = xp.maximum(x, t(lo))
         if hi is not None:
-            below = x < t(hi)
-            self.mask = below if self.mask is None else self.mask & below
             x = xp.minimum(x, t(hi))
+        self.y = x  # lo < x < hi exactly where lo < y < hi (NaN in neither): backward's mask
         return x if lo is not None or hi is not None else x.copy()
 
     def backward(self, dy):
         # where, not dy * mask: a NaN gradient outside the bounds gives 0, as PyTorch's hardtanh
-        dx = dy if self.mask is None else pass_where(get_backend().xp, self.mask, dy)
-        self.mask = None
-        return dx
+        xp, (y, self.y) = get_backend().xp, (self.y, None)
+        lo, hi = self.min_value, self.max_value
+        if lo is None and hi is None:
+            return dy
+        t = y.dtype.type
+        mask = None if lo is None else y > t(lo)
+        if hi is not None:
+            mask = y < t(hi) if mask is None else xp.logical_and(mask, y < t(hi), out=mask)
+        return pass_where(xp, mask, dy)
 
     def extra_repr(self):
         return f"min_value={self.min_value}, max_value={self.max_value}"
