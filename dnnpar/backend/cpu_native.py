@@ -592,12 +592,19 @@ def conv_epilogue_backward(dy, y, dym, db, activation=None, threads: int | None 
     return dym, db
 
 
+_tiled_shapes: dict = {}  # the conv library loaded -> its tile sizes (constants of its build)
+
+
 def conv_tiled_shape() -> dict:
     """The tiled kernels' tile sizes in this build: VL (floats per vector), FMR x FNV (forward:
-    output channels x vectors of grid positions), WMR x WNT (dW: output channels x (c, i, j))."""
-    out = np.zeros(5, np.int32)
-    _loaded("conv").dnnpar_conv_tiled_shape(_ptr(out))
-    return dict(zip(("vl", "fmr", "fnv", "wmr", "wnt"), (int(v) for v in out)))
+    output channels x vectors of grid positions), WMR x WNT (dW: output channels x (c, i, j)).
+    Asked of the library once (every tiled path's choice reads them)."""
+    lib = _loaded("conv")
+    if lib not in _tiled_shapes:
+        out = np.zeros(5, np.int32)
+        lib.dnnpar_conv_tiled_shape(_ptr(out))
+        _tiled_shapes[lib] = dict(zip(("vl", "fmr", "fnv", "wmr", "wnt"), (int(v) for v in out)))
+    return dict(_tiled_shapes[lib])
 
 
 def conv_tiled_forward(x, w, bias, y, geo, activation=None, threads: int | None = None) -> np.ndarray:
