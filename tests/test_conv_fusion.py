@@ -355,6 +355,11 @@ TILED_GEOMETRIES = [
     ((2, 17, 9, 23), 9, (3, 1), 1, (1, 0), 1),
     ((3, 2, 41, 37), 5, (5, 5), 1, 2, 1),
     ((5, 7, 3, 3), 11, (3, 3), 1, 1, 1),
+    # small inputs (under 256 KB packed) with >= 2M multiply-adds on wide rows: each thread packs
+    # the rows it computes (stride 2's phases, 5x5, O not a multiple of the tile's 8 among them)
+    ((2, 12, 29, 31), 20, (3, 3), 1, 1, 1),
+    ((3, 8, 40, 38), 32, (3, 3), 2, 1, 1),
+    ((1, 6, 47, 45), 17, (5, 5), 1, 2, 1),
 ]
 
 
@@ -390,8 +395,9 @@ def test_tiled_kernels_against_float64(native_conv, rng, geom):
     assert_sum_close(db, dm.sum(axis=1), np.abs(dm).sum(axis=1), n_pos, "db")
 
 
-def test_tiled_kernels_bit_identical_over_threads(native_conv, rng):
-    g, geo, x, w, b, dy = _tiled_case(rng, TILED_GEOMETRIES[0])
+@pytest.mark.parametrize("geom", [TILED_GEOMETRIES[0]] + TILED_GEOMETRIES[4:])
+def test_tiled_kernels_bit_identical_over_threads(native_conv, rng, geom):
+    g, geo, x, w, b, dy = _tiled_case(rng, geom)
     runs = []
     for t in (1, 2, 3):
         y = cpu_native.conv_tiled_forward(x, w, b, np.full(dy.shape, np.nan, np.float32), geo, "relu", threads=t)

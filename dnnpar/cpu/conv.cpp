@@ -206,7 +206,7 @@ constexpr int TILE = FNV * VL;
 #define DWCHUNK 256
 #endif
 constexpr int64_t kChunkPositions = 1536;   // forward: grid positions per item (about)
-constexpr int64_t kSmallForwardMacs = 4 << 20;  // forward: one thread below this, if the packing had one
+constexpr int64_t kSmallForwardMacs = 2 << 20;  // forward: one thread below this, if the packing had one
 constexpr int64_t kDwChunkBytes = DWCHUNK << 10;  // dW: x + dy of one position chunk, for L2
 
 typedef float vf __attribute__((vector_size(VL * sizeof(float))));
@@ -253,6 +253,37 @@ struct Phased {
     }
 };
 
+// Rows [rr0, rr1) of every phase plane of channel c of image n (s: that channel's input plane).
+void pack_plane_rows(const float* s, float* xq, const Geo& g, const Phased& q, int64_t n, int64_t c, int64_t rr0,
+                     int64_t rr1) {
+    for (int64_t pr = 0; pr < q.sh; ++pr) {
+        for (int64_t pc = 0; pc < q.sw; ++pc) {
+            float* d = xq + c * q.cstride + (pr * q.sw + pc) * q.phase + n * q.plane;
+            // phase column k holds padded column k*SW + pc, input column k*SW + pc - PW
+            const int64_t off = pc - g.pw;
+            const int64_t klo = off >= 0 ? 0 : (-off + q.sw - 1) / q.sw;
+            const int64_t khi = std::max(klo, std::min(q.wq, (g.w - 1 - off) / q.sw + 1));
+            for (int64_t rr = rr0; rr < rr1; ++rr) {
+                float* row = d + rr * q.wq;
+                const int64_t ih = rr * q.sh + pr - g.ph;
+                if (ih < 0 || ih >= g.h || g.w - 1 - off < 0) {
+                    for (int64_t k = 0; k < q.wq; ++k) row[k] = 0.0f;
+                    continue;
+                }
+                const float* sr = s + ih * g.w + off;
+                for (int64_t k = 0; k < klo; ++k) row[k] = 0.0f;
+                if (q.sw == 1) {
+#pragma omp simd
+                    for (int64_t k = klo; k < khi; ++k) row[k] = sr[k];
+                } else {
+                    for (int64_t k = klo; k < khi; ++k) row[k] = sr[k * q.sw];
+                }
+                for (int64_t k = khi; k < q.wq; ++k) row[k] = 0.0f;
+            }
+        }
+    }
+}
+
 // The threads that pack the phase planes of x.
 int pack_team(const Geo& g, const Phased& q, int threads) { return dnnpar::team_size(threads, g.c * q.cstride); }
 
@@ -267,32 +298,7 @@ bool pack_phases(const float* x, float* xq, const Geo& g, const Phased& q, int t
         for (int64_t item = r.lo; item < r.hi; ++item) {
             const int64_t n = item / g.c, c = item % g.c;
             const float* s = x + item * g.h * g.w;
-            for (int64_t pr = 0; pr < q.sh; ++pr) {
-                for (int64_t pc = 0; pc < q.sw; ++pc) {
-                    float* d = xq + c * q.cstride + (pr * q.sw + pc) * q.phase + n * q.plane;
-                    // phase column k holds padded column k*SW + pc, input column k*SW + pc - PW
-                    const int64_t off = pc - g.pw;
-                    const int64_t klo = off >= 0 ? 0 : (-off + q.sw - 1) / q.sw;
-                    const int64_t khi = std::max(klo, std::min(q.wq, (g.w - 1 - off) / q.sw + 1));
-                    for (int64_t rr = 0; rr < q.hq; ++rr) {
-                        float* row = d + rr * q.wq;
-                        const int64_t ih = rr * q.sh + pr - g.ph;
-                        if (ih < 0 || ih >= g.h || g.w - 1 - off < 0) {
-                            for (int64_t k = 0; k < q.wq; ++k) row[k] = 0.0f;
-                            continue;
-                        }
-                        const float* sr = s + ih * g.w + off;
-                        for (int64_t k = 0; k < klo; ++k) row[k] = 0.0f;
-                        if (q.sw == 1) {
-#pragma omp simd
-                            for (int64_t k = klo; k < khi; ++k) row[k] = sr[k];
-                        } else {
-                            for (int64_t k = klo; k < khi; ++k) row[k] = sr[k * q.sw];
-                        }
-                        for (int64_t k = khi; k < q.wq; ++k) row[k] = 0.0f;
-                    }
-                }
-            }
+            pack_plane_rows(s, xq, g, q, n, c, 0, q.hq);
             float probe = 0.0f;
 #pragma omp simd reduction(+ : probe)
             for (int64_t k = 0; k < g.h * g.w; ++k) probe += s[k] * 0.0f;  // NaN iff an inf or NaN
@@ -417,7 +423,6 @@ extern "C" int dnnpar_conv_tiled_forward(const float* x, const float* w, const f
     const Phased q(g);
     const int64_t kk = g.kh * g.kw, nob = (o_n + FMR - 1) / FMR;
     float* const xq = scratch(0, q.floats(g));
-    pack_phases(x, xq, g, q, threads);
     // weights as [block][c][tap][FMR], zero past O, written in order into a buffer kept between
     // calls (a fresh one each call cost more than the convolution of a small plane: page faults
     // and scattered stores, ~1.2 ns per weight)
@@ -433,13 +438,14 @@ extern "C" int dnnpar_conv_tiled_forward(const float* x, const float* w, const f
                     }
     }
     const std::vector<int64_t> off = tap_offsets(g, q);
-    // One thread where the packing had one and the work is small: the planes (under 256 KB) sit
-    // in this core's cache, and a second core pulling them across costs more than it saves below
-    // ~4M multiply-adds (2 AVX-512 cores, batch 1: 16 -> 64 channels 1x1 at 32x32 ran 34 us on
-    // one thread, 45 on two; 16 -> 16 3x3 at 32x32 43 against 47; 64 -> 64 3x3 at 8x8, batch 2,
-    // 4.7M, still 121 against 109)
+    // A small input (under 256 KB packed: pack_team 1) sits in one core's cache once packed, and
+    // a second core pulling it across costs more than it saves below ~2M multiply-adds (2
+    // AVX-512 cores, batch 1: 16 -> 64 channels 1x1 at 32x32 ran 34 us on one thread, 45 on
+    // two): one thread there. Above, rows of whole images (per_image) are packed by the thread
+    // that computes them (below); small planes run across images and pull little.
     const int64_t macs = g.n * o_n * g.oh * g.ow * g.c * kk;
-    const int team = pack_team(g, q, threads) == 1 && macs < kSmallForwardMacs ? 1 : dnnpar::team_size(threads, macs);
+    const bool small_input = pack_team(g, q, threads) == 1;
+    const int team = small_input && macs < kSmallForwardMacs ? 1 : dnnpar::team_size(threads, macs);
     // items: chunks of whole grid rows by channel blocks, enough for every thread to have several.
     // Per image (only its OH valid rows) when those fill several tiles, else across images
     // (rows never straddle images: PLANE is a multiple of Wq)
@@ -454,6 +460,24 @@ extern "C" int dnnpar_conv_tiled_forward(const float* x, const float* w, const f
     rows = (span + per_run - 1) / per_run;  // chunks of equal size: a short last one unbalances the split
     const int64_t ld = (rows * q.wq + TILE - 1) / TILE * TILE;
     const int members = int(std::max<int64_t>(1, std::min<int64_t>(team, items)));
+    if (members > 1 && small_input && per_image) {
+        // Each share packs the rows of the chunks whose first item is its own (a run's last
+        // chunk also its image's rows past OH), every channel, in a pass of its own; the tiles
+        // then read a neighbour's few halo rows only (batch 1, 16 -> 16 channels 3x3 at 32x32:
+        // 46 -> 38 us; batch 2 81 -> 59).
+        dnnpar::parallel(members, [&](int tid, int nt) {
+            const dnnpar::Range rg = dnnpar::split(items, tid, nt);
+            for (int64_t ch = (rg.lo + nob - 1) / nob; ch < (rg.hi + nob - 1) / nob; ++ch) {
+                const int64_t n = ch / per_run, r0 = ch % per_run * rows;
+                const int64_t r1 = ch % per_run == per_run - 1 ? q.hq : std::min(span, r0 + rows);
+                for (int64_t c = 0; c < g.c; ++c) pack_plane_rows(x + (n * g.c + c) * g.h * g.w, xq, g, q, n, c, r0, r1);
+            }
+        });
+        float* tail = xq + g.c * q.cstride;
+        for (int64_t k = 0; k < q.slack; ++k) tail[k] = 0.0f;
+    } else {
+        pack_phases(x, xq, g, q, threads);
+    }
     float* const locals = scratch(2, members * FMR * ld);
     dnnpar::parallel(members, [&](int tid, int nt) {
         const dnnpar::Range rg = dnnpar::split(items, tid, nt);
