@@ -7,7 +7,7 @@ import numpy as np
 from .. import ops
 from ..backend import get_backend
 from ..ops._common import conv_out_size
-from ..ops.activation import activate_, activation_grad
+from ..ops.activation import activation_grad
 from .base import Layer, he_normal
 from .layers import _check_bool, check_sizes, window_args
 
@@ -81,7 +81,6 @@ class Conv2d(Layer):
 
     def _forward(self, x):
         w, b = self.params["weight"], self.params.get("bias")
-        xp = get_backend().xp
         if self._depthwise:
             return ops.depthwise_conv2d(self._spread(x), w, b, self.stride, self.padding, activation=self.activation)
         y, cols = ops.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.algo, return_cols=True,
