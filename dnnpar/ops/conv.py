@@ -26,8 +26,8 @@ from numpy.lib.stride_tricks import as_strided
 from ..backend import compute_dtype, cpu_native, get_backend
 from ..backend.sources import read_source
 from ..nvtx import annotate_range, ranged
-from ._common import (ConvGeometry, as_int, check_array, check_count, check_same_dtype, grid_stride_blocks, i32,
-                      plane_grid)
+from ._common import (ConvGeometry, _plain_ints, as_int, check_array, check_count, check_same_dtype,
+                      grid_stride_blocks, i32, plane_grid)
 from .activation import activate_, activation_grad, check_activation
 from .gemm import gemm, gemm_numpy
 
@@ -388,16 +388,13 @@ def _plan_key(be, x, w, bias, stride, padding, dilation, algo, groups, activatio
     if (not PLAN["use"] or be.runs_kernels or groups != 1 or type(x) is not np.ndarray or type(w) is not np.ndarray
             or not (bias is None or type(bias) is np.ndarray) or type(algo) is not str
             or not (activation is None or type(activation) is str)
-            or not all(_plain_size(v) for v in (stride, padding, dilation))):
+            or not _plain_ints((stride, padding, dilation))):
         return None
     return (be, compute_dtype(be), x.shape, x.strides, x.dtype, w.shape, w.strides, w.dtype,
             None if bias is None else (bias.shape, bias.strides, bias.dtype), stride, padding, dilation, algo,
             activation, NATIVE["use"], tuple(TILED.values()), NATIVE_MIN_EPILOGUE["size"], NATIVE_MIN_OW["im2col"],
             FAST_FORWARD_BYTES, FAST_ROWS)
 
-
-def _plain_size(v) -> bool:
-    return type(v) is int or (type(v) is tuple and all(type(e) is int for e in v))
 
 
 def _conv2d(x, w, bias, stride, padding, dilation, algo, groups=1, activation=None):
