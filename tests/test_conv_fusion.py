@@ -360,6 +360,8 @@ TILED_GEOMETRIES = [
     ((2, 12, 29, 31), 20, (3, 3), 1, 1, 1),
     ((3, 8, 40, 38), 32, (3, 3), 2, 1, 1),
     ((1, 6, 47, 45), 17, (5, 5), 1, 2, 1),
+    # a reduction of 2425 (AlexNet's conv2 is 2400): the rules take such layers on large planes
+    ((2, 97, 11, 13), 9, (5, 5), 1, 2, 1),
 ]
 
 
@@ -451,6 +453,23 @@ def test_huge_padding_stays_off_the_packed_planes(either_conv, rng):
     np.testing.assert_array_equal(y, (w[:, 0, 1, 1] * x[0, 0, 0, 0]).reshape(1, 2, 1, 1))
     dx, dw, db = dp.ops.conv2d_backward(x, w, np.ones_like(y), 1, big, big)
     np.testing.assert_array_equal(dx, w[:, 0, 1, 1].sum(dtype=np.float32).reshape(1, 1, 1, 1))
+
+
+def test_large_reductions_go_tiled_only_on_many_positions(monkeypatch, rng):
+    """Beyond TILED["max_k"] the tiled kernels take a layer from TILED["min_positions_large_k"]
+    output positions N*OH*OW on, forward and backward, and BLAS below (the boundary, both sides)."""
+    if cpu_native.library("conv") is None:
+        pytest.skip(f"native conv kernel unavailable: {cpu_native.unavailable_reason('conv')}")
+    x = rng.standard_normal((2, 16, 9, 9)).astype(np.float32)
+    w = rng.standard_normal((4, 16, 3, 3)).astype(np.float32)
+    g = dp.ops._common.ConvGeometry.make("test", x.shape, 3, 3, 1, 1, 1)
+    monkeypatch.setitem(C.TILED, "min_positions_backward", 0)
+    assert C.tiled_library(g, x, w) is not None  # K = 144 <= max_k
+    monkeypatch.setitem(C.TILED, "max_k", 143)
+    for positions, tiled in ((2 * 81, True), (2 * 81 + 1, False)):
+        monkeypatch.setitem(C.TILED, "min_positions_large_k", positions)
+        for backward in (False, True):
+            assert (C.tiled_library(g, x, w, backward=backward) is not None) == tiled
 
 
 def test_native_im2col_tap_reading_only_padding(rng):

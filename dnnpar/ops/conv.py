@@ -65,8 +65,14 @@ NATIVE_MIN_EPILOGUE = {"size": 8192}
 #: larger blocks win: 128 -> 256 channels at 8x8 ran 2.1x slower tiled); "min_plane_1x1": a 1x1
 #: kernel only on planes of at least this many outputs (on 3x3 .. 12x12 planes one GEMM over the
 #: batch is 1.1-2x faster); "min_positions_backward": dW reduces over N*OH*OW positions, too few
-#: of them per tile cost more than BLAS (a 64-channel 8x8 layer at batch 1 took 2x longer)
-TILED = {"use": True, "min_efficiency": 0.6, "max_k": 600, "min_plane_1x1": 256, "min_positions_backward": 1024}
+#: of them per tile cost more than BLAS (a 64-channel 8x8 layer at batch 1 took 2x longer);
+#: "min_positions_large_k": beyond "max_k", the tiled kernels still run from this many output
+#: positions N*OH*OW on (measured December 2026 against im2col + GEMM, forward / backward ms:
+#: AlexNet's 96 -> 256 5x5 at 27x27, batch 8, 27 / 75 against 33 / 83; 128 -> 128 at 112x112,
+#: batch 2, 31 / 67 against 53 / 124; 128 -> 128 at 16x16, batch 16, 4.6 / 12.6 against 7.2 /
+#: 15.2; below it BLAS wins: 384 -> 384 at 13x13, batch 8, 19 / 72 against 15 / 43)
+TILED = {"use": True, "min_efficiency": 0.6, "max_k": 600, "min_plane_1x1": 256, "min_positions_backward": 1024,
+         "min_positions_large_k": 4096}
 
 
 def tiled_efficiency(g: ConvGeometry, tile: int) -> float:
@@ -90,7 +96,7 @@ def tiled_library(g: ConvGeometry, *arrays, backward: bool = False):
     taps = g.kh * g.kw
     (sh, sw), (ph, pw) = g.stride, g.padding
     grid = g.n * (-(-(g.h + 2 * ph) // sh) * sh) * (-(-(g.w + 2 * pw) // sw) * sw)  # packed floats per channel
-    if (not TILED["use"] or g.c * taps > TILED["max_k"]
+    if (not TILED["use"] or (g.c * taps > TILED["max_k"] and g.n * g.oh * g.ow < TILED["min_positions_large_k"])
             # the packed planes hold the padding: never far beyond the input or the im2col matrix
             # BLAS would build (padding 2**30 around one pixel is valid, and BLAS's path is cheap)
             or grid > 2 * g.n * g.h * g.w + taps * g.n * g.oh * g.ow + (1 << 16)
