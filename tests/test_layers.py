@@ -358,3 +358,38 @@ def test_pass_where_is_where_bit_for_bit(dtype, rng):
         got, want = pass_where(np, m, d), np.where(m, d, d.dtype.type(0))
         assert got.dtype == want.dtype and got.shape == want.shape
         np.testing.assert_array_equal(got.view(f"u{d.itemsize}"), want.view(f"u{d.itemsize}"))
+
+
+def test_linear_overwrites_only_a_gradient_nobody_holds(rng):
+    """Linear's backward writes dW into the previous step's array when nothing else holds it (a
+    fresh array of hundreds of MB costs more than the product on a VM), and never into one a
+    caller kept, a view of one, or a bucket view put in ``grads`` (data parallel's): each keeps
+    its values, and every step's gradient is its own product."""
+    lin = nn.Linear(13, 6, seed=3)
+    w = lin.params["weight"]
+
+    def step():
+        x = rng.standard_normal((4, 13)).astype(np.float32)
+        dy = rng.standard_normal((4, 6)).astype(np.float32)
+        lin.forward(x)
+        lin.backward(dy)
+        want = dy.T.astype(np.float64) @ x.astype(np.float64)
+        np.testing.assert_allclose(lin.grads["weight"], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+        return lin.grads["weight"]
+
+    first_id = id(step())
+    assert id(step()) == first_id  # reused: nothing held it
+    held = lin.grads["weight"]
+    kept = held.copy()
+    assert step() is not held
+    np.testing.assert_array_equal(held, kept)
+    del held
+    row = lin.grads["weight"][2]
+    kept = row.copy()
+    step()
+    np.testing.assert_array_equal(row, kept)
+    del row
+    bucket = np.zeros(w.size + 5, np.float32)
+    lin.grads["weight"] = bucket[5:].reshape(w.shape)  # held by nothing else: its base tells
+    step()
+    assert not bucket.any()

@@ -114,6 +114,44 @@ def test_gemm_alpha_beta_accumulates_in_place(backend, algo, rng):
     check(backend.to_numpy(cd), 0.5 * a64 @ b64 - 2.0 * c64, mag, k, f"gemm {algo} alpha/beta")
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("algo", ["regblock_db", "tf32"])
+@pytest.mark.parametrize("mnk", [(1, 1, 1), (67, 45, 29), (8, 600, 130)], ids=lambda s: "x".join(map(str, s)))
+def test_gemm_writes_into_out(backend, algo, mnk, rng):
+    """``out``: the product lands in the given (poisoned) array, which is returned; the same
+    values as without it. Each wrong out is refused before anything is written."""
+    m, n, k = mnk
+    a, b = randn(rng, (k, m)), randn(rng, (k, n))
+    ad, bd = put(backend, a, b)
+    want = backend.to_numpy(dp.ops.gemm(ad, bd, trans_a=True, algo=algo))
+    (out,) = put(backend, np.full((m, n), np.nan, np.float32))
+    assert dp.ops.gemm(ad, bd, trans_a=True, algo=algo, out=out) is out
+    np.testing.assert_array_equal(backend.to_numpy(out), want)
+    a64, b64 = a.T.astype(np.float64), b.astype(np.float64)
+    check = TENSOR_CORE[algo][0] if algo in TENSOR_CORE else assert_sum_close
+    check(backend.to_numpy(out), a64 @ b64, np.abs(a64) @ np.abs(b64), k, f"gemm {algo} out")
+    (wide,) = put(backend, np.zeros((m, 2 * n), np.float32))
+    (cd,) = put(backend, np.zeros((m, n), np.float32))
+    bad = [(put(backend, np.zeros((m, n + 1), np.float32))[0], ValueError, "shape"),
+           (backend.asarray(np.zeros((m, n), np.float64)), TypeError, "float32")]
+    if n > 1:
+        bad.append((wide[:, ::2], ValueError, "C-contiguous"))
+    if backend.name == "numpy":
+        ro = np.zeros((m, n), np.float32)
+        ro.flags.writeable = False
+        shared = np.zeros(k * m + m * n, np.float32)  # out's first entry is a's last
+        bad += [(ro, ValueError, "read-only"), (shared[k * m - 1:k * m - 1 + m * n].reshape(m, n), ValueError,
+                                                "overlap a")]
+        ad = shared[:k * m].reshape(k, m)
+        ad[...] = a
+    for o, exc, what in bad:
+        with pytest.raises(exc, match=what):
+            dp.ops.gemm(ad, bd, trans_a=True, algo=algo, out=o)
+    with pytest.raises(ValueError, match="beta = 0"):
+        dp.ops.gemm(ad, bd, trans_a=True, beta=1.0, c=cd, out=out, algo=algo)
+    np.testing.assert_array_equal(backend.to_numpy(out), want)  # untouched by the refused calls
+
+
 # TF32 tensor-core GEMM (64 x 64 x 16 block tile): size 1, primes and non-multiples, one tile exactly,
 # K over several pipeline stages with a ragged last one; lda/ldb multiples of 4 (16-byte cp.async) or not
 GEMM_TF32_SIZES = [(1, 1, 1), (17, 33, 45), (128, 128, 32), (129, 67, 100)]

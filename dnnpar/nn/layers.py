@@ -74,7 +74,8 @@ class Linear(Layer):
         if self.activation:
             dy = activation_grad(get_backend().xp, dy, self.y, self.activation)
             self.y = None
-        self._set_grads(ops.gemm(dy, self.x, trans_a=True, algo=self._algo), dy.sum(axis=0))
+        self._set_grads(ops.gemm(dy, self.x, trans_a=True, algo=self._algo, out=self._spare_grad("weight")),
+                        dy.sum(axis=0))
         self.x = None
         return ops.gemm(dy, self.params["weight"], algo=self._algo) if self.need_dx else None
 

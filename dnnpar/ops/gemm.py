@@ -103,14 +103,16 @@ def _launch_shape(algo: str, m: int, n: int):
 
 @ranged("dnnpar.gemm")
 def gemm(a, b, trans_a: bool = False, trans_b: bool = False, alpha: float = 1.0, beta: float = 0.0, c=None,
-         algo: str = DEFAULT_ALGO):
+         algo: str = DEFAULT_ALGO, out=None):
     """Matrix product of float32 matrices (on every backend; float64 only inside
     ``dp.precision("float64")`` on the numpy backend).
 
     a: (M, K), or (K, M) with ``trans_a``; b: (K, N), or (N, K) with ``trans_b``.
     Returns C (M, N) = alpha * op(a) @ op(b) + beta * c. With ``beta != 0`` pass ``c`` (M, N): it is
     updated in place and returned, so it must be writeable (a read-only array is a ValueError on
-    every backend) and must not overlap a or b. a and b are never written (read-only arrays,
+    every backend) and must not overlap a or b. With ``beta == 0``, ``out`` (optional): a writeable
+    C-contiguous (M, N) array of the operands' dtype, not overlapping a or b, that receives C and is
+    returned (no new array). a and b are never written (read-only arrays,
     ``np.load(..., mmap_mode="r")`` among them, are fine). ``algo`` picks the kernel ("naive" |
     "tiled" | "regblock" | "regblock_db", the default | "tf32" | "bf16"); the numpy backend always uses BLAS.
 
@@ -150,7 +152,17 @@ def gemm(a, b, trans_a: bool = False, trans_b: bool = False, alpha: float = 1.0,
                 raise ValueError(f"gemm: c is updated in place and must not overlap {name}")
     else:
         check_count("gemm", "result (M, N)", (m, n))
-    check_same_dtype("gemm", a=a, b=b, c=c if beta != 0.0 else None)
+    if out is not None:
+        if beta != 0.0:
+            raise ValueError("gemm: out is for beta = 0 (with beta != 0 the result is written into c)")
+        out = check_array("gemm", "out", out, ndim=2, backend=be)
+        if tuple(out.shape) != (m, n):
+            raise ValueError(f"gemm: out must have shape {(m, n)}, got {tuple(out.shape)}")
+        check_writable("gemm", "out", out)
+        for name, v in (("a", a), ("b", b)):
+            if be.xp.may_share_memory(out, v):
+                raise ValueError(f"gemm: out must not overlap {name}")
+    check_same_dtype("gemm", a=a, b=b, c=c if beta != 0.0 else None, out=out)
     if algo in TENSOR_CORE_ALGOS:
         if a.dtype != np.float32:
             raise TypeError(f"gemm: algo={algo!r} takes float32 operands, got {a.dtype}")
@@ -159,13 +171,13 @@ def gemm(a, b, trans_a: bool = False, trans_b: bool = False, alpha: float = 1.0,
         if algo in TENSOR_CORE_ALGOS:
             rounding = TENSOR_CORE_ALGOS[algo][0]
             a, b = rounding(a), rounding(b)
-        r = gemm_numpy(a, b, trans_a, trans_b, alpha, beta, c).astype(a.dtype, copy=False)
+        r = gemm_numpy(a, b, trans_a, trans_b, alpha, beta, c, out=out).astype(a.dtype, copy=False)
         if c is not None and beta != 0.0:
             c[...] = r
             return c
         return r
     grid, block = _launch_shape(algo, m, n)
-    out = c if (c is not None and beta != 0.0) else be.empty((m, n))
+    out = c if (c is not None and beta != 0.0) else (out if out is not None else be.empty((m, n)))
     be.launch("gemm.cu", f"sgemm_{algo}", grid, block,
               (i32(m), i32(n), i32(k), np.float32(alpha), a, i32(a.shape[1]), i32(trans_a), b, i32(b.shape[1]),
                i32(trans_b), np.float32(beta), out, i32(n)))
