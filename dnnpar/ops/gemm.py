@@ -140,28 +140,28 @@ def gemm(a, b, trans_a: bool = False, trans_b: bool = False, alpha: float = 1.0,
         raise ValueError(f"gemm: op(a) is {m}x{k} but op(b) is {kb}x{n}: inner dimensions {k} and {kb} differ")
     if min(m, n, k) < 1:
         raise ValueError(f"gemm: empty operand (M={m}, N={n}, K={k})")
+
+    def written(name: str, arr, role: str = ""):
+        """c or out: checked, of C's shape, writeable, sharing no memory with a or b."""
+        arr = check_array("gemm", name, arr, ndim=2, backend=be)
+        if tuple(arr.shape) != (m, n):
+            raise ValueError(f"gemm: {name} must have shape {(m, n)}, got {tuple(arr.shape)}")
+        check_writable("gemm", f"{name}{role}", arr)
+        for operand, v in (("a", a), ("b", b)):
+            if be.xp.may_share_memory(arr, v):
+                raise ValueError(f"gemm: {name}{' is updated in place and' if role else ''} must not overlap {operand}")
+        return arr
+
     if beta != 0.0:
         if c is None:
             raise ValueError("gemm: beta != 0 needs c, the (M, N) matrix to accumulate into")
-        c = check_array("gemm", "c", c, ndim=2, backend=be)
-        if c.shape != (m, n):
-            raise ValueError(f"gemm: c must have shape {(m, n)}, got {tuple(c.shape)}")
-        check_writable("gemm", "c (updated in place with beta != 0)", c)
-        for name, v in (("a", a), ("b", b)):
-            if be.xp.may_share_memory(c, v):
-                raise ValueError(f"gemm: c is updated in place and must not overlap {name}")
+        if out is not None:
+            raise ValueError("gemm: out is for beta = 0 (with beta != 0 the result is written into c)")
+        c = written("c", c, " (updated in place with beta != 0)")
     else:
         check_count("gemm", "result (M, N)", (m, n))
-    if out is not None:
-        if beta != 0.0:
-            raise ValueError("gemm: out is for beta = 0 (with beta != 0 the result is written into c)")
-        out = check_array("gemm", "out", out, ndim=2, backend=be)
-        if tuple(out.shape) != (m, n):
-            raise ValueError(f"gemm: out must have shape {(m, n)}, got {tuple(out.shape)}")
-        check_writable("gemm", "out", out)
-        for name, v in (("a", a), ("b", b)):
-            if be.xp.may_share_memory(out, v):
-                raise ValueError(f"gemm: out must not overlap {name}")
+        if out is not None:
+            out = written("out", out)
     check_same_dtype("gemm", a=a, b=b, c=c if beta != 0.0 else None, out=out)
     if algo in TENSOR_CORE_ALGOS:
         if a.dtype != np.float32:
