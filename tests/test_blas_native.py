@@ -74,6 +74,63 @@ def test_sgemm_views_alpha_beta(rng, m, k, n):
         assert_sum_close(out2, want2, mag2, k, what=f"transposed views ta={ta} tb={tb}")
 
 
+# A few rows against B or B transposed (a fully connected layer's forward and input gradient at a
+# small batch) run on dnnpar's own loops, not OpenBLAS: M 1..8 (9: OpenBLAS again), K from one
+# vector (16) up with ragged tails (B's rows go eight at a time in A B), N odd and even (two rows
+# of B at a time in A B^T) and past a tile of C's columns (1,024 floats at M = 8 in A B)
+SMALL_M = [(1, 16, 1), (2, 17, 2), (3, 31, 3), (5, 113, 97), (7, 600, 258), (8, 4099, 33), (8, 21, 2100),
+           (9, 40, 21)]
+
+
+@pytest.mark.parametrize("m,k,n", SMALL_M, ids=[f"{m}x{k}x{n}" for m, k, n in SMALL_M])
+@pytest.mark.parametrize("tb", [False, True], ids=["NN", "NT"])
+def test_small_m_products(rng, m, k, n, tb):
+    """Within the float32 summation bound of K products on 1, 2 and 3 threads, bit for bit the
+    same on each (every element is one thread's, summed in one order), with a NaN-poisoned output
+    (beta = 0 must not read it); and with alpha, beta and padded views of A, B and C's rows."""
+    a, b = operands(rng, m, k, n, False, tb)
+    want, mag = oracle(a, b, False, tb)
+    runs = []
+    for t in (1, 2, 3):
+        out = np.full((m, n), np.nan, np.float32)
+        assert cpu_native.sgemm(a, b, out, trans_b=tb, threads=t) is out
+        assert_sum_close(out, want, mag, k, what=f"{m}x{k}x{n} threads={t}")
+        runs.append(out)
+    if m <= 8:
+        for r in runs[1:]:
+            np.testing.assert_array_equal(r, runs[0])
+    a, b = operands(rng, m, k, n, False, tb, padded=True)
+    want, mag = oracle(a, b, False, tb)
+    c = rng.standard_normal((m, n), dtype=np.float32)
+    want_ab, mag_ab = oracle(a, b, False, tb, -0.75, 1.5, c)
+    out = c.copy()
+    assert cpu_native.sgemm(a, b, out, trans_b=tb, alpha=-0.75, beta=1.5) is out
+    assert_sum_close(out, want_ab, mag_ab, k + 1, what=f"{m}x{k}x{n} views, alpha, beta")
+    out = np.full((m, n), np.nan, np.float32)
+    cpu_native.sgemm(a, b, out, trans_b=tb)
+    assert_sum_close(out, want, mag, k, what=f"{m}x{k}x{n} views")
+
+
+@pytest.mark.parametrize("k", [1, 3, 8, 9])
+def test_large_weight_gradient_with_a_short_reduction(rng, k):
+    """A^T B with K <= 8 and C of 32 MB or more (a fully connected layer's weight gradient at a
+    small batch) is written by dnnpar's streaming loop (9: OpenBLAS): within the summation bound on
+    1, 2 and 3 threads and bit for bit the same on each, every element of the NaN-poisoned C
+    written; rows of 4,099 floats start off the 64-byte boundary, so each row has a scalar head."""
+    m, n = 2053, 4099  # 33.7 MB of C
+    a, b = operands(rng, m, k, n, True, False, padded=True)
+    want, mag = oracle(a, b, True, False)
+    runs = []
+    for t in (1, 2, 3):
+        out = np.full((m, n), np.nan, np.float32)
+        assert cpu_native.sgemm(a, b, out, trans_a=True, threads=t) is out
+        assert_sum_close(out, want, mag, k, what=f"k={k} threads={t}")
+        runs.append(out)
+    if k <= 8:
+        for r in runs[1:]:
+            np.testing.assert_array_equal(r, runs[0])
+
+
 def test_sgemm_declines_what_blas_cannot_read(rng):
     """A non-unit-stride operand or a non-contiguous / read-only / wrongly typed output: None,
     nothing written (the caller uses NumPy); a shape mismatch: ValueError."""
