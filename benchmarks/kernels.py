@@ -404,7 +404,44 @@ class CpuBench(Bench):
             self.add(Row("gemm", "dp.ops.gemm", f"{s}^3", self.time(lambda: dp.ops.gemm(a, b)), flops=flops,
                          roof="flop", peer="np.matmul", peer_ms=median(peer),
                          check=check_text(rel_err(dp.ops.gemm(a, b), a @ b))))
+        self.fc_small_batch()
         self.openblas_default_coretype()
+
+    #: (out, in features, batch): AlexNet's fc6 at batch 8 (its three products stream the 151 MB of
+    #: weights or their gradient: memory-bound, so the rows print GB/s against the copy bandwidth)
+    FC_SMALL_BATCH = ((4096, 9216, 8),)
+
+    def fc_small_batch(self) -> None:
+        """A fully connected layer's forward x W^T, input gradient dy W and weight gradient dy^T x
+        at a small batch through dp.ops.gemm (dnnpar/cpu/blas.cpp's own loops for these shapes)
+        against np.matmul (OpenBLAS on its own threads) and torch.matmul when installed. Every
+        product writes into an output kept between calls, as Linear's weight gradient is (a fresh
+        151 MB array is mapped page by page on each call, which would dwarf the product)."""
+        torch = self.torch
+        for out_f, in_f, batch in self.FC_SMALL_BATCH:
+            w = rand(self.rng, (out_f, in_f))
+            x, dy = rand(self.rng, (batch, in_f)), rand(self.rng, (batch, out_f))
+            size = f"{out_f}x{in_f}, batch {batch}"
+            # label, (a, b, trans_a, trans_b), shape of the product
+            for label, (a, b, ta, tb), shape in (
+                    ("forward x W^T", (x, w, False, True), (batch, out_f)),
+                    ("input gradient dy W", (dy, w, False, False), (batch, in_f)),
+                    ("weight gradient dy^T x", (dy, x, True, False), (out_f, in_f))):
+                opa, opb = (a.T if ta else a), (b.T if tb else b)
+                buf = np.zeros(shape, np.float32)
+                row = dict(flops=2.0 * out_f * in_f * batch, bytes=4.0 * w.size, unit="GB/s", roof="mem")
+                peer = self.time(lambda: np.matmul(opa, opb, out=buf))
+                want = buf.copy()
+                self.add(Row("gemm", f"np.matmul, fc {label}", size, peer, **row))
+                if torch is not None:
+                    ta_, tb_, tbuf = torch.from_numpy(opa), torch.from_numpy(opb), torch.zeros(shape)
+                    self.add(Row("gemm", f"torch.matmul, fc {label}", size,
+                                 self.time(lambda: torch.matmul(ta_, tb_, out=tbuf)), peer="np.matmul",
+                                 peer_ms=median(peer), **row))
+                mine = np.full(shape, np.nan, np.float32)
+                runs = self.time(lambda: dp.ops.gemm(a, b, trans_a=ta, trans_b=tb, out=mine))
+                self.add(Row("gemm", f"dp.ops.gemm, fc {label}", size, runs, peer="np.matmul", peer_ms=median(peer),
+                             check=check_text(rel_err(mine, want)), **row))
 
     def openblas_default_coretype(self) -> None:
         """With OPENBLAS_CORETYPE pinned (DESIGN.md: Haswell on AVX-512 machines), also time

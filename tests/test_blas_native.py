@@ -112,17 +112,22 @@ def test_small_m_products(rng, m, k, n, tb):
 
 
 @pytest.mark.parametrize("k", [1, 3, 8, 9])
-def test_large_weight_gradient_with_a_short_reduction(rng, k):
+@pytest.mark.parametrize("n, shift", [(4099, 0), (4112, 0), (4112, 1)], ids=["ragged", "aligned", "shifted"])
+def test_large_weight_gradient_with_a_short_reduction(rng, k, n, shift):
     """A^T B with K <= 8 and C of 32 MB or more (a fully connected layer's weight gradient at a
     small batch) is written by dnnpar's streaming loop (9: OpenBLAS): within the summation bound on
     1, 2 and 3 threads and bit for bit the same on each, every element of the NaN-poisoned C
-    written; rows of 4,099 floats start off the 64-byte boundary, so each row has a scalar head."""
-    m, n = 2053, 4099  # 33.7 MB of C
+    written. Rows of 4,099 floats start at every offset from the 64-byte boundary (one row at a
+    time); rows of 4,112 all start as the first does (four rows at a time, the last rows of a
+    thread's share one by one), C's first row aligned, or one float past a boundary."""
+    m = 2053  # 33.7 MB of C
     a, b = operands(rng, m, k, n, True, False, padded=True)
     want, mag = oracle(a, b, True, False)
     runs = []
     for t in (1, 2, 3):
-        out = np.full((m, n), np.nan, np.float32)
+        base = np.full(m * n + 16, np.nan, np.float32)
+        lead = (-base.ctypes.data // 4) % 16 + shift  # floats to the next 64-byte boundary, plus the shift
+        out = base[lead:lead + m * n].reshape(m, n)
         assert cpu_native.sgemm(a, b, out, trans_a=True, threads=t) is out
         assert_sum_close(out, want, mag, k, what=f"k={k} threads={t}")
         runs.append(out)

@@ -152,10 +152,11 @@ void small_m_nt(int team, int64_t n, int64_t k, float alpha, const float* a, int
 }
 
 // B's rows per pass of small_m_nn, and the most of C's columns a thread updates per pass: its M
-// rows of them within 32 KB (L1). Measured at 8 x 4096 by 4096 x 9216 (AlexNet's fc6 input
-// gradient at batch 8) on 2 cores: 6.4-6.5 ms against OpenBLAS's 17; 4 rows per pass 10-14 ms.
+// rows of them within 16 KB (L1). Measured at 8 x 4096 by 4096 x 9216 (AlexNet's fc6 input
+// gradient at batch 8) on 2 cores, 2026-12-03: 6.9-7.2 ms (torch.matmul 7.1-7.3, OpenBLAS
+// 12-17); with 32 KB 9.0-9.7 ms in the same hour, and 4 rows per pass 10-14 ms.
 constexpr int kNNRows = 8;
-constexpr int64_t kNNTileBytes = 32 << 10;
+constexpr int64_t kNNTileBytes = 16 << 10;
 
 // Columns [j0, j1) of C = A B (A: M rows of k, row stride lda; B: k rows, row stride ldb): each
 // pass streams kNNRows rows of B across the columns and adds their M outer products into C's rows
@@ -213,30 +214,41 @@ void small_m_nn(int team, int64_t n, int64_t k, const float* a, int64_t lda, con
 // A weight gradient at a small batch, C = A^T B with K <= 8 (dy^T x): C is hundreds of MB written
 // once, nothing read back, so it is written with non-temporal stores (no read for ownership, no
 // cache filled with it). OpenBLAS's first pass scales C by beta = 0, a second adds the product:
-// AlexNet's fc6 gradient (4096 x 9216, batch 8) 18 ms there, 6.8 ms here (22 GB/s); VGG-16's
-// (4096 x 25088, batch 2) 48 against 12 ms. Below kStreamMinBytes, which caches could hold,
-// OpenBLAS stays (16 MB: 1.3 against 2.0 ms streamed).
+// AlexNet's fc6 gradient (4096 x 9216, batch 8) 15-18 ms there, 4.1 ms here (37 GB/s; 6.8 ms one
+// row at a time, each vector of B then read from L2 for one row only); VGG-16's (4096 x 25088,
+// batch 2) 48 against 9.4 ms. Below kStreamMinBytes, which caches could hold, OpenBLAS stays
+// (16 MB: 1.3 against 2.0 ms streamed).
 constexpr int64_t kSmallK = 8;
 constexpr int64_t kStreamMinBytes = int64_t(32) << 20;
 
-// One row i of C: C[i, j] = sum over p of A[p, i] B[p, j], p in order; vectors stored streaming
-// from the first 64-byte boundary on, the head and the tail by scalar stores.
-inline void small_k_tn_row(int64_t i, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
-                           int64_t ldb, float* c, int64_t ldc) {
-    float av[kSmallK];
-    for (int64_t p = 0; p < k; ++p) av[p] = a[p * lda + i];
+// Rows i .. i + R - 1 of C: C[i, j] = sum over p of A[p, i] B[p, j], p in order; each vector of B
+// (from L2) serves R rows, vectors stored streaming from row i's first 64-byte boundary on, the head
+// and the tail by scalar stores. R > 1 only where every row starts as row i does (ldc a multiple
+// of 16 floats): _mm512_stream_ps faults on an unaligned address.
+template <int R>
+inline void small_k_tn_rows(int64_t i, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+                            int64_t ldb, float* c, int64_t ldc) {
+    float av[R][kSmallK];
+    for (int r = 0; r < R; ++r)
+        for (int64_t p = 0; p < k; ++p) av[r][p] = a[p * lda + i + r];
     float* cr = c + i * ldc;
     auto scalar = [&](int64_t j) {
-        float sum = 0.0f;
-        for (int64_t p = 0; p < k; ++p) sum = std::fma(av[p], b[p * ldb + j], sum);
-        cr[j] = sum;
+        for (int r = 0; r < R; ++r) {
+            float sum = 0.0f;
+            for (int64_t p = 0; p < k; ++p) sum = std::fma(av[r][p], b[p * ldb + j], sum);
+            cr[r * ldc + j] = sum;
+        }
     };
     int64_t j = 0;
     for (; j < n && (reinterpret_cast<uintptr_t>(cr + j) & 63) != 0; ++j) scalar(j);
     for (; j + 16 <= n; j += 16) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t p = 0; p < k; ++p) acc = _mm512_fmadd_ps(_mm512_set1_ps(av[p]), _mm512_loadu_ps(b + p * ldb + j), acc);
-        _mm512_stream_ps(cr + j, acc);
+        __m512 acc[R];
+        for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+        for (int64_t p = 0; p < k; ++p) {
+            const __m512 bv = _mm512_loadu_ps(b + p * ldb + j);
+            for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(av[r][p]), bv, acc[r]);
+        }
+        for (int r = 0; r < R; ++r) _mm512_stream_ps(cr + r * ldc + j, acc[r]);
     }
     for (; j < n; ++j) scalar(j);
 }
@@ -247,7 +259,10 @@ bool small_k(int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha, const
         return false;
     dnnpar::parallel(int(std::max<int64_t>(1, std::min<int64_t>(team, m))), [&](int tid, int t) {
         const dnnpar::Range r = dnnpar::split(m, tid, t);
-        for (int64_t i = r.lo; i < r.hi; ++i) small_k_tn_row(i, n, k, a, lda, b, ldb, c, ldc);
+        int64_t i = r.lo;
+        if (ldc % 16 == 0)
+            for (; i + 4 <= r.hi; i += 4) small_k_tn_rows<4>(i, n, k, a, lda, b, ldb, c, ldc);
+        for (; i < r.hi; ++i) small_k_tn_rows<1>(i, n, k, a, lda, b, ldb, c, ldc);
         _mm_sfence();  // the streamed stores are ordered before the pool reports this share done
     });
     return true;
