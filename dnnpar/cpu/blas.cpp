@@ -22,12 +22,14 @@
 // another Python thread runs single-threaded too, and a second caller that finds the pool busy
 // computes its blocks on its own thread at whatever count is set then (correct, maybe slower).
 //
-// Three product shapes run here instead. A few rows of A (M <= 8) against B or B transposed: a fully
-// connected layer's forward (x W^T) and input gradient (dy W) at a small batch. OpenBLAS packs the
-// whole of B for them (the weights: hundreds of MB read and written again) and ran at a third of
-// the memory bandwidth (AlexNet's fc6 at batch 8, 8 x 9216 by 4096 x 9216: 13.8 ms on 2 cores);
-// small_m_nt and small_m_nn stream B once against the M rows of A, which stay in cache (6.3 ms,
-// 24 GB/s; the input gradient 17 -> 6.4 ms). And its weight gradient, A^T B with K <= 8 (small_k).
+// Three product shapes run on dnnpar's own loops instead, a fully connected layer's at a small
+// batch. A few rows of A (M <= 8) against B transposed or B, the forward x W^T and the input
+// gradient dy W: OpenBLAS packs the whole of B for them (the weights: hundreds of MB read and
+// written again) and ran at a third of the memory bandwidth; small_m_nt and small_m_nn stream B
+// once against the M rows of A, which stay in cache. And the weight gradient dy^T x, A^T B with
+// K <= 8 (small_k). AlexNet's fc6 at batch 8 (4096 x 9216), 2 cores, 2026-12-03, ms for OpenBLAS /
+// torch.matmul / these: forward 12.5 / 9.75 / 5.46, input gradient 11.6 / 7.05 / 6.27, weight
+// gradient 14.8 / 3.98 / 4.12 (`benchmarks/kernels.py --only gemm`).
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -71,7 +73,7 @@ inline void sgemm(int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha, 
 // Sixteen floats (GCC / Clang vector extension: one zmm with AVX-512, two ymm with AVX2, ...).
 typedef float v16 __attribute__((vector_size(64)));
 
-constexpr int64_t kSmallM = 8;     // the most rows of A small_m_nt takes
+constexpr int64_t kSmallM = 8;     // the most rows of A small_m_nt and small_m_nn take
 constexpr int64_t kSmallMinK = 16;  // and the shortest rows (one vector)
 
 // The sixteen lanes summed in a fixed tree (the same bits on every thread count).
