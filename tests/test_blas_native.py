@@ -42,6 +42,21 @@ def oracle(a, b, ta, tb, alpha=1.0, beta=0.0, c=None):
     return want, mag
 
 
+def on_each_team(fresh, run, want, mag, k, what, exact=False):
+    """``run(out, threads)`` into a ``fresh()`` output on 1, 2 and 3 threads: it returns ``out``,
+    within the float32 summation bound of ``k`` products each time, and with ``exact`` the same
+    bits on each."""
+    runs = []
+    for t in (1, 2, 3):
+        out = fresh()
+        assert run(out, t) is out
+        assert_sum_close(out, want, mag, k, what=f"{what} threads={t}")
+        runs.append(out)
+    if exact:
+        for r in runs[1:]:
+            np.testing.assert_array_equal(r, runs[0])
+
+
 @pytest.mark.parametrize("m,k,n", SHAPES, ids=IDS)
 @pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True), (True, True)],
                          ids=["NN", "TN", "NT", "TT"])
@@ -50,10 +65,8 @@ def test_sgemm_matches_float64(rng, m, k, n, ta, tb):
     with an output poisoned by NaN (beta = 0 must not read it)."""
     a, b = operands(rng, m, k, n, ta, tb)
     want, mag = oracle(a, b, ta, tb)
-    for t in (1, 2, 3):
-        out = np.full((m, n), np.nan, np.float32)
-        assert cpu_native.sgemm(a, b, out, ta, tb, threads=t) is out
-        assert_sum_close(out, want, mag, k, what=f"{m}x{k}x{n} ta={ta} tb={tb} threads={t}")
+    on_each_team(lambda: np.full((m, n), np.nan, np.float32),
+                 lambda out, t: cpu_native.sgemm(a, b, out, ta, tb, threads=t), want, mag, k, f"{m}x{k}x{n} ta={ta} tb={tb}")
 
 
 @pytest.mark.parametrize("m,k,n", [(61, 113, 97), (300, 70, 11), (7, 500, 400)], ids=lambda v: str(v))
@@ -90,15 +103,9 @@ def test_small_m_products(rng, m, k, n, tb):
     (beta = 0 must not read it); and with alpha, beta and padded views of A, B and C's rows."""
     a, b = operands(rng, m, k, n, False, tb)
     want, mag = oracle(a, b, False, tb)
-    runs = []
-    for t in (1, 2, 3):
-        out = np.full((m, n), np.nan, np.float32)
-        assert cpu_native.sgemm(a, b, out, trans_b=tb, threads=t) is out
-        assert_sum_close(out, want, mag, k, what=f"{m}x{k}x{n} threads={t}")
-        runs.append(out)
-    if m <= 8:
-        for r in runs[1:]:
-            np.testing.assert_array_equal(r, runs[0])
+    on_each_team(lambda: np.full((m, n), np.nan, np.float32),
+                 lambda out, t: cpu_native.sgemm(a, b, out, trans_b=tb, threads=t), want, mag, k, f"{m}x{k}x{n}",
+                 exact=m <= 8)
     a, b = operands(rng, m, k, n, False, tb, padded=True)
     want, mag = oracle(a, b, False, tb)
     c = rng.standard_normal((m, n), dtype=np.float32)
@@ -123,17 +130,14 @@ def test_large_weight_gradient_with_a_short_reduction(rng, k, n, shift):
     m = 2053  # 33.7 MB of C
     a, b = operands(rng, m, k, n, True, False, padded=True)
     want, mag = oracle(a, b, True, False)
-    runs = []
-    for t in (1, 2, 3):
+
+    def poisoned():
         base = np.full(m * n + 16, np.nan, np.float32)
         lead = (-base.ctypes.data // 4) % 16 + shift  # floats to the next 64-byte boundary, plus the shift
-        out = base[lead:lead + m * n].reshape(m, n)
-        assert cpu_native.sgemm(a, b, out, trans_a=True, threads=t) is out
-        assert_sum_close(out, want, mag, k, what=f"k={k} threads={t}")
-        runs.append(out)
-    if k <= 8:
-        for r in runs[1:]:
-            np.testing.assert_array_equal(r, runs[0])
+        return base[lead:lead + m * n].reshape(m, n)
+
+    on_each_team(poisoned, lambda out, t: cpu_native.sgemm(a, b, out, trans_a=True, threads=t), want, mag, k,
+                 f"k={k}", exact=k <= 8)
 
 
 def test_sgemm_declines_what_blas_cannot_read(rng):
