@@ -87,12 +87,13 @@ def test_sgemm_views_alpha_beta(rng, m, k, n):
         assert_sum_close(out2, want2, mag2, k, what=f"transposed views ta={ta} tb={tb}")
 
 
-# A few rows against B or B transposed (a fully connected layer's forward and input gradient at a
-# small batch) run on dnnpar's own loops, not OpenBLAS: M 1..8 (9: OpenBLAS again), K from one
-# vector (16) up with ragged tails (B's rows go eight at a time in A B), N odd and even (two rows
-# of B at a time in A B^T) and past a tile of C's columns (1,024 floats at M = 8 in A B)
-SMALL_M = [(1, 16, 1), (2, 17, 2), (3, 31, 3), (5, 113, 97), (7, 600, 258), (8, 4099, 33), (8, 21, 2100),
-           (9, 40, 21)]
+# A few rows against a B of 4 MB or more, plain or transposed (a fully connected layer's forward
+# and input gradient at a small batch), run on dnnpar's own loops, not OpenBLAS: M 1..8 (9:
+# OpenBLAS again), K from one vector (16) up with ragged tails (B's rows go eight at a time in
+# A B), N odd and even (two rows of B at a time in A B^T) and past a tile of C's columns (512
+# floats at M = 8 in A B); and one B just under 4 MB (OpenBLAS)
+SMALL_M = [(1, 16, 65537), (2, 17, 61681), (3, 31, 33829), (5, 113, 9281), (7, 600, 1749), (8, 4099, 257),
+           (8, 21, 49933), (9, 40, 26215), (8, 1024, 1023)]
 
 
 @pytest.mark.parametrize("m,k,n", SMALL_M, ids=[f"{m}x{k}x{n}" for m, k, n in SMALL_M])
