@@ -148,11 +148,8 @@ void small_m_nt_cols(int64_t j0, int64_t j1, int64_t k, float alpha, const float
 template <int M>
 void small_m_nt(int team, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
                 int64_t ldb, float beta, float* c, int64_t ldc) {
-    const int64_t units = (n + 1) / 2;  // pairs of B rows
-    dnnpar::parallel(int(std::max<int64_t>(1, std::min<int64_t>(team, units))), [&](int tid, int t) {
-        const dnnpar::Range r = dnnpar::split(units, tid, t);
-        const int64_t lo = 2 * r.lo, hi = std::min(n, 2 * r.hi);
-        if (hi > lo) small_m_nt_cols<M>(lo, hi, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    dnnpar::parallel_ranges(team, (n + 1) / 2, [&](int64_t lo, int64_t hi) {  // pairs of B rows
+        small_m_nt_cols<M>(2 * lo, std::min(n, 2 * hi), k, alpha, a, lda, b, ldb, beta, c, ldc);
     });
 }
 
@@ -206,12 +203,10 @@ void small_m_nn_cols(int64_t j0, int64_t j1, int64_t k, const float* a, int64_t 
 template <int M>
 void small_m_nn(int team, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
                 int64_t ldc) {
-    const int64_t units = (n + 15) / 16;  // sixteen columns of C
     const int64_t tile = std::max<int64_t>(16, kNNTileBytes / int64_t(M * sizeof(float)) / 16 * 16);
-    dnnpar::parallel(int(std::max<int64_t>(1, std::min<int64_t>(team, units))), [&](int tid, int t) {
-        const dnnpar::Range r = dnnpar::split(units, tid, t);
-        const int64_t lo = 16 * r.lo, hi = std::min(n, 16 * r.hi);
-        for (int64_t j = lo; j < hi; j += tile) small_m_nn_cols<M>(j, std::min(hi, j + tile), k, a, lda, b, ldb, c, ldc);
+    dnnpar::parallel_ranges(team, (n + 15) / 16, [&](int64_t lo, int64_t hi) {  // sixteen columns of C
+        for (int64_t j = 16 * lo, end = std::min(n, 16 * hi); j < end; j += tile)
+            small_m_nn_cols<M>(j, std::min(end, j + tile), k, a, lda, b, ldb, c, ldc);
     });
 }
 
@@ -262,12 +257,10 @@ bool small_k(int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha, const
              const float* b, int64_t ldb, float beta, float* c, int64_t ldc, int team) {
     if (!ta || tb || k > kSmallK || alpha != 1.0f || beta != 0.0f || m * n * int64_t(sizeof(float)) < kStreamMinBytes)
         return false;
-    dnnpar::parallel(int(std::max<int64_t>(1, std::min<int64_t>(team, m))), [&](int tid, int t) {
-        const dnnpar::Range r = dnnpar::split(m, tid, t);
-        int64_t i = r.lo;
+    dnnpar::parallel_ranges(team, m, [&](int64_t i, int64_t hi) {
         if (ldc % 16 == 0)
-            for (; i + 4 <= r.hi; i += 4) small_k_tn_rows<4>(i, n, k, a, lda, b, ldb, c, ldc);
-        for (; i < r.hi; ++i) small_k_tn_rows<1>(i, n, k, a, lda, b, ldb, c, ldc);
+            for (; i + 4 <= hi; i += 4) small_k_tn_rows<4>(i, n, k, a, lda, b, ldb, c, ldc);
+        for (; i < hi; ++i) small_k_tn_rows<1>(i, n, k, a, lda, b, ldb, c, ldc);
         _mm_sfence();  // the streamed stores are ordered before the pool reports this share done
     });
     return true;
@@ -339,11 +332,8 @@ int dnnpar_blas_sgemm(int ta, int tb, int64_t m, int64_t n, int64_t k, float alp
     if (blas != 1) g_set(1);
     const bool rows = m >= int64_t(nt) * kAlign * 4 || m >= n;
     const int64_t extent = rows ? m : n;
-    const int64_t units = (extent + kAlign - 1) / kAlign;
-    nt = int(std::max<int64_t>(1, std::min<int64_t>(nt, units)));
-    dnnpar::parallel(nt, [&](int tid, int t) {
-        const dnnpar::Range r = dnnpar::split(units, tid, t);
-        const int64_t lo = r.lo * kAlign, hi = std::min(extent, r.hi * kAlign);
+    dnnpar::parallel_ranges(nt, (extent + kAlign - 1) / kAlign, [&](int64_t ulo, int64_t uhi) {
+        const int64_t lo = ulo * kAlign, hi = std::min(extent, uhi * kAlign);
         if (hi <= lo) return;
         if (rows) {  // rows lo..hi of C: rows of op(A)
             const float* ap = ta ? a + lo : a + lo * lda;

@@ -68,13 +68,20 @@ inline void parallel(int team, F&& body) {
                    const_cast<void*>(static_cast<const void*>(&body)));
 }
 
+// f(lo, hi) on each thread's contiguous share of n items, on `team` threads but never more than n.
+template <class F>
+inline void parallel_ranges(int team, int64_t n, F&& f) {
+    parallel(int(std::max<int64_t>(1, std::min<int64_t>(team, n))), [&](int tid, int nt) {
+        const Range r = split(n, tid, nt);
+        f(r.lo, r.hi);
+    });
+}
+
 // for (i in [0, n)) body(i), statically split over `team` threads.
 template <class F>
 inline void parallel_for(int team, int64_t n, F&& body) {
-    team = int(std::max<int64_t>(1, std::min<int64_t>(team, n)));
-    parallel(team, [&](int tid, int nt) {
-        const Range r = split(n, tid, nt);
-        for (int64_t i = r.lo; i < r.hi; ++i) body(i);
+    parallel_ranges(team, n, [&](int64_t lo, int64_t hi) {
+        for (int64_t i = lo; i < hi; ++i) body(i);
     });
 }
 
@@ -82,10 +89,7 @@ inline void parallel_for(int team, int64_t n, F&& body) {
 // kParallelMinWork; `threads` <= 0: the pool's default): elementwise, order-free kernels.
 template <class F>
 inline void elementwise(int64_t n, int threads, F&& f) {
-    parallel(team_size(threads, n), [&](int tid, int nt) {
-        const Range r = split(n, tid, nt);
-        f(r.lo, r.hi);
-    });
+    parallel_ranges(team_size(threads, n), n, f);
 }
 
 // for (i in [0, n)) body(i), in chunks of `chunk` taken in turn by `team` threads (rows of
