@@ -238,13 +238,15 @@ class Bench:
 
 # ---------------------------------------------------------------------------- CPU (numpy backend)
 def conv_path(x, w, stride, padding) -> str:
-    """Which numpy-backend path dp.ops.conv2d takes for this layer: "tiled" (the register-tiled
-    direct kernels of dnnpar/cpu/conv.cpp) or "BLAS" (im2col + GEMM, or the blocked NHWC GEMMs)."""
+    """Which numpy-backend path dp.ops.conv2d's forward takes for this layer: "tiled positions" /
+    "tiled channels" (the register-tiled direct kernels of dnnpar/cpu/conv.cpp, vectors over
+    output positions or channels) or "BLAS" (im2col + GEMM, or the blocked NHWC GEMMs)."""
     from dnnpar.ops import conv as C
     from dnnpar.ops._common import ConvGeometry
 
     g = ConvGeometry.make("conv2d", x.shape, w.shape[2], w.shape[3], stride, padding, 1)
-    return "tiled" if C.tiled_library(g, x, w) is not None else "BLAS"
+    vectors = C.tiled_kernel(g, w.shape[0], x, w)
+    return f"tiled {vectors}" if vectors else "BLAS"
 
 
 @contextlib.contextmanager
@@ -566,10 +568,13 @@ class CpuBench(Bench):
                 ref = median(peer[what]) if what in peer else None
                 self.add(Row("conv_layers", f"conv2d {what} ({path})", size, self.time(fn), flops=flops, roof="flop",
                              peer="torch" if ref else "", peer_ms=ref))
-                if path == "tiled":
-                    with temporarily(C.TILED, use=False):
-                        self.add(Row("conv_layers", f"conv2d {what} (BLAS, tiled off)", size, self.time(fn),
-                                     flops=flops, roof="flop", peer="torch" if ref else "", peer_ms=ref))
+                if path.startswith("tiled"):  # the other family and BLAS, forced
+                    other = "positions" if path.endswith("channels") else "channels"
+                    for label, switch in ((f"tiled {other} forced", dict(vectors=other)),
+                                          ("BLAS, tiled off", dict(use=False))):
+                        with temporarily(C.TILED, **switch):
+                            self.add(Row("conv_layers", f"conv2d {what} ({label})", size, self.time(fn),
+                                         flops=flops, roof="flop", peer="torch" if ref else "", peer_ms=ref))
 
     def depthwise(self) -> None:
         """MobileNet v1's depthwise layers (3x3, pad 1), forward and forward + backward (dx, dw),

@@ -3,6 +3,8 @@ epilogue with bias + ReLU / ReLU6 and the backward repacking with the activation
 against the float64 oracles of tests/oracles.py, Conv2d's fused activation in a Graph, and the
 NumPy fallback."""
 
+import textwrap
+
 import numpy as np
 import pytest
 
@@ -30,13 +32,16 @@ GEOMETRIES = [
 ]
 
 
-def _native_conv(monkeypatch, tiled: bool):
+def _native_conv(monkeypatch, vectors: str | None):
+    """The native conv paths at every geometry: the glue around BLAS (``vectors`` None) or the
+    tiled kernels of one family ("positions" / "channels")."""
     if cpu_native.library("conv") is None:
         pytest.skip(f"native conv kernel unavailable: {cpu_native.unavailable_reason('conv')}")
     monkeypatch.setitem(C.NATIVE_MIN_OW, "im2col", 1)
     monkeypatch.setitem(C.NATIVE_MIN_OW, "col2im", 1)
     monkeypatch.setitem(C.NATIVE_MIN_EPILOGUE, "size", 1)
-    monkeypatch.setitem(C.TILED, "use", tiled)
+    monkeypatch.setitem(C.TILED, "use", vectors is not None)
+    monkeypatch.setitem(C.TILED, "vectors", vectors)
     for key, every in (("min_efficiency", 0.0), ("max_k", 1 << 30), ("min_plane_1x1", 0), ("min_positions_backward", 0)):
         monkeypatch.setitem(C.TILED, key, every)
     return dp.use_backend("numpy")
@@ -47,16 +52,22 @@ def native_conv(monkeypatch):
     """The conv glue library on the numpy backend (im2col / col2im / epilogues around BLAS; skipped,
     with the reason, where it cannot be built); NATIVE_MIN_OW lowered so every geometry runs
     natively, the tiled kernels off."""
-    with _native_conv(monkeypatch, False) as be, poison_outputs():
+    with _native_conv(monkeypatch, None) as be, poison_outputs():
         yield be
 
 
-@pytest.fixture(params=["glue", "tiled"])
+@pytest.fixture(params=["glue", "positions", "channels"])
 def either_conv(request, monkeypatch):
-    """Both native paths in turn: the glue around BLAS and the register-tiled direct kernels (taken
-    at every geometry)."""
-    with _native_conv(monkeypatch, request.param == "tiled"), poison_outputs():
+    """Every native path in turn: the glue around BLAS and the two families of register-tiled
+    direct kernels (each taken at every geometry)."""
+    with _native_conv(monkeypatch, None if request.param == "glue" else request.param), poison_outputs():
         yield request.param
+
+
+@pytest.fixture(params=cpu_native.TILED_VECTORS)
+def vectors(request):
+    """Each family of tiled kernels: vectors over output positions, or over output channels."""
+    return request.param
 
 
 @pytest.fixture
@@ -348,8 +359,10 @@ def test_fold_rules_and_errors(rng):
 
 
 # ---------------------------------------------------------------- the register-tiled direct kernels
-# channel counts that are not multiples of any tile (FMR, WMR, WNT), N = 1, primes, a plane wide
-# enough for the per-image rows and one small enough to run tiles across images, stride 2 both ways
+# channel counts that are not multiples of any tile (FMR, WMR, WNT, VL), N = 1, primes, a plane
+# wide enough for the per-image rows and one small enough to run tiles across images, stride 2
+# both ways; for the channels family, O of one to five vectors (one to two tiles), rows of 1 to
+# 47 outputs (split into tiles of unequal widths) and the 5x5 kernels' channel blocks
 TILED_GEOMETRIES = [
     ((1, 13, 11, 7), 19, (3, 3), 2, 1, 1),
     ((2, 17, 9, 23), 9, (3, 1), 1, (1, 0), 1),
@@ -362,6 +375,10 @@ TILED_GEOMETRIES = [
     ((1, 6, 47, 45), 17, (5, 5), 1, 2, 1),
     # a reduction of 2425 (AlexNet's conv2 is 2400): the rules take such layers on large planes
     ((2, 97, 11, 13), 9, (5, 5), 1, 2, 1),
+    # the channels family's shapes: 64 and 80 outputs (CV 4: one block, two), 8x8 and 1x1 planes
+    ((3, 21, 8, 8), 64, (3, 3), 1, 1, 1),
+    ((2, 11, 7, 9), 80, (3, 3), 2, 1, 1),
+    ((4, 9, 3, 3), 33, (3, 3), 1, 0, 1),
 ]
 
 
@@ -376,18 +393,18 @@ def _tiled_case(rng, geom):
 
 
 @pytest.mark.parametrize("geom", TILED_GEOMETRIES)
-def test_tiled_kernels_against_float64(native_conv, rng, geom):
-    """The tiled forward (bias, ReLU6) and dW / db straight from the kernels, on NaN-filled outputs,
-    each within its float32 summation bound of the float64 oracle."""
+def test_tiled_kernels_against_float64(native_conv, rng, geom, vectors):
+    """The tiled forward (bias, ReLU6) and dW / db straight from the kernels of each family, on
+    NaN-filled outputs, each within its float32 summation bound of the float64 oracle."""
     g, geo, x, w, b, dy = _tiled_case(rng, geom)
-    y = cpu_native.conv_tiled_forward(x, w, b, np.full(dy.shape, np.nan, np.float32), geo, "relu6")
+    y = cpu_native.conv_tiled_forward(x, w, b, np.full(dy.shape, np.nan, np.float32), geo, "relu6", vectors=vectors)
     pre = oracles.conv2d(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), *_pairs(g))
     mag = oracles.conv2d(np.abs(x).astype(np.float64), np.abs(w).astype(np.float64), np.abs(b).astype(np.float64),
                          *_pairs(g))
     assert_sum_close(y, np.clip(pre, 0, 6), mag, w[0].size + 1, "tiled forward")
     dw, db, dym = cpu_native.conv_tiled_dw(x, dy, y, np.full(w.shape, np.nan, np.float32),
                                            np.full(w.shape[0], np.nan, np.float32),
-                                           np.full(dy.shape, np.nan, np.float32), "relu6", geo=geo)
+                                           np.full(dy.shape, np.nan, np.float32), "relu6", geo=geo, vectors=vectors)
     masked = np.where((y > 0) & (y < 6), dy, 0)
     np.testing.assert_array_equal(dym, masked)
     dm = masked.astype(np.float64).transpose(1, 0, 2, 3).reshape(w.shape[0], -1)
@@ -398,36 +415,81 @@ def test_tiled_kernels_against_float64(native_conv, rng, geom):
 
 
 @pytest.mark.parametrize("geom", [TILED_GEOMETRIES[0]] + TILED_GEOMETRIES[4:])
-def test_tiled_kernels_bit_identical_over_threads(native_conv, rng, geom):
+def test_tiled_kernels_bit_identical_over_threads(native_conv, rng, geom, vectors):
     g, geo, x, w, b, dy = _tiled_case(rng, geom)
     runs = []
     for t in (1, 2, 3):
-        y = cpu_native.conv_tiled_forward(x, w, b, np.full(dy.shape, np.nan, np.float32), geo, "relu", threads=t)
+        y = cpu_native.conv_tiled_forward(x, w, b, np.full(dy.shape, np.nan, np.float32), geo, "relu", threads=t,
+                                          vectors=vectors)
         dw, db, _ = cpu_native.conv_tiled_dw(x, dy, y, np.full(w.shape, np.nan, np.float32),
                                              np.full(w.shape[0], np.nan, np.float32), None, "relu", threads=t,
-                                             geo=geo)
+                                             geo=geo, vectors=vectors)
         runs.append((y, dw, db))
     for r in runs[1:]:
         for a, c in zip(runs[0], r):
             np.testing.assert_array_equal(a, c)
 
 
+GENERIC_TILED_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from dnnpar.backend import cpu_native as cn
+    # a build for any x86-64 / ARM CPU: 4-float vectors, the 16-register tiles of both families
+    cn.CXXFLAGS = tuple(f for f in cn.CXXFLAGS if f != "-march=native")
+    sys.path.insert(0, sys.argv[1])
+    import oracles
+    from test_conv_fusion import TILED_GEOMETRIES, _tiled_case, _pairs
+    rng = np.random.default_rng(11)
+    checked = 0
+    for geom in TILED_GEOMETRIES:
+        for vectors in cn.TILED_VECTORS:
+            g, geo, x, w, b, dy = _tiled_case(rng, geom)
+            y = cn.conv_tiled_forward(x, w, b, np.full(dy.shape, np.nan, np.float32), geo, vectors=vectors)
+            pairs = _pairs(g)
+            oracles.assert_sum_close(y, oracles.conv2d(x.astype(np.float64), w.astype(np.float64),
+                                                       b.astype(np.float64), *pairs),
+                                     oracles.conv2d(np.abs(x).astype(np.float64), np.abs(w).astype(np.float64),
+                                                    np.abs(b).astype(np.float64), *pairs),
+                                     w[0].size + 1, vectors + " forward")
+            dw, _, _ = cn.conv_tiled_dw(x, dy, None, np.full(w.shape, np.nan, np.float32),
+                                        np.full(w.shape[0], np.nan, np.float32), geo=geo, vectors=vectors)
+            dm = dy.astype(np.float64).transpose(1, 0, 2, 3).reshape(w.shape[0], -1)
+            cols = oracles.im2col(x.astype(np.float64), *w.shape[2:], *pairs)
+            oracles.assert_sum_close(dw, (dm @ cols.T).reshape(w.shape), (np.abs(dm) @ np.abs(cols).T).reshape(w.shape),
+                                     g.n * g.oh * g.ow, vectors + " dw")
+            checked += 1
+    print(json.dumps({"checked": checked, "shape": cn.conv_tiled_shape()}))
+""")
+
+
+def test_the_generic_build_runs_both_tiled_families(tmp_path):
+    """Built without -march=native (4-float vectors, 16 registers: the tiles every x86-64 and ARM
+    CPU runs), both families of tiled kernels match float64 within a float32 sum's bound."""
+    if cpu_native.library("conv") is None:
+        pytest.skip(f"native conv kernel unavailable: {cpu_native.unavailable_reason('conv')}")
+    from pathlib import Path
+    out = run_json_script(tmp_path, GENERIC_TILED_SCRIPT.replace("sys.argv[1]", repr(str(Path(__file__).parent))))
+    assert out["checked"] == 2 * len(TILED_GEOMETRIES)
+    assert out["shape"]["vl"] == 4 and out["shape"]["cvmax"] == 2, out
+
+
 @pytest.mark.parametrize("bad", [np.inf, np.nan])
-def test_tiled_nonfinite_input_poisons_only_its_taps(native_conv, rng, bad):
-    """A dropped grid position (the padded row's extra columns) reads real inputs; with an inf or
-    NaN there, 0 * inf would poison dW entries that never touch it. They must stay finite and
-    right: the non-finite entries are exactly the float64 oracle's."""
+def test_tiled_nonfinite_input_poisons_only_its_taps(native_conv, rng, bad, vectors):
+    """A dropped grid position (the positions family's padded row's extra columns) reads real
+    inputs; with an inf or NaN there, 0 * inf would poison dW entries that never touch it. They
+    must stay finite and right, in both families: the non-finite entries are exactly the float64
+    oracle's."""
     xs, o, k, s, p, d = (2, 3, 9, 10), 4, (3, 3), 1, 1, 1
     g, geo = _geo(xs, o, k, s, p, d)
     x = rng.standard_normal(xs).astype(np.float32)
     x[1, 2, 4, 9] = bad  # the last column: dropped positions of the row above read it
     w = rng.standard_normal((o, xs[1], *k)).astype(np.float32)
     dy = rng.standard_normal((g.n, o, g.oh, g.ow)).astype(np.float32)
-    y = cpu_native.conv_tiled_forward(x, w, None, np.full(dy.shape, np.nan, np.float32), geo)
+    y = cpu_native.conv_tiled_forward(x, w, None, np.full(dy.shape, np.nan, np.float32), geo, vectors=vectors)
     want = oracles.conv2d(x.astype(np.float64), w.astype(np.float64), None, *_pairs(g))
     np.testing.assert_array_equal(np.isfinite(y), np.isfinite(want))
     dw, _, _ = cpu_native.conv_tiled_dw(x, dy, None, np.full(w.shape, np.nan, np.float32),
-                                        np.full(o, np.nan, np.float32), geo=geo)
+                                        np.full(o, np.nan, np.float32), geo=geo, vectors=vectors)
     dm = dy.astype(np.float64).transpose(1, 0, 2, 3).reshape(o, -1)
     cols = oracles.im2col(x.astype(np.float64), *k, *_pairs(g))
     with np.errstate(invalid="ignore"):
@@ -448,7 +510,7 @@ def test_huge_padding_stays_off_the_packed_planes(either_conv, rng):
     w = rng.standard_normal((2, 1, 3, 3)).astype(np.float32)
     big = 1 << 20
     g = dp.ops._common.ConvGeometry.make("test", x.shape, 3, 3, 1, big, big)
-    assert C.tiled_library(g, x, w) is None
+    assert C.tiled_kernel(g, 2, x, w) is None
     y = dp.ops.conv2d(x, w, None, 1, big, big)
     np.testing.assert_array_equal(y, (w[:, 0, 1, 1] * x[0, 0, 0, 0]).reshape(1, 2, 1, 1))
     dx, dw, db = dp.ops.conv2d_backward(x, w, np.ones_like(y), 1, big, big)
@@ -464,12 +526,41 @@ def test_large_reductions_go_tiled_only_on_many_positions(monkeypatch, rng):
     w = rng.standard_normal((4, 16, 3, 3)).astype(np.float32)
     g = dp.ops._common.ConvGeometry.make("test", x.shape, 3, 3, 1, 1, 1)
     monkeypatch.setitem(C.TILED, "min_positions_backward", 0)
-    assert C.tiled_library(g, x, w) is not None  # K = 144 <= max_k
+    assert C.tiled_kernel(g, 4, x, w) is not None  # K = 144 <= max_k
     monkeypatch.setitem(C.TILED, "max_k", 143)
     for positions, tiled in ((2 * 81, True), (2 * 81 + 1, False)):
         monkeypatch.setitem(C.TILED, "min_positions_large_k", positions)
         for backward in (False, True):
-            assert (C.tiled_library(g, x, w, backward=backward) is not None) == tiled
+            assert (C.tiled_kernel(g, 4, x, w, backward=backward) is not None) == tiled
+
+
+# (x shape, O, backward, forced family, the family tiled_kernel picks): 3x3, padding 1
+FAMILY_CASES = [
+    ((4, 64, 8, 8), 64, False, None, "channels"),      # positions keep 64 of 100 lanes, channels all
+    ((2, 16, 32, 32), 20, False, None, "positions"),   # 0.93 of the positions' lanes, 20 of 32 channels
+    ((16, 16, 4, 4), 20, False, None, "channels"),     # 16 of 36 positions, 20 of 32 channels
+    ((16, 16, 4, 4), 4, False, None, None),            # 0.44 / 0.25: BLAS
+    ((1, 64, 8, 8), 64, True, "positions", None),      # 64 positions: too few for the positions' dW
+    ((1, 64, 8, 8), 64, True, None, "channels"),       # ... the channels' dW has no such limit
+    ((16, 16, 4, 4), 20, False, "positions", None),    # a forced family still needs its efficiency
+    ((2, 16, 32, 32), 20, False, "channels", "channels"),
+]
+
+
+@pytest.mark.parametrize("xs, o, backward, forced, want", FAMILY_CASES)
+def test_tiled_family_rule(monkeypatch, xs, o, backward, forced, want):
+    """A layer takes the tiled family that wastes fewer of its vector lanes (or TILED["vectors"]
+    where set), only where that family keeps TILED["min_efficiency"] of them, and dW by positions
+    only over TILED["min_positions_backward"] positions."""
+    if cpu_native.library("conv") is None:
+        pytest.skip(f"native conv kernel unavailable: {cpu_native.unavailable_reason('conv')}")
+    if cpu_native.conv_tiled_shape()["vl"] != 16:
+        pytest.skip("the cases count lanes of 16-float vectors (AVX-512)")
+    monkeypatch.setitem(C.TILED, "vectors", forced)
+    x = np.zeros(xs, np.float32)
+    w = np.zeros((o, xs[1], 3, 3), np.float32)
+    g = dp.ops._common.ConvGeometry.make("test", xs, 3, 3, 1, 1, 1)
+    assert C.tiled_kernel(g, o, x, w, backward=backward) == want
 
 
 def test_native_im2col_tap_reading_only_padding(rng):

@@ -130,14 +130,16 @@ NATIVE_SOURCES = {s.stem: s for s in (
         "dnnpar_sgd_step": [_P, _P, _P, _P, _I64, ctypes.c_float, ctypes.c_float, ctypes.c_float, _I32, _I32],
         "dnnpar_dgc_accumulate": [_P, _P, _P, _P, _P, _I64, ctypes.c_float, ctypes.c_float, _I32],
     }, flags=("-ffp-contract=off",)),  # NumPy's roundings, bit for bit: no FMA (clang ignores the pragma)
-    NativeSource("conv", 4, "convolution (tiled direct kernels, im2col / col2im, epilogues)", "NumPy", {
+    NativeSource("conv", 5, "convolution (tiled direct kernels, im2col / col2im, epilogues)", "NumPy", {
         "dnnpar_conv_im2col": [_P, _P, _P, _I32],
         "dnnpar_conv_col2im": [_P, _P, _P, _I32],
         "dnnpar_conv_epilogue": [_P, _P, _P, _I64, _I64, _I64, _I32, _I32],
         "dnnpar_conv_epilogue_backward": [_P, _P, _P, _P, _I64, _I64, _I64, _I32, _I32],
         "dnnpar_conv_tiled_shape": [_P],
     }, {"dnnpar_conv_tiled_forward": ([_P, _P, _P, _P, _P, _I64, _I32, _I32], ctypes.c_int),
-        "dnnpar_conv_tiled_dw": ([_P, _P, _P, _P, _P, _P, _P, _I64, _I32, _I32], ctypes.c_int)}),
+        "dnnpar_conv_tiled_dw": ([_P, _P, _P, _P, _P, _P, _P, _I64, _I32, _I32], ctypes.c_int),
+        "dnnpar_conv_chan_forward": ([_P, _P, _P, _P, _P, _I64, _I32, _I32], ctypes.c_int),
+        "dnnpar_conv_chan_dw": ([_P, _P, _P, _P, _P, _P, _P, _I64, _I32, _I32], ctypes.c_int)}),
 )}
 
 _lock = threading.RLock()  # reentrant: loading a kernel library loads the runtime first
@@ -597,20 +599,35 @@ _tiled_shapes: dict = {}  # the conv library loaded -> its tile sizes (constants
 
 def conv_tiled_shape() -> dict:
     """The tiled kernels' tile sizes in this build: VL (floats per vector), FMR x FNV (forward:
-    output channels x vectors of grid positions), WMR x WNT (dW: output channels x (c, i, j)).
+    output channels x vectors of grid positions), WMR x WNT (dW: output channels x (c, i, j)),
+    CVMAX (the channel-vectorised kernels' widest tile, in vectors of output channels).
     Asked of the library once (every tiled path's choice reads them)."""
     lib = _loaded("conv")
     if lib not in _tiled_shapes:
-        out = np.zeros(5, np.int32)
+        out = np.zeros(6, np.int32)
         lib.dnnpar_conv_tiled_shape(_ptr(out))
-        _tiled_shapes[lib] = dict(zip(("vl", "fmr", "fnv", "wmr", "wnt"), (int(v) for v in out)))
+        _tiled_shapes[lib] = dict(zip(("vl", "fmr", "fnv", "wmr", "wnt", "cvmax"), (int(v) for v in out)))
     return dict(_tiled_shapes[lib])
 
 
-def conv_tiled_forward(x, w, bias, y, geo, activation=None, threads: int | None = None) -> np.ndarray:
-    """``y[:] = activation(conv(x, w) + bias)`` by the register-tiled direct kernel: x (N, C, H, W),
+#: the register-tiled kernels' two families: vectors over output positions or over output channels
+TILED_VECTORS = ("positions", "channels")
+
+
+def _tiled_entry(kind: str, vectors: str):
+    if vectors not in TILED_VECTORS:
+        raise ValueError(f"native conv: vectors must be one of {', '.join(TILED_VECTORS)}, got {vectors!r}")
+    lib = _loaded("conv")
+    return getattr(lib, f"dnnpar_conv_{'tiled' if vectors == 'positions' else 'chan'}_{kind}")
+
+
+def conv_tiled_forward(x, w, bias, y, geo, activation=None, threads: int | None = None,
+                       vectors: str = "positions") -> np.ndarray:
+    """``y[:] = activation(conv(x, w) + bias)`` by a register-tiled direct kernel: x (N, C, H, W),
     w (O, C, KH, KW), bias (O,) or None, y (N, O, OH, OW), one group; ``geo`` as :func:`_conv_geo`,
-    already validated. Each output is summed by one thread in the fixed (c, i, j) order. Returns y."""
+    already validated. ``vectors``: the kernel's vector lanes run over output "positions" (grid
+    rows, padding computed and dropped) or output "channels" (the outputs alone). Each output is
+    summed by one thread in the fixed (c, i, j) order. Returns y."""
     g = _conv_geo(geo)
     n, c, h, wd, kh, kw, oh, ow = (int(v) for v in g[:8])
     _check_f32("x", x, (n, c, h, wd), op="conv")
@@ -621,17 +638,20 @@ def conv_tiled_forward(x, w, bias, y, geo, activation=None, threads: int | None 
     if bias is not None:
         _check_f32("bias", bias, (o,), op="conv")
     _check_f32("y", y, (n, o, oh, ow), out=True, op="conv")
-    if _loaded("conv").dnnpar_conv_tiled_forward(_ptr(x), _ptr(w), None if bias is None else _ptr(bias), _ptr(y),
-                                                 _ptr(g), o, _conv_act(activation), _threads_arg(threads)):
+    entry = _tiled_entry("forward", vectors)
+    if entry(_ptr(x), _ptr(w), None if bias is None else _ptr(bias), _ptr(y), _ptr(g), o, _conv_act(activation),
+             _threads_arg(threads)):
         raise MemoryError(f"native conv: no memory for the packed input of an {tuple(x.shape)} convolution")
     return y
 
 
-def conv_tiled_dw(x, dy, y, dw, db, dym=None, activation=None, threads: int | None = None, geo=None):
+def conv_tiled_dw(x, dy, y, dw, db, dym=None, activation=None, threads: int | None = None, geo=None,
+                  vectors: str = "positions"):
     """``dw[:]`` (O, C, KH, KW) and ``db[:]`` (O,) for dy (N, O, OH, OW) masked by the activation's
     gradient at the activated output y (None without an activation); ``dym`` (dy's shape) or None:
-    receives the masked dy. Each tile of dw is summed by one thread (images in order, lanes by a
-    fixed tree), db per channel in order: the bits do not depend on ``threads``. Returns (dw, db, dym)."""
+    receives the masked dy. ``vectors`` as :func:`conv_tiled_forward`'s. Each tile of dw is summed
+    by one thread in a fixed order, db per channel in order: the bits do not depend on
+    ``threads``. Returns (dw, db, dym)."""
     g = _conv_geo(geo)
     n, c, h, wd, kh, kw, oh, ow = (int(v) for v in g[:8])
     act = _conv_act(activation)
@@ -646,8 +666,9 @@ def conv_tiled_dw(x, dy, y, dw, db, dym=None, activation=None, threads: int | No
     _check_f32("db", db, (o,), out=True, op="conv")
     if dym is not None:
         _check_f32("dym", dym, dy.shape, out=True, op="conv")
-    if _loaded("conv").dnnpar_conv_tiled_dw(_ptr(x), _ptr(dy), _ptr(y) if act else None, _ptr(dw), _ptr(db),
-                                            None if dym is None else _ptr(dym), _ptr(g), o, act, _threads_arg(threads)):
+    entry = _tiled_entry("dw", vectors)
+    if entry(_ptr(x), _ptr(dy), _ptr(y) if act else None, _ptr(dw), _ptr(db), None if dym is None else _ptr(dym),
+             _ptr(g), o, act, _threads_arg(threads)):
         raise MemoryError(f"native conv: no memory for the packed operands of an {tuple(x.shape)} weight gradient")
     return dw, db, dym
 

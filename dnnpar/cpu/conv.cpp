@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 #include "activation.h"
@@ -194,12 +195,14 @@ extern "C" void dnnpar_conv_epilogue_backward(const float* dy, const float* y, f
 
 namespace {
 
+// CVMAX, CACC: the channel-vectorised kernels' widest tile (vectors of output channels) and
+// their accumulators (32 registers: accumulators + CV weights + a broadcast; 16 elsewhere)
 #if defined(__AVX512F__)
-constexpr int VL = 16, FMR = 8, FNV = 3, WMR = 4, WNT = 6;
+constexpr int VL = 16, FMR = 8, FNV = 3, WMR = 4, WNT = 6, CVMAX = 4, CACC = 24;
 #elif defined(__AVX__)
-constexpr int VL = 8, FMR = 4, FNV = 3, WMR = 3, WNT = 4;
+constexpr int VL = 8, FMR = 4, FNV = 3, WMR = 3, WNT = 4, CVMAX = 2, CACC = 12;
 #else
-constexpr int VL = 4, FMR = 4, FNV = 2, WMR = 2, WNT = 4;
+constexpr int VL = 4, FMR = 4, FNV = 2, WMR = 2, WNT = 4, CVMAX = 2, CACC = 12;
 #endif
 constexpr int TILE = FNV * VL;
 #ifndef DWCHUNK
@@ -230,6 +233,15 @@ inline vf bcast(const float* p) {
     for (int l = 0; l < VL; ++l) v[l] = *p;
     return v;
 #endif
+}
+
+// v, held in a register: GCC otherwise folds a vector used by several FMAs into each of them as
+// a memory operand (the channels' forward tile then made 20 loads per 16 FMAs: load-bound)
+inline vf in_register(vf v) {
+#if defined(__x86_64__) || defined(__i386__)
+    __asm__("" : "+v"(v));
+#endif
+    return v;
 }
 
 struct Phased {
@@ -405,13 +417,14 @@ std::vector<int64_t> tap_offsets(const Geo& g, const Phased& q) {
 
 }  // namespace
 
-// The tile sizes this build uses: (VL, FMR, FNV, WMR, WNT) -- ops/conv.py's waste rule reads them.
+// The tile sizes this build uses: (VL, FMR, FNV, WMR, WNT, CVMAX) -- ops/conv.py's rules read them.
 extern "C" void dnnpar_conv_tiled_shape(int* out) {
     out[0] = VL;
     out[1] = FMR;
     out[2] = FNV;
     out[3] = WMR;
     out[4] = WNT;
+    out[5] = CVMAX;
 }
 
 // y (N, O, OH, OW) = act(conv(x, w) + bias); w (O, C, KH, KW); bias (O) or null. Returns 0, or 1
@@ -615,4 +628,283 @@ extern "C" int dnnpar_conv_tiled_dw(const float* x, const float* dy, const float
     return 1;
 }
 
-DNNPAR_CPU_COMMON_EXPORTS(4)
+// ------------------------------------------------------------------------------------------
+// Channel-vectorised direct convolution: the same phase planes, vectors over output channels.
+//
+// The tiled kernels above vectorise over grid positions, and on a small plane much of each
+// grid row is padding (8x8 outputs with padding 1 keep 64 of 100 positions). These compute the
+// N*OH*OW outputs and nothing else: output (n, oh, ow) reads tap (i, j) of channel c at
+// xq + c*CSTRIDE + tap(i, j) + base, base = n*PLANE + oh*Wq + ow; consecutive ow are
+// consecutive floats there (any stride or dilation), so a tile of one output row needs one
+// pointer and immediate offsets.
+// Forward tile: TC positions of one output row x CV vectors of VL output channels, TC*CV
+// accumulators; each tap's input a broadcast float, its CV weight vectors loads from
+// [block][c][tap][CV*VL] (zero past O). Input channels in blocks whose weights stay in L1
+// (the tile's partial sums kept in the item's local [position][channel] buffer between blocks,
+// blocks in order); the buffer goes out to NCHW with bias + activation. Items (image, chunk of
+// output rows, channel block), split statically.
+// dW tile: KT columns (c, i, j) x CV channel vectors, summed over the positions in order from
+// dy laid out [position][channel] (masked, zero past O), x broadcast. Tiles split statically.
+// Every output and every dW entry is summed by one thread in one order: the bits do not depend
+// on the thread count. No position outside the output is computed, so an inf or NaN in x
+// reaches exactly the sums that read it.
+
+namespace {
+
+constexpr int tc_max(int cv) { return CACC / cv < 12 ? CACC / cv : 12; }
+constexpr int kt_of(int cv) { return CACC / cv < 6 ? CACC / cv : 6; }  // dW: its offsets live in registers too
+constexpr int64_t kChannelBlockFloats = 4096;  // forward: one input-channel block's weights, 16 KB
+constexpr int64_t kChanItemPositions = 64;     // forward: outputs per item (its local buffer: 16 KB at CV 4)
+constexpr int64_t kChanDwChunk = 256;          // dW: positions per pass of every tile (dy: 64 KB at CV 4)
+
+template <int CV, int TC>
+inline void chan_tile(const float* xr, int64_t cstride, const int64_t* off, int64_t kk, const float* wb,
+                      int64_t c_n, float* out, bool resume) {
+    vf acc[TC][CV];
+#pragma GCC unroll 16
+    for (int p = 0; p < TC; ++p)
+#pragma GCC unroll 4
+        for (int v = 0; v < CV; ++v) acc[p][v] = resume ? loadu(out + (p * CV + v) * VL) : vf{};
+    for (int64_t c = 0; c < c_n; ++c) {
+        const float* wc = wb + c * kk * CV * VL;
+        const float* xc = xr + c * cstride;
+        for (int64_t t = 0; t < kk; ++t) {
+            const float* xt = xc + off[t];
+            vf wv[CV];
+#pragma GCC unroll 4
+            for (int v = 0; v < CV; ++v) wv[v] = in_register(loadu(wc + (t * CV + v) * VL));
+#pragma GCC unroll 16
+            for (int p = 0; p < TC; ++p) {
+                const vf xb = bcast(xt + p);
+#pragma GCC unroll 4
+                for (int v = 0; v < CV; ++v) acc[p][v] += wv[v] * xb;
+            }
+        }
+    }
+#pragma GCC unroll 16
+    for (int p = 0; p < TC; ++p)
+#pragma GCC unroll 4
+        for (int v = 0; v < CV; ++v) storeu(out + (p * CV + v) * VL, acc[p][v]);
+}
+
+// chan_tile for a run of tc <= TC positions (the tile width, or a row's shorter last tile)
+template <int CV, int TC>
+inline void chan_tile_n(int tc, const float* xr, int64_t cstride, const int64_t* off, int64_t kk, const float* wb,
+                        int64_t c_n, float* out, bool resume) {
+    if constexpr (TC > 1) {
+        if (tc < TC) return chan_tile_n<CV, TC - 1>(tc, xr, cstride, off, kk, wb, c_n, out, resume);
+    }
+    chan_tile<CV, TC>(xr, cstride, off, kk, wb, c_n, out, resume);
+}
+
+template <int CV>
+void chan_forward(const float* xq, const Geo& g, const Phased& q, const int64_t* off, const float* wp, int64_t o_n,
+                  const float* bias, float* y, int act, int team) {
+    constexpr int W = CV * VL;
+    const int64_t kk = g.kh * g.kw, nob = (o_n + W - 1) / W, plane = g.oh * g.ow;
+    const int64_t cb = std::max<int64_t>(1, kChannelBlockFloats / (kk * W));
+    // tiles of one row: as few as TC allows, their widths within one of each other (a row of 8
+    // at TC 6: two of 4; of 32: 6, 6, 5, 5, 5, 5)
+    const int64_t ntile = (g.ow + tc_max(CV) - 1) / tc_max(CV), narrow = g.ow / ntile, wide = g.ow % ntile;
+    const int64_t rows = std::max<int64_t>(1, std::min(g.oh, kChanItemPositions / g.ow));
+    const int64_t per_image = (g.oh + rows - 1) / rows, items = g.n * per_image * nob;
+    const int members = int(std::max<int64_t>(1, std::min<int64_t>(team, items)));
+    float* const locals = scratch(2, members * rows * g.ow * W);
+    dnnpar::parallel(members, [&](int tid, int nt) {
+        const dnnpar::Range rg = dnnpar::split(items, tid, nt);
+        float* const local = locals + tid * rows * g.ow * W;
+        for (int64_t item = rg.lo; item < rg.hi; ++item) {
+            const int64_t ob = item % nob, chunk = item / nob, n = chunk / per_image;
+            const int64_t oh0 = chunk % per_image * rows, oh1 = std::min(g.oh, oh0 + rows);
+            const float* wb = wp + ob * g.c * kk * W;
+            for (int64_t c0 = 0; c0 < g.c; c0 += cb) {
+                const int64_t c_n = std::min(cb, g.c - c0);
+                for (int64_t oh = oh0; oh < oh1; ++oh) {
+                    const float* xr = xq + c0 * q.cstride + n * q.plane + oh * q.wq;
+                    for (int64_t tile = 0, ow = 0; tile < ntile; ++tile) {
+                        const int tc = int(narrow + (tile < wide));
+                        chan_tile_n<CV, tc_max(CV)>(tc, xr + ow, q.cstride, off, kk, wb + c0 * kk * W, c_n,
+                                                    local + ((oh - oh0) * g.ow + ow) * W, c0 > 0);
+                        ow += tc;
+                    }
+                }
+            }
+            const int64_t olo = ob * W, ohi = std::min(o_n, olo + W), len = (oh1 - oh0) * g.ow;
+            for (int64_t o = olo; o < ohi; ++o) {
+                const float add = bias ? bias[o] : 0.0f;
+                const float* s = local + (o - olo);
+                float* d = y + (n * o_n + o) * plane + oh0 * g.ow;
+                for (int64_t k = 0; k < len; ++k) d[k] = act_forward(s[k * W] + add, act);
+            }
+        }
+    });
+}
+
+template <int CV, int KT>
+inline void chan_dw_tile(const float* dyt, int64_t ldd, const float* xq, const int64_t* base, const int64_t* koff,
+                         int64_t len, vf* acc_io) {
+    vf acc[KT][CV];
+    int64_t ko[KT];
+#pragma GCC unroll 8
+    for (int k = 0; k < KT; ++k) {
+        ko[k] = koff[k];
+#pragma GCC unroll 4
+        for (int v = 0; v < CV; ++v) acc[k][v] = acc_io[k * CV + v];
+    }
+    for (int64_t m = 0; m < len; ++m) {
+        const float* xm = xq + base[m];
+        vf dv[CV];
+#pragma GCC unroll 4
+        for (int v = 0; v < CV; ++v) dv[v] = loadu(dyt + m * ldd + v * VL);
+#pragma GCC unroll 8
+        for (int k = 0; k < KT; ++k) {
+            const vf xb = bcast(xm + ko[k]);
+#pragma GCC unroll 4
+            for (int v = 0; v < CV; ++v) acc[k][v] += dv[v] * xb;
+        }
+    }
+#pragma GCC unroll 8
+    for (int k = 0; k < KT; ++k)
+#pragma GCC unroll 4
+        for (int v = 0; v < CV; ++v) acc_io[k * CV + v] = acc[k][v];
+}
+
+template <int CV>
+void chan_dw(const float* xq, const Geo& g, const Phased& q, const int64_t* off, const int64_t* base, const float* dyt,
+             int64_t o_n, float* dw, int threads) {
+    constexpr int W = CV * VL, KT = kt_of(CV);
+    const int64_t kk = g.kh * g.kw, k_n = g.c * kk, nob = (o_n + W - 1) / W, nkb = (k_n + KT - 1) / KT;
+    const int64_t positions = g.n * g.oh * g.ow, ldd = nob * W, tiles = nob * nkb;
+    std::vector<int64_t> koff(size_t(nkb * KT));
+    for (int64_t k = 0; k < nkb * KT; ++k) {
+        const int64_t kc = std::min(k, k_n - 1);  // past K: a real column again, never stored
+        koff[size_t(k)] = kc / kk * q.cstride + off[kc % kk];
+    }
+    const int team = int(std::max<int64_t>(1, std::min<int64_t>(dnnpar::team_size(threads, positions * o_n * k_n),
+                                                                 tiles)));
+    vf* const accs = reinterpret_cast<vf*>(scratch(3, tiles * KT * CV * VL));
+    for (int64_t k = 0; k < tiles * KT * CV; ++k) accs[k] = vf{};
+    dnnpar::parallel(team, [&](int tid, int nt) {
+        const dnnpar::Range rg = dnnpar::split(tiles, tid, nt);
+        for (int64_t m0 = 0; m0 < positions; m0 += kChanDwChunk) {
+            const int64_t len = std::min(kChanDwChunk, positions - m0);
+            for (int64_t tl = rg.lo; tl < rg.hi; ++tl) {
+                const int64_t ob = tl / nkb, kb = tl % nkb;
+                chan_dw_tile<CV, KT>(dyt + m0 * ldd + ob * W, ldd, xq, base + m0, koff.data() + kb * KT, len,
+                                     accs + tl * KT * CV);
+            }
+        }
+        for (int64_t tl = rg.lo; tl < rg.hi; ++tl) {
+            const int64_t ob = tl / nkb, kb = tl % nkb;
+            const float* a = reinterpret_cast<const float*>(accs + tl * KT * CV);
+            for (int k = 0; k < KT && kb * KT + k < k_n; ++k)
+                for (int64_t o = ob * W; o < std::min(o_n, ob * W + W); ++o)
+                    dw[o * k_n + kb * KT + k] = a[k * W + (o - ob * W)];
+        }
+    });
+}
+
+// channel vectors per tile for o_n output channels
+int chan_cv(int64_t o_n) { return int(std::min<int64_t>(CVMAX, (o_n + VL - 1) / VL)); }
+
+// f(std::integral_constant<int, cv>) for a cv of chan_cv (only the widths this build has)
+template <class F>
+void with_cv(int cv, F&& f) {
+    if constexpr (CVMAX >= 4) {
+        if (cv == 4) return f(std::integral_constant<int, 4>{});
+        if (cv == 3) return f(std::integral_constant<int, 3>{});
+    }
+    if (cv == 2) return f(std::integral_constant<int, 2>{});
+    f(std::integral_constant<int, 1>{});
+}
+
+}  // namespace
+
+// y (N, O, OH, OW) = act(conv(x, w) + bias) by the channel-vectorised kernel (arguments and
+// returns as dnnpar_conv_tiled_forward's).
+extern "C" int dnnpar_conv_chan_forward(const float* x, const float* w, const float* bias, float* y,
+                                        const int64_t* geo, int64_t o_n, int act, int threads) try {
+    const Geo g = read_geo(geo);
+    const Phased q(g);
+    const int cv = chan_cv(o_n);
+    const int64_t kk = g.kh * g.kw, wdt = cv * VL, nob = (o_n + wdt - 1) / wdt;
+    float* const xq = scratch(0, q.floats(g));
+    float* const wp = scratch(1, nob * g.c * kk * wdt);
+    {
+        float* d = wp;  // [block][c][tap][cv * VL], in write order
+        for (int64_t ob = 0; ob < nob; ++ob)
+            for (int64_t c = 0; c < g.c; ++c)
+                for (int64_t t = 0; t < kk; ++t)
+                    for (int64_t r = 0; r < wdt; ++r, ++d) {
+                        const int64_t o = ob * wdt + r;
+                        *d = o < o_n ? w[(o * g.c + c) * kk + t] : 0.0f;
+                    }
+    }
+    const std::vector<int64_t> off = tap_offsets(g, q);
+    pack_phases(x, xq, g, q, threads);
+    const int64_t macs = g.n * o_n * g.oh * g.ow * g.c * kk;
+    const int team = pack_team(g, q, threads) == 1 && macs < kSmallForwardMacs ? 1 : dnnpar::team_size(threads, macs);
+    with_cv(cv, [&](auto k) { chan_forward<decltype(k)::value>(xq, g, q, off.data(), wp, o_n, bias, y, act, team); });
+    return 0;
+} catch (const std::bad_alloc&) {
+    return 1;
+}
+
+// dw, db (and dym) by the channel-vectorised kernel (arguments and returns as dnnpar_conv_tiled_dw's).
+extern "C" int dnnpar_conv_chan_dw(const float* x, const float* dy, const float* yact, float* dw, float* db,
+                                   float* dym, const int64_t* geo, int64_t o_n, int act, int threads) try {
+    const Geo g = read_geo(geo);
+    const Phased q(g);
+    const int cv = chan_cv(o_n);
+    const int64_t wdt = cv * VL, ldd = (o_n + wdt - 1) / wdt * wdt, plane = g.oh * g.ow, positions = g.n * plane;
+    float* const xq = scratch(0, q.floats(g));
+    pack_phases(x, xq, g, q, threads);
+    // dy masked, laid out [position][channel] (zero past O); db's per-(n, o) float sums, added
+    // over the images in order afterwards (in double)
+    float* const dyt = scratch(1, positions * ldd);
+    std::vector<float> parts(size_t(g.n * o_n));
+    const int members = int(std::max<int64_t>(1, std::min<int64_t>(dnnpar::team_size(threads, positions * o_n), g.n)));
+    float* const tmps = dym ? nullptr : scratch(2, members * plane);  // the masked plane, where dym is not wanted
+    dnnpar::parallel(members, [&](int tid, int nt) {
+        const dnnpar::Range rg = dnnpar::split(g.n, tid, nt);
+        for (int64_t n = rg.lo; n < rg.hi; ++n) {
+            float* dt = dyt + n * plane * ldd;
+            for (int64_t p = 0; p < plane; ++p)
+                for (int64_t o = o_n; o < ldd; ++o) dt[p * ldd + o] = 0.0f;
+            for (int64_t o = 0; o < o_n; ++o) {
+                const float* s = dy + (n * o_n + o) * plane;
+                float* d = dym ? dym + (n * o_n + o) * plane : tmps + tid * plane;
+                if (act == kNone) {
+#pragma omp simd
+                    for (int64_t p = 0; p < plane; ++p) d[p] = s[p];
+                } else {
+                    const float* yy = yact + (n * o_n + o) * plane;
+#pragma omp simd
+                    for (int64_t p = 0; p < plane; ++p) d[p] = act_backward(s[p], yy[p], act);
+                }
+                float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+                for (int64_t p = 0; p < plane; ++p) part += d[p];
+                parts[size_t(n * o_n + o)] = part;
+                for (int64_t p = 0; p < plane; ++p) dt[p * ldd + o] = d[p];
+            }
+        }
+    });
+    for (int64_t o = 0; o < o_n; ++o) {
+        double sum = 0.0;
+        for (int64_t n = 0; n < g.n; ++n) sum += parts[size_t(n * o_n + o)];
+        db[o] = float(sum);
+    }
+    std::vector<int64_t> base(static_cast<size_t>(positions));
+    for (int64_t m = 0; m < positions; ++m) {
+        const int64_t n = m / plane, r = m % plane;
+        base[size_t(m)] = n * q.plane + r / g.ow * q.wq + r % g.ow;
+    }
+    const std::vector<int64_t> off = tap_offsets(g, q);
+    with_cv(cv, [&](auto k) { chan_dw<decltype(k)::value>(xq, g, q, off.data(), base.data(), dyt, o_n, dw, threads); });
+    return 0;
+} catch (const std::bad_alloc&) {
+    return 1;
+}
+
+DNNPAR_CPU_COMMON_EXPORTS(5)

@@ -59,24 +59,29 @@ NATIVE_MIN_EPILOGUE = {"size": 8192}
 
 #: the register-tiled direct kernels (dnnpar/cpu/conv.cpp) on the numpy backend, and where they
 #: beat BLAS on im2col (measured on 2 AVX-512 cores, ``benchmarks/kernels.py --only conv`` prints
-#: both paths): "use" False keeps the BLAS paths. "min_efficiency": the smallest share of the
-#: computed grid positions that are real outputs (a padded row computes Wq - OW dropped columns,
-#: small planes their dropped rows too); "max_k": the largest reduction C*KH*KW (beyond it BLAS's
-#: larger blocks win: 128 -> 256 channels at 8x8 ran 2.1x slower tiled); "min_plane_1x1": a 1x1
-#: kernel only on planes of at least this many outputs (on 3x3 .. 12x12 planes one GEMM over the
-#: batch is 1.1-2x faster); "min_positions_backward": dW reduces over N*OH*OW positions, too few
-#: of them per tile cost more than BLAS (a 64-channel 8x8 layer at batch 1 took 2x longer);
+#: both paths): "use" False keeps the BLAS paths. Two families: vectors over output "positions"
+#: (grid rows, padding computed and dropped) and over output "channels" (the outputs alone,
+#: channels padded to whole vectors); a layer takes the family wasting less of its lanes (ties:
+#: channels), unless "vectors" names one. "min_efficiency": the smallest share of the chosen
+#: family's lanes that are real outputs (positions: a padded row computes Wq - OW dropped
+#: columns, small planes their dropped rows too; channels: O of the vectors' lanes);
+#: "max_k": the largest reduction C*KH*KW (beyond it BLAS's larger blocks win: 128 -> 256
+#: channels at 8x8 ran 2.1x slower tiled); "min_plane_1x1": a 1x1 kernel only on planes of at
+#: least this many outputs (on 3x3 .. 12x12 planes one GEMM over the batch is 1.1-2x faster);
+#: "min_positions_backward": the positions family's dW reduces over N*OH*OW positions, too few
+#: of them per tile cost more than BLAS (a 64-channel 8x8 layer at batch 1 took 2x longer; the
+#: channels family's took 0.42 of BLAS's time there, and has no such limit);
 #: "min_positions_large_k": beyond "max_k", the tiled kernels still run from this many output
 #: positions N*OH*OW on (measured December 2026 against im2col + GEMM, forward / backward ms:
 #: AlexNet's 96 -> 256 5x5 at 27x27, batch 8, 27 / 75 against 33 / 83; 128 -> 128 at 112x112,
 #: batch 2, 31 / 67 against 53 / 124; 128 -> 128 at 16x16, batch 16, 4.6 / 12.6 against 7.2 /
 #: 15.2; below it BLAS wins: 384 -> 384 at 13x13, batch 8, 19 / 72 against 15 / 43)
-TILED = {"use": True, "min_efficiency": 0.6, "max_k": 600, "min_plane_1x1": 256, "min_positions_backward": 1024,
-         "min_positions_large_k": 4096}
+TILED = {"use": True, "vectors": None, "min_efficiency": 0.6, "max_k": 600, "min_plane_1x1": 256,
+         "min_positions_backward": 1024, "min_positions_large_k": 4096}
 
 
 def tiled_efficiency(g: ConvGeometry, tile: int) -> float:
-    """The share of the tiled forward kernel's computed grid positions that are outputs of ``g``
+    """The share of the positions family's computed grid positions that are outputs of ``g``
     (see dnnpar/cpu/conv.cpp: rows of Wq = ceil((W + 2 PW) / SW) positions, OW of them kept;
     an image's OH rows rounded up to whole tiles of ``tile`` positions, or, where those are fewer
     than 4 tiles, its Hq = ceil((H + 2 PH) / SH) rows run across images)."""
@@ -87,12 +92,19 @@ def tiled_efficiency(g: ConvGeometry, tile: int) -> float:
     return g.oh * g.ow / computed
 
 
-def tiled_library(g: ConvGeometry, *arrays, backward: bool = False):
-    """The native conv library when the tiled direct kernels take this one-group geometry on
-    these operands (C-contiguous float32 NumPy arrays; TILED and NATIVE on; TILED's limits; padded
-    planes within twice the input plus the im2col matrix; not a 1x1 kernel with a stride, which
-    reads a quarter of the padded input it packs), else None.
-    ``backward``: for dW (and dx), which needs TILED["min_positions_backward"] too."""
+def channel_efficiency(o: int, vl: int, cvmax: int) -> float:
+    """The share of the channels family's lanes that are real output channels: O of the
+    ceil(O / (CV*VL)) blocks of CV = min(CVMAX, ceil(O / VL)) vectors."""
+    width = min(cvmax, -(-o // vl)) * vl
+    return o / (-(-o // width) * width)
+
+
+def tiled_kernel(g: ConvGeometry, o: int, *arrays, backward: bool = False) -> str | None:
+    """The tiled family ("positions" or "channels") that takes this one-group geometry with ``o``
+    output channels on these operands, else None (the BLAS paths): C-contiguous float32 NumPy
+    arrays; TILED and NATIVE on; TILED's limits; padded planes within twice the input plus the
+    im2col matrix; not a 1x1 kernel with a stride, which reads a quarter of the padded input it
+    packs. ``backward``: for dW (and dx)."""
     taps = g.kh * g.kw
     (sh, sw), (ph, pw) = g.stride, g.padding
     grid = g.n * (-(-(g.h + 2 * ph) // sh) * sh) * (-(-(g.w + 2 * pw) // sw) * sw)  # packed floats per channel
@@ -101,14 +113,17 @@ def tiled_library(g: ConvGeometry, *arrays, backward: bool = False):
             # BLAS would build (padding 2**30 around one pixel is valid, and BLAS's path is cheap)
             or grid > 2 * g.n * g.h * g.w + taps * g.n * g.oh * g.ow + (1 << 16)
             or (taps == 1 and (g.stride != (1, 1) or g.oh * g.ow < TILED["min_plane_1x1"]))
-            or (backward and g.n * g.oh * g.ow < TILED["min_positions_backward"])
             or not all(a is None or (isinstance(a, np.ndarray) and a.flags.c_contiguous) for a in arrays)):
         return None
-    lib = native_library(*arrays)
-    if lib is None:
+    if native_library(*arrays) is None:
         return None
     shape = cpu_native.conv_tiled_shape()
-    return lib if tiled_efficiency(g, shape["fnv"] * shape["vl"]) >= TILED["min_efficiency"] else None
+    eff = {"positions": tiled_efficiency(g, shape["fnv"] * shape["vl"]),
+           "channels": channel_efficiency(o, shape["vl"], shape["cvmax"])}
+    if backward and g.n * g.oh * g.ow < TILED["min_positions_backward"]:
+        eff["positions"] = 0.0
+    family = TILED["vectors"] or max(("channels", "positions"), key=eff.__getitem__)  # ties: channels
+    return family if eff[family] >= TILED["min_efficiency"] else None
 
 
 def _native_geo(g: ConvGeometry):
@@ -454,13 +469,15 @@ def _igemm_args(g: ConvGeometry, o: int, groups: int):
 
 class _Plan(NamedTuple):
     """How the numpy backend computes one group's forward: ``path`` "direct" (the NumPy loop),
-    "tiled" (the native direct kernel), "fast" (blocked NumPy) or "im2col" (im2col, native or
-    NumPy by ``native_im2col``, then one GEMM and the native epilogue if ``epilogue``)."""
+    "tiled" (a native direct kernel, of family ``vectors``), "fast" (blocked NumPy) or "im2col"
+    (im2col, native or NumPy by ``native_im2col``, then one GEMM and the native epilogue if
+    ``epilogue``)."""
     path: str
     g: ConvGeometry
     o: int
     native_im2col: bool = False
     epilogue: bool = False
+    vectors: str | None = None
 
 
 def _plan_single(g: ConvGeometry, x, w, bias, algo, be) -> _Plan:
@@ -470,8 +487,9 @@ def _plan_single(g: ConvGeometry, x, w, bias, algo, be) -> _Plan:
         g.check_cols("conv2d")  # though the fast path never builds it
     if algo == "direct":
         return _Plan("direct", g, o)
-    if tiled_library(g, x, w, bias) is not None:
-        return _Plan("tiled", g, o)
+    vectors = tiled_kernel(g, o, x, w, bias)
+    if vectors is not None:
+        return _Plan("tiled", g, o, vectors=vectors)
     if _fast_path_ok(g, x.itemsize):
         return _Plan("fast", g, o)
     native_im2col = g.ow >= NATIVE_MIN_OW["im2col"] and native_library(x) is not None
@@ -487,7 +505,7 @@ def _run_single(plan: _Plan, x, w, bias, be, activation=None):
         return conv2d_direct_numpy(x, w, bias, g), None, False
     if plan.path == "tiled":
         return cpu_native.conv_tiled_forward(x, w, bias, be.empty((g.n, o, g.oh, g.ow)), _native_geo(g),
-                                             activation), None, True
+                                             activation, vectors=plan.vectors), None, True
     if plan.path == "fast":
         return conv2d_fast_numpy(x, w, bias, g), None, False
     with annotate_range("dnnpar.im2col"):  # the ranges the public ops open (Nsight's view)
@@ -615,8 +633,9 @@ def _backward_single(x, w, dy, g: ConvGeometry, need_dx, cols, be, activation=No
         cols = check_array("conv2d_backward", "cols", cols, ndim=2, backend=be)
         if tuple(cols.shape) != g.cols_shape:
             raise ValueError(f"conv2d_backward: cols must have shape {g.cols_shape}, got {tuple(cols.shape)}")
-    if cols is None and not be.runs_kernels and tiled_library(g, x, w, dy, y, backward=True) is not None:
-        return _backward_tiled(x, w, dy, g, need_dx, be, activation, y)
+    vectors = None if cols is not None or be.runs_kernels else tiled_kernel(g, o, x, w, dy, y, backward=True)
+    if vectors is not None:
+        return _backward_tiled(x, w, dy, g, need_dx, be, activation, y, vectors)
     fast = cols is None and not be.runs_kernels and _backward_fast_ok(g, x.itemsize)
     native = (not fast and not be.runs_kernels and dy.size >= NATIVE_MIN_EPILOGUE["size"]
               and native_library(dy, y) is not None)
@@ -662,7 +681,7 @@ def _dx_geometry(dy_shape, g: ConvGeometry):
                              (dh * (g.kh - 1) - ph, dw * (g.kw - 1) - pw), g.dilation)
 
 
-def _backward_tiled(x, w, dy, g: ConvGeometry, need_dx, be, activation, y):
+def _backward_tiled(x, w, dy, g: ConvGeometry, need_dx, be, activation, y, vectors):
     """(dx or None, dw, db) by the tiled kernels: dW and db in one pass that masks dy (kept for dx
     when there is an activation); dx at stride 1 by the tiled forward kernel on the masked dy (one
     full correlation with the flipped kernel), else -- a stride, or TILED's rules turning that
@@ -672,14 +691,15 @@ def _backward_tiled(x, w, dy, g: ConvGeometry, need_dx, be, activation, y):
     o = w.shape[0]
     dw, db = be.empty(w.shape), be.empty((o,))
     dym = be.empty(dy.shape) if activation is not None and need_dx else None
-    cpu_native.conv_tiled_dw(x, dy, y, dw, db, dym, activation, geo=_native_geo(g))
+    cpu_native.conv_tiled_dw(x, dy, y, dw, db, dym, activation, geo=_native_geo(g), vectors=vectors)
     if not need_dx:
         return None, dw, db
     dyx = dym if dym is not None else dy
     gb = _dx_geometry(dy.shape, g)
     if gb is not None:
         wflip = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-        if tiled_library(gb, dyx, wflip) is not None:
+        dx_vectors = tiled_kernel(gb, g.c, dyx, wflip)
+        if dx_vectors is not None:
             return cpu_native.conv_tiled_forward(dyx, wflip, None, be.empty((g.n, g.c, g.h, g.w)),
-                                                 _native_geo(gb)), dw, db
+                                                 _native_geo(gb), vectors=dx_vectors), dw, db
     return _dx_gemm(w, np.ascontiguousarray(dyx.transpose(1, 0, 2, 3)).reshape(o, -1), g, be), dw, db
