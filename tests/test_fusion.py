@@ -98,3 +98,82 @@ def test_a_swapped_layer_is_planned_again(fusion, rng):
     model.layers[0] = ("fc1", swapped)
     assert model.fused_pairs() == []
     np.testing.assert_array_equal(model.forward(x), want)
+
+
+@pytest.mark.parametrize("act", [ReLU, ReLU6])
+@pytest.mark.parametrize("native", [True, False])
+def test_residual_join_fuses_its_activation(fusion, monkeypatch, rng, act, native):
+    """Add absorbs the ReLU / ReLU6 after it (ResNet's join): the fused graph computes the
+    unfused one's output and gradients bit for bit, with the native one-pass kernels
+    (dnnpar/cpu/eltwise.cpp, every array above their threshold here) and with NumPy's passes."""
+    from dnnpar.backend import cpu_native
+    from dnnpar.nn.conv import Conv2d
+    from dnnpar.nn.graph import Add
+    from dnnpar.nn.layers import Flatten
+    from dnnpar.ops import activation as A
+
+    if native and cpu_native.library("eltwise") is None:
+        pytest.skip(f"native eltwise kernels unavailable: {cpu_native.unavailable_reason('eltwise')}")
+    monkeypatch.setitem(A.NATIVE_MIN_ELEMENTS, "size", 1 if native else 1 << 62)
+    model = Graph([("c1", Conv2d(3, 4, 3, padding=1, seed=1), ["input"]),
+                   ("c2", Conv2d(4, 4, 3, padding=1, seed=2), ["c1"]),
+                   ("add", Add(), ["c2", "c1"]), ("act", act(), ["add"]),   # c1 read twice: its gradients summed
+                   ("c3", Conv2d(4, 4, 3, padding=1, seed=3), ["act"]),
+                   ("add3", Add(), ["c3", "act", "c1"]), ("act3", act(), ["add3"]),  # three inputs: NumPy's sums
+                   ("flat", Flatten(), ["act3"]), ("fc", Linear(4 * 5 * 6, 3, seed=4), ["flat"])],
+                  input_shape=(3, 5, 6))
+    assert ("add", "act") in model.fused_pairs() and ("add3", "act3") in model.fused_pairs()
+    x = (rng.standard_normal((2, 3, 5, 6)) * 8).astype(np.float32)  # ReLU6 clips at 6 too
+    x[0, 0, 2, 3] = np.nan
+    labels = rng.integers(0, 3, 2)
+    calls = []
+    real = cpu_native.add_act
+    monkeypatch.setattr(cpu_native, "add_act", lambda *a, **k: calls.append(1) or real(*a, **k))
+    base.FUSION = True
+    y1, g1 = _step(model, x, labels)
+    assert bool(calls) == native
+    base.FUSION = False
+    y0, g0 = _step(model, x, labels)
+    np.testing.assert_array_equal(y1, y0)
+    for k in g0:
+        np.testing.assert_array_equal(g1[k], g0[k], err_msg=k)
+
+
+@pytest.mark.parametrize("n", [1, 17, 1 << 16, (1 << 17) + 5])
+@pytest.mark.parametrize("act", [None, "relu", "relu6"])
+def test_native_elementwise_passes_are_numpys(rng, n, act):
+    """cpu_native.add_act and act_grad against NumPy's expressions bit for bit (NaN, inf, signed
+    zeros, values at 0 and 6; sizes of one element, vector tails, several threads' shares),
+    the same on 1-3 threads, in place too."""
+    from dnnpar.backend import cpu_native
+
+    if cpu_native.library("eltwise") is None:
+        pytest.skip(f"native eltwise kernels unavailable: {cpu_native.unavailable_reason('eltwise')}")
+    special = np.array([np.nan, np.inf, -np.inf, -0.0, 0.0, 6.0, -6.0, 3.0], np.float32)
+    a = (rng.standard_normal(n) * 5).astype(np.float32)
+    b = (rng.standard_normal(n) * 5).astype(np.float32)
+    a[: min(n, 8)] = special[: min(n, 8)]
+    b[: min(n, 8)] = special[::-1][: min(n, 8)]
+    want = activate_(np, a + b, act)
+    for t in (1, 2, 3):
+        y = np.full(n, np.nan, np.float32)
+        assert cpu_native.add_act(a, b, y, act, threads=t)
+        np.testing.assert_array_equal(y, want)
+    inplace = a.copy()
+    assert cpu_native.add_act(inplace, b, inplace, act)
+    np.testing.assert_array_equal(inplace, want)
+    if act is None:
+        return
+    dy = rng.standard_normal(n).astype(np.float32)
+    dy[: min(n, 3)] = np.array([np.nan, np.inf, -0.0], np.float32)[: min(n, 3)]
+    mask = want > 0
+    if act == "relu6":
+        mask &= want < 6
+    ref = np.where(mask, dy, np.float32(0))
+    for t in (1, 2, 3):
+        dx = np.full(n, np.nan, np.float32)
+        assert cpu_native.act_grad(dy, want, dx, act, threads=t)
+        np.testing.assert_array_equal(dx, ref)
+        np.testing.assert_array_equal(np.signbit(dx), np.signbit(ref))  # +0.0 where masked
+    assert not cpu_native.act_grad(dy, want, np.empty(n, np.float64), act)  # declines, writes nothing
+    assert not cpu_native.add_act(a, b[: n - 1] if n > 1 else b.astype(np.float64), y, act)

@@ -126,6 +126,10 @@ NATIVE_SOURCES = {s.stem: s for s in (
         "dnnpar_blas_sgemm": ([_I32, _I32, _I64, _I64, _I64, ctypes.c_float, _P, _I64, _P, _I64, ctypes.c_float,
                                _P, _I64, _I32], ctypes.c_int),
     }),
+    NativeSource("eltwise", 1, "residual add + activation, activation gradients", "NumPy", {
+        "dnnpar_add_act": [_P, _P, _P, _I64, _I32, _I32],
+        "dnnpar_act_grad": [_P, _P, _P, _I64, _I32, _I32],
+    }),
     NativeSource("optim", 1, "SGD's and DGC's one-pass updates", "NumPy", {
         "dnnpar_sgd_step": [_P, _P, _P, _P, _I64, ctypes.c_float, ctypes.c_float, ctypes.c_float, _I32, _I32],
         "dnnpar_dgc_accumulate": [_P, _P, _P, _P, _P, _I64, ctypes.c_float, ctypes.c_float, _I32],
@@ -814,6 +818,29 @@ def _vectors_ok(shape, inputs, outputs) -> bool:
         return a is None or (isinstance(a, np.ndarray) and a.dtype == np.float32 and a.shape == tuple(shape)
                              and a.flags.c_contiguous and (a.flags.writeable or not out))
     return all(ok(a, False) for a in inputs) and all(ok(a, True) for a in outputs)
+
+
+def add_act(a, b, y, activation=None, threads: int | None = None) -> bool:
+    """``y[:] = activation(a + b)`` in one pass (dnnpar/cpu/eltwise.cpp); y may be a or b. All
+    float32 C-contiguous NumPy arrays of a's shape. Returns False (nothing written) when the
+    library is unavailable or an array does not qualify: the caller runs NumPy."""
+    lib = library("eltwise")
+    if lib is None or not _vectors_ok(a.shape, (a, b), (y,)):
+        return False
+    lib.dnnpar_add_act(_ptr(a), _ptr(b), _ptr(y), a.size, ACTIVATION_CODES[activation], _threads_arg(threads))
+    return True
+
+
+def act_grad(dy, y, dx, activation: str, threads: int | None = None) -> bool:
+    """``dx[:]`` = dy where ``activation``'s output y passes its gradient, +0.0 elsewhere
+    (dnnpar/cpu/eltwise.cpp; :func:`dnnpar.ops.activation.activation_grad` bit for bit). All
+    float32 C-contiguous NumPy arrays of dy's shape. Returns False (nothing written) when the
+    library is unavailable or an array does not qualify."""
+    lib = library("eltwise")
+    if lib is None or activation not in ("relu", "relu6") or not _vectors_ok(dy.shape, (dy, y), (dx,)):
+        return False
+    lib.dnnpar_act_grad(_ptr(dy), _ptr(y), _ptr(dx), dy.size, ACTIVATION_CODES[activation], _threads_arg(threads))
+    return True
 
 
 def sgd_step(p, g, v, mask, lr: float, momentum: float, weight_decay: float, nesterov: bool = False,

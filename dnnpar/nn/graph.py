@@ -16,23 +16,36 @@ several nodes. :class:`~dnnpar.nn.base.Sequential` is the chain-shaped special c
 from __future__ import annotations
 
 from ..backend import get_backend
+from ..ops.activation import activate_, activation_grad, add_activate
 from .base import Graph, Layer  # noqa: F401  (Graph lives with Layer; the joins live here)
 
 
 class Add(Layer):
-    """y = x1 + x2 + ... (same shapes): ResNet's residual join. Backward hands dy to every input."""
+    """y = x1 + x2 + ... (same shapes): ResNet's residual join. Backward hands dy to every input.
+    A following ReLU / ReLU6 is applied in the same pass when a Graph fuses it (``absorbs``:
+    two inputs, one native pass on the numpy backend)."""
     arity = None  # any number >= 2
+    absorbs = ("relu", "relu6")
 
     def forward(self, *xs):
         if len(xs) < 2 or any(tuple(x.shape) != tuple(xs[0].shape) for x in xs):
             raise ValueError(f"Add needs >= 2 inputs of one shape, got {[tuple(x.shape) for x in xs]}")
         self.n = len(xs)
-        y = xs[0] + xs[1]
-        for x in xs[2:]:
-            y += x
+        xp = get_backend().xp
+        if len(xs) == 2:
+            y = add_activate(xp, xs[0], xs[1], self.activation)
+        else:
+            y = xs[0] + xs[1]
+            for x in xs[2:]:
+                y += x
+            activate_(xp, y, self.activation)
+        self.y = y if self.activation else None
         return y
 
     def backward(self, dy):
+        if self.activation:
+            dy = activation_grad(get_backend().xp, dy, self.y, self.activation)
+            self.y = None
         return (dy,) * self.n
 
     def macs(self, *in_shapes):

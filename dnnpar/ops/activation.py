@@ -35,10 +35,27 @@ def activate_(xp, y, activation):
     return y
 
 
+#: smallest array (elements) the native elementwise passes take: below it a ctypes call and the
+#: thread team cost more than NumPy's passes
+NATIVE_MIN_ELEMENTS = {"size": 1 << 15}
+
+
+def _native_eltwise(xp, *arrays) -> bool:
+    return xp is np and arrays[0].size >= NATIVE_MIN_ELEMENTS["size"] and all(
+        a.dtype == np.float32 for a in arrays)
+
+
 def activation_grad(xp, dy, y, activation):
-    """dL/d(pre-activation) from dL/dy and the activated output y (dy itself for None)."""
+    """dL/d(pre-activation) from dL/dy and the activated output y (dy itself for None). Large
+    float32 NumPy arrays take one native pass (dnnpar/cpu/eltwise.cpp), the same bits."""
     if activation is None:
         return dy
+    if _native_eltwise(xp, dy, y):
+        from ..backend import cpu_native
+
+        dx = np.empty_like(dy)
+        if cpu_native.act_grad(dy, y, dx, activation):
+            return dx
     lo, hi = ACTIVATIONS[activation]
     t = y.dtype.type
     mask = y > t(lo)
@@ -59,3 +76,16 @@ def pass_where(xp, mask, dy):
         np.bitwise_and(dy.view(word), bits, out=bits)
         return bits.view(dy.dtype)
     return xp.where(mask, dy, dy.dtype.type(0))
+
+
+def add_activate(xp, a, b, activation=None):
+    """activation(a + b) as a new array (a and b of one shape): one native pass for large float32
+    NumPy arrays (dnnpar/cpu/eltwise.cpp), else NumPy's sum and :func:`activate_` on it (the same
+    bits: one float32 rounding of each sum, then the clip)."""
+    if _native_eltwise(xp, a, b) and a.shape == b.shape:
+        from ..backend import cpu_native
+
+        y = np.empty_like(a)
+        if cpu_native.add_act(a, b, y, activation):
+            return y
+    return activate_(xp, a + b, activation)
