@@ -534,16 +534,20 @@ def test_large_reductions_go_tiled_only_on_many_positions(monkeypatch, rng):
             assert (C.tiled_kernel(g, 4, x, w, backward=backward) is not None) == tiled
 
 
-# (x shape, O, backward, forced family, the family tiled_kernel picks): 3x3, padding 1
+# (x shape, O, backward, forced family, the family tiled_kernel picks): 3x3, padding 1. The
+# efficiencies (16-float vectors, TILED's default costs) are written beside each case
 FAMILY_CASES = [
-    ((4, 64, 8, 8), 64, False, None, "channels"),      # positions keep 64 of 100 lanes, channels all
-    ((2, 16, 32, 32), 20, False, None, "positions"),   # 0.93 of the positions' lanes, 20 of 32 channels
-    ((16, 16, 4, 4), 20, False, None, "channels"),     # 16 of 36 positions, 20 of 32 channels
-    ((16, 16, 4, 4), 4, False, None, None),            # 0.44 / 0.25: BLAS
+    ((4, 64, 8, 8), 64, False, None, "channels"),      # positions keep 64 of 100 lanes; channels 576/608
+    ((2, 16, 32, 32), 32, False, None, "positions"),   # 0.93 against 144/176: the transpose costs more ...
+    ((2, 16, 32, 32), 32, True, None, "channels"),     # ... than in dW (144/152)
+    ((2, 3, 32, 32), 16, True, None, "positions"),     # a 27-long reduction: 27/35 against 0.93
+    ((2, 16, 32, 32), 20, False, None, "positions"),   # 20 of 32 channels
+    ((16, 16, 4, 4), 32, False, None, "channels"),     # 16 of 36 positions
+    ((16, 16, 4, 4), 4, False, None, None),            # 0.44 / 0.25 x 0.82: BLAS
     ((1, 64, 8, 8), 64, True, "positions", None),      # 64 positions: too few for the positions' dW
     ((1, 64, 8, 8), 64, True, None, "channels"),       # ... the channels' dW has no such limit
-    ((16, 16, 4, 4), 20, False, "positions", None),    # a forced family still needs its efficiency
-    ((2, 16, 32, 32), 20, False, "channels", "channels"),
+    ((16, 16, 4, 4), 32, False, "positions", None),    # a forced family still needs its efficiency
+    ((2, 16, 32, 32), 40, False, "channels", "channels"),  # 40 of 48 channels x 0.82
 ]
 
 

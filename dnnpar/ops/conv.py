@@ -61,10 +61,19 @@ NATIVE_MIN_EPILOGUE = {"size": 8192}
 #: beat BLAS on im2col (measured on 2 AVX-512 cores, ``benchmarks/kernels.py --only conv`` prints
 #: both paths): "use" False keeps the BLAS paths. Two families: vectors over output "positions"
 #: (grid rows, padding computed and dropped) and over output "channels" (the outputs alone,
-#: channels padded to whole vectors); a layer takes the family wasting less of its lanes (ties:
-#: channels), unless "vectors" names one. "min_efficiency": the smallest share of the chosen
+#: channels padded to whole vectors, but dy or y transposed between NCHW and its
+#: [position][channel] layout, one scalar move per element); a layer takes the family of the
+#: higher efficiency (ties: channels), unless "vectors" names one. Efficiency: the share of the
 #: family's lanes that are real outputs (positions: a padded row computes Wq - OW dropped
-#: columns, small planes their dropped rows too; channels: O of the vectors' lanes);
+#: columns, small planes their dropped rows too; channels: O of the vectors' lanes), for
+#: channels times K / (K + cost), K = C*KH*KW the reduction, cost "channels_cost" (forward)
+#: or "channels_cost_backward" (dW): the reduction whose vector FMAs per output cost what the
+#: transpose does. Measured on 2 AVX-512 cores (December 2026, batch 64, ms forward / dW,
+#: positions against channels): 3 -> 16 3x3 at 32x32 0.56 / 1.15 against 0.72 / 1.76; 16 -> 64
+#: 1x1 at 32x32 2.18 / 4.03 against 4.26 / 5.66; 16 -> 16 3x3 at 32x32 2.47 / 5.04 against
+#: 2.73 / 4.56; 32 -> 32 3x3 at 16x16 3.67 / 7.96 against 3.50 / 4.04; 64 -> 64 3x3 at 8x8 (64
+#: of 100 grid positions kept) 2.86 / 5.99 against 2.83 / 2.83 (batch 16: 1.55 / 2.34 against
+#: 1.09 / 0.64). "min_efficiency": the smallest efficiency the chosen family may have;
 #: "max_k": the largest reduction C*KH*KW (beyond it BLAS's larger blocks win: 128 -> 256
 #: channels at 8x8 ran 2.1x slower tiled); "min_plane_1x1": a 1x1 kernel only on planes of at
 #: least this many outputs (on 3x3 .. 12x12 planes one GEMM over the batch is 1.1-2x faster);
@@ -76,8 +85,8 @@ NATIVE_MIN_EPILOGUE = {"size": 8192}
 #: AlexNet's 96 -> 256 5x5 at 27x27, batch 8, 27 / 75 against 33 / 83; 128 -> 128 at 112x112,
 #: batch 2, 31 / 67 against 53 / 124; 128 -> 128 at 16x16, batch 16, 4.6 / 12.6 against 7.2 /
 #: 15.2; below it BLAS wins: 384 -> 384 at 13x13, batch 8, 19 / 72 against 15 / 43)
-TILED = {"use": True, "vectors": None, "min_efficiency": 0.6, "max_k": 600, "min_plane_1x1": 256,
-         "min_positions_backward": 1024, "min_positions_large_k": 4096}
+TILED = {"use": True, "vectors": None, "channels_cost": 32, "channels_cost_backward": 8, "min_efficiency": 0.6,
+         "max_k": 600, "min_plane_1x1": 256, "min_positions_backward": 1024, "min_positions_large_k": 4096}
 
 
 def tiled_efficiency(g: ConvGeometry, tile: int) -> float:
@@ -118,8 +127,10 @@ def tiled_kernel(g: ConvGeometry, o: int, *arrays, backward: bool = False) -> st
     if native_library(*arrays) is None:
         return None
     shape = cpu_native.conv_tiled_shape()
+    k = g.c * taps
     eff = {"positions": tiled_efficiency(g, shape["fnv"] * shape["vl"]),
-           "channels": channel_efficiency(o, shape["vl"], shape["cvmax"])}
+           "channels": channel_efficiency(o, shape["vl"], shape["cvmax"])
+           * k / (k + TILED["channels_cost_backward" if backward else "channels_cost"])}
     if backward and g.n * g.oh * g.ow < TILED["min_positions_backward"]:
         eff["positions"] = 0.0
     family = TILED["vectors"] or max(("channels", "positions"), key=eff.__getitem__)  # ties: channels
