@@ -430,6 +430,42 @@ def test_tiled_kernels_bit_identical_over_threads(native_conv, rng, geom, vector
             np.testing.assert_array_equal(a, c)
 
 
+@pytest.mark.parametrize("geom", GEOMETRIES + TILED_GEOMETRIES)
+def test_channels_dx_scatter_against_float64(native_conv, rng, geom):
+    """The channels family's dx (every dy position scatters W^T dy into a padded NHWC image):
+    any stride, padding and dilation, C of one to five vectors, NaN-filled output, within each
+    element's float32 summation bound of col2im(W^T dY) in float64; the same bits on 1-3 threads."""
+    g, geo, x, w, b, dy = _tiled_case(rng, geom)
+    runs = [cpu_native.conv_chan_dx(dy, w, np.full(x.shape, np.nan, np.float32), geo, threads=t) for t in (1, 2, 3)]
+    o = w.shape[0]
+    wm = w.reshape(o, -1).astype(np.float64)
+    dym = dy.astype(np.float64).transpose(1, 0, 2, 3).reshape(o, -1)
+    taps = oracles.col2im(np.ones((wm.shape[1], dym.shape[1])), x.shape, *w.shape[2:], *_pairs(g))  # terms per element
+    assert_sum_close(runs[0], oracles.col2im(wm.T @ dym, x.shape, *w.shape[2:], *_pairs(g)),
+                     oracles.col2im(np.abs(wm).T @ np.abs(dym), x.shape, *w.shape[2:], *_pairs(g)),
+                     np.maximum(taps * o, 1), "channels dx")
+    for r in runs[1:]:
+        np.testing.assert_array_equal(r, runs[0])
+
+
+def test_channels_dx_rule(monkeypatch):
+    """The scatter dx takes strided layers whose input channels fill its vectors, never stride 1
+    (the flipped forward), a huge padding (its padded image) or a forced positions family."""
+    if cpu_native.library("conv") is None:
+        pytest.skip(f"native conv kernel unavailable: {cpu_native.unavailable_reason('conv')}")
+
+    def ok(xs, o, k, s, p, d=1):
+        g = dp.ops._common.ConvGeometry.make("test", xs, k, k, s, p, d)
+        return C.chan_dx_ok(g, o, np.zeros((g.n, o, g.oh, g.ow), np.float32), np.zeros((o, xs[1], k, k), np.float32))
+    assert ok((4, 32, 16, 16), 64, 3, 2, 1)
+    assert not ok((4, 32, 16, 16), 64, 3, 1, 1)          # stride 1
+    assert not ok((1, 32, 1, 1), 4, 3, 2, 1 << 20, 1 << 20)  # a padded image of 2**42 floats
+    if cpu_native.conv_tiled_shape()["vl"] == 16:
+        assert not ok((4, 3, 16, 16), 64, 3, 2, 1)       # 3 of 16 lanes
+    monkeypatch.setitem(C.TILED, "vectors", "positions")
+    assert not ok((4, 32, 16, 16), 64, 3, 2, 1)
+
+
 GENERIC_TILED_SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np
@@ -457,6 +493,12 @@ GENERIC_TILED_SCRIPT = textwrap.dedent("""
             cols = oracles.im2col(x.astype(np.float64), *w.shape[2:], *pairs)
             oracles.assert_sum_close(dw, (dm @ cols.T).reshape(w.shape), (np.abs(dm) @ np.abs(cols).T).reshape(w.shape),
                                      g.n * g.oh * g.ow, vectors + " dw")
+            if vectors == "channels":  # the scatter dx
+                dx = cn.conv_chan_dx(dy, w, np.full(x.shape, np.nan, np.float32), geo)
+                wm = w.reshape(w.shape[0], -1).astype(np.float64)
+                oracles.assert_sum_close(dx, oracles.col2im(wm.T @ dm, x.shape, *w.shape[2:], *pairs),
+                                         oracles.col2im(np.abs(wm).T @ np.abs(dm), x.shape, *w.shape[2:], *pairs),
+                                         w[:, 0].size, "channels dx")
             checked += 1
     print(json.dumps({"checked": checked, "shape": cn.conv_tiled_shape()}))
 """)
@@ -464,7 +506,8 @@ GENERIC_TILED_SCRIPT = textwrap.dedent("""
 
 def test_the_generic_build_runs_both_tiled_families(tmp_path):
     """Built without -march=native (4-float vectors, 16 registers: the tiles every x86-64 and ARM
-    CPU runs), both families of tiled kernels match float64 within a float32 sum's bound."""
+    CPU runs), both families of tiled kernels (and the channels' scatter dx) match float64 within
+    a float32 sum's bound."""
     if cpu_native.library("conv") is None:
         pytest.skip(f"native conv kernel unavailable: {cpu_native.unavailable_reason('conv')}")
     from pathlib import Path

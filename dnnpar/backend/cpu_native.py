@@ -143,7 +143,8 @@ NATIVE_SOURCES = {s.stem: s for s in (
     }, {"dnnpar_conv_tiled_forward": ([_P, _P, _P, _P, _P, _I64, _I32, _I32], ctypes.c_int),
         "dnnpar_conv_tiled_dw": ([_P, _P, _P, _P, _P, _P, _P, _I64, _I32, _I32], ctypes.c_int),
         "dnnpar_conv_chan_forward": ([_P, _P, _P, _P, _P, _I64, _I32, _I32], ctypes.c_int),
-        "dnnpar_conv_chan_dw": ([_P, _P, _P, _P, _P, _P, _P, _I64, _I32, _I32], ctypes.c_int)}),
+        "dnnpar_conv_chan_dw": ([_P, _P, _P, _P, _P, _P, _P, _I64, _I32, _I32], ctypes.c_int),
+        "dnnpar_conv_chan_dx": ([_P, _P, _P, _P, _I64, _I32], ctypes.c_int)}),
 )}
 
 _lock = threading.RLock()  # reentrant: loading a kernel library loads the runtime first
@@ -675,6 +676,24 @@ def conv_tiled_dw(x, dy, y, dw, db, dym=None, activation=None, threads: int | No
              _ptr(g), o, act, _threads_arg(threads)):
         raise MemoryError(f"native conv: no memory for the packed operands of an {tuple(x.shape)} weight gradient")
     return dw, db, dym
+
+
+def conv_chan_dx(dy, w, dx, geo, threads: int | None = None) -> np.ndarray:
+    """``dx[:]`` (N, C, H, W): the input gradient of the convolution of ``geo`` (any stride,
+    padding, dilation; one group) for dy (N, O, OH, OW) and w (O, C, KH, KW), by the
+    channel-vectorised scatter kernel (vectors over C). Each dx element is summed by one thread
+    in a fixed order: the bits do not depend on ``threads``. Returns dx."""
+    g = _conv_geo(geo)
+    n, c, h, wd, kh, kw, oh, ow = (int(v) for v in g[:8])
+    if not isinstance(w, np.ndarray) or w.ndim != 4:
+        raise ValueError(f"native conv: w must be an (O, C, KH, KW) array, got {getattr(w, 'shape', type(w))}")
+    o = w.shape[0]
+    _check_f32("w", w, (o, c, kh, kw), op="conv")
+    _check_f32("dy", dy, (n, o, oh, ow), op="conv")
+    _check_f32("dx", dx, (n, c, h, wd), out=True, op="conv")
+    if _loaded("conv").dnnpar_conv_chan_dx(_ptr(dy), _ptr(w), _ptr(dx), _ptr(g), o, _threads_arg(threads)):
+        raise MemoryError(f"native conv: no memory for the padded input gradient of an {tuple(dx.shape)} convolution")
+    return dx
 
 
 #: 16-bit format -> the code half.cpp reads

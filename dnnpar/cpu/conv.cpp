@@ -804,6 +804,91 @@ void chan_dw(const float* xq, const Geo& g, const Phased& q, const int64_t* off,
     });
 }
 
+// dx tile: TC consecutive outputs of one dy row, one tap: dx (padded NHWC, `out` at the first
+// target, targets `step` floats apart) += W[:, :, tap]^T dy over the O channels, CV vectors of
+// input channels; dy broadcast straight from NCHW (`dyp` at the first position, channels
+// `plane` floats apart), the tap's weights [o][CV*VL] as vectors.
+template <int CV, int TC>
+inline void chan_dx_tile(const float* dyp, int64_t plane, int64_t o_n, const float* wt, float* out, int64_t step) {
+    constexpr int W = CV * VL;
+    vf acc[TC][CV];
+#pragma GCC unroll 16
+    for (int p = 0; p < TC; ++p)
+#pragma GCC unroll 4
+        for (int v = 0; v < CV; ++v) acc[p][v] = loadu(out + p * step + v * VL);
+    for (int64_t o = 0; o < o_n; ++o) {
+        const float* d = dyp + o * plane;
+        vf wv[CV];
+#pragma GCC unroll 4
+        for (int v = 0; v < CV; ++v) wv[v] = in_register(loadu(wt + o * W + v * VL));
+#pragma GCC unroll 16
+        for (int p = 0; p < TC; ++p) {
+            const vf b = bcast(d + p);
+#pragma GCC unroll 4
+            for (int v = 0; v < CV; ++v) acc[p][v] += wv[v] * b;
+        }
+    }
+#pragma GCC unroll 16
+    for (int p = 0; p < TC; ++p)
+#pragma GCC unroll 4
+        for (int v = 0; v < CV; ++v) storeu(out + p * step + v * VL, acc[p][v]);
+}
+
+template <int CV, int TC>
+inline void chan_dx_tile_n(int tc, const float* dyp, int64_t plane, int64_t o_n, const float* wt, float* out,
+                           int64_t step) {
+    if constexpr (TC > 1) {
+        if (tc < TC) return chan_dx_tile_n<CV, TC - 1>(tc, dyp, plane, o_n, wt, out, step);
+    }
+    chan_dx_tile<CV, TC>(dyp, plane, o_n, wt, out, step);
+}
+
+// dx (N, C, H, W) of the convolution g for dy (N, O, OH, OW): every dy position scatters each
+// tap's W^T dy into a zero-padded NHWC image (Hp x Wp x cpad floats, one per thread), images
+// split over the threads, then the interior goes out to NCHW. The sum of each dx element runs
+// over (channel block, dy row, tap row, tap column, dy column tile, o) in that order.
+template <int CV>
+void chan_dx(const float* dy, const float* wt, float* dx, const Geo& g, int64_t o_n, int threads) {
+    constexpr int W = CV * VL;
+    const int64_t kk = g.kh * g.kw, ncb = (g.c + W - 1) / W, cpad = ncb * W;
+    const int64_t hp = g.h + 2 * g.ph, wpd = g.w + 2 * g.pw, img = hp * wpd * cpad, plane = g.oh * g.ow;
+    const int64_t ntile = (g.ow + tc_max(CV) - 1) / tc_max(CV), narrow = g.ow / ntile, wide = g.ow % ntile;
+    const int team = int(std::max<int64_t>(1, std::min<int64_t>(
+        dnnpar::team_size(threads, g.n * plane * o_n * g.c * kk), g.n)));
+    float* const bufs = scratch(2, team * img);
+    dnnpar::parallel(team, [&](int tid, int nt) {
+        const dnnpar::Range rg = dnnpar::split(g.n, tid, nt);
+        float* const buf = bufs + tid * img;
+        for (int64_t n = rg.lo; n < rg.hi; ++n) {
+            for (int64_t k = 0; k < img; ++k) buf[k] = 0.0f;
+            for (int64_t cb = 0; cb < ncb; ++cb) {
+                for (int64_t oh = 0; oh < g.oh; ++oh) {
+                    const float* dyr = dy + n * o_n * plane + oh * g.ow;
+                    for (int64_t i = 0; i < g.kh; ++i) {
+                        const int64_t ihp = oh * g.sh + i * g.dh;  // padded row: always inside
+                        for (int64_t j = 0; j < g.kw; ++j) {
+                            const float* wtap = wt + ((cb * kk + i * g.kw + j) * o_n) * W;
+                            for (int64_t tile = 0, ow = 0; tile < ntile; ++tile) {
+                                const int tc = int(narrow + (tile < wide));
+                                float* out = buf + (ihp * wpd + ow * g.sw + j * g.dw) * cpad + cb * W;
+                                chan_dx_tile_n<CV, tc_max(CV)>(tc, dyr + ow, plane, o_n, wtap, out, g.sw * cpad);
+                                ow += tc;
+                            }
+                        }
+                    }
+                }
+            }
+            for (int64_t c = 0; c < g.c; ++c) {
+                float* d = dx + (n * g.c + c) * g.h * g.w;
+                for (int64_t ih = 0; ih < g.h; ++ih) {
+                    const float* s = buf + ((ih + g.ph) * wpd + g.pw) * cpad + c;
+                    for (int64_t iw = 0; iw < g.w; ++iw) d[ih * g.w + iw] = s[iw * cpad];
+                }
+            }
+        }
+    });
+}
+
 // channel vectors per tile for o_n output channels
 int chan_cv(int64_t o_n) { return int(std::min<int64_t>(CVMAX, (o_n + VL - 1) / VL)); }
 
@@ -845,6 +930,31 @@ extern "C" int dnnpar_conv_chan_forward(const float* x, const float* w, const fl
     const int64_t macs = g.n * o_n * g.oh * g.ow * g.c * kk;
     const int team = pack_team(g, q, threads) == 1 && macs < kSmallForwardMacs ? 1 : dnnpar::team_size(threads, macs);
     with_cv(cv, [&](auto k) { chan_forward<decltype(k)::value>(xq, g, q, off.data(), wp, o_n, bias, y, act, team); });
+    return 0;
+} catch (const std::bad_alloc&) {
+    return 1;
+}
+
+// dx (N, C, H, W) of the convolution of geometry `geo` (any stride, padding, dilation) for dy
+// (N, O, OH, OW) and w (O, C, KH, KW), by the channel-vectorised scatter kernel (chan_dx).
+// Returns 0, or 1 when its buffers could not be allocated (nothing written then).
+extern "C" int dnnpar_conv_chan_dx(const float* dy, const float* w, float* dx, const int64_t* geo, int64_t o_n,
+                                   int threads) try {
+    const Geo g = read_geo(geo);
+    const int cv = chan_cv(g.c);
+    const int64_t kk = g.kh * g.kw, wdt = cv * VL, ncb = (g.c + wdt - 1) / wdt;
+    float* const wt = scratch(1, ncb * kk * o_n * wdt);
+    {
+        float* d = wt;  // [channel block][tap][o][cv * VL], in write order
+        for (int64_t cb = 0; cb < ncb; ++cb)
+            for (int64_t t = 0; t < kk; ++t)
+                for (int64_t o = 0; o < o_n; ++o)
+                    for (int64_t l = 0; l < wdt; ++l, ++d) {
+                        const int64_t c = cb * wdt + l;
+                        *d = c < g.c ? w[(o * g.c + c) * kk + t] : 0.0f;
+                    }
+    }
+    with_cv(cv, [&](auto k) { chan_dx<decltype(k)::value>(dy, wt, dx, g, o_n, threads); });
     return 0;
 } catch (const std::bad_alloc&) {
     return 1;
