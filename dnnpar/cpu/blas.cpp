@@ -26,8 +26,10 @@
 // batch. A few rows of A (M <= 8) against B transposed or B, the forward x W^T and the input
 // gradient dy W: OpenBLAS packs the whole of B for them (the weights: hundreds of MB read and
 // written again) and ran at a third of the memory bandwidth; small_m_nt and small_m_nn stream B
-// once against the M rows of A, which stay in cache. And the weight gradient dy^T x, A^T B with
-// K <= 8 (small_k). AlexNet's fc6 at batch 8 (4096 x 9216), 2 cores, 2026-12-03, ms for OpenBLAS /
+// once against the M rows of A, which stay in cache (x W^T with 9 .. 16 rows: two passes, 8.1
+// against OpenBLAS's 11.2 ms at 16 x 4096 by 4096 x 4096; torch.matmul 11.7). And the weight
+// gradient dy^T x, A^T B with K <= 16 (small_k; at K = 16, 4096 x 25088: 19.7 against 35.4 ms,
+// torch.matmul 187; these on 2 AMD EPYC cores, 2026-12-03). AlexNet's fc6 at batch 8 (4096 x 9216), 2 cores, 2026-12-03, ms for OpenBLAS /
 // torch.matmul / these: forward 12.5 / 9.75 / 5.46, input gradient 11.6 / 7.05 / 6.27, weight
 // gradient 14.8 / 3.98 / 4.12 (`benchmarks/kernels.py --only gemm`).
 #include <cmath>
@@ -218,7 +220,7 @@ void small_m_nn(int team, int64_t n, int64_t k, const float* a, int64_t lda, con
 // row at a time, each vector of B then read from L2 for one row only); VGG-16's (4096 x 25088,
 // batch 2) 48 against 9.4 ms. Below kStreamMinBytes, which caches could hold, OpenBLAS stays
 // (16 MB: 1.3 against 2.0 ms streamed).
-constexpr int64_t kSmallK = 8;
+constexpr int64_t kSmallK = 16;
 constexpr int64_t kStreamMinBytes = int64_t(32) << 20;
 
 // Rows i .. i + R - 1 of C: C[i, j] = sum over p of A[p, i] B[p, j], p in order; each vector of B
@@ -288,7 +290,15 @@ bool small_m_of(int tb, int64_t n, int64_t k, float alpha, const float* a, int64
 
 bool small_m(int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
              const float* b, int64_t ldb, float beta, float* c, int64_t ldc, int team) {
-    if (ta || m > kSmallM || k < kSmallMinK || n * k * int64_t(sizeof(float)) < kSmallMinBytes) return false;
+    if (ta || m > 2 * kSmallM || k < kSmallMinK || n * k * int64_t(sizeof(float)) < kSmallMinBytes) return false;
+    if (m > kSmallM) {
+        // x W^T for 9 .. 16 rows: two passes over B, rows 0 .. 7 then the rest (B W at these rows
+        // stays with OpenBLAS: two streaming passes ran slower than its one)
+        if (!tb) return false;
+        small_m_of<8>(tb, n, k, alpha, a, lda, b, ldb, beta, c, ldc, team);
+        return small_m(ta, tb, m - kSmallM, n, k, alpha, a + kSmallM * lda, lda, b, ldb, beta, c + kSmallM * ldc, ldc,
+                       team);
+    }
     switch (m) {
         case 1: return small_m_of<1>(tb, n, k, alpha, a, lda, b, ldb, beta, c, ldc, team);
         case 2: return small_m_of<2>(tb, n, k, alpha, a, lda, b, ldb, beta, c, ldc, team);
