@@ -533,13 +533,15 @@ class CpuBench(Bench):
     #: the zoo's and the interop graphs' convolution layers (N, C, O, H=W, K, stride; padding K // 2)
     CONV_LAYERS = ((16, 16, 16, 32, 3, 1), (16, 16, 32, 32, 3, 2), (16, 64, 64, 8, 3, 1), (64, 6, 16, 14, 5, 1),
                    (16, 64, 64, 32, 3, 1), (16, 128, 128, 16, 3, 1), (16, 256, 256, 8, 3, 1),
-                   (16, 512, 512, 4, 3, 1), (16, 32, 64, 48, 1, 1), (16, 256, 256, 6, 1, 1))
-    CONV_LAYERS_QUICK = CONV_LAYERS[:3] + CONV_LAYERS[6:7] + CONV_LAYERS[8:9]
+                   (16, 512, 512, 4, 3, 1), (16, 32, 64, 48, 1, 1), (16, 256, 256, 6, 1, 1),
+                   (64, 32, 64, 16, 3, 2), (64, 64, 64, 8, 3, 1))  # the ResNet-style net's last stage, batch 64
+    CONV_LAYERS_QUICK = CONV_LAYERS[:3] + CONV_LAYERS[6:7] + CONV_LAYERS[8:9] + CONV_LAYERS[10:]
 
     def conv_layers(self) -> None:
         """Each layer's forward and forward + backward (dx, dW, db) by the path dp.ops.conv2d takes
-        (the tiled direct kernels or BLAS on im2col, by ops.conv.TILED's rules), by the BLAS path
-        alone (TILED off, the reference for the rules), and by PyTorch's CPU conv2d with autograd."""
+        (the tiled direct kernels of one family, vectors over output positions or channels, or BLAS
+        on im2col, by ops.conv.TILED's rules), by the other tiled family and by the BLAS path alone
+        (each forced: the references for the rules), and by PyTorch's CPU conv2d with autograd."""
         from dnnpar.ops import conv as C
 
         for n, c, o, hw, k, stride in (self.CONV_LAYERS_QUICK if self.quick else self.CONV_LAYERS):
