@@ -1,7 +1,7 @@
 // Elementwise passes of the numpy backend's layers, each one pass on the pool where NumPy takes
 // two or three single-threaded ones with a temporary:
-//   add_act:  y = act(a + b)  (a residual join with its ReLU / ReLU6; act 0: a plain sum, the
-//             gradient of a tensor read twice); y may be a or b.
+//   add_act:  y = act(a + b)  (a residual join with its ReLU / ReLU6; act 0: the plain sum,
+//             which dnnpar.ops.activation leaves to NumPy); y may be a or b.
 //   act_grad: dx = dy where the activated output y passes, +0.0 elsewhere (even where dy is NaN).
 // Activation semantics are activation.h's (dnnpar.ops.activation's). Float32, every array n
 // floats, C-contiguous (dnnpar/backend/cpu_native.py checks them). Elementwise: the result does

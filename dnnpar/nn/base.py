@@ -20,7 +20,6 @@ import numpy as np
 
 from ..backend import compute_dtype, get_backend
 from ..errors import CheckpointError
-from ..ops.activation import add_activate
 
 
 #: Graph fuses an activation node (a layer with an ``activation_kind``: ReLU, ReLU6) into the
@@ -261,7 +260,6 @@ class Graph(Layer):
         tensor over the nodes that read it. Returns None (the input gets no gradient)."""
         grads = {self.output: dy}
         fused = getattr(self, "_step_fused", {})
-        xp = get_backend().xp
         for lname, layer in reversed(self.layers):
             g = grads.pop(lname, None)
             if g is None or not self._on_grad_path[lname]:
@@ -275,7 +273,7 @@ class Graph(Layer):
             for i, dx in zip(ins, dxs):
                 if dx is None or i == self.input_name or not self._on_grad_path[i]:
                     continue
-                grads[i] = dx if i not in grads else add_activate(xp, grads[i], dx)
+                grads[i] = dx if i not in grads else grads[i] + dx
         return None
 
     def output_shapes(self) -> dict:
