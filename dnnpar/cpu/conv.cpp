@@ -657,34 +657,49 @@ constexpr int64_t kChannelBlockFloats = 4096;  // forward: one input-channel blo
 constexpr int64_t kChanItemPositions = 64;     // forward: outputs per item (its local buffer: 16 KB at CV 4)
 constexpr int64_t kChanDwChunk = 256;          // dW: positions per pass of every tile (dy: 64 KB at CV 4)
 
+// The channels family's register tile, acc[p][v]: TC outputs x CV vectors of VL channels.
+// Loaded from (or, without `resume`, zero) and stored to `out`, output p at out + p * step.
+template <int CV, int TC>
+inline void chan_acc_load(vf (&acc)[TC][CV], const float* out, int64_t step, bool resume) {
+#pragma GCC unroll 16
+    for (int p = 0; p < TC; ++p)
+#pragma GCC unroll 4
+        for (int v = 0; v < CV; ++v) acc[p][v] = resume ? loadu(out + p * step + v * VL) : vf{};
+}
+
+template <int CV, int TC>
+inline void chan_acc_store(const vf (&acc)[TC][CV], float* out, int64_t step) {
+#pragma GCC unroll 16
+    for (int p = 0; p < TC; ++p)
+#pragma GCC unroll 4
+        for (int v = 0; v < CV; ++v) storeu(out + p * step + v * VL, acc[p][v]);
+}
+
+// acc[p][v] += w[v] * x[p]: CV weight vectors at w (kept in registers), TC broadcast floats at x.
+template <int CV, int TC>
+inline void chan_fma(vf (&acc)[TC][CV], const float* w, const float* x) {
+    vf wv[CV];
+#pragma GCC unroll 4
+    for (int v = 0; v < CV; ++v) wv[v] = in_register(loadu(w + v * VL));
+#pragma GCC unroll 16
+    for (int p = 0; p < TC; ++p) {
+        const vf xb = bcast(x + p);
+#pragma GCC unroll 4
+        for (int v = 0; v < CV; ++v) acc[p][v] += wv[v] * xb;
+    }
+}
+
 template <int CV, int TC>
 inline void chan_tile(const float* xr, int64_t cstride, const int64_t* off, int64_t kk, const float* wb,
                       int64_t c_n, float* out, bool resume) {
     vf acc[TC][CV];
-#pragma GCC unroll 16
-    for (int p = 0; p < TC; ++p)
-#pragma GCC unroll 4
-        for (int v = 0; v < CV; ++v) acc[p][v] = resume ? loadu(out + (p * CV + v) * VL) : vf{};
+    chan_acc_load<CV, TC>(acc, out, CV * VL, resume);
     for (int64_t c = 0; c < c_n; ++c) {
         const float* wc = wb + c * kk * CV * VL;
         const float* xc = xr + c * cstride;
-        for (int64_t t = 0; t < kk; ++t) {
-            const float* xt = xc + off[t];
-            vf wv[CV];
-#pragma GCC unroll 4
-            for (int v = 0; v < CV; ++v) wv[v] = in_register(loadu(wc + (t * CV + v) * VL));
-#pragma GCC unroll 16
-            for (int p = 0; p < TC; ++p) {
-                const vf xb = bcast(xt + p);
-#pragma GCC unroll 4
-                for (int v = 0; v < CV; ++v) acc[p][v] += wv[v] * xb;
-            }
-        }
+        for (int64_t t = 0; t < kk; ++t) chan_fma<CV, TC>(acc, wc + t * CV * VL, xc + off[t]);
     }
-#pragma GCC unroll 16
-    for (int p = 0; p < TC; ++p)
-#pragma GCC unroll 4
-        for (int v = 0; v < CV; ++v) storeu(out + (p * CV + v) * VL, acc[p][v]);
+    chan_acc_store<CV, TC>(acc, out, CV * VL);
 }
 
 // chan_tile for a run of tc <= TC positions (the tile width, or a row's shorter last tile)
@@ -810,28 +825,10 @@ void chan_dw(const float* xq, const Geo& g, const Phased& q, const int64_t* off,
 // `plane` floats apart), the tap's weights [o][CV*VL] as vectors.
 template <int CV, int TC>
 inline void chan_dx_tile(const float* dyp, int64_t plane, int64_t o_n, const float* wt, float* out, int64_t step) {
-    constexpr int W = CV * VL;
     vf acc[TC][CV];
-#pragma GCC unroll 16
-    for (int p = 0; p < TC; ++p)
-#pragma GCC unroll 4
-        for (int v = 0; v < CV; ++v) acc[p][v] = loadu(out + p * step + v * VL);
-    for (int64_t o = 0; o < o_n; ++o) {
-        const float* d = dyp + o * plane;
-        vf wv[CV];
-#pragma GCC unroll 4
-        for (int v = 0; v < CV; ++v) wv[v] = in_register(loadu(wt + o * W + v * VL));
-#pragma GCC unroll 16
-        for (int p = 0; p < TC; ++p) {
-            const vf b = bcast(d + p);
-#pragma GCC unroll 4
-            for (int v = 0; v < CV; ++v) acc[p][v] += wv[v] * b;
-        }
-    }
-#pragma GCC unroll 16
-    for (int p = 0; p < TC; ++p)
-#pragma GCC unroll 4
-        for (int v = 0; v < CV; ++v) storeu(out + p * step + v * VL, acc[p][v]);
+    chan_acc_load<CV, TC>(acc, out, step, true);
+    for (int64_t o = 0; o < o_n; ++o) chan_fma<CV, TC>(acc, wt + o * CV * VL, dyp + o * plane);
+    chan_acc_store<CV, TC>(acc, out, step);
 }
 
 template <int CV, int TC>
