@@ -68,7 +68,7 @@ NATIVE_MIN_EPILOGUE = {"size": 8192}
 #: columns, small planes their dropped rows too; channels: O of the vectors' lanes), for
 #: channels times K / (K + cost), K = C*KH*KW the reduction, cost "channels_cost" (forward)
 #: or "channels_cost_backward" (dW): the reduction whose vector FMAs per output cost what the
-#: transpose does. Measured on 2 AVX-512 cores (December 2026, batch 64, ms forward / dW,
+#: transpose does. Measured on 2 AMD EPYC (Zen 4) cores (2026-12-03, batch 64, ms forward / dW,
 #: positions against channels): 3 -> 16 3x3 at 32x32 0.56 / 1.15 against 0.72 / 1.76; 16 -> 64
 #: 1x1 at 32x32 2.18 / 4.03 against 4.26 / 5.66; 16 -> 16 3x3 at 32x32 2.47 / 5.04 against
 #: 2.73 / 4.56; 32 -> 32 3x3 at 16x16 3.67 / 7.96 against 3.50 / 4.04; 64 -> 64 3x3 at 8x8 (64
@@ -143,7 +143,7 @@ def chan_dx_ok(g: ConvGeometry, o: int, *arrays) -> bool:
     float32 NumPy arrays, the zero-padded image (Hp x Wp) within twice the input plus its taps'
     outputs, and TILED["min_efficiency"] of its lanes (C of the vectors' lanes, times
     K / (K + channels_cost_backward) with K = O*KH*KW). Stride 1 keeps the flipped forward.
-    Measured on 2 AVX-512 cores (December 2026, ms, against dcols = W^T dY + col2im): 16 -> 32
+    Measured on 2 AMD EPYC (Zen 4) cores (2026-12-03, ms, against dcols = W^T dY + col2im): 16 -> 32
     3x3 stride 2 at 32x32, batch 64, 1.23 against 5.20; 32 -> 64 at 16x16 2.03 against 4.37;
     64 -> 128 at 16x16, batch 16, 1.17 against 2.75; 16 -> 32 1x1 stride 2, batch 64, 0.51
     against 0.88."""
