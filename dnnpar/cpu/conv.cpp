@@ -408,6 +408,22 @@ float* scratch(int slot, int64_t floats) {
     return reinterpret_cast<float*>((p + 63) & ~uintptr_t(63));
 }
 
+// w (O, C, KH*KW = kk) -> wp as [block][c][tap][width] (output channels in blocks of `width`,
+// zero past O), written in order into a buffer kept between calls (a fresh one each call cost
+// more than the convolution of a small plane: page faults and scattered stores, ~1.2 ns per
+// weight). Returns wp.
+float* pack_weights(const float* w, float* wp, int64_t o_n, int64_t c_n, int64_t kk, int64_t width) {
+    float* d = wp;
+    for (int64_t ob = 0; ob < (o_n + width - 1) / width; ++ob)
+        for (int64_t c = 0; c < c_n; ++c)
+            for (int64_t t = 0; t < kk; ++t)
+                for (int64_t r = 0; r < width; ++r, ++d) {
+                    const int64_t o = ob * width + r;
+                    *d = o < o_n ? w[(o * c_n + c) * kk + t] : 0.0f;
+                }
+    return wp;
+}
+
 std::vector<int64_t> tap_offsets(const Geo& g, const Phased& q) {
     std::vector<int64_t> off(static_cast<size_t>(g.kh * g.kw));
     for (int64_t i = 0; i < g.kh; ++i)
@@ -436,20 +452,7 @@ extern "C" int dnnpar_conv_tiled_forward(const float* x, const float* w, const f
     const Phased q(g);
     const int64_t kk = g.kh * g.kw, nob = (o_n + FMR - 1) / FMR;
     float* const xq = scratch(0, q.floats(g));
-    // weights as [block][c][tap][FMR], zero past O, written in order into a buffer kept between
-    // calls (a fresh one each call cost more than the convolution of a small plane: page faults
-    // and scattered stores, ~1.2 ns per weight)
-    float* const wp = scratch(3, nob * g.c * kk * FMR);
-    {
-        float* d = wp;
-        for (int64_t ob = 0; ob < nob; ++ob)
-            for (int64_t c = 0; c < g.c; ++c)
-                for (int64_t t = 0; t < kk; ++t)
-                    for (int r = 0; r < FMR; ++r, ++d) {
-                        const int64_t o = ob * FMR + r;
-                        *d = o < o_n ? w[(o * g.c + c) * kk + t] : 0.0f;
-                    }
-    }
+    float* const wp = pack_weights(w, scratch(3, nob * g.c * kk * FMR), o_n, g.c, kk, FMR);
     const std::vector<int64_t> off = tap_offsets(g, q);
     // A small input (under 256 KB packed: pack_team 1) sits in one core's cache once packed, and
     // a second core pulling it across costs more than it saves below ~2M multiply-adds (2
@@ -702,14 +705,14 @@ inline void chan_tile(const float* xr, int64_t cstride, const int64_t* off, int6
     chan_acc_store<CV, TC>(acc, out, CV * VL);
 }
 
-// chan_tile for a run of tc <= TC positions (the tile width, or a row's shorter last tile)
-template <int CV, int TC>
-inline void chan_tile_n(int tc, const float* xr, int64_t cstride, const int64_t* off, int64_t kk, const float* wb,
-                        int64_t c_n, float* out, bool resume) {
+// f(std::integral_constant<int, tc>) for a run of tc <= TC outputs (a row's tile width, or its
+// shorter last tile): the register tiles exist for every width up to TC.
+template <int TC, class F>
+inline void with_width(int tc, F&& f) {
     if constexpr (TC > 1) {
-        if (tc < TC) return chan_tile_n<CV, TC - 1>(tc, xr, cstride, off, kk, wb, c_n, out, resume);
+        if (tc < TC) return with_width<TC - 1>(tc, f);
     }
-    chan_tile<CV, TC>(xr, cstride, off, kk, wb, c_n, out, resume);
+    f(std::integral_constant<int, TC>{});
 }
 
 template <int CV>
@@ -738,8 +741,10 @@ void chan_forward(const float* xq, const Geo& g, const Phased& q, const int64_t*
                     const float* xr = xq + c0 * q.cstride + n * q.plane + oh * q.wq;
                     for (int64_t tile = 0, ow = 0; tile < ntile; ++tile) {
                         const int tc = int(narrow + (tile < wide));
-                        chan_tile_n<CV, tc_max(CV)>(tc, xr + ow, q.cstride, off, kk, wb + c0 * kk * W, c_n,
-                                                    local + ((oh - oh0) * g.ow + ow) * W, c0 > 0);
+                        with_width<tc_max(CV)>(tc, [&](auto w) {
+                            chan_tile<CV, decltype(w)::value>(xr + ow, q.cstride, off, kk, wb + c0 * kk * W, c_n,
+                                                              local + ((oh - oh0) * g.ow + ow) * W, c0 > 0);
+                        });
                         ow += tc;
                     }
                 }
@@ -831,15 +836,6 @@ inline void chan_dx_tile(const float* dyp, int64_t plane, int64_t o_n, const flo
     chan_acc_store<CV, TC>(acc, out, step);
 }
 
-template <int CV, int TC>
-inline void chan_dx_tile_n(int tc, const float* dyp, int64_t plane, int64_t o_n, const float* wt, float* out,
-                           int64_t step) {
-    if constexpr (TC > 1) {
-        if (tc < TC) return chan_dx_tile_n<CV, TC - 1>(tc, dyp, plane, o_n, wt, out, step);
-    }
-    chan_dx_tile<CV, TC>(dyp, plane, o_n, wt, out, step);
-}
-
 // dx (N, C, H, W) of the convolution g for dy (N, O, OH, OW): every dy position scatters each
 // tap's W^T dy into a zero-padded NHWC image (Hp x Wp x cpad floats, one per thread), images
 // split over the threads, then the interior goes out to NCHW. The sum of each dx element runs
@@ -868,7 +864,9 @@ void chan_dx(const float* dy, const float* wt, float* dx, const Geo& g, int64_t 
                             for (int64_t tile = 0, ow = 0; tile < ntile; ++tile) {
                                 const int tc = int(narrow + (tile < wide));
                                 float* out = buf + (ihp * wpd + ow * g.sw + j * g.dw) * cpad + cb * W;
-                                chan_dx_tile_n<CV, tc_max(CV)>(tc, dyr + ow, plane, o_n, wtap, out, g.sw * cpad);
+                                with_width<tc_max(CV)>(tc, [&](auto w) {
+                                    chan_dx_tile<CV, decltype(w)::value>(dyr + ow, plane, o_n, wtap, out, g.sw * cpad);
+                                });
                                 ow += tc;
                             }
                         }
@@ -911,17 +909,7 @@ extern "C" int dnnpar_conv_chan_forward(const float* x, const float* w, const fl
     const int cv = chan_cv(o_n);
     const int64_t kk = g.kh * g.kw, wdt = cv * VL, nob = (o_n + wdt - 1) / wdt;
     float* const xq = scratch(0, q.floats(g));
-    float* const wp = scratch(1, nob * g.c * kk * wdt);
-    {
-        float* d = wp;  // [block][c][tap][cv * VL], in write order
-        for (int64_t ob = 0; ob < nob; ++ob)
-            for (int64_t c = 0; c < g.c; ++c)
-                for (int64_t t = 0; t < kk; ++t)
-                    for (int64_t r = 0; r < wdt; ++r, ++d) {
-                        const int64_t o = ob * wdt + r;
-                        *d = o < o_n ? w[(o * g.c + c) * kk + t] : 0.0f;
-                    }
-    }
+    float* const wp = pack_weights(w, scratch(1, nob * g.c * kk * wdt), o_n, g.c, kk, wdt);
     const std::vector<int64_t> off = tap_offsets(g, q);
     pack_phases(x, xq, g, q, threads);
     const int64_t macs = g.n * o_n * g.oh * g.ow * g.c * kk;
